@@ -1,0 +1,117 @@
+//! Typed views of frames: a validated client request, and a response as a client sees it.
+
+use super::error::ProtocolError;
+use super::frame::{Frame, Opcode, RESPONSE_FLAG, Status};
+
+/// A client request whose shape has been checked against its opcode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// Read `key`.
+    Get {
+        /// Key to read.
+        key: &'a [u8],
+    },
+    /// Create or replace `key`.
+    Put {
+        /// Key to write.
+        key: &'a [u8],
+        /// New value.
+        value: &'a [u8],
+    },
+    /// Replace `key` only if present.
+    Update {
+        /// Key to write.
+        key: &'a [u8],
+        /// New value.
+        value: &'a [u8],
+    },
+    /// Remove `key`.
+    Delete {
+        /// Key to remove.
+        key: &'a [u8],
+    },
+    /// Liveness check.
+    Ping,
+    /// Statistics.
+    Stats,
+}
+
+impl<'a> Request<'a> {
+    /// Validate a frame as a request. Errors here leave the stream parseable.
+    pub fn from_frame(frame: &Frame<'a>) -> Result<Request<'a>, ProtocolError> {
+        let byte = frame.header.opcode;
+        if byte & RESPONSE_FLAG != 0 {
+            return Err(ProtocolError::NotARequest(byte));
+        }
+        let op = Opcode::from_u8(byte).ok_or(ProtocolError::UnknownOpcode(byte))?;
+        let (key, value) = (frame.key, frame.value);
+        let needs_key = !matches!(op, Opcode::Ping | Opcode::Stats);
+        if needs_key && key.is_empty() {
+            return Err(ProtocolError::EmptyKey);
+        }
+        if !needs_key && !key.is_empty() {
+            return Err(ProtocolError::UnexpectedKey);
+        }
+        let takes_value = matches!(op, Opcode::Put | Opcode::Update);
+        if !takes_value && !value.is_empty() {
+            return Err(ProtocolError::UnexpectedValue);
+        }
+        Ok(match op {
+            Opcode::Get => Request::Get { key },
+            Opcode::Put => Request::Put { key, value },
+            Opcode::Update => Request::Update { key, value },
+            Opcode::Delete => Request::Delete { key },
+            Opcode::Ping => Request::Ping,
+            Opcode::Stats => Request::Stats,
+        })
+    }
+
+    /// The request's opcode.
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            Request::Get { .. } => Opcode::Get,
+            Request::Put { .. } => Opcode::Put,
+            Request::Update { .. } => Opcode::Update,
+            Request::Delete { .. } => Opcode::Delete,
+            Request::Ping => Opcode::Ping,
+            Request::Stats => Opcode::Stats,
+        }
+    }
+}
+
+/// A response frame as the client library sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// The request's opcode byte (response flag cleared).
+    pub opcode: u8,
+    /// Decoded status; `None` if the server sent a code this client does not know.
+    pub status: Result<Status, u8>,
+    /// Echo of the request id.
+    pub request_id: u32,
+    /// The key's version (commit sequence number), where the operation has one.
+    pub version: u64,
+    /// The value, or a UTF-8 error message for error statuses.
+    pub value: Vec<u8>,
+}
+
+impl Response {
+    /// Copy a response out of a frame, checking it is one.
+    pub fn from_frame(frame: &Frame<'_>) -> Result<Response, ProtocolError> {
+        let byte = frame.header.opcode;
+        if byte & RESPONSE_FLAG == 0 {
+            return Err(ProtocolError::NotARequest(byte));
+        }
+        Ok(Response {
+            opcode: byte & !RESPONSE_FLAG,
+            status: Status::from_u8(frame.header.status).ok_or(frame.header.status),
+            request_id: frame.header.request_id,
+            version: frame.header.version,
+            value: frame.value.to_vec(),
+        })
+    }
+
+    /// The value read as an error message.
+    pub fn message(&self) -> String {
+        String::from_utf8_lossy(&self.value).into_owned()
+    }
+}
