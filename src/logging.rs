@@ -89,6 +89,10 @@ mod tests {
         assert_eq!(LogLevel::parse("1"), Ok(LogLevel::Info));
         assert_eq!(LogLevel::parse("debug"), Ok(LogLevel::Debug));
         assert_eq!(LogLevel::parse("2"), Ok(LogLevel::Debug));
-        assert!(LogLevel::parse("verbose").unwrap_err().contains("error, info or debug"));
+        assert!(
+            LogLevel::parse("verbose")
+                .unwrap_err()
+                .contains("error, info or debug")
+        );
     }
 }

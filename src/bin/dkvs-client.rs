@@ -111,9 +111,11 @@ fn command_of(args: &Args) -> Result<Command, String> {
         return Ok(command.clone());
     }
     let (Some(op), Some(key)) = (args.op, args.key.clone()) else {
-        return Err("no operation given: use a subcommand (put, get, update, delete, ping, \
+        return Err(
+            "no operation given: use a subcommand (put, get, update, delete, ping, \
                     stats) or -o OP -k KEY [-v VALUE]"
-            .into());
+                .into(),
+        );
     };
     let value = || {
         args.value

@@ -295,7 +295,9 @@ impl Client {
             unreachable!("tcp_round_trip is only called on TCP links");
         };
         stream.set_write_timeout(Some(self.config.timeout))?;
-        stream.write_all(&self.out).map_err(|e| timeout_or(e, self.config.timeout))?;
+        stream
+            .write_all(&self.out)
+            .map_err(|e| timeout_or(e, self.config.timeout))?;
         let deadline = Instant::now() + self.config.timeout;
         let mut header = [0u8; HEADER_LEN];
         read_full(stream, &mut header, deadline, self.config.timeout)?;
@@ -305,9 +307,16 @@ impl Client {
         self.inbuf.extend_from_slice(&header);
         // Lengths were checked by the header parser before this allocation.
         self.inbuf.resize(parsed.frame_len(), 0);
-        read_full(stream, &mut self.inbuf[HEADER_LEN..], deadline, self.config.timeout)?;
+        read_full(
+            stream,
+            &mut self.inbuf[HEADER_LEN..],
+            deadline,
+            self.config.timeout,
+        )?;
         match decode(&self.inbuf, self.config.max_reply_value_bytes) {
-            Ok(Decoded::Frame(frame, _)) => Response::from_frame(&frame).map_err(ClientError::Protocol),
+            Ok(Decoded::Frame(frame, _)) => {
+                Response::from_frame(&frame).map_err(ClientError::Protocol)
+            }
             Ok(Decoded::Incomplete(_)) => Err(ClientError::Closed),
             Err(e) => Err(ClientError::Protocol(e)),
         }

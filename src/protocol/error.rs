@@ -74,7 +74,10 @@ impl fmt::Display for ProtocolError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ProtocolError::BadMagic(b) => {
-                write!(f, "bad magic byte 0x{b:02x} (expected 0xdb): not a dkvs frame")
+                write!(
+                    f,
+                    "bad magic byte 0x{b:02x} (expected 0xdb): not a dkvs frame"
+                )
             }
             ProtocolError::UnsupportedVersion(v) => {
                 write!(f, "unsupported protocol version {v} (this server speaks 1)")

@@ -9,8 +9,8 @@ mod request;
 pub use error::ProtocolError;
 pub use frame::{
     DEFAULT_MAX_VALUE_BYTES, Decoded, Frame, HEADER_LEN, Header, MAGIC, MAX_KEY_BYTES,
-    MAX_UDP_FRAME_BYTES, Opcode, PROTOCOL_VERSION, RESPONSE_FLAG, Status, decode,
-    decode_datagram, encode, encode_request, encode_response,
+    MAX_UDP_FRAME_BYTES, Opcode, PROTOCOL_VERSION, RESPONSE_FLAG, Status, decode, decode_datagram,
+    encode, encode_request, encode_response,
 };
 pub use request::{Request, Response};
 

@@ -74,7 +74,10 @@ fn response_round_trips() {
     assert_eq!(response.request_id, 9);
     assert_eq!(response.version, 42);
     assert_eq!(response.value, b"hello");
-    assert_eq!(Request::from_frame(&frame), Err(ProtocolError::NotARequest(0x81)));
+    assert_eq!(
+        Request::from_frame(&frame),
+        Err(ProtocolError::NotARequest(0x81))
+    );
 }
 
 #[test]
@@ -198,13 +201,22 @@ fn empty_key_is_invalid() {
 fn stray_key_or_value_is_invalid() {
     let bytes = request_bytes(Opcode::Ping, 1, b"k", b"");
     let frame = decode_datagram(&bytes, MAX).expect("well formed");
-    assert_eq!(Request::from_frame(&frame), Err(ProtocolError::UnexpectedKey));
+    assert_eq!(
+        Request::from_frame(&frame),
+        Err(ProtocolError::UnexpectedKey)
+    );
     let bytes = request_bytes(Opcode::Get, 1, b"k", b"v");
     let frame = decode_datagram(&bytes, MAX).expect("well formed");
-    assert_eq!(Request::from_frame(&frame), Err(ProtocolError::UnexpectedValue));
+    assert_eq!(
+        Request::from_frame(&frame),
+        Err(ProtocolError::UnexpectedValue)
+    );
     let bytes = request_bytes(Opcode::Delete, 1, b"k", b"v");
     let frame = decode_datagram(&bytes, MAX).expect("well formed");
-    assert_eq!(Request::from_frame(&frame), Err(ProtocolError::UnexpectedValue));
+    assert_eq!(
+        Request::from_frame(&frame),
+        Err(ProtocolError::UnexpectedValue)
+    );
 }
 
 #[test]

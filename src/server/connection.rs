@@ -174,7 +174,11 @@ impl Connection {
                 Ok(0) => Ok(Filled::Eof),
                 Ok(n) => {
                     self.in_end += n;
-                    Ok(if n < space { Filled::Short } else { Filled::Full })
+                    Ok(if n < space {
+                        Filled::Short
+                    } else {
+                        Filled::Full
+                    })
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Filled::WouldBlock),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

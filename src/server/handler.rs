@@ -51,7 +51,14 @@ impl Core {
             }
             Request::Stats => {
                 let text = self.stats.render(&self.store, self.commit_seq);
-                encode_response(out, op, Status::Ok, request_id, self.commit_seq, text.as_bytes());
+                encode_response(
+                    out,
+                    op,
+                    Status::Ok,
+                    request_id,
+                    self.commit_seq,
+                    text.as_bytes(),
+                );
                 return;
             }
             Request::Put { key, value } => Write::Put { key, value },

@@ -77,7 +77,10 @@ impl fmt::Display for ServerError {
             } => {
                 write!(f, "cannot bind {transport} on {addr}: {source}")?;
                 if source.kind() == io::ErrorKind::AddrInUse {
-                    write!(f, " (is another server running on this port? choose one with -p)")?;
+                    write!(
+                        f,
+                        " (is another server running on this port? choose one with -p)"
+                    )?;
                 }
                 Ok(())
             }
@@ -146,7 +149,10 @@ impl Server {
             (true, false) => "tcp",
             _ => "udp",
         };
-        format!("dkvs-server ready: master serving {transports} on {}", self.addr)
+        format!(
+            "dkvs-server ready: master serving {transports} on {}",
+            self.addr
+        )
     }
 
     /// Serve until the poller fails.

@@ -1,6 +1,7 @@
 //! Serving requests that arrive as UDP datagrams, one frame per datagram.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io;
 use std::net::SocketAddr;
 
@@ -14,27 +15,40 @@ use super::handler::Core;
 /// How many recent UDP write replies are remembered to answer retries.
 const REPLY_CACHE_ENTRIES: usize = 16 * 1024;
 
+/// A UDP request's sender and request id.
+type RetryKey = (SocketAddr, u32);
+
 /// Replies to recent UDP writes, keyed by sender and request id, so that a
 /// retried write is answered again without being applied twice.
+///
+/// Each entry also keeps a fingerprint of the request: a client that reuses an
+/// id for a different write gets that write applied, not the old reply.
 #[derive(Debug, Default)]
 pub struct ReplyCache {
-    replies: HashMap<(SocketAddr, u32), Box<[u8]>>,
+    replies: HashMap<RetryKey, (u64, Box<[u8]>)>,
     /// Insertion order, for evicting the oldest entry once full.
-    order: VecDeque<(SocketAddr, u32)>,
+    order: VecDeque<RetryKey>,
 }
 
 impl ReplyCache {
-    fn get(&self, from: SocketAddr, request_id: u32) -> Option<&[u8]> {
-        self.replies.get(&(from, request_id)).map(|r| &**r)
+    fn get(&self, from: SocketAddr, request_id: u32, fingerprint: u64) -> Option<&[u8]> {
+        match self.replies.get(&(from, request_id)) {
+            Some((f, reply)) if *f == fingerprint => Some(reply),
+            _ => None,
+        }
     }
 
-    fn insert(&mut self, from: SocketAddr, request_id: u32, reply: &[u8]) {
-        if self.order.len() == REPLY_CACHE_ENTRIES {
-            if let Some(oldest) = self.order.pop_front() {
-                self.replies.remove(&oldest);
-            }
+    fn insert(&mut self, from: SocketAddr, request_id: u32, fingerprint: u64, reply: &[u8]) {
+        if self.order.len() == REPLY_CACHE_ENTRIES
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.replies.remove(&oldest);
         }
-        if self.replies.insert((from, request_id), reply.into()).is_none() {
+        if self
+            .replies
+            .insert((from, request_id), (fingerprint, reply.into()))
+            .is_none()
+        {
             self.order.push_back((from, request_id));
         }
     }
@@ -111,12 +125,11 @@ impl UdpService {
             }
         };
         let is_write = request.opcode().is_write();
-        if is_write {
-            if let Some(cached) = self.cache.get(from, request_id) {
-                core.stats.udp_retries_deduplicated += 1;
-                self.reply.extend_from_slice(cached);
-                return;
-            }
+        let fingerprint = if is_write { fingerprint(bytes) } else { 0 };
+        if is_write && let Some(cached) = self.cache.get(from, request_id, fingerprint) {
+            core.stats.udp_retries_deduplicated += 1;
+            self.reply.extend_from_slice(cached);
+            return;
         }
         core.execute(request, request_id, &mut self.reply);
         if self.reply.len() > MAX_UDP_FRAME_BYTES {
@@ -125,7 +138,15 @@ impl UdpService {
             core.reject(op_byte, request_id, &err, &mut self.reply);
         }
         if is_write {
-            self.cache.insert(from, request_id, &self.reply);
+            self.cache
+                .insert(from, request_id, fingerprint, &self.reply);
         }
     }
+}
+
+/// A hash of a request datagram, telling a retry from a different write with the same id.
+fn fingerprint(datagram: &[u8]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    datagram.hash(&mut hasher);
+    hasher.finish()
 }

@@ -1,0 +1,242 @@
+//! The real `dkvs-client` and `dkvs-server` command lines: output, exit codes, flags.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use common::{ServerProcess, bin};
+
+fn client(server: &ServerProcess, args: &[&str]) -> Output {
+    client_with_stdin(server, args, None)
+}
+
+fn client_with_stdin(server: &ServerProcess, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(bin("dkvs-client"))
+        .args(["-p", &server.port.to_string()])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dkvs-client");
+    let mut pipe = child.stdin.take().expect("stdin");
+    if let Some(bytes) = stdin {
+        pipe.write_all(bytes).expect("write stdin");
+    }
+    drop(pipe);
+    child.wait_with_output().expect("wait")
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().expect("exited normally")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn subcommands_over(transport: &str) {
+    let server = ServerProcess::start(&[]);
+    let t = |args: &[&str]| {
+        let mut all = vec![transport];
+        all.extend_from_slice(args);
+        client(&server, &all)
+    };
+    let out = t(&["put", "fruit", "apple"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("OK version "), "{}", stdout(&out));
+    let out = t(&["get", "fruit"]);
+    assert_eq!((code(&out), stdout(&out)), (0, "apple\n".to_string()));
+    let out = t(&["update", "fruit", "pear"]);
+    assert_eq!(code(&out), 0);
+    assert_eq!(stdout(&t(&["get", "fruit"])), "pear\n");
+    let out = t(&["update", "vegetable", "leek"]);
+    assert_eq!(code(&out), 1, "update of an absent key exits 1");
+    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+    let out = t(&["delete", "fruit"]);
+    assert_eq!((code(&out), stdout(&out)), (0, "OK\n".to_string()));
+    let out = t(&["get", "fruit"]);
+    assert_eq!(code(&out), 1);
+    assert_eq!(stdout(&out), "");
+    assert_eq!(code(&t(&["delete", "fruit"])), 1);
+    assert_eq!(stdout(&t(&["ping"])), "PONG\n");
+    let out = t(&["stats"]);
+    assert_eq!(code(&out), 0);
+    assert!(stdout(&out).contains("role master"), "{}", stdout(&out));
+}
+
+#[test]
+fn subcommands_over_tcp() {
+    subcommands_over("-t");
+}
+
+#[test]
+fn subcommands_over_udp() {
+    subcommands_over("-u");
+}
+
+#[test]
+fn original_option_form() {
+    let server = ServerProcess::start(&[]);
+    assert_eq!(
+        code(&client(&server, &["-o", "3", "-k", "k", "-v", "v1"])),
+        0
+    );
+    let out = client(&server, &["-o", "1", "-k", "k"]);
+    assert_eq!((code(&out), stdout(&out)), (0, "v1\n".to_string()));
+    assert_eq!(
+        code(&client(&server, &["-o", "0", "-k", "k", "-v", "v2"])),
+        0
+    );
+    assert_eq!(
+        stdout(&client(&server, &["-u", "-o", "1", "-k", "k"])),
+        "v2\n"
+    );
+    assert_eq!(code(&client(&server, &["-o", "2", "-k", "k"])), 0);
+    assert_eq!(code(&client(&server, &["-o", "1", "-k", "k"])), 1);
+    assert_eq!(
+        code(&client(&server, &["-o", "0", "-k", "k", "-v", "x"])),
+        1
+    );
+}
+
+#[test]
+fn value_from_stdin_is_binary_safe() {
+    let server = ServerProcess::start(&[]);
+    let value: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+    let out = client_with_stdin(&server, &["put", "blob", "-"], Some(&value));
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = client(&server, &["get", "blob"]);
+    assert_eq!(code(&out), 0);
+    assert_eq!(&out.stdout[..value.len()], &value[..]);
+    assert_eq!(&out.stdout[value.len()..], b"\n");
+    let out = client_with_stdin(
+        &server,
+        &["-o", "0", "-k", "blob", "-v", "-"],
+        Some(b"small"),
+    );
+    assert_eq!(code(&out), 0);
+    assert_eq!(stdout(&client(&server, &["-u", "get", "blob"])), "small\n");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let server = ServerProcess::start(&[]);
+    for args in [
+        &[][..],
+        &["frobnicate", "k"][..],
+        &["get"][..],
+        &["put", "k"][..],
+        &["-o", "3", "-k", "k"][..],
+        &["-o", "9", "-k", "k"][..],
+        &["-k", "k"][..],
+        &["-o", "1", "-k", "k", "get", "k"][..],
+        &["get", ""][..],
+        &["-t", "-u", "ping"][..],
+    ] {
+        let out = client(&server, args);
+        assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).is_empty(), "{args:?} explains itself");
+    }
+}
+
+#[test]
+fn unreachable_server_exits_3_with_the_reason() {
+    // Port 1 (tcpmux) is privileged and served by nothing here; a port freed by
+    // another test could be reused by a concurrent test's server or client.
+    let port = 1;
+    let out = Command::new(bin("dkvs-client"))
+        .args(["-p", &port.to_string(), "get", "k"])
+        .output()
+        .expect("run");
+    assert_eq!(code(&out), 3);
+    assert!(stderr(&out).contains("refused"), "{}", stderr(&out));
+    let out = Command::new(bin("dkvs-client"))
+        .args([
+            "-u",
+            "--timeout-ms",
+            "300",
+            "-p",
+            &port.to_string(),
+            "get",
+            "k",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(code(&out), 3);
+    assert!(stderr(&out).contains("no reply"), "{}", stderr(&out));
+}
+
+#[test]
+fn help_explains_the_flags() {
+    let out = Command::new(bin("dkvs-client"))
+        .arg("--help")
+        .output()
+        .expect("run");
+    assert_eq!(code(&out), 0);
+    let help = stdout(&out);
+    for word in [
+        "put",
+        "update",
+        "get",
+        "delete",
+        "ping",
+        "stats",
+        "--op",
+        "Exit status",
+    ] {
+        assert!(help.contains(word), "client --help lacks {word}:\n{help}");
+    }
+    let out = Command::new(bin("dkvs-server"))
+        .arg("--help")
+        .output()
+        .expect("run");
+    assert_eq!(code(&out), 0);
+    let help = stdout(&out);
+    for word in [
+        "--host",
+        "--port",
+        "--tcp",
+        "--udp",
+        "--log",
+        "--logfile",
+        "--max-value-size",
+    ] {
+        assert!(help.contains(word), "server --help lacks {word}:\n{help}");
+    }
+}
+
+#[test]
+fn server_bad_flags_exit_2() {
+    for args in [
+        &["--no-such-flag"][..],
+        &["-p", "notaport"][..],
+        &["-l", "verbose"][..],
+        &["-t", "-u"][..],
+    ] {
+        let out = Command::new(bin("dkvs-server"))
+            .args(args)
+            .output()
+            .expect("run");
+        assert_eq!(code(&out), 2, "{args:?}");
+        assert!(!stderr(&out).is_empty());
+    }
+}
+
+#[test]
+fn server_logs_to_a_file_at_debug_level() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("server.log");
+    let log_arg = log.to_str().expect("utf-8 path");
+    let server = ServerProcess::start(&["-l", "2", "--logfile", log_arg]);
+    assert_eq!(code(&client(&server, &["ping"])), 0);
+    drop(server);
+    let text = std::fs::read_to_string(&log).expect("log file");
+    assert!(text.contains("ready"), "{text}");
+    assert!(text.contains("connected"), "debug lines are logged: {text}");
+}
