@@ -4,16 +4,15 @@
 //! The replication layer applies committed writes through [`Store::apply`],
 //! so the same deterministic code decides NOT_FOUND on every replica.
 
-use std::collections::HashMap;
+mod block;
 
-/// A key's value and version.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    /// The stored bytes.
-    pub value: Box<[u8]>,
-    /// Commit sequence number of the write that last changed the key.
-    pub version: u64,
-}
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as TableEntry;
+
+pub use block::Block;
 
 /// A write as it is applied to the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,11 +48,24 @@ pub enum Applied {
 }
 
 /// The key-value map with per-key versions.
-#[derive(Debug, Default)]
+///
+/// Entries are [`Block`]s in a `hashbrown` table keyed by a randomly seeded
+/// foldhash of the key (fast, and not predictable by a client).
+#[derive(Default)]
 pub struct Store {
-    map: HashMap<Box<[u8]>, Entry>,
+    table: HashTable<Block>,
+    hasher: RandomState,
     /// Sum of key and value bytes, for STATS.
     data_bytes: usize,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("keys", &self.table.len())
+            .field("data_bytes", &self.data_bytes)
+            .finish()
+    }
 }
 
 impl Store {
@@ -62,9 +74,15 @@ impl Store {
         Store::default()
     }
 
+    fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
     /// The value and version of `key`.
     pub fn get(&self, key: &[u8]) -> Option<(&[u8], u64)> {
-        self.map.get(key).map(|e| (&*e.value, e.version))
+        self.table
+            .find(self.hash(key), |b| b.key() == key)
+            .map(|b| (b.value(), b.version()))
     }
 
     /// Apply one write at `version`; UPDATE and DELETE of an absent key change nothing.
@@ -74,54 +92,63 @@ impl Store {
                 self.set(key, value, version);
                 Applied::Changed(version)
             }
-            Write::Update { key, value } => match self.map.get_mut(key) {
-                Some(entry) => {
-                    self.data_bytes = self.data_bytes - entry.value.len() + value.len();
-                    entry.value = value.into();
-                    entry.version = version;
-                    Applied::Changed(version)
+            Write::Update { key, value } => {
+                let hash = self.hash(key);
+                match self.table.find_mut(hash, |b| b.key() == key) {
+                    Some(block) => {
+                        self.data_bytes = self.data_bytes - block.value().len() + value.len();
+                        if !block.overwrite(value, version) {
+                            *block = Block::new(key, value, version);
+                        }
+                        Applied::Changed(version)
+                    }
+                    None => Applied::NotFound,
                 }
-                None => Applied::NotFound,
-            },
-            Write::Delete { key } => match self.map.remove(key) {
-                Some(entry) => {
-                    self.data_bytes -= key.len() + entry.value.len();
-                    Applied::Changed(version)
+            }
+            Write::Delete { key } => {
+                let hash = self.hash(key);
+                match self.table.find_entry(hash, |b| b.key() == key) {
+                    Ok(entry) => {
+                        let (block, _) = entry.remove();
+                        self.data_bytes -= key.len() + block.value().len();
+                        Applied::Changed(version)
+                    }
+                    Err(_) => Applied::NotFound,
                 }
-                None => Applied::NotFound,
-            },
+            }
         }
     }
 
     /// Create or replace `key` (also used to load snapshots).
     pub fn set(&mut self, key: &[u8], value: &[u8], version: u64) {
-        match self.map.get_mut(key) {
-            Some(entry) => {
-                self.data_bytes = self.data_bytes - entry.value.len() + value.len();
-                entry.value = value.into();
-                entry.version = version;
+        let hash = self.hash(key);
+        let hasher = &self.hasher;
+        match self
+            .table
+            .entry(hash, |b| b.key() == key, |b| hasher.hash_one(b.key()))
+        {
+            TableEntry::Occupied(mut entry) => {
+                let block = entry.get_mut();
+                self.data_bytes = self.data_bytes - block.value().len() + value.len();
+                if !block.overwrite(value, version) {
+                    *block = Block::new(key, value, version);
+                }
             }
-            None => {
+            TableEntry::Vacant(entry) => {
                 self.data_bytes += key.len() + value.len();
-                self.map.insert(
-                    key.into(),
-                    Entry {
-                        value: value.into(),
-                        version,
-                    },
-                );
+                entry.insert(Block::new(key, value, version));
             }
         }
     }
 
     /// Number of keys.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.table.len()
     }
 
     /// Whether the store holds no key.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.table.is_empty()
     }
 
     /// Bytes of keys and values held (not counting the map's own overhead).
@@ -129,9 +156,9 @@ impl Store {
         self.data_bytes
     }
 
-    /// Every key with its entry, in no particular order (snapshots, comparisons).
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &Entry)> {
-        self.map.iter().map(|(k, e)| (&**k, e))
+    /// Every entry, in no particular order (snapshots, comparisons).
+    pub fn iter(&self) -> impl Iterator<Item = &Block> {
+        self.table.iter()
     }
 }
 
@@ -192,8 +219,72 @@ mod tests {
         for i in 0..100u64 {
             store.set(format!("key{i}").as_bytes(), b"v", i + 1);
         }
-        let mut versions: Vec<u64> = store.iter().map(|(_, e)| e.version).collect();
+        let mut versions: Vec<u64> = store.iter().map(|b| b.version()).collect();
         versions.sort_unstable();
         assert_eq!(versions, (1..=100).collect::<Vec<_>>());
+    }
+}
+
+#[cfg(test)]
+mod model_tests {
+    use std::collections::HashMap;
+
+    use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+    use super::*;
+
+    /// Random writes against a std HashMap model: same answers, same contents.
+    #[test]
+    fn matches_a_hashmap_model() {
+        let mut rng = StdRng::seed_from_u64(0x5709E);
+        let mut store = Store::new();
+        let mut model: HashMap<Vec<u8>, (Vec<u8>, u64)> = HashMap::new();
+        for version in 1..20_000u64 {
+            let key = format!("k{}", rng.random_range(0..500)).into_bytes();
+            let value: Vec<u8> = vec![b'x'; rng.random_range(0..40)];
+            let write = match rng.random_range(0..3) {
+                0 => Write::Put {
+                    key: &key,
+                    value: &value,
+                },
+                1 => Write::Update {
+                    key: &key,
+                    value: &value,
+                },
+                _ => Write::Delete { key: &key },
+            };
+            let expected = match write {
+                Write::Put { .. } => {
+                    model.insert(key.clone(), (value.clone(), version));
+                    Applied::Changed(version)
+                }
+                Write::Update { .. } => match model.get_mut(&key) {
+                    Some(entry) => {
+                        *entry = (value.clone(), version);
+                        Applied::Changed(version)
+                    }
+                    None => Applied::NotFound,
+                },
+                Write::Delete { .. } => match model.remove(&key) {
+                    Some(_) => Applied::Changed(version),
+                    None => Applied::NotFound,
+                },
+            };
+            assert_eq!(store.apply(write, version), expected);
+            assert_eq!(
+                store.get(&key),
+                model.get(&key).map(|(v, ver)| (v.as_slice(), *ver))
+            );
+        }
+        assert_eq!(store.len(), model.len());
+        let bytes: usize = model.iter().map(|(k, (v, _))| k.len() + v.len()).sum();
+        assert_eq!(store.data_bytes(), bytes);
+        for block in store.iter() {
+            let (value, version) = &model[block.key()];
+            assert_eq!(
+                (block.value(), block.version()),
+                (value.as_slice(), *version)
+            );
+        }
     }
 }
