@@ -1,1 +1,7 @@
+//! dkvs: a replicated key-value store served by a single-threaded mio reactor.
+
+pub mod client;
+pub mod logging;
 pub mod protocol;
+pub mod server;
+pub mod store;

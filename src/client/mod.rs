@@ -1,0 +1,389 @@
+//! The blocking client library used by the CLI, the tests and the tools.
+//!
+//! Over TCP, requests and replies travel in order on one stream. Over UDP,
+//! each request is one datagram; a lost request or reply is retried with the
+//! same request id, which the server uses to apply a retried write only once.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::time::{Duration, Instant};
+
+use crate::protocol::{
+    Decoded, HEADER_LEN, Header, MAX_KEY_BYTES, MAX_UDP_FRAME_BYTES, Opcode, ProtocolError,
+    Response, Status, decode, decode_datagram, encode_request,
+};
+
+/// Largest reply value the client accepts unless told otherwise.
+pub const DEFAULT_MAX_REPLY_VALUE_BYTES: usize = 64 << 20;
+
+/// How replies are carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// One TCP connection.
+    Tcp,
+    /// One UDP socket, one datagram per request.
+    Udp,
+}
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// TCP or UDP.
+    pub transport: Transport,
+    /// Time allowed for connecting and for each request, retries included.
+    pub timeout: Duration,
+    /// Time before a UDP request is sent again.
+    pub udp_retry_after: Duration,
+    /// Largest reply value accepted; bigger replies are an error, not an allocation.
+    pub max_reply_value_bytes: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> ClientConfig {
+        ClientConfig {
+            transport: Transport::Tcp,
+            timeout: Duration::from_secs(5),
+            udp_retry_after: Duration::from_millis(200),
+            max_reply_value_bytes: DEFAULT_MAX_REPLY_VALUE_BYTES,
+        }
+    }
+}
+
+/// What went wrong with a request.
+#[derive(Debug)]
+pub enum ClientError {
+    /// The server's address did not resolve.
+    Resolve(String),
+    /// Connecting, sending or receiving failed.
+    Io(io::Error),
+    /// No reply within the timeout.
+    Timeout(Duration),
+    /// The server closed the connection.
+    Closed,
+    /// The reply could not be decoded.
+    Protocol(ProtocolError),
+    /// The reply does not answer the request sent.
+    Mismatch(String),
+    /// The request breaks a limit before it is sent.
+    InvalidRequest(String),
+    /// The server answered with an error status.
+    Server {
+        /// The status (or the unknown raw byte).
+        status: Result<Status, u8>,
+        /// The server's message.
+        message: String,
+    },
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Resolve(msg) => write!(f, "{msg}"),
+            ClientError::Io(e) => write!(f, "{e}"),
+            ClientError::Timeout(t) => write!(f, "no reply within {} ms", t.as_millis()),
+            ClientError::Closed => write!(f, "server closed the connection"),
+            ClientError::Protocol(e) => write!(f, "bad reply: {e}"),
+            ClientError::Mismatch(msg) => write!(f, "bad reply: {msg}"),
+            ClientError::InvalidRequest(msg) => write!(f, "{msg}"),
+            ClientError::Server { status, message } => match status {
+                Ok(status) => write!(f, "server error {}: {message}", status.name()),
+                Err(byte) => write!(f, "server error {byte}: {message}"),
+            },
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<io::Error> for ClientError {
+    fn from(e: io::Error) -> ClientError {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                ClientError::Timeout(Duration::ZERO)
+            }
+            io::ErrorKind::UnexpectedEof => ClientError::Closed,
+            _ => ClientError::Io(e),
+        }
+    }
+}
+
+/// A key's value with its version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// The value.
+    pub value: Vec<u8>,
+    /// Commit sequence number of the write that set it.
+    pub version: u64,
+}
+
+enum Link {
+    Tcp(TcpStream),
+    Udp(UdpSocket),
+}
+
+/// A blocking connection to one server.
+pub struct Client {
+    link: Link,
+    config: ClientConfig,
+    server: SocketAddr,
+    next_id: u32,
+    out: Vec<u8>,
+    inbuf: Vec<u8>,
+}
+
+/// Resolve `host:port` to the first address.
+pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, ClientError> {
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| ClientError::Resolve(format!("cannot resolve '{host}': {e}")))?
+        .next()
+        .ok_or_else(|| ClientError::Resolve(format!("'{host}' has no address")))
+}
+
+impl Client {
+    /// Connect to `host:port` over the configured transport.
+    pub fn connect(host: &str, port: u16, config: ClientConfig) -> Result<Client, ClientError> {
+        let server = resolve(host, port)?;
+        Client::connect_addr(server, config)
+    }
+
+    /// Connect to a resolved address.
+    pub fn connect_addr(server: SocketAddr, config: ClientConfig) -> Result<Client, ClientError> {
+        let link = match config.transport {
+            Transport::Tcp => {
+                let stream = TcpStream::connect_timeout(&server, config.timeout).map_err(|e| {
+                    ClientError::Io(io::Error::new(
+                        e.kind(),
+                        format!("cannot connect to {server} over TCP: {e}"),
+                    ))
+                })?;
+                stream.set_nodelay(true)?;
+                Link::Tcp(stream)
+            }
+            Transport::Udp => {
+                let local: SocketAddr = if server.is_ipv4() {
+                    ([0, 0, 0, 0], 0).into()
+                } else {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let socket = UdpSocket::bind(local)?;
+                socket.connect(server)?;
+                Link::Udp(socket)
+            }
+        };
+        Ok(Client {
+            link,
+            config,
+            server,
+            // A random start keeps ids from colliding with an earlier process's
+            // in the server's UDP retry cache when the OS reuses a source port.
+            next_id: rand::random(),
+            out: Vec::with_capacity(256),
+            inbuf: Vec::new(),
+        })
+    }
+
+    /// The server's address.
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    /// Read `key`: `None` if it does not exist.
+    pub fn get(&mut self, key: &[u8]) -> Result<Option<Versioned>, ClientError> {
+        let reply = self.call(Opcode::Get, key, &[])?;
+        Ok(match reply.status {
+            Ok(Status::Ok) => Some(Versioned {
+                value: reply.value,
+                version: reply.version,
+            }),
+            _ => None,
+        })
+    }
+
+    /// Create or replace `key`; returns the new version.
+    pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<u64, ClientError> {
+        let reply = self.call(Opcode::Put, key, value)?;
+        match reply.status {
+            Ok(Status::Ok) => Ok(reply.version),
+            _ => Err(ClientError::Mismatch("PUT answered NOT_FOUND".into())),
+        }
+    }
+
+    /// Replace `key` if it exists; `None` if it does not.
+    pub fn update(&mut self, key: &[u8], value: &[u8]) -> Result<Option<u64>, ClientError> {
+        let reply = self.call(Opcode::Update, key, value)?;
+        Ok((reply.status == Ok(Status::Ok)).then_some(reply.version))
+    }
+
+    /// Remove `key`; `false` if it did not exist.
+    pub fn delete(&mut self, key: &[u8]) -> Result<bool, ClientError> {
+        let reply = self.call(Opcode::Delete, key, &[])?;
+        Ok(reply.status == Ok(Status::Ok))
+    }
+
+    /// Check the server answers.
+    pub fn ping(&mut self) -> Result<(), ClientError> {
+        self.call(Opcode::Ping, &[], &[]).map(|_| ())
+    }
+
+    /// The server's statistics as `name value` lines.
+    pub fn stats(&mut self) -> Result<String, ClientError> {
+        self.call(Opcode::Stats, &[], &[])
+            .map(|reply| String::from_utf8_lossy(&reply.value).into_owned())
+    }
+
+    /// Send one request and return its reply if the status is OK or NOT_FOUND.
+    pub fn call(&mut self, op: Opcode, key: &[u8], value: &[u8]) -> Result<Response, ClientError> {
+        let reply = self.request(op, key, value)?;
+        match reply.status {
+            Ok(Status::Ok) | Ok(Status::NotFound) => Ok(reply),
+            status => Err(ClientError::Server {
+                status,
+                message: reply.message(),
+            }),
+        }
+    }
+
+    /// Send one request and return whatever the server answered.
+    pub fn request(
+        &mut self,
+        op: Opcode,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Response, ClientError> {
+        if key.len() > MAX_KEY_BYTES {
+            return Err(ClientError::InvalidRequest(format!(
+                "key of {} bytes is longer than the limit of {MAX_KEY_BYTES}",
+                key.len()
+            )));
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.out.clear();
+        encode_request(&mut self.out, op, id, key, value);
+        let reply = match self.link {
+            Link::Tcp(_) => self.tcp_round_trip()?,
+            Link::Udp(_) => {
+                if self.out.len() > MAX_UDP_FRAME_BYTES {
+                    return Err(ClientError::InvalidRequest(format!(
+                        "request of {} bytes does not fit one UDP datagram \
+                         (max {MAX_UDP_FRAME_BYTES}): use TCP",
+                        self.out.len()
+                    )));
+                }
+                self.udp_round_trip(id)?
+            }
+        };
+        if reply.request_id != id {
+            return Err(ClientError::Mismatch(format!(
+                "reply to request {} arrived for request {id}",
+                reply.request_id
+            )));
+        }
+        if reply.opcode != op as u8 && reply.opcode != 0 {
+            return Err(ClientError::Mismatch(format!(
+                "reply opcode 0x{:02x} does not match request 0x{:02x}",
+                reply.opcode, op as u8
+            )));
+        }
+        Ok(reply)
+    }
+
+    fn tcp_round_trip(&mut self) -> Result<Response, ClientError> {
+        let Link::Tcp(stream) = &mut self.link else {
+            unreachable!("tcp_round_trip is only called on TCP links");
+        };
+        stream.set_write_timeout(Some(self.config.timeout))?;
+        stream.write_all(&self.out).map_err(|e| timeout_or(e, self.config.timeout))?;
+        let deadline = Instant::now() + self.config.timeout;
+        let mut header = [0u8; HEADER_LEN];
+        read_full(stream, &mut header, deadline, self.config.timeout)?;
+        let parsed = Header::parse(&header, self.config.max_reply_value_bytes)
+            .map_err(ClientError::Protocol)?;
+        self.inbuf.clear();
+        self.inbuf.extend_from_slice(&header);
+        // Lengths were checked by the header parser before this allocation.
+        self.inbuf.resize(parsed.frame_len(), 0);
+        read_full(stream, &mut self.inbuf[HEADER_LEN..], deadline, self.config.timeout)?;
+        match decode(&self.inbuf, self.config.max_reply_value_bytes) {
+            Ok(Decoded::Frame(frame, _)) => Response::from_frame(&frame).map_err(ClientError::Protocol),
+            Ok(Decoded::Incomplete(_)) => Err(ClientError::Closed),
+            Err(e) => Err(ClientError::Protocol(e)),
+        }
+    }
+
+    fn udp_round_trip(&mut self, id: u32) -> Result<Response, ClientError> {
+        let Link::Udp(socket) = &self.link else {
+            unreachable!("udp_round_trip is only called on UDP links");
+        };
+        self.inbuf.resize(MAX_UDP_FRAME_BYTES + 1, 0);
+        let deadline = Instant::now() + self.config.timeout;
+        loop {
+            socket.send(&self.out)?;
+            let resend_at = (Instant::now() + self.config.udp_retry_after).min(deadline);
+            // Wait for our reply; stale replies to earlier retries are skipped.
+            loop {
+                let now = Instant::now();
+                if now >= resend_at {
+                    break;
+                }
+                socket.set_read_timeout(Some(resend_at - now))?;
+                let len = match socket.recv(&mut self.inbuf) {
+                    Ok(len) => len,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        break;
+                    }
+                    // A port-unreachable ICMP: the server is not (yet) there; retry later.
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        std::thread::sleep(resend_at.saturating_duration_since(Instant::now()));
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let frame = decode_datagram(&self.inbuf[..len], self.config.max_reply_value_bytes)
+                    .map_err(ClientError::Protocol)?;
+                if frame.header.request_id == id {
+                    return Response::from_frame(&frame).map_err(ClientError::Protocol);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Timeout(self.config.timeout));
+            }
+        }
+    }
+}
+
+fn timeout_or(e: io::Error, timeout: Duration) -> ClientError {
+    match ClientError::from(e) {
+        ClientError::Timeout(_) => ClientError::Timeout(timeout),
+        other => other,
+    }
+}
+
+fn read_full(
+    stream: &mut TcpStream,
+    mut buf: &mut [u8],
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), ClientError> {
+    while !buf.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ClientError::Timeout(timeout));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(buf) {
+            Ok(0) => return Err(ClientError::Closed),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(timeout_or(e, timeout)),
+        }
+    }
+    Ok(())
+}
