@@ -353,8 +353,8 @@ mod tests {
             (&["--resp-wait", "1"], "--resp-wait"),
             (&["--udp", "--value-size", "70000"], "--udp"),
             (&["--duration", "0"], "--duration"),
-            (&["--duration", "-3"], "--duration"),
-            (&["--warmup", "-1"], "--warmup"),
+            (&["--duration=-3"], "--duration"),
+            (&["--warmup=-1"], "--warmup"),
             (&["--ops", "0"], "--ops"),
             (&["--timeout-ms", "0"], "--timeout-ms"),
         ];

@@ -647,10 +647,10 @@ impl Worker {
         let mut last_progress_at = start;
         let mut next_tick = start + TICK;
         for i in 0..self.tcp.len() {
-            self.pump_tcp(i, start);
+            self.pump_tcp(i);
         }
         for i in 0..self.udp.len() {
-            self.pump_udp(i, start);
+            self.pump_udp(i);
         }
         loop {
             let now = Instant::now();
@@ -697,7 +697,7 @@ impl Worker {
                 if self.udp.is_empty() {
                     self.on_tcp_event(token, readable, now);
                 } else if readable {
-                    self.on_udp_readable(token, now);
+                    self.on_udp_readable(token);
                 }
             }
             self.events = events;
@@ -718,7 +718,9 @@ impl Worker {
     }
 
     /// Fill a TCP connection's pipeline and write what was queued.
-    fn pump_tcp(&mut self, i: usize, now: Instant) {
+    fn pump_tcp(&mut self, i: usize) {
+        // Read here, not passed in: an event batch takes long enough to skew send times.
+        let now = Instant::now();
         let conn = &mut self.tcp[i];
         if conn.state != TcpState::Up {
             return;
@@ -729,7 +731,8 @@ impl Worker {
         }
     }
 
-    fn pump_udp(&mut self, i: usize, now: Instant) {
+    fn pump_udp(&mut self, i: usize) {
+        let now = Instant::now();
         self.udp[i].fill(&mut self.req, now, &mut self.stats);
     }
 
@@ -749,17 +752,17 @@ impl Worker {
                 }
                 // Writable or not, refill and write: a write that would block keeps its
                 // bytes for the next WRITABLE edge.
-                self.pump_tcp(i, now);
+                self.pump_tcp(i);
             }
         }
     }
 
-    fn on_udp_readable(&mut self, i: usize, now: Instant) {
+    fn on_udp_readable(&mut self, i: usize) {
         let Some(conn) = self.udp.get_mut(i) else {
             return;
         };
         conn.read(&mut self.udp_buf, &mut self.stats);
-        self.pump_udp(i, now);
+        self.pump_udp(i);
     }
 
     fn finish_connect(&mut self, i: usize, now: Instant) {
@@ -780,7 +783,7 @@ impl Worker {
                 // Best effort: without it only pipelined latency suffers, never correctness.
                 let _ = stream.set_nodelay(true);
                 conn.state = TcpState::Up;
-                self.pump_tcp(i, now);
+                self.pump_tcp(i);
             }
             Ok(false) => {}
             Err(e) => self.fail_tcp(i, ConnError::Io(e), now),
@@ -843,7 +846,7 @@ impl Worker {
                         self.last_conn_error = "request timed out".to_string();
                         self.close_tcp(i, now);
                     } else {
-                        self.pump_tcp(i, now);
+                        self.pump_tcp(i);
                     }
                 }
                 TcpState::Connecting { since } => {
@@ -861,7 +864,7 @@ impl Worker {
         }
         for i in 0..self.udp.len() {
             self.udp[i].retry(now, self.timeout, self.udp_attempt, &mut self.stats);
-            self.pump_udp(i, now);
+            self.pump_udp(i);
         }
     }
 
