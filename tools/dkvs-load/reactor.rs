@@ -1,0 +1,918 @@
+//! One load thread: a mio reactor driving its share of the connections through one phase
+//! (preload, warmup or measurement) at a time.
+//!
+//! The hot path allocates nothing: requests are encoded into each connection's reused output
+//! buffer, responses are parsed in place from its reused input buffer, and in-flight requests
+//! live in ring buffers sized to the pipeline. Each connection gets at most one `write` per
+//! readiness event, covering every request its responses made room for.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ::dkvs::protocol::{Decoded, MAX_UDP_FRAME_BYTES, RESPONSE_FLAG, decode, decode_datagram};
+use mio::net::{TcpStream, UdpSocket};
+use mio::{Events, Interest, Poll, Token};
+
+use crate::cli::{Config, Protocol};
+use crate::dkvs::{self, MAX_RESPONSE_VALUE_BYTES, Outcome};
+use crate::net::Socket;
+use crate::report::Stats;
+use crate::resp::{self, MAX_BULK_BYTES, Reply, RespEncoder};
+use crate::workload::{KeyBuf, KeyDistribution, OpKind, Workload, make_value};
+
+/// How often timeouts, reconnects and progress are looked at when no event wakes the reactor.
+const TICK: Duration = Duration::from_millis(10);
+/// Pause before reconnecting a failed connection, so a dead server is not hammered.
+const RECONNECT_DELAY: Duration = Duration::from_millis(100);
+/// Initial read buffer per TCP connection; grows only for a response larger than it.
+const READ_BUF_BYTES: usize = 64 * 1024;
+/// Largest read buffer: one maximal response plus its framing.
+const MAX_READ_BUF_BYTES: usize = MAX_RESPONSE_VALUE_BYTES + MAX_BULK_BYTES / 64 + 1024;
+
+/// Counters a worker publishes for the progress line, read by the main thread.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Successful operations so far in the phase.
+    pub ops: AtomicU64,
+    /// Errors so far in the phase.
+    pub errors: AtomicU64,
+}
+
+/// Which part of a run a phase is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PhaseKind {
+    /// Write every key once, sequentially, without WAIT.
+    Preload,
+    /// Load whose statistics are thrown away.
+    Warmup,
+    /// The measured load.
+    Measure,
+}
+
+/// What one worker does in one phase.
+#[derive(Debug, Clone, Copy)]
+pub struct Phase {
+    /// Which phase.
+    pub kind: PhaseKind,
+    /// Stop issuing requests at this instant.
+    pub deadline: Option<Instant>,
+    /// Stop issuing requests after this many (this worker's share).
+    pub quota: Option<u64>,
+}
+
+/// Why a worker gave up on a phase.
+#[derive(Debug)]
+pub enum RunError {
+    /// The poller itself failed.
+    Poll(io::Error),
+    /// No request ended (successfully or not) for this long: the server is gone.
+    Stalled(Duration, String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Poll(e) => write!(f, "poll failed: {e}"),
+            RunError::Stalled(d, last) => write!(
+                f,
+                "no request completed for {:.1} s; giving up (last connection error: {last})",
+                d.as_secs_f64()
+            ),
+        }
+    }
+}
+
+/// What a finished request counts as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fail {
+    Status(u8),
+    Timeout,
+    Lost,
+    Protocol,
+    RespError,
+    WaitShort,
+}
+
+fn count_fail(stats: &mut Stats, fail: Fail, n: u64) {
+    let e = &mut stats.errors;
+    match fail {
+        Fail::Status(s) => e.status[s as usize] += n,
+        Fail::Timeout => e.timeout += n,
+        Fail::Lost => e.lost += n,
+        Fail::Protocol => e.protocol += n,
+        Fail::RespError => e.resp_error += n,
+        Fail::WaitShort => e.wait_short += n,
+    }
+}
+
+/// Request generation for one worker: the op mix, key bytes, and the phase's limits.
+struct Requests {
+    protocol: Protocol,
+    resp: RespEncoder,
+    keys: KeyBuf,
+    value: Vec<u8>,
+    workload: Workload,
+    keyspace: u64,
+    thread_index: u64,
+    threads: u64,
+    preloading: bool,
+    preload_next: u64,
+    issued: u64,
+    quota: Option<u64>,
+    stopped: bool,
+}
+
+impl Requests {
+    fn begin(&mut self, phase: &Phase) {
+        self.preloading = phase.kind == PhaseKind::Preload;
+        self.preload_next = self.thread_index;
+        self.issued = 0;
+        self.quota = phase.quota;
+        self.stopped = false;
+    }
+
+    /// Whether no more requests will be issued in this phase.
+    fn exhausted(&self) -> bool {
+        self.stopped
+            || self.quota.is_some_and(|q| self.issued >= q)
+            || (self.preloading && self.preload_next >= self.keyspace)
+    }
+
+    fn next(&mut self) -> Option<(OpKind, u64)> {
+        if self.exhausted() {
+            return None;
+        }
+        self.issued += 1;
+        if self.preloading {
+            let key = self.preload_next;
+            self.preload_next += self.threads;
+            return Some((OpKind::Set, key));
+        }
+        Some(self.workload.next_op())
+    }
+
+    /// Replies the request for `kind` will get (SET + WAIT get two).
+    fn replies(&self, kind: OpKind) -> u8 {
+        if kind == OpKind::Set && self.resp.waits() && !self.preloading {
+            2
+        } else {
+            1
+        }
+    }
+
+    fn encode(&mut self, out: &mut Vec<u8>, kind: OpKind, key_index: u64, request_id: u32) {
+        let key = self.keys.key(key_index);
+        match (self.protocol, kind) {
+            (Protocol::Dkvs, _) => dkvs::encode(out, kind, request_id, key, &self.value),
+            (Protocol::Resp, OpKind::Get) => self.resp.get(out, key),
+            (Protocol::Resp, OpKind::Set) if self.preloading => {
+                self.resp.set_only(out, key, &self.value)
+            }
+            (Protocol::Resp, OpKind::Set) => self.resp.set(out, key, &self.value),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    sent_at: Instant,
+    request_id: u32,
+    kind: OpKind,
+    /// Replies still due; a RESP SET followed by WAIT starts at 2.
+    replies_left: u8,
+    /// Whether the last reply due is WAIT's.
+    waits: bool,
+    /// Set when an earlier reply of a multi-reply operation already failed it.
+    failed: Option<Fail>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TcpState {
+    Up,
+    Connecting { since: Instant },
+    Down { retry_at: Instant },
+}
+
+/// Why a TCP connection is being closed.
+enum ConnError {
+    Io(io::Error),
+    Closed,
+    Protocol,
+}
+
+struct TcpConn {
+    stream: Option<TcpStream>,
+    state: TcpState,
+    out: Vec<u8>,
+    out_pos: usize,
+    inbuf: Vec<u8>,
+    in_len: usize,
+    inflight: VecDeque<InFlight>,
+    next_id: u32,
+}
+
+impl TcpConn {
+    fn new(stream: TcpStream, pipeline: usize) -> TcpConn {
+        TcpConn {
+            stream: Some(stream),
+            state: TcpState::Up,
+            out: Vec::with_capacity(64 * 1024),
+            out_pos: 0,
+            inbuf: vec![0; READ_BUF_BYTES],
+            in_len: 0,
+            inflight: VecDeque::with_capacity(pipeline),
+            next_id: 1,
+        }
+    }
+
+    /// Queue requests until the pipeline is full or the phase issues no more.
+    fn fill(&mut self, req: &mut Requests, pipeline: usize, now: Instant) {
+        while self.inflight.len() < pipeline {
+            let Some((kind, key)) = req.next() else {
+                break;
+            };
+            let request_id = self.next_id;
+            self.next_id = self.next_id.wrapping_add(1);
+            req.encode(&mut self.out, kind, key, request_id);
+            self.inflight.push_back(InFlight {
+                sent_at: now,
+                request_id,
+                kind,
+                replies_left: req.replies(kind),
+                waits: req.replies(kind) == 2,
+                failed: None,
+            });
+        }
+    }
+
+    /// Write queued bytes until done or the socket is full; the rest waits for WRITABLE.
+    fn flush(&mut self) -> Result<(), ConnError> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(());
+        };
+        while self.out_pos < self.out.len() {
+            match stream.write(&self.out[self.out_pos..]) {
+                Ok(0) => return Err(ConnError::Closed),
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ConnError::Io(e)),
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        Ok(())
+    }
+
+    /// Read until a short read, handling every complete response.
+    fn read(&mut self, protocol: Protocol, wait: u32, stats: &mut Stats) -> Result<(), ConnError> {
+        loop {
+            if self.in_len == self.inbuf.len() {
+                if self.inbuf.len() >= MAX_READ_BUF_BYTES {
+                    return Err(ConnError::Protocol);
+                }
+                let grown = (self.inbuf.len() * 2).min(MAX_READ_BUF_BYTES);
+                self.inbuf.resize(grown, 0);
+            }
+            let Some(stream) = self.stream.as_mut() else {
+                return Ok(());
+            };
+            let n = match stream.read(&mut self.inbuf[self.in_len..]) {
+                Ok(0) => return Err(ConnError::Closed),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ConnError::Io(e)),
+            };
+            self.in_len += n;
+            // A short read drained the socket: no second read just to learn WouldBlock.
+            let short = self.in_len < self.inbuf.len();
+            let now = Instant::now();
+            match protocol {
+                Protocol::Dkvs => self.parse_dkvs(now, stats)?,
+                Protocol::Resp => self.parse_resp(now, wait, stats)?,
+            }
+            if short {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Drop the first `used` input bytes, keeping a partial response at the front.
+    fn consume(&mut self, used: usize) {
+        if used > 0 {
+            self.inbuf.copy_within(used..self.in_len, 0);
+            self.in_len -= used;
+        }
+    }
+
+    fn parse_dkvs(&mut self, now: Instant, stats: &mut Stats) -> Result<(), ConnError> {
+        let mut pos = 0;
+        loop {
+            match decode(&self.inbuf[pos..self.in_len], MAX_RESPONSE_VALUE_BYTES) {
+                Ok(Decoded::Frame(frame, used)) => {
+                    let Some(req) = self.inflight.pop_front() else {
+                        return Err(ConnError::Protocol);
+                    };
+                    let expected_op = dkvs::opcode(req.kind) as u8 | RESPONSE_FLAG;
+                    if frame.header.request_id != req.request_id
+                        || frame.header.opcode != expected_op
+                    {
+                        // Responses come back in order over TCP; anything else means the
+                        // stream is out of step and every later match would be wrong.
+                        self.inflight.push_front(req);
+                        return Err(ConnError::Protocol);
+                    }
+                    match dkvs::outcome(req.kind, frame.header.status) {
+                        Outcome::Ok => {
+                            stats.record_ok(req.kind == OpKind::Get, false, now - req.sent_at)
+                        }
+                        Outcome::Miss => stats.record_ok(true, true, now - req.sent_at),
+                        Outcome::Failed(status) => count_fail(stats, Fail::Status(status), 1),
+                    }
+                    pos += used;
+                }
+                Ok(Decoded::Incomplete(total)) => {
+                    if let Some(total) = total
+                        && total > self.inbuf.len()
+                    {
+                        self.consume(pos);
+                        self.inbuf.resize(total, 0);
+                        return Ok(());
+                    }
+                    break;
+                }
+                Err(_) => return Err(ConnError::Protocol),
+            }
+        }
+        self.consume(pos);
+        Ok(())
+    }
+
+    fn parse_resp(&mut self, now: Instant, wait: u32, stats: &mut Stats) -> Result<(), ConnError> {
+        let mut pos = 0;
+        loop {
+            let (reply, used) = match resp::parse(&self.inbuf[pos..self.in_len]) {
+                Ok(Some(parsed)) => parsed,
+                Ok(None) => break,
+                Err(_) => return Err(ConnError::Protocol),
+            };
+            pos += used;
+            let Some(req) = self.inflight.front_mut() else {
+                return Err(ConnError::Protocol);
+            };
+            let is_wait_reply = req.waits && req.replies_left == 1;
+            req.replies_left -= 1;
+            let fail = match (req.kind, reply) {
+                (_, Reply::Error(_)) => Some(Fail::RespError),
+                (OpKind::Get, Reply::Bulk(_)) => None,
+                (OpKind::Set, Reply::Integer(acked)) if is_wait_reply => {
+                    (acked < wait as i64).then_some(Fail::WaitShort)
+                }
+                (OpKind::Set, Reply::Simple(_)) if !is_wait_reply => None,
+                _ => Some(Fail::Protocol),
+            };
+            if req.failed.is_none() {
+                req.failed = fail;
+            }
+            if req.replies_left > 0 {
+                continue;
+            }
+            let Some(req) = self.inflight.pop_front() else {
+                return Err(ConnError::Protocol);
+            };
+            match (req.failed, req.kind, reply) {
+                (Some(fail), _, _) => count_fail(stats, fail, 1),
+                (None, OpKind::Get, Reply::Bulk(value)) => {
+                    stats.record_ok(true, value.is_none(), now - req.sent_at)
+                }
+                (None, kind, _) => stats.record_ok(kind == OpKind::Get, false, now - req.sent_at),
+            }
+        }
+        self.consume(pos);
+        Ok(())
+    }
+}
+
+struct UdpSlot {
+    busy: bool,
+    generation: u32,
+    request_id: u32,
+    kind: OpKind,
+    first_sent: Instant,
+    last_sent: Instant,
+    frame: Vec<u8>,
+}
+
+struct UdpConn {
+    socket: UdpSocket,
+    slots: Vec<UdpSlot>,
+    idle: Vec<usize>,
+    slot_bits: u32,
+}
+
+impl UdpConn {
+    fn new(socket: UdpSocket, pipeline: usize, now: Instant) -> UdpConn {
+        let slot_bits = usize::BITS - (pipeline.max(2) - 1).leading_zeros();
+        let slots = (0..pipeline)
+            .map(|_| UdpSlot {
+                busy: false,
+                generation: 0,
+                request_id: 0,
+                kind: OpKind::Get,
+                first_sent: now,
+                last_sent: now,
+                frame: Vec::new(),
+            })
+            .collect();
+        UdpConn {
+            socket,
+            slots,
+            idle: (0..pipeline).rev().collect(),
+            slot_bits,
+        }
+    }
+
+    fn send(&mut self, slot: usize, stats: &mut Stats) {
+        match self.socket.send(&self.slots[slot].frame) {
+            Ok(_) => {}
+            // Not sent: the retry timer resends it like a lost datagram.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => stats.errors.connection += 1,
+        }
+    }
+
+    fn fill(&mut self, req: &mut Requests, now: Instant, stats: &mut Stats) {
+        while let Some(&slot) = self.idle.last() {
+            let Some((kind, key)) = req.next() else {
+                break;
+            };
+            self.idle.pop();
+            let s = &mut self.slots[slot];
+            s.generation = s.generation.wrapping_add(1);
+            // The slot index in the low bits finds the slot; the generation tells a late
+            // duplicate of an earlier request apart from the current one.
+            s.request_id = (s.generation << self.slot_bits) | slot as u32;
+            s.busy = true;
+            s.kind = kind;
+            s.first_sent = now;
+            s.last_sent = now;
+            s.frame.clear();
+            req.encode(&mut s.frame, kind, key, s.request_id);
+            self.send(slot, stats);
+        }
+    }
+
+    fn free(&mut self, slot: usize) {
+        self.slots[slot].busy = false;
+        self.idle.push(slot);
+    }
+
+    /// Receive until WouldBlock (datagrams give no short-read signal).
+    fn read(&mut self, buf: &mut [u8], stats: &mut Stats) {
+        loop {
+            let n = match self.socket.recv(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // An ICMP error from an earlier datagram; later ones may still arrive.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    stats.errors.connection += 1;
+                    continue;
+                }
+                Err(_) => {
+                    stats.errors.connection += 1;
+                    return;
+                }
+            };
+            let now = Instant::now();
+            let frame = match decode_datagram(&buf[..n], MAX_RESPONSE_VALUE_BYTES) {
+                Ok(frame) => frame,
+                Err(_) => {
+                    stats.errors.protocol += 1;
+                    continue;
+                }
+            };
+            let id = frame.header.request_id;
+            let slot = (id & ((1 << self.slot_bits) - 1)) as usize;
+            let matches = self.slots.get(slot).is_some_and(|s| {
+                s.busy
+                    && s.request_id == id
+                    && frame.header.opcode == dkvs::opcode(s.kind) as u8 | RESPONSE_FLAG
+            });
+            if !matches {
+                stats.udp_stale += 1;
+                continue;
+            }
+            let s = &self.slots[slot];
+            let latency = now - s.first_sent;
+            match dkvs::outcome(s.kind, frame.header.status) {
+                Outcome::Ok => stats.record_ok(s.kind == OpKind::Get, false, latency),
+                Outcome::Miss => stats.record_ok(true, true, latency),
+                Outcome::Failed(status) => count_fail(stats, Fail::Status(status), 1),
+            }
+            self.free(slot);
+        }
+    }
+
+    /// Resend requests unanswered for an attempt interval; time out those past the deadline.
+    fn retry(&mut self, now: Instant, timeout: Duration, attempt: Duration, stats: &mut Stats) {
+        for slot in 0..self.slots.len() {
+            let s = &self.slots[slot];
+            if !s.busy {
+                continue;
+            }
+            if now.duration_since(s.first_sent) >= timeout {
+                count_fail(stats, Fail::Timeout, 1);
+                self.free(slot);
+            } else if now.duration_since(s.last_sent) >= attempt {
+                self.slots[slot].last_sent = now;
+                stats.udp_retries += 1;
+                self.send(slot, stats);
+            }
+        }
+    }
+
+    fn busy(&self) -> usize {
+        self.slots.len() - self.idle.len()
+    }
+}
+
+/// One reactor thread's connections and state, reused across phases.
+pub struct Worker {
+    poll: Poll,
+    events: Events,
+    addr: SocketAddr,
+    protocol: Protocol,
+    pipeline: usize,
+    timeout: Duration,
+    udp_attempt: Duration,
+    resp_wait: u32,
+    tcp: Vec<TcpConn>,
+    udp: Vec<UdpConn>,
+    udp_buf: Vec<u8>,
+    req: Requests,
+    stats: Stats,
+    last_conn_error: String,
+}
+
+impl Worker {
+    /// A worker for `sockets`, already connected; registers them with a new poller.
+    pub fn new(
+        cfg: &Config,
+        addr: SocketAddr,
+        thread_index: usize,
+        sockets: Vec<Socket>,
+        distribution: KeyDistribution,
+    ) -> io::Result<Worker> {
+        let poll = Poll::new()?;
+        let now = Instant::now();
+        let mut tcp = Vec::new();
+        let mut udp = Vec::new();
+        for socket in sockets {
+            match socket {
+                Socket::Tcp(stream) => {
+                    stream.set_nonblocking(true)?;
+                    let mut stream = TcpStream::from_std(stream);
+                    let token = Token(tcp.len());
+                    // Registered once for both directions: edge-triggered WRITABLE costs
+                    // nothing while unused and saves re-registering when a write blocks.
+                    poll.registry().register(
+                        &mut stream,
+                        token,
+                        Interest::READABLE | Interest::WRITABLE,
+                    )?;
+                    tcp.push(TcpConn::new(stream, cfg.pipeline));
+                }
+                Socket::Udp(socket) => {
+                    socket.set_nonblocking(true)?;
+                    let mut socket = UdpSocket::from_std(socket);
+                    poll.registry()
+                        .register(&mut socket, Token(udp.len()), Interest::READABLE)?;
+                    udp.push(UdpConn::new(socket, cfg.pipeline, now));
+                }
+            }
+        }
+        let seed = cfg
+            .seed
+            .wrapping_add((thread_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let req = Requests {
+            protocol: cfg.protocol,
+            resp: RespEncoder::new(cfg.key_size, cfg.value_size, cfg.resp_wait),
+            keys: KeyBuf::new(cfg.key_size, cfg.keyspace),
+            value: make_value(cfg.value_size),
+            workload: Workload::new(seed, cfg.keyspace, cfg.get_ratio, distribution),
+            keyspace: cfg.keyspace,
+            thread_index: thread_index as u64,
+            threads: cfg.threads as u64,
+            preloading: false,
+            preload_next: 0,
+            issued: 0,
+            quota: None,
+            stopped: false,
+        };
+        Ok(Worker {
+            poll,
+            events: Events::with_capacity(1024),
+            addr,
+            protocol: cfg.protocol,
+            pipeline: cfg.pipeline,
+            timeout: cfg.timeout,
+            udp_attempt: (cfg.timeout / (cfg.udp_retries + 1)).max(Duration::from_millis(1)),
+            resp_wait: cfg.resp_wait.unwrap_or(0),
+            tcp,
+            udp,
+            udp_buf: if cfg.udp {
+                vec![0; MAX_UDP_FRAME_BYTES + 1]
+            } else {
+                Vec::new()
+            },
+            req,
+            stats: Stats::new(),
+            last_conn_error: "none".to_string(),
+        })
+    }
+
+    /// Run one phase to its end; returns its statistics and when the last request finished.
+    pub fn run(&mut self, phase: Phase, progress: &Progress) -> Result<(Stats, Instant), RunError> {
+        self.stats = Stats::new();
+        self.req.begin(&phase);
+        debug_assert_eq!(self.in_flight(), 0, "a phase starts with nothing in flight");
+        let stall_limit = (self.timeout * 3).max(Duration::from_secs(5));
+        let start = Instant::now();
+        let mut last_resolved = 0u64;
+        let mut last_progress_at = start;
+        let mut next_tick = start + TICK;
+        for i in 0..self.tcp.len() {
+            self.pump_tcp(i);
+        }
+        for i in 0..self.udp.len() {
+            self.pump_udp(i);
+        }
+        loop {
+            let now = Instant::now();
+            if let Some(deadline) = phase.deadline {
+                if now >= deadline {
+                    self.req.stopped = true;
+                }
+                // Whatever is still unanswered a full timeout after the end is lost.
+                if now >= deadline + self.timeout {
+                    self.expire_all(now);
+                }
+            }
+            if self.req.exhausted() && self.in_flight() == 0 {
+                self.publish(progress);
+                return Ok((std::mem::take(&mut self.stats), now));
+            }
+            let resolved = self.stats.resolved();
+            if resolved != last_resolved {
+                last_resolved = resolved;
+                last_progress_at = now;
+            } else if now.duration_since(last_progress_at) >= stall_limit {
+                self.publish(progress);
+                return Err(RunError::Stalled(stall_limit, self.last_conn_error.clone()));
+            }
+            let mut wait = next_tick.saturating_duration_since(now);
+            if let Some(deadline) = phase.deadline
+                && !self.req.stopped
+            {
+                wait = wait.min(deadline.saturating_duration_since(now));
+            }
+            if let Err(e) = self.poll.poll(&mut self.events, Some(wait)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(RunError::Poll(e));
+            }
+            // Taken out for the loop so handlers may borrow the worker mutably; swapping
+            // vectors allocates nothing.
+            let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+            let now = Instant::now();
+            for event in events.iter() {
+                let token = event.token().0;
+                let readable = event.is_readable() || event.is_error() || event.is_read_closed();
+                if self.udp.is_empty() {
+                    self.on_tcp_event(token, readable, now);
+                } else if readable {
+                    self.on_udp_readable(token);
+                }
+            }
+            self.events = events;
+            let now = Instant::now();
+            if now >= next_tick {
+                next_tick = now + TICK;
+                self.tick(now);
+                self.publish(progress);
+            }
+        }
+    }
+
+    fn publish(&self, progress: &Progress) {
+        progress.ops.store(self.stats.ops, Ordering::Relaxed);
+        progress
+            .errors
+            .store(self.stats.errors.total(), Ordering::Relaxed);
+    }
+
+    /// Fill a TCP connection's pipeline and write what was queued.
+    fn pump_tcp(&mut self, i: usize) {
+        // Read here, not passed in: an event batch takes long enough to skew send times.
+        let now = Instant::now();
+        let conn = &mut self.tcp[i];
+        if conn.state != TcpState::Up {
+            return;
+        }
+        conn.fill(&mut self.req, self.pipeline, now);
+        if let Err(e) = self.tcp[i].flush() {
+            self.fail_tcp(i, e, now);
+        }
+    }
+
+    fn pump_udp(&mut self, i: usize) {
+        let now = Instant::now();
+        self.udp[i].fill(&mut self.req, now, &mut self.stats);
+    }
+
+    fn on_tcp_event(&mut self, i: usize, readable: bool, now: Instant) {
+        let Some(conn) = self.tcp.get_mut(i) else {
+            return;
+        };
+        match conn.state {
+            TcpState::Down { .. } => {}
+            TcpState::Connecting { .. } => self.finish_connect(i, now),
+            TcpState::Up => {
+                if readable {
+                    if let Err(e) = conn.read(self.protocol, self.resp_wait, &mut self.stats) {
+                        self.fail_tcp(i, e, now);
+                        return;
+                    }
+                }
+                // Writable or not, refill and write: a write that would block keeps its
+                // bytes for the next WRITABLE edge.
+                self.pump_tcp(i);
+            }
+        }
+    }
+
+    fn on_udp_readable(&mut self, i: usize) {
+        let Some(conn) = self.udp.get_mut(i) else {
+            return;
+        };
+        conn.read(&mut self.udp_buf, &mut self.stats);
+        self.pump_udp(i);
+    }
+
+    fn finish_connect(&mut self, i: usize, now: Instant) {
+        let conn = &mut self.tcp[i];
+        let Some(stream) = conn.stream.as_ref() else {
+            return;
+        };
+        let result = match stream.take_error() {
+            Ok(Some(e)) | Err(e) => Err(e),
+            Ok(None) => match stream.peer_addr() {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(true) => {
+                // Best effort: without it only pipelined latency suffers, never correctness.
+                let _ = stream.set_nodelay(true);
+                conn.state = TcpState::Up;
+                self.pump_tcp(i);
+            }
+            Ok(false) => {}
+            Err(e) => self.fail_tcp(i, ConnError::Io(e), now),
+        }
+    }
+
+    /// Close a connection, count what it had in flight, and schedule a reconnect.
+    fn fail_tcp(&mut self, i: usize, err: ConnError, now: Instant) {
+        let conn = &mut self.tcp[i];
+        let lost = conn.inflight.len() as u64;
+        match err {
+            ConnError::Io(e) => {
+                self.stats.errors.connection += 1;
+                count_fail(&mut self.stats, Fail::Lost, lost);
+                self.last_conn_error = e.to_string();
+            }
+            ConnError::Closed => {
+                self.stats.errors.connection += 1;
+                count_fail(&mut self.stats, Fail::Lost, lost);
+                self.last_conn_error = "server closed the connection".to_string();
+            }
+            ConnError::Protocol => {
+                self.stats.errors.protocol += 1;
+                count_fail(&mut self.stats, Fail::Lost, lost);
+                self.last_conn_error = "unparsable or mismatched response".to_string();
+            }
+        }
+        self.close_tcp(i, now);
+    }
+
+    fn close_tcp(&mut self, i: usize, now: Instant) {
+        let conn = &mut self.tcp[i];
+        if let Some(mut stream) = conn.stream.take() {
+            // The socket is dropped right after, which also removes it from epoll.
+            let _ = self.poll.registry().deregister(&mut stream);
+        }
+        conn.inflight.clear();
+        conn.out.clear();
+        conn.out_pos = 0;
+        conn.in_len = 0;
+        conn.state = TcpState::Down {
+            retry_at: now + RECONNECT_DELAY,
+        };
+    }
+
+    /// Timeouts, retries and reconnects; run every [`TICK`].
+    fn tick(&mut self, now: Instant) {
+        for i in 0..self.tcp.len() {
+            match self.tcp[i].state {
+                TcpState::Up => {
+                    let expired = self.tcp[i]
+                        .inflight
+                        .front()
+                        .is_some_and(|r| now.duration_since(r.sent_at) >= self.timeout);
+                    if expired {
+                        // Over TCP a late response would still arrive in order, so the
+                        // connection must go: later matches would be wrong.
+                        let n = self.tcp[i].inflight.len() as u64;
+                        count_fail(&mut self.stats, Fail::Timeout, n);
+                        self.last_conn_error = "request timed out".to_string();
+                        self.close_tcp(i, now);
+                    } else {
+                        self.pump_tcp(i);
+                    }
+                }
+                TcpState::Connecting { since } => {
+                    if now.duration_since(since) >= self.timeout {
+                        let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+                        self.fail_tcp(i, ConnError::Io(e), now);
+                    }
+                }
+                TcpState::Down { retry_at } => {
+                    if now >= retry_at && !self.req.exhausted() {
+                        self.reconnect(i, now);
+                    }
+                }
+            }
+        }
+        for i in 0..self.udp.len() {
+            self.udp[i].retry(now, self.timeout, self.udp_attempt, &mut self.stats);
+            self.pump_udp(i);
+        }
+    }
+
+    fn reconnect(&mut self, i: usize, now: Instant) {
+        let mut stream = match TcpStream::connect(self.addr) {
+            Ok(stream) => stream,
+            Err(e) => {
+                self.fail_tcp(i, ConnError::Io(e), now);
+                return;
+            }
+        };
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(i),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            self.fail_tcp(i, ConnError::Io(e), now);
+            return;
+        }
+        let conn = &mut self.tcp[i];
+        conn.stream = Some(stream);
+        conn.state = TcpState::Connecting { since: now };
+    }
+
+    /// Requests sent and not yet finished; counted only while draining, so not kept as a field.
+    fn in_flight(&self) -> usize {
+        self.tcp.iter().map(|c| c.inflight.len()).sum::<usize>()
+            + self.udp.iter().map(UdpConn::busy).sum::<usize>()
+    }
+
+    /// Count everything still in flight as timed out, closing TCP connections it was sent on.
+    fn expire_all(&mut self, now: Instant) {
+        for i in 0..self.tcp.len() {
+            let n = self.tcp[i].inflight.len() as u64;
+            if n > 0 {
+                count_fail(&mut self.stats, Fail::Timeout, n);
+                self.close_tcp(i, now);
+            }
+        }
+        for i in 0..self.udp.len() {
+            let conn = &mut self.udp[i];
+            let busy = conn.busy();
+            count_fail(&mut self.stats, Fail::Timeout, busy as u64);
+            for slot in 0..conn.slots.len() {
+                if conn.slots[slot].busy {
+                    conn.free(slot);
+                }
+            }
+        }
+    }
+}
