@@ -744,11 +744,11 @@ impl Worker {
             TcpState::Down { .. } => {}
             TcpState::Connecting { .. } => self.finish_connect(i, now),
             TcpState::Up => {
-                if readable {
-                    if let Err(e) = conn.read(self.protocol, self.resp_wait, &mut self.stats) {
-                        self.fail_tcp(i, e, now);
-                        return;
-                    }
+                if readable
+                    && let Err(e) = conn.read(self.protocol, self.resp_wait, &mut self.stats)
+                {
+                    self.fail_tcp(i, e, now);
+                    return;
                 }
                 // Writable or not, refill and write: a write that would block keeps its
                 // bytes for the next WRITABLE edge.
