@@ -328,15 +328,22 @@ impl Participant {
                 let seq = self.position;
                 self.send(peer, PeerMessage::Heartbeat { seq });
             }
-            PeerMessage::Outcome { seq, outcome } => match outcome {
-                Outcome::Aborted => {
-                    self.prepared.remove(&seq);
+            PeerMessage::Outcome { seq, outcome } => {
+                // The answer may trail the decision itself (the query crossed the
+                // COMMIT/ABORT on the wire): only a transaction still held matters.
+                if !self.prepared.contains_key(&seq) {
+                    return;
                 }
-                Outcome::Unknown => {
-                    self.violation(now_ms, peer, "master forgot a transaction we hold");
+                match outcome {
+                    Outcome::Aborted => {
+                        self.prepared.remove(&seq);
+                    }
+                    Outcome::Unknown => {
+                        self.violation(now_ms, peer, "master forgot a transaction we hold");
+                    }
+                    Outcome::Pending | Outcome::Committed => {}
                 }
-                Outcome::Pending | Outcome::Committed => {}
-            },
+            }
             PeerMessage::Register { .. }
             | PeerMessage::Vote { .. }
             | PeerMessage::Ack { .. }
