@@ -46,28 +46,64 @@ type Store = BTreeMap<Vec<u8>, (Vec<u8>, u64)>;
 const SLAVES: usize = 3;
 const KEYS: u8 = 6;
 /// Simulated milliseconds of client load and faults.
-const ACTIVE_MS: u64 = 400;
+const ACTIVE_MS: u64 = 300;
 /// Simulated milliseconds after healing for everyone to converge.
-const SETTLE_MS: u64 = 4_000;
+const SETTLE_MS: u64 = 1_500;
 /// Master -> slave and slave -> master.
 const TO_SLAVE: usize = 0;
 const TO_MASTER: usize = 1;
 
 #[derive(Debug)]
 enum Ev {
-    Deliver { link: usize, dir: usize },
-    LinkLost { slave_side: bool, link: usize },
-    Timer { node: usize, timer: TimerId, at: u64, life: u64 },
-    PersistDone { node: usize, lsn: u64, life: u64 },
-    ConnectDone { slave: usize, life: u64 },
-    SnapshotStep { link: usize },
+    Deliver {
+        link: usize,
+        dir: usize,
+    },
+    LinkLost {
+        slave_side: bool,
+        link: usize,
+    },
+    Timer {
+        node: usize,
+        timer: TimerId,
+        at: u64,
+        life: u64,
+    },
+    PersistDone {
+        node: usize,
+        lsn: u64,
+        life: u64,
+    },
+    ConnectDone {
+        slave: usize,
+        life: u64,
+    },
+    SnapshotStep {
+        link: usize,
+    },
     ClientBatch,
-    Partition { slave: usize, dur: u64 },
-    HealPartition { slave: usize },
-    Crash { slave: usize, dur: u64 },
-    Restart { slave: usize },
-    Stall { slave: usize, dur: u64 },
-    SlowPersist { node: usize, dur: u64 },
+    Partition {
+        slave: usize,
+        dur: u64,
+    },
+    HealPartition {
+        slave: usize,
+    },
+    Crash {
+        slave: usize,
+        dur: u64,
+    },
+    Restart {
+        slave: usize,
+    },
+    Stall {
+        slave: usize,
+        dur: u64,
+    },
+    SlowPersist {
+        node: usize,
+        dur: u64,
+    },
 }
 
 impl Ev {
@@ -239,7 +275,9 @@ fn recover(durable: &[Durable]) -> Result<(Store, u64), String> {
                 apply_ops(&mut store, *seq, ops);
                 pos = *seq;
             }
-            Durable::Rec(other) => return Err(format!("slave persisted a master record {other:?}")),
+            Durable::Rec(other) => {
+                return Err(format!("slave persisted a master record {other:?}"));
+            }
         }
     }
     Ok((store, pos))
@@ -349,10 +387,10 @@ impl Sim {
     }
 
     fn net_delay(&mut self) -> u64 {
-        if self.rng.random_bool(0.02) {
-            self.rng.random_range(10..=80) // a delay spike
-        } else {
-            self.rng.random_range(0..=3)
+        // One draw in the common case: 0..=3 ms, and 2% of messages hit a 10..=80 ms spike.
+        match self.rng.random_range(0..200u64) {
+            r @ 0..=195 => r % 4,
+            _ => self.rng.random_range(10..=80),
         }
     }
 
@@ -610,7 +648,7 @@ impl Sim {
                 self.log(|| format!("client batch of {n}"));
                 self.coord.handle(self.now, Event::ClientWrites { writes });
                 self.run_master_actions()?;
-                let next = self.now + self.rng.random_range(1..=8);
+                let next = self.now + self.rng.random_range(1..=10);
                 self.schedule(next, Ev::ClientBatch);
             }
             Ev::Partition { slave, dur } => {
@@ -710,7 +748,9 @@ impl Sim {
                 Action::Send { peer, msg } => {
                     let link = (peer.0 - 1) as usize;
                     if self.links[link].snapshot.is_some() {
-                        return Err(format!("{msg:?} sent to {peer:?} while its snapshot streams"));
+                        return Err(format!(
+                            "{msg:?} sent to {peer:?} while its snapshot streams"
+                        ));
                     }
                     self.send(link, TO_SLAVE, &msg);
                 }
@@ -825,7 +865,11 @@ impl Sim {
         }
         let results = apply_ops(&mut self.master_store, seq, &ops);
         if replies.len() != ops.len() {
-            return Err(format!("commit {seq}: {} replies for {} ops", replies.len(), ops.len()));
+            return Err(format!(
+                "commit {seq}: {} replies for {} ops",
+                replies.len(),
+                ops.len()
+            ));
         }
         for (client, _ok) in replies.into_iter().zip(results) {
             self.acked_ok += 1;
@@ -839,7 +883,10 @@ impl Sim {
 
     fn run_slave_actions(&mut self, slave: usize) -> Result<(), String> {
         loop {
-            let Some(action) = self.slaves[slave].part.as_mut().and_then(|p| p.poll_action())
+            let Some(action) = self.slaves[slave]
+                .part
+                .as_mut()
+                .and_then(|p| p.poll_action())
             else {
                 return Ok(());
             };
@@ -954,7 +1001,10 @@ impl Sim {
             .filter(|c| !self.replies.contains_key(c))
             .collect();
         if !missing.is_empty() {
-            return Err(format!("{} clients never got a reply: {missing:?}", missing.len()));
+            return Err(format!(
+                "{} clients never got a reply: {missing:?}",
+                missing.len()
+            ));
         }
         if self.coord.in_flight() != 0 {
             return Err(format!(
@@ -970,16 +1020,18 @@ impl Sim {
             .map(|(p, _)| self.links[(p.0 - 1) as usize].slave)
             .collect();
         for (i, s) in self.slaves.iter().enumerate() {
-            let violations =
-                s.violations + s.part.as_ref().map_or(0, |p| p.protocol_violations());
+            let violations = s.violations + s.part.as_ref().map_or(0, |p| p.protocol_violations());
             if violations > 0 {
                 return Err(format!("slave {i} saw {violations} protocol violations"));
             }
             if !in_sync.contains(&i) {
                 let members: Vec<_> = self.coord.members().iter().collect();
-                return Err(format!("slave {i} is not in sync after healing: {members:?}"));
+                return Err(format!(
+                    "slave {i} is not in sync after healing: {members:?}"
+                ));
             }
-            if s.part.as_ref().map(|p| p.link()) != s.link.map(|l| LinkState::Following(Link::peer(l)))
+            if s.part.as_ref().map(|p| p.link())
+                != s.link.map(|l| LinkState::Following(Link::peer(l)))
             {
                 return Err(format!("slave {i} is not following its master link"));
             }
@@ -1018,6 +1070,22 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
+/// Run `seeds`, stopping at the first failure; returns the summed stats or the failing seed.
+fn run_seeds(seeds: &[u64], trace: bool) -> Result<RunStats, (u64, String, Vec<String>)> {
+    let mut total = RunStats::default();
+    for &seed in seeds {
+        let (result, lines) = run_seed(seed, trace);
+        let s = result.map_err(|e| (seed, e, lines))?;
+        total.commits += s.commits;
+        total.snapshots += s.snapshots;
+        total.evictions += s.evictions;
+        total.crashes += s.crashes;
+        total.partitions += s.partitions;
+        total.stalls += s.stalls;
+    }
+    Ok(total)
+}
+
 #[test]
 fn simulation_keeps_the_replication_invariants() {
     let seeds: Vec<u64> = match env_u64("DKVS_SIM_SEED") {
@@ -1026,9 +1094,20 @@ fn simulation_keeps_the_replication_invariants() {
     };
     let trace = seeds.len() == 1;
     let started = Instant::now();
+    // Seeds are independent: split them over two threads (the sims share nothing).
+    let (even, odd): (Vec<u64>, Vec<u64>) = seeds.iter().partition(|s| *s % 2 == 0);
+    let results = std::thread::scope(|scope| {
+        let other = scope.spawn(|| run_seeds(&odd, trace));
+        let mine = run_seeds(&even, trace);
+        [
+            mine,
+            other
+                .join()
+                .unwrap_or_else(|_| Err((u64::MAX, "sim thread panicked".into(), Vec::new()))),
+        ]
+    });
     let mut total = RunStats::default();
-    for &seed in &seeds {
-        let (result, lines) = run_seed(seed, trace);
+    for result in results {
         match result {
             Ok(s) => {
                 total.commits += s.commits;
@@ -1038,7 +1117,7 @@ fn simulation_keeps_the_replication_invariants() {
                 total.partitions += s.partitions;
                 total.stalls += s.stalls;
             }
-            Err(e) => {
+            Err((seed, e, lines)) => {
                 for line in lines.iter().rev().take(400).rev() {
                     eprintln!("{line}");
                 }
