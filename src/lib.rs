@@ -3,5 +3,6 @@
 pub mod client;
 pub mod logging;
 pub mod protocol;
+pub mod replication;
 pub mod server;
 pub mod store;

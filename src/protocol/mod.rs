@@ -4,6 +4,7 @@
 
 mod error;
 mod frame;
+pub mod peer;
 mod request;
 
 pub use error::ProtocolError;
@@ -12,6 +13,7 @@ pub use frame::{
     MAX_UDP_FRAME_BYTES, Opcode, PROTOCOL_VERSION, RESPONSE_FLAG, Status, decode, decode_datagram,
     encode, encode_request, encode_response,
 };
+pub use peer::{PeerError, PeerMessage};
 pub use request::{Request, Response};
 
 #[cfg(test)]

@@ -1,0 +1,968 @@
+//! Peer (master <-> slave) messages and their codec.
+//!
+//! Peer messages ride in the ordinary 24-byte frame (see `frame.rs`) with
+//! opcodes in the reserved range 0x40..=0x7F. Every message puts the commit
+//! sequence number it is about in the header's `version` field, leaves the key
+//! empty, and carries any further structure in the value, big-endian. Decoding
+//! checks every length read from the wire against the bytes actually present
+//! before it allocates, so a hostile peer cannot make us reserve memory it did
+//! not send.
+
+use std::fmt;
+use std::sync::Arc;
+
+use byteorder::{BigEndian, ByteOrder};
+
+use super::error::ProtocolError;
+use super::frame::{self, Decoded, Frame, MAX_KEY_BYTES};
+
+/// Version of the peer protocol spoken by this build (sent in REGISTER).
+pub const PEER_PROTOCOL_VERSION: u16 = 1;
+/// First opcode reserved for peer messages.
+pub const PEER_OPCODE_FIRST: u8 = 0x40;
+/// Last opcode reserved for peer messages.
+pub const PEER_OPCODE_LAST: u8 = 0x7F;
+
+/// Peer message opcodes (wire bytes).
+pub mod opcode {
+    /// Slave -> master: handshake.
+    pub const REGISTER: u8 = 0x40;
+    /// Master -> slave: handshake reply, announces the catch-up that follows.
+    pub const REGISTERED: u8 = 0x41;
+    /// Master -> slave: phase one of 2PC.
+    pub const PREPARE: u8 = 0x42;
+    /// Slave -> master: vote on a PREPARE.
+    pub const VOTE: u8 = 0x43;
+    /// Master -> slave: commit decision.
+    pub const COMMIT: u8 = 0x44;
+    /// Master -> slave: abort decision.
+    pub const ABORT: u8 = 0x45;
+    /// Slave -> master: commits applied and durable through a sequence number.
+    pub const ACK: u8 = 0x46;
+    /// Master -> slave: part of a full snapshot.
+    pub const SNAPSHOT_CHUNK: u8 = 0x47;
+    /// Master -> slave: a committed transaction replayed during catch-up.
+    pub const LOG_ENTRY: u8 = 0x48;
+    /// Both ways: end-of-backlog marker (master) and its echo (slave).
+    pub const CAUGHT_UP: u8 = 0x49;
+    /// Both ways: liveness and lag.
+    pub const HEARTBEAT: u8 = 0x4A;
+    /// Slave -> master: what happened to this transaction?
+    pub const OUTCOME_QUERY: u8 = 0x4B;
+    /// Master -> slave: answer to OUTCOME_QUERY.
+    pub const OUTCOME: u8 = 0x4C;
+}
+
+/// Kind of a replicated write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OpKind {
+    /// Create or replace.
+    Put = 1,
+    /// Replace only if present (NotFound otherwise, identically on every replica).
+    Update = 2,
+    /// Remove (NotFound if absent).
+    Delete = 3,
+}
+
+impl OpKind {
+    fn from_u8(byte: u8) -> Option<OpKind> {
+        Some(match byte {
+            1 => OpKind::Put,
+            2 => OpKind::Update,
+            3 => OpKind::Delete,
+            _ => return None,
+        })
+    }
+}
+
+/// One client write as replicated: deterministic, so every replica computes the same result.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WriteOp {
+    /// What to do.
+    pub kind: OpKind,
+    /// Key (1..=65535 bytes).
+    pub key: Vec<u8>,
+    /// Value (empty for Delete).
+    pub value: Vec<u8>,
+}
+
+/// The writes of one transaction, shared between the log, the sends and the apply.
+pub type Ops = Arc<[WriteOp]>;
+
+/// A slave's vote on a PREPARE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vote {
+    /// The PREPARE is durable; the slave will commit if told to.
+    Yes,
+    /// The slave cannot take part; the reason is for logs and STATS.
+    No(String),
+}
+
+/// How a registering slave will be brought up to date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchUp {
+    /// Committed transactions after `from_seq` follow as LOG_ENTRY messages.
+    Log {
+        /// The slave's last applied sequence number; entries start after it.
+        from_seq: u64,
+    },
+    /// A full snapshot as of `at_seq` follows as SNAPSHOT_CHUNK messages.
+    Snapshot {
+        /// Commit sequence number the snapshot reflects.
+        at_seq: u64,
+    },
+}
+
+/// The master's answer to an OUTCOME_QUERY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not decided yet (or the decision is not durable yet).
+    Pending = 0,
+    /// Committed.
+    Committed = 1,
+    /// Aborted (including presumed abort).
+    Aborted = 2,
+    /// Too old: the master no longer remembers; the slave must resync.
+    Unknown = 3,
+}
+
+impl Outcome {
+    fn from_u8(byte: u8) -> Option<Outcome> {
+        Some(match byte {
+            0 => Outcome::Pending,
+            1 => Outcome::Committed,
+            2 => Outcome::Aborted,
+            3 => Outcome::Unknown,
+            _ => return None,
+        })
+    }
+}
+
+/// One key of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotEntry {
+    /// Key.
+    pub key: Vec<u8>,
+    /// Value.
+    pub value: Vec<u8>,
+    /// Commit sequence number that last wrote the key.
+    pub version: u64,
+}
+
+/// A message between master and slave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerMessage {
+    /// Slave -> master handshake.
+    Register {
+        /// Address clients should use to reach this slave (for STATS and redirects).
+        client_addr: String,
+        /// Highest commit sequence number the slave has applied.
+        last_applied_seq: u64,
+        /// Peer protocol version the slave speaks.
+        protocol_version: u16,
+    },
+    /// Master -> slave handshake reply.
+    Registered {
+        /// The master's highest released commit sequence number.
+        master_seq: u64,
+        /// What follows.
+        catch_up: CatchUp,
+    },
+    /// Phase one: make these writes durable and vote.
+    Prepare {
+        /// Commit sequence number (also the transaction id).
+        seq: u64,
+        /// The writes.
+        ops: Ops,
+    },
+    /// A slave's vote.
+    Vote {
+        /// Transaction voted on.
+        seq: u64,
+        /// The vote.
+        vote: Vote,
+    },
+    /// Phase two: apply transaction `seq`.
+    Commit {
+        /// Transaction to commit.
+        seq: u64,
+    },
+    /// Phase two: forget transaction `seq`.
+    Abort {
+        /// Transaction to abort.
+        seq: u64,
+    },
+    /// Slave has applied and persisted every commit through `seq` (cumulative).
+    Ack {
+        /// Highest sequence applied and durable.
+        seq: u64,
+    },
+    /// Part of a full snapshot.
+    SnapshotChunk {
+        /// Commit sequence number the snapshot reflects.
+        snapshot_seq: u64,
+        /// Entries in this chunk.
+        entries: Vec<SnapshotEntry>,
+        /// Whether this is the final chunk.
+        last: bool,
+    },
+    /// A committed transaction replayed to a slave that is catching up or not a participant.
+    LogEntry {
+        /// Its commit sequence number.
+        seq: u64,
+        /// Its writes.
+        ops: Ops,
+    },
+    /// Master: the backlog through `seq` has been sent. Slave: applied through `seq` (echo).
+    CaughtUp {
+        /// End of the backlog.
+        seq: u64,
+    },
+    /// Liveness; carries the sender's commit (master) or applied (slave) sequence number.
+    Heartbeat {
+        /// Sender's position.
+        seq: u64,
+    },
+    /// Slave in doubt asks for the outcome of `seq`.
+    OutcomeQuery {
+        /// Transaction in doubt.
+        seq: u64,
+    },
+    /// Master's answer to OUTCOME_QUERY.
+    Outcome {
+        /// Transaction asked about.
+        seq: u64,
+        /// Its outcome.
+        outcome: Outcome,
+    },
+}
+
+/// Why bytes from a peer are not a valid peer message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerError {
+    /// The frame itself is broken (bad magic, oversized value, ...).
+    Frame(ProtocolError),
+    /// The opcode is not a peer message.
+    UnknownOpcode(u8),
+    /// Peer frames carry no key.
+    UnexpectedKey(usize),
+    /// A field runs past the end of the payload.
+    Truncated {
+        /// Field being read.
+        field: &'static str,
+        /// Bytes the field needs.
+        needed: usize,
+        /// Bytes left in the payload.
+        available: usize,
+    },
+    /// Bytes remain after the message.
+    TrailingBytes(usize),
+    /// A tag byte has no meaning.
+    BadTag {
+        /// Field being read.
+        field: &'static str,
+        /// The byte found.
+        byte: u8,
+    },
+    /// A text field is not UTF-8.
+    BadUtf8(&'static str),
+    /// A key is empty, which no write may have.
+    EmptyKey,
+}
+
+impl fmt::Display for PeerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerError::Frame(e) => write!(f, "bad peer frame: {e}"),
+            PeerError::UnknownOpcode(op) => write!(f, "unknown peer opcode 0x{op:02x}"),
+            PeerError::UnexpectedKey(len) => {
+                write!(
+                    f,
+                    "peer frame carries a {len}-byte key; peer frames have none"
+                )
+            }
+            PeerError::Truncated {
+                field,
+                needed,
+                available,
+            } => write!(
+                f,
+                "peer message truncated reading {field}: needs {needed} bytes, {available} left"
+            ),
+            PeerError::TrailingBytes(n) => write!(f, "{n} unexpected bytes after peer message"),
+            PeerError::BadTag { field, byte } => write!(f, "invalid {field} byte 0x{byte:02x}"),
+            PeerError::BadUtf8(field) => write!(f, "{field} is not valid UTF-8"),
+            PeerError::EmptyKey => write!(f, "write with an empty key"),
+        }
+    }
+}
+
+impl std::error::Error for PeerError {}
+
+impl From<ProtocolError> for PeerError {
+    fn from(e: ProtocolError) -> PeerError {
+        PeerError::Frame(e)
+    }
+}
+
+/// Whether an opcode byte belongs to the peer range.
+pub fn is_peer_opcode(byte: u8) -> bool {
+    (PEER_OPCODE_FIRST..=PEER_OPCODE_LAST).contains(&byte)
+}
+
+/// A cursor over a payload that refuses to read past its end.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, field: &'static str, n: usize) -> Result<&'a [u8], PeerError> {
+        if self.bytes.len() < n {
+            return Err(PeerError::Truncated {
+                field,
+                needed: n,
+                available: self.bytes.len(),
+            });
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+    fn u8(&mut self, field: &'static str) -> Result<u8, PeerError> {
+        Ok(self.take(field, 1)?[0])
+    }
+    fn u16(&mut self, field: &'static str) -> Result<u16, PeerError> {
+        Ok(BigEndian::read_u16(self.take(field, 2)?))
+    }
+    fn u32(&mut self, field: &'static str) -> Result<u32, PeerError> {
+        Ok(BigEndian::read_u32(self.take(field, 4)?))
+    }
+    fn u64(&mut self, field: &'static str) -> Result<u64, PeerError> {
+        Ok(BigEndian::read_u64(self.take(field, 8)?))
+    }
+    fn string(&mut self, field: &'static str) -> Result<String, PeerError> {
+        let len = self.u16(field)? as usize;
+        let bytes = self.take(field, len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| PeerError::BadUtf8(field))
+    }
+    /// A count of items each at least `min_item_bytes` long: bounded by what is present.
+    fn count(&mut self, field: &'static str, min_item_bytes: usize) -> Result<usize, PeerError> {
+        let count = self.u32(field)? as usize;
+        let needed = count.saturating_mul(min_item_bytes);
+        if needed > self.bytes.len() {
+            return Err(PeerError::Truncated {
+                field,
+                needed,
+                available: self.bytes.len(),
+            });
+        }
+        Ok(count)
+    }
+    fn finish(self) -> Result<(), PeerError> {
+        if self.bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(PeerError::TrailingBytes(self.bytes.len()))
+        }
+    }
+}
+
+/// Smallest encoded op: kind, key length, value length (the key itself is at least 1 byte).
+const MIN_OP_BYTES: usize = 1 + 2 + 4 + 1;
+/// Smallest encoded snapshot entry: key length, value length, version, 1-byte key.
+const MIN_ENTRY_BYTES: usize = 2 + 4 + 8 + 1;
+
+fn put_u16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Strings are addresses and reasons; cut rather than fail on absurd lengths.
+    let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    put_u16(out, bytes.len() as u16);
+    out.extend_from_slice(bytes);
+}
+
+fn encode_ops(out: &mut Vec<u8>, ops: &[WriteOp]) {
+    put_u32(out, ops.len() as u32);
+    for op in ops {
+        debug_assert!(!op.key.is_empty() && op.key.len() <= MAX_KEY_BYTES);
+        out.push(op.kind as u8);
+        put_u16(out, op.key.len() as u16);
+        put_u32(out, op.value.len() as u32);
+        out.extend_from_slice(&op.key);
+        out.extend_from_slice(&op.value);
+    }
+}
+
+fn decode_ops(r: &mut Reader<'_>) -> Result<Ops, PeerError> {
+    let count = r.count("op count", MIN_OP_BYTES)?;
+    let mut ops = Vec::with_capacity(count);
+    for _ in 0..count {
+        let tag = r.u8("op kind")?;
+        let kind = OpKind::from_u8(tag).ok_or(PeerError::BadTag {
+            field: "op kind",
+            byte: tag,
+        })?;
+        let key_len = r.u16("op key length")? as usize;
+        let value_len = r.u32("op value length")? as usize;
+        if key_len == 0 {
+            return Err(PeerError::EmptyKey);
+        }
+        let key = r.take("op key", key_len)?.to_vec();
+        let value = r.take("op value", value_len)?.to_vec();
+        ops.push(WriteOp { kind, key, value });
+    }
+    Ok(ops.into())
+}
+
+impl PeerMessage {
+    /// The wire opcode of this message.
+    pub fn opcode(&self) -> u8 {
+        match self {
+            PeerMessage::Register { .. } => opcode::REGISTER,
+            PeerMessage::Registered { .. } => opcode::REGISTERED,
+            PeerMessage::Prepare { .. } => opcode::PREPARE,
+            PeerMessage::Vote { .. } => opcode::VOTE,
+            PeerMessage::Commit { .. } => opcode::COMMIT,
+            PeerMessage::Abort { .. } => opcode::ABORT,
+            PeerMessage::Ack { .. } => opcode::ACK,
+            PeerMessage::SnapshotChunk { .. } => opcode::SNAPSHOT_CHUNK,
+            PeerMessage::LogEntry { .. } => opcode::LOG_ENTRY,
+            PeerMessage::CaughtUp { .. } => opcode::CAUGHT_UP,
+            PeerMessage::Heartbeat { .. } => opcode::HEARTBEAT,
+            PeerMessage::OutcomeQuery { .. } => opcode::OUTCOME_QUERY,
+            PeerMessage::Outcome { .. } => opcode::OUTCOME,
+        }
+    }
+
+    /// The sequence number carried in the header's version field.
+    fn header_seq(&self) -> u64 {
+        match self {
+            PeerMessage::Register {
+                last_applied_seq, ..
+            } => *last_applied_seq,
+            PeerMessage::Registered { master_seq, .. } => *master_seq,
+            PeerMessage::SnapshotChunk { snapshot_seq, .. } => *snapshot_seq,
+            PeerMessage::Prepare { seq, .. }
+            | PeerMessage::Vote { seq, .. }
+            | PeerMessage::Commit { seq }
+            | PeerMessage::Abort { seq }
+            | PeerMessage::Ack { seq }
+            | PeerMessage::LogEntry { seq, .. }
+            | PeerMessage::CaughtUp { seq }
+            | PeerMessage::Heartbeat { seq }
+            | PeerMessage::OutcomeQuery { seq }
+            | PeerMessage::Outcome { seq, .. } => *seq,
+        }
+    }
+
+    fn encode_payload(&self, out: &mut Vec<u8>) {
+        match self {
+            PeerMessage::Register {
+                client_addr,
+                protocol_version,
+                ..
+            } => {
+                put_u16(out, *protocol_version);
+                put_str(out, client_addr);
+            }
+            PeerMessage::Registered { catch_up, .. } => match catch_up {
+                CatchUp::Log { from_seq } => {
+                    out.push(1);
+                    put_u64(out, *from_seq);
+                }
+                CatchUp::Snapshot { at_seq } => {
+                    out.push(2);
+                    put_u64(out, *at_seq);
+                }
+            },
+            PeerMessage::Prepare { ops, .. } | PeerMessage::LogEntry { ops, .. } => {
+                encode_ops(out, ops)
+            }
+            PeerMessage::Vote { vote, .. } => match vote {
+                Vote::Yes => out.push(1),
+                Vote::No(reason) => {
+                    out.push(0);
+                    put_str(out, reason);
+                }
+            },
+            PeerMessage::SnapshotChunk { entries, last, .. } => {
+                out.push(u8::from(*last));
+                put_u32(out, entries.len() as u32);
+                for e in entries {
+                    debug_assert!(!e.key.is_empty() && e.key.len() <= MAX_KEY_BYTES);
+                    put_u16(out, e.key.len() as u16);
+                    put_u32(out, e.value.len() as u32);
+                    put_u64(out, e.version);
+                    out.extend_from_slice(&e.key);
+                    out.extend_from_slice(&e.value);
+                }
+            }
+            PeerMessage::Outcome { outcome, .. } => out.push(*outcome as u8),
+            PeerMessage::Commit { .. }
+            | PeerMessage::Abort { .. }
+            | PeerMessage::Ack { .. }
+            | PeerMessage::CaughtUp { .. }
+            | PeerMessage::Heartbeat { .. }
+            | PeerMessage::OutcomeQuery { .. } => {}
+        }
+    }
+
+    /// Append this message as one frame to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut payload = Vec::new();
+        self.encode_payload(&mut payload);
+        debug_assert!(payload.len() <= u32::MAX as usize);
+        frame::encode(out, self.opcode(), 0, 0, self.header_seq(), &[], &payload);
+    }
+
+    /// Parse a complete frame as a peer message.
+    pub fn from_frame(frame: &Frame<'_>) -> Result<PeerMessage, PeerError> {
+        let op = frame.header.opcode;
+        if !frame.key.is_empty() {
+            return Err(PeerError::UnexpectedKey(frame.key.len()));
+        }
+        let seq = frame.header.version;
+        let mut r = Reader { bytes: frame.value };
+        let msg = match op {
+            opcode::REGISTER => {
+                let protocol_version = r.u16("protocol version")?;
+                let client_addr = r.string("client address")?;
+                PeerMessage::Register {
+                    client_addr,
+                    last_applied_seq: seq,
+                    protocol_version,
+                }
+            }
+            opcode::REGISTERED => {
+                let tag = r.u8("catch-up kind")?;
+                let at = r.u64("catch-up sequence")?;
+                let catch_up = match tag {
+                    1 => CatchUp::Log { from_seq: at },
+                    2 => CatchUp::Snapshot { at_seq: at },
+                    byte => {
+                        return Err(PeerError::BadTag {
+                            field: "catch-up kind",
+                            byte,
+                        });
+                    }
+                };
+                PeerMessage::Registered {
+                    master_seq: seq,
+                    catch_up,
+                }
+            }
+            opcode::PREPARE => PeerMessage::Prepare {
+                seq,
+                ops: decode_ops(&mut r)?,
+            },
+            opcode::LOG_ENTRY => PeerMessage::LogEntry {
+                seq,
+                ops: decode_ops(&mut r)?,
+            },
+            opcode::VOTE => {
+                let vote = match r.u8("vote")? {
+                    1 => Vote::Yes,
+                    0 => Vote::No(r.string("vote reason")?),
+                    byte => {
+                        return Err(PeerError::BadTag {
+                            field: "vote",
+                            byte,
+                        });
+                    }
+                };
+                PeerMessage::Vote { seq, vote }
+            }
+            opcode::COMMIT => PeerMessage::Commit { seq },
+            opcode::ABORT => PeerMessage::Abort { seq },
+            opcode::ACK => PeerMessage::Ack { seq },
+            opcode::CAUGHT_UP => PeerMessage::CaughtUp { seq },
+            opcode::HEARTBEAT => PeerMessage::Heartbeat { seq },
+            opcode::OUTCOME_QUERY => PeerMessage::OutcomeQuery { seq },
+            opcode::OUTCOME => {
+                let byte = r.u8("outcome")?;
+                let outcome = Outcome::from_u8(byte).ok_or(PeerError::BadTag {
+                    field: "outcome",
+                    byte,
+                })?;
+                PeerMessage::Outcome { seq, outcome }
+            }
+            opcode::SNAPSHOT_CHUNK => {
+                let last = match r.u8("last flag")? {
+                    0 => false,
+                    1 => true,
+                    byte => {
+                        return Err(PeerError::BadTag {
+                            field: "last flag",
+                            byte,
+                        });
+                    }
+                };
+                let count = r.count("entry count", MIN_ENTRY_BYTES)?;
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let key_len = r.u16("entry key length")? as usize;
+                    let value_len = r.u32("entry value length")? as usize;
+                    let version = r.u64("entry version")?;
+                    if key_len == 0 {
+                        return Err(PeerError::EmptyKey);
+                    }
+                    let key = r.take("entry key", key_len)?.to_vec();
+                    let value = r.take("entry value", value_len)?.to_vec();
+                    entries.push(SnapshotEntry {
+                        key,
+                        value,
+                        version,
+                    });
+                }
+                PeerMessage::SnapshotChunk {
+                    snapshot_seq: seq,
+                    entries,
+                    last,
+                }
+            }
+            other => return Err(PeerError::UnknownOpcode(other)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+/// Decode the peer message at the start of a stream buffer.
+///
+/// `Ok(None)` means more bytes are needed; `Ok(Some((msg, used)))` consumed `used` bytes.
+/// Any error means the link is broken and must be closed (a peer never sends garbage).
+pub fn decode_peer(
+    buf: &[u8],
+    max_value_bytes: usize,
+) -> Result<Option<(PeerMessage, usize)>, PeerError> {
+    match frame::decode(buf, max_value_bytes)? {
+        Decoded::Incomplete(_) => Ok(None),
+        Decoded::Frame(f, used) => Ok(Some((PeerMessage::from_frame(&f)?, used))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{DEFAULT_MAX_VALUE_BYTES, HEADER_LEN};
+
+    const MAX: usize = DEFAULT_MAX_VALUE_BYTES;
+
+    fn ops() -> Ops {
+        vec![
+            WriteOp {
+                kind: OpKind::Put,
+                key: b"k1".to_vec(),
+                value: b"v1".to_vec(),
+            },
+            WriteOp {
+                kind: OpKind::Update,
+                key: b"k2".to_vec(),
+                value: Vec::new(),
+            },
+            WriteOp {
+                kind: OpKind::Delete,
+                key: vec![0xFF; 300],
+                value: Vec::new(),
+            },
+        ]
+        .into()
+    }
+
+    fn all_messages() -> Vec<PeerMessage> {
+        vec![
+            PeerMessage::Register {
+                client_addr: "127.0.0.1:9100".into(),
+                last_applied_seq: 42,
+                protocol_version: PEER_PROTOCOL_VERSION,
+            },
+            PeerMessage::Registered {
+                master_seq: 50,
+                catch_up: CatchUp::Log { from_seq: 42 },
+            },
+            PeerMessage::Registered {
+                master_seq: 50,
+                catch_up: CatchUp::Snapshot { at_seq: 49 },
+            },
+            PeerMessage::Prepare { seq: 7, ops: ops() },
+            PeerMessage::Prepare {
+                seq: 8,
+                ops: Vec::new().into(),
+            },
+            PeerMessage::Vote {
+                seq: 7,
+                vote: Vote::Yes,
+            },
+            PeerMessage::Vote {
+                seq: 7,
+                vote: Vote::No("disk full".into()),
+            },
+            PeerMessage::Commit { seq: 7 },
+            PeerMessage::Abort { seq: 8 },
+            PeerMessage::Ack { seq: 7 },
+            PeerMessage::SnapshotChunk {
+                snapshot_seq: 99,
+                entries: vec![
+                    SnapshotEntry {
+                        key: b"a".to_vec(),
+                        value: b"1".to_vec(),
+                        version: 3,
+                    },
+                    SnapshotEntry {
+                        key: b"b".to_vec(),
+                        value: Vec::new(),
+                        version: 99,
+                    },
+                ],
+                last: false,
+            },
+            PeerMessage::SnapshotChunk {
+                snapshot_seq: 99,
+                entries: Vec::new(),
+                last: true,
+            },
+            PeerMessage::LogEntry {
+                seq: u64::MAX,
+                ops: ops(),
+            },
+            PeerMessage::CaughtUp { seq: 12 },
+            PeerMessage::Heartbeat { seq: 13 },
+            PeerMessage::OutcomeQuery { seq: 14 },
+            PeerMessage::Outcome {
+                seq: 14,
+                outcome: Outcome::Committed,
+            },
+            PeerMessage::Outcome {
+                seq: 15,
+                outcome: Outcome::Unknown,
+            },
+        ]
+    }
+
+    fn encoded(msg: &PeerMessage) -> Vec<u8> {
+        let mut out = Vec::new();
+        msg.encode(&mut out);
+        out
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for msg in all_messages() {
+            let bytes = encoded(&msg);
+            assert!(is_peer_opcode(bytes[2]));
+            let (decoded, used) = decode_peer(&bytes, MAX)
+                .unwrap_or_else(|e| panic!("{msg:?}: {e}"))
+                .unwrap_or_else(|| panic!("{msg:?}: incomplete"));
+            assert_eq!(used, bytes.len());
+            assert_eq!(decoded, msg);
+        }
+    }
+
+    #[test]
+    fn stream_of_messages_decodes_one_at_a_time() {
+        let msgs = all_messages();
+        let mut buf = Vec::new();
+        for m in &msgs {
+            m.encode(&mut buf);
+        }
+        let mut at = 0;
+        let mut got = Vec::new();
+        while let Some((m, used)) = decode_peer(&buf[at..], MAX).expect("valid stream") {
+            got.push(m);
+            at += used;
+        }
+        assert_eq!(at, buf.len());
+        assert_eq!(got, msgs);
+    }
+
+    #[test]
+    fn every_truncation_is_incomplete_or_an_error_never_a_panic() {
+        for msg in all_messages() {
+            let bytes = encoded(&msg);
+            for cut in 0..bytes.len() {
+                assert_eq!(
+                    decode_peer(&bytes[..cut], MAX),
+                    Ok(None),
+                    "{msg:?} cut {cut}"
+                );
+            }
+        }
+    }
+
+    /// Rewrite the frame's value length so the frame ends early: the payload is short.
+    fn shorten_payload(bytes: &[u8], drop: usize) -> Vec<u8> {
+        let mut out = bytes[..bytes.len() - drop].to_vec();
+        let value_len = BigEndian::read_u32(&out[20..24]) as usize - drop;
+        BigEndian::write_u32(&mut out[20..24], value_len as u32);
+        out
+    }
+
+    #[test]
+    fn short_payloads_are_truncation_errors() {
+        for msg in all_messages() {
+            let bytes = encoded(&msg);
+            let payload = bytes.len() - HEADER_LEN;
+            for drop in 1..=payload {
+                let short = shorten_payload(&bytes, drop);
+                match decode_peer(&short, MAX) {
+                    Err(PeerError::Truncated { .. }) => {}
+                    // Dropping a whole trailing element can leave a shorter valid message
+                    // only if a count says so; counts are before elements, so it cannot.
+                    other => panic!("{msg:?} minus {drop}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn counts_beyond_the_payload_are_rejected_before_allocating() {
+        let mut payload = Vec::new();
+        put_u32(&mut payload, u32::MAX); // four billion ops announced, none present
+        let mut bytes = Vec::new();
+        frame::encode(&mut bytes, opcode::PREPARE, 0, 0, 1, &[], &payload);
+        assert!(matches!(
+            decode_peer(&bytes, MAX),
+            Err(PeerError::Truncated {
+                field: "op count",
+                ..
+            })
+        ));
+
+        let mut payload = vec![0u8];
+        put_u32(&mut payload, 1_000_000);
+        let mut bytes = Vec::new();
+        frame::encode(&mut bytes, opcode::SNAPSHOT_CHUNK, 0, 0, 1, &[], &payload);
+        assert!(matches!(
+            decode_peer(&bytes, MAX),
+            Err(PeerError::Truncated {
+                field: "entry count",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn key_length_beyond_payload_is_rejected() {
+        let mut payload = Vec::new();
+        put_u32(&mut payload, 1);
+        payload.push(OpKind::Put as u8);
+        put_u16(&mut payload, 60_000);
+        put_u32(&mut payload, 0);
+        payload.extend_from_slice(b"short");
+        let mut bytes = Vec::new();
+        frame::encode(&mut bytes, opcode::LOG_ENTRY, 0, 0, 1, &[], &payload);
+        assert!(matches!(
+            decode_peer(&bytes, MAX),
+            Err(PeerError::Truncated {
+                field: "op key",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn bad_tags_and_unknown_opcodes_are_typed_errors() {
+        let mut bytes = Vec::new();
+        frame::encode(&mut bytes, 0x7E, 0, 0, 0, &[], &[]);
+        assert_eq!(
+            decode_peer(&bytes, MAX),
+            Err(PeerError::UnknownOpcode(0x7E))
+        );
+
+        let mut bytes = Vec::new();
+        frame::encode(&mut bytes, opcode::VOTE, 0, 0, 1, &[], &[7]);
+        assert_eq!(
+            decode_peer(&bytes, MAX),
+            Err(PeerError::BadTag {
+                field: "vote",
+                byte: 7
+            })
+        );
+
+        let mut bytes = Vec::new();
+        frame::encode(&mut bytes, opcode::OUTCOME, 0, 0, 1, &[], &[9]);
+        assert!(matches!(
+            decode_peer(&bytes, MAX),
+            Err(PeerError::BadTag { .. })
+        ));
+
+        let mut payload = Vec::new();
+        put_u32(&mut payload, 1);
+        payload.extend_from_slice(&[9, 0, 1, 0, 0, 0, 0, b'k']);
+        let mut bytes = Vec::new();
+        frame::encode(&mut bytes, opcode::PREPARE, 0, 0, 1, &[], &payload);
+        assert!(matches!(
+            decode_peer(&bytes, MAX),
+            Err(PeerError::BadTag {
+                field: "op kind",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn trailing_bytes_key_empty_keys_and_bad_utf8_are_rejected() {
+        let mut bytes = Vec::new();
+        frame::encode(&mut bytes, opcode::COMMIT, 0, 0, 1, &[], &[0]);
+        assert_eq!(decode_peer(&bytes, MAX), Err(PeerError::TrailingBytes(1)));
+
+        let mut bytes = Vec::new();
+        frame::encode(&mut bytes, opcode::COMMIT, 0, 0, 1, b"key", &[]);
+        assert_eq!(decode_peer(&bytes, MAX), Err(PeerError::UnexpectedKey(3)));
+
+        let mut payload = Vec::new();
+        put_u32(&mut payload, 1);
+        payload.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, b'x']);
+        let mut bytes = Vec::new();
+        frame::encode(&mut bytes, opcode::PREPARE, 0, 0, 1, &[], &payload);
+        assert_eq!(decode_peer(&bytes, MAX), Err(PeerError::EmptyKey));
+
+        let mut payload = Vec::new();
+        put_u16(&mut payload, 1);
+        put_u16(&mut payload, 2);
+        payload.extend_from_slice(&[0xC3, 0x28]);
+        let mut bytes = Vec::new();
+        frame::encode(&mut bytes, opcode::REGISTER, 0, 0, 1, &[], &payload);
+        assert_eq!(
+            decode_peer(&bytes, MAX),
+            Err(PeerError::BadUtf8("client address"))
+        );
+    }
+
+    #[test]
+    fn frame_errors_pass_through() {
+        let mut bytes = encoded(&PeerMessage::Ack { seq: 1 });
+        bytes[0] = 0x00;
+        assert!(matches!(
+            decode_peer(&bytes, MAX),
+            Err(PeerError::Frame(ProtocolError::BadMagic(0)))
+        ));
+        let bytes = encoded(&PeerMessage::Prepare { seq: 1, ops: ops() });
+        assert!(matches!(
+            decode_peer(&bytes, 4),
+            Err(PeerError::Frame(ProtocolError::ValueTooLarge { .. }))
+        ));
+    }
+
+    #[test]
+    fn random_bytes_never_panic_the_peer_decoder() {
+        use rand::{RngExt, SeedableRng, rngs::StdRng};
+        let mut rng = StdRng::seed_from_u64(0x9EE7);
+        let valid: Vec<Vec<u8>> = all_messages().iter().map(encoded).collect();
+        for _ in 0..20_000 {
+            let mut bytes = valid[rng.random_range(0..valid.len())].clone();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..bytes.len());
+                bytes[at] = rng.random();
+            }
+            let _ = decode_peer(&bytes, MAX);
+        }
+    }
+}

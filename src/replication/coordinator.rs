@@ -1,0 +1,777 @@
+//! The master side of two-phase commit: a pure state machine.
+//!
+//! Every transaction gets the next commit sequence number when it is created.
+//! Decisions are taken strictly in sequence order and released (applied,
+//! replied, sent) strictly in sequence order once durable, so every replica
+//! sees the same commit order and a slave can apply whatever it is told the
+//! moment it is told.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use log::{debug, info, warn};
+
+use super::log::CommitLog;
+use super::membership::{Membership, SlaveState};
+use super::{
+    Action, CatchUp, ClientRef, ClientWrite, Event, Ops, Outcome, PeerId, PeerMessage, Record,
+    TimerId, Vote, WriteError,
+};
+use crate::protocol::peer::PEER_PROTOCOL_VERSION;
+
+/// Knobs of the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinatorConfig {
+    /// How long a slave may take to vote or ack before it is evicted (`--tpc-timeout-ms`).
+    pub tpc_timeout_ms: u64,
+    /// Refuse writes while fewer slaves are in sync (`--min-slaves`).
+    pub min_slaves: usize,
+    /// Committed transactions kept in memory for partial resync.
+    pub log_capacity: usize,
+    /// Interval between heartbeats to slaves.
+    pub heartbeat_interval_ms: u64,
+    /// Silence after which a slave is evicted even with no transaction in flight.
+    pub peer_timeout_ms: u64,
+    /// Bound on transactions in flight; beyond it writes are refused (the reactor
+    /// should stop reading from clients well before).
+    pub max_inflight_txns: usize,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> CoordinatorConfig {
+        CoordinatorConfig {
+            tpc_timeout_ms: 300,
+            min_slaves: 0,
+            log_capacity: 100_000,
+            heartbeat_interval_ms: 100,
+            peer_timeout_ms: 1_000,
+            max_inflight_txns: 10_000,
+        }
+    }
+}
+
+/// What a transaction's outcome is (or will be).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Apply it everywhere.
+    Commit,
+    /// Apply it nowhere; the reason goes to the clients.
+    Abort(String),
+}
+
+/// The life of one transaction on the master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxnState {
+    /// PREPARE sent; waiting for these participants' votes.
+    Preparing {
+        /// Participants whose vote has not arrived.
+        awaiting: BTreeSet<PeerId>,
+        /// Set once any participant votes NO.
+        refusal: Option<String>,
+    },
+    /// Decided; the decision record is being made durable.
+    Deciding {
+        /// The decision.
+        decision: Decision,
+        /// Log sequence number of the decision record.
+        lsn: u64,
+    },
+    /// Committed and released; waiting for participants' acks.
+    Committed {
+        /// Participants that have not acked.
+        awaiting_acks: BTreeSet<PeerId>,
+    },
+    /// Aborted and released. Terminal.
+    Aborted,
+}
+
+impl TxnState {
+    /// A new transaction waiting for the votes of `participants`.
+    pub fn preparing(participants: &BTreeSet<PeerId>) -> TxnState {
+        TxnState::Preparing {
+            awaiting: participants.clone(),
+            refusal: None,
+        }
+    }
+
+    /// Record `peer`'s vote; returns whether it was awaited (stale votes are ignored).
+    pub fn on_vote(&mut self, peer: PeerId, vote: &Vote) -> bool {
+        match self {
+            TxnState::Preparing { awaiting, refusal } => {
+                if !awaiting.remove(&peer) {
+                    return false;
+                }
+                if let Vote::No(reason) = vote
+                    && refusal.is_none()
+                {
+                    *refusal = Some(format!("a slave voted no: {reason}"));
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// `peer` was evicted or lost: stop waiting for it.
+    pub fn on_peer_gone(&mut self, peer: PeerId) {
+        match self {
+            TxnState::Preparing { awaiting, .. } => {
+                awaiting.remove(&peer);
+            }
+            TxnState::Committed { awaiting_acks } => {
+                awaiting_acks.remove(&peer);
+            }
+            TxnState::Deciding { .. } | TxnState::Aborted => {}
+        }
+    }
+
+    /// The decision, once every remaining participant has voted. `yes_voters` is how
+    /// many participants remain (all of whom voted yes unless there is a refusal).
+    pub fn ready(&self, yes_voters: usize, min_slaves: usize) -> Option<Decision> {
+        match self {
+            TxnState::Preparing { awaiting, refusal } if awaiting.is_empty() => {
+                Some(match refusal {
+                    Some(reason) => Decision::Abort(reason.clone()),
+                    None if yes_voters < min_slaves => Decision::Abort(format!(
+                        "only {yes_voters} slaves remained in sync, {min_slaves} required"
+                    )),
+                    None => Decision::Commit,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Take the decision; its record has log sequence number `lsn`.
+    pub fn decide(&mut self, decision: Decision, lsn: u64) {
+        debug_assert!(
+            matches!(self, TxnState::Preparing { awaiting, .. } if awaiting.is_empty()),
+            "decide only a fully voted transaction, not {self:?}"
+        );
+        *self = TxnState::Deciding { decision, lsn };
+    }
+
+    /// The decision record is durable: release. Returns the decision.
+    pub fn on_durable(&mut self, participants: &BTreeSet<PeerId>) -> Decision {
+        let TxnState::Deciding { decision, .. } = self else {
+            debug_assert!(false, "release of an undecided transaction: {self:?}");
+            return Decision::Abort("internal error: released undecided".into());
+        };
+        let decision = decision.clone();
+        *self = match decision {
+            Decision::Commit => TxnState::Committed {
+                awaiting_acks: participants.clone(),
+            },
+            Decision::Abort(_) => TxnState::Aborted,
+        };
+        decision
+    }
+
+    /// `peer` acked; returns whether the ack was awaited.
+    pub fn on_ack(&mut self, peer: PeerId) -> bool {
+        match self {
+            TxnState::Committed { awaiting_acks } => awaiting_acks.remove(&peer),
+            // An ack can never make an aborted transaction anything else.
+            _ => false,
+        }
+    }
+
+    /// Whether the master can forget the transaction.
+    pub fn is_finished(&self) -> bool {
+        match self {
+            TxnState::Committed { awaiting_acks } => awaiting_acks.is_empty(),
+            TxnState::Aborted => true,
+            _ => false,
+        }
+    }
+}
+
+/// A transaction in flight on the master.
+#[derive(Debug)]
+struct Txn {
+    ops: Ops,
+    replies: Vec<ClientRef>,
+    /// In-sync slaves at creation, minus those evicted since.
+    participants: BTreeSet<PeerId>,
+    state: TxnState,
+    /// Deadline of the armed vote/ack timer, if any (to ignore stale firings).
+    deadline_ms: Option<u64>,
+}
+
+/// The 2PC coordinator of the master.
+#[derive(Debug)]
+pub struct Coordinator {
+    config: CoordinatorConfig,
+    /// Sequence number the next transaction gets.
+    next_seq: u64,
+    /// Every transaction up to here has a decision.
+    decided_seq: u64,
+    /// Every transaction up to here has a durable decision and has been applied and sent.
+    released_seq: u64,
+    last_lsn: u64,
+    durable_lsn: u64,
+    txns: BTreeMap<u64, Txn>,
+    members: Membership,
+    log: CommitLog,
+    actions: VecDeque<Action>,
+}
+
+impl Coordinator {
+    /// A master with an empty store.
+    pub fn new(config: CoordinatorConfig, now_ms: u64) -> Coordinator {
+        let log = CommitLog::new(config.log_capacity, 0);
+        Coordinator::recover(config, now_ms, 0, log)
+    }
+
+    /// A master restarted from its log: `released_seq` is the last durable
+    /// decision, `log` holds recent commits. Presumed abort: any transaction
+    /// above `released_seq` (prepared but never durably decided) is aborted;
+    /// slaves that prepared it drop it when they re-register, and an
+    /// OUTCOME_QUERY about it is answered ABORTED.
+    pub fn recover(
+        config: CoordinatorConfig,
+        now_ms: u64,
+        released_seq: u64,
+        log: CommitLog,
+    ) -> Coordinator {
+        let mut c = Coordinator {
+            next_seq: released_seq + 1,
+            decided_seq: released_seq,
+            released_seq,
+            last_lsn: 0,
+            durable_lsn: 0,
+            txns: BTreeMap::new(),
+            members: Membership::new(),
+            log,
+            actions: VecDeque::new(),
+            config,
+        };
+        c.actions.push_back(Action::SetTimer {
+            timer: TimerId::Heartbeat,
+            at_ms: now_ms + c.config.heartbeat_interval_ms,
+        });
+        c
+    }
+
+    /// Next action for the reactor, in order.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The slaves, their states and positions (for STATS).
+    pub fn members(&self) -> &Membership {
+        &self.members
+    }
+
+    /// Highest commit sequence number released (applied on the master).
+    pub fn commit_seq(&self) -> u64 {
+        self.released_seq
+    }
+
+    /// Transactions not yet forgotten (preparing, deciding, or awaiting acks).
+    pub fn in_flight(&self) -> usize {
+        self.txns.len()
+    }
+
+    /// State of transaction `seq`, if still in flight.
+    pub fn txn_state(&self, seq: u64) -> Option<&TxnState> {
+        self.txns.get(&seq).map(|t| &t.state)
+    }
+
+    /// Feed one event.
+    pub fn handle(&mut self, now_ms: u64, event: Event) {
+        match event {
+            Event::ClientWrites { writes } => self.on_client_writes(now_ms, writes),
+            Event::Message { peer, msg } => self.on_message(now_ms, peer, msg),
+            Event::PeerLost { peer } => self.on_peer_lost(now_ms, peer),
+            Event::Persisted { lsn } => {
+                debug_assert!(lsn <= self.last_lsn, "persisted lsn {lsn} never issued");
+                self.durable_lsn = self.durable_lsn.max(lsn);
+                self.release(now_ms);
+            }
+            Event::TimerFired { timer } => self.on_timer(now_ms, timer),
+            Event::SnapshotSent { peer, at_seq } => self.on_snapshot_sent(peer, at_seq),
+            Event::Connected { .. } | Event::ConnectFailed => {
+                debug!("coordinator ignores slave-side event {event:?}");
+            }
+        }
+    }
+
+    fn send(&mut self, peer: PeerId, msg: PeerMessage) {
+        self.actions.push_back(Action::Send { peer, msg });
+    }
+
+    fn on_client_writes(&mut self, now_ms: u64, writes: Vec<ClientWrite>) {
+        if writes.is_empty() {
+            return;
+        }
+        let in_sync = self.members.in_sync_count();
+        let refusal = if in_sync < self.config.min_slaves {
+            Some(format!(
+                "{in_sync} slaves in sync, --min-slaves requires {}",
+                self.config.min_slaves
+            ))
+        } else if self.txns.len() >= self.config.max_inflight_txns {
+            Some(format!(
+                "{} transactions in flight (limit)",
+                self.txns.len()
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            for w in writes {
+                self.actions.push_back(Action::Reply {
+                    client: w.client,
+                    error: WriteError::Unavailable(why.clone()),
+                });
+            }
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        debug_assert!(seq > self.decided_seq && seq > self.released_seq);
+        let (replies, ops): (Vec<ClientRef>, Vec<_>) =
+            writes.into_iter().map(|w| (w.client, w.op)).unzip();
+        let ops: Ops = ops.into();
+        let participants: BTreeSet<PeerId> = self.members.in_sync().collect();
+        for &peer in &participants {
+            self.send(
+                peer,
+                PeerMessage::Prepare {
+                    seq,
+                    ops: ops.clone(),
+                },
+            );
+        }
+        let deadline_ms = if participants.is_empty() {
+            None
+        } else {
+            let at_ms = now_ms + self.config.tpc_timeout_ms;
+            self.actions.push_back(Action::SetTimer {
+                timer: TimerId::Txn(seq),
+                at_ms,
+            });
+            Some(at_ms)
+        };
+        let state = TxnState::preparing(&participants);
+        self.txns.insert(
+            seq,
+            Txn {
+                ops,
+                replies,
+                participants,
+                state,
+                deadline_ms,
+            },
+        );
+        self.advance();
+    }
+
+    /// Decide every transaction that can be decided, in sequence order.
+    fn advance(&mut self) {
+        loop {
+            let seq = self.decided_seq + 1;
+            let Some(txn) = self.txns.get_mut(&seq) else {
+                break;
+            };
+            let Some(decision) = txn
+                .state
+                .ready(txn.participants.len(), self.config.min_slaves)
+            else {
+                break;
+            };
+            self.last_lsn += 1;
+            let lsn = self.last_lsn;
+            let record = match decision {
+                Decision::Commit => Record::CommitDecision {
+                    seq,
+                    ops: txn.ops.clone(),
+                },
+                Decision::Abort(_) => Record::AbortDecision { seq },
+            };
+            if txn.deadline_ms.take().is_some() {
+                self.actions.push_back(Action::CancelTimer {
+                    timer: TimerId::Txn(seq),
+                });
+            }
+            txn.state.decide(decision, lsn);
+            self.actions.push_back(Action::Persist { lsn, record });
+            self.decided_seq = seq;
+        }
+    }
+
+    /// Release, in sequence order, every decision that is durable.
+    fn release(&mut self, now_ms: u64) {
+        loop {
+            let seq = self.released_seq + 1;
+            let Some(txn) = self.txns.get_mut(&seq) else {
+                break;
+            };
+            match txn.state {
+                TxnState::Deciding { lsn, .. } if lsn <= self.durable_lsn => {}
+                _ => break,
+            }
+            debug_assert!(seq > self.released_seq, "commit order must increase");
+            let decision = txn.state.on_durable(&txn.participants);
+            self.released_seq = seq;
+            match decision {
+                Decision::Commit => {
+                    self.actions.push_back(Action::Apply {
+                        seq,
+                        ops: txn.ops.clone(),
+                        replies: std::mem::take(&mut txn.replies),
+                    });
+                    self.log.push(seq, txn.ops.clone());
+                    for (peer, info) in self.members.iter() {
+                        if !info.state.receives_commits() {
+                            continue;
+                        }
+                        let msg = if txn.participants.contains(&peer) {
+                            PeerMessage::Commit { seq }
+                        } else {
+                            debug_assert!(
+                                !matches!(info.state, SlaveState::InSync { join_seq } if join_seq <= seq),
+                                "in-sync slave {peer:?} missing from transaction {seq}"
+                            );
+                            PeerMessage::LogEntry {
+                                seq,
+                                ops: txn.ops.clone(),
+                            }
+                        };
+                        self.actions.push_back(Action::Send { peer, msg });
+                    }
+                    if !txn.state.is_finished() {
+                        let at_ms = now_ms + self.config.tpc_timeout_ms;
+                        txn.deadline_ms = Some(at_ms);
+                        self.actions.push_back(Action::SetTimer {
+                            timer: TimerId::Txn(seq),
+                            at_ms,
+                        });
+                    }
+                }
+                Decision::Abort(reason) => {
+                    debug!("transaction {seq} aborted: {reason}");
+                    for client in std::mem::take(&mut txn.replies) {
+                        self.actions.push_back(Action::Reply {
+                            client,
+                            error: WriteError::Aborted(reason.clone()),
+                        });
+                    }
+                    for &peer in &txn.participants {
+                        self.actions.push_back(Action::Send {
+                            peer,
+                            msg: PeerMessage::Abort { seq },
+                        });
+                    }
+                }
+            }
+            if txn.state.is_finished() {
+                self.txns.remove(&seq);
+            }
+        }
+    }
+
+    fn on_message(&mut self, now_ms: u64, peer: PeerId, msg: PeerMessage) {
+        if let PeerMessage::Register {
+            client_addr,
+            last_applied_seq,
+            protocol_version,
+        } = msg
+        {
+            self.on_register(
+                now_ms,
+                peer,
+                client_addr,
+                last_applied_seq,
+                protocol_version,
+            );
+            return;
+        }
+        let Some(info) = self.members.get(peer) else {
+            warn!("message from unregistered peer {peer:?}; closing its link");
+            self.actions.push_back(Action::Disconnect { peer });
+            return;
+        };
+        if info.evicted_because.is_some() {
+            return; // its link is being closed; whatever it says no longer counts
+        }
+        self.members.heard_from(peer, now_ms);
+        match msg {
+            PeerMessage::Vote { seq, vote } => self.on_vote(now_ms, peer, seq, vote),
+            PeerMessage::Ack { seq } => self.on_ack(peer, seq),
+            PeerMessage::CaughtUp { seq } => {
+                if self.members.get(peer).map(|s| s.state)
+                    == Some(SlaveState::Tailing { marker: seq })
+                {
+                    info!(
+                        "slave {peer:?} caught up at {seq}; in sync from {}",
+                        self.next_seq
+                    );
+                    self.members.applied(peer, seq);
+                    self.members.set_state(
+                        peer,
+                        SlaveState::InSync {
+                            join_seq: self.next_seq,
+                        },
+                    );
+                }
+            }
+            PeerMessage::Heartbeat { seq } => self.members.applied(peer, seq),
+            PeerMessage::OutcomeQuery { seq } => {
+                let outcome = self.outcome_of(seq);
+                self.send(peer, PeerMessage::Outcome { seq, outcome });
+            }
+            other => {
+                self.evict(
+                    now_ms,
+                    peer,
+                    &format!("protocol violation: unexpected 0x{:02x}", other.opcode()),
+                );
+            }
+        }
+    }
+
+    fn outcome_of(&self, seq: u64) -> Outcome {
+        if seq > self.released_seq {
+            // Ours and undecided, or from a previous life of this master: presumed abort.
+            if self.txns.contains_key(&seq) {
+                Outcome::Pending
+            } else {
+                Outcome::Aborted
+            }
+        } else if seq <= self.log.floor() {
+            Outcome::Unknown
+        } else if self.log.contains(seq) {
+            Outcome::Committed
+        } else {
+            Outcome::Aborted
+        }
+    }
+
+    fn on_register(
+        &mut self,
+        now_ms: u64,
+        peer: PeerId,
+        client_addr: String,
+        last_applied_seq: u64,
+        protocol_version: u16,
+    ) {
+        if self.members.get(peer).is_some() {
+            self.evict(now_ms, peer, "registered twice on one link");
+            return;
+        }
+        if protocol_version != PEER_PROTOCOL_VERSION {
+            warn!(
+                "slave {client_addr} speaks peer protocol {protocol_version}, we speak {PEER_PROTOCOL_VERSION}"
+            );
+            self.actions.push_back(Action::Disconnect { peer });
+            return;
+        }
+        if let Some(old) = self.members.find_by_addr(&client_addr) {
+            // The slave noticed its old link die before we did.
+            self.evict(now_ms, old, "re-registered on a new link");
+        }
+        info!("slave {client_addr} registered on {peer:?} at {last_applied_seq}");
+        self.members
+            .add(peer, client_addr, last_applied_seq, now_ms);
+        let master_seq = self.released_seq;
+        if last_applied_seq <= master_seq && self.log.covers(last_applied_seq) {
+            self.send(
+                peer,
+                PeerMessage::Registered {
+                    master_seq,
+                    catch_up: CatchUp::Log {
+                        from_seq: last_applied_seq,
+                    },
+                },
+            );
+            self.send_backlog(peer, last_applied_seq);
+        } else {
+            self.send(
+                peer,
+                PeerMessage::Registered {
+                    master_seq,
+                    catch_up: CatchUp::Snapshot { at_seq: master_seq },
+                },
+            );
+            self.start_snapshot(peer);
+        }
+    }
+
+    fn start_snapshot(&mut self, peer: PeerId) {
+        let at_seq = self.released_seq;
+        self.members
+            .set_state(peer, SlaveState::Snapshotting { at_seq });
+        self.actions
+            .push_back(Action::StartSnapshot { peer, at_seq });
+    }
+
+    /// Send every commit in `(after, released]` and the end-of-backlog marker.
+    /// From here on each release forwards the commit to this slave too.
+    fn send_backlog(&mut self, peer: PeerId, after: u64) {
+        let through = self.released_seq;
+        for (seq, ops) in self.log.range(after, through) {
+            self.actions.push_back(Action::Send {
+                peer,
+                msg: PeerMessage::LogEntry {
+                    seq: *seq,
+                    ops: ops.clone(),
+                },
+            });
+        }
+        self.send(peer, PeerMessage::CaughtUp { seq: through });
+        self.members
+            .set_state(peer, SlaveState::Tailing { marker: through });
+    }
+
+    fn on_snapshot_sent(&mut self, peer: PeerId, at_seq: u64) {
+        let Some(info) = self.members.get(peer) else {
+            return;
+        };
+        if info.state != (SlaveState::Snapshotting { at_seq }) {
+            return;
+        }
+        if self.log.covers(at_seq) {
+            self.send_backlog(peer, at_seq);
+        } else {
+            // The log wrapped while the snapshot streamed: the commits since are
+            // gone from memory, so only a newer snapshot can bridge the gap.
+            info!("log wrapped during snapshot to {peer:?}; sending a newer one");
+            self.start_snapshot(peer);
+        }
+    }
+
+    fn on_vote(&mut self, now_ms: u64, peer: PeerId, seq: u64, vote: Vote) {
+        let Some(txn) = self.txns.get_mut(&seq) else {
+            return; // decided without this voter already
+        };
+        if !txn.state.on_vote(peer, &vote) {
+            return;
+        }
+        if let Vote::No(reason) = vote {
+            // A slave only refuses when it cannot follow the stream: it must resync.
+            self.evict(now_ms, peer, &format!("voted no on {seq}: {reason}"));
+        }
+        self.advance();
+    }
+
+    fn on_ack(&mut self, peer: PeerId, seq: u64) {
+        self.members.applied(peer, seq);
+        let mut finished = Vec::new();
+        for (&s, txn) in self.txns.range_mut(..=seq) {
+            if txn.state.on_ack(peer) && txn.state.is_finished() {
+                finished.push(s);
+            }
+        }
+        for s in finished {
+            self.forget(s);
+        }
+    }
+
+    /// Drop a finished transaction and its timer.
+    fn forget(&mut self, seq: u64) {
+        if let Some(txn) = self.txns.remove(&seq)
+            && txn.deadline_ms.is_some()
+        {
+            self.actions.push_back(Action::CancelTimer {
+                timer: TimerId::Txn(seq),
+            });
+        }
+    }
+
+    /// Drop `peer` from the in-sync set, close its link and decide without it.
+    fn evict(&mut self, now_ms: u64, peer: PeerId, reason: &str) {
+        if !self.members.evict(peer, reason) {
+            return;
+        }
+        warn!("evicting slave {peer:?}: {reason}");
+        self.actions.push_back(Action::Disconnect { peer });
+        self.forget_peer(now_ms, peer);
+    }
+
+    fn on_peer_lost(&mut self, now_ms: u64, peer: PeerId) {
+        if let Some(info) = self.members.remove(peer)
+            && info.evicted_because.is_none()
+        {
+            info!("slave {} lost", info.client_addr);
+            self.forget_peer(now_ms, peer);
+        }
+    }
+
+    fn forget_peer(&mut self, now_ms: u64, peer: PeerId) {
+        let mut finished = Vec::new();
+        for (&seq, txn) in self.txns.iter_mut() {
+            txn.participants.remove(&peer);
+            txn.state.on_peer_gone(peer);
+            if txn.state.is_finished() {
+                finished.push(seq);
+            }
+        }
+        for seq in finished {
+            self.forget(seq);
+        }
+        self.advance();
+        self.release(now_ms);
+    }
+
+    fn on_timer(&mut self, now_ms: u64, timer: TimerId) {
+        match timer {
+            TimerId::Txn(seq) => {
+                let Some(txn) = self.txns.get(&seq) else {
+                    return;
+                };
+                match txn.deadline_ms {
+                    Some(deadline) if deadline <= now_ms => {}
+                    _ => return, // stale firing of a moved or cancelled timer
+                }
+                let (late, what): (Vec<PeerId>, &str) = match &txn.state {
+                    TxnState::Preparing { awaiting, .. } => {
+                        (awaiting.iter().copied().collect(), "vote")
+                    }
+                    TxnState::Committed { awaiting_acks } => {
+                        (awaiting_acks.iter().copied().collect(), "ack")
+                    }
+                    _ => return,
+                };
+                let reason = format!(
+                    "no {what} on {seq} within {} ms",
+                    self.config.tpc_timeout_ms
+                );
+                for peer in late {
+                    self.evict(now_ms, peer, &reason);
+                }
+            }
+            TimerId::Heartbeat => {
+                let silent_before = now_ms.saturating_sub(self.config.peer_timeout_ms);
+                let mut silent = Vec::new();
+                let mut live = Vec::new();
+                for (peer, info) in self.members.iter() {
+                    if !info.state.receives_commits() {
+                        continue;
+                    }
+                    if info.last_heard_ms < silent_before {
+                        silent.push(peer);
+                    } else {
+                        live.push(peer);
+                    }
+                }
+                let seq = self.released_seq;
+                for peer in live {
+                    self.send(peer, PeerMessage::Heartbeat { seq });
+                }
+                let reason = format!("silent for {} ms", self.config.peer_timeout_ms);
+                for peer in silent {
+                    self.evict(now_ms, peer, &reason);
+                }
+                self.actions.push_back(Action::SetTimer {
+                    timer: TimerId::Heartbeat,
+                    at_ms: now_ms + self.config.heartbeat_interval_ms,
+                });
+            }
+            TimerId::Reconnect | TimerId::OutcomeCheck => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,599 @@
+use super::*;
+use crate::replication::{OpKind, WriteOp};
+
+fn put(key: &str) -> WriteOp {
+    WriteOp {
+        kind: OpKind::Put,
+        key: key.as_bytes().to_vec(),
+        value: b"v".to_vec(),
+    }
+}
+
+fn writes(first_client: u64, keys: &[&str]) -> Event {
+    Event::ClientWrites {
+        writes: keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| ClientWrite {
+                client: ClientRef(first_client + i as u64),
+                op: put(k),
+            })
+            .collect(),
+    }
+}
+
+fn drain(c: &mut Coordinator) -> Vec<Action> {
+    std::iter::from_fn(|| c.poll_action()).collect()
+}
+
+fn msg(peer: u64, msg: PeerMessage) -> Event {
+    Event::Message {
+        peer: PeerId(peer),
+        msg,
+    }
+}
+
+fn register(peer: u64, last: u64) -> Event {
+    msg(
+        peer,
+        PeerMessage::Register {
+            client_addr: format!("slave{peer}"),
+            last_applied_seq: last,
+            protocol_version: PEER_PROTOCOL_VERSION,
+        },
+    )
+}
+
+fn config() -> CoordinatorConfig {
+    CoordinatorConfig {
+        tpc_timeout_ms: 100,
+        log_capacity: 4,
+        ..CoordinatorConfig::default()
+    }
+}
+
+/// A coordinator with slaves `peers` registered and in sync at seq 0.
+fn with_slaves(peers: &[u64]) -> Coordinator {
+    let mut c = Coordinator::new(config(), 0);
+    for &p in peers {
+        c.handle(0, register(p, 0));
+        c.handle(0, msg(p, PeerMessage::CaughtUp { seq: 0 }));
+    }
+    drain(&mut c);
+    assert_eq!(c.members().in_sync_count(), peers.len());
+    c
+}
+
+fn sends_to(actions: &[Action], peer: u64) -> Vec<PeerMessage> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { peer: p, msg } if *p == PeerId(peer) => Some(msg.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn persist_lsns(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Persist { lsn, .. } => Some(*lsn),
+            _ => None,
+        })
+        .collect()
+}
+
+fn yes(peer: u64, seq: u64) -> Event {
+    msg(
+        peer,
+        PeerMessage::Vote {
+            seq,
+            vote: Vote::Yes,
+        },
+    )
+}
+
+#[test]
+fn txn_state_transitions() {
+    let parts: BTreeSet<PeerId> = [PeerId(1), PeerId(2)].into();
+    let mut s = TxnState::preparing(&parts);
+    assert_eq!(s.ready(2, 0), None);
+    assert!(s.on_vote(PeerId(1), &Vote::Yes));
+    assert!(!s.on_vote(PeerId(1), &Vote::Yes), "duplicate vote ignored");
+    assert!(!s.on_vote(PeerId(9), &Vote::Yes), "stranger's vote ignored");
+    s.on_peer_gone(PeerId(2));
+    assert_eq!(s.ready(1, 0), Some(Decision::Commit));
+    assert_eq!(
+        s.ready(1, 2),
+        Some(Decision::Abort(
+            "only 1 slaves remained in sync, 2 required".into()
+        ))
+    );
+    s.decide(Decision::Commit, 7);
+    assert_eq!(
+        s,
+        TxnState::Deciding {
+            decision: Decision::Commit,
+            lsn: 7
+        }
+    );
+    assert!(
+        !s.on_vote(PeerId(2), &Vote::Yes),
+        "votes after the decision are stale"
+    );
+    let remaining: BTreeSet<PeerId> = [PeerId(1)].into();
+    assert_eq!(s.on_durable(&remaining), Decision::Commit);
+    assert!(!s.is_finished());
+    assert!(s.on_ack(PeerId(1)));
+    assert!(s.is_finished());
+
+    let mut s = TxnState::preparing(&parts);
+    s.on_vote(PeerId(1), &Vote::No("disk".into()));
+    assert_eq!(s.ready(2, 0), None, "still waiting for the other vote");
+    s.on_vote(PeerId(2), &Vote::Yes);
+    let Some(Decision::Abort(reason)) = s.ready(2, 0) else {
+        panic!("a no vote must abort");
+    };
+    assert!(reason.contains("disk"));
+    s.decide(Decision::Abort(reason), 1);
+    assert!(matches!(s.on_durable(&parts), Decision::Abort(_)));
+    assert_eq!(s, TxnState::Aborted);
+    assert!(
+        !s.on_ack(PeerId(1)),
+        "an aborted transaction never becomes committed"
+    );
+    assert_eq!(s, TxnState::Aborted);
+}
+
+#[test]
+fn without_slaves_a_write_commits_after_its_decision_is_durable() {
+    let mut c = Coordinator::new(config(), 0);
+    drain(&mut c);
+    c.handle(1, writes(10, &["a", "b"]));
+    let actions = drain(&mut c);
+    assert_eq!(persist_lsns(&actions), vec![1]);
+    assert!(!actions.iter().any(|a| matches!(a, Action::Apply { .. })));
+    c.handle(2, Event::Persisted { lsn: 1 });
+    let actions = drain(&mut c);
+    assert_eq!(
+        actions,
+        vec![Action::Apply {
+            seq: 1,
+            ops: vec![put("a"), put("b")].into(),
+            replies: vec![ClientRef(10), ClientRef(11)],
+        }]
+    );
+    assert_eq!(c.commit_seq(), 1);
+    assert_eq!(c.in_flight(), 0);
+}
+
+#[test]
+fn commit_waits_for_every_vote_then_sends_commit_to_participants() {
+    let mut c = with_slaves(&[1, 2]);
+    c.handle(1, writes(10, &["a"]));
+    let actions = drain(&mut c);
+    assert!(matches!(
+        sends_to(&actions, 1)[..],
+        [PeerMessage::Prepare { seq: 1, .. }]
+    ));
+    assert!(matches!(
+        sends_to(&actions, 2)[..],
+        [PeerMessage::Prepare { seq: 1, .. }]
+    ));
+    assert!(actions.contains(&Action::SetTimer {
+        timer: TimerId::Txn(1),
+        at_ms: 101
+    }));
+    c.handle(2, yes(1, 1));
+    assert!(persist_lsns(&drain(&mut c)).is_empty());
+    c.handle(3, yes(2, 1));
+    let actions = drain(&mut c);
+    assert_eq!(persist_lsns(&actions), vec![1]);
+    assert!(actions.contains(&Action::CancelTimer {
+        timer: TimerId::Txn(1)
+    }));
+    c.handle(4, Event::Persisted { lsn: 1 });
+    let actions = drain(&mut c);
+    assert!(matches!(actions[0], Action::Apply { seq: 1, .. }));
+    assert_eq!(sends_to(&actions, 1), vec![PeerMessage::Commit { seq: 1 }]);
+    assert_eq!(sends_to(&actions, 2), vec![PeerMessage::Commit { seq: 1 }]);
+    assert!(matches!(c.txn_state(1), Some(TxnState::Committed { .. })));
+    c.handle(5, msg(1, PeerMessage::Ack { seq: 1 }));
+    c.handle(5, msg(2, PeerMessage::Ack { seq: 1 }));
+    assert_eq!(c.in_flight(), 0);
+}
+
+#[test]
+fn decisions_are_taken_and_released_in_sequence_order() {
+    let mut c = with_slaves(&[1]);
+    c.handle(1, writes(10, &["a"]));
+    c.handle(1, writes(20, &["b"]));
+    drain(&mut c);
+    // Transaction 2 is fully voted first but must wait for 1.
+    c.handle(2, yes(1, 2));
+    assert!(persist_lsns(&drain(&mut c)).is_empty());
+    c.handle(3, yes(1, 1));
+    let actions = drain(&mut c);
+    assert_eq!(persist_lsns(&actions), vec![1, 2]);
+    // Group completion: one durability report releases both, in order.
+    c.handle(4, Event::Persisted { lsn: 2 });
+    let applied: Vec<u64> = drain(&mut c)
+        .iter()
+        .filter_map(|a| match a {
+            Action::Apply { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(applied, vec![1, 2]);
+}
+
+#[test]
+fn a_silent_voter_is_evicted_at_the_timeout_and_the_txn_commits_without_it() {
+    let mut c = with_slaves(&[1, 2]);
+    c.handle(0, writes(10, &["a"]));
+    drain(&mut c);
+    c.handle(10, yes(1, 1));
+    c.handle(
+        100,
+        Event::TimerFired {
+            timer: TimerId::Txn(1),
+        },
+    );
+    let actions = drain(&mut c);
+    assert!(actions.contains(&Action::Disconnect { peer: PeerId(2) }));
+    assert_eq!(persist_lsns(&actions), vec![1]);
+    assert_eq!(
+        c.members().get(PeerId(2)).map(|s| s.state),
+        Some(SlaveState::Evicted)
+    );
+    c.handle(101, Event::Persisted { lsn: 1 });
+    let actions = drain(&mut c);
+    assert_eq!(
+        sends_to(&actions, 2),
+        vec![],
+        "nothing more for an evicted slave"
+    );
+    assert_eq!(sends_to(&actions, 1), vec![PeerMessage::Commit { seq: 1 }]);
+    // Its late vote and link loss change nothing.
+    c.handle(102, yes(2, 1));
+    c.handle(103, Event::PeerLost { peer: PeerId(2) });
+    assert!(c.members().get(PeerId(2)).is_none());
+}
+
+#[test]
+fn stale_timer_firings_are_ignored() {
+    let mut c = with_slaves(&[1]);
+    c.handle(0, writes(10, &["a"]));
+    drain(&mut c);
+    c.handle(
+        50,
+        Event::TimerFired {
+            timer: TimerId::Txn(1),
+        },
+    );
+    assert!(drain(&mut c).is_empty());
+    assert_eq!(c.members().in_sync_count(), 1);
+}
+
+#[test]
+fn a_missing_ack_evicts_the_slave() {
+    let mut c = with_slaves(&[1]);
+    c.handle(0, writes(10, &["a"]));
+    c.handle(1, yes(1, 1));
+    c.handle(2, Event::Persisted { lsn: 1 });
+    drain(&mut c);
+    c.handle(
+        102,
+        Event::TimerFired {
+            timer: TimerId::Txn(1),
+        },
+    );
+    assert!(drain(&mut c).contains(&Action::Disconnect { peer: PeerId(1) }));
+    assert_eq!(c.in_flight(), 0);
+}
+
+#[test]
+fn a_no_vote_aborts_replies_and_evicts_the_voter() {
+    let mut c = with_slaves(&[1, 2]);
+    c.handle(0, writes(10, &["a"]));
+    drain(&mut c);
+    c.handle(
+        1,
+        msg(
+            1,
+            PeerMessage::Vote {
+                seq: 1,
+                vote: Vote::No("confused".into()),
+            },
+        ),
+    );
+    let actions = drain(&mut c);
+    assert!(actions.contains(&Action::Disconnect { peer: PeerId(1) }));
+    c.handle(2, yes(2, 1));
+    assert_eq!(persist_lsns(&drain(&mut c)), vec![1]);
+    c.handle(3, Event::Persisted { lsn: 1 });
+    let actions = drain(&mut c);
+    assert!(
+        matches!(
+            &actions[..],
+            [
+                Action::Reply {
+                    client: ClientRef(10),
+                    error: WriteError::Aborted(_)
+                },
+                Action::Send {
+                    peer: PeerId(2),
+                    msg: PeerMessage::Abort { seq: 1 }
+                }
+            ]
+        ),
+        "{actions:?}"
+    );
+    assert!(!actions.iter().any(|a| matches!(a, Action::Apply { .. })));
+}
+
+#[test]
+fn min_slaves_refuses_writes_and_aborts_when_participants_drop_below_it() {
+    let mut c = Coordinator::new(
+        CoordinatorConfig {
+            min_slaves: 1,
+            ..config()
+        },
+        0,
+    );
+    drain(&mut c);
+    c.handle(0, writes(10, &["a"]));
+    assert!(matches!(
+        &drain(&mut c)[..],
+        [Action::Reply {
+            client: ClientRef(10),
+            error: WriteError::Unavailable(_)
+        }]
+    ));
+    c.handle(0, register(1, 0));
+    c.handle(0, msg(1, PeerMessage::CaughtUp { seq: 0 }));
+    c.handle(0, writes(20, &["b"]));
+    drain(&mut c);
+    c.handle(5, Event::PeerLost { peer: PeerId(1) });
+    assert_eq!(persist_lsns(&drain(&mut c)), vec![1]);
+    c.handle(6, Event::Persisted { lsn: 1 });
+    assert!(matches!(
+        &drain(&mut c)[..],
+        [Action::Reply {
+            client: ClientRef(20),
+            error: WriteError::Aborted(_)
+        }]
+    ));
+}
+
+#[test]
+fn log_catch_up_then_in_sync_and_commits_before_join_arrive_as_log_entries() {
+    let mut c = with_slaves(&[]);
+    for i in 0..3 {
+        c.handle(0, writes(10 + i, &["a"]));
+    }
+    c.handle(0, Event::Persisted { lsn: 3 });
+    // Transaction 4 is in flight (not yet durable) when the slave registers.
+    c.handle(0, writes(20, &["b"]));
+    drain(&mut c);
+    c.handle(1, register(7, 1));
+    let actions = drain(&mut c);
+    let sent = sends_to(&actions, 7);
+    assert!(matches!(
+        sent[0],
+        PeerMessage::Registered {
+            master_seq: 3,
+            catch_up: CatchUp::Log { from_seq: 1 }
+        }
+    ));
+    assert!(matches!(sent[1], PeerMessage::LogEntry { seq: 2, .. }));
+    assert!(matches!(sent[2], PeerMessage::LogEntry { seq: 3, .. }));
+    assert_eq!(sent[3], PeerMessage::CaughtUp { seq: 3 });
+    // Transaction 4 is released while the slave is tailing: forwarded as a log entry.
+    c.handle(2, Event::Persisted { lsn: 4 });
+    assert!(matches!(
+        sends_to(&drain(&mut c), 7)[..],
+        [PeerMessage::LogEntry { seq: 4, .. }]
+    ));
+    // The echo makes it a participant from the next transaction on.
+    c.handle(3, msg(7, PeerMessage::CaughtUp { seq: 3 }));
+    assert_eq!(
+        c.members().get(PeerId(7)).map(|s| s.state),
+        Some(SlaveState::InSync { join_seq: 5 })
+    );
+    c.handle(4, writes(30, &["c"]));
+    assert!(matches!(
+        sends_to(&drain(&mut c), 7)[..],
+        [PeerMessage::Prepare { seq: 5, .. }]
+    ));
+}
+
+#[test]
+fn a_participant_joining_with_older_txns_in_flight_gets_them_as_log_entries_in_order() {
+    let mut c = with_slaves(&[1]);
+    c.handle(0, writes(10, &["a"])); // seq 1, slave 1 only
+    drain(&mut c);
+    c.handle(0, register(2, 0));
+    c.handle(0, msg(2, PeerMessage::CaughtUp { seq: 0 }));
+    drain(&mut c);
+    c.handle(0, writes(20, &["b"])); // seq 2, both
+    let actions = drain(&mut c);
+    assert!(matches!(
+        sends_to(&actions, 2)[..],
+        [PeerMessage::Prepare { seq: 2, .. }]
+    ));
+    c.handle(1, yes(1, 1));
+    c.handle(1, yes(1, 2));
+    c.handle(1, yes(2, 2));
+    c.handle(2, Event::Persisted { lsn: 2 });
+    let sent = sends_to(&drain(&mut c), 2);
+    assert!(
+        matches!(
+            sent[..],
+            [
+                PeerMessage::LogEntry { seq: 1, .. },
+                PeerMessage::Commit { seq: 2 }
+            ]
+        ),
+        "{sent:?}"
+    );
+}
+
+#[test]
+fn an_uncovered_slave_gets_a_snapshot_and_nothing_overtakes_it() {
+    let mut c = with_slaves(&[]);
+    for i in 0..6 {
+        c.handle(0, writes(10 + i, &["a"]));
+    }
+    c.handle(0, Event::Persisted { lsn: 6 });
+    drain(&mut c);
+    c.handle(1, register(7, 0)); // log holds 3..=6 only
+    let actions = drain(&mut c);
+    assert!(actions.contains(&Action::StartSnapshot {
+        peer: PeerId(7),
+        at_seq: 6
+    }));
+    c.handle(2, writes(20, &["b"]));
+    c.handle(2, Event::Persisted { lsn: 7 });
+    assert_eq!(
+        sends_to(&drain(&mut c), 7),
+        vec![],
+        "no log entry may overtake the chunks"
+    );
+    c.handle(
+        3,
+        Event::SnapshotSent {
+            peer: PeerId(7),
+            at_seq: 6,
+        },
+    );
+    let sent = sends_to(&drain(&mut c), 7);
+    assert!(matches!(
+        sent[..],
+        [
+            PeerMessage::LogEntry { seq: 7, .. },
+            PeerMessage::CaughtUp { seq: 7 }
+        ]
+    ));
+}
+
+#[test]
+fn a_snapshot_outrun_by_the_log_is_restarted() {
+    let mut c = with_slaves(&[]);
+    c.handle(0, writes(1, &["a"]));
+    c.handle(0, Event::Persisted { lsn: 1 });
+    c.handle(0, register(7, 5)); // ahead of the master: snapshot
+    assert!(drain(&mut c).contains(&Action::StartSnapshot {
+        peer: PeerId(7),
+        at_seq: 1
+    }));
+    for i in 0..6 {
+        c.handle(1, writes(10 + i, &["a"]));
+    }
+    c.handle(1, Event::Persisted { lsn: 7 });
+    drain(&mut c);
+    c.handle(
+        2,
+        Event::SnapshotSent {
+            peer: PeerId(7),
+            at_seq: 1,
+        },
+    );
+    assert!(drain(&mut c).contains(&Action::StartSnapshot {
+        peer: PeerId(7),
+        at_seq: 7
+    }));
+}
+
+#[test]
+fn re_registration_evicts_the_old_link_of_the_same_slave() {
+    let mut c = with_slaves(&[1]);
+    c.handle(0, writes(10, &["a"]));
+    drain(&mut c);
+    c.handle(
+        1,
+        msg(
+            2,
+            PeerMessage::Register {
+                client_addr: "slave1".into(),
+                last_applied_seq: 0,
+                protocol_version: PEER_PROTOCOL_VERSION,
+            },
+        ),
+    );
+    let actions = drain(&mut c);
+    assert!(actions.contains(&Action::Disconnect { peer: PeerId(1) }));
+    // Transaction 1 no longer waits for the old link.
+    assert_eq!(persist_lsns(&actions), vec![1]);
+}
+
+#[test]
+fn heartbeats_go_out_and_silent_slaves_are_evicted() {
+    let mut c = with_slaves(&[1, 2]);
+    c.handle(900, msg(1, PeerMessage::Heartbeat { seq: 0 }));
+    c.handle(
+        1_500,
+        Event::TimerFired {
+            timer: TimerId::Heartbeat,
+        },
+    );
+    let actions = drain(&mut c);
+    assert_eq!(
+        sends_to(&actions, 1),
+        vec![PeerMessage::Heartbeat { seq: 0 }]
+    );
+    assert!(actions.contains(&Action::Disconnect { peer: PeerId(2) }));
+    assert!(actions.contains(&Action::SetTimer {
+        timer: TimerId::Heartbeat,
+        at_ms: 1_600
+    }));
+}
+
+#[test]
+fn outcome_queries_and_presumed_abort_after_restart() {
+    let mut log = CommitLog::new(4, 5);
+    log.push(7, vec![put("a")].into());
+    let mut c = Coordinator::recover(config(), 0, 8, log);
+    c.handle(0, register(1, 8));
+    c.handle(0, msg(1, PeerMessage::CaughtUp { seq: 8 }));
+    drain(&mut c);
+    for (seq, want) in [
+        (5, Outcome::Unknown),
+        (6, Outcome::Aborted),
+        (7, Outcome::Committed),
+        (8, Outcome::Aborted),
+        (9, Outcome::Aborted), // prepared by the previous life, never decided
+    ] {
+        c.handle(1, msg(1, PeerMessage::OutcomeQuery { seq }));
+        assert_eq!(
+            sends_to(&drain(&mut c), 1),
+            vec![PeerMessage::Outcome { seq, outcome: want }]
+        );
+    }
+    c.handle(2, writes(10, &["x"]));
+    assert!(matches!(
+        sends_to(&drain(&mut c), 1)[..],
+        [PeerMessage::Prepare { seq: 9, .. }]
+    ));
+    c.handle(2, msg(1, PeerMessage::OutcomeQuery { seq: 9 }));
+    assert_eq!(
+        sends_to(&drain(&mut c), 1),
+        vec![PeerMessage::Outcome {
+            seq: 9,
+            outcome: Outcome::Pending
+        }]
+    );
+}
+
+#[test]
+fn unregistered_and_misbehaving_peers_are_disconnected() {
+    let mut c = with_slaves(&[1]);
+    c.handle(0, msg(9, PeerMessage::Ack { seq: 1 }));
+    assert_eq!(drain(&mut c), vec![Action::Disconnect { peer: PeerId(9) }]);
+    c.handle(0, msg(1, PeerMessage::Commit { seq: 1 }));
+    assert!(drain(&mut c).contains(&Action::Disconnect { peer: PeerId(1) }));
+    c.handle(0, register(3, 0));
+    c.handle(0, register(3, 0));
+    assert!(drain(&mut c).contains(&Action::Disconnect { peer: PeerId(3) }));
+}

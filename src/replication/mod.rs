@@ -1,0 +1,256 @@
+//! Master/slave replication with two-phase commit, as pure state machines.
+//!
+//! The [`Coordinator`] (master) and [`Participant`] (slave) never touch a
+//! socket, a clock or a disk. The reactor feeds them [`Event`]s together with
+//! the current time in milliseconds, then drains [`Action`]s with
+//! `poll_action` and executes them in order. Executing actions *in order*
+//! matters: an `Apply` must reach the store before a later `StartSnapshot` or
+//! `Persist` that refers to the store's contents.
+//!
+//! The protocol in one paragraph: the master gives every transaction (a batch
+//! of client writes) the next commit sequence number, sends PREPARE to every
+//! in-sync slave over FIFO links, and each slave makes the PREPARE durable
+//! before voting YES. The master decides strictly in sequence order, makes the
+//! decision durable, then applies, replies to the clients and sends
+//! COMMIT/ABORT. Writes are deterministic (an UPDATE of an absent key is
+//! NOT_FOUND on every replica), so preparing needs no locks and the master's
+//! apply result is the client's answer. A slave that does not vote or ack in
+//! time, or whose link drops, is evicted and rejoins by catching up (log
+//! replay or snapshot) before it becomes a participant again.
+
+mod coordinator;
+mod log;
+mod membership;
+mod participant;
+
+#[cfg(test)]
+mod sim;
+
+pub use coordinator::{Coordinator, CoordinatorConfig, TxnState};
+pub use log::CommitLog;
+pub use membership::{Membership, SlaveInfo, SlaveState};
+pub use participant::{LinkState, Participant, ParticipantConfig};
+
+pub use crate::protocol::peer::{
+    CatchUp, OpKind, Ops, Outcome, PeerMessage, SnapshotEntry, Vote, WriteOp,
+};
+
+use std::fmt;
+
+/// One peer link as the reactor names it. A reconnect gets a new id, so stale
+/// messages of an old link can never be mistaken for the new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerId(pub u64);
+
+/// An opaque handle for one pending client write; the reactor maps it to a connection and request id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClientRef(pub u64);
+
+/// Timers the state machines ask for. Setting a timer that is already set moves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TimerId {
+    /// Master: the vote or ack deadline of transaction `seq`.
+    Txn(u64),
+    /// Master: send heartbeats and evict silent slaves.
+    Heartbeat,
+    /// Slave: try to reach the master again.
+    Reconnect,
+    /// Slave: ask the master about transactions in doubt for too long.
+    OutcomeCheck,
+}
+
+/// One client write handed to the coordinator, with the handle its reply goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientWrite {
+    /// Where the reply goes.
+    pub client: ClientRef,
+    /// The write.
+    pub op: WriteOp,
+}
+
+/// A record the write-ahead log must make durable (completion: [`Event::Persisted`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// Master: transaction `seq` commits with these writes (the master's redo record).
+    CommitDecision {
+        /// Commit sequence number.
+        seq: u64,
+        /// The writes.
+        ops: Ops,
+    },
+    /// Master: transaction `seq` aborted. Not needed for correctness (presumed
+    /// abort) but it keeps decisions durable in sequence order.
+    AbortDecision {
+        /// Commit sequence number.
+        seq: u64,
+    },
+    /// Slave: a PREPARE made durable before voting YES.
+    Prepared {
+        /// Commit sequence number.
+        seq: u64,
+        /// The writes.
+        ops: Ops,
+    },
+    /// Slave: the prepared transaction `seq` committed.
+    Committed {
+        /// Commit sequence number.
+        seq: u64,
+    },
+    /// Slave: a committed transaction received during catch-up (prepare and commit at once).
+    CommittedTxn {
+        /// Commit sequence number.
+        seq: u64,
+        /// The writes.
+        ops: Ops,
+    },
+    /// Slave: the store was replaced by a snapshot as of `seq`; persist the store's
+    /// current contents (a checkpoint), which supersedes every earlier record.
+    Checkpoint {
+        /// Commit sequence number the store now reflects.
+        seq: u64,
+    },
+}
+
+/// Why a client write was not applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteError {
+    /// The master refused it up front (too few slaves in sync, too many in flight).
+    Unavailable(String),
+    /// The transaction was aborted; nothing was applied anywhere.
+    Aborted(String),
+}
+
+impl fmt::Display for WriteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WriteError::Unavailable(why) => write!(f, "write refused: {why}"),
+            WriteError::Aborted(why) => write!(f, "write aborted: {why}"),
+        }
+    }
+}
+
+/// Something that happened, fed to a state machine with the current time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Master: writes that arrived in one reactor iteration; they become one transaction.
+    ClientWrites {
+        /// The writes, each with its reply handle.
+        writes: Vec<ClientWrite>,
+    },
+    /// Slave: the link to the master requested by [`Action::Connect`] is up.
+    Connected {
+        /// The new link.
+        peer: PeerId,
+    },
+    /// Slave: the connection attempt requested by [`Action::Connect`] failed.
+    ConnectFailed,
+    /// A peer message arrived on a link.
+    Message {
+        /// The link.
+        peer: PeerId,
+        /// The decoded message.
+        msg: PeerMessage,
+    },
+    /// A link closed (either side, or a decode error). On a slave this is "master lost".
+    PeerLost {
+        /// The link.
+        peer: PeerId,
+    },
+    /// Every record up to and including `lsn` is durable.
+    Persisted {
+        /// Highest durable log sequence number.
+        lsn: u64,
+    },
+    /// A timer set with [`Action::SetTimer`] expired.
+    TimerFired {
+        /// Which timer.
+        timer: TimerId,
+    },
+    /// Master: the reactor has queued the last chunk of the snapshot started by
+    /// [`Action::StartSnapshot`] on the peer's link.
+    SnapshotSent {
+        /// The link.
+        peer: PeerId,
+        /// The snapshot's sequence number, echoed.
+        at_seq: u64,
+    },
+}
+
+/// Something the reactor must do. Execute in the order they are polled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Encode `msg` and queue it on the link (FIFO per link).
+    Send {
+        /// The link.
+        peer: PeerId,
+        /// The message.
+        msg: PeerMessage,
+    },
+    /// Close the link (eviction or protocol violation). A later `PeerLost` for it is harmless.
+    Disconnect {
+        /// The link.
+        peer: PeerId,
+    },
+    /// Slave: open a link to the master; report `Connected` or `ConnectFailed`.
+    Connect,
+    /// Append `record` to the write-ahead log; report `Persisted` once it (and all
+    /// before it) is durable. `lsn`s are consecutive from 1 per state machine.
+    Persist {
+        /// Log sequence number of this record.
+        lsn: u64,
+        /// The record.
+        record: Record,
+    },
+    /// Apply the writes of committed transaction `seq` to the store, in order,
+    /// giving every written key version `seq`. On the master, `replies[i]` gets
+    /// the result of `ops[i]` (OK with version `seq`, or NOT_FOUND).
+    Apply {
+        /// Commit sequence number.
+        seq: u64,
+        /// The writes.
+        ops: Ops,
+        /// Reply handles, one per op; empty on a slave.
+        replies: Vec<ClientRef>,
+    },
+    /// Tell a client its write failed.
+    Reply {
+        /// The client.
+        client: ClientRef,
+        /// Why.
+        error: WriteError,
+    },
+    /// Arm (or move) a timer to fire at `at_ms`.
+    SetTimer {
+        /// Which timer.
+        timer: TimerId,
+        /// Absolute deadline in the caller's millisecond clock.
+        at_ms: u64,
+    },
+    /// Disarm a timer; firing it anyway is harmless.
+    CancelTimer {
+        /// Which timer.
+        timer: TimerId,
+    },
+    /// Master: stream the store, exactly as it is now (it reflects every commit
+    /// through `at_seq`), to `peer` as SNAPSHOT_CHUNK messages of bounded size
+    /// without blocking the loop; later commits must not leak into it (copy or
+    /// copy-on-write). Then report `SnapshotSent`.
+    StartSnapshot {
+        /// The link.
+        peer: PeerId,
+        /// Sequence number the snapshot reflects.
+        at_seq: u64,
+    },
+    /// Slave: install snapshot entries. `begin`: start a fresh staging copy;
+    /// `end`: atomically replace the store with it (reads never see a half snapshot).
+    InstallSnapshot {
+        /// Sequence number the snapshot reflects.
+        at_seq: u64,
+        /// Entries of this chunk.
+        entries: Vec<SnapshotEntry>,
+        /// First chunk of this snapshot.
+        begin: bool,
+        /// Last chunk of this snapshot.
+        end: bool,
+    },
+}

@@ -1,0 +1,446 @@
+//! The slave side of two-phase commit: a pure state machine.
+//!
+//! The master's link is FIFO and the master releases decisions in sequence
+//! order, so a slave applies exactly what it is told, when it is told:
+//! LOG_ENTRY and COMMIT messages arrive in increasing sequence order. The
+//! slave's `position` is the highest sequence number whose outcome it knows
+//! (committed and applied, or aborted); it is what it registers with.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use log::{info, warn};
+
+use super::{Action, CatchUp, Event, Ops, Outcome, PeerId, PeerMessage, Record, TimerId, Vote};
+use crate::protocol::peer::PEER_PROTOCOL_VERSION;
+
+/// Knobs of the participant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParticipantConfig {
+    /// Address this slave serves clients on, announced to the master.
+    pub client_addr: String,
+    /// First reconnect delay after losing the master.
+    pub reconnect_min_ms: u64,
+    /// Reconnect delays double up to this.
+    pub reconnect_max_ms: u64,
+    /// Ask the master about a transaction voted on but undecided for this long.
+    pub outcome_query_after_ms: u64,
+}
+
+impl Default for ParticipantConfig {
+    fn default() -> ParticipantConfig {
+        ParticipantConfig {
+            client_addr: String::new(),
+            reconnect_min_ms: 50,
+            reconnect_max_ms: 2_000,
+            outcome_query_after_ms: 1_000,
+        }
+    }
+}
+
+/// The slave's link to its master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// No link; a reconnect timer is armed.
+    Down,
+    /// [`Action::Connect`] issued, waiting for `Connected`/`ConnectFailed`.
+    Connecting,
+    /// REGISTER sent, catching up (log or snapshot).
+    CatchingUp(PeerId),
+    /// Caught up: a 2PC participant.
+    Following(PeerId),
+}
+
+impl LinkState {
+    fn peer(self) -> Option<PeerId> {
+        match self {
+            LinkState::CatchingUp(p) | LinkState::Following(p) => Some(p),
+            LinkState::Down | LinkState::Connecting => None,
+        }
+    }
+}
+
+/// A PREPARE this slave has accepted.
+#[derive(Debug, Clone)]
+struct Prepared {
+    ops: Ops,
+    /// When the vote went out (None while the PREPARE is being persisted).
+    voted_at_ms: Option<u64>,
+}
+
+/// What to send once a log record is durable.
+#[derive(Debug, Clone, Copy)]
+enum AfterPersist {
+    Vote(u64),
+    Ack(u64),
+    CaughtUp(u64),
+}
+
+/// The 2PC participant of a slave.
+#[derive(Debug)]
+pub struct Participant {
+    config: ParticipantConfig,
+    link: LinkState,
+    /// Highest sequence number whose outcome is known and applied.
+    position: u64,
+    prepared: BTreeMap<u64, Prepared>,
+    /// Sequence number of the snapshot being installed, if one is.
+    snapshot_in_progress: Option<u64>,
+    last_lsn: u64,
+    durable_lsn: u64,
+    /// Replies waiting for durability, in lsn order, each tied to the link it answers.
+    after_persist: VecDeque<(u64, PeerId, AfterPersist)>,
+    reconnect_delay_ms: u64,
+    outcome_timer_armed: bool,
+    violations: u64,
+    actions: VecDeque<Action>,
+}
+
+impl Participant {
+    /// A slave whose store (recovered from its log) reflects every commit through
+    /// `recovered_seq`. Emits [`Action::Connect`] at once.
+    pub fn new(config: ParticipantConfig, recovered_seq: u64) -> Participant {
+        let mut p = Participant {
+            reconnect_delay_ms: config.reconnect_min_ms,
+            config,
+            link: LinkState::Connecting,
+            position: recovered_seq,
+            prepared: BTreeMap::new(),
+            snapshot_in_progress: None,
+            last_lsn: 0,
+            durable_lsn: 0,
+            after_persist: VecDeque::new(),
+            outcome_timer_armed: false,
+            violations: 0,
+            actions: VecDeque::new(),
+        };
+        p.actions.push_back(Action::Connect);
+        p
+    }
+
+    /// Next action for the reactor, in order.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Highest sequence number whose outcome this slave knows and has applied.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// The link's state (for STATS).
+    pub fn link(&self) -> LinkState {
+        self.link
+    }
+
+    /// Transactions prepared and not yet decided.
+    pub fn in_doubt(&self) -> usize {
+        self.prepared.len()
+    }
+
+    /// Messages the master sent that broke the protocol (each forced a resync).
+    pub fn protocol_violations(&self) -> u64 {
+        self.violations
+    }
+
+    /// Feed one event.
+    pub fn handle(&mut self, now_ms: u64, event: Event) {
+        match event {
+            Event::Connected { peer } => self.on_connected(peer),
+            Event::ConnectFailed => {
+                if self.link == LinkState::Connecting {
+                    self.link_down(now_ms);
+                }
+            }
+            Event::PeerLost { peer } => {
+                if self.link.peer() == Some(peer) {
+                    info!("lost the master on {peer:?}");
+                    self.link_down(now_ms);
+                }
+            }
+            Event::Message { peer, msg } => {
+                if self.link.peer() == Some(peer) {
+                    self.on_message(now_ms, peer, msg);
+                }
+            }
+            Event::Persisted { lsn } => self.on_persisted(now_ms, lsn),
+            Event::TimerFired { timer } => self.on_timer(now_ms, timer),
+            Event::ClientWrites { .. } | Event::SnapshotSent { .. } => {
+                warn!("participant ignores master-side event {event:?}");
+            }
+        }
+    }
+
+    fn send(&mut self, peer: PeerId, msg: PeerMessage) {
+        self.actions.push_back(Action::Send { peer, msg });
+    }
+
+    fn persist(&mut self, record: Record) -> u64 {
+        self.last_lsn += 1;
+        self.actions.push_back(Action::Persist {
+            lsn: self.last_lsn,
+            record,
+        });
+        self.last_lsn
+    }
+
+    fn on_connected(&mut self, peer: PeerId) {
+        if self.link != LinkState::Connecting {
+            // Not asked for (or superseded): do not keep two links to the master.
+            self.actions.push_back(Action::Disconnect { peer });
+            return;
+        }
+        // Prepared transactions from the old link are in doubt. The catch-up that
+        // follows registration resolves them: every commit after `position` is
+        // replayed and anything not replayed was aborted (presumed abort). So
+        // they can be dropped now, and the master may even reuse their numbers.
+        self.prepared.clear();
+        self.snapshot_in_progress = None;
+        self.link = LinkState::CatchingUp(peer);
+        self.send(
+            peer,
+            PeerMessage::Register {
+                client_addr: self.config.client_addr.clone(),
+                last_applied_seq: self.position,
+                protocol_version: PEER_PROTOCOL_VERSION,
+            },
+        );
+    }
+
+    fn link_down(&mut self, now_ms: u64) {
+        self.link = LinkState::Down;
+        self.snapshot_in_progress = None;
+        self.actions.push_back(Action::SetTimer {
+            timer: TimerId::Reconnect,
+            at_ms: now_ms + self.reconnect_delay_ms,
+        });
+        self.reconnect_delay_ms = (self.reconnect_delay_ms * 2).min(self.config.reconnect_max_ms);
+    }
+
+    /// The master broke the protocol: drop the link and resync from scratch.
+    fn violation(&mut self, now_ms: u64, peer: PeerId, what: &str) {
+        warn!("protocol violation from master on {peer:?}: {what}; resyncing");
+        self.violations += 1;
+        self.actions.push_back(Action::Disconnect { peer });
+        self.link_down(now_ms);
+    }
+
+    fn on_message(&mut self, now_ms: u64, peer: PeerId, msg: PeerMessage) {
+        let following = self.link == LinkState::Following(peer);
+        match msg {
+            PeerMessage::Registered { catch_up, .. } => {
+                if let CatchUp::Log { from_seq } = catch_up
+                    && from_seq != self.position
+                {
+                    self.violation(now_ms, peer, "log catch-up from the wrong position");
+                }
+            }
+            PeerMessage::SnapshotChunk {
+                snapshot_seq,
+                entries,
+                last,
+            } => {
+                if following {
+                    return self.violation(now_ms, peer, "snapshot while following");
+                }
+                let begin = self.snapshot_in_progress != Some(snapshot_seq);
+                self.snapshot_in_progress = if last { None } else { Some(snapshot_seq) };
+                self.actions.push_back(Action::InstallSnapshot {
+                    at_seq: snapshot_seq,
+                    entries,
+                    begin,
+                    end: last,
+                });
+                if last {
+                    self.position = snapshot_seq;
+                    self.persist(Record::Checkpoint { seq: snapshot_seq });
+                }
+            }
+            PeerMessage::LogEntry { seq, ops } => {
+                if seq <= self.position || self.prepared.range(..=seq).next().is_some() {
+                    return self.violation(now_ms, peer, "log entry out of order");
+                }
+                self.apply(seq, ops.clone());
+                self.persist(Record::CommittedTxn { seq, ops });
+            }
+            PeerMessage::CaughtUp { seq } => {
+                if following || seq < self.position || self.snapshot_in_progress.is_some() {
+                    return self.violation(now_ms, peer, "caught-up marker out of place");
+                }
+                // Every outcome through `seq` has been delivered (aborts leave no entry).
+                self.position = seq;
+                self.link = LinkState::Following(peer);
+                self.reconnect_delay_ms = self.config.reconnect_min_ms;
+                self.after_persist
+                    .push_back((self.last_lsn, peer, AfterPersist::CaughtUp(seq)));
+                self.on_persisted(now_ms, self.durable_lsn);
+            }
+            PeerMessage::Prepare { seq, ops } => {
+                let newest = self.prepared.keys().next_back().copied().unwrap_or(0);
+                if !following || seq <= self.position || seq <= newest {
+                    // Cannot take part; the master evicts us and we resync.
+                    self.send(
+                        peer,
+                        PeerMessage::Vote {
+                            seq,
+                            vote: Vote::No(format!(
+                                "prepare {seq} out of order (position {}, newest prepared {newest})",
+                                self.position
+                            )),
+                        },
+                    );
+                    return;
+                }
+                let lsn = self.persist(Record::Prepared {
+                    seq,
+                    ops: ops.clone(),
+                });
+                self.prepared.insert(
+                    seq,
+                    Prepared {
+                        ops,
+                        voted_at_ms: None,
+                    },
+                );
+                self.after_persist
+                    .push_back((lsn, peer, AfterPersist::Vote(seq)));
+            }
+            PeerMessage::Commit { seq } => {
+                let oldest = self.prepared.keys().next().copied();
+                if oldest != Some(seq) || seq <= self.position {
+                    return self.violation(now_ms, peer, "commit of a transaction not next");
+                }
+                let Some(txn) = self.prepared.remove(&seq) else {
+                    return;
+                };
+                debug_assert!(txn.voted_at_ms.is_some(), "commit before our yes vote");
+                self.apply(seq, txn.ops);
+                let lsn = self.persist(Record::Committed { seq });
+                self.after_persist
+                    .push_back((lsn, peer, AfterPersist::Ack(seq)));
+            }
+            PeerMessage::Abort { seq } => {
+                if self.prepared.remove(&seq).is_some() {
+                    // Decisions arrive in order: every outcome through `seq` is known.
+                    self.position = self.position.max(seq);
+                }
+            }
+            PeerMessage::Heartbeat { .. } => {
+                let seq = self.position;
+                self.send(peer, PeerMessage::Heartbeat { seq });
+            }
+            PeerMessage::Outcome { seq, outcome } => {
+                // The answer may trail the decision itself (the query crossed the
+                // COMMIT/ABORT on the wire): only a transaction still held matters.
+                if !self.prepared.contains_key(&seq) {
+                    return;
+                }
+                match outcome {
+                    Outcome::Aborted => {
+                        self.prepared.remove(&seq);
+                    }
+                    Outcome::Unknown => {
+                        self.violation(now_ms, peer, "master forgot a transaction we hold");
+                    }
+                    Outcome::Pending | Outcome::Committed => {}
+                }
+            }
+            PeerMessage::Register { .. }
+            | PeerMessage::Vote { .. }
+            | PeerMessage::Ack { .. }
+            | PeerMessage::OutcomeQuery { .. } => {
+                self.violation(now_ms, peer, "master-bound message sent to a slave");
+            }
+        }
+    }
+
+    fn apply(&mut self, seq: u64, ops: Ops) {
+        debug_assert!(seq > self.position, "commit order must increase");
+        self.position = seq;
+        self.actions.push_back(Action::Apply {
+            seq,
+            ops,
+            replies: Vec::new(),
+        });
+    }
+
+    fn on_persisted(&mut self, now_ms: u64, lsn: u64) {
+        debug_assert!(lsn <= self.last_lsn, "persisted lsn {lsn} never issued");
+        self.durable_lsn = self.durable_lsn.max(lsn);
+        let current = self.link.peer();
+        let mut ack = None;
+        while let Some(&(lsn, peer, what)) = self.after_persist.front() {
+            if lsn > self.durable_lsn {
+                break;
+            }
+            self.after_persist.pop_front();
+            if Some(peer) != current {
+                continue; // answers belong to a link that is gone
+            }
+            match what {
+                AfterPersist::Vote(seq) => {
+                    if let Some(p) = self.prepared.get_mut(&seq) {
+                        p.voted_at_ms = Some(now_ms);
+                        self.send(
+                            peer,
+                            PeerMessage::Vote {
+                                seq,
+                                vote: Vote::Yes,
+                            },
+                        );
+                        if !self.outcome_timer_armed {
+                            self.outcome_timer_armed = true;
+                            self.actions.push_back(Action::SetTimer {
+                                timer: TimerId::OutcomeCheck,
+                                at_ms: now_ms + self.config.outcome_query_after_ms,
+                            });
+                        }
+                    }
+                }
+                AfterPersist::Ack(seq) => ack = Some((peer, seq)),
+                AfterPersist::CaughtUp(seq) => self.send(peer, PeerMessage::CaughtUp { seq }),
+            }
+        }
+        // Acks are cumulative: one per batch of durable commits is enough.
+        if let Some((peer, seq)) = ack {
+            self.send(peer, PeerMessage::Ack { seq });
+        }
+    }
+
+    fn on_timer(&mut self, now_ms: u64, timer: TimerId) {
+        match timer {
+            TimerId::Reconnect => {
+                if self.link == LinkState::Down {
+                    self.link = LinkState::Connecting;
+                    self.actions.push_back(Action::Connect);
+                }
+            }
+            TimerId::OutcomeCheck => {
+                self.outcome_timer_armed = false;
+                let Some(peer) = self.link.peer() else {
+                    return; // re-registration will resolve what is in doubt
+                };
+                let limit = self.config.outcome_query_after_ms;
+                let stale: Vec<u64> = self
+                    .prepared
+                    .iter()
+                    .filter(|(_, p)| p.voted_at_ms.is_some_and(|t| t + limit <= now_ms))
+                    .map(|(s, _)| *s)
+                    .collect();
+                for seq in stale {
+                    self.send(peer, PeerMessage::OutcomeQuery { seq });
+                }
+                if !self.prepared.is_empty() {
+                    self.outcome_timer_armed = true;
+                    self.actions.push_back(Action::SetTimer {
+                        timer: TimerId::OutcomeCheck,
+                        at_ms: now_ms + limit,
+                    });
+                }
+            }
+            TimerId::Txn(_) | TimerId::Heartbeat => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

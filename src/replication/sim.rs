@@ -1,0 +1,1137 @@
+//! Deterministic simulation of one master and three slaves.
+//!
+//! The real [`Coordinator`] and [`Participant`]s run against a simulated
+//! network (per-link FIFO with random delay; a link break loses whatever was
+//! still in flight beyond a random prefix and tells both ends after a random
+//! detection delay), a simulated clock and simulated disks (persist
+//! completions in log order, sometimes slow). Faults: partitions, slave
+//! crashes (volatile state lost, durable records kept) and restarts, slave
+//! stalls (no answers while the link stays open), slow persists, random
+//! `tpc_timeout`, log capacity and `min_slaves`. Everything is drawn from one
+//! seeded RNG, so a failing seed replays exactly:
+//!
+//! ```text
+//! DKVS_SIM_SEED=1234 cargo test --lib replication::sim -- --nocapture
+//! DKVS_SIM_SEEDS=100000 cargo test --release --lib replication::sim
+//! ```
+//!
+//! Checked continuously: every replica passes through exactly the master's
+//! states (a digest of the whole store after each applied commit must equal
+//! the master's after the same commit), so commit order is the same
+//! everywhere and no aborted or uncommitted write is ever visible; when the
+//! master applies (acknowledges) a commit, every slave in sync for it holds a
+//! durable PREPARE of it; a crashed slave recovers to a state the master
+//! passed through. Checked at the end, after healing every fault: every
+//! client got exactly one reply, every slave is back in sync and holds
+//! exactly the master's data, and nothing is left in flight.
+
+use std::cmp::Ordering;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::Instant;
+
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+use super::{
+    Action, ClientRef, ClientWrite, Coordinator, CoordinatorConfig, Event, LinkState, OpKind, Ops,
+    Participant, ParticipantConfig, PeerId, PeerMessage, Record, SlaveState, SnapshotEntry,
+    TimerId, WriteError, WriteOp,
+};
+use crate::protocol::peer::decode_peer;
+
+type Store = BTreeMap<Vec<u8>, (Vec<u8>, u64)>;
+
+const SLAVES: usize = 3;
+const KEYS: u8 = 6;
+/// Simulated milliseconds of client load and faults.
+const ACTIVE_MS: u64 = 300;
+/// Simulated milliseconds after healing for everyone to converge.
+const SETTLE_MS: u64 = 1_500;
+/// Master -> slave and slave -> master.
+const TO_SLAVE: usize = 0;
+const TO_MASTER: usize = 1;
+
+#[derive(Debug)]
+enum Ev {
+    Deliver {
+        link: usize,
+        dir: usize,
+    },
+    LinkLost {
+        slave_side: bool,
+        link: usize,
+    },
+    Timer {
+        node: usize,
+        timer: TimerId,
+        at: u64,
+        life: u64,
+    },
+    PersistDone {
+        node: usize,
+        lsn: u64,
+        life: u64,
+    },
+    ConnectDone {
+        slave: usize,
+        life: u64,
+    },
+    SnapshotStep {
+        link: usize,
+    },
+    ClientBatch,
+    Partition {
+        slave: usize,
+        dur: u64,
+    },
+    HealPartition {
+        slave: usize,
+    },
+    Crash {
+        slave: usize,
+        dur: u64,
+    },
+    Restart {
+        slave: usize,
+    },
+    Stall {
+        slave: usize,
+        dur: u64,
+    },
+    SlowPersist {
+        node: usize,
+        dur: u64,
+    },
+}
+
+impl Ev {
+    /// The slave an event is processed by, if it is a slave (stalls defer these).
+    fn slave_target(&self, links: &[Link]) -> Option<usize> {
+        match self {
+            Ev::Deliver { link, dir } if *dir == TO_SLAVE => Some(links[*link].slave),
+            Ev::LinkLost {
+                slave_side: true,
+                link,
+            } => Some(links[*link].slave),
+            Ev::Timer { node, .. } | Ev::PersistDone { node, .. } if *node > 0 => Some(node - 1),
+            Ev::ConnectDone { slave, .. } => Some(*slave),
+            _ => None,
+        }
+    }
+}
+
+struct Scheduled {
+    at: u64,
+    order: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.order) == (other.at, other.order)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // BinaryHeap is a max-heap: earliest (then first scheduled) on top.
+        (other.at, other.order).cmp(&(self.at, self.order))
+    }
+}
+
+struct Link {
+    slave: usize,
+    broken: bool,
+    last_at: [u64; 2],
+    queue: [VecDeque<Vec<u8>>; 2],
+    /// Snapshot chunks still to stream, and the snapshot's sequence number.
+    snapshot: Option<(u64, VecDeque<Vec<SnapshotEntry>>)>,
+}
+
+impl Link {
+    fn peer(index: usize) -> PeerId {
+        PeerId(index as u64 + 1)
+    }
+}
+
+/// Durable state of a slave: what survives a crash.
+#[derive(Clone)]
+enum Durable {
+    Rec(Record),
+    Checkpoint(u64, Store),
+}
+
+struct SlaveNode {
+    part: Option<Participant>,
+    /// Bumped at each crash so events of a previous life are dropped.
+    life: u64,
+    store: Store,
+    staging: Store,
+    applied_seq: u64,
+    link: Option<usize>,
+    timers: BTreeMap<TimerId, u64>,
+    pending: VecDeque<(u64, Durable)>,
+    durable: Vec<Durable>,
+    durable_prepared: HashSet<u64>,
+    last_persist_at: u64,
+    slow_persist_until: u64,
+    stalled_until: u64,
+    partitioned: bool,
+    violations: u64,
+}
+
+struct Sim {
+    rng: StdRng,
+    now: u64,
+    order: u64,
+    heap: BinaryHeap<Scheduled>,
+    links: Vec<Link>,
+    coord: Coordinator,
+    master_store: Store,
+    master_timers: BTreeMap<TimerId, u64>,
+    master_last_persist_at: u64,
+    master_slow_persist_until: u64,
+    /// Digest of the master's store after each committed seq (0: empty store).
+    digests: BTreeMap<u64, u64>,
+    committed: BTreeMap<u64, Ops>,
+    slaves: Vec<SlaveNode>,
+    next_client: u64,
+    replies: BTreeMap<u64, u32>,
+    acked_ok: u64,
+    refused: u64,
+    aborted: u64,
+    tpc_timeout_ms: u64,
+    trace: Option<Vec<String>>,
+    stats: RunStats,
+}
+
+/// What one run did, for the summary line.
+#[derive(Debug, Default, Clone, Copy)]
+struct RunStats {
+    commits: u64,
+    snapshots: u64,
+    evictions: u64,
+    crashes: u64,
+    partitions: u64,
+    stalls: u64,
+}
+
+fn digest(store: &Store) -> u64 {
+    let mut h = DefaultHasher::new();
+    store.hash(&mut h);
+    h.finish()
+}
+
+/// Apply writes the way every replica must: deterministic, NotFound identical everywhere.
+fn apply_ops(store: &mut Store, seq: u64, ops: &[WriteOp]) -> Vec<bool> {
+    ops.iter()
+        .map(|op| match op.kind {
+            OpKind::Put => {
+                store.insert(op.key.clone(), (op.value.clone(), seq));
+                true
+            }
+            OpKind::Update => match store.get_mut(&op.key) {
+                Some(slot) => {
+                    *slot = (op.value.clone(), seq);
+                    true
+                }
+                None => false,
+            },
+            OpKind::Delete => store.remove(&op.key).is_some(),
+        })
+        .collect()
+}
+
+/// Rebuild a slave's store from its durable records, as a write-ahead log would.
+fn recover(durable: &[Durable]) -> Result<(Store, u64), String> {
+    let mut store = Store::new();
+    let mut pos = 0;
+    let mut prepared: BTreeMap<u64, Ops> = BTreeMap::new();
+    for d in durable {
+        match d {
+            Durable::Checkpoint(seq, snap) => {
+                store = snap.clone();
+                pos = *seq;
+                prepared.clear();
+            }
+            Durable::Rec(Record::Prepared { seq, ops }) => {
+                prepared.insert(*seq, ops.clone());
+            }
+            Durable::Rec(Record::Committed { seq }) => {
+                let ops = prepared
+                    .remove(seq)
+                    .ok_or(format!("recovery: commit {seq} without a durable prepare"))?;
+                apply_ops(&mut store, *seq, &ops);
+                pos = *seq;
+            }
+            Durable::Rec(Record::CommittedTxn { seq, ops }) => {
+                apply_ops(&mut store, *seq, ops);
+                pos = *seq;
+            }
+            Durable::Rec(other) => {
+                return Err(format!("slave persisted a master record {other:?}"));
+            }
+        }
+    }
+    Ok((store, pos))
+}
+
+impl Sim {
+    fn new(seed: u64, trace: bool) -> Sim {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let tpc_timeout_ms = rng.random_range(30..=200);
+        let config = CoordinatorConfig {
+            tpc_timeout_ms,
+            min_slaves: if rng.random_bool(0.2) {
+                rng.random_range(1..=2)
+            } else {
+                0
+            },
+            log_capacity: rng.random_range(0..=40),
+            heartbeat_interval_ms: 50,
+            // Several heartbeats plus the worst delay spike: silence means a stalled slave.
+            peer_timeout_ms: 200 + tpc_timeout_ms,
+            max_inflight_txns: 64,
+        };
+        let mut digests = BTreeMap::new();
+        digests.insert(0, digest(&Store::new()));
+        let mut sim = Sim {
+            rng,
+            now: 0,
+            order: 0,
+            heap: BinaryHeap::new(),
+            links: Vec::new(),
+            coord: Coordinator::new(config, 0),
+            master_store: Store::new(),
+            master_timers: BTreeMap::new(),
+            master_last_persist_at: 0,
+            master_slow_persist_until: 0,
+            digests,
+            committed: BTreeMap::new(),
+            slaves: Vec::new(),
+            next_client: 0,
+            replies: BTreeMap::new(),
+            acked_ok: 0,
+            refused: 0,
+            aborted: 0,
+            tpc_timeout_ms,
+            trace: trace.then(Vec::new),
+            stats: RunStats::default(),
+        };
+        for i in 0..SLAVES {
+            sim.slaves.push(SlaveNode {
+                part: None,
+                life: 0,
+                store: Store::new(),
+                staging: Store::new(),
+                applied_seq: 0,
+                link: None,
+                timers: BTreeMap::new(),
+                pending: VecDeque::new(),
+                durable: Vec::new(),
+                durable_prepared: HashSet::new(),
+                last_persist_at: 0,
+                slow_persist_until: 0,
+                stalled_until: 0,
+                partitioned: false,
+                violations: 0,
+            });
+            // Slaves start at staggered times: some join while writes flow.
+            let at = if sim.rng.random_bool(0.5) {
+                0
+            } else {
+                sim.rng.random_range(0..ACTIVE_MS)
+            };
+            sim.schedule(at, Ev::Restart { slave: i });
+        }
+        sim.schedule(1, Ev::ClientBatch);
+        let faults = sim.rng.random_range(0..=6);
+        for _ in 0..faults {
+            let at = sim.rng.random_range(0..ACTIVE_MS);
+            let slave = sim.rng.random_range(0..SLAVES);
+            let dur = sim.rng.random_range(5..=300);
+            let ev = match sim.rng.random_range(0..4) {
+                0 => Ev::Partition { slave, dur },
+                1 => Ev::Crash { slave, dur },
+                2 => Ev::Stall { slave, dur },
+                _ => Ev::SlowPersist {
+                    node: sim.rng.random_range(0..=SLAVES),
+                    dur,
+                },
+            };
+            sim.schedule(at, ev);
+        }
+        sim
+    }
+
+    fn log(&mut self, line: impl FnOnce() -> String) {
+        if let Some(t) = &mut self.trace {
+            t.push(format!("{:>6} {}", self.now, line()));
+        }
+    }
+
+    fn schedule(&mut self, at: u64, ev: Ev) {
+        self.order += 1;
+        self.heap.push(Scheduled {
+            at,
+            order: self.order,
+            ev,
+        });
+    }
+
+    fn net_delay(&mut self) -> u64 {
+        // One draw in the common case: 0..=3 ms, and 2% of messages hit a 10..=80 ms spike.
+        match self.rng.random_range(0..200u64) {
+            r @ 0..=195 => r % 4,
+            _ => self.rng.random_range(10..=80),
+        }
+    }
+
+    fn persist_delay(&mut self, slow_until: u64) -> u64 {
+        if self.now < slow_until {
+            self.rng.random_range(20..=250)
+        } else {
+            self.rng.random_range(0..=2)
+        }
+    }
+
+    fn send(&mut self, link: usize, dir: usize, msg: &PeerMessage) {
+        if self.links[link].broken {
+            return;
+        }
+        let mut bytes = Vec::new();
+        msg.encode(&mut bytes);
+        let delay = self.net_delay();
+        let l = &mut self.links[link];
+        let at = l.last_at[dir].max(self.now + delay);
+        l.last_at[dir] = at;
+        l.queue[dir].push_back(bytes);
+        self.schedule(at, Ev::Deliver { link, dir });
+    }
+
+    /// Break a link: a random prefix of what is in flight still arrives, then each end
+    /// learns of the break after its own detection delay.
+    fn break_link(&mut self, link: usize) {
+        if self.links[link].broken {
+            return;
+        }
+        self.log(|| format!("link {link} breaks"));
+        self.links[link].broken = true;
+        self.links[link].snapshot = None;
+        for dir in [TO_SLAVE, TO_MASTER] {
+            let len = self.links[link].queue[dir].len();
+            let keep = self.rng.random_range(0..=len);
+            self.links[link].queue[dir].truncate(keep);
+        }
+        let max_detect = self.tpc_timeout_ms * 2;
+        for (slave_side, dir) in [(true, TO_SLAVE), (false, TO_MASTER)] {
+            let detect = self.rng.random_range(1..=max_detect);
+            let at = (self.now + detect).max(self.links[link].last_at[dir] + 1);
+            self.schedule(at, Ev::LinkLost { slave_side, link });
+        }
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        let end = ACTIVE_MS + SETTLE_MS;
+        let mut healed = false;
+        self.run_master_actions()?;
+        while let Some(s) = self.heap.pop() {
+            if !healed && s.at >= ACTIVE_MS {
+                self.now = ACTIVE_MS;
+                self.heal_all();
+                healed = true;
+            }
+            if s.at > end {
+                break;
+            }
+            self.now = s.at;
+            if let Some(slave) = s.ev.slave_target(&self.links)
+                && self.slaves[slave].stalled_until > self.now
+            {
+                let until = self.slaves[slave].stalled_until;
+                self.schedule(until, s.ev);
+                continue;
+            }
+            self.step(s.ev)?;
+        }
+        self.now = end;
+        self.final_checks()
+    }
+
+    fn heal_all(&mut self) {
+        self.log(|| "heal everything".into());
+        self.master_slow_persist_until = 0;
+        for i in 0..SLAVES {
+            let s = &mut self.slaves[i];
+            s.partitioned = false;
+            s.slow_persist_until = 0;
+            if s.stalled_until > self.now {
+                s.stalled_until = self.now;
+            }
+            if s.part.is_none() {
+                self.schedule(self.now, Ev::Restart { slave: i });
+            }
+        }
+    }
+
+    fn step(&mut self, ev: Ev) -> Result<(), String> {
+        let active = self.now < ACTIVE_MS;
+        match ev {
+            Ev::Deliver { link, dir } => {
+                let Some(bytes) = self.links[link].queue[dir].pop_front() else {
+                    return Ok(()); // lost in a break
+                };
+                let (msg, used) = decode_peer(&bytes, usize::MAX)
+                    .map_err(|e| format!("peer message failed to decode: {e}"))?
+                    .ok_or("peer message incomplete")?;
+                if used != bytes.len() {
+                    return Err("peer message with trailing bytes".into());
+                }
+                let peer = Link::peer(link);
+                self.log(|| format!("deliver link {link} dir {dir}: {msg:?}"));
+                if dir == TO_MASTER {
+                    self.coord.handle(self.now, Event::Message { peer, msg });
+                    self.run_master_actions()?;
+                } else {
+                    let slave = self.links[link].slave;
+                    self.slave_event(slave, Event::Message { peer, msg })?;
+                }
+            }
+            Ev::LinkLost { slave_side, link } => {
+                let peer = Link::peer(link);
+                if slave_side {
+                    let slave = self.links[link].slave;
+                    if self.slaves[slave].link == Some(link) {
+                        self.slaves[slave].link = None;
+                    }
+                    self.slave_event(slave, Event::PeerLost { peer })?;
+                } else {
+                    self.coord.handle(self.now, Event::PeerLost { peer });
+                    self.run_master_actions()?;
+                }
+            }
+            Ev::Timer {
+                node,
+                timer,
+                at,
+                life,
+            } => {
+                if node == 0 {
+                    if self.master_timers.get(&timer) == Some(&at) {
+                        self.master_timers.remove(&timer);
+                        self.coord.handle(self.now, Event::TimerFired { timer });
+                        self.run_master_actions()?;
+                    }
+                } else {
+                    let s = &mut self.slaves[node - 1];
+                    if s.life == life && s.timers.get(&timer) == Some(&at) {
+                        s.timers.remove(&timer);
+                        self.slave_event(node - 1, Event::TimerFired { timer })?;
+                    }
+                }
+            }
+            Ev::PersistDone { node, lsn, life } => {
+                if node == 0 {
+                    self.coord.handle(self.now, Event::Persisted { lsn });
+                    self.run_master_actions()?;
+                } else {
+                    let s = &mut self.slaves[node - 1];
+                    if s.life != life {
+                        return Ok(());
+                    }
+                    while let Some((l, _)) = s.pending.front() {
+                        if *l > lsn {
+                            break;
+                        }
+                        if let Some((_, d)) = s.pending.pop_front() {
+                            if let Durable::Rec(Record::Prepared { seq, .. }) = &d {
+                                s.durable_prepared.insert(*seq);
+                            }
+                            s.durable.push(d);
+                        }
+                    }
+                    self.slave_event(node - 1, Event::Persisted { lsn })?;
+                }
+            }
+            Ev::ConnectDone { slave, life } => {
+                if self.slaves[slave].life != life || self.slaves[slave].part.is_none() {
+                    return Ok(());
+                }
+                if self.slaves[slave].partitioned {
+                    self.slave_event(slave, Event::ConnectFailed)?;
+                } else {
+                    let link = self.links.len();
+                    self.links.push(Link {
+                        slave,
+                        broken: false,
+                        last_at: [self.now; 2],
+                        queue: [VecDeque::new(), VecDeque::new()],
+                        snapshot: None,
+                    });
+                    self.slaves[slave].link = Some(link);
+                    self.log(|| format!("slave {slave} connects on link {link}"));
+                    self.slave_event(
+                        slave,
+                        Event::Connected {
+                            peer: Link::peer(link),
+                        },
+                    )?;
+                }
+            }
+            Ev::SnapshotStep { link } => {
+                if self.links[link].broken {
+                    return Ok(());
+                }
+                let Some((at_seq, chunks)) = &mut self.links[link].snapshot else {
+                    return Ok(());
+                };
+                let at_seq = *at_seq;
+                let entries = chunks.pop_front().unwrap_or_default();
+                let last = chunks.is_empty();
+                if last {
+                    self.links[link].snapshot = None;
+                }
+                self.send(
+                    link,
+                    TO_SLAVE,
+                    &PeerMessage::SnapshotChunk {
+                        snapshot_seq: at_seq,
+                        entries,
+                        last,
+                    },
+                );
+                if last {
+                    self.coord.handle(
+                        self.now,
+                        Event::SnapshotSent {
+                            peer: Link::peer(link),
+                            at_seq,
+                        },
+                    );
+                    self.run_master_actions()?;
+                } else {
+                    let next = self.now + self.rng.random_range(0..=3);
+                    self.schedule(next, Ev::SnapshotStep { link });
+                }
+            }
+            Ev::ClientBatch => {
+                if !active {
+                    return Ok(());
+                }
+                let n = self.rng.random_range(1..=4);
+                let mut writes = Vec::new();
+                for _ in 0..n {
+                    let kind = match self.rng.random_range(0..4) {
+                        0 | 1 => OpKind::Put,
+                        2 => OpKind::Update,
+                        _ => OpKind::Delete,
+                    };
+                    let key = vec![b'k', b'0' + self.rng.random_range(0..KEYS)];
+                    let value = if kind == OpKind::Delete {
+                        Vec::new()
+                    } else {
+                        format!("v{}", self.rng.random_range(0..1000u32)).into_bytes()
+                    };
+                    self.next_client += 1;
+                    writes.push(ClientWrite {
+                        client: ClientRef(self.next_client),
+                        op: WriteOp { kind, key, value },
+                    });
+                }
+                self.log(|| format!("client batch of {n}"));
+                self.coord.handle(self.now, Event::ClientWrites { writes });
+                self.run_master_actions()?;
+                let next = self.now + self.rng.random_range(1..=10);
+                self.schedule(next, Ev::ClientBatch);
+            }
+            Ev::Partition { slave, dur } => {
+                self.log(|| format!("partition slave {slave} for {dur}"));
+                self.stats.partitions += 1;
+                self.slaves[slave].partitioned = true;
+                if let Some(link) = self.slaves[slave].link {
+                    self.break_link(link);
+                }
+                self.schedule(self.now + dur, Ev::HealPartition { slave });
+            }
+            Ev::HealPartition { slave } => self.slaves[slave].partitioned = false,
+            Ev::Crash { slave, dur } => {
+                if self.slaves[slave].part.is_none() {
+                    return Ok(());
+                }
+                self.log(|| format!("crash slave {slave} for {dur}"));
+                self.stats.crashes += 1;
+                if let Some(link) = self.slaves[slave].link.take() {
+                    self.break_link(link);
+                }
+                let s = &mut self.slaves[slave];
+                if let Some(p) = s.part.take() {
+                    s.violations += p.protocol_violations();
+                }
+                s.life += 1;
+                s.timers.clear();
+                s.pending.clear();
+                s.staging.clear();
+                s.stalled_until = 0;
+                self.schedule(self.now + dur, Ev::Restart { slave });
+            }
+            Ev::Restart { slave } => {
+                if self.slaves[slave].part.is_some() {
+                    return Ok(());
+                }
+                let (store, pos) = recover(&self.slaves[slave].durable)?;
+                self.check_state(slave, &store, pos, "recovery")?;
+                self.log(|| format!("start slave {slave} at {pos}"));
+                let s = &mut self.slaves[slave];
+                s.store = store;
+                s.applied_seq = pos;
+                s.last_persist_at = self.now;
+                s.part = Some(Participant::new(
+                    ParticipantConfig {
+                        client_addr: format!("slave{slave}"),
+                        reconnect_min_ms: 10,
+                        reconnect_max_ms: 500,
+                        outcome_query_after_ms: 200,
+                    },
+                    pos,
+                ));
+                self.run_slave_actions(slave)?;
+            }
+            Ev::Stall { slave, dur } => {
+                self.log(|| format!("stall slave {slave} for {dur}"));
+                self.stats.stalls += 1;
+                self.slaves[slave].stalled_until = self.now + dur;
+            }
+            Ev::SlowPersist { node, dur } => {
+                if node == 0 {
+                    self.master_slow_persist_until = self.now + dur;
+                } else {
+                    self.slaves[node - 1].slow_persist_until = self.now + dur;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn slave_event(&mut self, slave: usize, event: Event) -> Result<(), String> {
+        let Some(part) = self.slaves[slave].part.as_mut() else {
+            return Ok(()); // crashed
+        };
+        part.handle(self.now, event);
+        if part.protocol_violations() > 0 {
+            return Err(format!("slave {slave} saw a protocol violation"));
+        }
+        self.run_slave_actions(slave)
+    }
+
+    /// Check that a replica's store is exactly the master's after commit `seq`.
+    fn check_state(&self, slave: usize, store: &Store, seq: u64, what: &str) -> Result<(), String> {
+        let want = self.digests.range(..=seq).next_back().map(|(_, d)| *d);
+        if want != Some(digest(store)) {
+            return Err(format!(
+                "slave {slave} after {what} at seq {seq} holds a state the master never had: {store:?}"
+            ));
+        }
+        Ok(())
+    }
+
+    fn run_master_actions(&mut self) -> Result<(), String> {
+        while let Some(action) = self.coord.poll_action() {
+            self.log(|| format!("master: {action:?}"));
+            match action {
+                Action::Send { peer, msg } => {
+                    let link = (peer.0 - 1) as usize;
+                    if self.links[link].snapshot.is_some() {
+                        return Err(format!(
+                            "{msg:?} sent to {peer:?} while its snapshot streams"
+                        ));
+                    }
+                    self.send(link, TO_SLAVE, &msg);
+                }
+                Action::Disconnect { peer } => {
+                    self.stats.evictions += 1;
+                    self.break_link((peer.0 - 1) as usize);
+                }
+                Action::Persist { lsn, .. } => {
+                    let delay = self.persist_delay(self.master_slow_persist_until);
+                    let at = self.master_last_persist_at.max(self.now + delay);
+                    self.master_last_persist_at = at;
+                    self.schedule(
+                        at,
+                        Ev::PersistDone {
+                            node: 0,
+                            lsn,
+                            life: 0,
+                        },
+                    );
+                }
+                Action::Apply { seq, ops, replies } => {
+                    self.master_apply(seq, ops, replies)?;
+                }
+                Action::Reply { client, error } => {
+                    match error {
+                        WriteError::Unavailable(_) => self.refused += 1,
+                        WriteError::Aborted(_) => self.aborted += 1,
+                    }
+                    self.reply(client)?;
+                }
+                Action::SetTimer { timer, at_ms } => {
+                    self.master_timers.insert(timer, at_ms);
+                    self.schedule(
+                        at_ms,
+                        Ev::Timer {
+                            node: 0,
+                            timer,
+                            at: at_ms,
+                            life: 0,
+                        },
+                    );
+                }
+                Action::CancelTimer { timer } => {
+                    self.master_timers.remove(&timer);
+                }
+                Action::StartSnapshot { peer, at_seq } => {
+                    let link = (peer.0 - 1) as usize;
+                    let applied = self.committed.keys().next_back().copied().unwrap_or(0);
+                    if applied > at_seq {
+                        return Err(format!(
+                            "snapshot at {at_seq} requested with the store at {applied}"
+                        ));
+                    }
+                    self.stats.snapshots += 1;
+                    // Point-in-time copy, streamed in small chunks over time.
+                    let mut chunks = VecDeque::new();
+                    let mut chunk = Vec::new();
+                    let per_chunk = self.rng.random_range(1..=3);
+                    for (key, (value, version)) in &self.master_store {
+                        chunk.push(SnapshotEntry {
+                            key: key.clone(),
+                            value: value.clone(),
+                            version: *version,
+                        });
+                        if chunk.len() == per_chunk {
+                            chunks.push_back(std::mem::take(&mut chunk));
+                        }
+                    }
+                    if !chunk.is_empty() || chunks.is_empty() {
+                        chunks.push_back(chunk);
+                    }
+                    if !self.links[link].broken {
+                        self.links[link].snapshot = Some((at_seq, chunks));
+                        self.schedule(self.now, Ev::SnapshotStep { link });
+                    }
+                }
+                Action::Connect | Action::InstallSnapshot { .. } => {
+                    return Err(format!("master emitted a slave action {action:?}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn reply(&mut self, client: ClientRef) -> Result<(), String> {
+        let n = self.replies.entry(client.0).or_insert(0);
+        *n += 1;
+        if *n > 1 {
+            return Err(format!("client {client:?} got two replies"));
+        }
+        Ok(())
+    }
+
+    fn master_apply(&mut self, seq: u64, ops: Ops, replies: Vec<ClientRef>) -> Result<(), String> {
+        if let Some((&last, _)) = self.committed.iter().next_back()
+            && seq <= last
+        {
+            return Err(format!("master applied {seq} after {last}"));
+        }
+        // SPEC 4.1: acknowledged only once every slave in sync for it has it durably prepared.
+        for (peer, info) in self.coord.members().iter() {
+            if let SlaveState::InSync { join_seq } = info.state
+                && join_seq <= seq
+            {
+                let slave = self.links[(peer.0 - 1) as usize].slave;
+                if !self.slaves[slave].durable_prepared.contains(&seq) {
+                    return Err(format!(
+                        "commit {seq} acknowledged but in-sync slave {slave} has no durable prepare"
+                    ));
+                }
+            }
+        }
+        let results = apply_ops(&mut self.master_store, seq, &ops);
+        if replies.len() != ops.len() {
+            return Err(format!(
+                "commit {seq}: {} replies for {} ops",
+                replies.len(),
+                ops.len()
+            ));
+        }
+        for (client, _ok) in replies.into_iter().zip(results) {
+            self.acked_ok += 1;
+            self.reply(client)?;
+        }
+        self.digests.insert(seq, digest(&self.master_store));
+        self.committed.insert(seq, ops);
+        self.stats.commits += 1;
+        Ok(())
+    }
+
+    fn run_slave_actions(&mut self, slave: usize) -> Result<(), String> {
+        loop {
+            let Some(action) = self.slaves[slave]
+                .part
+                .as_mut()
+                .and_then(|p| p.poll_action())
+            else {
+                return Ok(());
+            };
+            self.log(|| format!("slave {slave}: {action:?}"));
+            match action {
+                Action::Send { peer, msg } => {
+                    let link = (peer.0 - 1) as usize;
+                    if self.links[link].slave != slave {
+                        return Err(format!("slave {slave} sent on another slave's link"));
+                    }
+                    self.send(link, TO_MASTER, &msg);
+                }
+                Action::Disconnect { peer } => {
+                    let link = (peer.0 - 1) as usize;
+                    if self.slaves[slave].link == Some(link) {
+                        self.slaves[slave].link = None;
+                    }
+                    self.break_link(link);
+                }
+                Action::Connect => {
+                    let delay = self.rng.random_range(1..=5);
+                    let life = self.slaves[slave].life;
+                    self.schedule(self.now + delay, Ev::ConnectDone { slave, life });
+                }
+                Action::Persist { lsn, record } => {
+                    let s = &self.slaves[slave];
+                    let durable = match record {
+                        Record::Checkpoint { seq } => Durable::Checkpoint(seq, s.store.clone()),
+                        other => Durable::Rec(other),
+                    };
+                    let slow = s.slow_persist_until;
+                    let delay = self.persist_delay(slow);
+                    let s = &mut self.slaves[slave];
+                    let at = s.last_persist_at.max(self.now + delay);
+                    s.last_persist_at = at;
+                    s.pending.push_back((lsn, durable));
+                    let life = s.life;
+                    self.schedule(
+                        at,
+                        Ev::PersistDone {
+                            node: slave + 1,
+                            lsn,
+                            life,
+                        },
+                    );
+                }
+                Action::Apply { seq, ops, replies } => {
+                    if !replies.is_empty() {
+                        return Err("slave apply with client replies".into());
+                    }
+                    if self.committed.get(&seq) != Some(&ops) {
+                        return Err(format!(
+                            "slave {slave} applied {seq} which the master did not commit (or not with these ops)"
+                        ));
+                    }
+                    let s = &mut self.slaves[slave];
+                    if seq <= s.applied_seq {
+                        return Err(format!(
+                            "slave {slave} applied {seq} after {}",
+                            s.applied_seq
+                        ));
+                    }
+                    apply_ops(&mut s.store, seq, &ops);
+                    s.applied_seq = seq;
+                    self.check_state(slave, &self.slaves[slave].store, seq, "apply")?;
+                }
+                Action::InstallSnapshot {
+                    at_seq,
+                    entries,
+                    begin,
+                    end,
+                } => {
+                    let s = &mut self.slaves[slave];
+                    if begin {
+                        s.staging.clear();
+                    }
+                    for e in entries {
+                        s.staging.insert(e.key, (e.value, e.version));
+                    }
+                    if end {
+                        s.store = std::mem::take(&mut s.staging);
+                        s.applied_seq = at_seq;
+                        self.check_state(slave, &self.slaves[slave].store, at_seq, "snapshot")?;
+                    }
+                }
+                Action::SetTimer { timer, at_ms } => {
+                    let s = &mut self.slaves[slave];
+                    s.timers.insert(timer, at_ms);
+                    let life = s.life;
+                    self.schedule(
+                        at_ms,
+                        Ev::Timer {
+                            node: slave + 1,
+                            timer,
+                            at: at_ms,
+                            life,
+                        },
+                    );
+                }
+                Action::CancelTimer { timer } => {
+                    self.slaves[slave].timers.remove(&timer);
+                }
+                Action::Reply { .. } | Action::StartSnapshot { .. } => {
+                    return Err(format!("slave emitted a master action {action:?}"));
+                }
+            }
+        }
+    }
+
+    fn final_checks(&self) -> Result<(), String> {
+        let missing: Vec<u64> = (1..=self.next_client)
+            .filter(|c| !self.replies.contains_key(c))
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "{} clients never got a reply: {missing:?}",
+                missing.len()
+            ));
+        }
+        if self.coord.in_flight() != 0 {
+            return Err(format!(
+                "{} transactions still in flight after settling",
+                self.coord.in_flight()
+            ));
+        }
+        let in_sync: BTreeSet<usize> = self
+            .coord
+            .members()
+            .iter()
+            .filter(|(_, s)| matches!(s.state, SlaveState::InSync { .. }))
+            .map(|(p, _)| self.links[(p.0 - 1) as usize].slave)
+            .collect();
+        for (i, s) in self.slaves.iter().enumerate() {
+            let violations = s.violations + s.part.as_ref().map_or(0, |p| p.protocol_violations());
+            if violations > 0 {
+                return Err(format!("slave {i} saw {violations} protocol violations"));
+            }
+            if !in_sync.contains(&i) {
+                let members: Vec<_> = self.coord.members().iter().collect();
+                return Err(format!(
+                    "slave {i} is not in sync after healing: {members:?}"
+                ));
+            }
+            if s.part.as_ref().map(|p| p.link())
+                != s.link.map(|l| LinkState::Following(Link::peer(l)))
+            {
+                return Err(format!("slave {i} is not following its master link"));
+            }
+            if s.store != self.master_store {
+                return Err(format!(
+                    "slave {i} diverged:\n slave  {:?}\n master {:?}",
+                    s.store, self.master_store
+                ));
+            }
+            let (recovered, pos) = recover(&s.durable)?;
+            self.check_state(i, &recovered, pos, "final recovery check")?;
+        }
+        Ok(())
+    }
+}
+
+fn run_seed(seed: u64, trace: bool) -> (Result<RunStats, String>, Vec<String>) {
+    let mut sim = Sim::new(seed, trace);
+    let result = catch_unwind(AssertUnwindSafe(|| sim.run()));
+    let result = match result {
+        Ok(Ok(())) => Ok(sim.stats),
+        Ok(Err(e)) => Err(e),
+        Err(panic) => Err(format!(
+            "panic: {}",
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default()
+        )),
+    };
+    (result, sim.trace.take().unwrap_or_default())
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// Run `seeds`, stopping at the first failure; returns the summed stats or the failing seed.
+fn run_seeds(seeds: &[u64], trace: bool) -> Result<RunStats, (u64, String, Vec<String>)> {
+    let mut total = RunStats::default();
+    for &seed in seeds {
+        let (result, lines) = run_seed(seed, trace);
+        let s = result.map_err(|e| (seed, e, lines))?;
+        total.commits += s.commits;
+        total.snapshots += s.snapshots;
+        total.evictions += s.evictions;
+        total.crashes += s.crashes;
+        total.partitions += s.partitions;
+        total.stalls += s.stalls;
+    }
+    Ok(total)
+}
+
+#[test]
+fn simulation_keeps_the_replication_invariants() {
+    let seeds: Vec<u64> = match env_u64("DKVS_SIM_SEED") {
+        Some(seed) => vec![seed],
+        None => (0..env_u64("DKVS_SIM_SEEDS").unwrap_or(2_000)).collect(),
+    };
+    let trace = seeds.len() == 1;
+    let started = Instant::now();
+    // Seeds are independent: split them over two threads (the sims share nothing).
+    let (even, odd): (Vec<u64>, Vec<u64>) = seeds.iter().partition(|s| *s % 2 == 0);
+    let results = std::thread::scope(|scope| {
+        let other = scope.spawn(|| run_seeds(&odd, trace));
+        let mine = run_seeds(&even, trace);
+        [
+            mine,
+            other
+                .join()
+                .unwrap_or_else(|_| Err((u64::MAX, "sim thread panicked".into(), Vec::new()))),
+        ]
+    });
+    let mut total = RunStats::default();
+    for result in results {
+        match result {
+            Ok(s) => {
+                total.commits += s.commits;
+                total.snapshots += s.snapshots;
+                total.evictions += s.evictions;
+                total.crashes += s.crashes;
+                total.partitions += s.partitions;
+                total.stalls += s.stalls;
+            }
+            Err((seed, e, lines)) => {
+                for line in lines.iter().rev().take(400).rev() {
+                    eprintln!("{line}");
+                }
+                panic!(
+                    "simulation seed {seed} failed: {e}\n\
+                     replay with: DKVS_SIM_SEED={seed} cargo test --lib replication::sim -- --nocapture"
+                );
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "simulated {} seeds in {secs:.2}s ({:.0} seeds/s): {total:?}",
+        seeds.len(),
+        seeds.len() as f64 / secs.max(1e-9)
+    );
+}
