@@ -26,6 +26,24 @@ struct Args {
     /// Serve UDP only.
     #[arg(short = 'u', long = "udp")]
     udp: bool,
+    /// Run as a slave of the master at HOST (registers with it and follows its writes).
+    #[arg(short = 'm', long = "mhost")]
+    mhost: Option<String>,
+    /// The master's port.
+    #[arg(
+        short = 'q',
+        long = "qport",
+        default_value_t = 9099,
+        requires = "mhost"
+    )]
+    qport: u16,
+    /// Master: milliseconds a slave has to vote or acknowledge before it is evicted.
+    #[arg(long = "tpc-timeout-ms", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    tpc_timeout_ms: u64,
+    /// Master: refuse writes while fewer than N slaves are in sync.
+    #[arg(long = "min-slaves", default_value_t = 0)]
+    min_slaves: usize,
     /// Log level: error, info or debug (also 0, 1, 2).
     #[arg(short = 'l', long = "log", default_value = "info", value_parser = LogLevel::parse)]
     log: LogLevel,
@@ -50,6 +68,9 @@ fn main() -> ExitCode {
         tcp: !args.udp,
         udp: !args.tcp,
         max_value_bytes: args.max_value_size as usize,
+        master: args.mhost.map(|host| (host, args.qport)),
+        tpc_timeout_ms: args.tpc_timeout_ms,
+        min_slaves: args.min_slaves,
     };
     let mut server = match Server::bind(&config) {
         Ok(server) => server,

@@ -37,6 +37,8 @@ pub struct ClientConfig {
     pub udp_retry_after: Duration,
     /// Largest reply value accepted; bigger replies are an error, not an allocation.
     pub max_reply_value_bytes: usize,
+    /// Redirects (a write sent to a slave) followed before giving up; 0 returns them.
+    pub max_redirects: u8,
 }
 
 impl Default for ClientConfig {
@@ -46,6 +48,7 @@ impl Default for ClientConfig {
             timeout: Duration::from_secs(5),
             udp_retry_after: Duration::from_millis(200),
             max_reply_value_bytes: DEFAULT_MAX_REPLY_VALUE_BYTES,
+            max_redirects: 3,
         }
     }
 }
@@ -130,6 +133,8 @@ pub struct Client {
     next_id: u32,
     out: Vec<u8>,
     inbuf: Vec<u8>,
+    /// The master a slave redirected writes to, kept for the next writes.
+    master: Option<Box<Client>>,
 }
 
 /// Resolve `host:port` to the first address.
@@ -181,6 +186,7 @@ impl Client {
             next_id: rand::random(),
             out: Vec::with_capacity(256),
             inbuf: Vec::new(),
+            master: None,
         })
     }
 
@@ -245,8 +251,44 @@ impl Client {
         }
     }
 
-    /// Send one request and return whatever the server answered.
+    /// Send one request and return whatever the server answered, following a
+    /// redirect of a write to the master named by a slave.
     pub fn request(
+        &mut self,
+        op: Opcode,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Response, ClientError> {
+        if op.is_write()
+            && let Some(master) = self.master.as_mut()
+        {
+            return master.request(op, key, value);
+        }
+        let reply = self.request_here(op, key, value)?;
+        if reply.status != Ok(Status::Redirect) || self.config.max_redirects == 0 {
+            return Ok(reply);
+        }
+        let target = reply.message();
+        let (host, port) = target
+            .rsplit_once(':')
+            .and_then(|(h, p)| {
+                Some((
+                    h.trim_start_matches('[').trim_end_matches(']'),
+                    p.parse().ok()?,
+                ))
+            })
+            .ok_or_else(|| ClientError::Mismatch(format!("bad redirect target '{target}'")))?;
+        let config = ClientConfig {
+            max_redirects: self.config.max_redirects - 1,
+            ..self.config.clone()
+        };
+        let mut master = Client::connect(host, port, config)?;
+        let reply = master.request(op, key, value)?;
+        self.master = Some(Box::new(master));
+        Ok(reply)
+    }
+
+    fn request_here(
         &mut self,
         op: Opcode,
         key: &[u8],

@@ -100,6 +100,8 @@ pub enum Status {
     Unavailable = 9,
     /// The server failed internally (e.g. a disk error).
     ServerError = 10,
+    /// The write's transaction was aborted; it was applied nowhere.
+    Aborted = 11,
 }
 
 impl Status {
@@ -117,6 +119,7 @@ impl Status {
             8 => Status::Redirect,
             9 => Status::Unavailable,
             10 => Status::ServerError,
+            11 => Status::Aborted,
             _ => return None,
         })
     }
@@ -135,6 +138,7 @@ impl Status {
             Status::Redirect => "REDIRECT",
             Status::Unavailable => "UNAVAILABLE",
             Status::ServerError => "SERVER_ERROR",
+            Status::Aborted => "ABORTED",
         }
     }
 }

@@ -245,8 +245,8 @@ fn status_and_opcode_bytes_round_trip() {
             assert!(!op.name().is_empty());
         }
     }
-    assert_eq!(Status::from_u8(10), Some(Status::ServerError));
-    assert_eq!(Status::from_u8(11), None);
+    assert_eq!(Status::from_u8(11), Some(Status::Aborted));
+    assert_eq!(Status::from_u8(12), None);
 }
 
 #[test]

@@ -1,67 +1,73 @@
-//! One client's TCP stream: buffering bytes into frames, answering them in
-//! order, and flushing replies with as few system calls as the kernel allows.
+//! One client's TCP stream: requests parsed from the input buffer and
+//! answered strictly in order, including writes that wait for replication.
 
-use std::io::{self, Read, Write};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use byteorder::{BigEndian, ByteOrder};
 use log::{debug, info};
 use mio::net::TcpStream;
 
-use crate::protocol::{Decoded, HEADER_LEN, Request, decode};
+use crate::protocol::peer::is_peer_opcode;
+use crate::protocol::{Decoded, Request, decode};
+use crate::replication::ClientRef;
 
-use super::handler::Core;
+use super::handler::{Core, Outcome, ReplyTarget};
+use super::stream::{Filled, Framed};
 
-/// Starting (and resting) size of a connection's input buffer.
-const INPUT_BUFFER_BYTES: usize = 16 * 1024;
 /// Replies pending beyond this stop the connection from reading: a client that
 /// does not read its replies cannot grow the server's memory.
 const OUTPUT_HIGH_WATER_BYTES: usize = 256 * 1024;
-/// An idle output buffer larger than this is given back to the allocator.
-const OUTPUT_KEEP_BYTES: usize = 64 * 1024;
+/// Writes one connection may have waiting for replication; more wait in its input.
+const MAX_PENDING_WRITES: usize = 1024;
 
-/// Whether the connection should stay registered.
+/// What the reactor should do with the connection next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Liveness {
     /// Keep it.
     Open,
     /// Deregister and drop it.
     Closed,
+    /// A peer handshake arrived: hand the stream to replication.
+    BecomePeer,
 }
 
-/// A client connection and its buffers.
+/// A client connection.
 #[derive(Debug)]
 pub struct Connection {
-    /// The socket, registered with the reactor.
-    pub stream: TcpStream,
+    /// The stream and its buffers.
+    pub io: Framed,
     peer: SocketAddr,
-    input: Vec<u8>,
-    /// Unparsed bytes are `input[in_start..in_end]`.
-    in_start: usize,
-    in_end: usize,
-    /// Bytes the next frame needs in `input`, known once its header is in.
-    frame_need: usize,
-    output: Vec<u8>,
-    /// Unsent bytes are `output[out_start..]`.
-    out_start: usize,
+    /// Where replies to this connection's pending writes are routed.
+    target: ReplyTarget,
+    /// Writes waiting for their outcome, in request order, each with its reply once known.
+    pending: VecDeque<(ClientRef, Option<Vec<u8>>)>,
+    /// Input processing stopped until pending writes are answered (or the batch is sent).
+    stalled: bool,
     /// Set on EOF or a stream-breaking error: flush what is pending, then close.
     closing: bool,
+    /// A read came back short or empty since the last readiness event: the
+    /// socket is empty, and the next edge will say when it is not.
+    drained: bool,
 }
 
 impl Connection {
-    /// Wrap an accepted stream.
-    pub fn new(stream: TcpStream, peer: SocketAddr) -> Connection {
+    /// Wrap an accepted stream living at slab `key`, with a never-reused `conn_id`.
+    pub fn new(stream: TcpStream, peer: SocketAddr, key: usize, conn_id: u64) -> Connection {
         Connection {
-            stream,
+            io: Framed::new(stream),
             peer,
-            input: vec![0; INPUT_BUFFER_BYTES],
-            in_start: 0,
-            in_end: 0,
-            frame_need: HEADER_LEN,
-            output: Vec::with_capacity(INPUT_BUFFER_BYTES),
-            out_start: 0,
+            target: ReplyTarget::Tcp { key, conn_id },
+            pending: VecDeque::new(),
+            stalled: false,
             closing: false,
+            drained: false,
         }
+    }
+
+    /// Give up the stream and its buffers (the connection turned into a peer link).
+    pub fn into_io(self) -> Framed {
+        self.io
     }
 
     /// The client's address.
@@ -69,152 +75,134 @@ impl Connection {
         self.peer
     }
 
-    /// React to readiness (either direction): read, answer every complete frame, write.
+    /// The connection's id, as carried in its reply target.
+    pub fn conn_id(&self) -> u64 {
+        match self.target {
+            ReplyTarget::Tcp { conn_id, .. } => conn_id,
+            ReplyTarget::Udp { .. } => 0,
+        }
+    }
+
+    /// React to readiness (`event`, either direction), or resume after
+    /// replies arrived: answer buffered frames, write, and read more while
+    /// that makes progress.
     ///
     /// Edge-triggered readiness is only lost if not drained, so this reads
     /// until a short read or `WouldBlock`; a short read already proves the
-    /// socket is empty, which saves the extra `read` per request.
-    pub fn on_ready(&mut self, core: &mut Core) -> Liveness {
-        let mut may_read = true;
+    /// socket is empty, which saves the extra `read` per request, and a
+    /// resumption reads only if the socket was not known to be empty.
+    pub fn on_ready(&mut self, core: &mut Core, event: bool) -> Liveness {
+        if event {
+            self.drained = false;
+        }
         loop {
-            if !self.closing {
-                self.answer_buffered(core);
+            if !self.closing && self.answer_buffered(core) {
+                return Liveness::BecomePeer;
             }
-            if let Err(e) = self.flush() {
+            if let Err(e) = self.io.flush() {
                 debug!("{}: write failed: {e}", self.peer);
                 return Liveness::Closed;
             }
-            if self.closing {
+            if self.closing
+                || self.stalled
+                || self.drained
+                || self.io.pending_output() >= OUTPUT_HIGH_WATER_BYTES
+            {
+                // Backpressure or waiting: the WRITABLE edge or a delivered reply brings us back.
                 break;
             }
-            if !may_read || self.pending_output() >= OUTPUT_HIGH_WATER_BYTES {
-                // Backpressure: the WRITABLE edge brings us back once the client reads.
-                break;
-            }
-            match self.fill() {
+            match self.io.fill() {
                 Ok(Filled::Eof) => self.closing = true,
-                Ok(Filled::Short) => may_read = false,
+                Ok(Filled::Short) | Ok(Filled::WouldBlock) => self.drained = true,
                 Ok(Filled::Full) => {}
-                Ok(Filled::WouldBlock) => may_read = false,
                 Err(e) => {
                     debug!("{}: read failed: {e}", self.peer);
                     return Liveness::Closed;
                 }
             }
         }
-        if self.closing && self.pending_output() == 0 {
+        if self.closing && self.io.pending_output() == 0 && self.pending.is_empty() {
             Liveness::Closed
         } else {
             Liveness::Open
         }
     }
 
-    fn pending_output(&self) -> usize {
-        self.output.len() - self.out_start
+    /// A pending write's reply is known: queue it, and every reply now unblocked, in order.
+    pub fn deliver(&mut self, client: ClientRef, reply: Vec<u8>) {
+        if let Some(slot) = self.pending.iter_mut().find(|(c, _)| *c == client) {
+            slot.1 = Some(reply);
+        }
+        while let Some((_, Some(_))) = self.pending.front() {
+            if let Some((_, Some(reply))) = self.pending.pop_front() {
+                self.io.output.extend_from_slice(&reply);
+            }
+        }
     }
 
-    /// Answer complete frames in order until the input runs out or replies back up.
-    fn answer_buffered(&mut self, core: &mut Core) {
-        while self.pending_output() < OUTPUT_HIGH_WATER_BYTES {
-            let buffered = &self.input[self.in_start..self.in_end];
+    /// Answer complete frames in order until the input runs out, replies back
+    /// up, or a request must wait. Returns whether a peer frame arrived.
+    fn answer_buffered(&mut self, core: &mut Core) -> bool {
+        self.stalled = false;
+        while self.io.pending_output() < OUTPUT_HIGH_WATER_BYTES {
+            let (buffered, output) = self.io.split();
             match decode(buffered, core.max_value_bytes) {
                 Ok(Decoded::Frame(frame, used)) => {
                     let id = frame.header.request_id;
-                    match Request::from_frame(&frame) {
-                        Ok(request) => core.execute(request, id, &mut self.output),
+                    if is_peer_opcode(frame.header.opcode) {
+                        return true;
+                    }
+                    let request = Request::from_frame(&frame);
+                    let is_write = matches!(&request, Ok(r) if r.opcode().is_write());
+                    // Replies go out in request order, and a read must see the
+                    // writes sent before it: only writes may queue behind writes.
+                    let must_wait = !self.pending.is_empty()
+                        && (!is_write || self.pending.len() >= MAX_PENDING_WRITES);
+                    if must_wait {
+                        self.stalled = true;
+                        return false;
+                    }
+                    if is_write && core.batch_full() {
+                        self.stalled = true;
+                        if let ReplyTarget::Tcp { key, .. } = self.target {
+                            core.batch_waiters.push(key);
+                        }
+                        return false;
+                    }
+                    match request {
+                        Ok(request) => {
+                            if let Outcome::Pending(client) =
+                                core.execute(request, id, self.target, output)
+                            {
+                                self.pending.push_back((client, None));
+                            }
+                        }
                         Err(e) => {
                             debug!("{}: rejected request {id}: {e}", self.peer);
-                            core.reject(frame.header.opcode, id, &e, &mut self.output);
+                            core.reject(frame.header.opcode, id, &e, output);
                         }
                     }
-                    self.in_start += used;
+                    self.io.consume(used);
                 }
                 Ok(Decoded::Incomplete(need)) => {
-                    self.frame_need = need.unwrap_or(HEADER_LEN);
-                    return;
+                    self.io.need(need);
+                    return false;
+                }
+                Err(_) if !self.pending.is_empty() => {
+                    // The error reply must follow the replies still owed.
+                    self.stalled = true;
+                    return false;
                 }
                 Err(e) => {
                     // The stream cannot be split into frames any more: say why, then close.
                     info!("{}: closing connection: {e}", self.peer);
                     let id = BigEndian::read_u32(&buffered[4..8]);
-                    core.reject(buffered[2], id, &e, &mut self.output);
+                    core.reject(buffered[2], id, &e, output);
                     self.closing = true;
-                    return;
+                    return false;
                 }
             }
         }
+        false
     }
-
-    /// One `read` into the free end of the input buffer, making room first.
-    fn fill(&mut self) -> io::Result<Filled> {
-        if self.in_start == self.in_end {
-            self.in_start = 0;
-            self.in_end = 0;
-            if self.input.len() > INPUT_BUFFER_BYTES && self.frame_need <= INPUT_BUFFER_BYTES {
-                self.input.truncate(INPUT_BUFFER_BYTES);
-                self.input.shrink_to_fit();
-            }
-        }
-        // frame_need was validated against the limits by the header parser, so
-        // growing to it is bounded.
-        let room_needed = self.frame_need.max(HEADER_LEN);
-        if self.input.len() - self.in_start < room_needed || self.in_end == self.input.len() {
-            self.input.copy_within(self.in_start..self.in_end, 0);
-            self.in_end -= self.in_start;
-            self.in_start = 0;
-            if self.input.len() < room_needed {
-                self.input.resize(room_needed, 0);
-            }
-        }
-        let space = self.input.len() - self.in_end;
-        // Only an incomplete frame is left buffered, and the buffer holds a whole frame.
-        debug_assert!(space > 0);
-        loop {
-            return match self.stream.read(&mut self.input[self.in_end..]) {
-                Ok(0) => Ok(Filled::Eof),
-                Ok(n) => {
-                    self.in_end += n;
-                    Ok(if n < space {
-                        Filled::Short
-                    } else {
-                        Filled::Full
-                    })
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Filled::WouldBlock),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => Err(e),
-            };
-        }
-    }
-
-    /// Write pending replies until done or the socket is full.
-    fn flush(&mut self) -> io::Result<()> {
-        while self.out_start < self.output.len() {
-            match self.stream.write(&self.output[self.out_start..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.out_start += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.output.clear();
-        self.out_start = 0;
-        if self.output.capacity() > OUTPUT_KEEP_BYTES {
-            self.output.shrink_to(OUTPUT_KEEP_BYTES);
-        }
-        Ok(())
-    }
-}
-
-/// What one `read` did.
-enum Filled {
-    /// The peer closed its side.
-    Eof,
-    /// Fewer bytes than asked: the socket is drained.
-    Short,
-    /// The buffer filled up: there may be more.
-    Full,
-    /// Nothing to read.
-    WouldBlock,
 }

@@ -1,41 +1,137 @@
-//! Executing one request against the server's state and encoding its response.
+//! Executing one client request against the server's state.
 //!
+//! Reads are answered at once. On a master, writes join this loop
+//! iteration's batch (one 2PC transaction) and are answered when it is
+//! decided; on a slave they are answered with a redirect to the master.
 //! Shared by the TCP and UDP paths so both behave identically.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use crate::protocol::peer::{OpKind, WriteOp};
 use crate::protocol::{Opcode, ProtocolError, Request, Status, encode_response};
-use crate::store::{Applied, Store, Write};
+use crate::replication::{ClientRef, ClientWrite};
+use crate::store::Store;
 
 use super::stats::Stats;
 
-/// The state every request may touch: the map, the commit counter and the counters.
+/// Largest sum of key and value bytes in one transaction; more writes wait for
+/// the next one, so that a PREPARE stays well inside a peer frame.
+pub const MAX_BATCH_BYTES: usize = 8 << 20;
+
+/// Where the reply to a pending write goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyTarget {
+    /// A TCP connection, named by slab key and a never-reused id.
+    Tcp {
+        /// Slab key.
+        key: usize,
+        /// Connection id; a reused slab key gets a new one.
+        conn_id: u64,
+    },
+    /// A UDP sender; the reply also fills the retry cache entry.
+    Udp {
+        /// Sender address.
+        from: SocketAddr,
+        /// Fingerprint of the request datagram.
+        fingerprint: u64,
+    },
+}
+
+/// A write waiting for its transaction's outcome.
+#[derive(Debug, Clone, Copy)]
+pub struct Waiting {
+    /// Where the reply goes.
+    pub target: ReplyTarget,
+    /// The request's id.
+    pub request_id: u32,
+    /// The request's opcode byte.
+    pub op: u8,
+}
+
+/// The result of executing a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The reply is in the output buffer.
+    Answered,
+    /// The write joined the batch; its reply comes with the transaction's outcome.
+    Pending(ClientRef),
+}
+
+/// This server's place in replication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Takes writes and coordinates them.
+    Master,
+    /// Serves reads; redirects writes to the master at this `host:port`.
+    Slave {
+        /// The master's client address.
+        master: String,
+    },
+}
+
+/// The state every request may touch.
 #[derive(Debug)]
 pub struct Core {
     /// The key-value map.
     pub store: Store,
-    /// Sequence number of the last committed write.
+    /// Sequence number of the last applied commit.
     pub commit_seq: u64,
     /// Counters reported by STATS.
     pub stats: Stats,
     /// Largest value accepted.
     pub max_value_bytes: usize,
+    /// Master or slave.
+    pub mode: Mode,
+    /// Writes received in this loop iteration, in arrival order.
+    pub batch: Vec<ClientWrite>,
+    batch_bytes: usize,
+    /// Connections (slab keys) that stopped reading because the batch was full.
+    pub batch_waiters: Vec<usize>,
+    /// Reply routes of writes handed to the coordinator and not yet answered.
+    pub waiting: HashMap<ClientRef, Waiting>,
+    next_client_ref: u64,
 }
 
 impl Core {
     /// Empty state with the given value limit.
-    pub fn new(max_value_bytes: usize) -> Core {
+    pub fn new(max_value_bytes: usize, mode: Mode) -> Core {
         Core {
             store: Store::new(),
             commit_seq: 0,
             stats: Stats::default(),
             max_value_bytes,
+            mode,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            batch_waiters: Vec::new(),
+            waiting: HashMap::new(),
+            next_client_ref: 1,
         }
     }
 
-    /// Execute `request` and append its response to `out`.
-    pub fn execute(&mut self, request: Request<'_>, request_id: u32, out: &mut Vec<u8>) {
+    /// Whether the current batch is full; callers stop taking writes until it is submitted.
+    pub fn batch_full(&self) -> bool {
+        self.batch_bytes >= MAX_BATCH_BYTES
+    }
+
+    /// Take the batch for submission as one transaction.
+    pub fn take_batch(&mut self) -> Vec<ClientWrite> {
+        self.batch_bytes = 0;
+        std::mem::take(&mut self.batch)
+    }
+
+    /// Execute `request`, appending an immediate reply to `out` or queueing the write.
+    pub fn execute(
+        &mut self,
+        request: Request<'_>,
+        request_id: u32,
+        target: ReplyTarget,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
         let op = request.opcode() as u8;
         self.stats.count(request.opcode());
-        let write = match request {
+        let (kind, key, value) = match request {
             Request::Get { key } => {
                 match self.store.get(key) {
                     Some((value, version)) => {
@@ -43,11 +139,11 @@ impl Core {
                     }
                     None => encode_response(out, op, Status::NotFound, request_id, 0, &[]),
                 }
-                return;
+                return Outcome::Answered;
             }
             Request::Ping => {
                 encode_response(out, op, Status::Ok, request_id, self.commit_seq, b"PONG");
-                return;
+                return Outcome::Answered;
             }
             Request::Stats => {
                 let text = self.stats.render(&self.store, self.commit_seq);
@@ -59,20 +155,37 @@ impl Core {
                     self.commit_seq,
                     text.as_bytes(),
                 );
-                return;
+                return Outcome::Answered;
             }
-            Request::Put { key, value } => Write::Put { key, value },
-            Request::Update { key, value } => Write::Update { key, value },
-            Request::Delete { key } => Write::Delete { key },
+            Request::Put { key, value } => (OpKind::Put, key, value),
+            Request::Update { key, value } => (OpKind::Update, key, value),
+            Request::Delete { key } => (OpKind::Delete, key, &[][..]),
         };
-        let version = self.commit_seq + 1;
-        match self.store.apply(write, version) {
-            Applied::Changed(v) => {
-                self.commit_seq = version;
-                encode_response(out, op, Status::Ok, request_id, v, &[]);
-            }
-            Applied::NotFound => encode_response(out, op, Status::NotFound, request_id, 0, &[]),
+        if let Mode::Slave { master } = &self.mode {
+            self.stats.redirects += 1;
+            encode_response(out, op, Status::Redirect, request_id, 0, master.as_bytes());
+            return Outcome::Answered;
         }
+        let client = ClientRef(self.next_client_ref);
+        self.next_client_ref += 1;
+        self.batch_bytes += key.len() + value.len();
+        self.batch.push(ClientWrite {
+            client,
+            op: WriteOp {
+                kind,
+                key: key.to_vec(),
+                value: value.to_vec(),
+            },
+        });
+        self.waiting.insert(
+            client,
+            Waiting {
+                target,
+                request_id,
+                op,
+            },
+        );
+        Outcome::Pending(client)
     }
 
     /// Append the error response for a request that could not be served.

@@ -1,30 +1,55 @@
 //! The reactor: one thread, one `mio::Poll`, multiplexing the TCP listener,
-//! the UDP socket and every client connection.
+//! the UDP socket, client connections, replication links and 2PC timers.
+//!
+//! The replication state machine (a [`Coordinator`] on a master, a
+//! [`Participant`] on a slave) does no I/O: the reactor feeds it events and
+//! executes the actions it returns. All client writes that arrive in one loop
+//! iteration become one transaction (group commit).
 
 mod connection;
 mod handler;
+mod peer;
 mod stats;
+mod stream;
+mod timers;
 mod udp;
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::{Duration, Instant};
 
-use log::{debug, error, info};
-use mio::net::{TcpListener, UdpSocket};
+use log::{debug, error, info, warn};
+use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use crate::protocol::peer::{OpKind, PeerMessage};
+use crate::protocol::{Status, encode_response};
+use crate::replication::{
+    Action, ClientRef, Coordinator, CoordinatorConfig, Event, LinkState, Participant,
+    ParticipantConfig, PeerId, WriteError,
+};
+use crate::store::{Applied, Store, Write};
+
 use connection::{Connection, Liveness};
 pub use handler::Core;
+use handler::{Mode, ReplyTarget};
+use peer::PeerLink;
+use stream::Framed;
+use timers::Timers;
 use udp::UdpService;
 
 const LISTENER: Token = Token(0);
 const UDP: Token = Token(1);
-/// Connection tokens are slab keys shifted past the fixed tokens.
-const FIRST_CONNECTION: usize = 2;
+/// Link tokens are slab keys shifted past the fixed tokens.
+const FIRST_LINK: usize = 2;
 /// Attempts at finding a port free for both TCP and UDP when asked for port 0.
 const PORT_ZERO_ATTEMPTS: usize = 32;
+/// Rounds of "submit writes, deliver replies, resume clients" per loop
+/// iteration; each round consumes client input, this only bounds the loop.
+const MAX_SETTLE_ROUNDS: usize = 1024;
 
 /// How a server is set up (the `dkvs-server` flags).
 #[derive(Debug, Clone)]
@@ -39,6 +64,12 @@ pub struct Config {
     pub udp: bool,
     /// Largest value accepted.
     pub max_value_bytes: usize,
+    /// Run as a slave of the master at this host and port.
+    pub master: Option<(String, u16)>,
+    /// Time a slave has to vote or acknowledge before it is evicted.
+    pub tpc_timeout_ms: u64,
+    /// Refuse writes while fewer slaves are in sync.
+    pub min_slaves: usize,
 }
 
 /// Why a server could not start or stopped.
@@ -91,28 +122,110 @@ impl fmt::Display for ServerError {
 
 impl std::error::Error for ServerError {}
 
+/// A registered socket other than the listener and the UDP socket.
+enum Link {
+    /// A client connection.
+    Client(Connection),
+    /// A replication link.
+    Peer(PeerLink),
+}
+
+/// The replication state machine this server runs.
+enum Role {
+    /// Coordinates every write.
+    Master(Box<Coordinator>),
+    /// Follows a master.
+    Slave {
+        participant: Box<Participant>,
+        master_addr: SocketAddr,
+        /// A snapshot being installed; swapped in whole when its last chunk arrives.
+        staging: Option<Store>,
+    },
+}
+
+impl Role {
+    fn handle(&mut self, now_ms: u64, event: Event) {
+        match self {
+            Role::Master(c) => c.handle(now_ms, event),
+            Role::Slave { participant, .. } => participant.handle(now_ms, event),
+        }
+    }
+
+    fn poll_action(&mut self) -> Option<Action> {
+        match self {
+            Role::Master(c) => c.poll_action(),
+            Role::Slave { participant, .. } => participant.poll_action(),
+        }
+    }
+
+    /// The replication lines of STATS.
+    fn describe(&self, master_text: &str) -> String {
+        let mut text = String::new();
+        match self {
+            Role::Master(c) => {
+                let members = c.members();
+                let seq = c.commit_seq();
+                text.push_str("role master\n");
+                text.push_str(&format!("slaves {}\n", members.iter().count()));
+                text.push_str(&format!("slaves_in_sync {}\n", members.in_sync_count()));
+                text.push_str(&format!("transactions_in_flight {}\n", c.in_flight()));
+                for (i, (_, slave)) in members.iter().enumerate() {
+                    text.push_str(&format!(
+                        "slave{i} addr={} state={} applied={} lag={}\n",
+                        slave.client_addr,
+                        slave.state.name(),
+                        slave.applied_seq,
+                        slave.lag(seq)
+                    ));
+                }
+            }
+            Role::Slave { participant, .. } => {
+                let link = match participant.link() {
+                    LinkState::Down => "down",
+                    LinkState::Connecting => "connecting",
+                    LinkState::CatchingUp(_) => "catching_up",
+                    LinkState::Following(_) => "following",
+                };
+                text.push_str("role slave\n");
+                text.push_str(&format!("master {master_text}\n"));
+                text.push_str(&format!("master_link {link}\n"));
+                text.push_str(&format!("applied_seq {}\n", participant.position()));
+                text.push_str(&format!("in_doubt {}\n", participant.in_doubt()));
+            }
+        }
+        text
+    }
+}
+
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
     poll: Poll,
     listener: Option<TcpListener>,
     udp: Option<UdpService>,
-    connections: Slab<Connection>,
+    links: Slab<Link>,
     core: Core,
     addr: SocketAddr,
+    role: Role,
+    timers: Timers,
+    clock: Instant,
+    /// Slab key of each replication link.
+    peers: HashMap<PeerId, usize>,
+    next_peer_id: u64,
+    next_conn_id: u64,
+    /// Completions the reactor feeds back once the current actions are done.
+    completions: VecDeque<Event>,
+    /// Client connections that received replies and must be resumed.
+    touched: Vec<usize>,
+    /// Replication links with output queued.
+    dirty_peers: Vec<usize>,
+    /// Whether STATS' replication lines need refreshing.
+    replication_changed: bool,
 }
 
 impl Server {
     /// Bind the sockets named by `config` and register them with a new poller.
     pub fn bind(config: &Config) -> Result<Server, ServerError> {
-        let resolve_err = |source| ServerError::Resolve {
-            host: config.host.clone(),
-            source,
-        };
-        let addr = (config.host.as_str(), config.port)
-            .to_socket_addrs()
-            .map_err(resolve_err)?
-            .next()
-            .ok_or_else(|| resolve_err(io::ErrorKind::NotFound.into()))?;
+        let addr = resolve(&config.host, config.port)?;
         let (listener, udp, addr) = bind_sockets(addr, config)?;
         let poll = Poll::new().map_err(ServerError::Poll)?;
         let mut listener = listener;
@@ -127,14 +240,57 @@ impl Server {
                 .register(&mut u.socket, UDP, Interest::READABLE)
                 .map_err(ServerError::Poll)?;
         }
-        Ok(Server {
+        let (role, mode) = match &config.master {
+            None => {
+                let coordinator = Coordinator::new(
+                    CoordinatorConfig {
+                        tpc_timeout_ms: config.tpc_timeout_ms,
+                        min_slaves: config.min_slaves,
+                        ..CoordinatorConfig::default()
+                    },
+                    0,
+                );
+                (Role::Master(Box::new(coordinator)), Mode::Master)
+            }
+            Some((host, port)) => {
+                let master_addr = resolve(host, *port)?;
+                let participant = Participant::new(
+                    ParticipantConfig {
+                        client_addr: addr.to_string(),
+                        ..ParticipantConfig::default()
+                    },
+                    0,
+                );
+                let role = Role::Slave {
+                    participant: Box::new(participant),
+                    master_addr,
+                    staging: None,
+                };
+                let master = format!("{host}:{port}");
+                (role, Mode::Slave { master })
+            }
+        };
+        let mut server = Server {
             poll,
             listener,
             udp,
-            connections: Slab::new(),
-            core: Core::new(config.max_value_bytes),
+            links: Slab::new(),
+            core: Core::new(config.max_value_bytes, mode),
             addr,
-        })
+            role,
+            timers: Timers::default(),
+            clock: Instant::now(),
+            peers: HashMap::new(),
+            next_peer_id: 1,
+            next_conn_id: 1,
+            completions: VecDeque::new(),
+            touched: Vec::new(),
+            dirty_peers: Vec::new(),
+            replication_changed: true,
+        };
+        // The state machines may have work from the start (a slave dials its master).
+        server.settle();
+        Ok(server)
     }
 
     /// The bound address (the port is the real one when 0 was asked for).
@@ -149,17 +305,31 @@ impl Server {
             (true, false) => "tcp",
             _ => "udp",
         };
-        format!(
-            "dkvs-server ready: master serving {transports} on {}",
-            self.addr
-        )
+        match &self.core.mode {
+            Mode::Master => format!(
+                "dkvs-server ready: master serving {transports} on {}",
+                self.addr
+            ),
+            Mode::Slave { master } => format!(
+                "dkvs-server ready: slave of {master} serving {transports} on {}",
+                self.addr
+            ),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
     }
 
     /// Serve until the poller fails.
     pub fn run(&mut self) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(1024);
         loop {
-            if let Err(e) = self.poll.poll(&mut events, None) {
+            let timeout = self.timers.next_deadline().map(|at| {
+                // Round up so a timer is never polled for just before it is due.
+                Duration::from_millis(at.saturating_sub(self.now_ms()) + 1)
+            });
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -173,9 +343,15 @@ impl Server {
                             udp.on_readable(&mut self.core);
                         }
                     }
-                    Token(t) => self.connection_ready(t - FIRST_CONNECTION),
+                    Token(t) => self.link_ready(t - FIRST_LINK),
                 }
             }
+            let now = self.now_ms();
+            while let Some(timer) = self.timers.pop_expired(now) {
+                self.role.handle(now, Event::TimerFired { timer });
+                self.replication_changed = true;
+            }
+            self.settle();
         }
     }
 
@@ -198,37 +374,430 @@ impl Server {
             if let Err(e) = stream.set_nodelay(true) {
                 debug!("{peer}: cannot set TCP_NODELAY: {e}");
             }
-            let entry = self.connections.vacant_entry();
-            let token = Token(entry.key() + FIRST_CONNECTION);
+            let entry = self.links.vacant_entry();
+            let key = entry.key();
             // Both interests once, so that no re-registration is ever needed.
             if let Err(e) = self.poll.registry().register(
                 &mut stream,
-                token,
+                Token(key + FIRST_LINK),
                 Interest::READABLE | Interest::WRITABLE,
             ) {
                 error!("{peer}: cannot register connection: {e}");
                 continue;
             }
             debug!("{peer}: connected");
-            entry.insert(Connection::new(stream, peer));
+            let conn_id = self.next_conn_id;
+            self.next_conn_id += 1;
+            entry.insert(Link::Client(Connection::new(stream, peer, key, conn_id)));
             self.core.stats.connections_accepted += 1;
             self.core.stats.connections_open += 1;
         }
     }
 
-    fn connection_ready(&mut self, key: usize) {
-        let Some(connection) = self.connections.get_mut(key) else {
+    fn link_ready(&mut self, key: usize) {
+        match self.links.get(key) {
+            Some(Link::Client(_)) => self.drive_client(key, true),
+            Some(Link::Peer(_)) => self.drive_peer(key),
+            None => {}
+        }
+    }
+
+    /// Serve a client connection: on readiness (`event`), or to resume it after replies.
+    fn drive_client(&mut self, key: usize, event: bool) {
+        let Some(Link::Client(connection)) = self.links.get_mut(key) else {
             return;
         };
-        if connection.on_ready(&mut self.core) == Liveness::Closed {
-            let mut connection = self.connections.remove(key);
+        match connection.on_ready(&mut self.core, event) {
+            Liveness::Open => {}
+            Liveness::Closed => self.close_client(key),
+            Liveness::BecomePeer => self.become_peer(key),
+        }
+    }
+
+    fn close_client(&mut self, key: usize) {
+        if let Link::Client(mut connection) = self.links.remove(key) {
             debug!("{}: disconnected", connection.peer());
-            if let Err(e) = self.poll.registry().deregister(&mut connection.stream) {
+            if let Err(e) = self.poll.registry().deregister(&mut connection.io.stream) {
                 debug!("{}: deregister failed: {e}", connection.peer());
             }
             self.core.stats.connections_open -= 1;
         }
     }
+
+    /// A client connection sent a peer frame: on a master it becomes a replication link.
+    fn become_peer(&mut self, key: usize) {
+        let Link::Client(connection) = self.links.remove(key) else {
+            return;
+        };
+        self.core.stats.connections_open -= 1;
+        let addr = connection.peer();
+        if matches!(self.role, Role::Slave { .. }) {
+            warn!("{addr}: replication handshake sent to a slave; closing");
+            let mut io = connection.into_io();
+            let _ = self.poll.registry().deregister(&mut io.stream);
+            return;
+        }
+        let id = PeerId(self.next_peer_id);
+        self.next_peer_id += 1;
+        info!("{addr}: replication link {} opened", id.0);
+        let link = PeerLink::new(connection.into_io(), id, addr, false);
+        self.links.insert(Link::Peer(link));
+        // Same slab key (just freed), so the registered token still points here.
+        self.peers.insert(id, key);
+        self.drive_peer(key);
+    }
+
+    /// Read, decode and hand to the state machine everything a replication link has.
+    fn drive_peer(&mut self, key: usize) {
+        let Some(Link::Peer(link)) = self.links.get_mut(key) else {
+            return;
+        };
+        let id = link.id;
+        if link.connecting {
+            match link.io.stream.peer_addr() {
+                Ok(_) => {
+                    link.connecting = false;
+                    info!("connected to master {}", link.addr);
+                    self.feed(Event::Connected { peer: id });
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                    let reason = link.io.stream.take_error().ok().flatten();
+                    if let Some(e) = reason {
+                        debug!("cannot reach master {}: {e}", link.addr);
+                        self.drop_peer(key);
+                        self.feed(Event::ConnectFailed);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    debug!("cannot reach master {}: {e}", link.addr);
+                    self.drop_peer(key);
+                    self.feed(Event::ConnectFailed);
+                    return;
+                }
+            }
+        }
+        let Some(Link::Peer(link)) = self.links.get_mut(key) else {
+            return;
+        };
+        let mut messages = Vec::new();
+        let result = link.receive(&mut messages);
+        for msg in messages {
+            self.feed(Event::Message { peer: id, msg });
+        }
+        if let Err(e) = result {
+            self.lose_peer(key, &e.to_string());
+            return;
+        }
+        self.flush_peer(key);
+    }
+
+    /// Write a link's queued output; report a finished snapshot; drop a failed link.
+    fn flush_peer(&mut self, key: usize) {
+        let Some(Link::Peer(link)) = self.links.get_mut(key) else {
+            return;
+        };
+        if link.connecting {
+            return;
+        }
+        let id = link.id;
+        match link.flush() {
+            Ok(Some(at_seq)) => self.feed(Event::SnapshotSent { peer: id, at_seq }),
+            Ok(None) => {}
+            Err(e) => self.lose_peer(key, &e.to_string()),
+        }
+    }
+
+    /// A link failed: close it and tell the state machine.
+    fn lose_peer(&mut self, key: usize, why: &str) {
+        if let Some(id) = self.drop_peer(key) {
+            info!("replication link {} closed: {why}", id.0);
+            self.feed(Event::PeerLost { peer: id });
+        }
+    }
+
+    /// Close a link without telling the state machine (it asked for it, or never knew it).
+    fn drop_peer(&mut self, key: usize) -> Option<PeerId> {
+        if !matches!(self.links.get(key), Some(Link::Peer(_))) {
+            return None;
+        }
+        let Link::Peer(mut link) = self.links.remove(key) else {
+            return None;
+        };
+        let _ = self.poll.registry().deregister(&mut link.io.stream);
+        self.peers.remove(&link.id);
+        self.replication_changed = true;
+        Some(link.id)
+    }
+
+    fn feed(&mut self, event: Event) {
+        let now = self.now_ms();
+        self.role.handle(now, event);
+        self.replication_changed = true;
+    }
+
+    /// Submit this iteration's writes, execute every action, resume the clients
+    /// whose replies came, and repeat while that produces more writes.
+    fn settle(&mut self) {
+        for _ in 0..MAX_SETTLE_ROUNDS {
+            if !self.core.batch.is_empty() {
+                let writes = self.core.take_batch();
+                self.feed(Event::ClientWrites { writes });
+                let waiters = std::mem::take(&mut self.core.batch_waiters);
+                self.touched.extend(waiters);
+            }
+            self.run_actions();
+            let touched = std::mem::take(&mut self.touched);
+            for key in touched {
+                self.drive_client(key, false);
+            }
+            if self.core.batch.is_empty() && self.touched.is_empty() {
+                break;
+            }
+        }
+        let dirty = std::mem::take(&mut self.dirty_peers);
+        for key in dirty {
+            self.flush_peer(key);
+        }
+        // Flushing may have finished a snapshot, whose completion has actions of its own.
+        if !self.completions.is_empty() || !self.dirty_peers.is_empty() {
+            self.run_actions();
+            let dirty = std::mem::take(&mut self.dirty_peers);
+            for key in dirty {
+                self.flush_peer(key);
+            }
+        }
+        if self.replication_changed {
+            self.replication_changed = false;
+            let master = match &self.core.mode {
+                Mode::Master => String::new(),
+                Mode::Slave { master } => master.clone(),
+            };
+            self.core.stats.replication = self.role.describe(&master);
+        }
+    }
+
+    /// Execute actions until the state machine and the completions are quiet.
+    fn run_actions(&mut self) {
+        loop {
+            match self.role.poll_action() {
+                Some(action) => self.execute(action),
+                None => {
+                    let Some(event) = self.next_completion() else {
+                        return;
+                    };
+                    self.feed(event);
+                }
+            }
+        }
+    }
+
+    /// The next completion; consecutive `Persisted` ones collapse into the highest.
+    fn next_completion(&mut self) -> Option<Event> {
+        let mut event = self.completions.pop_front()?;
+        while let (Event::Persisted { lsn }, Some(Event::Persisted { lsn: next })) =
+            (&event, self.completions.front())
+        {
+            debug_assert!(next > lsn);
+            event = Event::Persisted { lsn: *next };
+            self.completions.pop_front();
+        }
+        Some(event)
+    }
+
+    fn execute(&mut self, action: Action) {
+        match action {
+            Action::Send { peer, msg } => self.send_peer(peer, &msg),
+            Action::Disconnect { peer } => {
+                if let Some(&key) = self.peers.get(&peer) {
+                    // Flush what was queued (e.g. a refusal) before closing.
+                    self.flush_peer(key);
+                    self.drop_peer(key);
+                    info!("replication link {} closed by replication", peer.0);
+                }
+            }
+            Action::Connect => self.connect_to_master(),
+            // No write-ahead log yet: a record is "durable" as soon as it is handed over.
+            Action::Persist { lsn, .. } => self.completions.push_back(Event::Persisted { lsn }),
+            Action::Apply { seq, ops, replies } => self.apply(seq, &ops, &replies),
+            Action::Reply { client, error } => {
+                self.core.stats.writes_failed += 1;
+                let message = error.to_string();
+                let status = match error {
+                    WriteError::Unavailable(_) => Status::Unavailable,
+                    WriteError::Aborted(_) => Status::Aborted,
+                };
+                self.reply(client, status, 0, message.as_bytes());
+            }
+            Action::SetTimer { timer, at_ms } => self.timers.set(timer, at_ms),
+            Action::CancelTimer { timer } => self.timers.cancel(timer),
+            Action::StartSnapshot { peer, at_seq } => {
+                if let Some(&key) = self.peers.get(&peer)
+                    && let Some(Link::Peer(link)) = self.links.get_mut(key)
+                {
+                    info!(
+                        "streaming a snapshot of {} keys at seq {at_seq} to {}",
+                        self.core.store.len(),
+                        link.addr
+                    );
+                    link.start_snapshot(&self.core.store, at_seq);
+                    self.dirty_peers.push(key);
+                }
+            }
+            Action::InstallSnapshot {
+                at_seq,
+                entries,
+                begin,
+                end,
+            } => self.install_snapshot(at_seq, entries, begin, end),
+        }
+    }
+
+    fn send_peer(&mut self, peer: PeerId, msg: &PeerMessage) {
+        if let Some(&key) = self.peers.get(&peer)
+            && let Some(Link::Peer(link)) = self.links.get_mut(key)
+        {
+            link.send(msg);
+            self.dirty_peers.push(key);
+        }
+    }
+
+    fn connect_to_master(&mut self) {
+        let Role::Slave { master_addr, .. } = &self.role else {
+            return;
+        };
+        let master_addr = *master_addr;
+        let mut stream = match TcpStream::connect(master_addr) {
+            Ok(stream) => stream,
+            Err(e) => {
+                debug!("cannot connect to master {master_addr}: {e}");
+                self.completions.push_back(Event::ConnectFailed);
+                return;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let entry = self.links.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(key + FIRST_LINK),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            error!("cannot register link to master: {e}");
+            self.completions.push_back(Event::ConnectFailed);
+            return;
+        }
+        let id = PeerId(self.next_peer_id);
+        self.next_peer_id += 1;
+        entry.insert(Link::Peer(PeerLink::new(
+            Framed::new(stream),
+            id,
+            master_addr,
+            true,
+        )));
+        self.peers.insert(id, key);
+    }
+
+    fn apply(&mut self, seq: u64, ops: &[crate::protocol::peer::WriteOp], replies: &[ClientRef]) {
+        debug_assert!(
+            seq > self.core.commit_seq,
+            "commits apply in sequence order"
+        );
+        for (i, op) in ops.iter().enumerate() {
+            let write = match op.kind {
+                OpKind::Put => Write::Put {
+                    key: &op.key,
+                    value: &op.value,
+                },
+                OpKind::Update => Write::Update {
+                    key: &op.key,
+                    value: &op.value,
+                },
+                OpKind::Delete => Write::Delete { key: &op.key },
+            };
+            let applied = self.core.store.apply(write, seq);
+            if let Some(&client) = replies.get(i) {
+                match applied {
+                    Applied::Changed(version) => self.reply(client, Status::Ok, version, &[]),
+                    Applied::NotFound => self.reply(client, Status::NotFound, 0, &[]),
+                }
+            }
+        }
+        self.core.commit_seq = seq;
+    }
+
+    fn install_snapshot(
+        &mut self,
+        at_seq: u64,
+        entries: Vec<crate::protocol::peer::SnapshotEntry>,
+        begin: bool,
+        end: bool,
+    ) {
+        let Role::Slave { staging, .. } = &mut self.role else {
+            return;
+        };
+        if begin {
+            *staging = Some(Store::new());
+        }
+        let Some(store) = staging.as_mut() else {
+            warn!("snapshot chunk without a beginning; ignored");
+            return;
+        };
+        for e in entries {
+            store.set(&e.key, &e.value, e.version);
+        }
+        if end && let Some(store) = staging.take() {
+            info!(
+                "installed a snapshot of {} keys at seq {at_seq}",
+                store.len()
+            );
+            self.core.store = store;
+            self.core.commit_seq = at_seq;
+        }
+    }
+
+    /// Send the reply of a write that waited for its transaction.
+    fn reply(&mut self, client: ClientRef, status: Status, version: u64, message: &[u8]) {
+        let Some(waiting) = self.core.waiting.remove(&client) else {
+            return;
+        };
+        let mut bytes = Vec::with_capacity(crate::protocol::HEADER_LEN + message.len());
+        encode_response(
+            &mut bytes,
+            waiting.op,
+            status,
+            waiting.request_id,
+            version,
+            message,
+        );
+        match waiting.target {
+            ReplyTarget::Tcp { key, conn_id } => {
+                if let Some(Link::Client(connection)) = self.links.get_mut(key)
+                    && connection.conn_id() == conn_id
+                {
+                    connection.deliver(client, bytes);
+                    self.touched.push(key);
+                }
+            }
+            ReplyTarget::Udp { from, fingerprint } => {
+                if let Some(udp) = self.udp.as_mut() {
+                    udp.deliver(from, waiting.request_id, fingerprint, &bytes);
+                }
+            }
+        }
+    }
+}
+
+fn resolve(host: &str, port: u16) -> Result<SocketAddr, ServerError> {
+    let resolve_err = |source| ServerError::Resolve {
+        host: host.to_string(),
+        source,
+    };
+    (host, port)
+        .to_socket_addrs()
+        .map_err(resolve_err)?
+        .next()
+        .ok_or_else(|| resolve_err(io::ErrorKind::NotFound.into()))
 }
 
 /// Bind TCP and/or UDP on `addr`; for port 0, find one port free for both.

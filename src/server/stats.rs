@@ -22,6 +22,12 @@ pub struct Stats {
     pub udp_datagrams: u64,
     /// UDP writes answered from the retry cache instead of being applied again.
     pub udp_retries_deduplicated: u64,
+    /// Writes answered with a redirect to the master.
+    pub redirects: u64,
+    /// Writes refused or aborted by replication.
+    pub writes_failed: u64,
+    /// Replication lines (role, master or slaves), kept current by the reactor.
+    pub replication: String,
 }
 
 impl Default for Stats {
@@ -34,6 +40,9 @@ impl Default for Stats {
             connections_open: 0,
             udp_datagrams: 0,
             udp_retries_deduplicated: 0,
+            redirects: 0,
+            writes_failed: 0,
+            replication: "role master\n".to_string(),
         }
     }
 }
@@ -51,7 +60,6 @@ impl Stats {
             let _ = writeln!(text, "{name} {value}");
         };
         line("version", &env!("CARGO_PKG_VERSION"));
-        line("role", &"master");
         line("uptime_s", &self.started.elapsed().as_secs());
         line("keys", &store.len());
         line("data_bytes", &store.data_bytes());
@@ -71,6 +79,9 @@ impl Stats {
         line("connections_open", &self.connections_open);
         line("udp_datagrams", &self.udp_datagrams);
         line("udp_retries_deduplicated", &self.udp_retries_deduplicated);
+        line("redirects", &self.redirects);
+        line("writes_failed", &self.writes_failed);
+        text.push_str(&self.replication);
         text
     }
 }

@@ -10,7 +10,7 @@ use mio::net::UdpSocket;
 
 use crate::protocol::{MAX_UDP_FRAME_BYTES, ProtocolError, Request, decode_datagram};
 
-use super::handler::Core;
+use super::handler::{Core, Outcome, ReplyTarget};
 
 /// How many recent UDP write replies are remembered to answer retries.
 const REPLY_CACHE_ENTRIES: usize = 16 * 1024;
@@ -18,38 +18,44 @@ const REPLY_CACHE_ENTRIES: usize = 16 * 1024;
 /// A UDP request's sender and request id.
 type RetryKey = (SocketAddr, u32);
 
+/// What the cache knows of a write.
+#[derive(Debug)]
+struct Remembered {
+    /// Hash of the request datagram, telling a retry from a new write reusing the id.
+    fingerprint: u64,
+    /// The reply, once the write is decided; `None` while it is in flight.
+    reply: Option<Box<[u8]>>,
+}
+
 /// Replies to recent UDP writes, keyed by sender and request id, so that a
-/// retried write is answered again without being applied twice.
-///
-/// Each entry also keeps a fingerprint of the request: a client that reuses an
-/// id for a different write gets that write applied, not the old reply.
+/// retried write is answered again without being applied twice — including a
+/// retry that arrives while the write is still being replicated.
 #[derive(Debug, Default)]
 pub struct ReplyCache {
-    replies: HashMap<RetryKey, (u64, Box<[u8]>)>,
+    entries: HashMap<RetryKey, Remembered>,
     /// Insertion order, for evicting the oldest entry once full.
     order: VecDeque<RetryKey>,
 }
 
 impl ReplyCache {
-    fn get(&self, from: SocketAddr, request_id: u32, fingerprint: u64) -> Option<&[u8]> {
-        match self.replies.get(&(from, request_id)) {
-            Some((f, reply)) if *f == fingerprint => Some(reply),
-            _ => None,
-        }
+    fn get(&self, key: RetryKey, fingerprint: u64) -> Option<&Remembered> {
+        self.entries
+            .get(&key)
+            .filter(|r| r.fingerprint == fingerprint)
     }
 
-    fn insert(&mut self, from: SocketAddr, request_id: u32, fingerprint: u64, reply: &[u8]) {
+    fn insert(&mut self, key: RetryKey, fingerprint: u64, reply: Option<&[u8]>) {
         if self.order.len() == REPLY_CACHE_ENTRIES
             && let Some(oldest) = self.order.pop_front()
         {
-            self.replies.remove(&oldest);
+            self.entries.remove(&oldest);
         }
-        if self
-            .replies
-            .insert((from, request_id), (fingerprint, reply.into()))
-            .is_none()
-        {
-            self.order.push_back((from, request_id));
+        let remembered = Remembered {
+            fingerprint,
+            reply: reply.map(Into::into),
+        };
+        if self.entries.insert(key, remembered).is_none() {
+            self.order.push_back(key);
         }
     }
 }
@@ -92,12 +98,20 @@ impl UdpService {
             core.stats.udp_datagrams += 1;
             self.reply.clear();
             self.answer(len, from, core);
-            match self.socket.send_to(&self.reply, from) {
-                Ok(_) => {}
-                // A full socket buffer drops the reply as the network could; the client retries.
-                Err(e) => debug!("udp reply to {from} dropped: {e}"),
+            if !self.reply.is_empty() {
+                send(&self.socket, &self.reply, from);
             }
         }
+    }
+
+    /// Send the decided reply of a write that was pending, and remember it for retries.
+    pub fn deliver(&mut self, from: SocketAddr, request_id: u32, fingerprint: u64, reply: &[u8]) {
+        if let Some(entry) = self.cache.entries.get_mut(&(from, request_id))
+            && entry.fingerprint == fingerprint
+        {
+            entry.reply = Some(reply.into());
+        }
+        send(&self.socket, reply, from);
     }
 
     fn answer(&mut self, len: usize, from: SocketAddr, core: &mut Core) {
@@ -126,21 +140,36 @@ impl UdpService {
         };
         let is_write = request.opcode().is_write();
         let fingerprint = if is_write { fingerprint(bytes) } else { 0 };
-        if is_write && let Some(cached) = self.cache.get(from, request_id, fingerprint) {
+        if is_write && let Some(known) = self.cache.get((from, request_id), fingerprint) {
             core.stats.udp_retries_deduplicated += 1;
-            self.reply.extend_from_slice(cached);
+            // In flight: the reply is sent when the write is decided.
+            if let Some(reply) = &known.reply {
+                self.reply.extend_from_slice(reply);
+            }
             return;
         }
-        core.execute(request, request_id, &mut self.reply);
+        let target = ReplyTarget::Udp { from, fingerprint };
+        let outcome = core.execute(request, request_id, target, &mut self.reply);
         if self.reply.len() > MAX_UDP_FRAME_BYTES {
             let err = ProtocolError::ResponseTooLargeForUdp(self.reply.len());
             self.reply.clear();
             core.reject(op_byte, request_id, &err, &mut self.reply);
         }
         if is_write {
-            self.cache
-                .insert(from, request_id, fingerprint, &self.reply);
+            let reply = match outcome {
+                Outcome::Answered => Some(&self.reply[..]),
+                Outcome::Pending(_) => None,
+            };
+            self.cache.insert((from, request_id), fingerprint, reply);
         }
+    }
+}
+
+fn send(socket: &UdpSocket, reply: &[u8], to: SocketAddr) {
+    match socket.send_to(reply, to) {
+        Ok(_) => {}
+        // A full socket buffer drops the reply as the network could; the client retries.
+        Err(e) => debug!("udp reply to {to} dropped: {e}"),
     }
 }
 

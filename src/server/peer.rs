@@ -1,0 +1,265 @@
+//! A replication link: the master's end of a registered slave, or a slave's
+//! end of its link to the master. Frames are peer messages; a snapshot being
+//! streamed is fed into the link as its output drains, so the reactor never
+//! stalls on it.
+
+use std::net::SocketAddr;
+
+use byteorder::{BigEndian, ByteOrder};
+
+use crate::protocol::peer::{PeerError, PeerMessage, SnapshotEntry, decode_peer};
+use crate::replication::PeerId;
+use crate::store::Store;
+
+use super::stream::{Filled, Framed};
+
+/// Largest peer frame accepted (a PREPARE carries a whole batch of writes).
+pub const MAX_PEER_FRAME_BYTES: usize = 64 << 20;
+/// A snapshot chunk is cut after this many bytes of entries.
+const SNAPSHOT_CHUNK_BYTES: usize = 256 * 1024;
+/// More snapshot chunks are queued only while less than this is unsent.
+const SNAPSHOT_LOW_WATER_BYTES: usize = 1 << 20;
+/// A peer that lets this much output pile up is dropped rather than buffered for.
+pub const MAX_PEER_BACKLOG_BYTES: usize = 512 << 20;
+
+/// Why a link is finished.
+#[derive(Debug)]
+pub enum LinkError {
+    /// The socket failed or closed.
+    Io(String),
+    /// The peer sent bytes that are not a peer message.
+    Protocol(PeerError),
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Io(e) => write!(f, "{e}"),
+            LinkError::Protocol(e) => write!(f, "bad peer message: {e}"),
+        }
+    }
+}
+
+/// A point-in-time copy of the store, serialized compactly, being sent in chunks.
+#[derive(Debug)]
+struct SnapshotStream {
+    at_seq: u64,
+    /// Entries as `[key_len u16][value_len u32][version u64][key][value]`.
+    bytes: Vec<u8>,
+    sent: usize,
+}
+
+const ENTRY_HEADER_BYTES: usize = 14;
+
+impl SnapshotStream {
+    fn capture(store: &Store, at_seq: u64) -> SnapshotStream {
+        let mut bytes = Vec::with_capacity(store.data_bytes() + store.len() * ENTRY_HEADER_BYTES);
+        for block in store.iter() {
+            let mut header = [0u8; ENTRY_HEADER_BYTES];
+            BigEndian::write_u16(&mut header[0..2], block.key().len() as u16);
+            BigEndian::write_u32(&mut header[2..6], block.value().len() as u32);
+            BigEndian::write_u64(&mut header[6..14], block.version());
+            bytes.extend_from_slice(&header);
+            bytes.extend_from_slice(block.key());
+            bytes.extend_from_slice(block.value());
+        }
+        SnapshotStream {
+            at_seq,
+            bytes,
+            sent: 0,
+        }
+    }
+
+    /// The next chunk message; `last` is set on the final one.
+    fn next_chunk(&mut self) -> PeerMessage {
+        let mut entries = Vec::new();
+        let mut taken = 0;
+        while self.sent < self.bytes.len() && taken < SNAPSHOT_CHUNK_BYTES {
+            let rest = &self.bytes[self.sent..];
+            // The buffer was written by `capture` above, so its lengths are trusted.
+            let key_len = BigEndian::read_u16(&rest[0..2]) as usize;
+            let value_len = BigEndian::read_u32(&rest[2..6]) as usize;
+            let version = BigEndian::read_u64(&rest[6..14]);
+            let key_end = ENTRY_HEADER_BYTES + key_len;
+            let end = key_end + value_len;
+            entries.push(SnapshotEntry {
+                key: rest[ENTRY_HEADER_BYTES..key_end].to_vec(),
+                value: rest[key_end..end].to_vec(),
+                version,
+            });
+            self.sent += end;
+            taken += end;
+        }
+        PeerMessage::SnapshotChunk {
+            snapshot_seq: self.at_seq,
+            entries,
+            last: self.sent >= self.bytes.len(),
+        }
+    }
+}
+
+/// One replication link.
+#[derive(Debug)]
+pub struct PeerLink {
+    /// The stream and its buffers.
+    pub io: Framed,
+    /// The state machines' name for this link.
+    pub id: PeerId,
+    /// The other end.
+    pub addr: SocketAddr,
+    /// A slave's outgoing connection that has not completed yet.
+    pub connecting: bool,
+    snapshot: Option<SnapshotStream>,
+}
+
+impl PeerLink {
+    /// Wrap a stream (possibly with frames already buffered).
+    pub fn new(io: Framed, id: PeerId, addr: SocketAddr, connecting: bool) -> PeerLink {
+        PeerLink {
+            io,
+            id,
+            addr,
+            connecting,
+            snapshot: None,
+        }
+    }
+
+    /// Queue a message.
+    pub fn send(&mut self, msg: &PeerMessage) {
+        msg.encode(&mut self.io.output);
+    }
+
+    /// Read what the socket has and decode every complete message into `out`.
+    pub fn receive(&mut self, out: &mut Vec<PeerMessage>) -> Result<(), LinkError> {
+        loop {
+            self.decode_buffered(out)?;
+            match self.io.fill() {
+                Ok(Filled::Eof) => {
+                    self.decode_buffered(out)?;
+                    return Err(LinkError::Io("connection closed by peer".into()));
+                }
+                Ok(Filled::Full) => {}
+                Ok(Filled::Short) | Ok(Filled::WouldBlock) => {
+                    return self.decode_buffered(out);
+                }
+                Err(e) => return Err(LinkError::Io(e.to_string())),
+            }
+        }
+    }
+
+    /// Decode the complete messages already buffered.
+    pub fn decode_buffered(&mut self, out: &mut Vec<PeerMessage>) -> Result<(), LinkError> {
+        loop {
+            match decode_peer(self.io.buffered(), MAX_PEER_FRAME_BYTES) {
+                Ok(Some((msg, used))) => {
+                    self.io.consume(used);
+                    out.push(msg);
+                }
+                Ok(None) => {
+                    let need =
+                        match crate::protocol::decode(self.io.buffered(), MAX_PEER_FRAME_BYTES) {
+                            Ok(crate::protocol::Decoded::Incomplete(need)) => need,
+                            _ => None,
+                        };
+                    self.io.need(need);
+                    return Ok(());
+                }
+                Err(e) => return Err(LinkError::Protocol(e)),
+            }
+        }
+    }
+
+    /// Write queued output; refill it from a snapshot in progress.
+    /// Returns the snapshot's sequence number once its last chunk is queued.
+    pub fn flush(&mut self) -> Result<Option<u64>, LinkError> {
+        let mut finished = None;
+        loop {
+            self.io.flush().map_err(|e| LinkError::Io(e.to_string()))?;
+            let Some(snapshot) = self.snapshot.as_mut() else {
+                break;
+            };
+            if self.io.pending_output() >= SNAPSHOT_LOW_WATER_BYTES {
+                break;
+            }
+            let chunk = snapshot.next_chunk();
+            let last = matches!(chunk, PeerMessage::SnapshotChunk { last: true, .. });
+            chunk.encode(&mut self.io.output);
+            if last {
+                finished = Some(snapshot.at_seq);
+                self.snapshot = None;
+            }
+        }
+        if self.io.pending_output() > MAX_PEER_BACKLOG_BYTES {
+            return Err(LinkError::Io(format!(
+                "peer is not reading: {} bytes unsent",
+                self.io.pending_output()
+            )));
+        }
+        Ok(finished)
+    }
+
+    /// Start streaming a copy of `store` as it is now.
+    pub fn start_snapshot(&mut self, store: &Store, at_seq: u64) {
+        self.snapshot = Some(SnapshotStream::capture(store, at_seq));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_chunks_cover_every_entry_once() {
+        let mut store = Store::new();
+        for i in 0..5000u64 {
+            store.set(
+                format!("key{i}").as_bytes(),
+                &vec![b'v'; (i % 300) as usize],
+                i + 1,
+            );
+        }
+        let mut stream = SnapshotStream::capture(&store, 5000);
+        let mut seen = Store::new();
+        let mut chunks = 0;
+        loop {
+            let PeerMessage::SnapshotChunk {
+                snapshot_seq,
+                entries,
+                last,
+            } = stream.next_chunk()
+            else {
+                panic!("not a chunk");
+            };
+            assert_eq!(snapshot_seq, 5000);
+            chunks += 1;
+            for e in entries {
+                assert!(seen.get(&e.key).is_none(), "entry sent twice");
+                seen.set(&e.key, &e.value, e.version);
+            }
+            if last {
+                break;
+            }
+        }
+        assert!(chunks > 1, "a large store is cut into several chunks");
+        assert_eq!(seen.len(), store.len());
+        for block in store.iter() {
+            assert_eq!(
+                seen.get(block.key()),
+                Some((block.value(), block.version()))
+            );
+        }
+    }
+
+    #[test]
+    fn empty_store_is_one_last_chunk() {
+        let mut stream = SnapshotStream::capture(&Store::new(), 7);
+        assert_eq!(
+            stream.next_chunk(),
+            PeerMessage::SnapshotChunk {
+                snapshot_seq: 7,
+                entries: Vec::new(),
+                last: true
+            }
+        );
+    }
+}

@@ -1,0 +1,146 @@
+//! A non-blocking TCP stream with an input buffer that frames are parsed from
+//! and an output buffer that is flushed with as few system calls as possible.
+//! Client connections and peer links both sit on it.
+
+use std::io::{self, Read, Write};
+
+use mio::net::TcpStream;
+
+use crate::protocol::HEADER_LEN;
+
+/// Starting (and resting) size of an input buffer.
+const INPUT_BUFFER_BYTES: usize = 16 * 1024;
+/// An idle output buffer larger than this is given back to the allocator.
+const OUTPUT_KEEP_BYTES: usize = 64 * 1024;
+
+/// What one `read` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filled {
+    /// The peer closed its side.
+    Eof,
+    /// Fewer bytes than asked: the socket is drained, no second `read` is needed.
+    Short,
+    /// The buffer filled up: there may be more.
+    Full,
+    /// Nothing to read.
+    WouldBlock,
+}
+
+/// A stream with its buffers.
+#[derive(Debug)]
+pub struct Framed {
+    /// The socket, registered with the reactor.
+    pub stream: TcpStream,
+    input: Vec<u8>,
+    /// Unparsed bytes are `input[in_start..in_end]`.
+    in_start: usize,
+    in_end: usize,
+    /// Bytes the next frame needs, known once its header is in.
+    frame_need: usize,
+    /// Bytes to send are `output[out_start..]`.
+    pub output: Vec<u8>,
+    out_start: usize,
+}
+
+impl Framed {
+    /// Wrap a connected stream.
+    pub fn new(stream: TcpStream) -> Framed {
+        Framed {
+            stream,
+            input: vec![0; INPUT_BUFFER_BYTES],
+            in_start: 0,
+            in_end: 0,
+            frame_need: HEADER_LEN,
+            output: Vec::with_capacity(INPUT_BUFFER_BYTES),
+            out_start: 0,
+        }
+    }
+
+    /// Bytes received and not yet consumed.
+    pub fn buffered(&self) -> &[u8] {
+        &self.input[self.in_start..self.in_end]
+    }
+
+    /// The unconsumed input and the output buffer, borrowed together so that
+    /// replies can be encoded while a frame borrowed from the input is in use.
+    pub fn split(&mut self) -> (&[u8], &mut Vec<u8>) {
+        (&self.input[self.in_start..self.in_end], &mut self.output)
+    }
+
+    /// Mark `n` buffered bytes as consumed.
+    pub fn consume(&mut self, n: usize) {
+        debug_assert!(n <= self.in_end - self.in_start);
+        self.in_start += n;
+    }
+
+    /// Record how many bytes the incomplete frame at the front needs in total
+    /// (validated against the limits by the header parser, so growing to it is bounded).
+    pub fn need(&mut self, frame_len: Option<usize>) {
+        self.frame_need = frame_len.unwrap_or(HEADER_LEN);
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn pending_output(&self) -> usize {
+        self.output.len() - self.out_start
+    }
+
+    /// One `read` into the free end of the input buffer, making room first.
+    pub fn fill(&mut self) -> io::Result<Filled> {
+        if self.in_start == self.in_end {
+            self.in_start = 0;
+            self.in_end = 0;
+            if self.input.len() > INPUT_BUFFER_BYTES && self.frame_need <= INPUT_BUFFER_BYTES {
+                self.input.truncate(INPUT_BUFFER_BYTES);
+                self.input.shrink_to_fit();
+            }
+        }
+        let room_needed = self.frame_need.max(HEADER_LEN);
+        if self.input.len() - self.in_start < room_needed || self.in_end == self.input.len() {
+            self.input.copy_within(self.in_start..self.in_end, 0);
+            self.in_end -= self.in_start;
+            self.in_start = 0;
+            if self.input.len() < room_needed {
+                self.input.resize(room_needed, 0);
+            }
+        }
+        // Callers read only when the buffered bytes are less than one frame, so
+        // there is room; were there none, the empty read would close the stream.
+        debug_assert!(self.in_end < self.input.len());
+        let space = self.input.len() - self.in_end;
+        loop {
+            return match self.stream.read(&mut self.input[self.in_end..]) {
+                Ok(0) => Ok(Filled::Eof),
+                Ok(n) => {
+                    self.in_end += n;
+                    Ok(if n < space {
+                        Filled::Short
+                    } else {
+                        Filled::Full
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Filled::WouldBlock),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(e),
+            };
+        }
+    }
+
+    /// Write queued bytes until done or the socket is full.
+    pub fn flush(&mut self) -> io::Result<()> {
+        while self.out_start < self.output.len() {
+            match self.stream.write(&self.output[self.out_start..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.out_start += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.output.clear();
+        self.out_start = 0;
+        if self.output.capacity() > OUTPUT_KEEP_BYTES {
+            self.output.shrink_to(OUTPUT_KEEP_BYTES);
+        }
+        Ok(())
+    }
+}
