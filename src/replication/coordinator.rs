@@ -27,6 +27,8 @@ pub struct CoordinatorConfig {
     pub min_slaves: usize,
     /// Committed transactions kept in memory for partial resync.
     pub log_capacity: usize,
+    /// Bound on the key and value bytes those transactions may hold.
+    pub log_max_bytes: usize,
     /// Interval between heartbeats to slaves.
     pub heartbeat_interval_ms: u64,
     /// Silence after which a slave is evicted even with no transaction in flight.
@@ -42,6 +44,7 @@ impl Default for CoordinatorConfig {
             tpc_timeout_ms: 300,
             min_slaves: 0,
             log_capacity: 100_000,
+            log_max_bytes: 64 << 20,
             heartbeat_interval_ms: 100,
             peer_timeout_ms: 1_000,
             max_inflight_txns: 10_000,
@@ -218,7 +221,7 @@ pub struct Coordinator {
 impl Coordinator {
     /// A master with an empty store.
     pub fn new(config: CoordinatorConfig, now_ms: u64) -> Coordinator {
-        let log = CommitLog::new(config.log_capacity, 0);
+        let log = CommitLog::new(config.log_capacity, 0).with_max_bytes(config.log_max_bytes);
         Coordinator::recover(config, now_ms, 0, log)
     }
 

@@ -13,7 +13,18 @@ use super::Ops;
 pub struct CommitLog {
     entries: VecDeque<(u64, Ops)>,
     capacity: usize,
+    /// Bound on the key and value bytes held: a count alone would let big
+    /// group-committed transactions hold gigabytes.
+    max_bytes: usize,
+    bytes: usize,
     floor: u64,
+}
+
+/// Bytes a transaction holds in the log, for the byte bound.
+fn ops_bytes(ops: &Ops) -> usize {
+    ops.iter()
+        .map(|op| op.key.len() + op.value.len() + 64)
+        .sum()
 }
 
 impl CommitLog {
@@ -22,8 +33,16 @@ impl CommitLog {
         CommitLog {
             entries: VecDeque::with_capacity(capacity.min(1 << 16)),
             capacity,
+            max_bytes: usize::MAX,
+            bytes: 0,
             floor,
         }
+    }
+
+    /// The same log, also bounded to about `max_bytes` of keys and values.
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> CommitLog {
+        self.max_bytes = max_bytes;
+        self
     }
 
     /// Every committed transaction after this sequence number is in the log.
@@ -51,12 +70,15 @@ impl CommitLog {
             self.floor = seq;
             return;
         }
-        if self.entries.len() == self.capacity
-            && let Some((old, _)) = self.entries.pop_front()
-        {
+        self.bytes += ops_bytes(&ops);
+        self.entries.push_back((seq, ops));
+        while self.entries.len() > self.capacity || self.bytes > self.max_bytes {
+            let Some((old, ops)) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= ops_bytes(&ops);
             self.floor = old;
         }
-        self.entries.push_back((seq, ops));
     }
 
     /// Whether a slave that knows every outcome through `seq` can catch up from the log.
@@ -100,6 +122,29 @@ mod tests {
         let seqs: Vec<u64> = log.range(2, 4).map(|e| e.0).collect();
         assert_eq!(seqs, vec![4]);
         assert!(log.contains(4) && !log.contains(3));
+    }
+
+    #[test]
+    fn byte_bound_forgets_oldest_too() {
+        let op = |len| crate::protocol::peer::WriteOp {
+            kind: crate::protocol::peer::OpKind::Put,
+            key: b"k".to_vec(),
+            value: vec![0; len],
+        };
+        let mut log = CommitLog::new(100, 0).with_max_bytes(1000);
+        log.push(1, vec![op(400)].into());
+        log.push(2, vec![op(400)].into());
+        assert_eq!(log.len(), 2);
+        log.push(3, vec![op(400)].into());
+        assert_eq!(log.len(), 2, "three transactions of ~465 bytes exceed 1000");
+        assert_eq!(log.floor(), 1);
+        log.push(4, vec![op(5000)].into());
+        assert!(
+            log.is_empty(),
+            "a transaction larger than the bound is not kept"
+        );
+        assert_eq!(log.floor(), 4);
+        assert!(log.covers(4) && !log.covers(3));
     }
 
     #[test]

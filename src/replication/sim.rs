@@ -295,6 +295,12 @@ impl Sim {
                 0
             },
             log_capacity: rng.random_range(0..=40),
+            // Sometimes the byte bound, not the count, is what makes the log wrap.
+            log_max_bytes: if rng.random_bool(0.3) {
+                rng.random_range(100..=2_000)
+            } else {
+                usize::MAX
+            },
             heartbeat_interval_ms: 50,
             // Several heartbeats plus the worst delay spike: silence means a stalled slave.
             peer_timeout_ms: 200 + tpc_timeout_ms,
