@@ -44,6 +44,10 @@ struct Args {
     /// Master: refuse writes while fewer than N slaves are in sync.
     #[arg(long = "min-slaves", default_value_t = 0)]
     min_slaves: usize,
+    /// Master: MiB of recent writes kept so a briefly disconnected slave can
+    /// catch up without a full snapshot.
+    #[arg(long = "repl-backlog-mb", default_value_t = 8)]
+    repl_backlog_mb: usize,
     /// Log level: error, info or debug (also 0, 1, 2).
     #[arg(short = 'l', long = "log", default_value = "info", value_parser = LogLevel::parse)]
     log: LogLevel,
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
         master: args.mhost.map(|host| (host, args.qport)),
         tpc_timeout_ms: args.tpc_timeout_ms,
         min_slaves: args.min_slaves,
+        repl_backlog_bytes: args.repl_backlog_mb.saturating_mul(1 << 20),
     };
     let mut server = match Server::bind(&config) {
         Ok(server) => server,

@@ -44,7 +44,7 @@ impl Default for CoordinatorConfig {
             tpc_timeout_ms: 300,
             min_slaves: 0,
             log_capacity: 100_000,
-            log_max_bytes: 64 << 20,
+            log_max_bytes: 8 << 20,
             heartbeat_interval_ms: 100,
             peer_timeout_ms: 1_000,
             max_inflight_txns: 10_000,

@@ -70,6 +70,8 @@ pub struct Config {
     pub tpc_timeout_ms: u64,
     /// Refuse writes while fewer slaves are in sync.
     pub min_slaves: usize,
+    /// Bytes of recent writes kept for partial resync.
+    pub repl_backlog_bytes: usize,
 }
 
 /// Why a server could not start or stopped.
@@ -246,6 +248,7 @@ impl Server {
                     CoordinatorConfig {
                         tpc_timeout_ms: config.tpc_timeout_ms,
                         min_slaves: config.min_slaves,
+                        log_max_bytes: config.repl_backlog_bytes,
                         ..CoordinatorConfig::default()
                     },
                     0,
