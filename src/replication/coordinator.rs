@@ -292,7 +292,7 @@ impl Coordinator {
                 self.release(now_ms);
             }
             Event::TimerFired { timer } => self.on_timer(now_ms, timer),
-            Event::SnapshotSent { peer, at_seq } => self.on_snapshot_sent(peer, at_seq),
+            Event::SnapshotSent { peer, at_seq } => self.on_snapshot_sent(now_ms, peer, at_seq),
             Event::Connected { .. } | Event::ConnectFailed => {
                 debug!("coordinator ignores slave-side event {event:?}");
             }
@@ -627,13 +627,15 @@ impl Coordinator {
             .set_state(peer, SlaveState::Tailing { marker: through });
     }
 
-    fn on_snapshot_sent(&mut self, peer: PeerId, at_seq: u64) {
+    fn on_snapshot_sent(&mut self, now_ms: u64, peer: PeerId, at_seq: u64) {
         let Some(info) = self.members.get(peer) else {
             return;
         };
         if info.state != (SlaveState::Snapshotting { at_seq }) {
             return;
         }
+        // The slave is silent while a snapshot streams to it; that is not a stall.
+        self.members.heard_from(peer, now_ms);
         if self.log.covers(at_seq) {
             self.send_backlog(peer, at_seq);
         } else {

@@ -33,8 +33,8 @@ impl SlaveState {
     /// Short name for STATS and logs.
     pub fn name(&self) -> &'static str {
         match self {
-            SlaveState::Snapshotting { .. } => "syncing (snapshot)",
-            SlaveState::Tailing { .. } => "syncing (log)",
+            SlaveState::Snapshotting { .. } => "syncing-snapshot",
+            SlaveState::Tailing { .. } => "syncing-log",
             SlaveState::InSync { .. } => "in-sync",
             SlaveState::Evicted => "evicted",
         }

@@ -46,6 +46,8 @@ pub struct Connection {
     stalled: bool,
     /// Set on EOF or a stream-breaking error: flush what is pending, then close.
     closing: bool,
+    /// No request has been answered yet: only then may a peer handshake arrive.
+    fresh: bool,
     /// A read came back short or empty since the last readiness event: the
     /// socket is empty, and the next edge will say when it is not.
     drained: bool,
@@ -62,6 +64,7 @@ impl Connection {
             stalled: false,
             closing: false,
             drained: false,
+            fresh: true,
         }
     }
 
@@ -149,9 +152,10 @@ impl Connection {
             match decode(buffered, core.max_value_bytes) {
                 Ok(Decoded::Frame(frame, used)) => {
                     let id = frame.header.request_id;
-                    if is_peer_opcode(frame.header.opcode) {
+                    if is_peer_opcode(frame.header.opcode) && self.fresh {
                         return true;
                     }
+                    self.fresh = false;
                     let request = Request::from_frame(&frame);
                     let is_write = matches!(&request, Ok(r) if r.opcode().is_write());
                     // Replies go out in request order, and a read must see the

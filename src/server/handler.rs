@@ -15,9 +15,11 @@ use crate::store::Store;
 
 use super::stats::Stats;
 
-/// Largest sum of key and value bytes in one transaction; more writes wait for
+/// Largest encoded size of one transaction's writes; more writes wait for
 /// the next one, so that a PREPARE stays well inside a peer frame.
 pub const MAX_BATCH_BYTES: usize = 8 << 20;
+/// What one write adds to a batch besides its key and value (its encoding, roughly).
+const BATCH_BYTES_PER_WRITE: usize = 32;
 
 /// Where the reply to a pending write goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +90,8 @@ pub struct Core {
     batch_bytes: usize,
     /// Connections (slab keys) that stopped reading because the batch was full.
     pub batch_waiters: Vec<usize>,
+    /// The UDP socket stopped reading because the batch was full.
+    pub udp_waiting: bool,
     /// Reply routes of writes handed to the coordinator and not yet answered.
     pub waiting: HashMap<ClientRef, Waiting>,
     next_client_ref: u64,
@@ -105,6 +109,7 @@ impl Core {
             batch: Vec::new(),
             batch_bytes: 0,
             batch_waiters: Vec::new(),
+            udp_waiting: false,
             waiting: HashMap::new(),
             next_client_ref: 1,
         }
@@ -168,7 +173,7 @@ impl Core {
         }
         let client = ClientRef(self.next_client_ref);
         self.next_client_ref += 1;
-        self.batch_bytes += key.len() + value.len();
+        self.batch_bytes += key.len() + value.len() + BATCH_BYTES_PER_WRITE;
         self.batch.push(ClientWrite {
             client,
             op: WriteOp {

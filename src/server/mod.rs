@@ -320,6 +320,12 @@ impl Server {
         }
     }
 
+    /// Largest peer frame accepted: a batch of writes plus one largest value
+    /// (a PREPARE or LOG_ENTRY), or a snapshot chunk, with room to spare.
+    fn peer_frame_limit(&self) -> usize {
+        handler::MAX_BATCH_BYTES + 2 * self.core.max_value_bytes + (8 << 20)
+    }
+
     fn now_ms(&self) -> u64 {
         self.clock.elapsed().as_millis() as u64
     }
@@ -443,7 +449,13 @@ impl Server {
         let id = PeerId(self.next_peer_id);
         self.next_peer_id += 1;
         info!("{addr}: replication link {} opened", id.0);
-        let link = PeerLink::new(connection.into_io(), id, addr, false);
+        let link = PeerLink::new(
+            connection.into_io(),
+            id,
+            addr,
+            false,
+            self.peer_frame_limit(),
+        );
         self.links.insert(Link::Peer(link));
         // Same slab key (just freed), so the registered token still points here.
         self.peers.insert(id, key);
@@ -548,13 +560,18 @@ impl Server {
                 self.feed(Event::ClientWrites { writes });
                 let waiters = std::mem::take(&mut self.core.batch_waiters);
                 self.touched.extend(waiters);
+                if std::mem::take(&mut self.core.udp_waiting)
+                    && let Some(udp) = self.udp.as_mut()
+                {
+                    udp.on_readable(&mut self.core);
+                }
             }
             self.run_actions();
             let touched = std::mem::take(&mut self.touched);
             for key in touched {
                 self.drive_client(key, false);
             }
-            if self.core.batch.is_empty() && self.touched.is_empty() {
+            if self.core.batch.is_empty() && self.touched.is_empty() && !self.core.udp_waiting {
                 break;
             }
         }
@@ -617,6 +634,8 @@ impl Server {
                     self.flush_peer(key);
                     self.drop_peer(key);
                     info!("replication link {} closed by replication", peer.0);
+                    // The link is gone for the state machine too: it forgets the slave.
+                    self.completions.push_back(Event::PeerLost { peer });
                 }
             }
             Action::Connect => self.connect_to_master(),
@@ -679,6 +698,7 @@ impl Server {
             }
         };
         let _ = stream.set_nodelay(true);
+        let limit = self.peer_frame_limit();
         let entry = self.links.vacant_entry();
         let key = entry.key();
         if let Err(e) = self.poll.registry().register(
@@ -697,6 +717,7 @@ impl Server {
             id,
             master_addr,
             true,
+            limit,
         )));
         self.peers.insert(id, key);
     }

@@ -13,8 +13,6 @@ use crate::store::Store;
 
 use super::stream::{Filled, Framed};
 
-/// Largest peer frame accepted (a PREPARE carries a whole batch of writes).
-pub const MAX_PEER_FRAME_BYTES: usize = 64 << 20;
 /// A snapshot chunk is cut after this many bytes of entries.
 const SNAPSHOT_CHUNK_BYTES: usize = 256 * 1024;
 /// More snapshot chunks are queued only while less than this is unsent.
@@ -110,17 +108,26 @@ pub struct PeerLink {
     /// A slave's outgoing connection that has not completed yet.
     pub connecting: bool,
     snapshot: Option<SnapshotStream>,
+    /// Largest frame accepted from the peer.
+    max_frame_bytes: usize,
 }
 
 impl PeerLink {
     /// Wrap a stream (possibly with frames already buffered).
-    pub fn new(io: Framed, id: PeerId, addr: SocketAddr, connecting: bool) -> PeerLink {
+    pub fn new(
+        io: Framed,
+        id: PeerId,
+        addr: SocketAddr,
+        connecting: bool,
+        max_frame_bytes: usize,
+    ) -> PeerLink {
         PeerLink {
             io,
             id,
             addr,
             connecting,
             snapshot: None,
+            max_frame_bytes,
         }
     }
 
@@ -150,14 +157,14 @@ impl PeerLink {
     /// Decode the complete messages already buffered.
     pub fn decode_buffered(&mut self, out: &mut Vec<PeerMessage>) -> Result<(), LinkError> {
         loop {
-            match decode_peer(self.io.buffered(), MAX_PEER_FRAME_BYTES) {
+            match decode_peer(self.io.buffered(), self.max_frame_bytes) {
                 Ok(Some((msg, used))) => {
                     self.io.consume(used);
                     out.push(msg);
                 }
                 Ok(None) => {
                     let need =
-                        match crate::protocol::decode(self.io.buffered(), MAX_PEER_FRAME_BYTES) {
+                        match crate::protocol::decode(self.io.buffered(), self.max_frame_bytes) {
                             Ok(crate::protocol::Decoded::Incomplete(need)) => need,
                             _ => None,
                         };

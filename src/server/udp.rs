@@ -82,9 +82,14 @@ impl UdpService {
         }
     }
 
-    /// Answer every datagram waiting on the socket.
+    /// Answer every datagram waiting on the socket (until the write batch is full;
+    /// the reactor calls again once it has been submitted).
     pub fn on_readable(&mut self, core: &mut Core) {
         loop {
+            if core.batch_full() {
+                core.udp_waiting = true;
+                return;
+            }
             let (len, from) = match self.socket.recv_from(&mut self.datagram) {
                 Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
