@@ -20,8 +20,10 @@ fn store(c: &mut Criterion) {
     for i in 0..KEYS {
         store.set(&key(i), &value, i + 1);
     }
-    // A fixed pseudo-random walk over the keys, so lookups miss the CPU caches as in real use.
-    let order: Vec<[u8; 16]> = (0..4096u64)
+    // A fixed pseudo-random walk over all the keys, so lookups miss the CPU
+    // caches as they do in real use.
+    const WALK: usize = 1 << 20;
+    let order: Vec<[u8; 16]> = (0..WALK as u64)
         .map(|i| key(i.wrapping_mul(2_654_435_761) % KEYS))
         .collect();
 
@@ -30,7 +32,7 @@ fn store(c: &mut Criterion) {
     let mut i = 0usize;
     group.bench_function("get_hit", |b| {
         b.iter(|| {
-            i = (i + 1) & 4095;
+            i = (i + 1) & (WALK - 1);
             black_box(store.get(&order[i]).map(|(v, _)| v.len()))
         })
     });
@@ -40,7 +42,7 @@ fn store(c: &mut Criterion) {
     let mut version = KEYS;
     group.bench_function("put_overwrite", |b| {
         b.iter(|| {
-            i = (i + 1) & 4095;
+            i = (i + 1) & (WALK - 1);
             version += 1;
             let write = Write::Put {
                 key: &order[i],

@@ -132,9 +132,23 @@ impl Connection {
     }
 
     /// A pending write's reply is known: queue it, and every reply now unblocked, in order.
-    pub fn deliver(&mut self, client: ClientRef, reply: Vec<u8>) {
-        if let Some(slot) = self.pending.iter_mut().find(|(c, _)| *c == client) {
-            slot.1 = Some(reply);
+    ///
+    /// `encode` appends the reply to the buffer it is given: the output itself
+    /// when this write is the oldest pending one (the usual case, no copy), or
+    /// a parking buffer until the writes before it are answered.
+    pub fn deliver(&mut self, client: ClientRef, encode: impl FnOnce(&mut Vec<u8>)) {
+        match self.pending.front() {
+            Some((first, None)) if *first == client => {
+                encode(&mut self.io.output);
+                self.pending.pop_front();
+            }
+            _ => {
+                if let Some(slot) = self.pending.iter_mut().find(|(c, _)| *c == client) {
+                    let mut parked = Vec::new();
+                    encode(&mut parked);
+                    slot.1 = Some(parked);
+                }
+            }
         }
         while let Some((_, Some(_))) = self.pending.front() {
             if let Some((_, Some(reply))) = self.pending.pop_front() {

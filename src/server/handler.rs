@@ -92,8 +92,9 @@ pub struct Core {
     pub batch_waiters: Vec<usize>,
     /// The UDP socket stopped reading because the batch was full.
     pub udp_waiting: bool,
-    /// Reply routes of writes handed to the coordinator and not yet answered.
-    pub waiting: HashMap<ClientRef, Waiting>,
+    /// Reply routes of writes handed to the coordinator and not yet answered
+    /// (foldhash: one insert and one remove per write, SipHash showed in profiles).
+    pub waiting: HashMap<ClientRef, Waiting, foldhash::fast::RandomState>,
     next_client_ref: u64,
 }
 
@@ -110,7 +111,7 @@ impl Core {
             batch_bytes: 0,
             batch_waiters: Vec::new(),
             udp_waiting: false,
-            waiting: HashMap::new(),
+            waiting: HashMap::default(),
             next_client_ref: 1,
         }
     }

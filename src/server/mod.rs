@@ -785,26 +785,29 @@ impl Server {
         let Some(waiting) = self.core.waiting.remove(&client) else {
             return;
         };
-        let mut bytes = Vec::with_capacity(crate::protocol::HEADER_LEN + message.len());
-        encode_response(
-            &mut bytes,
-            waiting.op,
-            status,
-            waiting.request_id,
-            version,
-            message,
-        );
+        let encode = |out: &mut Vec<u8>| {
+            encode_response(
+                out,
+                waiting.op,
+                status,
+                waiting.request_id,
+                version,
+                message,
+            )
+        };
         match waiting.target {
             ReplyTarget::Tcp { key, conn_id } => {
                 if let Some(Link::Client(connection)) = self.links.get_mut(key)
                     && connection.conn_id() == conn_id
                 {
-                    connection.deliver(client, bytes);
+                    connection.deliver(client, encode);
                     self.touched.push(key);
                 }
             }
             ReplyTarget::Udp { from, fingerprint } => {
                 if let Some(udp) = self.udp.as_mut() {
+                    let mut bytes = Vec::with_capacity(crate::protocol::HEADER_LEN + message.len());
+                    encode(&mut bytes);
                     udp.deliver(from, waiting.request_id, fingerprint, &bytes);
                 }
             }

@@ -2,10 +2,11 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dkvs::client::{Client, ClientConfig, Transport};
 
@@ -25,14 +26,36 @@ pub struct ServerProcess {
     pub port: u16,
     /// The ready line itself.
     pub ready_line: String,
+    /// The arguments it was started with (after `-p PORT`), for [`restart`](Self::restart).
+    args: Vec<String>,
+    /// Sent SIGSTOP and not yet SIGCONT.
+    stopped: bool,
 }
 
 impl ServerProcess {
     /// Start `dkvs-server -p 0 ARGS...` and wait for its ready line.
     pub fn start(args: &[&str]) -> ServerProcess {
-        let quiet = !args.iter().any(|a| *a == "-l" || *a == "--log");
+        ServerProcess::start_on(0, args)
+    }
+
+    /// Start `dkvs-server -p PORT ARGS...` and wait for its ready line.
+    pub fn start_on(port: u16, args: &[&str]) -> ServerProcess {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        ServerProcess::try_start_on(port, &args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Start a slave of `master` (`-m 127.0.0.1 -q MASTER_PORT ARGS...`) on a free port.
+    pub fn start_slave(master: &ServerProcess, args: &[&str]) -> ServerProcess {
+        let port = master.port.to_string();
+        let mut all = vec!["-m", "127.0.0.1", "-q", &port];
+        all.extend_from_slice(args);
+        ServerProcess::start(&all)
+    }
+
+    fn try_start_on(port: u16, args: &[String]) -> Result<ServerProcess, String> {
+        let quiet = !args.iter().any(|a| a == "-l" || a == "--log");
         let mut child = Command::new(bin("dkvs-server"))
-            .args(["-p", "0"])
+            .args(["-p", &port.to_string()])
             .args(if quiet { &["-l", "error"][..] } else { &[] })
             .args(args)
             .stdin(Stdio::null())
@@ -54,8 +77,10 @@ impl ServerProcess {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
-                let _ = child.wait();
-                panic!("dkvs-server printed no ready line");
+                let status = child.wait();
+                return Err(format!(
+                    "dkvs-server -p {port} {args:?} printed no ready line ({status:?})"
+                ));
             }
         };
         let port = ready_line
@@ -63,11 +88,77 @@ impl ServerProcess {
             .next()
             .and_then(|p| p.trim().parse().ok())
             .unwrap_or_else(|| panic!("no port in ready line {ready_line:?}"));
-        ServerProcess {
+        Ok(ServerProcess {
             child,
             port,
             ready_line,
+            args: args.to_vec(),
+            stopped: false,
+        })
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Send `signal` (a name such as `STOP`, `CONT`, `KILL`) with `kill(1)`.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {} failed", self.pid());
+    }
+
+    /// SIGSTOP: the process freezes, its sockets stay open and unanswered.
+    pub fn stop(&mut self) {
+        self.signal("STOP");
+        self.stopped = true;
+    }
+
+    /// SIGCONT after [`stop`](Self::stop).
+    pub fn resume(&mut self) {
+        self.signal("CONT");
+        self.stopped = false;
+    }
+
+    /// SIGKILL, and reap the process.
+    pub fn kill9(&mut self) {
+        if self.stopped {
+            self.resume();
         }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kill the process if it runs, then start a new one with the same arguments
+    /// on the same port (an empty store: there is no log yet). If the port cannot
+    /// be had back within a few seconds, a free one is used instead.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut attempts = 0;
+        let replacement = loop {
+            attempts += 1;
+            match ServerProcess::try_start_on(self.port, &self.args) {
+                Ok(server) => break server,
+                Err(e) if Instant::now() < deadline && attempts < 50 => {
+                    eprintln!("restart on port {} failed, retrying: {e}", self.port);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    eprintln!(
+                        "restart on port {} failed, using a free port: {e}",
+                        self.port
+                    );
+                    break ServerProcess::try_start_on(0, &self.args)
+                        .unwrap_or_else(|e| panic!("{e}"));
+                }
+            }
+        };
+        // The old (reaped) process is dropped harmlessly in the swap.
+        *self = replacement;
     }
 
     /// A client connected over `transport`.
@@ -99,7 +190,126 @@ impl ServerProcess {
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
+        if self.stopped {
+            let _ = Command::new("kill")
+                .args(["-CONT".to_string(), self.pid().to_string()])
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Poll `condition` every few milliseconds until it holds; panic naming `what`
+/// if it does not within `limit`. Returns how long it took.
+pub fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    // Bounded in time (the deadline) and in count (the sleep between polls).
+    let max_polls = limit.as_millis() / 10 + 1;
+    for _ in 0..max_polls {
+        if condition() {
+            return start.elapsed();
+        }
+        if start.elapsed() >= limit {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if condition() {
+        return start.elapsed();
+    }
+    panic!("timed out after {limit:?} waiting until {what}");
+}
+
+/// A server's STATS, parsed.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    /// The raw text.
+    pub text: String,
+    /// `name value` lines; the value is the rest of the line.
+    pub values: BTreeMap<String, String>,
+}
+
+/// One `slaveI addr=... state=... applied=N lag=N` line of a master's STATS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlaveLine {
+    /// The slave's client address.
+    pub addr: String,
+    /// Its state (`in-sync`, `evicted`, `syncing (log)`, ...).
+    pub state: String,
+    /// Highest sequence number it reported applied.
+    pub applied: u64,
+    /// How far behind the master it is.
+    pub lag: u64,
+}
+
+impl Stats {
+    /// Parse STATS text.
+    pub fn parse(text: String) -> Stats {
+        let values = text
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Stats { text, values }
+    }
+
+    /// The value of `name`; panics if missing.
+    pub fn get(&self, name: &str) -> &str {
+        self.values
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} in STATS:\n{}", self.text))
+    }
+
+    /// The value of `name` as a number; panics if missing or not a number.
+    pub fn num(&self, name: &str) -> u64 {
+        self.get(name)
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} is not a number in STATS:\n{}", self.text))
+    }
+
+    /// A master's `slaveI` lines, in order.
+    pub fn slaves(&self) -> Vec<SlaveLine> {
+        (0..)
+            .map_while(|i| self.values.get(&format!("slave{i}")))
+            .map(|line| {
+                let field = |name: &str, next: Option<&str>| -> String {
+                    let start = line
+                        .find(&format!("{name}="))
+                        .unwrap_or_else(|| panic!("no {name}= in slave line {line:?}"))
+                        + name.len()
+                        + 1;
+                    let rest = &line[start..];
+                    let end = match next {
+                        Some(next) => rest.find(&format!(" {next}=")).unwrap_or(rest.len()),
+                        None => rest.len(),
+                    };
+                    rest[..end].to_string()
+                };
+                SlaveLine {
+                    addr: field("addr", Some("state")),
+                    state: field("state", Some("applied")),
+                    applied: field("applied", Some("lag")).parse().expect("applied"),
+                    lag: field("lag", None).parse().expect("lag"),
+                }
+            })
+            .collect()
+    }
+
+    /// The line of the slave whose client address is `addr`, if the master lists it.
+    pub fn slave(&self, addr: &str) -> Option<SlaveLine> {
+        self.slaves().into_iter().find(|s| s.addr == addr)
+    }
+}
+
+impl ServerProcess {
+    /// The server's STATS over a fresh TCP connection.
+    pub fn stats(&self) -> Stats {
+        Stats::parse(self.client(Transport::Tcp).stats().expect("stats"))
+    }
+
+    /// The address it serves clients on, as a slave announces it to its master.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
     }
 }
