@@ -17,7 +17,9 @@ use super::error::ProtocolError;
 use super::frame::{self, Decoded, Frame, MAX_KEY_BYTES};
 
 /// Version of the peer protocol spoken by this build (sent in REGISTER).
-pub const PEER_PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2 added the history id to REGISTER and REGISTERED.
+pub const PEER_PROTOCOL_VERSION: u16 = 2;
 /// First opcode reserved for peer messages.
 pub const PEER_OPCODE_FIRST: u8 = 0x40;
 /// Last opcode reserved for peer messages.
@@ -158,6 +160,9 @@ pub enum PeerMessage {
         client_addr: String,
         /// Highest commit sequence number the slave has applied.
         last_applied_seq: u64,
+        /// History that position belongs to: the history id of the master the slave
+        /// last caught up from (0: none, a slave that never caught up).
+        history_id: u64,
         /// Peer protocol version the slave speaks.
         protocol_version: u16,
     },
@@ -165,6 +170,8 @@ pub enum PeerMessage {
     Registered {
         /// The master's highest released commit sequence number.
         master_seq: u64,
+        /// The master's history id (random per master life, never 0).
+        history_id: u64,
         /// What follows.
         catch_up: CatchUp,
     },
@@ -466,22 +473,31 @@ impl PeerMessage {
         match self {
             PeerMessage::Register {
                 client_addr,
+                history_id,
                 protocol_version,
                 ..
             } => {
                 put_u16(out, *protocol_version);
+                put_u64(out, *history_id);
                 put_str(out, client_addr);
             }
-            PeerMessage::Registered { catch_up, .. } => match catch_up {
-                CatchUp::Log { from_seq } => {
-                    out.push(1);
-                    put_u64(out, *from_seq);
+            PeerMessage::Registered {
+                history_id,
+                catch_up,
+                ..
+            } => {
+                put_u64(out, *history_id);
+                match catch_up {
+                    CatchUp::Log { from_seq } => {
+                        out.push(1);
+                        put_u64(out, *from_seq);
+                    }
+                    CatchUp::Snapshot { at_seq } => {
+                        out.push(2);
+                        put_u64(out, *at_seq);
+                    }
                 }
-                CatchUp::Snapshot { at_seq } => {
-                    out.push(2);
-                    put_u64(out, *at_seq);
-                }
-            },
+            }
             PeerMessage::Prepare { ops, .. } | PeerMessage::LogEntry { ops, .. } => {
                 encode_ops(out, ops)
             }
@@ -533,14 +549,17 @@ impl PeerMessage {
         let msg = match op {
             opcode::REGISTER => {
                 let protocol_version = r.u16("protocol version")?;
+                let history_id = r.u64("history id")?;
                 let client_addr = r.string("client address")?;
                 PeerMessage::Register {
                     client_addr,
                     last_applied_seq: seq,
+                    history_id,
                     protocol_version,
                 }
             }
             opcode::REGISTERED => {
+                let history_id = r.u64("history id")?;
                 let tag = r.u8("catch-up kind")?;
                 let at = r.u64("catch-up sequence")?;
                 let catch_up = match tag {
@@ -555,6 +574,7 @@ impl PeerMessage {
                 };
                 PeerMessage::Registered {
                     master_seq: seq,
+                    history_id,
                     catch_up,
                 }
             }
@@ -681,14 +701,23 @@ mod tests {
             PeerMessage::Register {
                 client_addr: "127.0.0.1:9100".into(),
                 last_applied_seq: 42,
+                history_id: 0x0123_4567_89AB_CDEF,
+                protocol_version: PEER_PROTOCOL_VERSION,
+            },
+            PeerMessage::Register {
+                client_addr: String::new(),
+                last_applied_seq: 0,
+                history_id: 0,
                 protocol_version: PEER_PROTOCOL_VERSION,
             },
             PeerMessage::Registered {
                 master_seq: 50,
+                history_id: 0x0123_4567_89AB_CDEF,
                 catch_up: CatchUp::Log { from_seq: 42 },
             },
             PeerMessage::Registered {
                 master_seq: 50,
+                history_id: u64::MAX,
                 catch_up: CatchUp::Snapshot { at_seq: 49 },
             },
             PeerMessage::Prepare { seq: 7, ops: ops() },
@@ -925,7 +954,8 @@ mod tests {
         assert_eq!(decode_peer(&bytes, MAX), Err(PeerError::EmptyKey));
 
         let mut payload = Vec::new();
-        put_u16(&mut payload, 1);
+        put_u16(&mut payload, PEER_PROTOCOL_VERSION);
+        put_u64(&mut payload, 7);
         put_u16(&mut payload, 2);
         payload.extend_from_slice(&[0xC3, 0x28]);
         let mut bytes = Vec::new();
@@ -933,6 +963,64 @@ mod tests {
         assert_eq!(
             decode_peer(&bytes, MAX),
             Err(PeerError::BadUtf8("client address"))
+        );
+    }
+
+    #[test]
+    fn register_and_registered_carry_the_history_id_at_fixed_offsets() {
+        let register = encoded(&PeerMessage::Register {
+            client_addr: "127.0.0.1:9100".into(),
+            last_applied_seq: 42,
+            history_id: 0x0123_4567_89AB_CDEF,
+            protocol_version: PEER_PROTOCOL_VERSION,
+        });
+        let mut want = vec![0xDB, 0x01, 0x40, 0, 0, 0, 0, 0];
+        want.extend_from_slice(&42u64.to_be_bytes());
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 26]);
+        want.extend_from_slice(&[0, 2, 0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF, 0, 14]);
+        want.extend_from_slice(b"127.0.0.1:9100");
+        assert_eq!(register, want);
+
+        let registered = encoded(&PeerMessage::Registered {
+            master_seq: 50,
+            history_id: 0x0123_4567_89AB_CDEF,
+            catch_up: CatchUp::Log { from_seq: 42 },
+        });
+        let mut want = vec![0xDB, 0x01, 0x41, 0, 0, 0, 0, 0];
+        want.extend_from_slice(&50u64.to_be_bytes());
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 17]);
+        want.extend_from_slice(&[0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF, 1]);
+        want.extend_from_slice(&42u64.to_be_bytes());
+        assert_eq!(registered, want);
+    }
+
+    #[test]
+    fn a_cut_history_id_is_a_truncation_error() {
+        // REGISTER: version, then only 5 of the history id's 8 bytes.
+        let mut payload = Vec::new();
+        put_u16(&mut payload, PEER_PROTOCOL_VERSION);
+        payload.extend_from_slice(&[1, 2, 3, 4, 5]);
+        let mut bytes = Vec::new();
+        frame::encode(&mut bytes, opcode::REGISTER, 0, 0, 9, &[], &payload);
+        assert_eq!(
+            decode_peer(&bytes, MAX),
+            Err(PeerError::Truncated {
+                field: "history id",
+                needed: 8,
+                available: 5
+            })
+        );
+        // REGISTERED: 7 of the history id's 8 bytes (a version 1 payload is 9 bytes,
+        // so it fails further on, reading the catch-up sequence).
+        let mut bytes = Vec::new();
+        frame::encode(&mut bytes, opcode::REGISTERED, 0, 0, 9, &[], &[0; 7]);
+        assert_eq!(
+            decode_peer(&bytes, MAX),
+            Err(PeerError::Truncated {
+                field: "history id",
+                needed: 8,
+                available: 7
+            })
         );
     }
 

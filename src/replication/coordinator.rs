@@ -36,6 +36,12 @@ pub struct CoordinatorConfig {
     /// Bound on transactions in flight; beyond it writes are refused (the reactor
     /// should stop reading from clients well before).
     pub max_inflight_txns: usize,
+    /// Identity of the history this master's commit sequence numbers belong to,
+    /// sent in REGISTERED. A master that restarts without its data starts a new
+    /// history and must pick a new id; the server draws it at random. Never 0,
+    /// which in REGISTER means "no history yet". The state machine only compares
+    /// it, so it stays deterministic.
+    pub history_id: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -48,6 +54,7 @@ impl Default for CoordinatorConfig {
             heartbeat_interval_ms: 100,
             peer_timeout_ms: 1_000,
             max_inflight_txns: 10_000,
+            history_id: 1,
         }
     }
 }
@@ -478,6 +485,7 @@ impl Coordinator {
         if let PeerMessage::Register {
             client_addr,
             last_applied_seq,
+            history_id,
             protocol_version,
         } = msg
         {
@@ -486,6 +494,7 @@ impl Coordinator {
                 peer,
                 client_addr,
                 last_applied_seq,
+                history_id,
                 protocol_version,
             );
             return;
@@ -557,6 +566,7 @@ impl Coordinator {
         peer: PeerId,
         client_addr: String,
         last_applied_seq: u64,
+        history_id: u64,
         protocol_version: u16,
     ) {
         if self.members.get(peer).is_some() {
@@ -574,15 +584,25 @@ impl Coordinator {
             // The slave noticed its old link die before we did.
             self.evict(now_ms, old, "re-registered on a new link");
         }
-        info!("slave {client_addr} registered on {peer:?} at {last_applied_seq}");
+        info!(
+            "slave {client_addr} registered on {peer:?} at {last_applied_seq} of history {history_id:#018x}"
+        );
         self.members
             .add(peer, client_addr, last_applied_seq, now_ms);
         let master_seq = self.released_seq;
-        if last_applied_seq <= master_seq && self.log.covers(last_applied_seq) {
+        let own_history = self.config.history_id;
+        // A position means something only within the history it was reached in:
+        // sequence numbers of another history (an earlier life of this master that
+        // lost its data, or another master) name different transactions. Position 0
+        // with no history is the empty store, which every history starts from.
+        let same_history = (history_id == own_history && own_history != 0)
+            || (history_id == 0 && last_applied_seq == 0);
+        if same_history && last_applied_seq <= master_seq && self.log.covers(last_applied_seq) {
             self.send(
                 peer,
                 PeerMessage::Registered {
                     master_seq,
+                    history_id: own_history,
                     catch_up: CatchUp::Log {
                         from_seq: last_applied_seq,
                     },
@@ -590,10 +610,17 @@ impl Coordinator {
             );
             self.send_backlog(peer, last_applied_seq);
         } else {
+            if !same_history {
+                info!(
+                    "slave on {peer:?} is at {last_applied_seq} of history {history_id:#018x}, \
+                     ours is {own_history:#018x}: snapshot"
+                );
+            }
             self.send(
                 peer,
                 PeerMessage::Registered {
                     master_seq,
+                    history_id: own_history,
                     catch_up: CatchUp::Snapshot { at_seq: master_seq },
                 },
             );

@@ -4,7 +4,10 @@
 //! order, so a slave applies exactly what it is told, when it is told:
 //! LOG_ENTRY and COMMIT messages arrive in increasing sequence order. The
 //! slave's `position` is the highest sequence number whose outcome it knows
-//! (committed and applied, or aborted); it is what it registers with.
+//! (committed and applied, or aborted); it is what it registers with, together
+//! with the history id of the master it last caught up from: sequence numbers
+//! of different histories (a master that restarted without its data starts a
+//! new one) name different transactions, so a position alone means nothing.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -82,6 +85,11 @@ pub struct Participant {
     link: LinkState,
     /// Highest sequence number whose outcome is known and applied.
     position: u64,
+    /// The history `position` belongs to: the history id of the master this slave
+    /// last caught up from (0: none yet; only position 0 is meaningful without one).
+    history_id: u64,
+    /// The history id the master of the current link announced in REGISTERED.
+    link_history: Option<u64>,
     prepared: BTreeMap<u64, Prepared>,
     /// Sequence number of the snapshot being installed, if one is.
     snapshot_in_progress: Option<u64>,
@@ -97,13 +105,16 @@ pub struct Participant {
 
 impl Participant {
     /// A slave whose store (recovered from its log) reflects every commit through
-    /// `recovered_seq`. Emits [`Action::Connect`] at once.
+    /// `recovered_seq`. Emits [`Action::Connect`] at once. It knows no history
+    /// yet, so unless `recovered_seq` is 0 its first catch-up is a snapshot.
     pub fn new(config: ParticipantConfig, recovered_seq: u64) -> Participant {
         let mut p = Participant {
             reconnect_delay_ms: config.reconnect_min_ms,
             config,
             link: LinkState::Connecting,
             position: recovered_seq,
+            history_id: 0,
+            link_history: None,
             prepared: BTreeMap::new(),
             snapshot_in_progress: None,
             last_lsn: 0,
@@ -125,6 +136,11 @@ impl Participant {
     /// Highest sequence number whose outcome this slave knows and has applied.
     pub fn position(&self) -> u64 {
         self.position
+    }
+
+    /// The history id of the master this slave last caught up from (0: none yet).
+    pub fn history_id(&self) -> u64 {
+        self.history_id
     }
 
     /// The link's state (for STATS).
@@ -195,12 +211,14 @@ impl Participant {
         // they can be dropped now, and the master may even reuse their numbers.
         self.prepared.clear();
         self.snapshot_in_progress = None;
+        self.link_history = None;
         self.link = LinkState::CatchingUp(peer);
         self.send(
             peer,
             PeerMessage::Register {
                 client_addr: self.config.client_addr.clone(),
                 last_applied_seq: self.position,
+                history_id: self.history_id,
                 protocol_version: PEER_PROTOCOL_VERSION,
             },
         );
@@ -209,6 +227,7 @@ impl Participant {
     fn link_down(&mut self, now_ms: u64) {
         self.link = LinkState::Down;
         self.snapshot_in_progress = None;
+        self.link_history = None;
         self.actions.push_back(Action::SetTimer {
             timer: TimerId::Reconnect,
             at_ms: now_ms + self.reconnect_delay_ms,
@@ -226,12 +245,33 @@ impl Participant {
 
     fn on_message(&mut self, now_ms: u64, peer: PeerId, msg: PeerMessage) {
         let following = self.link == LinkState::Following(peer);
+        let registered = self.link_history.is_some();
         match msg {
-            PeerMessage::Registered { catch_up, .. } => {
-                if let CatchUp::Log { from_seq } = catch_up
-                    && from_seq != self.position
-                {
-                    self.violation(now_ms, peer, "log catch-up from the wrong position");
+            PeerMessage::Registered {
+                history_id,
+                catch_up,
+                ..
+            } => {
+                if registered {
+                    return self.violation(now_ms, peer, "registered twice");
+                }
+                self.link_history = Some(history_id);
+                if let CatchUp::Log { from_seq } = catch_up {
+                    if from_seq != self.position {
+                        return self.violation(
+                            now_ms,
+                            peer,
+                            "log catch-up from the wrong position",
+                        );
+                    }
+                    let same = history_id == self.history_id
+                        || (self.history_id == 0 && self.position == 0);
+                    if !same {
+                        return self.violation(now_ms, peer, "log catch-up across histories");
+                    }
+                    // The master vouches that our position is one of its history's:
+                    // from here on (and for every later registration) we are in its.
+                    self.history_id = history_id;
                 }
             }
             PeerMessage::SnapshotChunk {
@@ -242,6 +282,9 @@ impl Participant {
                 if following {
                     return self.violation(now_ms, peer, "snapshot while following");
                 }
+                let Some(master_history) = self.link_history else {
+                    return self.violation(now_ms, peer, "snapshot before REGISTERED");
+                };
                 let begin = self.snapshot_in_progress != Some(snapshot_seq);
                 self.snapshot_in_progress = if last { None } else { Some(snapshot_seq) };
                 self.actions.push_back(Action::InstallSnapshot {
@@ -252,10 +295,14 @@ impl Participant {
                 });
                 if last {
                     self.position = snapshot_seq;
+                    self.history_id = master_history;
                     self.persist(Record::Checkpoint { seq: snapshot_seq });
                 }
             }
             PeerMessage::LogEntry { seq, ops } => {
+                if !registered {
+                    return self.violation(now_ms, peer, "log entry before REGISTERED");
+                }
                 if seq <= self.position || self.prepared.range(..=seq).next().is_some() {
                     return self.violation(now_ms, peer, "log entry out of order");
                 }
@@ -263,7 +310,11 @@ impl Participant {
                 self.persist(Record::CommittedTxn { seq, ops });
             }
             PeerMessage::CaughtUp { seq } => {
-                if following || seq < self.position || self.snapshot_in_progress.is_some() {
+                if following
+                    || !registered
+                    || seq < self.position
+                    || self.snapshot_in_progress.is_some()
+                {
                     return self.violation(now_ms, peer, "caught-up marker out of place");
                 }
                 // Every outcome through `seq` has been delivered (aborts leave no entry).

@@ -6,8 +6,12 @@
 //! detection delay), a simulated clock and simulated disks (persist
 //! completions in log order, sometimes slow). Faults: partitions, slave
 //! crashes (volatile state lost, durable records kept) and restarts, slave
-//! stalls (no answers while the link stays open), slow persists, random
-//! `tpc_timeout`, log capacity and `min_slaves`. Everything is drawn from one
+//! stalls (no answers while the link stays open), slow persists, master
+//! restarts (a crash without durable state, as the current server has no
+//! write-ahead log: a new coordinator with a new history id and an empty store,
+//! down for a while; every link dies, what the master had sent may still
+//! arrive, nothing the slaves had sent does), random `tpc_timeout`, log
+//! capacity and `min_slaves`. Everything is drawn from one
 //! seeded RNG, so a failing seed replays exactly:
 //!
 //! ```text
@@ -15,15 +19,20 @@
 //! DKVS_SIM_SEEDS=100000 cargo test --release --lib replication::sim
 //! ```
 //!
-//! Checked continuously: every replica passes through exactly the master's
-//! states (a digest of the whole store after each applied commit must equal
-//! the master's after the same commit), so commit order is the same
-//! everywhere and no aborted or uncommitted write is ever visible; when the
-//! master applies (acknowledges) a commit, every slave in sync for it holds a
-//! durable PREPARE of it; a crashed slave recovers to a state the master
-//! passed through. Checked at the end, after healing every fault: every
-//! client got exactly one reply, every slave is back in sync and holds
-//! exactly the master's data, and nothing is left in flight.
+//! Each life of the master is a history of its own (sequence numbers restart
+//! at 1). Checked continuously: every replica passes through exactly the
+//! states of the master life whose history id it holds (a digest of the whole
+//! store after each applied commit must equal that life's after the same
+//! commit), so commit order is the same everywhere, histories never mix, and
+//! no aborted or uncommitted write is ever visible; when the master applies
+//! (acknowledges) a commit, every slave in sync for it holds a durable PREPARE
+//! of it; a crashed slave recovers to a state some master life passed
+//! through. Checked at the end, after healing every fault: every client of
+//! the current master life got exactly one reply (clients of a dead life got
+//! at most one: their connection died with it), every slave is back in sync
+//! and holds exactly the current master's data (writes acknowledged by an
+//! earlier life are legitimately gone: nothing made them durable), and
+//! nothing is left in flight.
 
 use std::cmp::Ordering;
 use std::collections::hash_map::DefaultHasher;
@@ -91,6 +100,10 @@ enum Ev {
     },
     Crash {
         slave: usize,
+        dur: u64,
+    },
+    /// The master dies, losing everything, and is back after `dur`.
+    MasterRestart {
         dur: u64,
     },
     Restart {
@@ -179,7 +192,8 @@ struct SlaveNode {
     timers: BTreeMap<TimerId, u64>,
     pending: VecDeque<(u64, Durable)>,
     durable: Vec<Durable>,
-    durable_prepared: HashSet<u64>,
+    /// Durable PREPAREs, with their writes: sequence numbers repeat across master lives.
+    durable_prepared: HashSet<(u64, Ops)>,
     last_persist_at: u64,
     slow_persist_until: u64,
     stalled_until: u64,
@@ -194,13 +208,24 @@ struct Sim {
     heap: BinaryHeap<Scheduled>,
     links: Vec<Link>,
     coord: Coordinator,
+    /// Config of every master life (each gets a new history id).
+    coord_config: CoordinatorConfig,
+    /// Current master life: an index into `histories`, `digests` and `committed`.
+    master_life: usize,
+    /// History id of each master life.
+    histories: Vec<u64>,
+    /// The master is down (between a crash and its restart) until then.
+    master_down_until: u64,
     master_store: Store,
     master_timers: BTreeMap<TimerId, u64>,
     master_last_persist_at: u64,
     master_slow_persist_until: u64,
-    /// Digest of the master's store after each committed seq (0: empty store).
-    digests: BTreeMap<u64, u64>,
-    committed: BTreeMap<u64, Ops>,
+    /// Per master life: digest of the master's store after each committed seq (0: empty store).
+    digests: Vec<BTreeMap<u64, u64>>,
+    /// Per master life: the writes of each committed seq.
+    committed: Vec<BTreeMap<u64, Ops>>,
+    /// Clients whose master died before answering them.
+    dropped_clients: BTreeSet<u64>,
     slaves: Vec<SlaveNode>,
     next_client: u64,
     replies: BTreeMap<u64, u32>,
@@ -221,6 +246,7 @@ struct RunStats {
     crashes: u64,
     partitions: u64,
     stalls: u64,
+    master_restarts: u64,
 }
 
 fn digest(store: &Store) -> u64 {
@@ -305,7 +331,9 @@ impl Sim {
             // Several heartbeats plus the worst delay spike: silence means a stalled slave.
             peer_timeout_ms: 200 + tpc_timeout_ms,
             max_inflight_txns: 64,
+            history_id: 0,
         };
+        let history_id = rng.random_range(1..=u64::MAX);
         let mut digests = BTreeMap::new();
         digests.insert(0, digest(&Store::new()));
         let mut sim = Sim {
@@ -314,13 +342,24 @@ impl Sim {
             order: 0,
             heap: BinaryHeap::new(),
             links: Vec::new(),
-            coord: Coordinator::new(config, 0),
+            coord: Coordinator::new(
+                CoordinatorConfig {
+                    history_id,
+                    ..config.clone()
+                },
+                0,
+            ),
+            coord_config: config,
+            master_life: 0,
+            histories: vec![history_id],
+            master_down_until: 0,
             master_store: Store::new(),
             master_timers: BTreeMap::new(),
             master_last_persist_at: 0,
             master_slow_persist_until: 0,
-            digests,
-            committed: BTreeMap::new(),
+            digests: vec![digests],
+            committed: vec![BTreeMap::new()],
+            dropped_clients: BTreeSet::new(),
             slaves: Vec::new(),
             next_client: 0,
             replies: BTreeMap::new(),
@@ -363,10 +402,11 @@ impl Sim {
             let at = sim.rng.random_range(0..ACTIVE_MS);
             let slave = sim.rng.random_range(0..SLAVES);
             let dur = sim.rng.random_range(5..=300);
-            let ev = match sim.rng.random_range(0..4) {
+            let ev = match sim.rng.random_range(0..5) {
                 0 => Ev::Partition { slave, dur },
                 1 => Ev::Crash { slave, dur },
                 2 => Ev::Stall { slave, dur },
+                3 => Ev::MasterRestart { dur: dur / 4 },
                 _ => Ev::SlowPersist {
                     node: sim.rng.random_range(0..=SLAVES),
                     dur,
@@ -474,6 +514,7 @@ impl Sim {
     fn heal_all(&mut self) {
         self.log(|| "heal everything".into());
         self.master_slow_persist_until = 0;
+        self.master_down_until = self.master_down_until.min(self.now);
         for i in 0..SLAVES {
             let s = &mut self.slaves[i];
             s.partitioned = false;
@@ -530,7 +571,9 @@ impl Sim {
                 life,
             } => {
                 if node == 0 {
-                    if self.master_timers.get(&timer) == Some(&at) {
+                    if life == self.master_life as u64
+                        && self.master_timers.get(&timer) == Some(&at)
+                    {
                         self.master_timers.remove(&timer);
                         self.coord.handle(self.now, Event::TimerFired { timer });
                         self.run_master_actions()?;
@@ -545,6 +588,9 @@ impl Sim {
             }
             Ev::PersistDone { node, lsn, life } => {
                 if node == 0 {
+                    if life != self.master_life as u64 {
+                        return Ok(()); // the disk of a dead master life
+                    }
                     self.coord.handle(self.now, Event::Persisted { lsn });
                     self.run_master_actions()?;
                 } else {
@@ -557,8 +603,8 @@ impl Sim {
                             break;
                         }
                         if let Some((_, d)) = s.pending.pop_front() {
-                            if let Durable::Rec(Record::Prepared { seq, .. }) = &d {
-                                s.durable_prepared.insert(*seq);
+                            if let Durable::Rec(Record::Prepared { seq, ops }) = &d {
+                                s.durable_prepared.insert((*seq, ops.clone()));
                             }
                             s.durable.push(d);
                         }
@@ -570,7 +616,7 @@ impl Sim {
                 if self.slaves[slave].life != life || self.slaves[slave].part.is_none() {
                     return Ok(());
                 }
-                if self.slaves[slave].partitioned {
+                if self.slaves[slave].partitioned || self.now < self.master_down_until {
                     self.slave_event(slave, Event::ConnectFailed)?;
                 } else {
                     let link = self.links.len();
@@ -629,6 +675,11 @@ impl Sim {
             }
             Ev::ClientBatch => {
                 if !active {
+                    return Ok(());
+                }
+                if self.now < self.master_down_until {
+                    let next = self.master_down_until;
+                    self.schedule(next, Ev::ClientBatch);
                     return Ok(());
                 }
                 let n = self.rng.random_range(1..=4);
@@ -692,7 +743,7 @@ impl Sim {
                     return Ok(());
                 }
                 let (store, pos) = recover(&self.slaves[slave].durable)?;
-                self.check_state(slave, &store, pos, "recovery")?;
+                self.check_state(slave, &store, pos, None, "recovery")?;
                 self.log(|| format!("start slave {slave} at {pos}"));
                 let s = &mut self.slaves[slave];
                 s.store = store;
@@ -709,6 +760,7 @@ impl Sim {
                 ));
                 self.run_slave_actions(slave)?;
             }
+            Ev::MasterRestart { dur } => self.restart_master(dur)?,
             Ev::Stall { slave, dur } => {
                 self.log(|| format!("stall slave {slave} for {dur}"));
                 self.stats.stalls += 1;
@@ -725,6 +777,78 @@ impl Sim {
         Ok(())
     }
 
+    /// The master crashes and comes back empty, with a new history id, after `dur`.
+    fn restart_master(&mut self, dur: u64) -> Result<(), String> {
+        let history_id = loop {
+            let id = self.rng.random_range(1..=u64::MAX);
+            if !self.histories.contains(&id) {
+                break id;
+            }
+        };
+        self.log(|| format!("master restarts after {dur} as history {history_id:#x}"));
+        self.stats.master_restarts += 1;
+        // Its clients' connections die with it: they never get a reply.
+        for c in 1..=self.next_client {
+            if !self.replies.contains_key(&c) {
+                self.dropped_clients.insert(c);
+            }
+        }
+        // Every link dies. What the master had handed to the kernel may still reach
+        // the slave; nothing in flight to the master reaches the new one (that
+        // includes links already broken: their leftovers were for the old master).
+        for link in 0..self.links.len() {
+            self.links[link].queue[TO_MASTER].clear();
+            if self.links[link].broken {
+                continue;
+            }
+            self.log(|| format!("link {link} dies with the master"));
+            self.links[link].broken = true;
+            self.links[link].snapshot = None;
+            let len = self.links[link].queue[TO_SLAVE].len();
+            let keep = self.rng.random_range(0..=len);
+            self.links[link].queue[TO_SLAVE].truncate(keep);
+            let detect = self.rng.random_range(1..=self.tpc_timeout_ms * 2);
+            let at = (self.now + detect).max(self.links[link].last_at[TO_SLAVE] + 1);
+            self.schedule(
+                at,
+                Ev::LinkLost {
+                    slave_side: true,
+                    link,
+                },
+            );
+        }
+        self.master_life += 1;
+        self.histories.push(history_id);
+        let mut digests = BTreeMap::new();
+        digests.insert(0, digest(&Store::new()));
+        self.digests.push(digests);
+        self.committed.push(BTreeMap::new());
+        self.master_store = Store::new();
+        self.master_timers.clear();
+        self.master_last_persist_at = self.now;
+        self.master_down_until = self.now + dur;
+        let config = CoordinatorConfig {
+            history_id,
+            ..self.coord_config.clone()
+        };
+        self.coord = Coordinator::new(config, self.master_down_until);
+        self.run_master_actions()
+    }
+
+    /// The master life a slave's history id names.
+    fn life_of(&self, slave: usize) -> Result<usize, String> {
+        let history_id = self.slaves[slave]
+            .part
+            .as_ref()
+            .map_or(0, |p| p.history_id());
+        self.histories
+            .iter()
+            .position(|h| *h == history_id)
+            .ok_or(format!(
+                "slave {slave} holds history {history_id:#x}, which no master life had"
+            ))
+    }
+
     fn slave_event(&mut self, slave: usize, event: Event) -> Result<(), String> {
         let Some(part) = self.slaves[slave].part.as_mut() else {
             return Ok(()); // crashed
@@ -736,12 +860,27 @@ impl Sim {
         self.run_slave_actions(slave)
     }
 
-    /// Check that a replica's store is exactly the master's after commit `seq`.
-    fn check_state(&self, slave: usize, store: &Store, seq: u64, what: &str) -> Result<(), String> {
-        let want = self.digests.range(..=seq).next_back().map(|(_, d)| *d);
-        if want != Some(digest(store)) {
+    /// Check that a replica's store is exactly the master's after commit `seq` of
+    /// master life `life`, or of any life if the replica cannot know which.
+    fn check_state(
+        &self,
+        slave: usize,
+        store: &Store,
+        seq: u64,
+        life: Option<usize>,
+        what: &str,
+    ) -> Result<(), String> {
+        let have = digest(store);
+        let matches = |digests: &BTreeMap<u64, u64>| {
+            digests.range(..=seq).next_back().map(|(_, d)| *d) == Some(have)
+        };
+        let ok = match life {
+            Some(l) => matches(&self.digests[l]),
+            None => self.digests.iter().any(matches),
+        };
+        if !ok {
             return Err(format!(
-                "slave {slave} after {what} at seq {seq} holds a state the master never had: {store:?}"
+                "slave {slave} after {what} at seq {seq} holds a state master life {life:?} never had: {store:?}"
             ));
         }
         Ok(())
@@ -773,7 +912,7 @@ impl Sim {
                         Ev::PersistDone {
                             node: 0,
                             lsn,
-                            life: 0,
+                            life: self.master_life as u64,
                         },
                     );
                 }
@@ -795,7 +934,7 @@ impl Sim {
                             node: 0,
                             timer,
                             at: at_ms,
-                            life: 0,
+                            life: self.master_life as u64,
                         },
                     );
                 }
@@ -804,7 +943,11 @@ impl Sim {
                 }
                 Action::StartSnapshot { peer, at_seq } => {
                     let link = (peer.0 - 1) as usize;
-                    let applied = self.committed.keys().next_back().copied().unwrap_or(0);
+                    let applied = self.committed[self.master_life]
+                        .keys()
+                        .next_back()
+                        .copied()
+                        .unwrap_or(0);
                     if applied > at_seq {
                         return Err(format!(
                             "snapshot at {at_seq} requested with the store at {applied}"
@@ -851,7 +994,7 @@ impl Sim {
     }
 
     fn master_apply(&mut self, seq: u64, ops: Ops, replies: Vec<ClientRef>) -> Result<(), String> {
-        if let Some((&last, _)) = self.committed.iter().next_back()
+        if let Some((&last, _)) = self.committed[self.master_life].iter().next_back()
             && seq <= last
         {
             return Err(format!("master applied {seq} after {last}"));
@@ -862,7 +1005,10 @@ impl Sim {
                 && join_seq <= seq
             {
                 let slave = self.links[(peer.0 - 1) as usize].slave;
-                if !self.slaves[slave].durable_prepared.contains(&seq) {
+                if !self.slaves[slave]
+                    .durable_prepared
+                    .contains(&(seq, ops.clone()))
+                {
                     return Err(format!(
                         "commit {seq} acknowledged but in-sync slave {slave} has no durable prepare"
                     ));
@@ -881,8 +1027,9 @@ impl Sim {
             self.acked_ok += 1;
             self.reply(client)?;
         }
-        self.digests.insert(seq, digest(&self.master_store));
-        self.committed.insert(seq, ops);
+        let life = self.master_life;
+        self.digests[life].insert(seq, digest(&self.master_store));
+        self.committed[life].insert(seq, ops);
         self.stats.commits += 1;
         Ok(())
     }
@@ -943,9 +1090,10 @@ impl Sim {
                     if !replies.is_empty() {
                         return Err("slave apply with client replies".into());
                     }
-                    if self.committed.get(&seq) != Some(&ops) {
+                    let life = self.life_of(slave)?;
+                    if self.committed[life].get(&seq) != Some(&ops) {
                         return Err(format!(
-                            "slave {slave} applied {seq} which the master did not commit (or not with these ops)"
+                            "slave {slave} applied {seq} which master life {life} did not commit (or not with these ops)"
                         ));
                     }
                     let s = &mut self.slaves[slave];
@@ -957,7 +1105,7 @@ impl Sim {
                     }
                     apply_ops(&mut s.store, seq, &ops);
                     s.applied_seq = seq;
-                    self.check_state(slave, &self.slaves[slave].store, seq, "apply")?;
+                    self.check_state(slave, &self.slaves[slave].store, seq, Some(life), "apply")?;
                 }
                 Action::InstallSnapshot {
                     at_seq,
@@ -975,7 +1123,9 @@ impl Sim {
                     if end {
                         s.store = std::mem::take(&mut s.staging);
                         s.applied_seq = at_seq;
-                        self.check_state(slave, &self.slaves[slave].store, at_seq, "snapshot")?;
+                        let life = self.life_of(slave)?;
+                        let store = &self.slaves[slave].store;
+                        self.check_state(slave, store, at_seq, Some(life), "snapshot")?;
                     }
                 }
                 Action::SetTimer { timer, at_ms } => {
@@ -1004,7 +1154,7 @@ impl Sim {
 
     fn final_checks(&self) -> Result<(), String> {
         let missing: Vec<u64> = (1..=self.next_client)
-            .filter(|c| !self.replies.contains_key(c))
+            .filter(|c| !self.replies.contains_key(c) && !self.dropped_clients.contains(c))
             .collect();
         if !missing.is_empty() {
             return Err(format!(
@@ -1048,7 +1198,8 @@ impl Sim {
                 ));
             }
             let (recovered, pos) = recover(&s.durable)?;
-            self.check_state(i, &recovered, pos, "final recovery check")?;
+            let life = Some(self.master_life);
+            self.check_state(i, &recovered, pos, life, "final recovery check")?;
         }
         Ok(())
     }
@@ -1088,6 +1239,7 @@ fn run_seeds(seeds: &[u64], trace: bool) -> Result<RunStats, (u64, String, Vec<S
         total.crashes += s.crashes;
         total.partitions += s.partitions;
         total.stalls += s.stalls;
+        total.master_restarts += s.master_restarts;
     }
     Ok(total)
 }
@@ -1122,6 +1274,7 @@ fn simulation_keeps_the_replication_invariants() {
                 total.crashes += s.crashes;
                 total.partitions += s.partitions;
                 total.stalls += s.stalls;
+                total.master_restarts += s.master_restarts;
             }
             Err((seed, e, lines)) => {
                 for line in lines.iter().rev().take(400).rev() {

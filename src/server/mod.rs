@@ -249,6 +249,8 @@ impl Server {
                         tpc_timeout_ms: config.tpc_timeout_ms,
                         min_slaves: config.min_slaves,
                         log_max_bytes: config.repl_backlog_bytes,
+                        // No durable state yet: every start is a new history (0 means none).
+                        history_id: rand::random::<u64>().max(1),
                         ..CoordinatorConfig::default()
                     },
                     0,

@@ -33,12 +33,21 @@ fn msg(peer: u64, msg: PeerMessage) -> Event {
     }
 }
 
+/// The history id of the coordinator under test.
+const H: u64 = 0x5EED_0000_0000_0001;
+
+/// A slave at `last` of this master's history (at 0, a fresh slave is the same).
 fn register(peer: u64, last: u64) -> Event {
+    register_from(peer, last, H)
+}
+
+fn register_from(peer: u64, last: u64, history_id: u64) -> Event {
     msg(
         peer,
         PeerMessage::Register {
             client_addr: format!("slave{peer}"),
             last_applied_seq: last,
+            history_id,
             protocol_version: PEER_PROTOCOL_VERSION,
         },
     )
@@ -48,6 +57,7 @@ fn config() -> CoordinatorConfig {
     CoordinatorConfig {
         tpc_timeout_ms: 100,
         log_capacity: 4,
+        history_id: H,
         ..CoordinatorConfig::default()
     }
 }
@@ -384,6 +394,7 @@ fn log_catch_up_then_in_sync_and_commits_before_join_arrive_as_log_entries() {
         sent[0],
         PeerMessage::Registered {
             master_seq: 3,
+            history_id: H,
             catch_up: CatchUp::Log { from_seq: 1 }
         }
     ));
@@ -518,6 +529,7 @@ fn re_registration_evicts_the_old_link_of_the_same_slave() {
             PeerMessage::Register {
                 client_addr: "slave1".into(),
                 last_applied_seq: 0,
+                history_id: 0,
                 protocol_version: PEER_PROTOCOL_VERSION,
             },
         ),
@@ -596,4 +608,109 @@ fn unregistered_and_misbehaving_peers_are_disconnected() {
     c.handle(0, register(3, 0));
     c.handle(0, register(3, 0));
     assert!(drain(&mut c).contains(&Action::Disconnect { peer: PeerId(3) }));
+}
+
+/// The catch-up a registration gets: what REGISTERED says and whether a snapshot starts.
+fn catch_up_for(c: &mut Coordinator, peer: u64, last: u64, history_id: u64) -> CatchUp {
+    c.handle(1, register_from(peer, last, history_id));
+    let actions = drain(c);
+    let sent = sends_to(&actions, peer);
+    let PeerMessage::Registered {
+        history_id: announced,
+        catch_up,
+        ..
+    } = sent[0]
+    else {
+        panic!("first reply is not REGISTERED: {sent:?}");
+    };
+    assert_eq!(announced, H, "REGISTERED carries the master's history id");
+    let snapshot = actions
+        .iter()
+        .any(|a| matches!(a, Action::StartSnapshot { peer: p, .. } if *p == PeerId(peer)));
+    assert_eq!(snapshot, matches!(catch_up, CatchUp::Snapshot { .. }));
+    catch_up
+}
+
+#[test]
+fn log_replay_only_within_the_masters_history() {
+    let mut c = with_slaves(&[]);
+    for i in 0..3 {
+        c.handle(0, writes(10 + i, &["a"]));
+    }
+    c.handle(0, Event::Persisted { lsn: 3 });
+    drain(&mut c);
+    // The log holds 1..=3 and covers every position 0..=3.
+    assert_eq!(catch_up_for(&mut c, 1, 1, H), CatchUp::Log { from_seq: 1 });
+    assert_eq!(catch_up_for(&mut c, 2, 3, H), CatchUp::Log { from_seq: 3 });
+    // A fresh slave: position 0, no history.
+    assert_eq!(catch_up_for(&mut c, 3, 0, 0), CatchUp::Log { from_seq: 0 });
+    // Position 1 of another history (an earlier life of this master, or another
+    // master) names another transaction: snapshot, although the log covers 1.
+    assert_eq!(
+        catch_up_for(&mut c, 4, 1, H + 1),
+        CatchUp::Snapshot { at_seq: 3 }
+    );
+    assert_eq!(
+        catch_up_for(&mut c, 5, 3, H + 1),
+        CatchUp::Snapshot { at_seq: 3 }
+    );
+    assert_eq!(
+        catch_up_for(&mut c, 6, 0, H + 1),
+        CatchUp::Snapshot { at_seq: 3 }
+    );
+    // A position without a history (a slave that recovered its store but not the
+    // id) cannot be trusted either.
+    assert_eq!(
+        catch_up_for(&mut c, 7, 2, 0),
+        CatchUp::Snapshot { at_seq: 3 }
+    );
+    // Same history but ahead of the master: snapshot, as before.
+    assert_eq!(
+        catch_up_for(&mut c, 8, 4, H),
+        CatchUp::Snapshot { at_seq: 3 }
+    );
+}
+
+/// The integration scenario in miniature: a slave of the first life at 2 meets the
+/// second life at 3, whose log covers 2. Log replay would send only entry 3 and
+/// leave the first life's writes in place.
+#[test]
+fn a_slave_of_an_earlier_life_of_the_master_gets_a_snapshot() {
+    let first = CoordinatorConfig {
+        history_id: 0x1111,
+        ..config()
+    };
+    let mut old = Coordinator::new(first, 0);
+    old.handle(0, register_from(1, 0, 0));
+    let sent = sends_to(&drain(&mut old), 1);
+    assert!(matches!(
+        sent[0],
+        PeerMessage::Registered {
+            history_id: 0x1111,
+            ..
+        }
+    ));
+
+    let mut c = Coordinator::new(config(), 0); // restarted without its data
+    for i in 0..3 {
+        c.handle(0, writes(10 + i, &["b"]));
+    }
+    c.handle(0, Event::Persisted { lsn: 3 });
+    drain(&mut c);
+    c.handle(1, register_from(1, 2, 0x1111));
+    let actions = drain(&mut c);
+    assert!(
+        !actions.iter().any(|a| matches!(
+            a,
+            Action::Send {
+                msg: PeerMessage::LogEntry { .. },
+                ..
+            }
+        )),
+        "no log entry of the new history may reach the old one: {actions:?}"
+    );
+    assert!(actions.contains(&Action::StartSnapshot {
+        peer: PeerId(1),
+        at_seq: 3
+    }));
 }

@@ -37,21 +37,59 @@ fn config() -> ParticipantConfig {
     }
 }
 
-/// A slave at `seq`, registered, caught up and following.
+/// The master's history id.
+const H: u64 = 0xAAAA_0000_0000_0001;
+/// Another master history (a restart of the master without its data).
+const H2: u64 = 0xBBBB_0000_0000_0002;
+
+fn registered(history_id: u64, catch_up: CatchUp) -> Event {
+    from_master(PeerMessage::Registered {
+        master_seq: 0,
+        history_id,
+        catch_up,
+    })
+}
+
+fn last_chunk(seq: u64) -> Event {
+    from_master(PeerMessage::SnapshotChunk {
+        snapshot_seq: seq,
+        entries: Vec::new(),
+        last: true,
+    })
+}
+
+/// A slave at `seq` of history `H`, registered, caught up and following. A fresh
+/// slave replays the log from 0; one at `seq` > 0 gets there by a snapshot.
 fn following(seq: u64) -> Participant {
-    let mut p = Participant::new(config(), seq);
+    let mut p = Participant::new(config(), 0);
     p.handle(0, Event::Connected { peer: M });
-    p.handle(
-        0,
-        from_master(PeerMessage::Registered {
-            master_seq: seq,
-            catch_up: CatchUp::Log { from_seq: seq },
-        }),
-    );
+    if seq == 0 {
+        p.handle(0, registered(H, CatchUp::Log { from_seq: 0 }));
+    } else {
+        p.handle(0, registered(H, CatchUp::Snapshot { at_seq: seq }));
+        p.handle(0, last_chunk(seq));
+        p.handle(0, Event::Persisted { lsn: 1 });
+    }
     p.handle(0, from_master(PeerMessage::CaughtUp { seq }));
     drain(&mut p);
     assert_eq!(p.link(), LinkState::Following(M));
+    assert_eq!((p.position(), p.history_id()), (seq, H));
     p
+}
+
+/// What the slave registers with on its next link.
+fn reregister(p: &mut Participant, now_ms: u64, peer: PeerId) -> PeerMessage {
+    p.handle(now_ms, Event::PeerLost { peer: M });
+    p.handle(
+        now_ms + 10_000,
+        Event::TimerFired {
+            timer: TimerId::Reconnect,
+        },
+    );
+    p.handle(now_ms + 10_000, Event::Connected { peer });
+    let sent = sends(&drain(p));
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    sent[0].clone()
 }
 
 #[test]
@@ -64,6 +102,7 @@ fn registers_with_its_position_on_connect() {
         vec![PeerMessage::Register {
             client_addr: "s:1".into(),
             last_applied_seq: 9,
+            history_id: 0,
             protocol_version: PEER_PROTOCOL_VERSION,
         }]
     );
@@ -181,15 +220,9 @@ fn commit_of_an_unknown_txn_forces_a_resync() {
 
 #[test]
 fn log_catch_up_applies_in_order_and_echoes_the_marker_when_durable() {
-    let mut p = Participant::new(config(), 1);
+    let mut p = Participant::new(config(), 0);
     p.handle(0, Event::Connected { peer: M });
-    p.handle(
-        0,
-        from_master(PeerMessage::Registered {
-            master_seq: 4,
-            catch_up: CatchUp::Log { from_seq: 1 },
-        }),
-    );
+    p.handle(0, registered(H, CatchUp::Log { from_seq: 0 }));
     p.handle(
         0,
         from_master(PeerMessage::LogEntry {
@@ -214,6 +247,11 @@ fn log_catch_up_applies_in_order_and_echoes_the_marker_when_durable() {
         })
         .collect();
     assert_eq!(applied, vec![2, 4]);
+    assert_eq!(
+        p.history_id(),
+        H,
+        "a log catch-up puts the slave in the master's history"
+    );
     assert!(
         !sends(&actions).contains(&PeerMessage::CaughtUp { seq: 5 }),
         "echo waits for durability"
@@ -239,6 +277,7 @@ fn log_catch_up_applies_in_order_and_echoes_the_marker_when_durable() {
 fn snapshot_chunks_install_atomically_and_checkpoint() {
     let mut p = Participant::new(config(), 0);
     p.handle(0, Event::Connected { peer: M });
+    p.handle(0, registered(H, CatchUp::Snapshot { at_seq: 9 }));
     let entry = SnapshotEntry {
         key: b"k".to_vec(),
         value: b"v".to_vec(),
@@ -282,7 +321,7 @@ fn snapshot_chunks_install_atomically_and_checkpoint() {
             },
         ]
     );
-    assert_eq!(p.position(), 9);
+    assert_eq!((p.position(), p.history_id()), (9, H));
 }
 
 #[test]
@@ -376,4 +415,135 @@ fn heartbeats_are_answered_with_the_position() {
         sends(&drain(&mut p)),
         vec![PeerMessage::Heartbeat { seq: 4 }]
     );
+}
+
+#[test]
+fn registers_with_the_history_of_the_master_it_last_caught_up_from() {
+    let mut p = following(7);
+    p.handle(
+        1,
+        from_master(PeerMessage::Prepare {
+            seq: 8,
+            ops: ops("a"),
+        }),
+    );
+    p.handle(1, Event::Persisted { lsn: 2 });
+    p.handle(1, from_master(PeerMessage::Commit { seq: 8 }));
+    drain(&mut p);
+    assert_eq!(
+        reregister(&mut p, 2, PeerId(6)),
+        PeerMessage::Register {
+            client_addr: "s:1".into(),
+            last_applied_seq: 8,
+            history_id: H,
+            protocol_version: PEER_PROTOCOL_VERSION,
+        }
+    );
+}
+
+#[test]
+fn a_snapshot_from_a_master_of_another_history_adopts_its_id_once_installed() {
+    let mut p = following(7);
+    let new_master = PeerId(6);
+    assert!(matches!(
+        reregister(&mut p, 1, new_master),
+        PeerMessage::Register {
+            last_applied_seq: 7,
+            history_id: H,
+            ..
+        }
+    ));
+    let on_new = |msg| Event::Message {
+        peer: new_master,
+        msg,
+    };
+    p.handle(
+        20_000,
+        on_new(PeerMessage::Registered {
+            master_seq: 3,
+            history_id: H2,
+            catch_up: CatchUp::Snapshot { at_seq: 3 },
+        }),
+    );
+    p.handle(
+        20_000,
+        on_new(PeerMessage::SnapshotChunk {
+            snapshot_seq: 3,
+            entries: Vec::new(),
+            last: false,
+        }),
+    );
+    assert_eq!(
+        (p.position(), p.history_id()),
+        (7, H),
+        "nothing changes until the snapshot is installed"
+    );
+    p.handle(
+        20_000,
+        on_new(PeerMessage::SnapshotChunk {
+            snapshot_seq: 3,
+            entries: Vec::new(),
+            last: true,
+        }),
+    );
+    assert_eq!((p.position(), p.history_id()), (3, H2));
+    assert_eq!(p.protocol_violations(), 0);
+    // A link lost before the snapshot completes leaves the old history in place.
+    let mut p = following(7);
+    reregister(&mut p, 1, new_master);
+    p.handle(
+        20_000,
+        on_new(PeerMessage::Registered {
+            master_seq: 3,
+            history_id: H2,
+            catch_up: CatchUp::Snapshot { at_seq: 3 },
+        }),
+    );
+    p.handle(
+        20_000,
+        on_new(PeerMessage::SnapshotChunk {
+            snapshot_seq: 3,
+            entries: Vec::new(),
+            last: false,
+        }),
+    );
+    p.handle(20_001, Event::PeerLost { peer: new_master });
+    assert_eq!((p.position(), p.history_id()), (7, H));
+}
+
+#[test]
+fn a_log_catch_up_across_histories_is_a_violation() {
+    let mut p = following(7);
+    reregister(&mut p, 1, M);
+    p.handle(20_000, registered(H2, CatchUp::Log { from_seq: 7 }));
+    assert_eq!(p.protocol_violations(), 1);
+    assert_eq!(p.link(), LinkState::Down);
+    assert_eq!(p.history_id(), H);
+}
+
+#[test]
+fn catch_up_before_registered_is_a_violation() {
+    for msg in [
+        PeerMessage::SnapshotChunk {
+            snapshot_seq: 3,
+            entries: Vec::new(),
+            last: true,
+        },
+        PeerMessage::LogEntry {
+            seq: 1,
+            ops: ops("a"),
+        },
+        PeerMessage::CaughtUp { seq: 0 },
+    ] {
+        let mut p = Participant::new(config(), 0);
+        p.handle(0, Event::Connected { peer: M });
+        p.handle(0, from_master(msg.clone()));
+        assert_eq!(p.protocol_violations(), 1, "{msg:?}");
+        assert_eq!((p.position(), p.history_id()), (0, 0), "{msg:?}");
+    }
+    let mut p = Participant::new(config(), 0);
+    p.handle(0, Event::Connected { peer: M });
+    p.handle(0, registered(H, CatchUp::Log { from_seq: 0 }));
+    p.handle(0, registered(H, CatchUp::Log { from_seq: 0 }));
+    assert_eq!(p.protocol_violations(), 1, "REGISTERED twice");
 }
