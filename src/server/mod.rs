@@ -222,6 +222,8 @@ pub struct Server {
     dirty_peers: Vec<usize>,
     /// Whether STATS' replication lines need refreshing.
     replication_changed: bool,
+    /// Failed attempts to reach the master since the last success.
+    connect_failures: u64,
 }
 
 impl Server {
@@ -292,6 +294,7 @@ impl Server {
             touched: Vec::new(),
             dirty_peers: Vec::new(),
             replication_changed: true,
+            connect_failures: 0,
         };
         // The state machines may have work from the start (a slave dials its master).
         server.settle();
@@ -474,20 +477,23 @@ impl Server {
             match link.io.stream.peer_addr() {
                 Ok(_) => {
                     link.connecting = false;
+                    self.connect_failures = 0;
                     info!("connected to master {}", link.addr);
                     self.feed(Event::Connected { peer: id });
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {
                     let reason = link.io.stream.take_error().ok().flatten();
                     if let Some(e) = reason {
-                        debug!("cannot reach master {}: {e}", link.addr);
+                        let addr = link.addr;
+                        self.master_unreachable(addr, &e);
                         self.drop_peer(key);
                         self.feed(Event::ConnectFailed);
                     }
                     return;
                 }
                 Err(e) => {
-                    debug!("cannot reach master {}: {e}", link.addr);
+                    let addr = link.addr;
+                    self.master_unreachable(addr, &e);
                     self.drop_peer(key);
                     self.feed(Event::ConnectFailed);
                     return;
@@ -686,6 +692,21 @@ impl Server {
         }
     }
 
+    /// Log a failed attempt to reach the master: the first of a streak and
+    /// then every 50th at warning level, so a down master does not flood the log.
+    fn master_unreachable(&mut self, addr: SocketAddr, e: &io::Error) {
+        self.connect_failures += 1;
+        if self.connect_failures % 50 == 1 {
+            warn!(
+                "cannot reach master {addr} over TCP: {e} (attempt {}; retrying with backoff; \
+                 replication needs the master to serve TCP, i.e. not -u)",
+                self.connect_failures
+            );
+        } else {
+            debug!("cannot reach master {addr}: {e}");
+        }
+    }
+
     fn connect_to_master(&mut self) {
         let Role::Slave { master_addr, .. } = &self.role else {
             return;
@@ -694,7 +715,7 @@ impl Server {
         let mut stream = match TcpStream::connect(master_addr) {
             Ok(stream) => stream,
             Err(e) => {
-                debug!("cannot connect to master {master_addr}: {e}");
+                self.master_unreachable(master_addr, &e);
                 self.completions.push_back(Event::ConnectFailed);
                 return;
             }
