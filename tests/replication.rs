@@ -6,18 +6,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{ServerProcess, bin, wait_until};
+use common::{ServerProcess, bin, read_response, wait_until};
 use dkvs::client::{Client, ClientConfig, ClientError, Transport};
-use dkvs::protocol::{
-    Decoded, HEADER_LEN, Opcode, Response, Status, decode, decode_datagram, encode_request,
-};
+use dkvs::protocol::{Opcode, Response, Status, encode_request};
 
 /// Time allowed for slaves to register, catch up or converge.
 const SYNC_LIMIT: Duration = Duration::from_secs(20);
@@ -84,23 +82,6 @@ fn client_with_timeout(server: &ServerProcess, transport: Transport, timeout: Du
         ..ClientConfig::default()
     };
     Client::connect("127.0.0.1", server.port, config).expect("connect")
-}
-
-/// Read one response frame off a raw stream.
-fn read_response(stream: &mut TcpStream) -> Response {
-    let mut buf = vec![0u8; HEADER_LEN];
-    stream.read_exact(&mut buf).expect("response header");
-    let need = match decode(&buf, usize::MAX) {
-        Ok(Decoded::Incomplete(Some(need))) => need,
-        Ok(Decoded::Frame(..)) => HEADER_LEN,
-        other => panic!("bad response header: {other:?}"),
-    };
-    buf.resize(need, 0);
-    stream
-        .read_exact(&mut buf[HEADER_LEN..])
-        .expect("response body");
-    let frame = decode_datagram(&buf, usize::MAX).expect("frame");
-    Response::from_frame(&frame).expect("response")
 }
 
 /// Send `requests` over one raw TCP connection, [`PIPELINE_CHUNK`] at a time

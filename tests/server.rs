@@ -6,12 +6,9 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::time::Duration;
 
-use common::ServerProcess;
+use common::{ServerProcess, read_response};
 use dkvs::client::{ClientError, Transport};
-use dkvs::protocol::{
-    Decoded, HEADER_LEN, Opcode, RESPONSE_FLAG, Response, Status, decode, decode_datagram,
-    encode_request,
-};
+use dkvs::protocol::{Opcode, RESPONSE_FLAG, Response, Status, decode_datagram, encode_request};
 
 fn request(op: Opcode, id: u32, key: &[u8], value: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -25,23 +22,6 @@ fn tcp(server: &ServerProcess) -> TcpStream {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     stream
-}
-
-/// Read one response frame off a raw stream.
-fn read_response(stream: &mut TcpStream) -> Response {
-    let mut buf = vec![0u8; HEADER_LEN];
-    stream.read_exact(&mut buf).expect("response header");
-    let need = match decode(&buf, usize::MAX) {
-        Ok(Decoded::Incomplete(Some(need))) => need,
-        Ok(Decoded::Frame(..)) => HEADER_LEN,
-        other => panic!("bad response header: {other:?}"),
-    };
-    buf.resize(need, 0);
-    stream
-        .read_exact(&mut buf[HEADER_LEN..])
-        .expect("response body");
-    let frame = decode_datagram(&buf, usize::MAX).expect("frame");
-    Response::from_frame(&frame).expect("response")
 }
 
 /// Assert the server closed the stream (EOF, or a reset after unread input).

@@ -313,3 +313,22 @@ impl ServerProcess {
         format!("127.0.0.1:{}", self.port)
     }
 }
+
+/// Read one response frame off a raw stream.
+pub fn read_response(stream: &mut std::net::TcpStream) -> dkvs::protocol::Response {
+    use dkvs::protocol::{Decoded, HEADER_LEN, Response, decode, decode_datagram};
+    use std::io::Read;
+    let mut buf = vec![0u8; HEADER_LEN];
+    stream.read_exact(&mut buf).expect("response header");
+    let need = match decode(&buf, usize::MAX) {
+        Ok(Decoded::Incomplete(Some(need))) => need,
+        Ok(Decoded::Frame(..)) => HEADER_LEN,
+        other => panic!("bad response header: {other:?}"),
+    };
+    buf.resize(need, 0);
+    stream
+        .read_exact(&mut buf[HEADER_LEN..])
+        .expect("response body");
+    let frame = decode_datagram(&buf, usize::MAX).expect("frame");
+    Response::from_frame(&frame).expect("response")
+}
