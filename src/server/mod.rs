@@ -328,7 +328,7 @@ impl Server {
     /// Largest peer frame accepted: a batch of writes plus one largest value
     /// (a PREPARE or LOG_ENTRY), or a snapshot chunk, with room to spare.
     fn peer_frame_limit(&self) -> usize {
-        handler::MAX_BATCH_BYTES + 2 * self.core.max_value_bytes + (8 << 20)
+        peer_frame_limit(self.core.max_value_bytes)
     }
 
     fn now_ms(&self) -> u64 {
@@ -440,31 +440,39 @@ impl Server {
 
     /// A client connection sent a peer frame: on a master it becomes a replication link.
     fn become_peer(&mut self, key: usize) {
-        let Link::Client(connection) = self.links.remove(key) else {
+        if !matches!(self.links.get(key), Some(Link::Client(_))) {
+            return;
+        }
+        let Some(Link::Client(connection)) = self.links.try_remove(key) else {
             return;
         };
         self.core.stats.connections_open -= 1;
         let addr = connection.peer();
+        let mut io = connection.into_io();
         if matches!(self.role, Role::Slave { .. }) {
             warn!("{addr}: replication handshake sent to a slave; closing");
-            let mut io = connection.into_io();
             let _ = self.poll.registry().deregister(&mut io.stream);
             return;
         }
         let id = PeerId(self.next_peer_id);
         self.next_peer_id += 1;
         info!("{addr}: replication link {} opened", id.0);
-        let link = PeerLink::new(
-            connection.into_io(),
-            id,
-            addr,
-            false,
-            self.peer_frame_limit(),
-        );
-        self.links.insert(Link::Peer(link));
-        // Same slab key (just freed), so the registered token still points here.
-        self.peers.insert(id, key);
-        self.drive_peer(key);
+        let limit = self.peer_frame_limit();
+        let entry = self.links.vacant_entry();
+        let new_key = entry.key();
+        if new_key != key
+            && let Err(e) = self.poll.registry().reregister(
+                &mut io.stream,
+                Token(new_key + FIRST_LINK),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+        {
+            error!("{addr}: cannot register replication link: {e}");
+            return;
+        }
+        entry.insert(Link::Peer(PeerLink::new(io, id, addr, false, limit)));
+        self.peers.insert(id, new_key);
+        self.drive_peer(new_key);
     }
 
     /// Read, decode and hand to the state machine everything a replication link has.
@@ -836,6 +844,11 @@ impl Server {
             }
         }
     }
+}
+
+/// See [`Server::peer_frame_limit`].
+fn peer_frame_limit(max_value_bytes: usize) -> usize {
+    handler::MAX_BATCH_BYTES + 2 * max_value_bytes + (8 << 20)
 }
 
 fn resolve(host: &str, port: u16) -> Result<SocketAddr, ServerError> {
