@@ -1,6 +1,6 @@
 //! dkvs-load end to end: the real load generator against the real server on a free port.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -36,10 +36,16 @@ fn port_of_ready_line(line: &str) -> Option<u16> {
 }
 
 fn start_server() -> ServerGuard {
+    start_server_with(&[])
+}
+
+/// `dkvs-server -p 0 -l error ARGS...`, once it has printed its ready line.
+fn start_server_with(args: &[&str]) -> ServerGuard {
     // A temporary working directory keeps any data the server writes out of the source tree.
     let dir = tempfile::tempdir().expect("temp dir");
     let mut child = Command::new(env!("CARGO_BIN_EXE_dkvs-server"))
         .args(["-p", "0", "-l", "error"])
+        .args(args)
         .current_dir(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -198,4 +204,207 @@ fn bad_flags_exit_2() {
         let out = load(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
     }
+}
+
+/// A master and one slave of it; both killed when dropped (fields drop in order).
+struct Replicated {
+    slave: ServerGuard,
+    master: ServerGuard,
+}
+
+/// STATS of the server on `port` through the real CLI, as `name value` lines.
+fn cli_stats(port: u16) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_dkvs-client"))
+        .args(["-p", &port.to_string(), "stats"])
+        .output()
+        .expect("run dkvs-client");
+    assert!(
+        out.status.success(),
+        "dkvs-client stats failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The numeric value of `name` in STATS text, if present.
+fn stat(stats: &str, name: &str) -> Option<u64> {
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Poll (every 50 ms, at most `limit`) until `condition` holds; panic naming `what` if not.
+fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        assert!(Instant::now() < deadline, "not {what} within {limit:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A master and a slave that the master counts in sync.
+fn start_replicated() -> Replicated {
+    let master = start_server();
+    let master_port = master.port.to_string();
+    let slave = start_server_with(&["-m", "127.0.0.1", "-q", &master_port]);
+    wait_until("the slave is in sync", Duration::from_secs(15), || {
+        stat(&cli_stats(master.port), "slaves_in_sync") == Some(1)
+    });
+    Replicated { slave, master }
+}
+
+fn num(json: &str, key: &str) -> u64 {
+    json_field(json, key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{key} missing or not a number in {json}"))
+}
+
+/// Load a slave with half writes: every write is redirected, and must reach the master.
+fn follows_redirects_over(transport: &[&str]) {
+    let servers = start_replicated();
+    let port = servers.slave.port.to_string();
+    let mut args = vec!["--port", &port, "--ops", "2000", "--get-ratio", "0.5"];
+    args.extend_from_slice(&["--json", "--quiet", "--connections", "8"]);
+    args.extend_from_slice(transport);
+    let out = load(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "dkvs-load failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = stdout.lines().last().unwrap_or_default();
+    assert_clean_run(json);
+    assert!(num(json, "redirects") > 0, "no redirect followed: {json}");
+    assert!(num(json, "sets") > 0, "{json}");
+    assert_eq!(json_field(json, "redirect_failed"), Some("0"), "{json}");
+    assert_eq!(json_field(json, "follow_redirects"), Some("true"), "{json}");
+
+    let master = cli_stats(servers.master.port);
+    assert!(
+        stat(&master, "commit_seq").is_some_and(|s| s > 0),
+        "{master}"
+    );
+    let master_keys = stat(&master, "keys").expect("keys in master STATS");
+    assert!(master_keys > 0, "{master}");
+    wait_until(
+        "the slave holds the master's keys",
+        Duration::from_secs(10),
+        || stat(&cli_stats(servers.slave.port), "keys") == Some(master_keys),
+    );
+}
+
+#[test]
+fn tcp_load_on_a_slave_follows_redirects_to_the_master() {
+    follows_redirects_over(&["--pipeline", "4"]);
+}
+
+#[test]
+fn udp_load_on_a_slave_follows_redirects_to_the_master() {
+    follows_redirects_over(&["--udp", "--pipeline", "4"]);
+}
+
+#[test]
+fn no_follow_redirects_counts_them_as_errors() {
+    let servers = start_replicated();
+    let json = run_json(
+        servers.slave.port,
+        &["--get-ratio", "0.5", "--no-follow-redirects"],
+    );
+    let redirected = num(&json, "REDIRECT");
+    assert!(redirected > 0, "{json}");
+    assert_eq!(num(&json, "errors"), redirected, "{json}");
+    assert_eq!(num(&json, "ops") + redirected, 2000, "{json}");
+    assert_eq!(json_field(&json, "redirects"), Some("0"), "{json}");
+    assert_eq!(
+        json_field(&json, "follow_redirects"),
+        Some("false"),
+        "{json}"
+    );
+    assert_eq!(
+        stat(&cli_stats(servers.master.port), "commit_seq"),
+        Some(0),
+        "no write may reach the master"
+    );
+}
+
+/// A run against a target whose redirects cannot be followed: it must end promptly, count
+/// the bad target once per connection (8), and end every write as a REDIRECT error.
+fn assert_unfollowable(port: u16, extra: &[&str], reason: &str) {
+    let start = Instant::now();
+    let mut args = vec!["--get-ratio", "0.5"];
+    args.extend_from_slice(extra);
+    let json = run_json(port, &args);
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(num(&json, "redirect_failed"), 8, "{json}");
+    let redirected = num(&json, "REDIRECT");
+    assert!(redirected > 0, "{json}");
+    assert_eq!(num(&json, "ops") + redirected, 2000, "{json}");
+    assert_eq!(num(&json, "errors"), redirected + 8, "{json}");
+    assert!(json.contains(reason), "expected {reason:?} in {json}");
+}
+
+#[test]
+fn unreachable_master_is_one_error_per_connection_not_a_hang() {
+    let dead = {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port().to_string()
+    };
+    // A slave starts and serves reads without its master; it still redirects writes there.
+    let slave = start_server_with(&["-m", "127.0.0.1", "-q", &dead]);
+    assert_unfollowable(slave.port, &["--pipeline", "4"], "cannot connect to master");
+    assert_unfollowable(slave.port, &["--udp", "--pipeline", "4"], "does not answer");
+}
+
+/// A fake dkvs slave on TCP: PONG to PING, NOT_FOUND to reads, and every write redirected to
+/// `target`. Its threads end with the test process.
+fn fake_slave(target: &'static [u8]) -> u16 {
+    use dkvs::protocol::{Decoded, Opcode, Status, decode, encode_response};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let mut out = Vec::new();
+                loop {
+                    let n = match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    let mut pos = 0;
+                    while let Ok(Decoded::Frame(frame, used)) = decode(&buf[pos..], 1 << 20) {
+                        let (op, id) = (frame.header.opcode, frame.header.request_id);
+                        let (status, value) = match op {
+                            o if o == Opcode::Ping as u8 => (Status::Ok, &b"PONG"[..]),
+                            o if o == Opcode::Get as u8 => (Status::NotFound, &b""[..]),
+                            _ => (Status::Redirect, target),
+                        };
+                        encode_response(&mut out, op, status, id, 0, value);
+                        pos += used;
+                    }
+                    buf.drain(..pos);
+                    if stream.write_all(&out).is_err() {
+                        return;
+                    }
+                    out.clear();
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn unparsable_redirect_target_is_one_error_per_connection() {
+    let port = fake_slave(b"no port here");
+    assert_unfollowable(port, &["--pipeline", "4"], "is not host:port");
 }

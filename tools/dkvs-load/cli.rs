@@ -85,6 +85,10 @@ pub struct Args {
     /// Wire protocol.
     #[arg(long, value_enum, default_value_t = Protocol::Dkvs)]
     pub protocol: Protocol,
+    /// Count a slave's REDIRECT answer to a write as an error instead of sending the write
+    /// (and that connection's later writes) to the master it names.
+    #[arg(long)]
+    pub no_follow_redirects: bool,
     /// With --protocol resp: send `WAIT N 1000` after each SET; the pair is one operation.
     #[arg(long, value_name = "N")]
     pub resp_wait: Option<u32>,
@@ -148,6 +152,8 @@ pub struct Config {
     pub udp_retries: u32,
     /// Replicas each Redis write waits for.
     pub resp_wait: Option<u32>,
+    /// Send writes a slave redirects to the master it names (dkvs protocol only).
+    pub follow_redirects: bool,
     /// Machine-readable output.
     pub json: bool,
     /// RNG seed.
@@ -268,6 +274,7 @@ impl Args {
             timeout: Duration::from_millis(self.timeout_ms),
             udp_retries: self.udp_retries,
             resp_wait: self.resp_wait,
+            follow_redirects: !self.no_follow_redirects,
             json: self.json,
             seed: self.seed.unwrap_or_else(rand::random),
             quiet: self.quiet,
@@ -298,6 +305,14 @@ mod tests {
         assert_eq!(c.ops, None);
         assert_eq!((c.connections, c.pipeline, c.threads), (50, 1, 1));
         assert_eq!((c.key_size, c.value_size), (16, 100));
+        assert!(
+            c.follow_redirects,
+            "redirects are followed unless told otherwise"
+        );
+        let Ok(no_follow) = config(&["--no-follow-redirects"]) else {
+            panic!("--no-follow-redirects must validate")
+        };
+        assert!(!no_follow.follow_redirects);
         let Ok(resp) = config(&["--protocol", "resp"]) else {
             panic!("resp must validate")
         };

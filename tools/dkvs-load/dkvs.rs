@@ -16,6 +16,8 @@ pub enum Outcome {
     Ok,
     /// A GET of a key that does not exist: a successful operation, counted as a miss.
     Miss,
+    /// A slave answered a write with the master's `host:port`; the write was not applied.
+    Redirect,
     /// The server refused or failed the operation with this status byte.
     Failed(u8),
 }
@@ -41,6 +43,7 @@ pub fn outcome(kind: OpKind, status: u8) -> Outcome {
     match Status::from_u8(status) {
         Some(Status::Ok) => Outcome::Ok,
         Some(Status::NotFound) if kind == OpKind::Get => Outcome::Miss,
+        Some(Status::Redirect) if kind == OpKind::Set => Outcome::Redirect,
         _ => Outcome::Failed(status),
     }
 }
@@ -83,7 +86,9 @@ mod tests {
         assert_eq!(outcome(OpKind::Get, 0), Outcome::Ok);
         assert_eq!(outcome(OpKind::Get, 1), Outcome::Miss);
         assert_eq!(outcome(OpKind::Set, 1), Outcome::Failed(1));
-        assert_eq!(outcome(OpKind::Set, 8), Outcome::Failed(8));
+        assert_eq!(outcome(OpKind::Set, 8), Outcome::Redirect);
+        // Reads are served by slaves; a redirected read is something else going wrong.
+        assert_eq!(outcome(OpKind::Get, 8), Outcome::Failed(8));
         assert_eq!(status_name(8), "REDIRECT");
         assert_eq!(status_name(200), "status_200");
     }

@@ -62,7 +62,8 @@ pub fn open(cfg: &Config, addr: SocketAddr) -> Result<Vec<Socket>, String> {
     Ok(sockets)
 }
 
-fn describe(e: &io::Error, timeout: Duration) -> String {
+/// Why a connect failed, in words.
+pub fn describe(e: &io::Error, timeout: Duration) -> String {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => "is the server running on that port?".to_string(),
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
@@ -72,7 +73,26 @@ fn describe(e: &io::Error, timeout: Duration) -> String {
     }
 }
 
-fn open_udp(addr: SocketAddr) -> Result<UdpSocket, String> {
+/// Split a REDIRECT's value, the master's `host:port` (`[v6]:port` for IPv6), into its parts.
+pub fn parse_redirect_target(target: &[u8]) -> Result<(&str, u16), String> {
+    let bad = || {
+        format!(
+            "redirect target '{}' is not host:port",
+            String::from_utf8_lossy(target).escape_debug()
+        )
+    };
+    let text = std::str::from_utf8(target).map_err(|_| bad())?;
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    Ok((host, port))
+}
+
+/// A UDP socket bound to an ephemeral local port and connected to `addr`.
+pub fn open_udp(addr: SocketAddr) -> Result<UdpSocket, String> {
     let local: SocketAddr = if addr.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
@@ -230,4 +250,37 @@ fn probe_udp(
         "no reply to UDP PING from {addr} within {} ms",
         timeout.as_millis()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_targets_parse() {
+        assert_eq!(
+            parse_redirect_target(b"127.0.0.1:9099"),
+            Ok(("127.0.0.1", 9099))
+        );
+        assert_eq!(
+            parse_redirect_target(b"db-master.local:7"),
+            Ok(("db-master.local", 7))
+        );
+        assert_eq!(parse_redirect_target(b"[::1]:9099"), Ok(("::1", 9099)));
+        for bad in [
+            &b""[..],
+            b"no-port",
+            b"host:",
+            b":9099",
+            b"host:0",
+            b"host:65536",
+            b"host:port",
+            b"\xff\xfe:1",
+        ] {
+            let Err(msg) = parse_redirect_target(bad) else {
+                panic!("{bad:?} should not parse")
+            };
+            assert!(msg.contains("is not host:port"), "{msg}");
+        }
+    }
 }

@@ -5,6 +5,17 @@
 //! buffer, responses are parsed in place from its reused input buffer, and in-flight requests
 //! live in ring buffers sized to the pipeline. Each connection gets at most one `write` per
 //! readiness event, covering every request its responses made room for.
+//!
+//! Redirects (dkvs protocol, unless `--no-follow-redirects`): a slave answers every write with
+//! REDIRECT naming its master. Each logical connection is then a pair: the first redirected
+//! write lazily opens a second socket to the master (once per connection; a non-blocking TCP
+//! connect, or a connected UDP socket), the redirected write is sent there again keeping its
+//! original send time, and from then on that connection's writes go straight to the master
+//! while its reads stay on the target. Each socket of the pair keeps its own in-order in-flight
+//! queue (TCP) or its own slots' routing (UDP); `--pipeline` bounds their sum. A target that
+//! cannot be used (not `host:port`, unresolvable, refused, connect timed out) counts one
+//! `redirect_failed` for the connection, which then no longer follows redirects: its writes end
+//! as REDIRECT errors, as with `--no-follow-redirects`.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -12,13 +23,15 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ::dkvs::protocol::{Decoded, MAX_UDP_FRAME_BYTES, RESPONSE_FLAG, decode, decode_datagram};
+use ::dkvs::protocol::{
+    Decoded, MAX_UDP_FRAME_BYTES, RESPONSE_FLAG, Status, decode, decode_datagram,
+};
 use mio::net::{TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 
 use crate::cli::{Config, Protocol};
 use crate::dkvs::{self, MAX_RESPONSE_VALUE_BYTES, Outcome};
-use crate::net::Socket;
+use crate::net::{self, Socket};
 use crate::report::Stats;
 use crate::resp::{self, MAX_BULK_BYTES, Reply, RespEncoder};
 use crate::workload::{KeyBuf, KeyDistribution, OpKind, Workload, make_value};
@@ -31,6 +44,10 @@ const RECONNECT_DELAY: Duration = Duration::from_millis(100);
 const READ_BUF_BYTES: usize = 64 * 1024;
 /// Largest read buffer: one maximal response plus its framing.
 const MAX_READ_BUF_BYTES: usize = MAX_RESPONSE_VALUE_BYTES + MAX_BULK_BYTES / 64 + 1024;
+/// Token bit of a connection's second socket, to the master a redirect named.
+const MASTER_TOKEN: usize = 1 << (usize::BITS - 1);
+/// The REDIRECT status byte, for counting redirects that are not followed.
+const REDIRECT: u8 = Status::Redirect as u8;
 
 /// Counters a worker publishes for the progress line, read by the main thread.
 #[derive(Debug, Default)]
@@ -181,6 +198,8 @@ struct InFlight {
     sent_at: Instant,
     request_id: u32,
     kind: OpKind,
+    /// Key index, to send the request again if a slave redirects it.
+    key: u64,
     /// Replies still due; a RESP SET followed by WAIT starts at 2.
     replies_left: u8,
     /// Whether the last reply due is WAIT's.
@@ -212,40 +231,54 @@ struct TcpConn {
     in_len: usize,
     inflight: VecDeque<InFlight>,
     next_id: u32,
+    /// Writes a slave answered with REDIRECT, popped from `inflight` and waiting to be sent
+    /// to the master; the worker empties it right after each read.
+    redirected: VecDeque<InFlight>,
+    /// The `host:port` of the latest REDIRECT (allocated on the first one only).
+    redirect_to: Vec<u8>,
+}
+
+/// A connection's second socket, to the master a slave redirected its writes to.
+enum MasterLink {
+    /// No redirect yet (or the link failed after working; the next redirect reopens it).
+    Unknown,
+    /// Connecting or up; writes go here.
+    Open(Box<TcpConn>),
+    /// The redirect target cannot be used; redirected writes count as REDIRECT errors.
+    Broken,
 }
 
 impl TcpConn {
-    fn new(stream: TcpStream, pipeline: usize) -> TcpConn {
+    fn new(stream: Option<TcpStream>, state: TcpState, pipeline: usize) -> TcpConn {
         TcpConn {
-            stream: Some(stream),
-            state: TcpState::Up,
+            stream,
+            state,
             out: Vec::with_capacity(64 * 1024),
             out_pos: 0,
             inbuf: vec![0; READ_BUF_BYTES],
             in_len: 0,
             inflight: VecDeque::with_capacity(pipeline),
             next_id: 1,
+            redirected: VecDeque::new(),
+            redirect_to: Vec::new(),
         }
     }
 
-    /// Queue requests until the pipeline is full or the phase issues no more.
-    fn fill(&mut self, req: &mut Requests, pipeline: usize, now: Instant) {
-        while self.inflight.len() < pipeline {
-            let Some((kind, key)) = req.next() else {
-                break;
-            };
-            let request_id = self.next_id;
-            self.next_id = self.next_id.wrapping_add(1);
-            req.encode(&mut self.out, kind, key, request_id);
-            self.inflight.push_back(InFlight {
-                sent_at: now,
-                request_id,
-                kind,
-                replies_left: req.replies(kind),
-                waits: req.replies(kind) == 2,
-                failed: None,
-            });
-        }
+    /// Queue one request; `sent_at` is earlier than now for a write sent again after a redirect.
+    fn push(&mut self, req: &mut Requests, kind: OpKind, key: u64, sent_at: Instant) {
+        let request_id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        req.encode(&mut self.out, kind, key, request_id);
+        let replies = req.replies(kind);
+        self.inflight.push_back(InFlight {
+            sent_at,
+            request_id,
+            kind,
+            key,
+            replies_left: replies,
+            waits: replies == 2,
+            failed: None,
+        });
     }
 
     /// Write queued bytes until done or the socket is full; the rest waits for WRITABLE.
@@ -267,8 +300,15 @@ impl TcpConn {
         Ok(())
     }
 
-    /// Read until a short read, handling every complete response.
-    fn read(&mut self, protocol: Protocol, wait: u32, stats: &mut Stats) -> Result<(), ConnError> {
+    /// Read until a short read, handling every complete response; with `follow`, writes
+    /// answered with REDIRECT are moved to `redirected` instead of counted as errors.
+    fn read(
+        &mut self,
+        protocol: Protocol,
+        wait: u32,
+        follow: bool,
+        stats: &mut Stats,
+    ) -> Result<(), ConnError> {
         loop {
             if self.in_len == self.inbuf.len() {
                 if self.inbuf.len() >= MAX_READ_BUF_BYTES {
@@ -292,7 +332,7 @@ impl TcpConn {
             let short = self.in_len < self.inbuf.len();
             let now = Instant::now();
             match protocol {
-                Protocol::Dkvs => self.parse_dkvs(now, stats)?,
+                Protocol::Dkvs => self.parse_dkvs(now, follow, stats)?,
                 Protocol::Resp => self.parse_resp(now, wait, stats)?,
             }
             if short {
@@ -309,7 +349,12 @@ impl TcpConn {
         }
     }
 
-    fn parse_dkvs(&mut self, now: Instant, stats: &mut Stats) -> Result<(), ConnError> {
+    fn parse_dkvs(
+        &mut self,
+        now: Instant,
+        follow: bool,
+        stats: &mut Stats,
+    ) -> Result<(), ConnError> {
         let mut pos = 0;
         loop {
             match decode(&self.inbuf[pos..self.in_len], MAX_RESPONSE_VALUE_BYTES) {
@@ -331,6 +376,12 @@ impl TcpConn {
                             stats.record_ok(req.kind == OpKind::Get, false, now - req.sent_at)
                         }
                         Outcome::Miss => stats.record_ok(true, true, now - req.sent_at),
+                        Outcome::Redirect if follow => {
+                            self.redirect_to.clear();
+                            self.redirect_to.extend_from_slice(frame.value);
+                            self.redirected.push_back(req);
+                        }
+                        Outcome::Redirect => count_fail(stats, Fail::Status(REDIRECT), 1),
                         Outcome::Failed(status) => count_fail(stats, Fail::Status(status), 1),
                     }
                     pos += used;
@@ -397,8 +448,33 @@ impl TcpConn {
     }
 }
 
+/// Queue requests on a connection and, once a redirect opened one, its link to the master,
+/// until their requests in flight together fill the pipeline or the phase issues no more.
+/// Writes go to the master when there is one; everything else to `conn`.
+fn fill_pair(
+    conn: &mut TcpConn,
+    mut master: Option<&mut TcpConn>,
+    req: &mut Requests,
+    pipeline: usize,
+    now: Instant,
+) {
+    let mut in_flight = conn.inflight.len() + master.as_ref().map_or(0, |m| m.inflight.len());
+    while in_flight < pipeline {
+        let Some((kind, key)) = req.next() else {
+            break;
+        };
+        match master.as_deref_mut() {
+            Some(m) if kind == OpKind::Set => m.push(req, kind, key, now),
+            _ => conn.push(req, kind, key, now),
+        }
+        in_flight += 1;
+    }
+}
+
 struct UdpSlot {
     busy: bool,
+    /// Sent (or to be sent) on the socket to the master rather than the target.
+    to_master: bool,
     generation: u32,
     request_id: u32,
     kind: OpKind,
@@ -407,8 +483,24 @@ struct UdpSlot {
     frame: Vec<u8>,
 }
 
+/// A UDP connection's second socket, to the master a slave redirected its writes to.
+enum UdpMaster {
+    /// No redirect yet.
+    Unknown,
+    /// Writes go here.
+    Open(UdpSocket),
+    /// The redirect target cannot be used; redirected writes count as REDIRECT errors.
+    Broken,
+}
+
 struct UdpConn {
     socket: UdpSocket,
+    master: UdpMaster,
+    /// Slots whose request a slave redirected (already marked `to_master`), waiting for the
+    /// worker to send them to the master right after the read that found them.
+    redirected: Vec<usize>,
+    /// The `host:port` of the latest REDIRECT.
+    redirect_to: Vec<u8>,
     slots: Vec<UdpSlot>,
     idle: Vec<usize>,
     slot_bits: u32,
@@ -420,6 +512,7 @@ impl UdpConn {
         let slots = (0..pipeline)
             .map(|_| UdpSlot {
                 busy: false,
+                to_master: false,
                 generation: 0,
                 request_id: 0,
                 kind: OpKind::Get,
@@ -430,6 +523,9 @@ impl UdpConn {
             .collect();
         UdpConn {
             socket,
+            master: UdpMaster::Unknown,
+            redirected: Vec::new(),
+            redirect_to: Vec::new(),
             slots,
             idle: (0..pipeline).rev().collect(),
             slot_bits,
@@ -437,11 +533,41 @@ impl UdpConn {
     }
 
     fn send(&mut self, slot: usize, stats: &mut Stats) {
-        match self.socket.send(&self.slots[slot].frame) {
+        let s = &self.slots[slot];
+        let (socket, to_master) = match (&self.master, s.to_master) {
+            (UdpMaster::Open(master), true) => (master, true),
+            _ => (&self.socket, false),
+        };
+        match socket.send(&s.frame) {
             Ok(_) => {}
             // Not sent: the retry timer resends it like a lost datagram.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // Typically the ICMP "port unreachable" of an earlier datagram to the master.
+            Err(e) if to_master => self.break_master(&e, stats),
             Err(_) => stats.errors.connection += 1,
+        }
+    }
+
+    /// Give up on the master: count it once, end its requests as REDIRECT errors, and send
+    /// later writes to the target (whose redirects are then counted, not followed).
+    fn break_master(&mut self, e: &io::Error, stats: &mut Stats) {
+        if !matches!(self.master, UdpMaster::Open(_)) {
+            return;
+        }
+        // Dropping the socket also removes it from epoll.
+        self.master = UdpMaster::Broken;
+        stats.redirect_failed(|| {
+            format!(
+                "UDP master {} named by a redirect does not answer: {e} \
+                 (is it running with UDP enabled?)",
+                String::from_utf8_lossy(&self.redirect_to)
+            )
+        });
+        for slot in 0..self.slots.len() {
+            if self.slots[slot].busy && self.slots[slot].to_master {
+                count_fail(stats, Fail::Status(REDIRECT), 1);
+                self.free(slot);
+            }
         }
     }
 
@@ -457,6 +583,7 @@ impl UdpConn {
             // duplicate of an earlier request apart from the current one.
             s.request_id = (s.generation << self.slot_bits) | slot as u32;
             s.busy = true;
+            s.to_master = kind == OpKind::Set && matches!(self.master, UdpMaster::Open(_));
             s.kind = kind;
             s.first_sent = now;
             s.last_sent = now;
@@ -471,13 +598,24 @@ impl UdpConn {
         self.idle.push(slot);
     }
 
-    /// Receive until WouldBlock (datagrams give no short-read signal).
-    fn read(&mut self, buf: &mut [u8], stats: &mut Stats) {
+    /// Receive until WouldBlock (datagrams give no short-read signal) on the target's socket
+    /// or, with `from_master`, the master's; with `follow`, writes the target redirects are
+    /// queued in `redirected` instead of counted as errors.
+    fn read(&mut self, buf: &mut [u8], from_master: bool, follow: bool, stats: &mut Stats) {
         loop {
-            let n = match self.socket.recv(buf) {
+            let socket = match (&self.master, from_master) {
+                (_, false) => &self.socket,
+                (UdpMaster::Open(master), true) => master,
+                _ => return,
+            };
+            let n = match socket.recv(buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if from_master => {
+                    self.break_master(&e, stats);
+                    return;
+                }
                 // An ICMP error from an earlier datagram; later ones may still arrive.
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                     stats.errors.connection += 1;
@@ -501,17 +639,28 @@ impl UdpConn {
             let matches = self.slots.get(slot).is_some_and(|s| {
                 s.busy
                     && s.request_id == id
+                    && s.to_master == from_master
                     && frame.header.opcode == dkvs::opcode(s.kind) as u8 | RESPONSE_FLAG
             });
             if !matches {
                 stats.udp_stale += 1;
                 continue;
             }
-            let s = &self.slots[slot];
+            let s = &mut self.slots[slot];
             let latency = now - s.first_sent;
             match dkvs::outcome(s.kind, frame.header.status) {
                 Outcome::Ok => stats.record_ok(s.kind == OpKind::Get, false, latency),
                 Outcome::Miss => stats.record_ok(true, true, latency),
+                Outcome::Redirect if follow && !from_master => {
+                    // Still busy; marked now so a duplicate REDIRECT (a retried request
+                    // answered twice) no longer matches and is counted stale.
+                    s.to_master = true;
+                    self.redirected.push(slot);
+                    self.redirect_to.clear();
+                    self.redirect_to.extend_from_slice(frame.value);
+                    continue;
+                }
+                Outcome::Redirect => count_fail(stats, Fail::Status(REDIRECT), 1),
                 Outcome::Failed(status) => count_fail(stats, Fail::Status(status), 1),
             }
             self.free(slot);
@@ -541,6 +690,18 @@ impl UdpConn {
     }
 }
 
+/// Whether a non-blocking connect finished (`Ok(false)`: still in progress).
+fn connect_state(stream: &TcpStream) -> io::Result<bool> {
+    match stream.take_error() {
+        Ok(Some(e)) | Err(e) => Err(e),
+        Ok(None) => match stream.peer_addr() {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+            Err(e) => Err(e),
+        },
+    }
+}
+
 /// One reactor thread's connections and state, reused across phases.
 pub struct Worker {
     poll: Poll,
@@ -552,11 +713,18 @@ pub struct Worker {
     udp_attempt: Duration,
     resp_wait: u32,
     tcp: Vec<TcpConn>,
+    /// Each TCP connection's link to the master its target redirected writes to.
+    masters: Vec<MasterLink>,
     udp: Vec<UdpConn>,
     udp_buf: Vec<u8>,
     req: Requests,
     stats: Stats,
     last_conn_error: String,
+    /// Send redirected writes to the master (dkvs protocol without `--no-follow-redirects`).
+    follow: bool,
+    /// The last redirect target resolved, and to what; every slave of a run names the same
+    /// master, so each worker resolves it once (unparsable or unresolvable included).
+    redirect_cache: Option<(Vec<u8>, Result<SocketAddr, String>)>,
 }
 
 impl Worker {
@@ -585,7 +753,7 @@ impl Worker {
                         token,
                         Interest::READABLE | Interest::WRITABLE,
                     )?;
-                    tcp.push(TcpConn::new(stream, cfg.pipeline));
+                    tcp.push(TcpConn::new(Some(stream), TcpState::Up, cfg.pipeline));
                 }
                 Socket::Udp(socket) => {
                     socket.set_nonblocking(true)?;
@@ -614,6 +782,7 @@ impl Worker {
             quota: None,
             stopped: false,
         };
+        let masters = tcp.iter().map(|_| MasterLink::Unknown).collect();
         Ok(Worker {
             poll,
             events: Events::with_capacity(1024),
@@ -624,6 +793,7 @@ impl Worker {
             udp_attempt: (cfg.timeout / (cfg.udp_retries + 1)).max(Duration::from_millis(1)),
             resp_wait: cfg.resp_wait.unwrap_or(0),
             tcp,
+            masters,
             udp,
             udp_buf: if cfg.udp {
                 vec![0; MAX_UDP_FRAME_BYTES + 1]
@@ -633,6 +803,8 @@ impl Worker {
             req,
             stats: Stats::new(),
             last_conn_error: "none".to_string(),
+            follow: cfg.follow_redirects && cfg.protocol == Protocol::Dkvs,
+            redirect_cache: None,
         })
     }
 
@@ -693,11 +865,16 @@ impl Worker {
             let now = Instant::now();
             for event in events.iter() {
                 let token = event.token().0;
+                let (i, to_master) = (token & !MASTER_TOKEN, token & MASTER_TOKEN != 0);
                 let readable = event.is_readable() || event.is_error() || event.is_read_closed();
-                if self.udp.is_empty() {
-                    self.on_tcp_event(token, readable, now);
-                } else if readable {
-                    self.on_udp_readable(token);
+                if !self.udp.is_empty() {
+                    if readable {
+                        self.on_udp_readable(i, to_master);
+                    }
+                } else if to_master {
+                    self.on_master_event(i, readable);
+                } else {
+                    self.on_tcp_event(i, readable, now);
                 }
             }
             self.events = events;
@@ -717,17 +894,27 @@ impl Worker {
             .store(self.stats.errors.total(), Ordering::Relaxed);
     }
 
-    /// Fill a TCP connection's pipeline and write what was queued.
+    /// Fill a TCP connection's pipeline (its master link's included) and write what was
+    /// queued. A connection that is down issues nothing, though its master link drains.
     fn pump_tcp(&mut self, i: usize) {
         // Read here, not passed in: an event batch takes long enough to skew send times.
         let now = Instant::now();
         let conn = &mut self.tcp[i];
-        if conn.state != TcpState::Up {
-            return;
+        if conn.state == TcpState::Up {
+            let master = match &mut self.masters[i] {
+                MasterLink::Open(m) => Some(&mut **m),
+                _ => None,
+            };
+            fill_pair(conn, master, &mut self.req, self.pipeline, now);
+            if let Err(e) = conn.flush() {
+                self.fail_tcp(i, e, now);
+            }
         }
-        conn.fill(&mut self.req, self.pipeline, now);
-        if let Err(e) = self.tcp[i].flush() {
-            self.fail_tcp(i, e, now);
+        if let MasterLink::Open(m) = &mut self.masters[i]
+            && m.state == TcpState::Up
+            && let Err(e) = m.flush()
+        {
+            self.fail_master(i, e);
         }
     }
 
@@ -744,11 +931,16 @@ impl Worker {
             TcpState::Down { .. } => {}
             TcpState::Connecting { .. } => self.finish_connect(i, now),
             TcpState::Up => {
-                if readable
-                    && let Err(e) = conn.read(self.protocol, self.resp_wait, &mut self.stats)
-                {
-                    self.fail_tcp(i, e, now);
-                    return;
+                if readable {
+                    let result =
+                        conn.read(self.protocol, self.resp_wait, self.follow, &mut self.stats);
+                    // Before any failure handling: redirected writes are no longer in flight
+                    // on this connection, so closing it would not count them.
+                    self.follow_tcp(i, now);
+                    if let Err(e) = result {
+                        self.fail_tcp(i, e, now);
+                        return;
+                    }
                 }
                 // Writable or not, refill and write: a write that would block keeps its
                 // bytes for the next WRITABLE edge.
@@ -757,12 +949,232 @@ impl Worker {
         }
     }
 
-    fn on_udp_readable(&mut self, i: usize) {
+    /// An event on connection `i`'s link to the master.
+    fn on_master_event(&mut self, i: usize, readable: bool) {
+        let Some(MasterLink::Open(m)) = self.masters.get_mut(i) else {
+            return;
+        };
+        match m.state {
+            TcpState::Down { .. } => {}
+            TcpState::Connecting { .. } => {
+                let Some(stream) = m.stream.as_ref() else {
+                    return;
+                };
+                match connect_state(stream) {
+                    Ok(true) => {
+                        let _ = stream.set_nodelay(true);
+                        m.state = TcpState::Up;
+                        self.pump_tcp(i);
+                    }
+                    Ok(false) => {}
+                    Err(e) => self.fail_master(i, ConnError::Io(e)),
+                }
+            }
+            TcpState::Up => {
+                // A master that redirects again is not followed further: counted REDIRECT.
+                if readable
+                    && let Err(e) = m.read(self.protocol, self.resp_wait, false, &mut self.stats)
+                {
+                    self.fail_master(i, e);
+                    return;
+                }
+                self.pump_tcp(i);
+            }
+        }
+    }
+
+    /// Send the writes connection `i`'s target just redirected to the master, opening the
+    /// link to it on the first redirect.
+    fn follow_tcp(&mut self, i: usize, now: Instant) {
+        if self.tcp[i].redirected.is_empty() {
+            return;
+        }
+        if matches!(self.masters[i], MasterLink::Unknown) {
+            self.open_master(i, now);
+        }
+        let conn = &mut self.tcp[i];
+        match &mut self.masters[i] {
+            MasterLink::Open(m) => {
+                while let Some(r) = conn.redirected.pop_front() {
+                    // Latency still counts from the first send, to the slave.
+                    m.push(&mut self.req, r.kind, r.key, r.sent_at);
+                    self.stats.redirects += 1;
+                }
+            }
+            MasterLink::Unknown | MasterLink::Broken => {
+                let n = conn.redirected.len() as u64;
+                conn.redirected.clear();
+                count_fail(&mut self.stats, Fail::Status(REDIRECT), n);
+            }
+        }
+        if let MasterLink::Open(m) = &mut self.masters[i]
+            && m.state == TcpState::Up
+            && let Err(e) = m.flush()
+        {
+            self.fail_master(i, e);
+        }
+    }
+
+    /// Start connecting connection `i`'s link to the master its latest redirect named.
+    fn open_master(&mut self, i: usize, now: Instant) {
+        let target = std::mem::take(&mut self.tcp[i].redirect_to);
+        let opened = self.redirect_addr(&target).and_then(|addr| {
+            let named = String::from_utf8_lossy(&target);
+            let mut stream = TcpStream::connect(addr).map_err(|e| {
+                format!("cannot connect to master {named} named by a redirect: {e}")
+            })?;
+            self.poll
+                .registry()
+                .register(
+                    &mut stream,
+                    Token(i | MASTER_TOKEN),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .map_err(|e| format!("cannot poll the connection to master {named}: {e}"))?;
+            Ok(stream)
+        });
+        self.masters[i] = match opened {
+            Ok(stream) => MasterLink::Open(Box::new(TcpConn::new(
+                Some(stream),
+                TcpState::Connecting { since: now },
+                self.pipeline,
+            ))),
+            Err(msg) => {
+                self.last_conn_error.clone_from(&msg);
+                self.stats.redirect_failed(|| msg);
+                MasterLink::Broken
+            }
+        };
+        self.tcp[i].redirect_to = target;
+    }
+
+    /// The address a redirect target names, or why it cannot be used; resolved once per
+    /// distinct target (a host name may mean a blocking DNS lookup).
+    fn redirect_addr(&mut self, target: &[u8]) -> Result<SocketAddr, String> {
+        if let Some((cached, result)) = &self.redirect_cache
+            && cached.as_slice() == target
+        {
+            return result.clone();
+        }
+        let result = net::parse_redirect_target(target)
+            .and_then(|(host, port)| net::resolve(host, port))
+            .map_err(|e| format!("cannot follow a redirect: {e}"));
+        self.redirect_cache = Some((target.to_vec(), result.clone()));
+        result
+    }
+
+    /// Close connection `i`'s link to the master. One that never connected means the
+    /// redirect target is unusable: counted once, and the connection stops following. One
+    /// that worked fails like any connection, and the next redirect opens it again.
+    fn fail_master(&mut self, i: usize, err: ConnError) {
+        let MasterLink::Open(m) = &self.masters[i] else {
+            return;
+        };
+        let lost = m.inflight.len() as u64;
+        if let TcpState::Connecting { .. } = m.state {
+            let named = String::from_utf8_lossy(&self.tcp[i].redirect_to).into_owned();
+            let why = match &err {
+                ConnError::Io(e) => format!("{} ({e})", net::describe(e, self.timeout)),
+                ConnError::Closed => "connection closed".to_string(),
+                ConnError::Protocol => "unexpected response".to_string(),
+            };
+            let msg = format!("cannot connect to master {named} named by a redirect: {why}");
+            self.last_conn_error.clone_from(&msg);
+            self.stats.redirect_failed(|| msg);
+            // Never sent: these writes end as the REDIRECT they got.
+            count_fail(&mut self.stats, Fail::Status(REDIRECT), lost);
+            self.close_master(i, MasterLink::Broken);
+            return;
+        }
+        match err {
+            ConnError::Io(e) => {
+                self.stats.errors.connection += 1;
+                self.last_conn_error = format!("master: {e}");
+            }
+            ConnError::Closed => {
+                self.stats.errors.connection += 1;
+                self.last_conn_error = "master closed the connection".to_string();
+            }
+            ConnError::Protocol => {
+                self.stats.errors.protocol += 1;
+                self.last_conn_error = "unparsable or mismatched response from master".to_string();
+            }
+        }
+        count_fail(&mut self.stats, Fail::Lost, lost);
+        self.close_master(i, MasterLink::Unknown);
+    }
+
+    /// Drop connection `i`'s master link (whatever it had in flight already counted).
+    fn close_master(&mut self, i: usize, next: MasterLink) {
+        if let MasterLink::Open(mut m) = std::mem::replace(&mut self.masters[i], next)
+            && let Some(mut stream) = m.stream.take()
+        {
+            let _ = self.poll.registry().deregister(&mut stream);
+        }
+    }
+
+    fn on_udp_readable(&mut self, i: usize, from_master: bool) {
         let Some(conn) = self.udp.get_mut(i) else {
             return;
         };
-        conn.read(&mut self.udp_buf, &mut self.stats);
+        conn.read(&mut self.udp_buf, from_master, self.follow, &mut self.stats);
+        self.follow_udp(i);
         self.pump_udp(i);
+    }
+
+    /// Send the writes UDP connection `i`'s target just redirected to the master, opening
+    /// the socket to it on the first redirect.
+    fn follow_udp(&mut self, i: usize) {
+        if self.udp[i].redirected.is_empty() {
+            return;
+        }
+        if matches!(self.udp[i].master, UdpMaster::Unknown) {
+            self.open_udp_master(i);
+        }
+        let now = Instant::now();
+        let conn = &mut self.udp[i];
+        for k in 0..conn.redirected.len() {
+            let slot = conn.redirected[k];
+            // A send below may have given up on the master, ending its slots already.
+            if !(conn.slots[slot].busy && conn.slots[slot].to_master) {
+                continue;
+            }
+            if matches!(conn.master, UdpMaster::Open(_)) {
+                // Same frame and id; `first_sent` stays, so latency counts from the slave.
+                conn.slots[slot].last_sent = now;
+                self.stats.redirects += 1;
+                conn.send(slot, &mut self.stats);
+            } else {
+                count_fail(&mut self.stats, Fail::Status(REDIRECT), 1);
+                conn.free(slot);
+            }
+        }
+        conn.redirected.clear();
+    }
+
+    fn open_udp_master(&mut self, i: usize) {
+        let target = std::mem::take(&mut self.udp[i].redirect_to);
+        let opened = self.redirect_addr(&target).and_then(|addr| {
+            let named = String::from_utf8_lossy(&target);
+            let socket = net::open_udp(addr)?;
+            socket
+                .set_nonblocking(true)
+                .map_err(|e| format!("cannot set up the UDP socket to master {named}: {e}"))?;
+            let mut socket = UdpSocket::from_std(socket);
+            self.poll
+                .registry()
+                .register(&mut socket, Token(i | MASTER_TOKEN), Interest::READABLE)
+                .map_err(|e| format!("cannot poll the UDP socket to master {named}: {e}"))?;
+            Ok(socket)
+        });
+        self.udp[i].master = match opened {
+            Ok(socket) => UdpMaster::Open(socket),
+            Err(msg) => {
+                self.stats.redirect_failed(|| msg);
+                UdpMaster::Broken
+            }
+        };
+        self.udp[i].redirect_to = target;
     }
 
     fn finish_connect(&mut self, i: usize, now: Instant) {
@@ -770,15 +1182,7 @@ impl Worker {
         let Some(stream) = conn.stream.as_ref() else {
             return;
         };
-        let result = match stream.take_error() {
-            Ok(Some(e)) | Err(e) => Err(e),
-            Ok(None) => match stream.peer_addr() {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
-                Err(e) => Err(e),
-            },
-        };
-        match result {
+        match connect_state(stream) {
             Ok(true) => {
                 // Best effort: without it only pipelined latency suffers, never correctness.
                 let _ = stream.set_nodelay(true);
@@ -821,6 +1225,7 @@ impl Worker {
             let _ = self.poll.registry().deregister(&mut stream);
         }
         conn.inflight.clear();
+        conn.redirected.clear();
         conn.out.clear();
         conn.out_pos = 0;
         conn.in_len = 0;
@@ -861,10 +1266,39 @@ impl Worker {
                     }
                 }
             }
+            self.tick_master(i, now);
         }
         for i in 0..self.udp.len() {
             self.udp[i].retry(now, self.timeout, self.udp_attempt, &mut self.stats);
             self.pump_udp(i);
+        }
+    }
+
+    /// Timeouts of connection `i`'s link to the master.
+    fn tick_master(&mut self, i: usize, now: Instant) {
+        let MasterLink::Open(m) = &self.masters[i] else {
+            return;
+        };
+        match m.state {
+            TcpState::Up => {
+                let expired = m
+                    .inflight
+                    .front()
+                    .is_some_and(|r| now.duration_since(r.sent_at) >= self.timeout);
+                if expired {
+                    // As on the target: later responses would match the wrong requests.
+                    count_fail(&mut self.stats, Fail::Timeout, m.inflight.len() as u64);
+                    self.last_conn_error = "request to the master timed out".to_string();
+                    self.close_master(i, MasterLink::Unknown);
+                }
+            }
+            TcpState::Connecting { since } => {
+                if now.duration_since(since) >= self.timeout {
+                    let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+                    self.fail_master(i, ConnError::Io(e));
+                }
+            }
+            TcpState::Down { .. } => {}
         }
     }
 
@@ -892,6 +1326,14 @@ impl Worker {
     /// Requests sent and not yet finished; counted only while draining, so not kept as a field.
     fn in_flight(&self) -> usize {
         self.tcp.iter().map(|c| c.inflight.len()).sum::<usize>()
+            + self
+                .masters
+                .iter()
+                .map(|m| match m {
+                    MasterLink::Open(m) => m.inflight.len(),
+                    MasterLink::Unknown | MasterLink::Broken => 0,
+                })
+                .sum::<usize>()
             + self.udp.iter().map(UdpConn::busy).sum::<usize>()
     }
 
@@ -902,6 +1344,12 @@ impl Worker {
             if n > 0 {
                 count_fail(&mut self.stats, Fail::Timeout, n);
                 self.close_tcp(i, now);
+            }
+            if let MasterLink::Open(m) = &self.masters[i]
+                && !m.inflight.is_empty()
+            {
+                count_fail(&mut self.stats, Fail::Timeout, m.inflight.len() as u64);
+                self.close_master(i, MasterLink::Unknown);
             }
         }
         for i in 0..self.udp.len() {
@@ -914,5 +1362,147 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ::dkvs::protocol::{Opcode, encode_response};
+
+    fn requests(get_ratio: f64) -> Requests {
+        Requests {
+            protocol: Protocol::Dkvs,
+            resp: RespEncoder::new(16, 8, None),
+            keys: KeyBuf::new(16, 100),
+            value: make_value(8),
+            workload: Workload::new(7, 100, get_ratio, KeyDistribution::Uniform),
+            keyspace: 100,
+            thread_index: 0,
+            threads: 1,
+            preloading: false,
+            preload_next: 0,
+            issued: 0,
+            quota: None,
+            stopped: false,
+        }
+    }
+
+    /// A connection with no socket, for the buffer and queue logic alone.
+    fn detached(pipeline: usize) -> TcpConn {
+        TcpConn::new(None, TcpState::Up, pipeline)
+    }
+
+    /// Opcode and request id of every frame in `bytes`.
+    fn frames(bytes: &[u8]) -> Vec<(u8, u32)> {
+        let mut pos = 0;
+        let mut out = Vec::new();
+        while pos < bytes.len() {
+            let Ok(Decoded::Frame(frame, used)) = decode(&bytes[pos..], 1 << 20) else {
+                panic!("undecodable request at {pos}");
+            };
+            out.push((frame.header.opcode, frame.header.request_id));
+            pos += used;
+        }
+        out
+    }
+
+    /// Put `bytes` in the connection's input buffer as if read from the socket.
+    fn receive(conn: &mut TcpConn, bytes: &[u8]) {
+        conn.inbuf[conn.in_len..conn.in_len + bytes.len()].copy_from_slice(bytes);
+        conn.in_len += bytes.len();
+    }
+
+    #[test]
+    fn writes_go_to_the_master_once_there_is_one_and_the_pipeline_bounds_the_pair() {
+        let mut req = requests(0.5);
+        let now = Instant::now();
+        let mut conn = detached(16);
+        let mut master = detached(16);
+        fill_pair(&mut conn, Some(&mut master), &mut req, 16, now);
+        assert_eq!(conn.inflight.len() + master.inflight.len(), 16);
+        assert!(!conn.inflight.is_empty() && !master.inflight.is_empty());
+        assert!(conn.inflight.iter().all(|r| r.kind == OpKind::Get));
+        assert!(master.inflight.iter().all(|r| r.kind == OpKind::Set));
+        let get = Opcode::Get as u8;
+        let put = Opcode::Put as u8;
+        assert!(frames(&conn.out).iter().all(|&(op, _)| op == get));
+        assert!(frames(&master.out).iter().all(|&(op, _)| op == put));
+        // Each socket numbers its own requests, in the order it sends them.
+        let ids: Vec<u32> = master.inflight.iter().map(|r| r.request_id).collect();
+        let sent: Vec<u32> = frames(&master.out).iter().map(|&(_, id)| id).collect();
+        assert_eq!(ids, sent);
+        assert_eq!(ids[0], 1);
+
+        // Full: nothing more until responses make room.
+        fill_pair(&mut conn, Some(&mut master), &mut req, 16, now);
+        assert_eq!(conn.inflight.len() + master.inflight.len(), 16);
+        master.inflight.pop_front();
+        fill_pair(&mut conn, Some(&mut master), &mut req, 16, now);
+        assert_eq!(conn.inflight.len() + master.inflight.len(), 16);
+
+        // Without a master everything stays on the connection.
+        let mut alone = detached(8);
+        fill_pair(&mut alone, None, &mut req, 8, now);
+        assert_eq!(alone.inflight.len(), 8);
+        assert!(alone.inflight.iter().any(|r| r.kind == OpKind::Set));
+    }
+
+    #[test]
+    fn redirected_writes_are_queued_with_their_key_and_first_send_time() {
+        let mut req = requests(0.5);
+        let sent = Instant::now() - Duration::from_millis(5);
+        let mut conn = detached(4);
+        conn.push(&mut req, OpKind::Set, 5, sent);
+        conn.push(&mut req, OpKind::Get, 6, sent);
+        conn.push(&mut req, OpKind::Set, 7, sent);
+        let mut answers = Vec::new();
+        let put = Opcode::Put as u8;
+        encode_response(&mut answers, put, Status::Redirect, 1, 0, b"127.0.0.1:9");
+        encode_response(&mut answers, Opcode::Get as u8, Status::NotFound, 2, 0, b"");
+        encode_response(&mut answers, put, Status::Redirect, 3, 0, b"127.0.0.1:10");
+        receive(&mut conn, &answers);
+        let mut stats = Stats::new();
+        assert!(conn.parse_dkvs(Instant::now(), true, &mut stats).is_ok());
+        assert!(conn.inflight.is_empty());
+        assert_eq!(
+            (stats.ops, stats.get_misses, stats.errors.total()),
+            (1, 1, 0)
+        );
+        let keys: Vec<(OpKind, u64)> = conn.redirected.iter().map(|r| (r.kind, r.key)).collect();
+        assert_eq!(keys, [(OpKind::Set, 5), (OpKind::Set, 7)]);
+        assert!(conn.redirected.iter().all(|r| r.sent_at == sent));
+        assert_eq!(conn.redirect_to, b"127.0.0.1:10");
+
+        // Sent again on the master link: new ids there, the original send time kept.
+        let mut master = detached(4);
+        while let Some(r) = conn.redirected.pop_front() {
+            master.push(&mut req, r.kind, r.key, r.sent_at);
+        }
+        assert_eq!(frames(&master.out), [(put, 1), (put, 2)]);
+        assert!(master.inflight.iter().all(|r| r.sent_at == sent));
+    }
+
+    #[test]
+    fn without_following_a_redirect_is_a_redirect_error() {
+        let mut req = requests(0.5);
+        let mut conn = detached(2);
+        conn.push(&mut req, OpKind::Set, 5, Instant::now());
+        let mut answer = Vec::new();
+        encode_response(
+            &mut answer,
+            Opcode::Put as u8,
+            Status::Redirect,
+            1,
+            0,
+            b"127.0.0.1:9",
+        );
+        receive(&mut conn, &answer);
+        let mut stats = Stats::new();
+        assert!(conn.parse_dkvs(Instant::now(), false, &mut stats).is_ok());
+        assert!(conn.redirected.is_empty() && conn.inflight.is_empty());
+        assert_eq!(stats.errors.status[REDIRECT as usize], 1);
+        assert_eq!(stats.resolved(), 1);
+        assert_eq!(stats.redirects, 0);
     }
 }

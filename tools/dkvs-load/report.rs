@@ -28,6 +28,9 @@ pub struct ErrorCounts {
     pub resp_error: u64,
     /// `WAIT` replies acknowledging fewer replicas than `--resp-wait` asked for.
     pub wait_short: u64,
+    /// Connections whose redirect target could not be used (not `host:port`, unresolvable,
+    /// unreachable): counted once per connection, which then stops following redirects.
+    pub redirect_failed: u64,
 }
 
 impl Default for ErrorCounts {
@@ -40,6 +43,7 @@ impl Default for ErrorCounts {
             protocol: 0,
             resp_error: 0,
             wait_short: 0,
+            redirect_failed: 0,
         }
     }
 }
@@ -54,11 +58,12 @@ impl ErrorCounts {
             + self.protocol
             + self.resp_error
             + self.wait_short
+            + self.redirect_failed
     }
 
-    /// Errors that ended a request (everything but connection failures themselves).
+    /// Errors that ended a request (everything but connection-level failures themselves).
     pub fn resolved_requests(&self) -> u64 {
-        self.total() - self.connection
+        self.total() - self.connection - self.redirect_failed
     }
 
     fn merge(&mut self, other: &ErrorCounts) {
@@ -71,6 +76,7 @@ impl ErrorCounts {
         self.protocol += other.protocol;
         self.resp_error += other.resp_error;
         self.wait_short += other.wait_short;
+        self.redirect_failed += other.redirect_failed;
     }
 
     /// Named counts: the fixed kinds always, status codes only when seen.
@@ -82,6 +88,7 @@ impl ErrorCounts {
             ("protocol".to_string(), self.protocol),
             ("resp_error".to_string(), self.resp_error),
             ("wait_short".to_string(), self.wait_short),
+            ("redirect_failed".to_string(), self.redirect_failed),
         ];
         for (status, &count) in self.status.iter().enumerate() {
             if count > 0 {
@@ -109,6 +116,10 @@ pub struct Stats {
     pub udp_retries: u64,
     /// UDP responses that matched no outstanding request (late duplicates).
     pub udp_stale: u64,
+    /// REDIRECT answers followed: the write sent again to the master named (whatever its end).
+    pub redirects: u64,
+    /// Why following a redirect first failed, if it did.
+    pub redirect_error: Option<String>,
     /// Failures by kind.
     pub errors: ErrorCounts,
 }
@@ -129,7 +140,17 @@ impl Stats {
             sets: 0,
             udp_retries: 0,
             udp_stale: 0,
+            redirects: 0,
+            redirect_error: None,
             errors: ErrorCounts::default(),
+        }
+    }
+
+    /// Count a connection that cannot follow redirects, keeping the first reason given.
+    pub fn redirect_failed(&mut self, reason: impl FnOnce() -> String) {
+        self.errors.redirect_failed += 1;
+        if self.redirect_error.is_none() {
+            self.redirect_error = Some(reason());
         }
     }
 
@@ -167,6 +188,10 @@ impl Stats {
         self.sets += other.sets;
         self.udp_retries += other.udp_retries;
         self.udp_stale += other.udp_stale;
+        self.redirects += other.redirects;
+        if self.redirect_error.is_none() {
+            self.redirect_error.clone_from(&other.redirect_error);
+        }
         self.errors.merge(&other.errors);
     }
 }
@@ -204,6 +229,8 @@ pub struct RunInfo {
     pub value_size: usize,
     /// Replicas each Redis write waits for, if any.
     pub resp_wait: Option<u32>,
+    /// Whether writes a slave redirects are sent to the master.
+    pub follow_redirects: bool,
 }
 
 /// Latency figures in microseconds.
@@ -317,6 +344,16 @@ pub fn human(info: &RunInfo, stats: &Stats, elapsed: Duration) -> String {
             .collect();
         let _ = write!(out, "  ({})", kinds.join(", "));
     }
+    if stats.redirects > 0 || stats.errors.redirect_failed > 0 {
+        let _ = write!(
+            out,
+            "\nredirects   {} writes followed to the master",
+            group(stats.redirects)
+        );
+        if let Some(e) = &stats.redirect_error {
+            let _ = write!(out, "; could not follow: {e}");
+        }
+    }
     if info.transport == "udp" {
         let _ = write!(
             out,
@@ -382,9 +419,20 @@ pub fn json(info: &RunInfo, stats: &Stats, elapsed: Duration) -> String {
     }
     let _ = write!(
         out,
-        "}},\"gets\":{},\"get_misses\":{},\"sets\":{},\"udp_retries\":{},\"udp_stale\":{},",
-        stats.gets, stats.get_misses, stats.sets, stats.udp_retries, stats.udp_stale
+        "}},\"gets\":{},\"get_misses\":{},\"sets\":{},\"udp_retries\":{},\"udp_stale\":{},\
+         \"redirects\":{},\"redirect_error\":",
+        stats.gets,
+        stats.get_misses,
+        stats.sets,
+        stats.udp_retries,
+        stats.udp_stale,
+        stats.redirects
     );
+    match &stats.redirect_error {
+        Some(e) => json_string(&mut out, e),
+        None => out.push_str("null"),
+    }
+    let _ = write!(out, ",\"follow_redirects\":{},", info.follow_redirects);
     out.push_str("\"protocol\":");
     json_string(&mut out, info.protocol);
     out.push_str(",\"transport\":");
@@ -433,6 +481,7 @@ mod tests {
             key_size: 16,
             value_size: 100,
             resp_wait: None,
+            follow_redirects: true,
         }
     }
 
@@ -474,6 +523,9 @@ mod tests {
         assert_eq!(field(&text, "timeout"), Some("2"));
         assert!(text.contains("\"errors_by_kind\":{\"timeout\":2,"));
         assert_eq!(field(&text, "resp_wait"), Some("null"));
+        assert_eq!(field(&text, "redirects"), Some("0"));
+        assert_eq!(field(&text, "redirect_error"), Some("null"));
+        assert_eq!(field(&text, "follow_redirects"), Some("true"));
         // Braces balance: the nested object is closed.
         let opens = text.matches('{').count();
         assert_eq!(opens, 2);
@@ -510,6 +562,31 @@ mod tests {
         assert_eq!(a.latency_ns.len(), 2);
         assert_eq!(a.errors.total(), 5);
         assert_eq!(a.resolved(), 6);
+    }
+
+    #[test]
+    fn redirects_are_reported_and_failures_counted_once() {
+        let mut a = Stats::new();
+        a.redirects = 7;
+        a.redirect_failed(|| "first".to_string());
+        let mut b = Stats::new();
+        b.redirect_failed(|| "second".to_string());
+        b.errors.status[8] = 2;
+        a.merge(&b);
+        assert_eq!(a.redirects, 7);
+        assert_eq!(a.errors.redirect_failed, 2);
+        assert_eq!(a.redirect_error.as_deref(), Some("first"));
+        // A connection-level failure ends no request; the two REDIRECT answers do.
+        assert_eq!(a.errors.total(), 4);
+        assert_eq!(a.resolved(), 2);
+        let text = json(&info(), &a, Duration::from_secs(1));
+        assert_eq!(field(&text, "redirects"), Some("7"));
+        assert_eq!(field(&text, "redirect_failed"), Some("2"));
+        assert_eq!(field(&text, "redirect_error"), Some("\"first\""));
+        let summary = human(&info(), &a, Duration::from_secs(1));
+        assert!(summary.contains("redirects   7 writes"), "{summary}");
+        assert!(summary.contains("could not follow: first"), "{summary}");
+        assert!(summary.contains("redirect_failed 2"), "{summary}");
     }
 
     #[test]
