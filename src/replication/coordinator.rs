@@ -222,6 +222,10 @@ pub struct Coordinator {
     txns: BTreeMap<u64, Txn>,
     members: Membership,
     log: CommitLog,
+    /// Whether commits are kept for partial resync: only once a slave has
+    /// registered in this life (as Redis allocates its backlog), since before
+    /// that no slave can hold a position in this history to resume from.
+    keep_log: bool,
     actions: VecDeque<Action>,
 }
 
@@ -251,6 +255,8 @@ impl Coordinator {
             durable_lsn: 0,
             txns: BTreeMap::new(),
             members: Membership::new(),
+            // A restarted master's slaves may resume in its history from the log.
+            keep_log: released_seq > 0,
             log,
             actions: VecDeque::new(),
             config,
@@ -431,7 +437,11 @@ impl Coordinator {
                         ops: txn.ops.clone(),
                         replies: std::mem::take(&mut txn.replies),
                     });
-                    self.log.push(seq, txn.ops.clone());
+                    if self.keep_log {
+                        self.log.push(seq, txn.ops.clone());
+                    } else {
+                        self.log.forget_through(seq);
+                    }
                     for (peer, info) in self.members.iter() {
                         if !info.state.receives_commits() {
                             continue;
@@ -589,6 +599,7 @@ impl Coordinator {
         );
         self.members
             .add(peer, client_addr, last_applied_seq, now_ms);
+        self.keep_log = true;
         let master_seq = self.released_seq;
         let own_history = self.config.history_id;
         // A position means something only within the history it was reached in:

@@ -81,6 +81,14 @@ impl CommitLog {
         }
     }
 
+    /// Forget everything and cover only what comes after `seq` (a commit not kept).
+    pub fn forget_through(&mut self, seq: u64) {
+        debug_assert!(seq >= self.floor, "the floor never goes back");
+        self.entries.clear();
+        self.bytes = 0;
+        self.floor = seq;
+    }
+
     /// Whether a slave that knows every outcome through `seq` can catch up from the log.
     pub fn covers(&self, seq: u64) -> bool {
         seq >= self.floor
@@ -145,6 +153,19 @@ mod tests {
         );
         assert_eq!(log.floor(), 4);
         assert!(log.covers(4) && !log.covers(3));
+    }
+
+    #[test]
+    fn forgetting_moves_the_floor_past_everything() {
+        let mut log = CommitLog::new(10, 0);
+        log.push(1, ops());
+        log.push(2, ops());
+        log.forget_through(3);
+        assert!(log.is_empty());
+        assert_eq!(log.floor(), 3);
+        assert!(log.covers(3) && !log.covers(2));
+        log.push(4, ops());
+        assert_eq!(log.range(3, 4).count(), 1);
     }
 
     #[test]

@@ -377,9 +377,33 @@ fn min_slaves_refuses_writes_and_aborts_when_participants_drop_below_it() {
     ));
 }
 
+/// A master that has had a slave in this life (now gone), so it keeps its log.
+fn keeping_log() -> Coordinator {
+    let mut c = with_slaves(&[]);
+    c.handle(0, register(99, 0));
+    c.handle(0, Event::PeerLost { peer: PeerId(99) });
+    drain(&mut c);
+    c
+}
+
+#[test]
+fn no_log_is_kept_before_any_slave_registers() {
+    let mut c = with_slaves(&[]);
+    for i in 0..3 {
+        c.handle(0, writes(10 + i, &["a"]));
+    }
+    c.handle(0, Event::Persisted { lsn: 3 });
+    drain(&mut c);
+    // Nobody can hold a position in this history yet: a newcomer gets a snapshot.
+    assert_eq!(
+        catch_up_for(&mut c, 1, 0, 0),
+        CatchUp::Snapshot { at_seq: 3 }
+    );
+}
+
 #[test]
 fn log_catch_up_then_in_sync_and_commits_before_join_arrive_as_log_entries() {
-    let mut c = with_slaves(&[]);
+    let mut c = keeping_log();
     for i in 0..3 {
         c.handle(0, writes(10 + i, &["a"]));
     }
@@ -633,7 +657,7 @@ fn catch_up_for(c: &mut Coordinator, peer: u64, last: u64, history_id: u64) -> C
 
 #[test]
 fn log_replay_only_within_the_masters_history() {
-    let mut c = with_slaves(&[]);
+    let mut c = keeping_log();
     for i in 0..3 {
         c.handle(0, writes(10 + i, &["a"]));
     }
