@@ -978,3 +978,40 @@ fn a_slave_joining_by_snapshot_under_load_converges() {
         assert_same_data(&cluster.master, slave, &all_keys);
     }
 }
+
+#[test]
+fn a_slave_notices_a_stopped_master_and_rejoins_after_it_resumes() {
+    let mut cluster = Cluster::start(&[], 1);
+    let mut client = cluster.master.client(Transport::Tcp);
+    client.put(b"before", b"stop").expect("put");
+    wait_caught_up(&cluster.slaves[0], &cluster.master);
+    // SIGSTOP keeps the master's sockets open: only its silence tells the slave.
+    cluster.master.stop();
+    let took = wait_until(
+        "the slave gives up on its silent master",
+        Duration::from_secs(15),
+        || cluster.slaves[0].stats().get("master_link") != "following",
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "the slave waited for the silence period, not less: {took:?}"
+    );
+    // Reads keep being served meanwhile.
+    let mut reader = cluster.slaves[0].client(Transport::Tcp);
+    assert_eq!(
+        reader.get(b"before").expect("get").expect("present").value,
+        b"stop"
+    );
+    cluster.master.resume();
+    wait_until(
+        "the slave follows the master again",
+        Duration::from_secs(15),
+        || cluster.slaves[0].stats().get("master_link") == "following",
+    );
+    client.put(b"after", b"resume").expect("put after resume");
+    wait_caught_up(&cluster.slaves[0], &cluster.master);
+    assert_eq!(
+        reader.get(b"after").expect("get").expect("present").value,
+        b"resume"
+    );
+}

@@ -811,7 +811,7 @@ impl Coordinator {
                     at_ms: now_ms + self.config.heartbeat_interval_ms,
                 });
             }
-            TimerId::Reconnect | TimerId::OutcomeCheck => {}
+            TimerId::Reconnect | TimerId::OutcomeCheck | TimerId::MasterSilence => {}
         }
     }
 }

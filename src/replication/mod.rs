@@ -57,6 +57,9 @@ pub enum TimerId {
     Reconnect,
     /// Slave: ask the master about transactions in doubt for too long.
     OutcomeCheck,
+    /// Slave: check that the master is still heard from (it heartbeats), so a
+    /// master that stopped answering with its link open is noticed.
+    MasterSilence,
 }
 
 /// One client write handed to the coordinator, with the handle its reply goes to.

@@ -27,6 +27,9 @@ pub struct ParticipantConfig {
     pub reconnect_max_ms: u64,
     /// Ask the master about a transaction voted on but undecided for this long.
     pub outcome_query_after_ms: u64,
+    /// Drop the link and reconnect when nothing arrived from the master for
+    /// this long (it heartbeats every 100 ms by default).
+    pub master_silence_ms: u64,
 }
 
 impl Default for ParticipantConfig {
@@ -36,6 +39,7 @@ impl Default for ParticipantConfig {
             reconnect_min_ms: 50,
             reconnect_max_ms: 2_000,
             outcome_query_after_ms: 1_000,
+            master_silence_ms: 3_000,
         }
     }
 }
@@ -101,6 +105,8 @@ pub struct Participant {
     outcome_timer_armed: bool,
     violations: u64,
     actions: VecDeque<Action>,
+    /// When the current link last delivered anything.
+    last_heard_ms: u64,
 }
 
 impl Participant {
@@ -123,6 +129,7 @@ impl Participant {
             outcome_timer_armed: false,
             violations: 0,
             actions: VecDeque::new(),
+            last_heard_ms: 0,
         };
         p.actions.push_back(Action::Connect);
         p
@@ -161,7 +168,16 @@ impl Participant {
     /// Feed one event.
     pub fn handle(&mut self, now_ms: u64, event: Event) {
         match event {
-            Event::Connected { peer } => self.on_connected(peer),
+            Event::Connected { peer } => {
+                self.last_heard_ms = now_ms;
+                self.on_connected(peer);
+                if self.link.peer() == Some(peer) {
+                    self.actions.push_back(Action::SetTimer {
+                        timer: TimerId::MasterSilence,
+                        at_ms: now_ms + self.config.master_silence_ms,
+                    });
+                }
+            }
             Event::ConnectFailed => {
                 if self.link == LinkState::Connecting {
                     self.link_down(now_ms);
@@ -175,6 +191,7 @@ impl Participant {
             }
             Event::Message { peer, msg } => {
                 if self.link.peer() == Some(peer) {
+                    self.last_heard_ms = now_ms;
                     self.on_message(now_ms, peer, msg);
                 }
             }
@@ -487,6 +504,25 @@ impl Participant {
                         at_ms: now_ms + limit,
                     });
                 }
+            }
+            TimerId::MasterSilence => {
+                let Some(peer) = self.link.peer() else {
+                    return; // the next link arms it again
+                };
+                let deadline = self.last_heard_ms + self.config.master_silence_ms;
+                if now_ms < deadline {
+                    self.actions.push_back(Action::SetTimer {
+                        timer: TimerId::MasterSilence,
+                        at_ms: deadline,
+                    });
+                    return;
+                }
+                warn!(
+                    "nothing from the master on {peer:?} for {} ms; reconnecting",
+                    now_ms - self.last_heard_ms
+                );
+                self.actions.push_back(Action::Disconnect { peer });
+                self.link_down(now_ms);
             }
             TimerId::Txn(_) | TimerId::Heartbeat => {}
         }

@@ -755,6 +755,8 @@ impl Sim {
                         reconnect_min_ms: 10,
                         reconnect_max_ms: 500,
                         outcome_query_after_ms: 200,
+                        // Longer than any delay spike: silence means a lost master.
+                        master_silence_ms: 2_000,
                     },
                     pos,
                 ));

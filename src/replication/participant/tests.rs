@@ -300,8 +300,9 @@ fn snapshot_chunks_install_atomically_and_checkpoint() {
         }),
     );
     let actions = drain(&mut p);
+    // After Connect, REGISTER and the silence timer:
     assert_eq!(
-        actions[2..],
+        actions[3..],
         [
             Action::InstallSnapshot {
                 at_seq: 9,
@@ -546,4 +547,69 @@ fn catch_up_before_registered_is_a_violation() {
     p.handle(0, registered(H, CatchUp::Log { from_seq: 0 }));
     p.handle(0, registered(H, CatchUp::Log { from_seq: 0 }));
     assert_eq!(p.protocol_violations(), 1, "REGISTERED twice");
+}
+
+#[test]
+fn a_silent_master_is_dropped_and_redialed() {
+    let mut p = following(0);
+    let silence = config().master_silence_ms;
+    // A heartbeat halfway keeps the link: the timer moves to the new deadline.
+    p.handle(silence / 2, from_master(PeerMessage::Heartbeat { seq: 0 }));
+    drain(&mut p);
+    p.handle(
+        silence,
+        Event::TimerFired {
+            timer: TimerId::MasterSilence,
+        },
+    );
+    assert_eq!(
+        drain(&mut p),
+        vec![Action::SetTimer {
+            timer: TimerId::MasterSilence,
+            at_ms: silence / 2 + silence,
+        }]
+    );
+    assert_eq!(p.link(), LinkState::Following(M));
+    // Then nothing for a whole period: drop the link and schedule a reconnect.
+    p.handle(
+        silence / 2 + silence,
+        Event::TimerFired {
+            timer: TimerId::MasterSilence,
+        },
+    );
+    let actions = drain(&mut p);
+    assert!(
+        actions.contains(&Action::Disconnect { peer: M }),
+        "{actions:?}"
+    );
+    assert!(
+        actions.iter().any(|a| matches!(
+            a,
+            Action::SetTimer {
+                timer: TimerId::Reconnect,
+                ..
+            }
+        )),
+        "{actions:?}"
+    );
+    assert_eq!(p.link(), LinkState::Down);
+    // A late firing with no link does nothing.
+    p.handle(
+        10 * silence,
+        Event::TimerFired {
+            timer: TimerId::MasterSilence,
+        },
+    );
+    assert!(drain(&mut p).is_empty());
+}
+
+#[test]
+fn connecting_arms_the_silence_check() {
+    let mut p = Participant::new(config(), 0);
+    drain(&mut p);
+    p.handle(7, Event::Connected { peer: M });
+    assert!(drain(&mut p).contains(&Action::SetTimer {
+        timer: TimerId::MasterSilence,
+        at_ms: 7 + config().master_silence_ms,
+    }));
 }
