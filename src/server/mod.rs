@@ -390,12 +390,7 @@ impl Server {
             }
             let entry = self.links.vacant_entry();
             let key = entry.key();
-            // Both interests once, so that no re-registration is ever needed.
-            if let Err(e) = self.poll.registry().register(
-                &mut stream,
-                Token(key + FIRST_LINK),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
+            if let Err(e) = register_link(&self.poll, &mut stream, key) {
                 error!("{peer}: cannot register connection: {e}");
                 continue;
             }
@@ -732,11 +727,7 @@ impl Server {
         let limit = self.peer_frame_limit();
         let entry = self.links.vacant_entry();
         let key = entry.key();
-        if let Err(e) = self.poll.registry().register(
-            &mut stream,
-            Token(key + FIRST_LINK),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        if let Err(e) = register_link(&self.poll, &mut stream, key) {
             error!("cannot register link to master: {e}");
             self.completions.push_back(Event::ConnectFailed);
             return;
@@ -844,6 +835,16 @@ impl Server {
             }
         }
     }
+}
+
+/// Register a stream living at slab `key` for both directions, once: with
+/// edge-triggered readiness no re-registration is ever needed.
+fn register_link(poll: &Poll, stream: &mut TcpStream, key: usize) -> io::Result<()> {
+    poll.registry().register(
+        stream,
+        Token(key + FIRST_LINK),
+        Interest::READABLE | Interest::WRITABLE,
+    )
 }
 
 /// See [`Server::peer_frame_limit`].
