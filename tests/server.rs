@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use common::{ServerProcess, read_response};
 use dkvs::client::{ClientError, Transport};
-use dkvs::protocol::{Opcode, RESPONSE_FLAG, Response, Status, decode_datagram, encode_request};
+use dkvs::protocol::{
+    HEADER_LEN, Opcode, RESPONSE_FLAG, Response, Status, decode_datagram, encode_request,
+};
 
 fn request(op: Opcode, id: u32, key: &[u8], value: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -451,4 +453,107 @@ fn tcp_only_and_udp_only() {
     udp_only.client(Transport::Udp).ping().expect("udp ping");
     let refused = TcpStream::connect(("127.0.0.1", udp_only.port));
     assert!(refused.is_err(), "a UDP-only server must not accept TCP");
+}
+
+#[test]
+fn a_pipelined_request_after_a_large_reply_is_answered() {
+    // The first reply alone passes the output high-water mark; the second
+    // request was read in the same short read and must not be left behind.
+    let server = ServerProcess::start(&[]);
+    let mut writer = server.client(Transport::Tcp);
+    let big = vec![b'b'; 300 * 1024];
+    writer.put(b"big", &big).expect("put big");
+    writer.put(b"small", b"s").expect("put small");
+    let mut stream = tcp(&server);
+    let mut batch = request(Opcode::Get, 1, b"big", b"");
+    batch.extend(request(Opcode::Get, 2, b"small", b""));
+    stream.write_all(&batch).expect("write both");
+    let first = read_response(&mut stream);
+    assert_eq!((first.request_id, first.value.len()), (1, big.len()));
+    let second = read_response(&mut stream);
+    assert_eq!((second.request_id, second.value), (2, b"s".to_vec()));
+}
+
+#[test]
+fn half_closed_client_gets_every_reply_then_eof() {
+    let server = ServerProcess::start(&[]);
+    let mut stream = tcp(&server);
+    let mut batch = Vec::new();
+    for i in 0..50u32 {
+        batch.extend(request(Opcode::Put, i, format!("h{i}").as_bytes(), b"v"));
+    }
+    // Data and FIN leave together: the server may see both in one readiness.
+    stream.write_all(&batch).expect("write");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    for i in 0..50u32 {
+        let reply = read_response(&mut stream);
+        assert_eq!((reply.request_id, reply.status), (i, Ok(Status::Ok)));
+    }
+    let mut byte = [0u8; 1];
+    assert_eq!(stream.read(&mut byte).expect("EOF, not a timeout"), 0);
+}
+
+#[test]
+fn a_slow_but_steady_reader_does_not_grow_the_server() {
+    let server = ServerProcess::start(&[]);
+    let value = vec![b'x'; 32 * 1024];
+    server
+        .client(Transport::Tcp)
+        .put(b"v", &value)
+        .expect("put");
+    let mut stream = tcp(&server);
+    let get = request(Opcode::Get, 0, b"v", b"");
+    let requests = 3000; // ~96 MiB of replies
+    let writer_stream = stream.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        let mut s = writer_stream;
+        let mut batch = Vec::new();
+        for _ in 0..requests {
+            batch.extend_from_slice(&get);
+        }
+        s.write_all(&batch).expect("write requests");
+    });
+    // Read in bites with pauses, so the server's output never quite drains.
+    let mut chunk = vec![0u8; 256 * 1024];
+    let total = requests * (HEADER_LEN + value.len());
+    let mut got = 0;
+    let mut max_rss_kib = 0;
+    while got < total {
+        let n = stream.read(&mut chunk).expect("read replies");
+        assert!(n > 0, "server closed early");
+        got += n;
+        if got % (8 << 20) < n {
+            max_rss_kib = max_rss_kib.max(server.rss_kib());
+        }
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    writer.join().expect("writer");
+    assert!(
+        max_rss_kib < 48 * 1024,
+        "server RSS reached {max_rss_kib} KiB while streaming 96 MiB to a slow reader"
+    );
+}
+
+#[test]
+fn the_client_recovers_after_a_timed_out_request() {
+    let mut server = ServerProcess::start(&[]);
+    let config = dkvs::client::ClientConfig {
+        timeout: Duration::from_millis(300),
+        ..dkvs::client::ClientConfig::default()
+    };
+    let mut client =
+        dkvs::client::Client::connect("127.0.0.1", server.port, config).expect("connect");
+    client.put(b"a", b"1").expect("put a");
+    client.put(b"b", b"2").expect("put b");
+    server.stop();
+    assert!(matches!(client.get(b"a"), Err(ClientError::Timeout(_))));
+    server.resume();
+    // The late reply to the timed-out GET must not be taken for this one's.
+    let got = client
+        .get(b"b")
+        .expect("get after timeout")
+        .expect("present");
+    assert_eq!(got.value, b"2");
 }

@@ -135,6 +135,35 @@ pub struct Client {
     inbuf: Vec<u8>,
     /// The master a slave redirected writes to, kept for the next writes.
     master: Option<Box<Client>>,
+    /// A TCP exchange failed midway: the stream may hold a late or partial
+    /// reply, so the next request starts on a new connection.
+    broken: bool,
+}
+
+/// Open the socket for `config.transport` to `server`.
+fn open_link(server: SocketAddr, config: &ClientConfig) -> Result<Link, ClientError> {
+    Ok(match config.transport {
+        Transport::Tcp => {
+            let stream = TcpStream::connect_timeout(&server, config.timeout).map_err(|e| {
+                ClientError::Io(io::Error::new(
+                    e.kind(),
+                    format!("cannot connect to {server} over TCP: {e}"),
+                ))
+            })?;
+            stream.set_nodelay(true)?;
+            Link::Tcp(stream)
+        }
+        Transport::Udp => {
+            let local: SocketAddr = if server.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let socket = UdpSocket::bind(local)?;
+            socket.connect(server)?;
+            Link::Udp(socket)
+        }
+    })
 }
 
 /// Resolve `host:port` to the first address.
@@ -155,28 +184,7 @@ impl Client {
 
     /// Connect to a resolved address.
     pub fn connect_addr(server: SocketAddr, config: ClientConfig) -> Result<Client, ClientError> {
-        let link = match config.transport {
-            Transport::Tcp => {
-                let stream = TcpStream::connect_timeout(&server, config.timeout).map_err(|e| {
-                    ClientError::Io(io::Error::new(
-                        e.kind(),
-                        format!("cannot connect to {server} over TCP: {e}"),
-                    ))
-                })?;
-                stream.set_nodelay(true)?;
-                Link::Tcp(stream)
-            }
-            Transport::Udp => {
-                let local: SocketAddr = if server.is_ipv4() {
-                    ([0, 0, 0, 0], 0).into()
-                } else {
-                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-                };
-                let socket = UdpSocket::bind(local)?;
-                socket.connect(server)?;
-                Link::Udp(socket)
-            }
-        };
+        let link = open_link(server, &config)?;
         Ok(Client {
             link,
             config,
@@ -187,6 +195,7 @@ impl Client {
             out: Vec::with_capacity(256),
             inbuf: Vec::new(),
             master: None,
+            broken: false,
         })
     }
 
@@ -262,7 +271,12 @@ impl Client {
         if op.is_write()
             && let Some(master) = self.master.as_mut()
         {
-            return master.request(op, key, value);
+            let reply = master.request(op, key, value);
+            if reply.is_err() {
+                // Forget it: the next write asks the slave again where the master is.
+                self.master = None;
+            }
+            return reply;
         }
         let reply = self.request_here(op, key, value)?;
         if reply.status != Ok(Status::Redirect) || self.config.max_redirects == 0 {
@@ -300,12 +314,20 @@ impl Client {
                 key.len()
             )));
         }
+        if self.broken {
+            self.link = open_link(self.server, &self.config)?;
+            self.broken = false;
+        }
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         self.out.clear();
         encode_request(&mut self.out, op, id, key, value);
         let reply = match self.link {
-            Link::Tcp(_) => self.tcp_round_trip()?,
+            Link::Tcp(_) => {
+                let reply = self.tcp_round_trip();
+                self.broken = reply.is_err();
+                reply?
+            }
             Link::Udp(_) => {
                 if self.out.len() > MAX_UDP_FRAME_BYTES {
                     return Err(ClientError::InvalidRequest(format!(
@@ -318,12 +340,14 @@ impl Client {
             }
         };
         if reply.request_id != id {
+            self.broken = true;
             return Err(ClientError::Mismatch(format!(
                 "reply to request {} arrived for request {id}",
                 reply.request_id
             )));
         }
         if reply.opcode != op as u8 && reply.opcode != 0 {
+            self.broken = true;
             return Err(ClientError::Mismatch(format!(
                 "reply opcode 0x{:02x} does not match request 0x{:02x}",
                 reply.opcode, op as u8
@@ -372,7 +396,9 @@ impl Client {
         let deadline = Instant::now() + self.config.timeout;
         loop {
             socket.send(&self.out)?;
-            let resend_at = (Instant::now() + self.config.udp_retry_after).min(deadline);
+            // At least a millisecond between sends, whatever the configuration says.
+            let retry_after = self.config.udp_retry_after.max(Duration::from_millis(1));
+            let resend_at = (Instant::now() + retry_after).min(deadline);
             // Wait for our reply; stale replies to earlier retries are skipped.
             loop {
                 let now = Instant::now();

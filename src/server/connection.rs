@@ -42,8 +42,9 @@ pub struct Connection {
     target: ReplyTarget,
     /// Writes waiting for their outcome, in request order, each with its reply once known.
     pending: VecDeque<(ClientRef, Option<Vec<u8>>)>,
-    /// Input processing stopped until pending writes are answered (or the batch is sent).
-    stalled: bool,
+    /// The poller reported the client's FIN: a short read does not prove the
+    /// socket empty any more, the EOF behind the data must still be read.
+    read_closed: bool,
     /// Set on EOF or a stream-breaking error: flush what is pending, then close.
     closing: bool,
     /// No request has been answered yet: only then may a peer handshake arrive.
@@ -61,7 +62,7 @@ impl Connection {
             peer,
             target: ReplyTarget::Tcp { key, conn_id },
             pending: VecDeque::new(),
-            stalled: false,
+            read_closed: false,
             closing: false,
             drained: false,
             fresh: true,
@@ -86,36 +87,44 @@ impl Connection {
         }
     }
 
-    /// React to readiness (`event`, either direction), or resume after
-    /// replies arrived: answer buffered frames, write, and read more while
-    /// that makes progress.
+    /// React to readiness (`event`, either direction; `read_closed` when the
+    /// peer's FIN is known to have arrived), or resume after replies arrived:
+    /// answer buffered frames, write, and read more while that makes progress.
     ///
     /// Edge-triggered readiness is only lost if not drained, so this reads
     /// until a short read or `WouldBlock`; a short read already proves the
-    /// socket is empty, which saves the extra `read` per request, and a
-    /// resumption reads only if the socket was not known to be empty.
-    pub fn on_ready(&mut self, core: &mut Core, event: bool) -> Liveness {
+    /// socket is empty (unless the FIN came with the data), which saves the
+    /// extra `read` per request, and a resumption reads only if the socket was
+    /// not known to be empty. It reads only when no complete frame is left
+    /// buffered, so the input buffer never holds more than one frame's worth.
+    pub fn on_ready(&mut self, core: &mut Core, event: bool, read_closed: bool) -> Liveness {
         if event {
             self.drained = false;
         }
+        self.read_closed |= read_closed;
         loop {
-            if !self.closing && self.answer_buffered(core) {
+            let stop = if self.closing {
+                Stop::Closing
+            } else {
+                self.answer_buffered(core)
+            };
+            if stop == Stop::Peer {
                 return Liveness::BecomePeer;
             }
             if let Err(e) = self.io.flush() {
                 debug!("{}: write failed: {e}", self.peer);
                 return Liveness::Closed;
             }
-            if self.closing
-                || self.stalled
-                || self.drained
-                || self.io.pending_output() >= OUTPUT_HIGH_WATER_BYTES
-            {
-                // Backpressure or waiting: the WRITABLE edge or a delivered reply brings us back.
-                break;
+            match stop {
+                // Answer more once the flush made room; else the WRITABLE edge brings us back.
+                Stop::OutputFull if self.io.pending_output() < OUTPUT_HIGH_WATER_BYTES => continue,
+                Stop::NeedBytes if !self.drained => {}
+                // Waiting for replies (a delivery resumes us), for the client, or done.
+                _ => break,
             }
             match self.io.fill() {
                 Ok(Filled::Eof) => self.closing = true,
+                Ok(Filled::Short) if self.read_closed => {} // the next read returns the EOF
                 Ok(Filled::Short) | Ok(Filled::WouldBlock) => self.drained = true,
                 Ok(Filled::Full) => {}
                 Err(e) => {
@@ -158,16 +167,15 @@ impl Connection {
     }
 
     /// Answer complete frames in order until the input runs out, replies back
-    /// up, or a request must wait. Returns whether a peer frame arrived.
-    fn answer_buffered(&mut self, core: &mut Core) -> bool {
-        self.stalled = false;
+    /// up, or a request must wait; say which.
+    fn answer_buffered(&mut self, core: &mut Core) -> Stop {
         while self.io.pending_output() < OUTPUT_HIGH_WATER_BYTES {
             let (buffered, output) = self.io.split();
             match decode(buffered, core.max_value_bytes) {
                 Ok(Decoded::Frame(frame, used)) => {
                     let id = frame.header.request_id;
                     if is_peer_opcode(frame.header.opcode) && self.fresh {
-                        return true;
+                        return Stop::Peer;
                     }
                     self.fresh = false;
                     let request = Request::from_frame(&frame);
@@ -177,15 +185,13 @@ impl Connection {
                     let must_wait = !self.pending.is_empty()
                         && (!is_write || self.pending.len() >= MAX_PENDING_WRITES);
                     if must_wait {
-                        self.stalled = true;
-                        return false;
+                        return Stop::Waiting;
                     }
                     if is_write && core.batch_full() {
-                        self.stalled = true;
                         if let ReplyTarget::Tcp { key, .. } = self.target {
                             core.batch_waiters.push(key);
                         }
-                        return false;
+                        return Stop::Waiting;
                     }
                     match request {
                         Ok(request) => {
@@ -204,12 +210,11 @@ impl Connection {
                 }
                 Ok(Decoded::Incomplete(need)) => {
                     self.io.need(need);
-                    return false;
+                    return Stop::NeedBytes;
                 }
                 Err(_) if !self.pending.is_empty() => {
                     // The error reply must follow the replies still owed.
-                    self.stalled = true;
-                    return false;
+                    return Stop::Waiting;
                 }
                 Err(e) => {
                     // The stream cannot be split into frames any more: say why, then close.
@@ -217,10 +222,25 @@ impl Connection {
                     let id = BigEndian::read_u32(&buffered[4..8]);
                     core.reject(buffered[2], id, &e, output);
                     self.closing = true;
-                    return false;
+                    return Stop::Closing;
                 }
             }
         }
-        false
+        Stop::OutputFull
     }
+}
+
+/// Why answering buffered frames stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// No complete frame is left: read more.
+    NeedBytes,
+    /// Replies reached the high-water mark.
+    OutputFull,
+    /// The next request waits for pending writes, or for the batch to be sent.
+    Waiting,
+    /// A peer handshake arrived.
+    Peer,
+    /// The stream is finished (EOF or unparseable): only flushing is left.
+    Closing,
 }

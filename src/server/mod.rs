@@ -47,6 +47,8 @@ const UDP: Token = Token(1);
 const FIRST_LINK: usize = 2;
 /// Attempts at finding a port free for both TCP and UDP when asked for port 0.
 const PORT_ZERO_ATTEMPTS: usize = 32;
+/// Replication links a master accepts (each may hold a snapshot copy and large buffers).
+const MAX_PEER_LINKS: usize = 64;
 /// Rounds of "submit writes, deliver replies, resume clients" per loop
 /// iteration; each round consumes client input, this only bounds the loop.
 const MAX_SETTLE_ROUNDS: usize = 1024;
@@ -224,6 +226,11 @@ pub struct Server {
     replication_changed: bool,
     /// Failed attempts to reach the master since the last success.
     connect_failures: u64,
+    /// The last settle stopped at its round bound with work left.
+    work_left: bool,
+    /// `accept` failed (out of descriptors): connections waiting in the
+    /// backlog get no new edge, so the listener is retried on a timer.
+    accept_paused: bool,
 }
 
 impl Server {
@@ -295,9 +302,11 @@ impl Server {
             dirty_peers: Vec::new(),
             replication_changed: true,
             connect_failures: 0,
+            work_left: false,
+            accept_paused: false,
         };
         // The state machines may have work from the start (a slave dials its master).
-        server.settle();
+        server.work_left = server.settle();
         Ok(server)
     }
 
@@ -339,10 +348,15 @@ impl Server {
     pub fn run(&mut self) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = self.timers.next_deadline().map(|at| {
-                // Round up so a timer is never polled for just before it is due.
-                Duration::from_millis(at.saturating_sub(self.now_ms()) + 1)
-            });
+            let timeout = if self.work_left || self.accept_paused {
+                // Left-over work goes on at once; a paused listener is retried soon.
+                Some(Duration::from_millis(if self.work_left { 0 } else { 50 }))
+            } else {
+                self.timers.next_deadline().map(|at| {
+                    // Round up so a timer is never polled for just before it is due.
+                    Duration::from_millis(at.saturating_sub(self.now_ms()) + 1)
+                })
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -357,15 +371,18 @@ impl Server {
                             udp.on_readable(&mut self.core);
                         }
                     }
-                    Token(t) => self.link_ready(t - FIRST_LINK),
+                    Token(t) => self.link_ready(t - FIRST_LINK, event.is_read_closed()),
                 }
+            }
+            if self.accept_paused {
+                self.accept();
             }
             let now = self.now_ms();
             while let Some(timer) = self.timers.pop_expired(now) {
                 self.role.handle(now, Event::TimerFired { timer });
                 self.replication_changed = true;
             }
-            self.settle();
+            self.work_left = self.settle();
         }
     }
 
@@ -373,14 +390,25 @@ impl Server {
         let Some(listener) = self.listener.as_ref() else {
             return;
         };
+        let was_paused = std::mem::take(&mut self.accept_paused);
         loop {
             let (mut stream, peer) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue;
+                }
                 Err(e) => {
-                    // Out of descriptors, usually: the pending client waits for the next attempt.
-                    error!("accept failed: {e}");
+                    // Out of descriptors, usually: retry shortly, whatever the poller says.
+                    if !was_paused {
+                        error!("accept failed: {e}; retrying");
+                    }
+                    self.accept_paused = true;
                     return;
                 }
             };
@@ -403,20 +431,20 @@ impl Server {
         }
     }
 
-    fn link_ready(&mut self, key: usize) {
+    fn link_ready(&mut self, key: usize, read_closed: bool) {
         match self.links.get(key) {
-            Some(Link::Client(_)) => self.drive_client(key, true),
-            Some(Link::Peer(_)) => self.drive_peer(key),
+            Some(Link::Client(_)) => self.drive_client(key, true, read_closed),
+            Some(Link::Peer(_)) => self.drive_peer(key, read_closed),
             None => {}
         }
     }
 
     /// Serve a client connection: on readiness (`event`), or to resume it after replies.
-    fn drive_client(&mut self, key: usize, event: bool) {
+    fn drive_client(&mut self, key: usize, event: bool, read_closed: bool) {
         let Some(Link::Client(connection)) = self.links.get_mut(key) else {
             return;
         };
-        match connection.on_ready(&mut self.core, event) {
+        match connection.on_ready(&mut self.core, event, read_closed) {
             Liveness::Open => {}
             Liveness::Closed => self.close_client(key),
             Liveness::BecomePeer => self.become_peer(key),
@@ -449,6 +477,12 @@ impl Server {
             let _ = self.poll.registry().deregister(&mut io.stream);
             return;
         }
+        if self.peers.len() >= MAX_PEER_LINKS {
+            // Each link may cost a snapshot copy and large buffers: bound them.
+            warn!("{addr}: already {MAX_PEER_LINKS} replication links; refusing another");
+            let _ = self.poll.registry().deregister(&mut io.stream);
+            return;
+        }
         let id = PeerId(self.next_peer_id);
         self.next_peer_id += 1;
         info!("{addr}: replication link {} opened", id.0);
@@ -467,11 +501,11 @@ impl Server {
         }
         entry.insert(Link::Peer(PeerLink::new(io, id, addr, false, limit)));
         self.peers.insert(id, new_key);
-        self.drive_peer(new_key);
+        self.drive_peer(new_key, false);
     }
 
     /// Read, decode and hand to the state machine everything a replication link has.
-    fn drive_peer(&mut self, key: usize) {
+    fn drive_peer(&mut self, key: usize, read_closed: bool) {
         let Some(Link::Peer(link)) = self.links.get_mut(key) else {
             return;
         };
@@ -507,7 +541,7 @@ impl Server {
             return;
         };
         let mut messages = Vec::new();
-        let result = link.receive(&mut messages);
+        let result = link.receive(&mut messages, read_closed);
         for msg in messages {
             self.feed(Event::Message { peer: id, msg });
         }
@@ -564,7 +598,11 @@ impl Server {
 
     /// Submit this iteration's writes, execute every action, resume the clients
     /// whose replies came, and repeat while that produces more writes.
-    fn settle(&mut self) {
+    ///
+    /// Returns whether work is left (the round bound was hit): the caller
+    /// then polls without blocking.
+    fn settle(&mut self) -> bool {
+        let mut work_left = true;
         for _ in 0..MAX_SETTLE_ROUNDS {
             if !self.core.batch.is_empty() {
                 let writes = self.core.take_batch();
@@ -578,24 +616,25 @@ impl Server {
                 }
             }
             self.run_actions();
-            let touched = std::mem::take(&mut self.touched);
-            for key in touched {
-                self.drive_client(key, false);
-            }
-            if self.core.batch.is_empty() && self.touched.is_empty() && !self.core.udp_waiting {
-                break;
-            }
-        }
-        let dirty = std::mem::take(&mut self.dirty_peers);
-        for key in dirty {
-            self.flush_peer(key);
-        }
-        // Flushing may have finished a snapshot, whose completion has actions of its own.
-        if !self.completions.is_empty() || !self.dirty_peers.is_empty() {
-            self.run_actions();
+            // Flushing can finish a snapshot or find a link dead: both are events
+            // whose actions run before the clients are resumed.
             let dirty = std::mem::take(&mut self.dirty_peers);
             for key in dirty {
                 self.flush_peer(key);
+            }
+            self.run_actions();
+            let touched = std::mem::take(&mut self.touched);
+            for key in touched {
+                self.drive_client(key, false, false);
+            }
+            if self.core.batch.is_empty()
+                && self.touched.is_empty()
+                && self.dirty_peers.is_empty()
+                && self.completions.is_empty()
+                && !self.core.udp_waiting
+            {
+                work_left = false;
+                break;
             }
         }
         if self.replication_changed {
@@ -606,6 +645,7 @@ impl Server {
             };
             self.core.stats.replication = self.role.describe(&master);
         }
+        work_left
     }
 
     /// Execute actions until the state machine and the completions are quiet.
@@ -711,9 +751,16 @@ impl Server {
     }
 
     fn connect_to_master(&mut self) {
-        let Role::Slave { master_addr, .. } = &self.role else {
+        let Role::Slave {
+            master_addr,
+            staging,
+            ..
+        } = &mut self.role
+        else {
             return;
         };
+        // A snapshot half-received on the old link is never finished: free it.
+        *staging = None;
         let master_addr = *master_addr;
         let mut stream = match TcpStream::connect(master_addr) {
             Ok(stream) => stream,

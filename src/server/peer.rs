@@ -137,7 +137,13 @@ impl PeerLink {
     }
 
     /// Read what the socket has and decode every complete message into `out`.
-    pub fn receive(&mut self, out: &mut Vec<PeerMessage>) -> Result<(), LinkError> {
+    /// With `read_closed` (the poller saw the FIN) a short read is not the end:
+    /// reading goes on to the EOF, which no later readiness would report.
+    pub fn receive(
+        &mut self,
+        out: &mut Vec<PeerMessage>,
+        read_closed: bool,
+    ) -> Result<(), LinkError> {
         loop {
             self.decode_buffered(out)?;
             match self.io.fill() {
@@ -146,6 +152,7 @@ impl PeerLink {
                     return Err(LinkError::Io("connection closed by peer".into()));
                 }
                 Ok(Filled::Full) => {}
+                Ok(Filled::Short) if read_closed => {}
                 Ok(Filled::Short) | Ok(Filled::WouldBlock) => {
                     return self.decode_buffered(out);
                 }

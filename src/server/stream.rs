@@ -10,7 +10,8 @@ use crate::protocol::HEADER_LEN;
 
 /// Starting (and resting) size of an input buffer.
 const INPUT_BUFFER_BYTES: usize = 16 * 1024;
-/// An idle output buffer larger than this is given back to the allocator.
+/// An idle output buffer larger than this is given back to the allocator; a
+/// sent prefix larger than this is dropped from a buffer still being written.
 const OUTPUT_KEEP_BYTES: usize = 64 * 1024;
 
 /// What one `read` did.
@@ -131,7 +132,18 @@ impl Framed {
             match self.stream.write(&self.output[self.out_start..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.out_start += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // A reader that never quite catches up must not keep every byte
+                    // ever sent: drop the sent prefix once it is the larger part.
+                    // (Moving at most as much as was sent keeps this amortised O(1).)
+                    if self.out_start >= OUTPUT_KEEP_BYTES
+                        && 2 * self.out_start >= self.output.len()
+                    {
+                        self.output.drain(..self.out_start);
+                        self.out_start = 0;
+                    }
+                    return Ok(());
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }

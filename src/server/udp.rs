@@ -15,46 +15,67 @@ use super::handler::{Core, Outcome, ReplyTarget};
 /// How many recent UDP write replies are remembered to answer retries.
 const REPLY_CACHE_ENTRIES: usize = 16 * 1024;
 
+/// Receive errors tolerated in one readiness before giving the loop back.
+const MAX_RECEIVE_ERRORS: usize = 64;
+
 /// A UDP request's sender and request id.
 type RetryKey = (SocketAddr, u32);
 
 /// What the cache knows of a write.
-#[derive(Debug)]
-struct Remembered {
-    /// Hash of the request datagram, telling a retry from a new write reusing the id.
-    fingerprint: u64,
-    /// The reply, once the write is decided; `None` while it is in flight.
-    reply: Option<Box<[u8]>>,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known<'a> {
+    /// Still being replicated: the reply is sent when it is decided.
+    InFlight,
+    /// Decided: this was the reply.
+    Answered(&'a [u8]),
 }
 
 /// Replies to recent UDP writes, keyed by sender and request id, so that a
 /// retried write is answered again without being applied twice — including a
 /// retry that arrives while the write is still being replicated.
+///
+/// Each entry keeps a fingerprint of the request: a client that reuses an id
+/// for a different write gets that write applied, not the old reply. Writes in
+/// flight are kept apart and never evicted (the coordinator bounds them):
+/// evicting one would let its retry be applied a second time.
 #[derive(Debug, Default)]
 pub struct ReplyCache {
-    entries: HashMap<RetryKey, Remembered>,
-    /// Insertion order, for evicting the oldest entry once full.
+    answered: HashMap<RetryKey, (u64, Box<[u8]>)>,
+    /// Insertion order of `answered`, for evicting the oldest entry once full.
     order: VecDeque<RetryKey>,
+    in_flight: HashMap<RetryKey, u64>,
 }
 
 impl ReplyCache {
-    fn get(&self, key: RetryKey, fingerprint: u64) -> Option<&Remembered> {
-        self.entries
-            .get(&key)
-            .filter(|r| r.fingerprint == fingerprint)
+    fn get(&self, key: RetryKey, fingerprint: u64) -> Option<Known<'_>> {
+        if self.in_flight.get(&key) == Some(&fingerprint) {
+            return Some(Known::InFlight);
+        }
+        match self.answered.get(&key) {
+            Some((f, reply)) if *f == fingerprint => Some(Known::Answered(reply)),
+            _ => None,
+        }
     }
 
-    fn insert(&mut self, key: RetryKey, fingerprint: u64, reply: Option<&[u8]>) {
+    fn start(&mut self, key: RetryKey, fingerprint: u64) {
+        self.in_flight.insert(key, fingerprint);
+    }
+
+    /// Remember the reply of a write (moving it out of flight if it was there).
+    fn answer(&mut self, key: RetryKey, fingerprint: u64, reply: &[u8]) {
+        if self.in_flight.get(&key) == Some(&fingerprint) {
+            self.in_flight.remove(&key);
+        }
         if self.order.len() == REPLY_CACHE_ENTRIES
             && let Some(oldest) = self.order.pop_front()
         {
-            self.entries.remove(&oldest);
+            self.answered.remove(&oldest);
         }
-        let remembered = Remembered {
-            fingerprint,
-            reply: reply.map(Into::into),
-        };
-        if self.entries.insert(key, remembered).is_none() {
+        if self
+            .answered
+            .insert(key, (fingerprint, reply.into()))
+            .is_none()
+        {
             self.order.push_back(key);
         }
     }
@@ -85,6 +106,7 @@ impl UdpService {
     /// Answer every datagram waiting on the socket (until the write batch is full;
     /// the reactor calls again once it has been submitted).
     pub fn on_readable(&mut self, core: &mut Core) {
+        let mut errors = 0;
         loop {
             if core.batch_full() {
                 core.udp_waiting = true;
@@ -95,8 +117,13 @@ impl UdpService {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // ICMP errors from earlier sends surface here; they concern one peer only.
+                    // ICMP errors from earlier sends surface here; they concern one peer
+                    // only. Any other error that keeps coming must not spin the reactor.
                     debug!("udp receive failed: {e}");
+                    errors += 1;
+                    if errors >= MAX_RECEIVE_ERRORS {
+                        return;
+                    }
                     continue;
                 }
             };
@@ -111,11 +138,7 @@ impl UdpService {
 
     /// Send the decided reply of a write that was pending, and remember it for retries.
     pub fn deliver(&mut self, from: SocketAddr, request_id: u32, fingerprint: u64, reply: &[u8]) {
-        if let Some(entry) = self.cache.entries.get_mut(&(from, request_id))
-            && entry.fingerprint == fingerprint
-        {
-            entry.reply = Some(reply.into());
-        }
+        self.cache.answer((from, request_id), fingerprint, reply);
         send(&self.socket, reply, from);
     }
 
@@ -147,8 +170,7 @@ impl UdpService {
         let fingerprint = if is_write { fingerprint(bytes) } else { 0 };
         if is_write && let Some(known) = self.cache.get((from, request_id), fingerprint) {
             core.stats.udp_retries_deduplicated += 1;
-            // In flight: the reply is sent when the write is decided.
-            if let Some(reply) = &known.reply {
+            if let Known::Answered(reply) = known {
                 self.reply.extend_from_slice(reply);
             }
             return;
@@ -161,11 +183,13 @@ impl UdpService {
             core.reject(op_byte, request_id, &err, &mut self.reply);
         }
         if is_write {
-            let reply = match outcome {
-                Outcome::Answered => Some(&self.reply[..]),
-                Outcome::Pending(_) => None,
-            };
-            self.cache.insert((from, request_id), fingerprint, reply);
+            match outcome {
+                Outcome::Answered => {
+                    self.cache
+                        .answer((from, request_id), fingerprint, &self.reply)
+                }
+                Outcome::Pending(_) => self.cache.start((from, request_id), fingerprint),
+            }
         }
     }
 }
@@ -183,4 +207,41 @@ fn fingerprint(datagram: &[u8]) -> u64 {
     let mut hasher = DefaultHasher::new();
     datagram.hash(&mut hasher);
     hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u32) -> RetryKey {
+        (SocketAddr::from(([127, 0, 0, 1], 4000)), i)
+    }
+
+    #[test]
+    fn a_write_in_flight_survives_any_number_of_later_answers() {
+        let mut cache = ReplyCache::default();
+        cache.start(key(0), 7);
+        for i in 1..=(2 * REPLY_CACHE_ENTRIES as u32) {
+            cache.answer(key(i), 1, b"ok");
+        }
+        assert_eq!(cache.get(key(0), 7), Some(Known::InFlight));
+        assert_eq!(
+            cache.get(key(1), 1),
+            None,
+            "the oldest answers were evicted"
+        );
+        cache.answer(key(0), 7, b"done");
+        assert_eq!(cache.get(key(0), 7), Some(Known::Answered(&b"done"[..])));
+        assert!(cache.in_flight.is_empty());
+    }
+
+    #[test]
+    fn a_reused_id_with_other_bytes_is_a_new_write() {
+        let mut cache = ReplyCache::default();
+        cache.start(key(5), 1);
+        assert_eq!(cache.get(key(5), 2), None);
+        cache.answer(key(5), 1, b"first");
+        assert_eq!(cache.get(key(5), 2), None);
+        assert_eq!(cache.get(key(5), 1), Some(Known::Answered(&b"first"[..])));
+    }
 }
