@@ -272,8 +272,9 @@ impl Client {
             && let Some(master) = self.master.as_mut()
         {
             let reply = master.request(op, key, value);
-            if reply.is_err() {
-                // Forget it: the next write asks the slave again where the master is.
+            if !matches!(&reply, Ok(r) if r.status != Ok(Status::Redirect)) {
+                // Forget it (failed, or no longer the master): the next write asks
+                // the slave again where the master is.
                 self.master = None;
             }
             return reply;

@@ -69,9 +69,10 @@ impl Connection {
         }
     }
 
-    /// Give up the stream and its buffers (the connection turned into a peer link).
-    pub fn into_io(self) -> Framed {
-        self.io
+    /// Give up the stream and its buffers (the connection turned into a peer
+    /// link), with whether the client's FIN has been reported.
+    pub fn into_io(self) -> (Framed, bool) {
+        (self.io, self.read_closed)
     }
 
     /// The client's address.

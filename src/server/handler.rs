@@ -92,6 +92,8 @@ pub struct Core {
     pub batch_waiters: Vec<usize>,
     /// The UDP socket stopped reading because the batch was full.
     pub udp_waiting: bool,
+    /// The UDP socket stopped reading after repeated receive errors; read it again soon.
+    pub udp_retry: bool,
     /// Reply routes of writes handed to the coordinator and not yet answered
     /// (foldhash: one insert and one remove per write, SipHash showed in profiles).
     pub waiting: HashMap<ClientRef, Waiting, foldhash::fast::RandomState>,
@@ -111,6 +113,7 @@ impl Core {
             batch_bytes: 0,
             batch_waiters: Vec::new(),
             udp_waiting: false,
+            udp_retry: false,
             waiting: HashMap::default(),
             next_client_ref: 1,
         }

@@ -47,6 +47,8 @@ const UDP: Token = Token(1);
 const FIRST_LINK: usize = 2;
 /// Attempts at finding a port free for both TCP and UDP when asked for port 0.
 const PORT_ZERO_ATTEMPTS: usize = 32;
+/// Milliseconds between attempts to accept after running out of descriptors.
+const ACCEPT_RETRY_MS: u64 = 50;
 /// Replication links a master accepts (each may hold a snapshot copy and large buffers).
 const MAX_PEER_LINKS: usize = 64;
 /// Rounds of "submit writes, deliver replies, resume clients" per loop
@@ -348,15 +350,18 @@ impl Server {
     pub fn run(&mut self) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = if self.work_left || self.accept_paused {
-                // Left-over work goes on at once; a paused listener is retried soon.
-                Some(Duration::from_millis(if self.work_left { 0 } else { 50 }))
-            } else {
-                self.timers.next_deadline().map(|at| {
-                    // Round up so a timer is never polled for just before it is due.
-                    Duration::from_millis(at.saturating_sub(self.now_ms()) + 1)
-                })
-            };
+            let mut timeout = self.timers.next_deadline().map(|at| {
+                // Round up so a timer is never polled for just before it is due.
+                Duration::from_millis(at.saturating_sub(self.now_ms()) + 1)
+            });
+            if self.work_left || self.core.udp_retry {
+                // Left-over work goes on at once.
+                timeout = Some(Duration::ZERO);
+            } else if self.accept_paused {
+                // A paused listener is retried soon (or at the next timer, if sooner).
+                let retry = Duration::from_millis(ACCEPT_RETRY_MS);
+                timeout = Some(timeout.map_or(retry, |t| t.min(retry)));
+            }
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -376,6 +381,11 @@ impl Server {
             }
             if self.accept_paused {
                 self.accept();
+            }
+            if std::mem::take(&mut self.core.udp_retry)
+                && let Some(udp) = self.udp.as_mut()
+            {
+                udp.on_readable(&mut self.core);
             }
             let now = self.now_ms();
             while let Some(timer) = self.timers.pop_expired(now) {
@@ -471,7 +481,7 @@ impl Server {
         };
         self.core.stats.connections_open -= 1;
         let addr = connection.peer();
-        let mut io = connection.into_io();
+        let (mut io, read_closed) = connection.into_io();
         if matches!(self.role, Role::Slave { .. }) {
             warn!("{addr}: replication handshake sent to a slave; closing");
             let _ = self.poll.registry().deregister(&mut io.stream);
@@ -501,7 +511,7 @@ impl Server {
         }
         entry.insert(Link::Peer(PeerLink::new(io, id, addr, false, limit)));
         self.peers.insert(id, new_key);
-        self.drive_peer(new_key, false);
+        self.drive_peer(new_key, read_closed);
     }
 
     /// Read, decode and hand to the state machine everything a replication link has.
@@ -627,6 +637,8 @@ impl Server {
             for key in touched {
                 self.drive_client(key, false, false);
             }
+            // A resumed connection may have become a peer link and fed the role.
+            self.run_actions();
             if self.core.batch.is_empty()
                 && self.touched.is_empty()
                 && self.dirty_peers.is_empty()

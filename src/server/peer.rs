@@ -110,6 +110,8 @@ pub struct PeerLink {
     snapshot: Option<SnapshotStream>,
     /// Largest frame accepted from the peer.
     max_frame_bytes: usize,
+    /// The poller reported the peer's FIN: read on to the EOF.
+    read_closed: bool,
 }
 
 impl PeerLink {
@@ -128,6 +130,7 @@ impl PeerLink {
             connecting,
             snapshot: None,
             max_frame_bytes,
+            read_closed: false,
         }
     }
 
@@ -144,6 +147,7 @@ impl PeerLink {
         out: &mut Vec<PeerMessage>,
         read_closed: bool,
     ) -> Result<(), LinkError> {
+        self.read_closed |= read_closed;
         loop {
             self.decode_buffered(out)?;
             match self.io.fill() {
@@ -152,7 +156,7 @@ impl PeerLink {
                     return Err(LinkError::Io("connection closed by peer".into()));
                 }
                 Ok(Filled::Full) => {}
-                Ok(Filled::Short) if read_closed => {}
+                Ok(Filled::Short) if self.read_closed => {}
                 Ok(Filled::Short) | Ok(Filled::WouldBlock) => {
                     return self.decode_buffered(out);
                 }

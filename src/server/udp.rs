@@ -1,6 +1,6 @@
 //! Serving requests that arrive as UDP datagrams, one frame per datagram.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io;
 use std::net::SocketAddr;
@@ -43,12 +43,14 @@ pub struct ReplyCache {
     answered: HashMap<RetryKey, (u64, Box<[u8]>)>,
     /// Insertion order of `answered`, for evicting the oldest entry once full.
     order: VecDeque<RetryKey>,
-    in_flight: HashMap<RetryKey, u64>,
+    /// Writes in flight by key and fingerprint (an id reused with other bytes
+    /// while the first is in flight is a second entry, not a replacement).
+    in_flight: HashSet<(RetryKey, u64)>,
 }
 
 impl ReplyCache {
     fn get(&self, key: RetryKey, fingerprint: u64) -> Option<Known<'_>> {
-        if self.in_flight.get(&key) == Some(&fingerprint) {
+        if self.in_flight.contains(&(key, fingerprint)) {
             return Some(Known::InFlight);
         }
         match self.answered.get(&key) {
@@ -58,14 +60,12 @@ impl ReplyCache {
     }
 
     fn start(&mut self, key: RetryKey, fingerprint: u64) {
-        self.in_flight.insert(key, fingerprint);
+        self.in_flight.insert((key, fingerprint));
     }
 
     /// Remember the reply of a write (moving it out of flight if it was there).
     fn answer(&mut self, key: RetryKey, fingerprint: u64, reply: &[u8]) {
-        if self.in_flight.get(&key) == Some(&fingerprint) {
-            self.in_flight.remove(&key);
-        }
+        self.in_flight.remove(&(key, fingerprint));
         if self.order.len() == REPLY_CACHE_ENTRIES
             && let Some(oldest) = self.order.pop_front()
         {
@@ -122,6 +122,8 @@ impl UdpService {
                     debug!("udp receive failed: {e}");
                     errors += 1;
                     if errors >= MAX_RECEIVE_ERRORS {
+                        // Edge-triggered: come back without waiting for a new datagram.
+                        core.udp_retry = true;
                         return;
                     }
                     continue;
@@ -232,6 +234,19 @@ mod tests {
         );
         cache.answer(key(0), 7, b"done");
         assert_eq!(cache.get(key(0), 7), Some(Known::Answered(&b"done"[..])));
+        assert!(cache.in_flight.is_empty());
+    }
+
+    #[test]
+    fn an_id_reused_while_in_flight_keeps_both_writes_in_flight() {
+        let mut cache = ReplyCache::default();
+        cache.start(key(9), 1);
+        cache.start(key(9), 2);
+        assert_eq!(cache.get(key(9), 1), Some(Known::InFlight));
+        assert_eq!(cache.get(key(9), 2), Some(Known::InFlight));
+        cache.answer(key(9), 1, b"one");
+        assert_eq!(cache.get(key(9), 2), Some(Known::InFlight));
+        cache.answer(key(9), 2, b"two");
         assert!(cache.in_flight.is_empty());
     }
 
