@@ -601,9 +601,14 @@ impl Server {
     }
 
     fn feed(&mut self, event: Event) {
+        // Writes and their durability do not change who is in sync; refreshing
+        // the STATS lines for them would format text on every write. Messages,
+        // links and timers (heartbeats every 100 ms) keep the lines current.
+        if !matches!(event, Event::ClientWrites { .. } | Event::Persisted { .. }) {
+            self.replication_changed = true;
+        }
         let now = self.now_ms();
         self.role.handle(now, event);
-        self.replication_changed = true;
     }
 
     /// Submit this iteration's writes, execute every action, resume the clients
