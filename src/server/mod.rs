@@ -571,7 +571,7 @@ impl Server {
             return;
         }
         let id = link.id;
-        match link.flush() {
+        match link.flush(&self.core.store) {
             Ok(Some(at_seq)) => self.feed(Event::SnapshotSent { peer: id, at_seq }),
             Ok(None) => {}
             Err(e) => self.lose_peer(key, &e.to_string()),
@@ -726,11 +726,11 @@ impl Server {
                     && let Some(Link::Peer(link)) = self.links.get_mut(key)
                 {
                     info!(
-                        "streaming a snapshot of {} keys at seq {at_seq} to {}",
+                        "streaming a snapshot of {} keys at seq {at_seq} to {} (copied shard by shard)",
                         self.core.store.len(),
                         link.addr
                     );
-                    link.start_snapshot(&self.core.store, at_seq);
+                    link.start_snapshot(at_seq);
                     self.dirty_peers.push(key);
                 }
             }
@@ -825,6 +825,12 @@ impl Server {
                 },
                 OpKind::Delete => Write::Delete { key: &op.key },
             };
+            // A snapshot being streamed keeps the key's shard as it was at its start.
+            for &key in self.peers.values() {
+                if let Some(Link::Peer(link)) = self.links.get_mut(key) {
+                    link.before_write(&self.core.store, &op.key);
+                }
+            }
             let applied = self.core.store.apply(write, seq);
             if let Some(&client) = replies.get(i) {
                 match applied {

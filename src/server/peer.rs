@@ -9,7 +9,7 @@ use byteorder::{BigEndian, ByteOrder};
 
 use crate::protocol::peer::{PeerError, PeerMessage, SnapshotEntry, decode_peer};
 use crate::replication::PeerId;
-use crate::store::Store;
+use crate::store::{SHARDS, Store};
 
 use super::stream::{Filled, Framed};
 
@@ -38,43 +38,69 @@ impl std::fmt::Display for LinkError {
     }
 }
 
-/// A point-in-time copy of the store, serialized compactly, being sent in chunks.
+/// A point-in-time copy of the store being sent in chunks, copied a shard at
+/// a time: shards are copied as the link drains, and a shard about to be
+/// written is copied first (copy-on-write at shard granularity), so the copy
+/// is exactly the store as of `at_seq` without one long pause.
 #[derive(Debug)]
 struct SnapshotStream {
     at_seq: u64,
-    /// Entries as `[key_len u16][value_len u32][version u64][key][value]`.
+    /// Copied entries not yet sent, as `[key_len u16][value_len u32][version u64][key][value]`.
     bytes: Vec<u8>,
     sent: usize,
+    /// Shards already copied into `bytes` (or sent).
+    copied: Vec<bool>,
+    /// Shards below this index are all copied.
+    scan: usize,
 }
 
 const ENTRY_HEADER_BYTES: usize = 14;
 
 impl SnapshotStream {
-    fn capture(store: &Store, at_seq: u64) -> SnapshotStream {
-        let mut bytes = Vec::with_capacity(store.data_bytes() + store.len() * ENTRY_HEADER_BYTES);
-        for block in store.iter() {
+    fn new(at_seq: u64) -> SnapshotStream {
+        SnapshotStream {
+            at_seq,
+            bytes: Vec::new(),
+            sent: 0,
+            copied: vec![false; SHARDS],
+            scan: 0,
+        }
+    }
+
+    /// Copy one shard as it is now, unless already copied.
+    fn copy_shard(&mut self, store: &Store, shard: usize) {
+        if self.copied[shard] {
+            return;
+        }
+        self.copied[shard] = true;
+        for block in store.iter_shard(shard) {
             let mut header = [0u8; ENTRY_HEADER_BYTES];
             BigEndian::write_u16(&mut header[0..2], block.key().len() as u16);
             BigEndian::write_u32(&mut header[2..6], block.value().len() as u32);
             BigEndian::write_u64(&mut header[6..14], block.version());
-            bytes.extend_from_slice(&header);
-            bytes.extend_from_slice(block.key());
-            bytes.extend_from_slice(block.value());
-        }
-        SnapshotStream {
-            at_seq,
-            bytes,
-            sent: 0,
+            self.bytes.extend_from_slice(&header);
+            self.bytes.extend_from_slice(block.key());
+            self.bytes.extend_from_slice(block.value());
         }
     }
 
+    /// `key` is about to change: keep its shard's state as of the snapshot.
+    fn before_write(&mut self, store: &Store, key: &[u8]) {
+        self.copy_shard(store, store.shard_of(key));
+    }
+
     /// The next chunk message; `last` is set on the final one.
-    fn next_chunk(&mut self) -> PeerMessage {
+    fn next_chunk(&mut self, store: &Store) -> PeerMessage {
+        // Copy shards until a chunk's worth is waiting or all are copied.
+        while self.bytes.len() - self.sent < SNAPSHOT_CHUNK_BYTES && self.scan < SHARDS {
+            self.copy_shard(store, self.scan);
+            self.scan += 1;
+        }
         let mut entries = Vec::new();
         let mut taken = 0;
         while self.sent < self.bytes.len() && taken < SNAPSHOT_CHUNK_BYTES {
             let rest = &self.bytes[self.sent..];
-            // The buffer was written by `capture` above, so its lengths are trusted.
+            // The buffer was written by `copy_shard` above, so its lengths are trusted.
             let key_len = BigEndian::read_u16(&rest[0..2]) as usize;
             let value_len = BigEndian::read_u32(&rest[2..6]) as usize;
             let version = BigEndian::read_u64(&rest[6..14]);
@@ -88,10 +114,16 @@ impl SnapshotStream {
             self.sent += end;
             taken += end;
         }
+        // Forget what was sent once it is the larger part (amortised O(1) moves).
+        if 2 * self.sent >= self.bytes.len() {
+            self.bytes.drain(..self.sent);
+            self.sent = 0;
+        }
+        let last = self.scan == SHARDS && self.sent == self.bytes.len();
         PeerMessage::SnapshotChunk {
             snapshot_seq: self.at_seq,
             entries,
-            last: self.sent >= self.bytes.len(),
+            last,
         }
     }
 }
@@ -189,7 +221,7 @@ impl PeerLink {
 
     /// Write queued output; refill it from a snapshot in progress.
     /// Returns the snapshot's sequence number once its last chunk is queued.
-    pub fn flush(&mut self) -> Result<Option<u64>, LinkError> {
+    pub fn flush(&mut self, store: &Store) -> Result<Option<u64>, LinkError> {
         let mut finished = None;
         loop {
             self.io.flush().map_err(|e| LinkError::Io(e.to_string()))?;
@@ -199,7 +231,7 @@ impl PeerLink {
             if self.io.pending_output() >= SNAPSHOT_LOW_WATER_BYTES {
                 break;
             }
-            let chunk = snapshot.next_chunk();
+            let chunk = snapshot.next_chunk(store);
             let last = matches!(chunk, PeerMessage::SnapshotChunk { last: true, .. });
             chunk.encode(&mut self.io.output);
             if last {
@@ -216,9 +248,17 @@ impl PeerLink {
         Ok(finished)
     }
 
-    /// Start streaming a copy of `store` as it is now.
-    pub fn start_snapshot(&mut self, store: &Store, at_seq: u64) {
-        self.snapshot = Some(SnapshotStream::capture(store, at_seq));
+    /// Start streaming a copy of the store as it is now (copied lazily: call
+    /// [`PeerLink::before_write`] before every write from here on).
+    pub fn start_snapshot(&mut self, at_seq: u64) {
+        self.snapshot = Some(SnapshotStream::new(at_seq));
+    }
+
+    /// `key` is about to change in `store`: preserve what the snapshot must send.
+    pub fn before_write(&mut self, store: &Store, key: &[u8]) {
+        if let Some(snapshot) = self.snapshot.as_mut() {
+            snapshot.before_write(store, key);
+        }
     }
 }
 
@@ -236,7 +276,7 @@ mod tests {
                 i + 1,
             );
         }
-        let mut stream = SnapshotStream::capture(&store, 5000);
+        let mut stream = SnapshotStream::new(5000);
         let mut seen = Store::new();
         let mut chunks = 0;
         loop {
@@ -244,7 +284,7 @@ mod tests {
                 snapshot_seq,
                 entries,
                 last,
-            } = stream.next_chunk()
+            } = stream.next_chunk(&store)
             else {
                 panic!("not a chunk");
             };
@@ -269,10 +309,63 @@ mod tests {
     }
 
     #[test]
+    fn writes_during_the_stream_do_not_leak_into_it() {
+        let mut store = Store::new();
+        for i in 0..20_000u64 {
+            store.set(format!("key{i}").as_bytes(), &[b'a'; 100], 1);
+        }
+        let expected: Vec<(Vec<u8>, Vec<u8>, u64)> = store
+            .iter()
+            .map(|b| (b.key().to_vec(), b.value().to_vec(), b.version()))
+            .collect();
+        let mut stream = SnapshotStream::new(1);
+        let mut seen = Store::new();
+        let mut round = 0u64;
+        loop {
+            let PeerMessage::SnapshotChunk { entries, last, .. } = stream.next_chunk(&store) else {
+                panic!("not a chunk");
+            };
+            for e in entries {
+                assert!(seen.get(&e.key).is_none(), "entry sent twice");
+                seen.set(&e.key, &e.value, e.version);
+            }
+            if last {
+                break;
+            }
+            // Between chunks, overwrite, delete and add keys, as the reactor
+            // would after calling before_write.
+            round += 1;
+            for j in 0..200u64 {
+                let key = format!("key{}", (round * 997 + j * 31) % 20_000);
+                stream.before_write(&store, key.as_bytes());
+                if j % 3 == 0 {
+                    store.apply(
+                        crate::store::Write::Delete {
+                            key: key.as_bytes(),
+                        },
+                        round + 1,
+                    );
+                } else {
+                    store.set(key.as_bytes(), b"changed", round + 1);
+                }
+                let new_key = format!("new{round}-{j}");
+                stream.before_write(&store, new_key.as_bytes());
+                store.set(new_key.as_bytes(), b"new", round + 1);
+            }
+        }
+        assert!(round > 1, "the stream took several chunks");
+        assert_eq!(seen.len(), expected.len());
+        for (key, value, version) in expected {
+            assert_eq!(seen.get(&key), Some((&value[..], version)));
+        }
+    }
+
+    #[test]
     fn empty_store_is_one_last_chunk() {
-        let mut stream = SnapshotStream::capture(&Store::new(), 7);
+        let store = Store::new();
+        let mut stream = SnapshotStream::new(7);
         assert_eq!(
-            stream.next_chunk(),
+            stream.next_chunk(&store),
             PeerMessage::SnapshotChunk {
                 snapshot_seq: 7,
                 entries: Vec::new(),
