@@ -645,6 +645,20 @@ impl Coordinator {
             .set_state(peer, SlaveState::Snapshotting { at_seq });
         self.actions
             .push_back(Action::StartSnapshot { peer, at_seq });
+        self.pin_log();
+    }
+
+    /// Keep the commits every snapshot in flight will need after it.
+    fn pin_log(&mut self) {
+        let oldest = self
+            .members
+            .iter()
+            .filter_map(|(_, info)| match info.state {
+                SlaveState::Snapshotting { at_seq } => Some(at_seq),
+                _ => None,
+            })
+            .min();
+        self.log.pin(oldest);
     }
 
     /// Send every commit in `(after, released]` and the end-of-backlog marker.
@@ -677,11 +691,13 @@ impl Coordinator {
         if self.log.covers(at_seq) {
             self.send_backlog(peer, at_seq);
         } else {
-            // The log wrapped while the snapshot streamed: the commits since are
-            // gone from memory, so only a newer snapshot can bridge the gap.
+            // The log wrapped while the snapshot streamed (even with the pin's
+            // slack): the commits since are gone from memory, so only a newer
+            // snapshot can bridge the gap.
             info!("log wrapped during snapshot to {peer:?}; sending a newer one");
             self.start_snapshot(peer);
         }
+        self.pin_log();
     }
 
     fn on_vote(&mut self, now_ms: u64, peer: PeerId, seq: u64, vote: Vote) {
@@ -742,6 +758,7 @@ impl Coordinator {
     }
 
     fn forget_peer(&mut self, now_ms: u64, peer: PeerId) {
+        self.pin_log();
         let mut finished = Vec::new();
         for (&seq, txn) in self.txns.iter_mut() {
             txn.participants.remove(&peer);

@@ -18,7 +18,15 @@ pub struct CommitLog {
     max_bytes: usize,
     bytes: usize,
     floor: u64,
+    /// A snapshot being streamed as of this seq: the commits after it are
+    /// kept past the bounds (up to [`PIN_SLACK`] times them), so that the
+    /// slave can catch up from the log once the snapshot is in instead of
+    /// needing another snapshot, and another, under heavy writes.
+    pin: Option<u64>,
 }
+
+/// How far past its bounds the log may grow to keep a pinned range.
+const PIN_SLACK: usize = 4;
 
 /// Bytes a transaction holds in the log, for the byte bound.
 fn ops_bytes(ops: &Ops) -> usize {
@@ -36,6 +44,7 @@ impl CommitLog {
             max_bytes: usize::MAX,
             bytes: 0,
             floor,
+            pin: None,
         }
     }
 
@@ -73,12 +82,25 @@ impl CommitLog {
         self.bytes += ops_bytes(&ops);
         self.entries.push_back((seq, ops));
         while self.entries.len() > self.capacity || self.bytes > self.max_bytes {
+            let Some(&(oldest, _)) = self.entries.front() else {
+                break;
+            };
+            let within_slack = self.entries.len() <= self.capacity.saturating_mul(PIN_SLACK)
+                && self.bytes <= self.max_bytes.saturating_mul(PIN_SLACK);
+            if self.pin.is_some_and(|pin| oldest > pin) && within_slack {
+                break;
+            }
             let Some((old, ops)) = self.entries.pop_front() else {
                 break;
             };
             self.bytes -= ops_bytes(&ops);
             self.floor = old;
         }
+    }
+
+    /// Keep the commits after `seq` past the bounds (within a slack), or stop keeping them.
+    pub fn pin(&mut self, seq: Option<u64>) {
+        self.pin = seq;
     }
 
     /// Forget everything and cover only what comes after `seq` (a commit not kept).
@@ -153,6 +175,25 @@ mod tests {
         );
         assert_eq!(log.floor(), 4);
         assert!(log.covers(4) && !log.covers(3));
+    }
+
+    #[test]
+    fn a_pin_keeps_the_commits_after_it_within_the_slack() {
+        let mut log = CommitLog::new(2, 0);
+        log.push(1, ops());
+        log.push(2, ops());
+        log.pin(Some(2));
+        for seq in 3..=10 {
+            log.push(seq, ops());
+        }
+        assert!(log.covers(2), "everything after the pin is still there");
+        assert_eq!(log.len(), 8);
+        log.push(11, ops());
+        assert!(!log.covers(2), "past the slack (4 x 2) the pin gives way");
+        log.pin(None);
+        log.push(12, ops());
+        assert_eq!(log.len(), 2);
+        assert_eq!(log.floor(), 10);
     }
 
     #[test]

@@ -523,6 +523,33 @@ fn a_snapshot_outrun_by_the_log_is_restarted() {
         peer: PeerId(7),
         at_seq: 1
     }));
+    // More commits than even the pinned log keeps (4 x its capacity of 4).
+    for i in 0..20 {
+        c.handle(1, writes(10 + i, &["a"]));
+    }
+    c.handle(1, Event::Persisted { lsn: 21 });
+    drain(&mut c);
+    c.handle(
+        2,
+        Event::SnapshotSent {
+            peer: PeerId(7),
+            at_seq: 1,
+        },
+    );
+    assert!(drain(&mut c).contains(&Action::StartSnapshot {
+        peer: PeerId(7),
+        at_seq: 21
+    }));
+}
+
+#[test]
+fn the_log_is_pinned_while_a_snapshot_streams() {
+    let mut c = with_slaves(&[]);
+    c.handle(0, writes(1, &["a"]));
+    c.handle(0, Event::Persisted { lsn: 1 });
+    c.handle(0, register(7, 5)); // ahead of the master: snapshot at 1
+    drain(&mut c);
+    // More commits than the log's capacity of 4, but within its slack.
     for i in 0..6 {
         c.handle(1, writes(10 + i, &["a"]));
     }
@@ -535,10 +562,26 @@ fn a_snapshot_outrun_by_the_log_is_restarted() {
             at_seq: 1,
         },
     );
-    assert!(drain(&mut c).contains(&Action::StartSnapshot {
-        peer: PeerId(7),
-        at_seq: 7
-    }));
+    let actions = drain(&mut c);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::StartSnapshot { .. })),
+        "no second snapshot: {actions:?}"
+    );
+    let sent = sends_to(&actions, 7);
+    let replayed: Vec<u64> = sent
+        .iter()
+        .filter_map(|m| match m {
+            PeerMessage::LogEntry { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(replayed, (2..=7).collect::<Vec<_>>());
+    assert!(matches!(
+        sent.last(),
+        Some(PeerMessage::CaughtUp { seq: 7 })
+    ));
 }
 
 #[test]
