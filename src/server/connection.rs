@@ -38,8 +38,10 @@ pub struct Connection {
     /// The stream and its buffers.
     pub io: Framed,
     peer: SocketAddr,
-    /// Where replies to this connection's pending writes are routed.
-    target: ReplyTarget,
+    /// Slab key, for routing replies and resuming after a full batch.
+    key: usize,
+    /// Never reused, unlike the slab key: a reply for a closed connection is dropped.
+    conn_id: u64,
     /// Writes waiting for their outcome, in request order, each with its reply once known.
     pending: VecDeque<(ClientRef, Option<Vec<u8>>)>,
     /// The poller reported the client's FIN: a short read does not prove the
@@ -60,7 +62,8 @@ impl Connection {
         Connection {
             io: Framed::new(stream),
             peer,
-            target: ReplyTarget::Tcp { key, conn_id },
+            key,
+            conn_id,
             pending: VecDeque::new(),
             read_closed: false,
             closing: false,
@@ -80,12 +83,9 @@ impl Connection {
         self.peer
     }
 
-    /// The connection's id, as carried in its reply target.
+    /// The connection's never-reused id.
     pub fn conn_id(&self) -> u64 {
-        match self.target {
-            ReplyTarget::Tcp { conn_id, .. } => conn_id,
-            ReplyTarget::Udp { .. } => 0,
-        }
+        self.conn_id
     }
 
     /// React to readiness (`event`, either direction; `read_closed` when the
@@ -189,15 +189,17 @@ impl Connection {
                         return Stop::Waiting;
                     }
                     if is_write && core.batch_full() {
-                        if let ReplyTarget::Tcp { key, .. } = self.target {
-                            core.batch_waiters.push(key);
-                        }
+                        core.batch_waiters.push(self.key);
                         return Stop::Waiting;
                     }
                     match request {
                         Ok(request) => {
+                            let target = ReplyTarget::Tcp {
+                                key: self.key,
+                                conn_id: self.conn_id,
+                            };
                             if let Outcome::Pending(client) =
-                                core.execute(request, id, self.target, output)
+                                core.execute(request, id, target, output)
                             {
                                 self.pending.push_back((client, None));
                             }

@@ -339,7 +339,7 @@ impl Server {
     /// Largest peer frame accepted: a batch of writes plus one largest value
     /// (a PREPARE or LOG_ENTRY), or a snapshot chunk, with room to spare.
     fn peer_frame_limit(&self) -> usize {
-        peer_frame_limit(self.core.max_value_bytes)
+        handler::MAX_BATCH_BYTES + 2 * self.core.max_value_bytes + (8 << 20)
     }
 
     fn now_ms(&self) -> u64 {
@@ -915,11 +915,6 @@ fn register_link(poll: &Poll, stream: &mut TcpStream, key: usize) -> io::Result<
         Token(key + FIRST_LINK),
         Interest::READABLE | Interest::WRITABLE,
     )
-}
-
-/// See [`Server::peer_frame_limit`].
-fn peer_frame_limit(max_value_bytes: usize) -> usize {
-    handler::MAX_BATCH_BYTES + 2 * max_value_bytes + (8 << 20)
 }
 
 fn resolve(host: &str, port: u16) -> Result<SocketAddr, ServerError> {
