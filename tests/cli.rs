@@ -172,15 +172,22 @@ fn unreachable_server_exits_3_with_the_reason() {
     assert!(stderr(&out).contains("no reply"), "{}", stderr(&out));
 }
 
-#[test]
-fn help_explains_the_flags() {
-    let out = Command::new(bin("dkvs-client"))
+/// Assert `BINARY --help` succeeds and mentions every word.
+fn assert_help_mentions(binary: &str, words: &[&str]) {
+    let out = Command::new(bin(binary))
         .arg("--help")
         .output()
         .expect("run");
     assert_eq!(code(&out), 0);
     let help = stdout(&out);
-    for word in [
+    for word in words {
+        assert!(help.contains(word), "{binary} --help lacks {word}:\n{help}");
+    }
+}
+
+#[test]
+fn help_explains_the_flags() {
+    let client_words = [
         "put",
         "update",
         "get",
@@ -189,16 +196,9 @@ fn help_explains_the_flags() {
         "stats",
         "--op",
         "Exit status",
-    ] {
-        assert!(help.contains(word), "client --help lacks {word}:\n{help}");
-    }
-    let out = Command::new(bin("dkvs-server"))
-        .arg("--help")
-        .output()
-        .expect("run");
-    assert_eq!(code(&out), 0);
-    let help = stdout(&out);
-    for word in [
+    ];
+    assert_help_mentions("dkvs-client", &client_words);
+    let server_words = [
         "--host",
         "--port",
         "--tcp",
@@ -206,9 +206,13 @@ fn help_explains_the_flags() {
         "--log",
         "--logfile",
         "--max-value-size",
-    ] {
-        assert!(help.contains(word), "server --help lacks {word}:\n{help}");
-    }
+        "--mhost",
+        "--qport",
+        "--tpc-timeout-ms",
+        "--min-slaves",
+        "--repl-backlog-mb",
+    ];
+    assert_help_mentions("dkvs-server", &server_words);
 }
 
 #[test]

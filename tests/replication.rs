@@ -223,6 +223,28 @@ impl LoadReport {
             .unwrap_or_default()
     }
 
+    /// Assert no write failed or stalled, and every acknowledged write is on the
+    /// master and, once caught up, on every slave, which hold the master's data.
+    fn assert_nothing_lost(&self, cluster: &Cluster) {
+        assert!(
+            self.failed.is_empty(),
+            "writes failed: {:?}",
+            &self.failed[..self.failed.len().min(5)]
+        );
+        assert!(
+            self.max_latency() < STALL_LIMIT,
+            "a write took {:?}",
+            self.max_latency()
+        );
+        self.assert_acked_on(&cluster.master);
+        let keys = self.keys();
+        for slave in &cluster.slaves {
+            wait_caught_up(slave, &cluster.master);
+            self.assert_acked_on(slave);
+            assert_same_data(&cluster.master, slave, &keys);
+        }
+    }
+
     /// Assert every acknowledged write is on `server` with its acknowledged version.
     fn assert_acked_on(&self, server: &ServerProcess) {
         let keys: Vec<_> = self.acked.iter().map(|(k, _)| k.clone()).collect();
@@ -516,26 +538,10 @@ fn kill_9_of_a_slave_under_load_loses_nothing_and_the_restarted_slave_converges(
         report.max_latency()
     );
     assert!(
-        report.failed.is_empty(),
-        "writes failed: {:?}",
-        &report.failed[..report.failed.len().min(5)]
-    );
-    assert!(
         kill_stall < STALL_LIMIT,
         "a write took {kill_stall:?} while a slave died"
     );
-    assert!(
-        report.max_latency() < STALL_LIMIT,
-        "a write took {:?}",
-        report.max_latency()
-    );
-    report.assert_acked_on(&cluster.master);
-    let keys = report.keys();
-    for slave in &cluster.slaves {
-        wait_caught_up(slave, &cluster.master);
-        report.assert_acked_on(slave);
-        assert_same_data(&cluster.master, slave, &keys);
-    }
+    report.assert_nothing_lost(&cluster);
     let stats = cluster.master.stats();
     assert_eq!(stats.num("slaves_in_sync"), 2, "{}", stats.text);
 }
@@ -587,11 +593,6 @@ fn kill_stop_of_a_slave_under_load_evicts_it_and_it_converges_after_cont() {
         report.failed.len()
     );
     assert!(
-        report.failed.is_empty(),
-        "writes failed: {:?}",
-        &report.failed[..report.failed.len().min(5)]
-    );
-    assert!(
         stop_stall < STALL_LIMIT,
         "a write took {stop_stall:?} while a slave was frozen"
     );
@@ -601,18 +602,7 @@ fn kill_stop_of_a_slave_under_load_evicts_it_and_it_converges_after_cont() {
         stop_stall >= Duration::from_millis(200),
         "no write waited for the frozen slave ({stop_stall:?}): was it still a participant?"
     );
-    assert!(
-        report.max_latency() < STALL_LIMIT,
-        "a write took {:?}",
-        report.max_latency()
-    );
-    report.assert_acked_on(&cluster.master);
-    let keys = report.keys();
-    for slave in &cluster.slaves {
-        wait_caught_up(slave, &cluster.master);
-        report.assert_acked_on(slave);
-        assert_same_data(&cluster.master, slave, &keys);
-    }
+    report.assert_nothing_lost(&cluster);
 }
 
 /// A write sent to a slave succeeds through the redirect (library over TCP and
