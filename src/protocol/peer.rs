@@ -395,7 +395,8 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(bytes);
 }
 
-fn encode_ops(out: &mut Vec<u8>, ops: &[WriteOp]) {
+/// Encode a transaction's writes (also the write-ahead log's encoding of them).
+pub(crate) fn encode_ops(out: &mut Vec<u8>, ops: &[WriteOp]) {
     put_u32(out, ops.len() as u32);
     for op in ops {
         debug_assert!(!op.key.is_empty() && op.key.len() <= MAX_KEY_BYTES);
@@ -426,6 +427,14 @@ fn decode_ops(r: &mut Reader<'_>) -> Result<Ops, PeerError> {
         ops.push(WriteOp { kind, key, value });
     }
     Ok(ops.into())
+}
+
+/// Decode writes encoded by [`encode_ops`] that fill `bytes` exactly.
+pub(crate) fn decode_ops_exact(bytes: &[u8]) -> Result<Ops, PeerError> {
+    let mut r = Reader { bytes };
+    let ops = decode_ops(&mut r)?;
+    r.finish()?;
+    Ok(ops)
 }
 
 impl PeerMessage {

@@ -106,11 +106,20 @@ pub enum Record {
         /// The writes.
         ops: Ops,
     },
-    /// Slave: the store was replaced by a snapshot as of `seq`; persist the store's
-    /// current contents (a checkpoint), which supersedes every earlier record.
+    /// Slave: the store was replaced by a snapshot as of `seq` of history
+    /// `history_id`; persist the store's current contents (a checkpoint),
+    /// which supersedes every earlier record.
     Checkpoint {
         /// Commit sequence number the store now reflects.
         seq: u64,
+        /// The history the snapshot belongs to.
+        history_id: u64,
+    },
+    /// The store's position now belongs to history `history_id` (a master's
+    /// first start, or a slave adopting its master's history on log catch-up).
+    History {
+        /// The history id.
+        history_id: u64,
     },
 }
 

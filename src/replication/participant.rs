@@ -114,12 +114,19 @@ impl Participant {
     /// `recovered_seq`. Emits [`Action::Connect`] at once. It knows no history
     /// yet, so unless `recovered_seq` is 0 its first catch-up is a snapshot.
     pub fn new(config: ParticipantConfig, recovered_seq: u64) -> Participant {
+        Participant::recover(config, recovered_seq, 0)
+    }
+
+    /// A slave restarted from its write-ahead log: its store reflects every
+    /// commit through `recovered_seq` of history `history_id`, so it can resume
+    /// by log replay from a master of that history.
+    pub fn recover(config: ParticipantConfig, recovered_seq: u64, history_id: u64) -> Participant {
         let mut p = Participant {
             reconnect_delay_ms: config.reconnect_min_ms,
             config,
             link: LinkState::Connecting,
             position: recovered_seq,
-            history_id: 0,
+            history_id,
             link_history: None,
             prepared: BTreeMap::new(),
             snapshot_in_progress: None,
@@ -288,7 +295,10 @@ impl Participant {
                     }
                     // The master vouches that our position is one of its history's:
                     // from here on (and for every later registration) we are in its.
-                    self.history_id = history_id;
+                    if self.history_id != history_id {
+                        self.history_id = history_id;
+                        self.persist(Record::History { history_id });
+                    }
                 }
             }
             PeerMessage::SnapshotChunk {
@@ -313,7 +323,10 @@ impl Participant {
                 if last {
                     self.position = snapshot_seq;
                     self.history_id = master_history;
-                    self.persist(Record::Checkpoint { seq: snapshot_seq });
+                    self.persist(Record::Checkpoint {
+                        seq: snapshot_seq,
+                        history_id: master_history,
+                    });
                 }
             }
             PeerMessage::LogEntry { seq, ops } => {

@@ -301,6 +301,7 @@ fn recover(durable: &[Durable]) -> Result<(Store, u64), String> {
                 apply_ops(&mut store, *seq, ops);
                 pos = *seq;
             }
+            Durable::Rec(Record::History { .. }) => {}
             Durable::Rec(other) => {
                 return Err(format!("slave persisted a master record {other:?}"));
             }
@@ -1069,7 +1070,7 @@ impl Sim {
                 Action::Persist { lsn, record } => {
                     let s = &self.slaves[slave];
                     let durable = match record {
-                        Record::Checkpoint { seq } => Durable::Checkpoint(seq, s.store.clone()),
+                        Record::Checkpoint { seq, .. } => Durable::Checkpoint(seq, s.store.clone()),
                         other => Durable::Rec(other),
                     };
                     let slow = s.slow_persist_until;

@@ -5,11 +5,10 @@
 
 use std::net::SocketAddr;
 
-use byteorder::{BigEndian, ByteOrder};
-
 use crate::protocol::peer::{PeerError, PeerMessage, SnapshotEntry, decode_peer};
 use crate::replication::PeerId;
-use crate::store::{SHARDS, Store};
+use crate::store::Store;
+use crate::store::snapshot::{ShardCopy, decode_entry};
 
 use super::stream::{Filled, Framed};
 
@@ -38,92 +37,44 @@ impl std::fmt::Display for LinkError {
     }
 }
 
-/// A point-in-time copy of the store being sent in chunks, copied a shard at
-/// a time: shards are copied as the link drains, and a shard about to be
-/// written is copied first (copy-on-write at shard granularity), so the copy
-/// is exactly the store as of `at_seq` without one long pause.
+/// A snapshot being sent in chunks: a [`ShardCopy`] of the store as of `at_seq`.
 #[derive(Debug)]
 struct SnapshotStream {
     at_seq: u64,
-    /// Copied entries not yet sent, as `[key_len u16][value_len u32][version u64][key][value]`.
-    bytes: Vec<u8>,
-    sent: usize,
-    /// Shards already copied into `bytes` (or sent).
-    copied: Vec<bool>,
-    /// Shards below this index are all copied.
-    scan: usize,
+    copy: ShardCopy,
 }
-
-const ENTRY_HEADER_BYTES: usize = 14;
 
 impl SnapshotStream {
     fn new(at_seq: u64) -> SnapshotStream {
         SnapshotStream {
             at_seq,
-            bytes: Vec::new(),
-            sent: 0,
-            copied: vec![false; SHARDS],
-            scan: 0,
-        }
-    }
-
-    /// Copy one shard as it is now, unless already copied.
-    fn copy_shard(&mut self, store: &Store, shard: usize) {
-        if self.copied[shard] {
-            return;
-        }
-        self.copied[shard] = true;
-        for block in store.iter_shard(shard) {
-            let mut header = [0u8; ENTRY_HEADER_BYTES];
-            BigEndian::write_u16(&mut header[0..2], block.key().len() as u16);
-            BigEndian::write_u32(&mut header[2..6], block.value().len() as u32);
-            BigEndian::write_u64(&mut header[6..14], block.version());
-            self.bytes.extend_from_slice(&header);
-            self.bytes.extend_from_slice(block.key());
-            self.bytes.extend_from_slice(block.value());
+            copy: ShardCopy::new(),
         }
     }
 
     /// `key` is about to change: keep its shard's state as of the snapshot.
     fn before_write(&mut self, store: &Store, key: &[u8]) {
-        self.copy_shard(store, store.shard_of(key));
+        self.copy.before_write(store, key);
     }
 
     /// The next chunk message; `last` is set on the final one.
     fn next_chunk(&mut self, store: &Store) -> PeerMessage {
-        // Copy shards until a chunk's worth is waiting or all are copied.
-        while self.bytes.len() - self.sent < SNAPSHOT_CHUNK_BYTES && self.scan < SHARDS {
-            self.copy_shard(store, self.scan);
-            self.scan += 1;
-        }
+        self.copy.fill(store, SNAPSHOT_CHUNK_BYTES);
         let mut entries = Vec::new();
-        let mut taken = 0;
-        while self.sent < self.bytes.len() && taken < SNAPSHOT_CHUNK_BYTES {
-            let rest = &self.bytes[self.sent..];
-            // The buffer was written by `copy_shard` above, so its lengths are trusted.
-            let key_len = BigEndian::read_u16(&rest[0..2]) as usize;
-            let value_len = BigEndian::read_u32(&rest[2..6]) as usize;
-            let version = BigEndian::read_u64(&rest[6..14]);
-            let key_end = ENTRY_HEADER_BYTES + key_len;
-            let end = key_end + value_len;
+        let mut bytes = self.copy.take(SNAPSHOT_CHUNK_BYTES);
+        while let Some((e, used)) = decode_entry(bytes) {
             entries.push(SnapshotEntry {
-                key: rest[ENTRY_HEADER_BYTES..key_end].to_vec(),
-                value: rest[key_end..end].to_vec(),
-                version,
+                key: e.key.to_vec(),
+                value: e.value.to_vec(),
+                version: e.version,
             });
-            self.sent += end;
-            taken += end;
+            bytes = &bytes[used..];
         }
-        // Forget what was sent once it is the larger part (amortised O(1) moves).
-        if 2 * self.sent >= self.bytes.len() {
-            self.bytes.drain(..self.sent);
-            self.sent = 0;
-        }
-        let last = self.scan == SHARDS && self.sent == self.bytes.len();
+        self.copy.compact();
         PeerMessage::SnapshotChunk {
             snapshot_seq: self.at_seq,
             entries,
-            last,
+            last: self.copy.is_done(),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! so the same deterministic code decides NOT_FOUND on every replica.
 
 mod block;
+pub mod snapshot;
 
 use std::hash::BuildHasher;
 

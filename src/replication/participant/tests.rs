@@ -58,10 +58,11 @@ fn last_chunk(seq: u64) -> Event {
     })
 }
 
-/// A slave at `seq` of history `H`, registered, caught up and following. A fresh
-/// slave replays the log from 0; one at `seq` > 0 gets there by a snapshot.
+/// A slave at `seq` of history `H`, registered, caught up and following. A slave
+/// at 0 (already in `H`, so nothing is persisted) replays the log from 0; one at
+/// `seq` > 0 gets there by a snapshot.
 fn following(seq: u64) -> Participant {
-    let mut p = Participant::new(config(), 0);
+    let mut p = Participant::recover(config(), 0, H);
     p.handle(0, Event::Connected { peer: M });
     if seq == 0 {
         p.handle(0, registered(H, CatchUp::Log { from_seq: 0 }));
@@ -223,6 +224,13 @@ fn log_catch_up_applies_in_order_and_echoes_the_marker_when_durable() {
     let mut p = Participant::new(config(), 0);
     p.handle(0, Event::Connected { peer: M });
     p.handle(0, registered(H, CatchUp::Log { from_seq: 0 }));
+    assert!(
+        drain(&mut p).contains(&Action::Persist {
+            lsn: 1,
+            record: Record::History { history_id: H }
+        }),
+        "adopting the master's history is made durable"
+    );
     p.handle(
         0,
         from_master(PeerMessage::LogEntry {
@@ -258,6 +266,8 @@ fn log_catch_up_applies_in_order_and_echoes_the_marker_when_durable() {
     );
     assert_eq!(p.position(), 5, "5 was aborted: the marker says so");
     p.handle(1, Event::Persisted { lsn: 2 });
+    assert!(sends(&drain(&mut p)).is_empty(), "lsn 3 is not durable yet");
+    p.handle(1, Event::Persisted { lsn: 3 });
     assert_eq!(
         sends(&drain(&mut p)),
         vec![PeerMessage::CaughtUp { seq: 5 }]
@@ -318,7 +328,10 @@ fn snapshot_chunks_install_atomically_and_checkpoint() {
             },
             Action::Persist {
                 lsn: 1,
-                record: Record::Checkpoint { seq: 9 }
+                record: Record::Checkpoint {
+                    seq: 9,
+                    history_id: H,
+                }
             },
         ]
     );

@@ -1,0 +1,236 @@
+//! A point-in-time copy of the store taken a shard at a time.
+//!
+//! Shards are copied as the consumer (a replication link, a snapshot file)
+//! asks for bytes, and a shard about to be written is copied first
+//! (copy-on-write at shard granularity), so the copy is exactly the store as
+//! it was when the copy started, without one long pause. Used for snapshots
+//! streamed to slaves and for snapshots written to disk.
+
+use byteorder::{BigEndian, ByteOrder};
+
+use super::{SHARDS, Store};
+
+/// Bytes before an entry's key: key length u16, value length u32, version u64 (big-endian).
+pub const ENTRY_HEADER_BYTES: usize = 14;
+
+/// One entry as the copy encodes it, borrowed from the copy's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryRef<'a> {
+    /// Key.
+    pub key: &'a [u8],
+    /// Value.
+    pub value: &'a [u8],
+    /// Version.
+    pub version: u64,
+}
+
+/// Encode one entry as `[key_len u16][value_len u32][version u64][key][value]`.
+pub fn encode_entry(out: &mut Vec<u8>, key: &[u8], value: &[u8], version: u64) {
+    let mut header = [0u8; ENTRY_HEADER_BYTES];
+    BigEndian::write_u16(&mut header[0..2], key.len() as u16);
+    BigEndian::write_u32(&mut header[2..6], value.len() as u32);
+    BigEndian::write_u64(&mut header[6..14], version);
+    out.extend_from_slice(&header);
+    out.extend_from_slice(key);
+    out.extend_from_slice(value);
+}
+
+/// Decode the entry at the start of `bytes`; `None` if it is cut short or has
+/// an empty key. Returns the entry and the bytes it took.
+pub fn decode_entry(bytes: &[u8]) -> Option<(EntryRef<'_>, usize)> {
+    if bytes.len() < ENTRY_HEADER_BYTES {
+        return None;
+    }
+    let key_len = BigEndian::read_u16(&bytes[0..2]) as usize;
+    let value_len = BigEndian::read_u32(&bytes[2..6]) as usize;
+    let version = BigEndian::read_u64(&bytes[6..14]);
+    let key_end = ENTRY_HEADER_BYTES + key_len;
+    let end = key_end.checked_add(value_len)?;
+    if key_len == 0 || bytes.len() < end {
+        return None;
+    }
+    Some((
+        EntryRef {
+            key: &bytes[ENTRY_HEADER_BYTES..key_end],
+            value: &bytes[key_end..end],
+            version,
+        },
+        end,
+    ))
+}
+
+/// A lazy, exact copy of a store as of the moment it was created.
+///
+/// Call [`ShardCopy::before_write`] before every write to the store from then
+/// on; call [`ShardCopy::fill`] to copy more shards.
+#[derive(Debug)]
+pub struct ShardCopy {
+    /// Copied entries not yet taken, encoded with [`encode_entry`].
+    bytes: Vec<u8>,
+    taken: usize,
+    /// Shards already copied into `bytes`.
+    copied: Vec<bool>,
+    /// Shards below this index are all copied.
+    scan: usize,
+    entries: u64,
+}
+
+impl Default for ShardCopy {
+    fn default() -> ShardCopy {
+        ShardCopy::new()
+    }
+}
+
+impl ShardCopy {
+    /// A copy of the store as it is now (nothing is copied yet).
+    pub fn new() -> ShardCopy {
+        ShardCopy {
+            bytes: Vec::new(),
+            taken: 0,
+            copied: vec![false; SHARDS],
+            scan: 0,
+            entries: 0,
+        }
+    }
+
+    /// Copy one shard as it is now, unless already copied.
+    fn copy_shard(&mut self, store: &Store, shard: usize) {
+        if self.copied[shard] {
+            return;
+        }
+        self.copied[shard] = true;
+        for block in store.iter_shard(shard) {
+            encode_entry(&mut self.bytes, block.key(), block.value(), block.version());
+            self.entries += 1;
+        }
+    }
+
+    /// `key` is about to change in `store`: keep its shard as of the copy.
+    pub fn before_write(&mut self, store: &Store, key: &[u8]) {
+        self.copy_shard(store, store.shard_of(key));
+    }
+
+    /// Copy shards until `want` bytes are waiting or every shard is copied.
+    pub fn fill(&mut self, store: &Store, want: usize) {
+        while self.pending() < want && self.scan < SHARDS {
+            self.copy_shard(store, self.scan);
+            self.scan += 1;
+        }
+    }
+
+    /// Bytes copied and not yet taken.
+    pub fn pending(&self) -> usize {
+        self.bytes.len() - self.taken
+    }
+
+    /// Whether every shard is copied and every byte taken.
+    pub fn is_done(&self) -> bool {
+        self.scan == SHARDS && self.pending() == 0
+    }
+
+    /// Entries copied so far.
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    /// The next whole entries, about `max` bytes of them (at least one if any is pending).
+    pub fn take(&mut self, max: usize) -> &[u8] {
+        let start = self.taken;
+        let mut end = start;
+        while end < self.bytes.len() && (end - start < max || end == start) {
+            // `bytes` holds only entries written by `encode_entry`, so they decode.
+            match decode_entry(&self.bytes[end..]) {
+                Some((_, used)) => end += used,
+                None => break,
+            }
+        }
+        self.taken = end;
+        &self.bytes[start..end]
+    }
+
+    /// Forget taken bytes once they are the larger part (amortised O(1) moves).
+    /// Slices returned by [`ShardCopy::take`] must be dropped first.
+    pub fn compact(&mut self) {
+        if 2 * self.taken >= self.bytes.len() {
+            self.bytes.drain(..self.taken);
+            self.taken = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Write;
+
+    fn drain(copy: &mut ShardCopy, store: &Store, seen: &mut Store) {
+        copy.fill(store, 64 * 1024);
+        let mut bytes = copy.take(64 * 1024);
+        while let Some((e, used)) = decode_entry(bytes) {
+            assert!(seen.get(e.key).is_none(), "entry copied twice");
+            seen.set(e.key, e.value, e.version);
+            bytes = &bytes[used..];
+        }
+        assert!(bytes.is_empty());
+        copy.compact();
+    }
+
+    #[test]
+    fn copy_sees_the_store_as_it_was_despite_writes() {
+        let mut store = Store::new();
+        for i in 0..20_000u64 {
+            store.set(format!("key{i}").as_bytes(), &[b'a'; 100], 1);
+        }
+        let expected: Vec<(Vec<u8>, Vec<u8>, u64)> = store
+            .iter()
+            .map(|b| (b.key().to_vec(), b.value().to_vec(), b.version()))
+            .collect();
+        let mut copy = ShardCopy::new();
+        let mut seen = Store::new();
+        let mut round = 0u64;
+        while !copy.is_done() {
+            drain(&mut copy, &store, &mut seen);
+            round += 1;
+            for j in 0..200u64 {
+                let key = format!("key{}", (round * 997 + j * 31) % 20_000);
+                copy.before_write(&store, key.as_bytes());
+                if j % 3 == 0 {
+                    store.apply(
+                        Write::Delete {
+                            key: key.as_bytes(),
+                        },
+                        round + 1,
+                    );
+                } else {
+                    store.set(key.as_bytes(), b"changed", round + 1);
+                }
+                let new_key = format!("new{round}-{j}");
+                copy.before_write(&store, new_key.as_bytes());
+                store.set(new_key.as_bytes(), b"new", round + 1);
+            }
+        }
+        assert!(round > 1, "the copy took several rounds");
+        assert_eq!(copy.entries(), expected.len() as u64);
+        assert_eq!(seen.len(), expected.len());
+        for (key, value, version) in expected {
+            assert_eq!(seen.get(&key), Some((&value[..], version)));
+        }
+    }
+
+    #[test]
+    fn entry_codec_refuses_short_and_empty() {
+        let mut out = Vec::new();
+        encode_entry(&mut out, b"key", b"value", 9);
+        let (e, used) = decode_entry(&out).expect("decodes");
+        assert_eq!(
+            (e.key, e.value, e.version, used),
+            (&b"key"[..], &b"value"[..], 9, out.len())
+        );
+        for cut in 0..out.len() {
+            assert!(decode_entry(&out[..cut]).is_none(), "cut at {cut}");
+        }
+        let mut empty = Vec::new();
+        encode_entry(&mut empty, b"", b"v", 1);
+        assert!(decode_entry(&empty).is_none());
+    }
+}
