@@ -6,3 +6,4 @@ pub mod protocol;
 pub mod replication;
 pub mod server;
 pub mod store;
+pub mod wal;

@@ -8,6 +8,7 @@ use clap::Parser;
 use dkvs::logging::{self, LogLevel};
 use dkvs::protocol::DEFAULT_MAX_VALUE_BYTES;
 use dkvs::server::{Config, Server};
+use dkvs::wal::FsyncPolicy;
 use log::{error, info};
 
 /// A replicated key-value store server: one thread, one reactor, TCP and UDP on one port.
@@ -58,6 +59,30 @@ struct Args {
     #[arg(long = "max-value-size", default_value_t = DEFAULT_MAX_VALUE_BYTES as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_value_size: u32,
+    /// Data directory: write-ahead log, snapshots and node id. Locked while the
+    /// server runs; created if missing.
+    #[arg(short = 'd', long = "data-dir", default_value = "./dkvs-data")]
+    data_dir: PathBuf,
+    /// When a write counts as durable: always (fsync before the reply; nothing
+    /// acknowledged is lost even on power loss), batch (fsync about once a second:
+    /// a machine crash loses up to ~1 s), never (the OS decides; a process crash
+    /// loses nothing, a machine crash may).
+    #[arg(long = "fsync", default_value = "always", value_parser = FsyncPolicy::parse)]
+    fsync: FsyncPolicy,
+    /// Snapshot the store (and delete the log it covers) once the log has grown
+    /// by this many MiB.
+    #[arg(long = "snapshot-log-mb", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    snapshot_log_mb: u64,
+    /// Slave: if the master's history differs from the data held here, replace
+    /// this data with the master's snapshot. Without it such a slave keeps its
+    /// data, applies nothing, and the master's STATS shows it as diverged.
+    #[arg(long = "resync-discard-data")]
+    resync_discard_data: bool,
+    /// Recover the data directory, cutting the log at its first damaged record
+    /// (the cut bytes are kept beside it), then exit without serving.
+    #[arg(long = "repair")]
+    repair: bool,
 }
 
 fn main() -> ExitCode {
@@ -76,7 +101,23 @@ fn main() -> ExitCode {
         tpc_timeout_ms: args.tpc_timeout_ms,
         min_slaves: args.min_slaves,
         repl_backlog_bytes: args.repl_backlog_mb.saturating_mul(1 << 20),
+        data_dir: args.data_dir,
+        fsync: args.fsync,
+        snapshot_log_bytes: args.snapshot_log_mb << 20,
+        resync_discard_data: args.resync_discard_data,
     };
+    if args.repair {
+        return match dkvs::server::repair(&config) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("dkvs-server: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let mut server = match Server::bind(&config) {
         Ok(server) => server,
         Err(e) => {

@@ -19,7 +19,7 @@ use super::frame::{self, Decoded, Frame, MAX_KEY_BYTES};
 /// Version of the peer protocol spoken by this build (sent in REGISTER).
 ///
 /// Version 2 added the history id to REGISTER and REGISTERED.
-pub const PEER_PROTOCOL_VERSION: u16 = 2;
+pub const PEER_PROTOCOL_VERSION: u16 = 3;
 /// First opcode reserved for peer messages.
 pub const PEER_OPCODE_FIRST: u8 = 0x40;
 /// Last opcode reserved for peer messages.
@@ -113,6 +113,9 @@ pub enum CatchUp {
         /// Commit sequence number the snapshot reflects.
         at_seq: u64,
     },
+    /// The slave holds data of another history (or is ahead of the master) and
+    /// may not discard it: nothing follows but heartbeats; the slave keeps its data.
+    Diverged,
 }
 
 /// The master's answer to an OUTCOME_QUERY.
@@ -165,6 +168,11 @@ pub enum PeerMessage {
         history_id: u64,
         /// Peer protocol version the slave speaks.
         protocol_version: u16,
+        /// The slave's node id (created once in its data directory; 0: none).
+        node_id: u64,
+        /// The operator allows replacing the slave's data with a snapshot of
+        /// another history (`--resync-discard-data`).
+        may_discard_data: bool,
     },
     /// Master -> slave handshake reply.
     Registered {
@@ -484,10 +492,14 @@ impl PeerMessage {
                 client_addr,
                 history_id,
                 protocol_version,
+                node_id,
+                may_discard_data,
                 ..
             } => {
                 put_u16(out, *protocol_version);
                 put_u64(out, *history_id);
+                put_u64(out, *node_id);
+                out.push(u8::from(*may_discard_data));
                 put_str(out, client_addr);
             }
             PeerMessage::Registered {
@@ -504,6 +516,10 @@ impl PeerMessage {
                     CatchUp::Snapshot { at_seq } => {
                         out.push(2);
                         put_u64(out, *at_seq);
+                    }
+                    CatchUp::Diverged => {
+                        out.push(3);
+                        put_u64(out, 0);
                     }
                 }
             }
@@ -559,12 +575,25 @@ impl PeerMessage {
             opcode::REGISTER => {
                 let protocol_version = r.u16("protocol version")?;
                 let history_id = r.u64("history id")?;
+                let node_id = r.u64("node id")?;
+                let may_discard_data = match r.u8("flags")? {
+                    0 => false,
+                    1 => true,
+                    byte => {
+                        return Err(PeerError::BadTag {
+                            field: "flags",
+                            byte,
+                        });
+                    }
+                };
                 let client_addr = r.string("client address")?;
                 PeerMessage::Register {
                     client_addr,
                     last_applied_seq: seq,
                     history_id,
                     protocol_version,
+                    node_id,
+                    may_discard_data,
                 }
             }
             opcode::REGISTERED => {
@@ -574,6 +603,7 @@ impl PeerMessage {
                 let catch_up = match tag {
                     1 => CatchUp::Log { from_seq: at },
                     2 => CatchUp::Snapshot { at_seq: at },
+                    3 => CatchUp::Diverged,
                     byte => {
                         return Err(PeerError::BadTag {
                             field: "catch-up kind",
@@ -712,12 +742,16 @@ mod tests {
                 last_applied_seq: 42,
                 history_id: 0x0123_4567_89AB_CDEF,
                 protocol_version: PEER_PROTOCOL_VERSION,
+                node_id: 0x1122_3344_5566_7788,
+                may_discard_data: true,
             },
             PeerMessage::Register {
                 client_addr: String::new(),
                 last_applied_seq: 0,
                 history_id: 0,
                 protocol_version: PEER_PROTOCOL_VERSION,
+                node_id: 0,
+                may_discard_data: false,
             },
             PeerMessage::Registered {
                 master_seq: 50,
@@ -965,6 +999,8 @@ mod tests {
         let mut payload = Vec::new();
         put_u16(&mut payload, PEER_PROTOCOL_VERSION);
         put_u64(&mut payload, 7);
+        put_u64(&mut payload, 8);
+        payload.push(0);
         put_u16(&mut payload, 2);
         payload.extend_from_slice(&[0xC3, 0x28]);
         let mut bytes = Vec::new();
@@ -982,11 +1018,16 @@ mod tests {
             last_applied_seq: 42,
             history_id: 0x0123_4567_89AB_CDEF,
             protocol_version: PEER_PROTOCOL_VERSION,
+            node_id: 0,
+            may_discard_data: false,
         });
         let mut want = vec![0xDB, 0x01, 0x40, 0, 0, 0, 0, 0];
         want.extend_from_slice(&42u64.to_be_bytes());
-        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 26]);
-        want.extend_from_slice(&[0, 2, 0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF, 0, 14]);
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 35]);
+        want.extend_from_slice(&PEER_PROTOCOL_VERSION.to_be_bytes());
+        want.extend_from_slice(&[0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF]);
+        want.extend_from_slice(&[0; 8]);
+        want.extend_from_slice(&[0, 0, 14]);
         want.extend_from_slice(b"127.0.0.1:9100");
         assert_eq!(register, want);
 

@@ -195,6 +195,17 @@ impl TxnState {
     }
 }
 
+/// What a slave said in REGISTER.
+#[derive(Debug)]
+struct Registration {
+    client_addr: String,
+    last_applied_seq: u64,
+    history_id: u64,
+    protocol_version: u16,
+    node_id: u64,
+    may_discard_data: bool,
+}
+
 /// A transaction in flight on the master.
 #[derive(Debug)]
 struct Txn {
@@ -276,6 +287,11 @@ impl Coordinator {
     /// The slaves, their states and positions (for STATS).
     pub fn members(&self) -> &Membership {
         &self.members
+    }
+
+    /// The history this master's sequence numbers belong to.
+    pub fn history_id(&self) -> u64 {
+        self.config.history_id
     }
 
     /// Highest commit sequence number released (applied on the master).
@@ -497,15 +513,21 @@ impl Coordinator {
             last_applied_seq,
             history_id,
             protocol_version,
+            node_id,
+            may_discard_data,
         } = msg
         {
             self.on_register(
                 now_ms,
                 peer,
-                client_addr,
-                last_applied_seq,
-                history_id,
-                protocol_version,
+                Registration {
+                    client_addr,
+                    last_applied_seq,
+                    history_id,
+                    protocol_version,
+                    node_id,
+                    may_discard_data,
+                },
             );
             return;
         }
@@ -570,15 +592,15 @@ impl Coordinator {
         }
     }
 
-    fn on_register(
-        &mut self,
-        now_ms: u64,
-        peer: PeerId,
-        client_addr: String,
-        last_applied_seq: u64,
-        history_id: u64,
-        protocol_version: u16,
-    ) {
+    fn on_register(&mut self, now_ms: u64, peer: PeerId, reg: Registration) {
+        let Registration {
+            client_addr,
+            last_applied_seq,
+            history_id,
+            protocol_version,
+            node_id,
+            may_discard_data,
+        } = reg;
         if self.members.get(peer).is_some() {
             self.evict(now_ms, peer, "registered twice on one link");
             return;
@@ -590,15 +612,20 @@ impl Coordinator {
             self.actions.push_back(Action::Disconnect { peer });
             return;
         }
-        if let Some(old) = self.members.find_by_addr(&client_addr) {
+        let old = if node_id != 0 {
+            self.members.find_by_node(node_id)
+        } else {
+            self.members.find_by_addr(&client_addr)
+        };
+        if let Some(old) = old {
             // The slave noticed its old link die before we did.
             self.evict(now_ms, old, "re-registered on a new link");
         }
         info!(
-            "slave {client_addr} registered on {peer:?} at {last_applied_seq} of history {history_id:#018x}"
+            "slave {client_addr} (node {node_id:016x}) registered on {peer:?} at {last_applied_seq} of history {history_id:#018x}"
         );
         self.members
-            .add(peer, client_addr, last_applied_seq, now_ms);
+            .add(peer, client_addr, node_id, last_applied_seq, now_ms);
         self.keep_log = true;
         let master_seq = self.released_seq;
         let own_history = self.config.history_id;
@@ -620,23 +647,45 @@ impl Coordinator {
                 },
             );
             self.send_backlog(peer, last_applied_seq);
-        } else {
-            if !same_history {
-                info!(
-                    "slave on {peer:?} is at {last_applied_seq} of history {history_id:#018x}, \
-                     ours is {own_history:#018x}: snapshot"
-                );
-            }
+            return;
+        }
+        // A snapshot replaces what the slave holds. Within our history and behind
+        // us that loses nothing; otherwise (another history, or ahead of us: this
+        // master lost writes the slave has) the slave's data may be the only copy
+        // of acknowledged writes, so it is replaced only if its operator said so.
+        let loses_data = last_applied_seq > 0 && (!same_history || last_applied_seq > master_seq);
+        if loses_data && !may_discard_data {
+            warn!(
+                "slave on {peer:?} holds seq {last_applied_seq} of history {history_id:#018x}, \
+                 ours is {master_seq} of {own_history:#018x}: diverged, its data is kept \
+                 (restart it with --resync-discard-data to replace it with ours)"
+            );
+            self.members.set_state(peer, SlaveState::Diverged);
             self.send(
                 peer,
                 PeerMessage::Registered {
                     master_seq,
                     history_id: own_history,
-                    catch_up: CatchUp::Snapshot { at_seq: master_seq },
+                    catch_up: CatchUp::Diverged,
                 },
             );
-            self.start_snapshot(peer);
+            return;
         }
+        if !same_history {
+            info!(
+                "slave on {peer:?} is at {last_applied_seq} of history {history_id:#018x}, \
+                 ours is {own_history:#018x}: snapshot"
+            );
+        }
+        self.send(
+            peer,
+            PeerMessage::Registered {
+                master_seq,
+                history_id: own_history,
+                catch_up: CatchUp::Snapshot { at_seq: master_seq },
+            },
+        );
+        self.start_snapshot(peer);
     }
 
     fn start_snapshot(&mut self, peer: PeerId) {
@@ -806,7 +855,8 @@ impl Coordinator {
                 let mut silent = Vec::new();
                 let mut live = Vec::new();
                 for (peer, info) in self.members.iter() {
-                    if !info.state.receives_commits() {
+                    // Diverged slaves get heartbeats (so both ends see a live link) and nothing else.
+                    if !info.state.receives_commits() && info.state != SlaveState::Diverged {
                         continue;
                     }
                     if info.last_heard_ms < silent_before {

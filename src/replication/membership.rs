@@ -27,6 +27,9 @@ pub enum SlaveState {
     },
     /// Dropped from the in-sync set; its link has been closed. Rejoins by registering again.
     Evicted,
+    /// Holds data of another history (or is ahead of the master) and may not
+    /// discard it: kept registered and heartbeated, never sent commits.
+    Diverged,
 }
 
 impl SlaveState {
@@ -37,6 +40,7 @@ impl SlaveState {
             SlaveState::Tailing { .. } => "syncing-log",
             SlaveState::InSync { .. } => "in-sync",
             SlaveState::Evicted => "evicted",
+            SlaveState::Diverged => "diverged",
         }
     }
 
@@ -51,6 +55,8 @@ impl SlaveState {
 pub struct SlaveInfo {
     /// Address it serves clients on.
     pub client_addr: String,
+    /// Its node id (0: none announced).
+    pub node_id: u64,
     /// Where it stands.
     pub state: SlaveState,
     /// Highest sequence number it reported applied (acks, heartbeats, catch-up echo).
@@ -81,12 +87,20 @@ impl Membership {
     }
 
     /// Add a slave that has just registered.
-    pub fn add(&mut self, peer: PeerId, client_addr: String, applied_seq: u64, now_ms: u64) {
+    pub fn add(
+        &mut self,
+        peer: PeerId,
+        client_addr: String,
+        node_id: u64,
+        applied_seq: u64,
+        now_ms: u64,
+    ) {
         let state = SlaveState::Evicted; // replaced by the catch-up decision right after
         self.slaves.insert(
             peer,
             SlaveInfo {
                 client_addr,
+                node_id,
                 state,
                 applied_seq,
                 last_heard_ms: now_ms,
@@ -165,6 +179,14 @@ impl Membership {
         self.slaves.iter().map(|(p, s)| (*p, s))
     }
 
+    /// The link of a live (not evicted) slave with node id `node_id`, if any.
+    pub fn find_by_node(&self, node_id: u64) -> Option<PeerId> {
+        self.slaves
+            .iter()
+            .find(|(_, s)| s.node_id == node_id && s.evicted_because.is_none())
+            .map(|(p, _)| *p)
+    }
+
     /// The link of a live (not evicted) slave advertising `client_addr`, if any.
     pub fn find_by_addr(&self, client_addr: &str) -> Option<PeerId> {
         self.slaves
@@ -182,7 +204,7 @@ mod tests {
     fn states_move_and_eviction_sticks() {
         let mut m = Membership::new();
         let p = PeerId(1);
-        m.add(p, "a:1".into(), 5, 0);
+        m.add(p, "a:1".into(), 0, 5, 0);
         m.set_state(p, SlaveState::Tailing { marker: 9 });
         assert_eq!(m.in_sync_count(), 0);
         m.set_state(p, SlaveState::InSync { join_seq: 10 });

@@ -21,6 +21,11 @@ use crate::protocol::peer::PEER_PROTOCOL_VERSION;
 pub struct ParticipantConfig {
     /// Address this slave serves clients on, announced to the master.
     pub client_addr: String,
+    /// This node's id, announced to the master (0: none).
+    pub node_id: u64,
+    /// Accept a snapshot of another history even though it replaces the data
+    /// held here (`--resync-discard-data`); without it such data is kept.
+    pub may_discard_data: bool,
     /// First reconnect delay after losing the master.
     pub reconnect_min_ms: u64,
     /// Reconnect delays double up to this.
@@ -36,6 +41,8 @@ impl Default for ParticipantConfig {
     fn default() -> ParticipantConfig {
         ParticipantConfig {
             client_addr: String::new(),
+            node_id: 0,
+            may_discard_data: false,
             reconnect_min_ms: 50,
             reconnect_max_ms: 2_000,
             outcome_query_after_ms: 1_000,
@@ -55,12 +62,15 @@ pub enum LinkState {
     CatchingUp(PeerId),
     /// Caught up: a 2PC participant.
     Following(PeerId),
+    /// The master's history differs from the data held here, which may not be
+    /// discarded: registered, heartbeating, applying nothing.
+    Diverged(PeerId),
 }
 
 impl LinkState {
     fn peer(self) -> Option<PeerId> {
         match self {
-            LinkState::CatchingUp(p) | LinkState::Following(p) => Some(p),
+            LinkState::CatchingUp(p) | LinkState::Following(p) | LinkState::Diverged(p) => Some(p),
             LinkState::Down | LinkState::Connecting => None,
         }
     }
@@ -244,6 +254,8 @@ impl Participant {
                 last_applied_seq: self.position,
                 history_id: self.history_id,
                 protocol_version: PEER_PROTOCOL_VERSION,
+                node_id: self.config.node_id,
+                may_discard_data: self.config.may_discard_data,
             },
         );
     }
@@ -268,6 +280,9 @@ impl Participant {
     }
 
     fn on_message(&mut self, now_ms: u64, peer: PeerId, msg: PeerMessage) {
+        if self.link == LinkState::Diverged(peer) && !matches!(msg, PeerMessage::Heartbeat { .. }) {
+            return self.violation(now_ms, peer, "data sent to a diverged slave");
+        }
         let following = self.link == LinkState::Following(peer);
         let registered = self.link_history.is_some();
         match msg {
@@ -280,6 +295,35 @@ impl Participant {
                     return self.violation(now_ms, peer, "registered twice");
                 }
                 self.link_history = Some(history_id);
+                let wipes = history_id != self.history_id || self.position > 0;
+                match catch_up {
+                    CatchUp::Diverged => {
+                        log::error!(
+                            "master's history {history_id:#018x} is not the one of the data held \
+                             here (seq {} of history {:#018x}); keeping this data and applying \
+                             nothing. Start with --resync-discard-data to replace it with the \
+                             master's",
+                            self.position,
+                            self.history_id
+                        );
+                        self.link = LinkState::Diverged(peer);
+                        return;
+                    }
+                    CatchUp::Snapshot { .. }
+                        if wipes
+                            && history_id != self.history_id
+                            && self.position > 0
+                            && !self.config.may_discard_data =>
+                    {
+                        // A master that does not know the rule: refuse on our side.
+                        return self.violation(
+                            now_ms,
+                            peer,
+                            "snapshot of another history would replace the data held here",
+                        );
+                    }
+                    _ => {}
+                }
                 if let CatchUp::Log { from_seq } = catch_up {
                     if from_seq != self.position {
                         return self.violation(

@@ -178,7 +178,7 @@ impl Link {
 #[derive(Clone)]
 enum Durable {
     Rec(Record),
-    Checkpoint(u64, Store),
+    Checkpoint(u64, u64, Store),
 }
 
 struct SlaveNode {
@@ -276,15 +276,17 @@ fn apply_ops(store: &mut Store, seq: u64, ops: &[WriteOp]) -> Vec<bool> {
 }
 
 /// Rebuild a slave's store from its durable records, as a write-ahead log would.
-fn recover(durable: &[Durable]) -> Result<(Store, u64), String> {
+fn recover(durable: &[Durable]) -> Result<(Store, u64, u64), String> {
     let mut store = Store::new();
     let mut pos = 0;
+    let mut history = 0;
     let mut prepared: BTreeMap<u64, Ops> = BTreeMap::new();
     for d in durable {
         match d {
-            Durable::Checkpoint(seq, snap) => {
+            Durable::Checkpoint(seq, h, snap) => {
                 store = snap.clone();
                 pos = *seq;
+                history = *h;
                 prepared.clear();
             }
             Durable::Rec(Record::Prepared { seq, ops }) => {
@@ -301,13 +303,13 @@ fn recover(durable: &[Durable]) -> Result<(Store, u64), String> {
                 apply_ops(&mut store, *seq, ops);
                 pos = *seq;
             }
-            Durable::Rec(Record::History { .. }) => {}
+            Durable::Rec(Record::History { history_id }) => history = *history_id,
             Durable::Rec(other) => {
                 return Err(format!("slave persisted a master record {other:?}"));
             }
         }
     }
-    Ok((store, pos))
+    Ok((store, pos, history))
 }
 
 impl Sim {
@@ -743,16 +745,20 @@ impl Sim {
                 if self.slaves[slave].part.is_some() {
                     return Ok(());
                 }
-                let (store, pos) = recover(&self.slaves[slave].durable)?;
+                let (store, pos, history) = recover(&self.slaves[slave].durable)?;
                 self.check_state(slave, &store, pos, None, "recovery")?;
                 self.log(|| format!("start slave {slave} at {pos}"));
                 let s = &mut self.slaves[slave];
                 s.store = store;
                 s.applied_seq = pos;
                 s.last_persist_at = self.now;
-                s.part = Some(Participant::new(
+                s.part = Some(Participant::recover(
                     ParticipantConfig {
                         client_addr: format!("slave{slave}"),
+                        node_id: slave as u64 + 1,
+                        // The simulated master may restart without its data (a new
+                        // history): its slaves then resync rather than diverge.
+                        may_discard_data: true,
                         reconnect_min_ms: 10,
                         reconnect_max_ms: 500,
                         outcome_query_after_ms: 200,
@@ -760,6 +766,7 @@ impl Sim {
                         master_silence_ms: 2_000,
                     },
                     pos,
+                    history,
                 ));
                 self.run_slave_actions(slave)?;
             }
@@ -1070,7 +1077,9 @@ impl Sim {
                 Action::Persist { lsn, record } => {
                     let s = &self.slaves[slave];
                     let durable = match record {
-                        Record::Checkpoint { seq, .. } => Durable::Checkpoint(seq, s.store.clone()),
+                        Record::Checkpoint { seq, history_id } => {
+                            Durable::Checkpoint(seq, history_id, s.store.clone())
+                        }
                         other => Durable::Rec(other),
                     };
                     let slow = s.slow_persist_until;
@@ -1200,7 +1209,7 @@ impl Sim {
                     s.store, self.master_store
                 ));
             }
-            let (recovered, pos) = recover(&s.durable)?;
+            let (recovered, pos, _) = recover(&s.durable)?;
             let life = Some(self.master_life);
             self.check_state(i, &recovered, pos, life, "final recovery check")?;
         }

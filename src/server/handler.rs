@@ -94,6 +94,9 @@ pub struct Core {
     pub udp_waiting: bool,
     /// The UDP socket stopped reading after repeated receive errors; read it again soon.
     pub udp_retry: bool,
+    /// Writes are refused with this reason (the write-ahead log failed): the
+    /// server cannot keep what it would acknowledge. Reads go on.
+    pub write_refusal: Option<String>,
     /// Reply routes of writes handed to the coordinator and not yet answered
     /// (foldhash: one insert and one remove per write, SipHash showed in profiles).
     pub waiting: HashMap<ClientRef, Waiting, foldhash::fast::RandomState>,
@@ -103,9 +106,15 @@ pub struct Core {
 impl Core {
     /// Empty state with the given value limit.
     pub fn new(max_value_bytes: usize, mode: Mode) -> Core {
+        Core::recovered(max_value_bytes, mode, Store::new(), 0)
+    }
+
+    /// State around a store recovered from the write-ahead log at `commit_seq`.
+    pub fn recovered(max_value_bytes: usize, mode: Mode, store: Store, commit_seq: u64) -> Core {
         Core {
-            store: Store::new(),
-            commit_seq: 0,
+            store,
+            commit_seq,
+            write_refusal: None,
             stats: Stats::default(),
             max_value_bytes,
             mode,
@@ -173,6 +182,10 @@ impl Core {
         if let Mode::Slave { master } = &self.mode {
             self.stats.redirects += 1;
             encode_response(out, op, Status::Redirect, request_id, 0, master.as_bytes());
+            return Outcome::Answered;
+        }
+        if let Some(why) = &self.write_refusal {
+            encode_response(out, op, Status::Unavailable, request_id, 0, why.as_bytes());
             return Outcome::Answered;
         }
         let client = ClientRef(self.next_client_ref);

@@ -18,20 +18,23 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::protocol::peer::{OpKind, PeerMessage};
 use crate::protocol::{Status, encode_response};
 use crate::replication::{
-    Action, ClientRef, Coordinator, CoordinatorConfig, Event, LinkState, Participant,
+    Action, ClientRef, CommitLog, Coordinator, CoordinatorConfig, Event, LinkState, Participant,
     ParticipantConfig, PeerId, WriteError,
 };
 use crate::store::{Applied, Store, Write};
+use crate::wal::{FsyncPolicy, Wal, WalConfig, WalError};
 
 use connection::{Connection, Liveness};
 pub use handler::Core;
@@ -43,8 +46,10 @@ use udp::UdpService;
 
 const LISTENER: Token = Token(0);
 const UDP: Token = Token(1);
+/// The write-ahead log's helper threads wake the reactor with this token.
+const WAKER: Token = Token(2);
 /// Link tokens are slab keys shifted past the fixed tokens.
-const FIRST_LINK: usize = 2;
+const FIRST_LINK: usize = 3;
 /// Attempts at finding a port free for both TCP and UDP when asked for port 0.
 const PORT_ZERO_ATTEMPTS: usize = 32;
 /// Milliseconds between attempts to accept after running out of descriptors.
@@ -76,6 +81,26 @@ pub struct Config {
     pub min_slaves: usize,
     /// Bytes of recent writes kept for partial resync.
     pub repl_backlog_bytes: usize,
+    /// The data directory (write-ahead log, snapshots, node id).
+    pub data_dir: PathBuf,
+    /// When a logged record counts as durable.
+    pub fsync: FsyncPolicy,
+    /// Snapshot the store once the log has grown by this many bytes.
+    pub snapshot_log_bytes: u64,
+    /// Slave: accept a snapshot of another history even though it replaces data held here.
+    pub resync_discard_data: bool,
+}
+
+impl Config {
+    /// The write-ahead log's part of the configuration.
+    pub fn wal_config(&self, repair: bool) -> WalConfig {
+        WalConfig {
+            dir: self.data_dir.clone(),
+            fsync: self.fsync,
+            snapshot_log_bytes: self.snapshot_log_bytes,
+            repair,
+        }
+    }
 }
 
 /// Why a server could not start or stopped.
@@ -99,6 +124,8 @@ pub enum ServerError {
     },
     /// The poller failed.
     Poll(io::Error),
+    /// The data directory could not be opened or recovered.
+    Wal(WalError),
 }
 
 impl fmt::Display for ServerError {
@@ -122,6 +149,7 @@ impl fmt::Display for ServerError {
                 Ok(())
             }
             ServerError::Poll(e) => write!(f, "poll failed: {e}"),
+            ServerError::Wal(e) => write!(f, "{e}"),
         }
     }
 }
@@ -164,6 +192,14 @@ impl Role {
         }
     }
 
+    /// The history the store's position belongs to.
+    fn history_id(&self) -> u64 {
+        match self {
+            Role::Master(c) => c.history_id(),
+            Role::Slave { participant, .. } => participant.history_id(),
+        }
+    }
+
     /// The replication lines of STATS.
     fn describe(&self, master_text: &str) -> String {
         let mut text = String::new();
@@ -191,6 +227,7 @@ impl Role {
                     LinkState::Connecting => "connecting",
                     LinkState::CatchingUp(_) => "catching_up",
                     LinkState::Following(_) => "following",
+                    LinkState::Diverged(_) => "diverged",
                 };
                 text.push_str("role slave\n");
                 text.push_str(&format!("master {master_text}\n"));
@@ -233,6 +270,8 @@ pub struct Server {
     /// `accept` failed (out of descriptors): connections waiting in the
     /// backlog get no new edge, so the listener is retried on a timer.
     accept_paused: bool,
+    /// The write-ahead log.
+    wal: Wal,
 }
 
 impl Server {
@@ -253,29 +292,65 @@ impl Server {
                 .register(&mut u.socket, UDP, Interest::READABLE)
                 .map_err(ServerError::Poll)?;
         }
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(ServerError::Poll)?);
+        let (mut wal, replay, report) =
+            Wal::open(config.wal_config(false), waker).map_err(ServerError::Wal)?;
+        info!(
+            "recovered {} keys at seq {} of history {:#018x} from {} ({} records in {} segments{}){}",
+            replay.store.len(),
+            replay.seq,
+            replay.history_id,
+            config.data_dir.display(),
+            report.records,
+            report.segments,
+            match &report.snapshot {
+                Some((path, seq)) => format!(", snapshot {} at {seq}", path.display()),
+                None => String::new(),
+            },
+            if report.repairs.is_empty() {
+                String::new()
+            } else {
+                format!("; repairs: {}", report.repairs.join("; "))
+            }
+        );
         let (role, mode) = match &config.master {
             None => {
-                let coordinator = Coordinator::new(
-                    CoordinatorConfig {
-                        tpc_timeout_ms: config.tpc_timeout_ms,
-                        min_slaves: config.min_slaves,
-                        log_max_bytes: config.repl_backlog_bytes,
-                        // No durable state yet: every start is a new history (0 means none).
-                        history_id: rand::random::<u64>().max(1),
-                        ..CoordinatorConfig::default()
-                    },
-                    0,
-                );
+                // A master continues the history its data belongs to; an empty
+                // data directory starts a new one (0 means none).
+                let history_id = if replay.history_id != 0 {
+                    replay.history_id
+                } else {
+                    let id = rand::random::<u64>().max(1);
+                    wal.start_history(id).map_err(ServerError::Wal)?;
+                    info!("new history {id:#018x}");
+                    id
+                };
+                let coordinator_config = CoordinatorConfig {
+                    tpc_timeout_ms: config.tpc_timeout_ms,
+                    min_slaves: config.min_slaves,
+                    log_max_bytes: config.repl_backlog_bytes,
+                    history_id,
+                    ..CoordinatorConfig::default()
+                };
+                let mut log = CommitLog::new(coordinator_config.log_capacity, replay.floor)
+                    .with_max_bytes(coordinator_config.log_max_bytes);
+                for (seq, ops) in &replay.commits {
+                    log.push(*seq, ops.clone());
+                }
+                let coordinator = Coordinator::recover(coordinator_config, 0, replay.seq, log);
                 (Role::Master(Box::new(coordinator)), Mode::Master)
             }
             Some((host, port)) => {
                 let master_addr = resolve(host, *port)?;
-                let participant = Participant::new(
+                let participant = Participant::recover(
                     ParticipantConfig {
                         client_addr: addr.to_string(),
+                        node_id: wal.node_id(),
+                        may_discard_data: config.resync_discard_data,
                         ..ParticipantConfig::default()
                     },
-                    0,
+                    replay.seq,
+                    replay.history_id,
                 );
                 let role = Role::Slave {
                     participant: Box::new(participant),
@@ -291,7 +366,7 @@ impl Server {
             listener,
             udp,
             links: Slab::new(),
-            core: Core::new(config.max_value_bytes, mode),
+            core: Core::recovered(config.max_value_bytes, mode, replay.store, replay.seq),
             addr,
             role,
             timers: Timers::default(),
@@ -306,6 +381,7 @@ impl Server {
             connect_failures: 0,
             work_left: false,
             accept_paused: false,
+            wal,
         };
         // The state machines may have work from the start (a slave dials its master).
         server.work_left = server.settle();
@@ -374,6 +450,11 @@ impl Server {
                     UDP => {
                         if let Some(udp) = self.udp.as_mut() {
                             udp.on_readable(&mut self.core);
+                        }
+                    }
+                    WAKER => {
+                        if let Some(lsn) = self.wal.on_wake() {
+                            self.feed(Event::Persisted { lsn });
                         }
                     }
                     Token(t) => self.link_ready(t - FIRST_LINK, event.is_read_closed()),
@@ -654,8 +735,23 @@ impl Server {
                 break;
             }
         }
+        if let Some(why) = self.wal.failed()
+            && self.core.write_refusal.is_none()
+        {
+            self.core.write_refusal = Some(format!("write-ahead log failed: {why}"));
+            self.replication_changed = true;
+        }
+        if self.wal.snapshot_due() {
+            let seq = self.core.commit_seq;
+            let history_id = self.role.history_id();
+            self.wal.start_snapshot(seq, history_id);
+        }
+        // One bounded step per turn: a snapshot never holds the loop for long.
+        self.wal.snapshot_step(&self.core.store);
+        work_left |= self.wal.snapshot_pending();
         if self.replication_changed {
             self.replication_changed = false;
+            self.core.stats.wal = self.wal.stats();
             let master = match &self.core.mode {
                 Mode::Master => String::new(),
                 Mode::Slave { master } => master.clone(),
@@ -671,10 +767,16 @@ impl Server {
             match self.role.poll_action() {
                 Some(action) => self.execute(action),
                 None => {
-                    let Some(event) = self.next_completion() else {
-                        return;
-                    };
-                    self.feed(event);
+                    if let Some(event) = self.next_completion() {
+                        self.feed(event);
+                        continue;
+                    }
+                    // Everything this round appended goes to the log in one write
+                    // (and, under --fsync always, one sync in flight at a time).
+                    match self.wal.flush() {
+                        Some(lsn) => self.feed(Event::Persisted { lsn }),
+                        None => return,
+                    }
                 }
             }
         }
@@ -707,8 +809,7 @@ impl Server {
                 }
             }
             Action::Connect => self.connect_to_master(),
-            // No write-ahead log yet: a record is "durable" as soon as it is handed over.
-            Action::Persist { lsn, .. } => self.completions.push_back(Event::Persisted { lsn }),
+            Action::Persist { lsn, record } => self.wal.append(lsn, &record),
             Action::Apply { seq, ops, replies } => self.apply(seq, &ops, &replies),
             Action::Reply { client, error } => {
                 self.core.stats.writes_failed += 1;
@@ -825,7 +926,8 @@ impl Server {
                 },
                 OpKind::Delete => Write::Delete { key: &op.key },
             };
-            // A snapshot being streamed keeps the key's shard as it was at its start.
+            // A snapshot being streamed or written keeps the key's shard as it was at its start.
+            self.wal.before_write(&self.core.store, &op.key);
             for &key in self.peers.values() {
                 if let Some(Link::Peer(link)) = self.links.get_mut(key) {
                     link.before_write(&self.core.store, &op.key);
@@ -905,6 +1007,32 @@ impl Server {
             }
         }
     }
+}
+
+/// Recover the data directory named by `config` with repairs allowed, then
+/// close it; returns what was found and done.
+pub fn repair(config: &Config) -> Result<String, ServerError> {
+    let poll = Poll::new().map_err(ServerError::Poll)?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(ServerError::Poll)?);
+    let (_wal, replay, report) =
+        Wal::open(config.wal_config(true), waker).map_err(ServerError::Wal)?;
+    let mut text = format!(
+        "{}: {} keys at seq {} of history {:#018x} ({} records in {} segments)",
+        config.data_dir.display(),
+        replay.store.len(),
+        replay.seq,
+        replay.history_id,
+        report.records,
+        report.segments
+    );
+    if report.repairs.is_empty() {
+        text.push_str("; nothing to repair");
+    }
+    for r in &report.repairs {
+        text.push_str("\nrepaired: ");
+        text.push_str(r);
+    }
+    Ok(text)
 }
 
 /// Register a stream living at slab `key` for both directions, once: with

@@ -28,6 +28,8 @@ pub struct Stats {
     pub writes_failed: u64,
     /// Replication lines (role, master or slaves), kept current by the reactor.
     pub replication: String,
+    /// Write-ahead log lines, kept current by the reactor.
+    pub wal: String,
 }
 
 impl Default for Stats {
@@ -43,6 +45,7 @@ impl Default for Stats {
             redirects: 0,
             writes_failed: 0,
             replication: "role master\n".to_string(),
+            wal: String::new(),
         }
     }
 }
@@ -81,6 +84,7 @@ impl Stats {
         line("udp_retries_deduplicated", &self.udp_retries_deduplicated);
         line("redirects", &self.redirects);
         line("writes_failed", &self.writes_failed);
+        text.push_str(&self.wal);
         text.push_str(&self.replication);
         text
     }

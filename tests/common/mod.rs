@@ -30,6 +30,9 @@ pub struct ServerProcess {
     args: Vec<String>,
     /// Sent SIGSTOP and not yet SIGCONT.
     stopped: bool,
+    /// The data directory (`-d`), kept across [`restart`](Self::restart) and
+    /// removed when the server is dropped. `None` when the test passed its own `-d`.
+    data: Option<std::sync::Arc<tempfile::TempDir>>,
 }
 
 impl ServerProcess {
@@ -41,7 +44,19 @@ impl ServerProcess {
     /// Start `dkvs-server -p PORT ARGS...` and wait for its ready line.
     pub fn start_on(port: u16, args: &[&str]) -> ServerProcess {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        ServerProcess::try_start_on(port, &args).unwrap_or_else(|e| panic!("{e}"))
+        let data = if args.iter().any(|a| a == "-d" || a == "--data-dir") {
+            None
+        } else {
+            Some(std::sync::Arc::new(
+                tempfile::tempdir().expect("temp data dir"),
+            ))
+        };
+        ServerProcess::try_start_on(port, &args, data).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The data directory, when the helper made it.
+    pub fn data_dir(&self) -> Option<std::path::PathBuf> {
+        self.data.as_ref().map(|d| d.path().to_path_buf())
     }
 
     /// Start a slave of `master` (`-m 127.0.0.1 -q MASTER_PORT ARGS...`) on a free port.
@@ -52,11 +67,20 @@ impl ServerProcess {
         ServerProcess::start(&all)
     }
 
-    fn try_start_on(port: u16, args: &[String]) -> Result<ServerProcess, String> {
+    fn try_start_on(
+        port: u16,
+        args: &[String],
+        data: Option<std::sync::Arc<tempfile::TempDir>>,
+    ) -> Result<ServerProcess, String> {
         let quiet = !args.iter().any(|a| a == "-l" || a == "--log");
+        let data_args: Vec<String> = match &data {
+            Some(d) => vec!["-d".into(), d.path().display().to_string()],
+            None => Vec::new(),
+        };
         let mut child = Command::new(bin("dkvs-server"))
             .args(["-p", &port.to_string()])
             .args(if quiet { &["-l", "error"][..] } else { &[] })
+            .args(&data_args)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -94,6 +118,7 @@ impl ServerProcess {
             ready_line,
             args: args.to_vec(),
             stopped: false,
+            data,
         })
     }
 
@@ -133,15 +158,28 @@ impl ServerProcess {
     }
 
     /// Kill the process if it runs, then start a new one with the same arguments
-    /// on the same port (an empty store: there is no log yet). If the port cannot
-    /// be had back within a few seconds, a free one is used instead.
+    /// and data directory on the same port (it recovers from its log). If the
+    /// port cannot be had back within a few seconds, a free one is used instead.
     pub fn restart(&mut self) {
+        self.restart_with(true);
+    }
+
+    /// [`restart`](Self::restart), with a new, empty data directory when
+    /// `keep_data` is false (a server whose disk was lost).
+    pub fn restart_with(&mut self, keep_data: bool) {
         self.kill9();
+        let data = if keep_data {
+            self.data.clone()
+        } else {
+            Some(std::sync::Arc::new(
+                tempfile::tempdir().expect("temp data dir"),
+            ))
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut attempts = 0;
         let replacement = loop {
             attempts += 1;
-            match ServerProcess::try_start_on(self.port, &self.args) {
+            match ServerProcess::try_start_on(self.port, &self.args, data.clone()) {
                 Ok(server) => break server,
                 Err(e) if Instant::now() < deadline && attempts < 50 => {
                     eprintln!("restart on port {} failed, retrying: {e}", self.port);
@@ -152,7 +190,7 @@ impl ServerProcess {
                         "restart on port {} failed, using a free port: {e}",
                         self.port
                     );
-                    break ServerProcess::try_start_on(0, &self.args)
+                    break ServerProcess::try_start_on(0, &self.args, data.clone())
                         .unwrap_or_else(|e| panic!("{e}"));
                 }
             }

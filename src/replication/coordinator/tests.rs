@@ -41,7 +41,12 @@ fn register(peer: u64, last: u64) -> Event {
     register_from(peer, last, H)
 }
 
+/// A slave whose operator allows replacing its data (`--resync-discard-data`).
 fn register_from(peer: u64, last: u64, history_id: u64) -> Event {
+    register_with(peer, last, history_id, true)
+}
+
+fn register_with(peer: u64, last: u64, history_id: u64, may_discard_data: bool) -> Event {
     msg(
         peer,
         PeerMessage::Register {
@@ -49,6 +54,8 @@ fn register_from(peer: u64, last: u64, history_id: u64) -> Event {
             last_applied_seq: last,
             history_id,
             protocol_version: PEER_PROTOCOL_VERSION,
+            node_id: 0,
+            may_discard_data,
         },
     )
 }
@@ -598,6 +605,8 @@ fn re_registration_evicts_the_old_link_of_the_same_slave() {
                 last_applied_seq: 0,
                 history_id: 0,
                 protocol_version: PEER_PROTOCOL_VERSION,
+                node_id: 0,
+                may_discard_data: false,
             },
         ),
     );
@@ -679,7 +688,17 @@ fn unregistered_and_misbehaving_peers_are_disconnected() {
 
 /// The catch-up a registration gets: what REGISTERED says and whether a snapshot starts.
 fn catch_up_for(c: &mut Coordinator, peer: u64, last: u64, history_id: u64) -> CatchUp {
-    c.handle(1, register_from(peer, last, history_id));
+    catch_up_for_with(c, peer, last, history_id, true)
+}
+
+fn catch_up_for_with(
+    c: &mut Coordinator,
+    peer: u64,
+    last: u64,
+    history_id: u64,
+    may_discard_data: bool,
+) -> CatchUp {
+    c.handle(1, register_with(peer, last, history_id, may_discard_data));
     let actions = drain(c);
     let sent = sends_to(&actions, peer);
     let PeerMessage::Registered {
@@ -780,4 +799,117 @@ fn a_slave_of_an_earlier_life_of_the_master_gets_a_snapshot() {
         peer: PeerId(1),
         at_seq: 3
     }));
+}
+
+#[test]
+fn a_slave_whose_data_a_snapshot_would_replace_is_diverged_unless_allowed() {
+    let mut c = keeping_log();
+    for i in 0..3 {
+        c.handle(0, writes(10 + i, &["a"]));
+    }
+    c.handle(0, Event::Persisted { lsn: 3 });
+    drain(&mut c);
+    // Data of another history, and data ahead of ours: kept, nothing sent but REGISTERED.
+    for (peer, last, history) in [(1, 2, H + 1), (2, 9, H), (3, 2, 0)] {
+        c.handle(1, register_with(peer, last, history, false));
+        let actions = drain(&mut c);
+        assert_eq!(
+            sends_to(&actions, peer),
+            vec![PeerMessage::Registered {
+                master_seq: 3,
+                history_id: H,
+                catch_up: CatchUp::Diverged
+            }],
+            "slave {peer}"
+        );
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, Action::StartSnapshot { .. })),
+            "no snapshot for slave {peer}"
+        );
+        assert_eq!(
+            c.members().get(PeerId(peer)).map(|s| s.state),
+            Some(SlaveState::Diverged)
+        );
+    }
+    // Diverged slaves are heartbeated (the link stays up) but take no part in writes.
+    c.handle(
+        200,
+        Event::TimerFired {
+            timer: TimerId::Heartbeat,
+        },
+    );
+    let beats = drain(&mut c);
+    assert!(beats.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            peer: PeerId(1),
+            msg: PeerMessage::Heartbeat { .. }
+        }
+    )));
+    c.handle(200, writes(20, &["b"]));
+    let prepares: Vec<_> = drain(&mut c)
+        .into_iter()
+        .filter(|a| {
+            matches!(
+                a,
+                Action::Send {
+                    msg: PeerMessage::Prepare { .. },
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert!(prepares.is_empty(), "{prepares:?}");
+    assert_eq!(c.members().in_sync_count(), 0);
+    // An empty slave, or one behind us in our history, loses nothing: no question asked.
+    assert_eq!(
+        catch_up_for_with(&mut c, 4, 0, H + 1, false),
+        CatchUp::Snapshot { at_seq: 3 }
+    );
+    // With the operator's consent the snapshot replaces the data.
+    assert_eq!(
+        catch_up_for_with(&mut c, 5, 2, H + 1, true),
+        CatchUp::Snapshot { at_seq: 3 }
+    );
+}
+
+#[test]
+fn a_re_registering_node_replaces_its_old_link_by_node_id() {
+    let mut c = keeping_log();
+    let reg = |peer: u64, addr: &str| {
+        msg(
+            peer,
+            PeerMessage::Register {
+                client_addr: addr.into(),
+                last_applied_seq: 0,
+                history_id: 0,
+                protocol_version: PEER_PROTOCOL_VERSION,
+                node_id: 0xAB,
+                may_discard_data: false,
+            },
+        )
+    };
+    c.handle(0, reg(1, "0.0.0.0:9100"));
+    drain(&mut c);
+    c.handle(1, reg(2, "10.0.0.2:9100"));
+    let actions = drain(&mut c);
+    assert!(actions.contains(&Action::Disconnect { peer: PeerId(1) }));
+    // Two nodes announcing the same address do not evict each other.
+    c.handle(
+        2,
+        msg(
+            3,
+            PeerMessage::Register {
+                client_addr: "10.0.0.2:9100".into(),
+                last_applied_seq: 0,
+                history_id: 0,
+                protocol_version: PEER_PROTOCOL_VERSION,
+                node_id: 0xCD,
+                may_discard_data: false,
+            },
+        ),
+    );
+    assert!(!drain(&mut c).contains(&Action::Disconnect { peer: PeerId(2) }));
 }

@@ -33,6 +33,7 @@ fn sends(actions: &[Action]) -> Vec<PeerMessage> {
 fn config() -> ParticipantConfig {
     ParticipantConfig {
         client_addr: "s:1".into(),
+        may_discard_data: true,
         ..ParticipantConfig::default()
     }
 }
@@ -105,6 +106,8 @@ fn registers_with_its_position_on_connect() {
             last_applied_seq: 9,
             history_id: 0,
             protocol_version: PEER_PROTOCOL_VERSION,
+            node_id: 0,
+            may_discard_data: true,
         }]
     );
     assert_eq!(p.link(), LinkState::CatchingUp(M));
@@ -451,6 +454,8 @@ fn registers_with_the_history_of_the_master_it_last_caught_up_from() {
             last_applied_seq: 8,
             history_id: H,
             protocol_version: PEER_PROTOCOL_VERSION,
+            node_id: 0,
+            may_discard_data: true,
         }
     );
 }
@@ -625,4 +630,51 @@ fn connecting_arms_the_silence_check() {
         timer: TimerId::MasterSilence,
         at_ms: 7 + config().master_silence_ms,
     }));
+}
+
+#[test]
+fn without_consent_a_slave_keeps_its_data_against_another_history() {
+    let strict = ParticipantConfig {
+        may_discard_data: false,
+        ..config()
+    };
+    // The master says diverged: registered, heartbeating, applying nothing.
+    let mut p = Participant::recover(strict.clone(), 7, H);
+    p.handle(0, Event::Connected { peer: M });
+    p.handle(0, registered(H2, CatchUp::Diverged));
+    assert_eq!(p.link(), LinkState::Diverged(M));
+    p.handle(1, from_master(PeerMessage::Heartbeat { seq: 3 }));
+    assert_eq!(
+        sends(&drain(&mut p)),
+        vec![
+            PeerMessage::Register {
+                client_addr: "s:1".into(),
+                last_applied_seq: 7,
+                history_id: H,
+                protocol_version: PEER_PROTOCOL_VERSION,
+                node_id: 0,
+                may_discard_data: false,
+            },
+            PeerMessage::Heartbeat { seq: 7 }
+        ]
+    );
+    p.handle(2, last_chunk(3));
+    assert!(
+        !drain(&mut p)
+            .iter()
+            .any(|a| matches!(a, Action::InstallSnapshot { .. }))
+    );
+    assert_eq!((p.position(), p.history_id()), (7, H));
+    // A master that offers a snapshot anyway is refused on this side.
+    let mut p = Participant::recover(strict, 7, H);
+    p.handle(0, Event::Connected { peer: M });
+    p.handle(0, registered(H2, CatchUp::Snapshot { at_seq: 3 }));
+    assert!(drain(&mut p).contains(&Action::Disconnect { peer: M }));
+    p.handle(0, last_chunk(3));
+    assert!(
+        !drain(&mut p)
+            .iter()
+            .any(|a| matches!(a, Action::InstallSnapshot { .. }))
+    );
+    assert_eq!((p.position(), p.history_id()), (7, H));
 }

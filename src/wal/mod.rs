@@ -1,0 +1,964 @@
+//! The write-ahead log: segment files of checksummed records, snapshots of
+//! the store, recovery, and group commit through a sync thread.
+//!
+//! The data directory holds:
+//!
+//! ```text
+//! LOCK                 held (flock) while a server runs on the directory
+//! node_id              this node's id, created once (16 hex digits)
+//! wal-<id>.log         segments, appended in id order (segment.rs)
+//! snap-<id>.dat        snapshots; the newest names the first segment after it (snapshot.rs)
+//! *.torn-<t>, *.discarded-<t>, *.corrupt-<t>   bytes recovery cut off, kept for the operator
+//! ```
+//!
+//! What is durable when: a record is handed to [`Wal::append`] by the state
+//! machines' `Persist` action; [`Wal::flush`] writes everything appended in a
+//! turn with one `write`; under `--fsync always` the sync thread then syncs it
+//! and the reactor reports `Persisted` only after that; under `batch` and
+//! `never` `Persisted` follows the `write` (a process crash loses nothing, a
+//! machine crash loses up to about a second, or whatever the kernel had not
+//! written back).
+
+pub mod fault;
+pub mod record;
+pub mod replay;
+pub mod segment;
+pub mod snapshot;
+mod sync;
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use log::{error, info, warn};
+use mio::Waker;
+
+use crate::replication::Record;
+use crate::store::Store;
+use crate::store::snapshot::ShardCopy;
+
+use record::{encode_record, record_seq};
+use replay::{Replay, Step};
+use segment::{Tail, parse_segment_name, scan, segment_header, segment_name};
+use snapshot::{SnapshotHeader, parse_snapshot_name, snapshot_name};
+use sync::{Done, Helpers, SnapshotJob, SyncRequest, sync_dir};
+
+/// When a record counts as durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// After an fsync that covers it (every acknowledged write survives a power cut).
+    Always,
+    /// After its `write`; an fsync runs about once a second.
+    Batch,
+    /// After its `write`; never synced by dkvs.
+    Never,
+}
+
+impl FsyncPolicy {
+    /// Parse `always`, `batch` or `never`.
+    pub fn parse(text: &str) -> Result<FsyncPolicy, String> {
+        match text {
+            "always" => Ok(FsyncPolicy::Always),
+            "batch" => Ok(FsyncPolicy::Batch),
+            "never" => Ok(FsyncPolicy::Never),
+            other => Err(format!(
+                "unknown fsync policy '{other}' (use always, batch or never)"
+            )),
+        }
+    }
+
+    /// The flag's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            FsyncPolicy::Always => "always",
+            FsyncPolicy::Batch => "batch",
+            FsyncPolicy::Never => "never",
+        }
+    }
+}
+
+/// How the log is set up.
+#[derive(Debug, Clone)]
+pub struct WalConfig {
+    /// The data directory.
+    pub dir: PathBuf,
+    /// When records count as durable.
+    pub fsync: FsyncPolicy,
+    /// Take a snapshot once the log has grown by this many bytes since the last.
+    pub snapshot_log_bytes: u64,
+    /// Cut a log at its first damaged record instead of refusing to start.
+    pub repair: bool,
+}
+
+/// Why the log cannot be opened or written.
+#[derive(Debug)]
+pub enum WalError {
+    /// A file operation failed.
+    Io {
+        /// What was being done.
+        what: String,
+        /// The file.
+        path: PathBuf,
+        /// The system's error (ENOSPC, EIO, EACCES… by name).
+        source: io::Error,
+    },
+    /// Another server holds the directory.
+    Locked(PathBuf),
+    /// A damaged record in the middle of the log.
+    Corrupt {
+        /// The segment.
+        path: PathBuf,
+        /// Offset of the damaged record.
+        offset: usize,
+        /// What is wrong.
+        why: String,
+    },
+    /// A snapshot that does not load, or records that do not replay.
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+impl fmt::Display for WalError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WalError::Io { what, path, source } => {
+                write!(f, "cannot {what} {}: {source}", path.display())
+            }
+            WalError::Locked(path) => write!(
+                f,
+                "data directory {} is in use by another dkvs-server (its LOCK is held); \
+                 give each server its own -d DIR",
+                path.display()
+            ),
+            WalError::Corrupt { path, offset, why } => write!(
+                f,
+                "write-ahead log {} is damaged at byte {offset} ({why}) and valid records \
+                 follow; refusing to start. Run `dkvs-server --repair -d DIR` to cut the log \
+                 there (the cut bytes are kept beside it)",
+                path.display()
+            ),
+            WalError::Invalid { path, why } => {
+                write!(f, "{} is not usable: {why}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for WalError {}
+
+fn io_err(what: &str, path: &Path) -> impl FnOnce(io::Error) -> WalError {
+    let what = what.to_string();
+    let path = path.to_path_buf();
+    move |source| WalError::Io { what, path, source }
+}
+
+/// A segment on disk.
+#[derive(Debug)]
+struct Segment {
+    id: u64,
+    /// Highest commit sequence number of a record in it.
+    max_seq: u64,
+    bytes: u64,
+}
+
+/// A snapshot being written.
+#[derive(Debug)]
+struct DiskSnapshot {
+    id: u64,
+    header: SnapshotHeader,
+    copy: ShardCopy,
+    /// The resync checkpoint this snapshot makes durable, if it is one.
+    checkpoint_lsn: Option<u64>,
+    started: Instant,
+    finishing: bool,
+}
+
+/// Snapshot blocks are cut at about this size.
+const SNAPSHOT_BLOCK_BYTES: usize = 1 << 20;
+
+/// What the last completed snapshot was.
+#[derive(Debug, Clone, Copy)]
+struct LastSnapshot {
+    seq: u64,
+    bytes: u64,
+    millis: u64,
+    at: Instant,
+}
+
+/// The open write-ahead log of one server.
+pub struct Wal {
+    config: WalConfig,
+    node_id: u64,
+    /// Held for the life of the server: the directory's lock.
+    _lock: File,
+    helpers: Helpers,
+    segments: Vec<Segment>,
+    active: Arc<File>,
+    /// Rotated segments with bytes not yet covered by a sync.
+    unsynced: Vec<Arc<File>>,
+    dir_dirty: bool,
+    buffer: Vec<u8>,
+    appended_lsn: u64,
+    written_lsn: u64,
+    synced_lsn: u64,
+    reported_lsn: u64,
+    sync_in_flight: bool,
+    failed: Option<String>,
+    snapshot: Option<DiskSnapshot>,
+    /// Snapshot jobs sent and not yet consumed.
+    snapshot_queued: usize,
+    last_snapshot: Option<LastSnapshot>,
+    snapshots_written: u64,
+    bytes_since_snapshot: u64,
+    fsync_us: Histogram<u64>,
+}
+
+impl fmt::Debug for Wal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Wal")
+            .field("dir", &self.config.dir)
+            .field("appended_lsn", &self.appended_lsn)
+            .field("reported_lsn", &self.reported_lsn)
+            .finish()
+    }
+}
+
+/// What recovery found and did, for the start-up log.
+#[derive(Debug, Default)]
+pub struct RecoveryReport {
+    /// The snapshot loaded, if any.
+    pub snapshot: Option<(PathBuf, u64)>,
+    /// Segments replayed.
+    pub segments: usize,
+    /// Records read.
+    pub records: u64,
+    /// Repairs made (each a sentence).
+    pub repairs: Vec<String>,
+}
+
+fn now_tag() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Write `bytes` to `dir/name` atomically: temp file, fsync, rename, fsync of the directory.
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), WalError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
+    let mut file = File::create(&tmp).map_err(io_err("create", &tmp))?;
+    file.write_all(bytes).map_err(io_err("write", &tmp))?;
+    file.sync_all().map_err(io_err("fsync", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
+    sync_dir(dir).map_err(io_err("fsync the directory", dir))
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<String>, WalError> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err("list", dir))? {
+        let entry = entry.map_err(io_err("list", dir))?;
+        if let Some(name) = entry.file_name().to_str() {
+            names.push(name.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+fn read_node_id(dir: &Path) -> Result<u64, WalError> {
+    let path = dir.join("node_id");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => u64::from_str_radix(text.trim(), 16).map_err(|_| WalError::Invalid {
+            path: path.clone(),
+            why: format!("'{}' is not a node id (16 hex digits)", text.trim()),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let id = rand::random::<u64>().max(1);
+            write_atomically(dir, "node_id", format!("{id:016x}\n").as_bytes())?;
+            info!("created node id {id:016x} in {}", dir.display());
+            Ok(id)
+        }
+        Err(e) => Err(io_err("read", &path)(e)),
+    }
+}
+
+/// Move a file aside under a name that says why, so no byte is lost silently.
+fn move_aside(path: &Path, why: &str) -> Result<PathBuf, WalError> {
+    let aside = PathBuf::from(format!("{}.{why}-{}", path.display(), now_tag()));
+    std::fs::rename(path, &aside).map_err(io_err("move aside", path))?;
+    Ok(aside)
+}
+
+impl Wal {
+    /// Open (creating if needed) and lock the data directory, recover the store
+    /// from the newest snapshot and the log, and start the helper threads.
+    pub fn open(
+        config: WalConfig,
+        waker: Arc<Waker>,
+    ) -> Result<(Wal, Replay, RecoveryReport), WalError> {
+        let dir = config.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(io_err("create the data directory", &dir))?;
+        let lock_path = dir.join("LOCK");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err("open", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(WalError::Locked(dir)),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err("lock", &lock_path)(e)),
+        }
+        let node_id = read_node_id(&dir)?;
+        let (replay, segments, report) = recover(&dir, config.repair)?;
+        let next_id = segments
+            .iter()
+            .map(|s| s.id)
+            .chain(report.snapshot.as_ref().map(|(p, _)| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(parse_snapshot_name)
+                    .unwrap_or(0)
+            }))
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let active = create_segment(&dir, next_id)?;
+        sync_dir(&dir).map_err(io_err("fsync the directory", &dir))?;
+        let helpers = Helpers::start(waker, config.fsync == FsyncPolicy::Batch)
+            .map_err(io_err("start the log threads for", &dir))?;
+        debug_assert_eq!(helpers.threads(), 2);
+        let bytes_since_snapshot = segments.iter().map(|s| s.bytes).sum();
+        let mut segments = segments;
+        segments.push(Segment {
+            id: next_id,
+            max_seq: 0,
+            bytes: segment::SEGMENT_HEADER_BYTES as u64,
+        });
+        let wal = Wal {
+            config,
+            node_id,
+            _lock: lock,
+            helpers,
+            segments,
+            active: Arc::new(active),
+            unsynced: Vec::new(),
+            dir_dirty: false,
+            buffer: Vec::new(),
+            appended_lsn: 0,
+            written_lsn: 0,
+            synced_lsn: 0,
+            reported_lsn: 0,
+            sync_in_flight: false,
+            failed: None,
+            snapshot: None,
+            snapshot_queued: 0,
+            last_snapshot: None,
+            snapshots_written: 0,
+            bytes_since_snapshot,
+            fsync_us: Histogram::new_with_bounds(1, 60_000_000, 2)
+                .expect("static histogram bounds are valid"),
+        };
+        Ok((wal, replay, report))
+    }
+
+    /// This node's id (created once in the data directory).
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.config.dir
+    }
+
+    /// The fsync policy.
+    pub fn policy(&self) -> FsyncPolicy {
+        self.config.fsync
+    }
+
+    /// Why the log stopped accepting records, if it did.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Record a history id before serving (a master's first start): written and synced at once.
+    pub fn start_history(&mut self, history_id: u64) -> Result<(), WalError> {
+        let mut bytes = Vec::new();
+        encode_record(&mut bytes, &Record::History { history_id });
+        let path = self.segment_path(self.active_id());
+        (&*self.active)
+            .write_all(&bytes)
+            .map_err(io_err("write", &path))?;
+        self.active.sync_data().map_err(io_err("fsync", &path))?;
+        if let Some(s) = self.segments.last_mut() {
+            s.bytes += bytes.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn active_id(&self) -> u64 {
+        self.segments.last().map_or(0, |s| s.id)
+    }
+
+    fn segment_path(&self, id: u64) -> PathBuf {
+        self.config.dir.join(segment_name(id))
+    }
+
+    /// Append a record with the state machine's log sequence number `lsn`.
+    /// A resync checkpoint starts a snapshot of the store as it is now (call
+    /// [`Wal::before_write`] before every later write).
+    pub fn append(&mut self, lsn: u64, record: &Record) {
+        debug_assert!(lsn > self.appended_lsn, "lsns increase");
+        self.appended_lsn = lsn;
+        if self.failed.is_some() {
+            return;
+        }
+        if let Record::Checkpoint { seq, history_id } = record {
+            // A resync replaced the store: everything before it is obsolete, so
+            // the checkpoint opens a segment of its own and its snapshot names it.
+            if let Some(old) = self.snapshot.take() {
+                info!(
+                    "resync checkpoint supersedes the snapshot at seq {}",
+                    old.header.seq
+                );
+                self.send_snapshot_job(SnapshotJob::Abort);
+            }
+            self.rotate();
+            let id = self.active_id();
+            self.begin_snapshot(
+                SnapshotHeader {
+                    seq: *seq,
+                    history_id: *history_id,
+                    first_segment: id,
+                },
+                Some(lsn),
+            );
+        }
+        let before = self.buffer.len();
+        encode_record(&mut self.buffer, record);
+        let added = (self.buffer.len() - before) as u64;
+        self.bytes_since_snapshot += added;
+        if let Some(s) = self.segments.last_mut() {
+            s.max_seq = s.max_seq.max(record_seq(record));
+            s.bytes += added;
+        }
+    }
+
+    /// Close the active segment and open the next one.
+    fn rotate(&mut self) {
+        self.write_buffer();
+        if self.failed.is_some() {
+            return;
+        }
+        let id = self.active_id() + 1;
+        match create_segment(&self.config.dir, id) {
+            Ok(file) => {
+                let old = std::mem::replace(&mut self.active, Arc::new(file));
+                self.unsynced.push(old);
+                self.dir_dirty = true;
+                self.segments.push(Segment {
+                    id,
+                    max_seq: 0,
+                    bytes: segment::SEGMENT_HEADER_BYTES as u64,
+                });
+            }
+            Err(e) => self.fail(e.to_string()),
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        if self.failed.is_none() {
+            error!("write-ahead log failed: {why}; refusing writes from now on (reads go on)");
+            self.failed = Some(why);
+        }
+    }
+
+    /// Write what was appended with one `write`.
+    fn write_buffer(&mut self) {
+        if self.buffer.is_empty() || self.failed.is_some() {
+            return;
+        }
+        let path = self.segment_path(self.active_id());
+        let result = match fault::write_fault() {
+            None => (&*self.active).write_all(&self.buffer),
+            Some((fault::WriteFault::Fail, e)) => Err(e),
+            Some((fault::WriteFault::Short, e)) => {
+                let half = self.buffer.len() / 2;
+                let _ = (&*self.active).write_all(&self.buffer[..half]);
+                Err(e)
+            }
+        };
+        match result {
+            Ok(()) => {
+                self.buffer.clear();
+                self.written_lsn = self.appended_lsn;
+            }
+            Err(e) => self.fail(format!("cannot write {}: {e}", path.display())),
+        }
+    }
+
+    /// The durable lsn to report now, if it moved.
+    fn durable(&mut self) -> Option<u64> {
+        let mut durable = match self.config.fsync {
+            FsyncPolicy::Always => self.synced_lsn,
+            FsyncPolicy::Batch | FsyncPolicy::Never => self.written_lsn,
+        };
+        if let Some(lsn) = self.snapshot.as_ref().and_then(|s| s.checkpoint_lsn) {
+            durable = durable.min(lsn - 1);
+        }
+        if durable > self.reported_lsn && self.failed.is_none() {
+            self.reported_lsn = durable;
+            Some(durable)
+        } else {
+            None
+        }
+    }
+
+    /// End of a turn: write what was appended, start a sync if none is in
+    /// flight, and return the lsn that became durable, if any.
+    pub fn flush(&mut self) -> Option<u64> {
+        self.write_buffer();
+        self.request_sync();
+        self.durable()
+    }
+
+    fn request_sync(&mut self) {
+        if self.failed.is_some() || self.sync_in_flight {
+            return;
+        }
+        let needed = match self.config.fsync {
+            FsyncPolicy::Never => false,
+            // Batch syncs too (the thread spaces them out), so a crash loses at most about a second.
+            FsyncPolicy::Always | FsyncPolicy::Batch => self.written_lsn > self.synced_lsn,
+        };
+        if !needed && !self.dir_dirty {
+            return;
+        }
+        let mut files = std::mem::take(&mut self.unsynced);
+        files.push(self.active.clone());
+        let dir = std::mem::take(&mut self.dir_dirty).then(|| self.config.dir.clone());
+        let request = SyncRequest {
+            lsn: self.written_lsn,
+            files,
+            dir,
+        };
+        if self.helpers.sync.send(request).is_err() {
+            self.fail("the log's sync thread is gone".into());
+            return;
+        }
+        self.sync_in_flight = true;
+    }
+
+    /// The helpers woke the reactor: take their reports. Returns the lsn that
+    /// became durable, if any, and whether a snapshot finished or failed.
+    pub fn on_wake(&mut self) -> Option<u64> {
+        while let Ok(done) = self.helpers.done.try_recv() {
+            match done {
+                Done::Synced { lsn, micros } => {
+                    self.sync_in_flight = false;
+                    self.synced_lsn = self.synced_lsn.max(lsn);
+                    let _ = self.fsync_us.record(micros.max(1));
+                }
+                Done::SyncFailed(why) => {
+                    self.sync_in_flight = false;
+                    self.fail(why);
+                }
+                Done::BlockWritten => self.snapshot_queued = self.snapshot_queued.saturating_sub(1),
+                Done::SnapshotDone { id, bytes } => self.snapshot_done(id, bytes),
+                Done::SnapshotFailed { id, why } => self.snapshot_failed(id, why),
+            }
+        }
+        self.request_sync();
+        self.durable()
+    }
+
+    /// Whether the log has grown enough since the last snapshot to take one.
+    pub fn snapshot_due(&self) -> bool {
+        self.snapshot.is_none()
+            && self.failed.is_none()
+            && self.bytes_since_snapshot >= self.config.snapshot_log_bytes
+    }
+
+    /// Start a snapshot of the store as it is now, at `seq` of `history_id`.
+    pub fn start_snapshot(&mut self, seq: u64, history_id: u64) {
+        if self.snapshot.is_some() || self.failed.is_some() {
+            return;
+        }
+        self.rotate();
+        // Records above `seq` (decided or prepared, not yet applied) may sit in
+        // older segments: replay must start at the oldest segment holding one.
+        let active = self.active_id();
+        let first_segment = self
+            .segments
+            .iter()
+            .filter(|s| s.max_seq > seq || s.id == active)
+            .map(|s| s.id)
+            .min()
+            .unwrap_or(active);
+        self.begin_snapshot(
+            SnapshotHeader {
+                seq,
+                history_id,
+                first_segment,
+            },
+            None,
+        );
+    }
+
+    fn begin_snapshot(&mut self, header: SnapshotHeader, checkpoint_lsn: Option<u64>) {
+        let id = self.active_id();
+        info!(
+            "writing a snapshot at seq {} to {}{}",
+            header.seq,
+            snapshot_name(id),
+            if checkpoint_lsn.is_some() {
+                " (resync checkpoint)"
+            } else {
+                ""
+            }
+        );
+        self.bytes_since_snapshot = 0;
+        self.snapshot = Some(DiskSnapshot {
+            id,
+            header,
+            copy: ShardCopy::new(),
+            checkpoint_lsn,
+            started: Instant::now(),
+            finishing: false,
+        });
+        let tmp = self.config.dir.join(format!("{}.tmp", snapshot_name(id)));
+        self.send_snapshot_job(SnapshotJob::Begin {
+            id,
+            tmp,
+            header: header.encode().to_vec(),
+        });
+    }
+
+    fn send_snapshot_job(&mut self, job: SnapshotJob) {
+        // Blocks only if the queue is full, which `snapshot_step` never lets happen.
+        if self.helpers.snapshot.send(job).is_err() {
+            self.fail("the log's snapshot thread is gone".into());
+        }
+    }
+
+    /// `key` is about to change in `store`: a snapshot in progress keeps its shard as it was.
+    pub fn before_write(&mut self, store: &Store, key: &[u8]) {
+        if let Some(s) = self.snapshot.as_mut() {
+            s.copy.before_write(store, key);
+        }
+    }
+
+    /// Copy and hand over one bounded step of a snapshot in progress.
+    /// Returns whether more steps can be taken at once.
+    pub fn snapshot_step(&mut self, store: &Store) -> bool {
+        let Some(s) = self.snapshot.as_mut() else {
+            return false;
+        };
+        if s.finishing || self.snapshot_queued + 1 >= sync::SNAPSHOT_QUEUE {
+            return false; // wait for the thread (it wakes the reactor)
+        }
+        s.copy.fill(store, SNAPSHOT_BLOCK_BYTES);
+        let block = s.copy.take(SNAPSHOT_BLOCK_BYTES).to_vec();
+        s.copy.compact();
+        if !block.is_empty() {
+            self.snapshot_queued += 1;
+            self.send_snapshot_job(SnapshotJob::Block(block));
+            return true;
+        }
+        // Every shard copied and handed over.
+        s.finishing = true;
+        let entries = s.copy.entries();
+        let id = s.id;
+        let first_segment = s.header.first_segment;
+        let path = self.config.dir.join(snapshot_name(id));
+        let mut obsolete: Vec<PathBuf> = self
+            .segments
+            .iter()
+            .filter(|seg| seg.id < first_segment)
+            .map(|seg| self.segment_path(seg.id))
+            .collect();
+        if let Ok(names) = list_dir(&self.config.dir) {
+            obsolete.extend(
+                names
+                    .iter()
+                    .filter(|n| parse_snapshot_name(n).is_some_and(|old| old < id))
+                    .map(|n| self.config.dir.join(n)),
+            );
+        }
+        let dir = self.config.dir.clone();
+        self.send_snapshot_job(SnapshotJob::Finish {
+            entries,
+            path,
+            dir,
+            obsolete,
+        });
+        false
+    }
+
+    /// Whether a snapshot has work the reactor should do without waiting for an event.
+    pub fn snapshot_pending(&self) -> bool {
+        self.snapshot
+            .as_ref()
+            .is_some_and(|s| !s.finishing && self.snapshot_queued + 1 < sync::SNAPSHOT_QUEUE)
+    }
+
+    fn snapshot_done(&mut self, id: u64, bytes: u64) {
+        let Some(s) = self.snapshot.take_if(|s| s.id == id) else {
+            return;
+        };
+        let millis = s.started.elapsed().as_millis() as u64;
+        info!(
+            "snapshot at seq {} complete: {} keys, {bytes} bytes in {millis} ms",
+            s.header.seq,
+            s.copy.entries()
+        );
+        self.segments.retain(|seg| seg.id >= s.header.first_segment);
+        self.snapshots_written += 1;
+        self.last_snapshot = Some(LastSnapshot {
+            seq: s.header.seq,
+            bytes,
+            millis,
+            at: Instant::now(),
+        });
+    }
+
+    fn snapshot_failed(&mut self, id: u64, why: String) {
+        let Some(s) = self.snapshot.take_if(|s| s.id == id) else {
+            return;
+        };
+        if s.checkpoint_lsn.is_some() {
+            // The resync cannot be made durable: stop acknowledging.
+            self.fail(format!("resync checkpoint failed: {why}"));
+        } else {
+            warn!("snapshot failed: {why}; the log keeps growing until the next attempt");
+        }
+    }
+
+    /// The log's lines of STATS.
+    pub fn stats(&self) -> String {
+        let log_bytes: u64 = self.segments.iter().map(|s| s.bytes).sum();
+        let mut text = format!(
+            "wal_dir {}\nwal_fsync {}\nwal_log_bytes {log_bytes}\nwal_segments {}\n\
+             wal_fsyncs {}\nwal_fsync_p50_us {}\nwal_fsync_p99_us {}\nwal_fsync_max_us {}\n\
+             snapshots_written {}\n",
+            self.config.dir.display(),
+            self.config.fsync.name(),
+            self.segments.len(),
+            self.fsync_us.len(),
+            self.fsync_us.value_at_quantile(0.5),
+            self.fsync_us.value_at_quantile(0.99),
+            self.fsync_us.max(),
+            self.snapshots_written,
+        );
+        if let Some(last) = &self.last_snapshot {
+            text.push_str(&format!(
+                "last_snapshot_seq {}\nlast_snapshot_bytes {}\nlast_snapshot_ms {}\nlast_snapshot_age_s {}\n",
+                last.seq,
+                last.bytes,
+                last.millis,
+                last.at.elapsed().as_secs()
+            ));
+        }
+        text.push_str(&format!(
+            "snapshot_in_progress {}\n",
+            u8::from(self.snapshot.is_some())
+        ));
+        if let Some(why) = &self.failed {
+            text.push_str(&format!("wal_error {}\n", why.replace('\n', " ")));
+        }
+        text
+    }
+}
+
+fn create_segment(dir: &Path, id: u64) -> Result<File, WalError> {
+    let path = dir.join(segment_name(id));
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&path)
+        .map_err(io_err("create", &path))?;
+    file.write_all(&segment_header(id))
+        .map_err(io_err("write", &path))?;
+    Ok(file)
+}
+
+/// Rebuild the store from the newest snapshot and the segments after it.
+fn recover(dir: &Path, repair: bool) -> Result<(Replay, Vec<Segment>, RecoveryReport), WalError> {
+    let mut report = RecoveryReport::default();
+    let names = list_dir(dir)?;
+    for name in names.iter().filter(|n| n.ends_with(".tmp")) {
+        // An unfinished snapshot or node id: never renamed, so never used.
+        let path = dir.join(name);
+        std::fs::remove_file(&path).map_err(io_err("delete", &path))?;
+    }
+    let mut snapshots: Vec<u64> = names
+        .iter()
+        .filter_map(|n| parse_snapshot_name(n))
+        .collect();
+    snapshots.sort_unstable();
+    let mut replay = Replay::new(Store::new(), 0, 0);
+    let mut first_segment = 0;
+    while let Some(id) = snapshots.pop() {
+        let path = dir.join(snapshot_name(id));
+        match snapshot::load(&path) {
+            Ok((header, store)) => {
+                info!(
+                    "loaded snapshot {} at seq {} ({} keys)",
+                    path.display(),
+                    header.seq,
+                    store.len()
+                );
+                replay = Replay::new(store, header.seq, header.history_id);
+                first_segment = header.first_segment;
+                report.snapshot = Some((path, header.seq));
+                break;
+            }
+            Err(e) if repair => {
+                let aside = move_aside(&path, "corrupt")?;
+                report.repairs.push(format!(
+                    "snapshot {} does not load ({e}); moved to {}",
+                    path.display(),
+                    aside.display()
+                ));
+            }
+            Err(e) => {
+                return Err(WalError::Invalid {
+                    path,
+                    why: format!(
+                        "{e}; run `dkvs-server --repair -d DIR` to fall back to an older snapshot and the log"
+                    ),
+                });
+            }
+        }
+    }
+    let mut ids: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
+    ids.sort_unstable();
+    let mut segments = Vec::new();
+    let mut stop = false;
+    for id in ids {
+        let path = dir.join(segment_name(id));
+        if id < first_segment {
+            // Covered by the snapshot; its deletion was interrupted.
+            std::fs::remove_file(&path).map_err(io_err("delete", &path))?;
+            continue;
+        }
+        if stop {
+            let aside = move_aside(&path, "discarded")?;
+            let msg = format!(
+                "segment {} follows a cut and was never acknowledged; moved to {}",
+                path.display(),
+                aside.display()
+            );
+            warn!("{msg}");
+            report.repairs.push(msg);
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
+        let scanned = scan(&bytes, id);
+        let mut max_seq = 0;
+        let mut valid_end = bytes.len();
+        for (record, end) in &scanned.records {
+            report.records += 1;
+            match replay.apply(record) {
+                Ok(Step::Continue) => max_seq = max_seq.max(record_seq(record)),
+                Ok(Step::UncoveredCheckpoint) => {
+                    let msg = format!(
+                        "{} holds a resync checkpoint whose snapshot never completed; \
+                         it and what follows were never acknowledged",
+                        path.display()
+                    );
+                    warn!("{msg}");
+                    report.repairs.push(msg);
+                    stop = true;
+                    break;
+                }
+                Err(why) => {
+                    return Err(WalError::Invalid {
+                        path,
+                        why: format!("record ending at byte {end}: {why}"),
+                    });
+                }
+            }
+        }
+        if stop {
+            let aside = move_aside(&path, "discarded")?;
+            report
+                .repairs
+                .push(format!("moved {} to {}", path.display(), aside.display()));
+            continue;
+        }
+        report.segments += 1;
+        match scanned.tail {
+            Tail::Clean => {}
+            Tail::Torn { offset, why } => {
+                cut_tail(&path, &bytes, offset, "torn", &mut report)?;
+                warn!(
+                    "{}: torn tail at byte {offset} ({why}); {} bytes cut and kept beside it",
+                    path.display(),
+                    bytes.len() - offset
+                );
+                valid_end = offset;
+                stop = true;
+            }
+            Tail::Corrupt { offset, why } if repair => {
+                cut_tail(&path, &bytes, offset, "corrupt", &mut report)?;
+                warn!(
+                    "{}: damaged record at byte {offset} ({why}); repaired by cutting {} bytes",
+                    path.display(),
+                    bytes.len() - offset
+                );
+                valid_end = offset;
+                stop = true;
+            }
+            Tail::Corrupt { offset, why } => {
+                return Err(WalError::Corrupt { path, offset, why });
+            }
+        }
+        segments.push(Segment {
+            id,
+            max_seq,
+            bytes: valid_end as u64,
+        });
+    }
+    Ok((replay, segments, report))
+}
+
+/// Keep `bytes[offset..]` in a side file and truncate the segment to `offset`.
+fn cut_tail(
+    path: &Path,
+    bytes: &[u8],
+    offset: usize,
+    why: &str,
+    report: &mut RecoveryReport,
+) -> Result<(), WalError> {
+    let side = PathBuf::from(format!("{}.{why}-{}", path.display(), now_tag()));
+    std::fs::write(&side, &bytes[offset..]).map_err(io_err("write", &side))?;
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err("open", path))?;
+    file.set_len(offset as u64)
+        .map_err(io_err("truncate", path))?;
+    file.sync_all().map_err(io_err("fsync", path))?;
+    report.repairs.push(format!(
+        "cut {} bytes off {} at byte {offset} ({why}); kept in {}",
+        bytes.len() - offset,
+        path.display(),
+        side.display()
+    ));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

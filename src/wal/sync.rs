@@ -1,0 +1,336 @@
+//! The two helper threads of the write-ahead log.
+//!
+//! Why threads at all: `fsync` blocks for as long as the disk takes (about
+//! 120 µs here, milliseconds to seconds on a busy or failing disk). Redis with
+//! `appendfsync always` calls it inside its event loop, so every reader waits
+//! behind the disk. dkvs's reactor only appends (a `write` into the page
+//! cache) and hands the sync to the sync thread; it keeps reading sockets,
+//! serving GETs and gathering the next batch meanwhile, and learns of the
+//! completion through its `mio::Waker`. One fsync covers every record written
+//! before it started, so the next group commit grows while one is in flight.
+//!
+//! Snapshot files get a thread of their own so that writing and syncing
+//! hundreds of megabytes never delays a log sync queued behind it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::Waker;
+
+use super::fault::{self, Point};
+use super::snapshot::{write_block, write_end};
+
+/// Batch policy: at most one fsync per this interval.
+pub const BATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Work for the sync thread.
+#[derive(Debug)]
+pub struct SyncRequest {
+    /// Every record through this log sequence number is in these files.
+    pub lsn: u64,
+    /// Files to sync, oldest first (a rotated segment before the active one).
+    pub files: Vec<Arc<File>>,
+    /// Also sync the directory (a segment was created since the last sync).
+    pub dir: Option<PathBuf>,
+}
+
+/// Work for the snapshot thread.
+#[derive(Debug)]
+pub enum SnapshotJob {
+    /// Create `tmp` and write the header.
+    Begin {
+        /// Segment id naming the snapshot.
+        id: u64,
+        /// Temporary path.
+        tmp: PathBuf,
+        /// Encoded header.
+        header: Vec<u8>,
+    },
+    /// Append one block of entries.
+    Block(Vec<u8>),
+    /// Write the end marker, sync, rename to `path`, sync `dir`, then delete `obsolete`.
+    Finish {
+        /// Entries written.
+        entries: u64,
+        /// Final path.
+        path: PathBuf,
+        /// The directory.
+        dir: PathBuf,
+        /// Segments and snapshots the new snapshot makes unnecessary.
+        obsolete: Vec<PathBuf>,
+    },
+    /// Give up the snapshot in progress and delete its temporary file.
+    Abort,
+}
+
+/// What a helper thread reports back.
+#[derive(Debug)]
+pub enum Done {
+    /// Every record through `lsn` is durable; the fsync took `micros`.
+    Synced {
+        /// The request's lsn.
+        lsn: u64,
+        /// Duration of the fsync calls.
+        micros: u64,
+    },
+    /// A sync failed: nothing after the last success may be reported durable.
+    SyncFailed(String),
+    /// The snapshot thread took a block (room for another).
+    BlockWritten,
+    /// Snapshot `id` is durable under its final name (`bytes` long).
+    SnapshotDone {
+        /// Its id.
+        id: u64,
+        /// File size.
+        bytes: u64,
+    },
+    /// Snapshot `id` failed.
+    SnapshotFailed {
+        /// Its id.
+        id: u64,
+        /// Why.
+        why: String,
+    },
+}
+
+/// Handles to both helper threads.
+#[derive(Debug)]
+pub struct Helpers {
+    /// Requests to the sync thread.
+    pub sync: Sender<SyncRequest>,
+    /// Jobs for the snapshot thread (bounded: the reactor waits for room).
+    pub snapshot: SyncSender<SnapshotJob>,
+    /// Completions from both.
+    pub done: Receiver<Done>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Snapshot jobs queued at most: bounds the snapshot bytes held in memory.
+pub const SNAPSHOT_QUEUE: usize = 4;
+
+impl Helpers {
+    /// Start both threads; they wake the reactor through `waker`.
+    pub fn start(waker: Arc<Waker>, batch: bool) -> io::Result<Helpers> {
+        let (sync_tx, sync_rx) = std::sync::mpsc::channel();
+        let (snap_tx, snap_rx) = std::sync::mpsc::sync_channel(SNAPSHOT_QUEUE);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let sync_done = done_tx.clone();
+        let sync_waker = waker.clone();
+        let sync = std::thread::Builder::new()
+            .name("dkvs-wal-sync".into())
+            .spawn(move || sync_loop(sync_rx, sync_done, sync_waker, batch))?;
+        let snap = std::thread::Builder::new()
+            .name("dkvs-wal-snapshot".into())
+            .spawn(move || snapshot_loop(snap_rx, done_tx, waker))?;
+        Ok(Helpers {
+            sync: sync_tx,
+            snapshot: snap_tx,
+            done: done_rx,
+            threads: vec![sync, snap],
+        })
+    }
+
+    /// Number of threads started (for tests).
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+}
+
+fn sync_loop(requests: Receiver<SyncRequest>, done: Sender<Done>, waker: Arc<Waker>, batch: bool) {
+    let mut last_sync = Instant::now() - BATCH_INTERVAL;
+    while let Ok(mut request) = requests.recv() {
+        if batch {
+            // Batch: one fsync per interval covers whatever was written meanwhile.
+            let next = last_sync + BATCH_INTERVAL;
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            }
+        }
+        // Whatever queued up while the last sync ran is covered by one more.
+        loop {
+            match requests.try_recv() {
+                Ok(newer) => {
+                    let mut files = std::mem::take(&mut request.files);
+                    files.extend(newer.files);
+                    request = SyncRequest {
+                        lsn: newer.lsn,
+                        files,
+                        dir: newer.dir.or(request.dir),
+                    };
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => break,
+            }
+        }
+        last_sync = Instant::now();
+        let started = Instant::now();
+        let result = sync_files(&request);
+        let micros = started.elapsed().as_micros() as u64;
+        let report = match result {
+            Ok(()) => Done::Synced {
+                lsn: request.lsn,
+                micros,
+            },
+            Err(e) => Done::SyncFailed(e),
+        };
+        let failed = matches!(report, Done::SyncFailed(_));
+        if done.send(report).is_err() {
+            return;
+        }
+        let _ = waker.wake();
+        if failed {
+            // Never retried: after a failed fsync the kernel may have dropped the
+            // dirty pages, so a later success would prove nothing (fsyncgate).
+            return;
+        }
+    }
+}
+
+fn sync_files(request: &SyncRequest) -> Result<(), String> {
+    let mut seen: Vec<*const File> = Vec::new();
+    for file in &request.files {
+        let ptr = Arc::as_ptr(file);
+        if seen.contains(&ptr) {
+            continue;
+        }
+        seen.push(ptr);
+        if let Some(e) = fault::inject(Point::Fsync) {
+            return Err(format!("fsync of the log failed: {e}"));
+        }
+        file.sync_data()
+            .map_err(|e| format!("fsync of the log failed: {e}"))?;
+    }
+    if let Some(dir) = &request.dir {
+        sync_dir(dir).map_err(|e| format!("fsync of {} failed: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Sync a directory, so that entries created or renamed in it are durable.
+pub fn sync_dir(dir: &std::path::Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+struct InProgress {
+    id: u64,
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    bytes: u64,
+}
+
+fn snapshot_loop(jobs: Receiver<SnapshotJob>, done: Sender<Done>, waker: Arc<Waker>) {
+    let mut current: Option<InProgress> = None;
+    let mut failed: Option<(u64, String)> = None;
+    while let Ok(job) = jobs.recv() {
+        let report = match job {
+            SnapshotJob::Begin { id, tmp, header } => {
+                failed = None;
+                match begin(&tmp, &header) {
+                    Ok(out) => {
+                        current = Some(InProgress {
+                            id,
+                            tmp,
+                            out,
+                            bytes: header.len() as u64,
+                        });
+                        None
+                    }
+                    Err(e) => {
+                        failed = Some((id, format!("cannot create {}: {e}", tmp.display())));
+                        None
+                    }
+                }
+            }
+            SnapshotJob::Block(block) => {
+                if let Some(s) = current.as_mut() {
+                    match write_block(&mut s.out, &block) {
+                        Ok(()) => s.bytes += 8 + block.len() as u64,
+                        Err(e) => {
+                            failed = Some((s.id, format!("cannot write {}: {e}", s.tmp.display())));
+                            let _ = std::fs::remove_file(&s.tmp);
+                            current = None;
+                        }
+                    }
+                }
+                Some(Done::BlockWritten)
+            }
+            SnapshotJob::Finish {
+                entries,
+                path,
+                dir,
+                obsolete,
+            } => match (current.take(), failed.take()) {
+                (_, Some((id, why))) => Some(Done::SnapshotFailed { id, why }),
+                (Some(s), None) => Some(finish(s, entries, &path, &dir, &obsolete)),
+                (None, None) => None,
+            },
+            SnapshotJob::Abort => {
+                if let Some(s) = current.take() {
+                    let _ = std::fs::remove_file(&s.tmp);
+                }
+                failed = None;
+                None
+            }
+        };
+        if let Some(report) = report {
+            if done.send(report).is_err() {
+                return;
+            }
+            let _ = waker.wake();
+        }
+    }
+}
+
+fn begin(tmp: &PathBuf, header: &[u8]) -> io::Result<BufWriter<File>> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    out.write_all(header)?;
+    Ok(out)
+}
+
+fn finish(
+    mut s: InProgress,
+    entries: u64,
+    path: &PathBuf,
+    dir: &std::path::Path,
+    obsolete: &[PathBuf],
+) -> Done {
+    let id = s.id;
+    let result = (|| -> io::Result<()> {
+        write_end(&mut s.out, entries)?;
+        s.bytes += 16;
+        let file = s.out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&s.tmp, path)?;
+        sync_dir(dir)
+    })();
+    match result {
+        Ok(()) => {
+            for old in obsolete {
+                if let Err(e) = std::fs::remove_file(old)
+                    && e.kind() != io::ErrorKind::NotFound
+                {
+                    log::warn!("cannot delete {}: {e}", old.display());
+                }
+            }
+            Done::SnapshotDone { id, bytes: s.bytes }
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&s.tmp);
+            Done::SnapshotFailed {
+                id,
+                why: format!("cannot complete {}: {e}", path.display()),
+            }
+        }
+    }
+}
