@@ -37,6 +37,11 @@ struct Cluster {
 impl Cluster {
     /// A master started with `master_args` and `slaves` slaves, all in sync.
     fn start(master_args: &[&str], slaves: usize) -> Cluster {
+        Cluster::start_with(master_args, &[], slaves)
+    }
+
+    /// [`Cluster::start`], with `slave_args` for every slave.
+    fn start_with(master_args: &[&str], slave_args: &[&str], slaves: usize) -> Cluster {
         let master = ServerProcess::start(master_args);
         assert!(
             master
@@ -46,7 +51,7 @@ impl Cluster {
             master.ready_line
         );
         let slaves: Vec<_> = (0..slaves)
-            .map(|_| ServerProcess::start_slave(&master, &[]))
+            .map(|_| ServerProcess::start_slave(&master, slave_args))
             .collect();
         let cluster = Cluster { master, slaves };
         cluster.wait_in_sync(cluster.slaves.len() as u64);
@@ -504,7 +509,7 @@ fn a_slave_started_after_10000_writes_holds_all_of_them() {
 }
 
 /// `kill -9` of a slave under a write load: writes stall no longer than about
-/// the 2PC timeout, no acknowledged write is lost, and the restarted (empty)
+/// the 2PC timeout, no acknowledged write is lost, and the restarted
 /// slave converges to identical data while the load goes on.
 #[test]
 fn kill_9_of_a_slave_under_load_loses_nothing_and_the_restarted_slave_converges() {
@@ -836,13 +841,14 @@ fn an_evicted_slave_that_rejoins_is_listed_once() {
 /// The snapshot path with real processes. The master's in-memory commit log
 /// holds 100,000 transactions, so a new or restarted slave normally catches up
 /// by log replay; a slave that knows *more* than its master must take a
-/// snapshot. So: the master dies and comes back empty (there is no write-ahead
-/// log yet) while a slave is frozen; the new master takes a few writes; the
-/// thawed slave registers ahead of it and must end up with exactly the new
-/// master's data, the old master's keys gone.
+/// snapshot. So: the master dies and comes back with its disk lost (an empty
+/// data directory) while a slave is frozen; the new master takes a few writes;
+/// the thawed slave, whose operator allows it (`--resync-discard-data`),
+/// registers ahead of it and must end up with exactly the new master's data,
+/// the old master's keys gone.
 #[test]
 fn a_slave_ahead_of_a_restarted_master_resyncs_by_snapshot() {
-    let mut cluster = Cluster::start(&[], 1);
+    let mut cluster = Cluster::start_with(&[], &["--resync-discard-data"], 1);
     let mut client = cluster.master.client(Transport::Tcp);
     for i in 0..50 {
         client
@@ -853,7 +859,7 @@ fn a_slave_ahead_of_a_restarted_master_resyncs_by_snapshot() {
     wait_caught_up(&cluster.slaves[0], &cluster.master);
     let old_seq = cluster.slaves[0].stats().num("applied_seq");
     cluster.slaves[0].stop();
-    cluster.master.restart();
+    cluster.master.restart_with(false);
     let mut client = cluster.master.client(Transport::Tcp);
     let mut written = Vec::new();
     for i in 0..10 {
@@ -889,11 +895,12 @@ fn a_slave_ahead_of_a_restarted_master_resyncs_by_snapshot() {
 /// the new master's commit numbers have passed (and its log covers): the two
 /// histories have nothing in common, so log replay would leave the old
 /// master's keys in place and miss most of the new master's. REGISTER carries
-/// the history id the slave's position belongs to; the restarted master has a
-/// new one, so the slave must get a snapshot.
+/// the history id the slave's position belongs to; the master restarted with
+/// an empty data directory has a new one, so the slave (allowed to discard its
+/// data) must get a snapshot.
 #[test]
 fn a_slave_of_an_earlier_master_life_does_not_resume_by_log_replay() {
-    let mut cluster = Cluster::start(&[], 1);
+    let mut cluster = Cluster::start_with(&[], &["--resync-discard-data"], 1);
     let mut client = cluster.master.client(Transport::Tcp);
     for i in 0..50 {
         client
@@ -903,7 +910,7 @@ fn a_slave_of_an_earlier_master_life_does_not_resume_by_log_replay() {
     drop(client);
     wait_caught_up(&cluster.slaves[0], &cluster.master);
     cluster.slaves[0].stop();
-    cluster.master.restart();
+    cluster.master.restart_with(false);
     let mut client = cluster.master.client(Transport::Tcp);
     let mut keys: Vec<Vec<u8>> = (0..50).map(|i| format!("old{i}").into_bytes()).collect();
     for i in 0..60 {
