@@ -15,6 +15,9 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 const SYNC_LIMIT: Duration = Duration::from_secs(30);
 
+/// Acknowledged writes: key to (value, version).
+type Acked = HashMap<Vec<u8>, (Vec<u8>, u64)>;
+
 fn client(port: u16, transport: Transport, timeout: Duration) -> Option<Client> {
     let config = ClientConfig {
         transport,
@@ -25,7 +28,7 @@ fn client(port: u16, transport: Transport, timeout: Duration) -> Option<Client> 
 }
 
 /// Every key in `acked` is on `server` with exactly its value and version.
-fn lost_writes(server: &ServerProcess, acked: &HashMap<Vec<u8>, (Vec<u8>, u64)>) -> Vec<String> {
+fn lost_writes(server: &ServerProcess, acked: &Acked) -> Vec<String> {
     let mut c = server.client(Transport::Tcp);
     let mut lost = Vec::new();
     for (key, (value, version)) in acked {
@@ -251,7 +254,7 @@ fn crash_rounds_lose_no_acknowledged_write() {
     });
     let port = Arc::new(AtomicU16::new(master.port));
     let stop = Arc::new(AtomicBool::new(false));
-    let acked: Arc<Mutex<HashMap<Vec<u8>, (Vec<u8>, u64)>>> = Arc::default();
+    let acked: Arc<Mutex<Acked>> = Arc::default();
     let attempts = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..4)
         .map(|w| {

@@ -2,11 +2,11 @@
 //! marks them: compiled in only with the `fault-injection` cargo feature, so
 //! a release build has none of it.
 //!
-//! With the feature, `DKVS_FAULT=POINT@N[,POINT@N…]` makes the N-th call (from
-//! 1) at POINT fail: `write` (the append fails with EIO), `short-write` (half
-//! the bytes are written, then ENOSPC), `fsync` (the sync fails with EIO) and
-//! `crash-before-fsync` (the process aborts just before an fsync, leaving
-//! written but unsynced bytes).
+//! With the feature, `DKVS_FAULT=POINT@N[,POINT@N…]` makes the N-th call
+//! (counting from one) at POINT fail: `write` (the append fails with EIO),
+//! `short-write` (half the bytes are written, then ENOSPC), `fsync` (the sync
+//! fails with EIO) and `crash-before-fsync` (the process aborts just before an
+//! fsync, leaving written but unsynced bytes).
 
 use std::io;
 

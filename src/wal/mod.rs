@@ -575,7 +575,7 @@ impl Wal {
                     self.fail(why);
                 }
                 Done::BlockWritten => self.snapshot_queued = self.snapshot_queued.saturating_sub(1),
-                Done::SnapshotDone { id, bytes } => self.snapshot_done(id, bytes),
+                Done::SnapshotWritten { id, bytes } => self.snapshot_done(id, bytes),
                 Done::SnapshotFailed { id, why } => self.snapshot_failed(id, why),
             }
         }

@@ -265,9 +265,8 @@ mod tests {
             for bit in 0..8 {
                 let mut bad = bytes.clone();
                 bad[byte] ^= 1 << bit;
-                match decode_record(&bad) {
-                    Ok((r, _)) => panic!("flip {byte}.{bit} decoded as {r:?}"),
-                    Err(_) => {}
+                if let Ok((r, _)) = decode_record(&bad) {
+                    panic!("flip {byte}.{bit} decoded as {r:?}");
                 }
             }
         }

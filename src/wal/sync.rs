@@ -83,7 +83,7 @@ pub enum Done {
     /// The snapshot thread took a block (room for another).
     BlockWritten,
     /// Snapshot `id` is durable under its final name (`bytes` long).
-    SnapshotDone {
+    SnapshotWritten {
         /// Its id.
         id: u64,
         /// File size.
@@ -323,7 +323,7 @@ fn finish(
                     log::warn!("cannot delete {}: {e}", old.display());
                 }
             }
-            Done::SnapshotDone { id, bytes: s.bytes }
+            Done::SnapshotWritten { id, bytes: s.bytes }
         }
         Err(e) => {
             let _ = std::fs::remove_file(&s.tmp);

@@ -97,7 +97,7 @@ fn group_commit_syncs_and_recovery_replays_the_log() {
             h.commit(seq, put(&format!("k{}", seq % 20), &format!("v{seq}")));
         }
         assert!(h.wal.stats().contains("wal_fsync always"));
-        assert!(h.wal.fsync_us.len() > 0, "syncs were timed");
+        assert!(!h.wal.fsync_us.is_empty(), "syncs were timed");
     }
     let (h, replay) = open(dir.path(), FsyncPolicy::Always, 1 << 30);
     assert_eq!((replay.seq, replay.history_id), (50, 77));

@@ -41,6 +41,16 @@ impl ServerProcess {
         ServerProcess::start_on(0, args)
     }
 
+    /// Start `dkvs-server -p 0 ARGS...` with extra environment variables.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ServerProcess::spawn(0, &args, None, &env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// Start `dkvs-server -p PORT ARGS...` and wait for its ready line.
     pub fn start_on(port: u16, args: &[&str]) -> ServerProcess {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
@@ -72,6 +82,15 @@ impl ServerProcess {
         args: &[String],
         data: Option<std::sync::Arc<tempfile::TempDir>>,
     ) -> Result<ServerProcess, String> {
+        ServerProcess::spawn(port, args, data, &[])
+    }
+
+    fn spawn(
+        port: u16,
+        args: &[String],
+        data: Option<std::sync::Arc<tempfile::TempDir>>,
+        env: &[(String, String)],
+    ) -> Result<ServerProcess, String> {
         let quiet = !args.iter().any(|a| a == "-l" || a == "--log");
         let data_args: Vec<String> = match &data {
             Some(d) => vec!["-d".into(), d.path().display().to_string()],
@@ -82,6 +101,7 @@ impl ServerProcess {
             .args(if quiet { &["-l", "error"][..] } else { &[] })
             .args(&data_args)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
