@@ -7,10 +7,14 @@
 //! completions in log order, sometimes slow). Faults: partitions, slave
 //! crashes (volatile state lost, durable records kept) and restarts, slave
 //! stalls (no answers while the link stays open), slow persists, master
-//! restarts (a crash without durable state, as the current server has no
-//! write-ahead log: a new coordinator with a new history id and an empty store,
-//! down for a while; every link dies, what the master had sent may still
-//! arrive, nothing the slaves had sent does), random `tpc_timeout`, log
+//! crashes (the master comes back with exactly what it had made durable: the
+//! same history, its commits replayed, undecided transactions presumed
+//! aborted; checked: no commit it had applied, i.e. acknowledged, is lost),
+//! master restarts without their disk (a new coordinator with a new history id
+//! and an empty store; the simulated slaves run with `--resync-discard-data`,
+//! so they resync instead of keeping their data as diverged), both down for a
+//! while (every link dies, what the master had sent may still arrive, nothing
+//! the slaves had sent does), random `tpc_timeout`, log
 //! capacity and `min_slaves`. Everything is drawn from one
 //! seeded RNG, so a failing seed replays exactly:
 //!
@@ -30,9 +34,9 @@
 //! through. Checked at the end, after healing every fault: every client of
 //! the current master life got exactly one reply (clients of a dead life got
 //! at most one: their connection died with it), every slave is back in sync
-//! and holds exactly the current master's data (writes acknowledged by an
-//! earlier life are legitimately gone: nothing made them durable), and
-//! nothing is left in flight.
+//! and holds exactly the current master's data (writes acknowledged by a
+//! master life whose disk was lost are legitimately gone), and nothing is
+//! left in flight.
 
 use std::cmp::Ordering;
 use std::collections::hash_map::DefaultHasher;
@@ -102,8 +106,12 @@ enum Ev {
         slave: usize,
         dur: u64,
     },
-    /// The master dies, losing everything, and is back after `dur`.
+    /// The master dies, losing everything (its disk), and is back after `dur`.
     MasterRestart {
+        dur: u64,
+    },
+    /// The master crashes and is back after `dur` with what it had made durable.
+    MasterCrash {
         dur: u64,
     },
     Restart {
@@ -212,6 +220,12 @@ struct Sim {
     coord_config: CoordinatorConfig,
     /// Current master life: an index into `histories`, `digests` and `committed`.
     master_life: usize,
+    /// Bumped at every master crash, so events of a previous process are dropped.
+    master_epoch: u64,
+    /// Master records handed to its disk and not yet durable.
+    master_pending: VecDeque<(u64, Record)>,
+    /// Master records that survive a crash.
+    master_durable: Vec<Record>,
     /// History id of each master life.
     histories: Vec<u64>,
     /// The master is down (between a crash and its restart) until then.
@@ -247,6 +261,7 @@ struct RunStats {
     partitions: u64,
     stalls: u64,
     master_restarts: u64,
+    master_crashes: u64,
 }
 
 fn digest(store: &Store) -> u64 {
@@ -354,6 +369,9 @@ impl Sim {
             ),
             coord_config: config,
             master_life: 0,
+            master_epoch: 0,
+            master_pending: VecDeque::new(),
+            master_durable: Vec::new(),
             histories: vec![history_id],
             master_down_until: 0,
             master_store: Store::new(),
@@ -409,7 +427,8 @@ impl Sim {
                 0 => Ev::Partition { slave, dur },
                 1 => Ev::Crash { slave, dur },
                 2 => Ev::Stall { slave, dur },
-                3 => Ev::MasterRestart { dur: dur / 4 },
+                3 if sim.rng.random_bool(0.3) => Ev::MasterRestart { dur: dur / 4 },
+                3 => Ev::MasterCrash { dur: dur / 4 },
                 _ => Ev::SlowPersist {
                     node: sim.rng.random_range(0..=SLAVES),
                     dur,
@@ -574,9 +593,7 @@ impl Sim {
                 life,
             } => {
                 if node == 0 {
-                    if life == self.master_life as u64
-                        && self.master_timers.get(&timer) == Some(&at)
-                    {
+                    if life == self.master_epoch && self.master_timers.get(&timer) == Some(&at) {
                         self.master_timers.remove(&timer);
                         self.coord.handle(self.now, Event::TimerFired { timer });
                         self.run_master_actions()?;
@@ -591,8 +608,13 @@ impl Sim {
             }
             Ev::PersistDone { node, lsn, life } => {
                 if node == 0 {
-                    if life != self.master_life as u64 {
-                        return Ok(()); // the disk of a dead master life
+                    if life != self.master_epoch {
+                        return Ok(()); // the disk of a dead master process
+                    }
+                    while self.master_pending.front().is_some_and(|(l, _)| *l <= lsn) {
+                        if let Some((_, record)) = self.master_pending.pop_front() {
+                            self.master_durable.push(record);
+                        }
                     }
                     self.coord.handle(self.now, Event::Persisted { lsn });
                     self.run_master_actions()?;
@@ -771,6 +793,7 @@ impl Sim {
                 self.run_slave_actions(slave)?;
             }
             Ev::MasterRestart { dur } => self.restart_master(dur)?,
+            Ev::MasterCrash { dur } => self.crash_master(dur)?,
             Ev::Stall { slave, dur } => {
                 self.log(|| format!("stall slave {slave} for {dur}"));
                 self.stats.stalls += 1;
@@ -787,16 +810,10 @@ impl Sim {
         Ok(())
     }
 
-    /// The master crashes and comes back empty, with a new history id, after `dur`.
-    fn restart_master(&mut self, dur: u64) -> Result<(), String> {
-        let history_id = loop {
-            let id = self.rng.random_range(1..=u64::MAX);
-            if !self.histories.contains(&id) {
-                break id;
-            }
-        };
-        self.log(|| format!("master restarts after {dur} as history {history_id:#x}"));
-        self.stats.master_restarts += 1;
+    /// The master process dies: its clients and links die with it.
+    fn kill_master(&mut self) {
+        self.master_epoch += 1;
+        self.master_pending.clear();
         // Its clients' connections die with it: they never get a reply.
         for c in 1..=self.next_client {
             if !self.replies.contains_key(&c) {
@@ -827,6 +844,66 @@ impl Sim {
                 },
             );
         }
+        self.master_timers.clear();
+        self.master_last_persist_at = self.now;
+    }
+
+    /// The master crashes and comes back after `dur` with exactly what it had
+    /// made durable: the same history, every acknowledged commit, the commit
+    /// log rebuilt for partial resync; undecided transactions are presumed aborted.
+    fn crash_master(&mut self, dur: u64) -> Result<(), String> {
+        self.log(|| format!("master crashes for {dur}"));
+        self.stats.master_crashes += 1;
+        self.kill_master();
+        let mut store = Store::new();
+        let mut seq = 0;
+        let mut log = super::CommitLog::new(self.coord_config.log_capacity, 0)
+            .with_max_bytes(self.coord_config.log_max_bytes);
+        for record in &self.master_durable {
+            match record {
+                Record::CommitDecision { seq: s, ops } => {
+                    apply_ops(&mut store, *s, ops);
+                    seq = *s;
+                    log.push(*s, ops.clone());
+                }
+                Record::AbortDecision { .. } => {}
+                other => return Err(format!("master persisted a slave record {other:?}")),
+            }
+        }
+        let life = self.master_life;
+        // Durability: every commit the master applied (and so acknowledged) is recovered.
+        if let Some((&applied, _)) = self.committed[life].iter().next_back()
+            && applied > seq
+        {
+            return Err(format!(
+                "master crash lost commit {applied}: recovered only through {seq}"
+            ));
+        }
+        if self.digests[life].get(&seq) != Some(&digest(&store)) {
+            return Err(format!("master recovered a state at {seq} it never had"));
+        }
+        self.master_store = store;
+        self.master_down_until = self.now + dur;
+        let config = CoordinatorConfig {
+            history_id: self.histories[life],
+            ..self.coord_config.clone()
+        };
+        self.coord = Coordinator::recover(config, self.master_down_until, seq, log);
+        self.run_master_actions()
+    }
+
+    /// The master crashes and comes back empty, with a new history id, after `dur`.
+    fn restart_master(&mut self, dur: u64) -> Result<(), String> {
+        let history_id = loop {
+            let id = self.rng.random_range(1..=u64::MAX);
+            if !self.histories.contains(&id) {
+                break id;
+            }
+        };
+        self.log(|| format!("master restarts after {dur} as history {history_id:#x}"));
+        self.stats.master_restarts += 1;
+        self.kill_master();
+        self.master_durable.clear();
         self.master_life += 1;
         self.histories.push(history_id);
         let mut digests = BTreeMap::new();
@@ -834,8 +911,6 @@ impl Sim {
         self.digests.push(digests);
         self.committed.push(BTreeMap::new());
         self.master_store = Store::new();
-        self.master_timers.clear();
-        self.master_last_persist_at = self.now;
         self.master_down_until = self.now + dur;
         let config = CoordinatorConfig {
             history_id,
@@ -913,7 +988,8 @@ impl Sim {
                     self.stats.evictions += 1;
                     self.break_link((peer.0 - 1) as usize);
                 }
-                Action::Persist { lsn, .. } => {
+                Action::Persist { lsn, record } => {
+                    self.master_pending.push_back((lsn, record));
                     let delay = self.persist_delay(self.master_slow_persist_until);
                     let at = self.master_last_persist_at.max(self.now + delay);
                     self.master_last_persist_at = at;
@@ -922,7 +998,7 @@ impl Sim {
                         Ev::PersistDone {
                             node: 0,
                             lsn,
-                            life: self.master_life as u64,
+                            life: self.master_epoch,
                         },
                     );
                 }
@@ -944,7 +1020,7 @@ impl Sim {
                             node: 0,
                             timer,
                             at: at_ms,
-                            life: self.master_life as u64,
+                            life: self.master_epoch,
                         },
                     );
                 }
@@ -1252,6 +1328,7 @@ fn run_seeds(seeds: &[u64], trace: bool) -> Result<RunStats, (u64, String, Vec<S
         total.partitions += s.partitions;
         total.stalls += s.stalls;
         total.master_restarts += s.master_restarts;
+        total.master_crashes += s.master_crashes;
     }
     Ok(total)
 }
@@ -1287,6 +1364,7 @@ fn simulation_keeps_the_replication_invariants() {
                 total.partitions += s.partitions;
                 total.stalls += s.stalls;
                 total.master_restarts += s.master_restarts;
+                total.master_crashes += s.master_crashes;
             }
             Err((seed, e, lines)) => {
                 for line in lines.iter().rev().take(400).rev() {
