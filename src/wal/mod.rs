@@ -210,7 +210,10 @@ pub struct Wal {
     written_lsn: u64,
     synced_lsn: u64,
     reported_lsn: u64,
-    sync_in_flight: bool,
+    /// Syncs requested and not yet reported.
+    syncs_in_flight: usize,
+    /// Highest lsn a requested sync covers.
+    requested_lsn: u64,
     failed: Option<String>,
     snapshot: Option<DiskSnapshot>,
     /// Snapshot jobs sent and not yet consumed.
@@ -359,7 +362,8 @@ impl Wal {
             written_lsn: 0,
             synced_lsn: 0,
             reported_lsn: 0,
-            sync_in_flight: false,
+            syncs_in_flight: 0,
+            requested_lsn: 0,
             failed: None,
             snapshot: None,
             snapshot_queued: 0,
@@ -534,13 +538,16 @@ impl Wal {
     }
 
     fn request_sync(&mut self) {
-        if self.failed.is_some() || self.sync_in_flight {
+        if self.failed.is_some() || self.syncs_in_flight >= sync::SYNCS_IN_FLIGHT {
             return;
         }
         let needed = match self.config.fsync {
             FsyncPolicy::Never => false,
             // Batch syncs too (the thread spaces them out), so a crash loses at most about a second.
-            FsyncPolicy::Always | FsyncPolicy::Batch => self.written_lsn > self.synced_lsn,
+            FsyncPolicy::Always => self.written_lsn > self.requested_lsn,
+            FsyncPolicy::Batch => {
+                self.written_lsn > self.requested_lsn && self.syncs_in_flight == 0
+            }
         };
         if !needed && !self.dir_dirty {
             return;
@@ -557,7 +564,8 @@ impl Wal {
             self.fail("the log's sync thread is gone".into());
             return;
         }
-        self.sync_in_flight = true;
+        self.syncs_in_flight += 1;
+        self.requested_lsn = self.written_lsn;
     }
 
     /// The helpers woke the reactor: take their reports. Returns the lsn that
@@ -566,12 +574,12 @@ impl Wal {
         while let Ok(done) = self.helpers.done.try_recv() {
             match done {
                 Done::Synced { lsn, micros } => {
-                    self.sync_in_flight = false;
+                    self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
                     self.synced_lsn = self.synced_lsn.max(lsn);
                     let _ = self.fsync_us.record(micros.max(1));
                 }
                 Done::SyncFailed(why) => {
-                    self.sync_in_flight = false;
+                    self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
                     self.fail(why);
                 }
                 Done::BlockWritten => self.snapshot_queued = self.snapshot_queued.saturating_sub(1),
