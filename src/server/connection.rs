@@ -9,7 +9,7 @@ use log::{debug, info};
 use mio::net::TcpStream;
 
 use crate::protocol::peer::is_peer_opcode;
-use crate::protocol::{Decoded, Request, decode};
+use crate::protocol::{Decoded, HEADER_LEN, Request, decode};
 use crate::replication::ClientRef;
 
 use super::handler::{Core, Outcome, ReplyTarget};
@@ -86,6 +86,11 @@ impl Connection {
     /// The connection's never-reused id.
     pub fn conn_id(&self) -> u64 {
         self.conn_id
+    }
+
+    /// Whether writes of this connection still wait for their outcome.
+    pub fn owes_replies(&self) -> bool {
+        !self.pending.is_empty()
     }
 
     /// React to readiness (`event`, either direction; `read_closed` when the
@@ -212,6 +217,11 @@ impl Connection {
                     self.io.consume(used);
                 }
                 Ok(Decoded::Incomplete(need)) => {
+                    // A peer handshake is handed over on its header alone: the
+                    // link checks its own, tighter limits before any payload.
+                    if self.fresh && buffered.len() >= HEADER_LEN && is_peer_opcode(buffered[2]) {
+                        return Stop::Peer;
+                    }
                     self.io.need(need);
                     return Stop::NeedBytes;
                 }

@@ -8,6 +8,7 @@
 
 mod connection;
 mod handler;
+mod limits;
 mod peer;
 mod stats;
 mod stream;
@@ -18,6 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -36,7 +38,10 @@ use crate::store::{Applied, Store, Write};
 use connection::{Connection, Liveness};
 pub use handler::Core;
 use handler::{Mode, ReplyTarget};
+pub use limits::UdpLimitScope;
+use limits::{InputBudget, Timeouts, Verdict};
 use peer::PeerLink;
+pub use stats::DEFAULT_INPUT_BUDGET_BYTES;
 use stream::Framed;
 use timers::Timers;
 use udp::UdpService;
@@ -76,7 +81,23 @@ pub struct Config {
     pub min_slaves: usize,
     /// Bytes of recent writes kept for partial resync.
     pub repl_backlog_bytes: usize,
+    /// Client connections open at once; more are accepted and closed at once.
+    pub max_connections: usize,
+    /// Close a client connection idle this long (0 = never).
+    pub idle_timeout_ms: u64,
+    /// Close a client connection whose frame, once begun, takes longer than this to arrive.
+    pub frame_timeout_ms: u64,
+    /// Bytes all client connections together may hold in partial frames.
+    pub partial_frame_budget_bytes: usize,
+    /// Which UDP sources the amplification and rate limits apply to.
+    pub udp_limits: UdpLimitScope,
+    /// UDP replies per second per limited source IP (0 = unlimited).
+    pub udp_rate_per_sec: u32,
 }
+
+/// Largest `--max-value-size` a server accepts; also what a slave allows for its
+/// master's frames, so that master and slave need not agree on the limit.
+pub const MAX_VALUE_BYTES_LIMIT: usize = 512 << 20;
 
 /// Why a server could not start or stopped.
 #[derive(Debug)]
@@ -176,9 +197,10 @@ impl Role {
                 text.push_str(&format!("slaves_in_sync {}\n", members.in_sync_count()));
                 text.push_str(&format!("transactions_in_flight {}\n", c.in_flight()));
                 for (i, (_, slave)) in members.iter().enumerate() {
+                    // The address is the slave's own choice: escaped, it cannot forge lines.
                     text.push_str(&format!(
                         "slave{i} addr={} state={} applied={} lag={}\n",
-                        slave.client_addr,
+                        stats::printable(&slave.client_addr),
                         slave.state.name(),
                         slave.applied_seq,
                         slave.lag(seq)
@@ -233,6 +255,14 @@ pub struct Server {
     /// `accept` failed (out of descriptors): connections waiting in the
     /// backlog get no new edge, so the listener is retried on a timer.
     accept_paused: bool,
+    /// Client connections allowed open at once.
+    max_connections: usize,
+    /// Frame and idle timeouts of client connections.
+    timeouts: Timeouts,
+    /// When the next sweep of client connections for timeouts is due.
+    next_sweep_ms: u64,
+    /// Largest unsent output a replication link may hold.
+    max_peer_output_bytes: usize,
 }
 
 impl Server {
@@ -247,7 +277,8 @@ impl Server {
                 .register(l, LISTENER, Interest::READABLE)
                 .map_err(ServerError::Poll)?;
         }
-        let mut udp = udp.map(UdpService::new);
+        let mut udp =
+            udp.map(|socket| UdpService::new(socket, config.udp_limits, config.udp_rate_per_sec));
         if let Some(u) = udp.as_mut() {
             poll.registry()
                 .register(&mut u.socket, UDP, Interest::READABLE)
@@ -286,12 +317,18 @@ impl Server {
                 (role, Mode::Slave { master })
             }
         };
+        let mut core = Core::new(config.max_value_bytes, mode);
+        core.stats.input_budget = Rc::new(InputBudget::new(config.partial_frame_budget_bytes));
+        let timeouts = Timeouts {
+            frame_ms: config.frame_timeout_ms,
+            idle_ms: config.idle_timeout_ms,
+        };
         let mut server = Server {
             poll,
             listener,
             udp,
             links: Slab::new(),
-            core: Core::new(config.max_value_bytes, mode),
+            core,
             addr,
             role,
             timers: Timers::default(),
@@ -306,6 +343,10 @@ impl Server {
             connect_failures: 0,
             work_left: false,
             accept_paused: false,
+            max_connections: config.max_connections,
+            timeouts,
+            next_sweep_ms: timeouts.sweep_interval_ms(),
+            max_peer_output_bytes: peer_output_limit(config),
         };
         // The state machines may have work from the start (a slave dials its master).
         server.work_left = server.settle();
@@ -336,10 +377,18 @@ impl Server {
         }
     }
 
-    /// Largest peer frame accepted: a batch of writes plus one largest value
-    /// (a PREPARE or LOG_ENTRY), or a snapshot chunk, with room to spare.
-    fn peer_frame_limit(&self) -> usize {
-        handler::MAX_BATCH_BYTES + 2 * self.core.max_value_bytes + (8 << 20)
+    /// Largest payload accepted on a replication link, by direction (checked
+    /// from the header, before the payload is buffered). From a slave: its
+    /// largest message, a REGISTER with a 65535-byte address. From the master:
+    /// a batch of writes plus one largest value (a PREPARE or LOG_ENTRY), or a
+    /// snapshot chunk, with room to spare, for the largest value any master may
+    /// accept, so that a slave follows a master whatever its `--max-value-size`.
+    fn peer_frame_limit(&self, from_master: bool) -> usize {
+        if from_master {
+            MAX_MASTER_FRAME_PAYLOAD
+        } else {
+            peer::MAX_SLAVE_FRAME_PAYLOAD
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -350,7 +399,11 @@ impl Server {
     pub fn run(&mut self) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(1024);
         loop {
-            let mut timeout = self.timers.next_deadline().map(|at| {
+            let mut next = self.timers.next_deadline();
+            if self.core.stats.connections_open > 0 {
+                next = Some(next.map_or(self.next_sweep_ms, |t| t.min(self.next_sweep_ms)));
+            }
+            let mut timeout = next.map(|at| {
                 // Round up so a timer is never polled for just before it is due.
                 Duration::from_millis(at.saturating_sub(self.now_ms()) + 1)
             });
@@ -392,7 +445,45 @@ impl Server {
                 self.role.handle(now, Event::TimerFired { timer });
                 self.replication_changed = true;
             }
+            if now >= self.next_sweep_ms {
+                self.sweep(now);
+            }
             self.work_left = self.settle();
+        }
+    }
+
+    /// Close client connections past their frame or idle timeout. Runs every
+    /// `Timeouts::sweep_interval_ms` (at most a second): O(connections), no
+    /// per-connection timer to keep current on every read.
+    fn sweep(&mut self, now: u64) {
+        self.next_sweep_ms = now + self.timeouts.sweep_interval_ms();
+        let mut expired = Vec::new();
+        for (key, link) in self.links.iter_mut() {
+            let Link::Client(connection) = link else {
+                continue;
+            };
+            let activity = connection.io.activity(connection.owes_replies());
+            match connection.io.watch.check(now, activity, self.timeouts) {
+                Verdict::Keep => {}
+                verdict => expired.push((key, verdict)),
+            }
+        }
+        for (key, verdict) in expired {
+            if let Some(Link::Client(connection)) = self.links.get(key) {
+                info!(
+                    "{}: closing connection: {}",
+                    connection.peer(),
+                    match verdict {
+                        Verdict::Idle => "idle timeout",
+                        _ => "a frame took longer than the frame timeout to arrive",
+                    }
+                );
+            }
+            match verdict {
+                Verdict::Idle => self.core.stats.connections_closed_idle += 1,
+                _ => self.core.stats.connections_closed_slow_frame += 1,
+            }
+            self.close_client(key);
         }
     }
 
@@ -422,6 +513,20 @@ impl Server {
                     return;
                 }
             };
+            if self.core.stats.connections_open as usize >= self.max_connections {
+                // Accepted and closed at once: the client sees the close, not a
+                // connection left waiting in the backlog.
+                self.core.stats.connections_refused += 1;
+                if self.core.stats.connections_refused % 1000 == 1 {
+                    warn!(
+                        "{peer}: {} connections open (--max-connections); refusing \
+                         (refused so far: {})",
+                        self.max_connections, self.core.stats.connections_refused
+                    );
+                }
+                drop(stream);
+                continue;
+            }
             // Replies are written whole, one write per batch; Nagle would only delay them.
             if let Err(e) = stream.set_nodelay(true) {
                 debug!("{peer}: cannot set TCP_NODELAY: {e}");
@@ -435,7 +540,11 @@ impl Server {
             debug!("{peer}: connected");
             let conn_id = self.next_conn_id;
             self.next_conn_id += 1;
-            entry.insert(Link::Client(Connection::new(stream, peer, key, conn_id)));
+            let mut connection = Connection::new(stream, peer, key, conn_id);
+            connection
+                .io
+                .set_budget(Rc::clone(&self.core.stats.input_budget));
+            entry.insert(Link::Client(connection));
             self.core.stats.connections_accepted += 1;
             self.core.stats.connections_open += 1;
         }
@@ -496,7 +605,8 @@ impl Server {
         let id = PeerId(self.next_peer_id);
         self.next_peer_id += 1;
         info!("{addr}: replication link {} opened", id.0);
-        let limit = self.peer_frame_limit();
+        let limit = self.peer_frame_limit(false);
+        let max_output = self.max_peer_output_bytes;
         let entry = self.links.vacant_entry();
         let new_key = entry.key();
         if new_key != key
@@ -509,7 +619,9 @@ impl Server {
             error!("{addr}: cannot register replication link: {e}");
             return;
         }
-        entry.insert(Link::Peer(PeerLink::new(io, id, addr, false, limit)));
+        entry.insert(Link::Peer(PeerLink::new(
+            io, id, addr, false, limit, max_output,
+        )));
         self.peers.insert(id, new_key);
         self.drive_peer(new_key, read_closed);
     }
@@ -788,7 +900,8 @@ impl Server {
             }
         };
         let _ = stream.set_nodelay(true);
-        let limit = self.peer_frame_limit();
+        let limit = self.peer_frame_limit(true);
+        let max_output = self.max_peer_output_bytes;
         let entry = self.links.vacant_entry();
         let key = entry.key();
         if let Err(e) = register_link(&self.poll, &mut stream, key) {
@@ -804,6 +917,7 @@ impl Server {
             master_addr,
             true,
             limit,
+            max_output,
         )));
         self.peers.insert(id, key);
     }
@@ -900,11 +1014,35 @@ impl Server {
                 if let Some(udp) = self.udp.as_mut() {
                     let mut bytes = Vec::with_capacity(crate::protocol::HEADER_LEN + message.len());
                     encode(&mut bytes);
-                    udp.deliver(from, waiting.request_id, fingerprint, &bytes);
+                    udp.deliver(
+                        &mut self.core,
+                        from,
+                        waiting.request_id,
+                        fingerprint,
+                        &bytes,
+                    );
                 }
             }
         }
     }
+}
+
+/// Largest payload a slave accepts from its master (see `peer_frame_limit`).
+const MAX_MASTER_FRAME_PAYLOAD: usize =
+    handler::MAX_BATCH_BYTES + 2 * MAX_VALUE_BYTES_LIMIT + (8 << 20);
+
+/// Largest unsent output a replication link may hold before it is dropped.
+/// The largest legitimate burst is the backlog a slave is sent at once after a
+/// snapshot: up to 4 times `--repl-backlog-mb` of keys and values, counted
+/// twice for the encoding of small writes, plus a snapshot window and two
+/// largest frames (a PREPARE queued behind a LOG_ENTRY).
+fn peer_output_limit(config: &Config) -> usize {
+    let largest_frame = handler::MAX_BATCH_BYTES + 2 * config.max_value_bytes + (8 << 20);
+    config
+        .repl_backlog_bytes
+        .saturating_mul(8)
+        .saturating_add(2 * largest_frame)
+        .saturating_add(peer::SNAPSHOT_LOW_WATER_BYTES)
 }
 
 /// Register a stream living at slab `key` for both directions, once: with

@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 
 use byteorder::{BigEndian, ByteOrder};
 
-use crate::protocol::peer::{PeerError, PeerMessage, SnapshotEntry, decode_peer};
+use crate::protocol::peer::{PeerError, PeerMessage, SnapshotEntry, decode_peer, opcode};
+use crate::protocol::{HEADER_LEN, Header};
 use crate::replication::PeerId;
 use crate::store::{SHARDS, Store};
 
@@ -16,9 +17,32 @@ use super::stream::{Filled, Framed};
 /// A snapshot chunk is cut after this many bytes of entries.
 const SNAPSHOT_CHUNK_BYTES: usize = 256 * 1024;
 /// More snapshot chunks are queued only while less than this is unsent.
-const SNAPSHOT_LOW_WATER_BYTES: usize = 1 << 20;
-/// A peer that lets this much output pile up is dropped rather than buffered for.
-pub const MAX_PEER_BACKLOG_BYTES: usize = 512 << 20;
+pub const SNAPSHOT_LOW_WATER_BYTES: usize = 1 << 20;
+/// Largest payload a master accepts from a slave: its largest message, a
+/// REGISTER with a 65535-byte address (2 + 8 + 2 + 65535 bytes).
+pub const MAX_SLAVE_FRAME_PAYLOAD: usize = 2 + 8 + 2 + u16::MAX as usize;
+
+/// Opcodes a slave sends (what a master accepts).
+const SLAVE_OPCODES: [u8; 6] = [
+    opcode::REGISTER,
+    opcode::VOTE,
+    opcode::ACK,
+    opcode::CAUGHT_UP,
+    opcode::HEARTBEAT,
+    opcode::OUTCOME_QUERY,
+];
+/// Opcodes a master sends (what a slave accepts).
+const MASTER_OPCODES: [u8; 9] = [
+    opcode::REGISTERED,
+    opcode::PREPARE,
+    opcode::COMMIT,
+    opcode::ABORT,
+    opcode::SNAPSHOT_CHUNK,
+    opcode::LOG_ENTRY,
+    opcode::CAUGHT_UP,
+    opcode::HEARTBEAT,
+    opcode::OUTCOME,
+];
 
 /// Why a link is finished.
 #[derive(Debug)]
@@ -27,6 +51,10 @@ pub enum LinkError {
     Io(String),
     /// The peer sent bytes that are not a peer message.
     Protocol(PeerError),
+    /// The peer sent a header for a message its side never sends.
+    WrongDirection(u8),
+    /// The peer let too much output pile up.
+    NotReading(usize),
 }
 
 impl std::fmt::Display for LinkError {
@@ -34,6 +62,13 @@ impl std::fmt::Display for LinkError {
         match self {
             LinkError::Io(e) => write!(f, "{e}"),
             LinkError::Protocol(e) => write!(f, "bad peer message: {e}"),
+            LinkError::WrongDirection(op) => write!(
+                f,
+                "peer sent opcode 0x{op:02x}, which only the other side of a link sends"
+            ),
+            LinkError::NotReading(unsent) => {
+                write!(f, "peer is not reading: {unsent} bytes unsent")
+            }
         }
     }
 }
@@ -140,20 +175,26 @@ pub struct PeerLink {
     /// A slave's outgoing connection that has not completed yet.
     pub connecting: bool,
     snapshot: Option<SnapshotStream>,
-    /// Largest frame accepted from the peer.
+    /// Largest frame payload accepted from the peer.
     max_frame_bytes: usize,
+    /// The other end is the master (this is a slave's link).
+    from_master: bool,
+    /// Largest unsent output before the link is dropped.
+    max_output_bytes: usize,
     /// The poller reported the peer's FIN: read on to the EOF.
     read_closed: bool,
 }
 
 impl PeerLink {
-    /// Wrap a stream (possibly with frames already buffered).
+    /// Wrap a stream (possibly with frames already buffered). `connecting` is
+    /// set on a slave's own link to its master, which is still being set up.
     pub fn new(
         io: Framed,
         id: PeerId,
         addr: SocketAddr,
         connecting: bool,
         max_frame_bytes: usize,
+        max_output_bytes: usize,
     ) -> PeerLink {
         PeerLink {
             io,
@@ -162,8 +203,34 @@ impl PeerLink {
             connecting,
             snapshot: None,
             max_frame_bytes,
+            from_master: connecting,
+            max_output_bytes,
             read_closed: false,
         }
+    }
+
+    /// Check the header at the front of the input before its payload is
+    /// buffered or decoded: the opcode must be one the other side sends, and
+    /// the payload within this direction's limit.
+    fn check_header(&self) -> Result<(), LinkError> {
+        let buffered = self.io.buffered();
+        if buffered.len() < HEADER_LEN {
+            return Ok(());
+        }
+        let header = Header::parse(&buffered[..HEADER_LEN], self.max_frame_bytes)
+            .map_err(|e| LinkError::Protocol(PeerError::Frame(e)))?;
+        let allowed: &[u8] = if self.from_master {
+            &MASTER_OPCODES
+        } else {
+            &SLAVE_OPCODES
+        };
+        // Unassigned opcodes are left to the decoder, which names them.
+        let known =
+            SLAVE_OPCODES.contains(&header.opcode) || MASTER_OPCODES.contains(&header.opcode);
+        if known && !allowed.contains(&header.opcode) {
+            return Err(LinkError::WrongDirection(header.opcode));
+        }
+        Ok(())
     }
 
     /// Queue a message.
@@ -200,6 +267,7 @@ impl PeerLink {
     /// Decode the complete messages already buffered.
     pub fn decode_buffered(&mut self, out: &mut Vec<PeerMessage>) -> Result<(), LinkError> {
         loop {
+            self.check_header()?;
             match decode_peer(self.io.buffered(), self.max_frame_bytes) {
                 Ok(Some((msg, used))) => {
                     self.io.consume(used);
@@ -239,11 +307,8 @@ impl PeerLink {
                 self.snapshot = None;
             }
         }
-        if self.io.pending_output() > MAX_PEER_BACKLOG_BYTES {
-            return Err(LinkError::Io(format!(
-                "peer is not reading: {} bytes unsent",
-                self.io.pending_output()
-            )));
+        if self.io.pending_output() > self.max_output_bytes {
+            return Err(LinkError::NotReading(self.io.pending_output()));
         }
         Ok(finished)
     }
