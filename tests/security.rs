@@ -498,6 +498,26 @@ fn a_fake_slave_is_refused_from_the_header_of_a_big_or_misdirected_frame() {
 }
 
 #[test]
+fn a_peer_frame_that_never_completes_frees_its_link() {
+    use dkvs::protocol::peer::opcode;
+    let master = ServerProcess::start(&["--frame-timeout-ms", "300"]);
+    let mut stream = tcp(&master);
+    stream
+        .write_all(&peer_header(opcode::REGISTER, 40))
+        .expect("header");
+    stream
+        .write_all(&[0, 2, 0])
+        .expect("three bytes of the payload");
+    assert_closed(&mut stream, "a REGISTER that never completes");
+    // A real slave still registers and follows.
+    let slave = ServerProcess::start_slave(&master, &[]);
+    wait_until("the slave is in sync", Duration::from_secs(30), || {
+        master.stats().num("slaves_in_sync") == 1
+    });
+    drop(slave);
+}
+
+#[test]
 fn a_slave_address_with_line_breaks_cannot_forge_stats_lines() {
     let master = ServerProcess::start(&[]);
     let mut stream = tcp(&master);

@@ -400,7 +400,7 @@ impl Server {
         let mut events = Events::with_capacity(1024);
         loop {
             let mut next = self.timers.next_deadline();
-            if self.core.stats.connections_open > 0 {
+            if !self.links.is_empty() {
                 next = Some(next.map_or(self.next_sweep_ms, |t| t.min(self.next_sweep_ms)));
             }
             let mut timeout = next.map(|at| {
@@ -458,15 +458,35 @@ impl Server {
     fn sweep(&mut self, now: u64) {
         self.next_sweep_ms = now + self.timeouts.sweep_interval_ms();
         let mut expired = Vec::new();
+        let mut stalled_peers = Vec::new();
         for (key, link) in self.links.iter_mut() {
-            let Link::Client(connection) = link else {
-                continue;
-            };
-            let activity = connection.io.activity(connection.owes_replies());
-            match connection.io.watch.check(now, activity, self.timeouts) {
-                Verdict::Keep => {}
-                verdict => expired.push((key, verdict)),
+            match link {
+                Link::Client(connection) => {
+                    let activity = connection.io.activity(connection.owes_replies());
+                    match connection.io.watch.check(now, activity, self.timeouts) {
+                        Verdict::Keep => {}
+                        verdict => expired.push((key, verdict)),
+                    }
+                }
+                // A slave's frames are small (at most 65547 bytes of payload): one
+                // that does not arrive within the frame timeout holds a link slot
+                // for nothing. (The master's frames to a slave may be large; the
+                // slave's silence timer covers a stalled master.)
+                Link::Peer(link) if !link.to_master() => {
+                    let timeouts = Timeouts {
+                        idle_ms: 0,
+                        ..self.timeouts
+                    };
+                    let activity = link.io.activity(false);
+                    if link.io.watch.check(now, activity, timeouts) == Verdict::SlowFrame {
+                        stalled_peers.push(key);
+                    }
+                }
+                Link::Peer(_) => {}
             }
+        }
+        for key in stalled_peers {
+            self.lose_peer(key, "a frame took longer than the frame timeout to arrive");
         }
         for (key, verdict) in expired {
             if let Some(Link::Client(connection)) = self.links.get(key) {

@@ -209,6 +209,11 @@ impl PeerLink {
         }
     }
 
+    /// Whether the other end is the master (this is a slave's link).
+    pub fn to_master(&self) -> bool {
+        self.from_master
+    }
+
     /// Check the header at the front of the input before its payload is
     /// buffered or decoded: the opcode must be one the other side sends, and
     /// the payload within this direction's limit.
