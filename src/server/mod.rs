@@ -263,6 +263,12 @@ pub struct Server {
     next_sweep_ms: u64,
     /// Largest unsent output a replication link may hold.
     max_peer_output_bytes: usize,
+    /// Client connections that stopped at their per-turn budget, resumed next iteration.
+    deferred_clients: Vec<usize>,
+    /// Replication links that stopped reading at their budget, resumed next iteration.
+    deferred_reads: Vec<usize>,
+    /// Replication links that stopped streaming a snapshot at their budget.
+    deferred_flushes: Vec<usize>,
 }
 
 impl Server {
@@ -347,6 +353,9 @@ impl Server {
             timeouts,
             next_sweep_ms: timeouts.sweep_interval_ms(),
             max_peer_output_bytes: peer_output_limit(config),
+            deferred_clients: Vec::new(),
+            deferred_reads: Vec::new(),
+            deferred_flushes: Vec::new(),
         };
         // The state machines may have work from the start (a slave dials its master).
         server.work_left = server.settle();
@@ -407,7 +416,10 @@ impl Server {
                 // Round up so a timer is never polled for just before it is due.
                 Duration::from_millis(at.saturating_sub(self.now_ms()) + 1)
             });
-            if self.work_left || self.core.udp_retry {
+            let deferred = !self.deferred_clients.is_empty()
+                || !self.deferred_reads.is_empty()
+                || !self.deferred_flushes.is_empty();
+            if self.work_left || self.core.udp_retry || deferred {
                 // Left-over work goes on at once.
                 timeout = Some(Duration::ZERO);
             } else if self.accept_paused {
@@ -434,6 +446,17 @@ impl Server {
             }
             if self.accept_paused {
                 self.accept();
+            }
+            // Work cut short by a budget in the last iteration goes on now, after
+            // everyone with new events had a turn (each only once per iteration).
+            for key in std::mem::take(&mut self.deferred_clients) {
+                self.drive_client(key, false, false);
+            }
+            for key in std::mem::take(&mut self.deferred_reads) {
+                self.drive_peer(key, false);
+            }
+            for key in std::mem::take(&mut self.deferred_flushes) {
+                self.flush_peer(key);
             }
             if std::mem::take(&mut self.core.udp_retry)
                 && let Some(udp) = self.udp.as_mut()
@@ -583,7 +606,13 @@ impl Server {
         let Some(Link::Client(connection)) = self.links.get_mut(key) else {
             return;
         };
-        match connection.on_ready(&mut self.core, event, read_closed) {
+        let liveness = connection.on_ready(&mut self.core, event, read_closed);
+        // A key may be queued twice in one iteration (an event and a resumption):
+        // a second drive is harmless, and the list is drained every iteration.
+        if connection.take_yielded() {
+            self.deferred_clients.push(key);
+        }
+        match liveness {
             Liveness::Open => {}
             Liveness::Closed => self.close_client(key),
             Liveness::BecomePeer => self.become_peer(key),
@@ -684,6 +713,9 @@ impl Server {
         };
         let mut messages = Vec::new();
         let result = link.receive(&mut messages, read_closed);
+        if std::mem::take(&mut link.read_yielded) && !self.deferred_reads.contains(&key) {
+            self.deferred_reads.push(key);
+        }
         for msg in messages {
             self.feed(Event::Message { peer: id, msg });
         }
@@ -703,7 +735,11 @@ impl Server {
             return;
         }
         let id = link.id;
-        match link.flush(&self.core.store) {
+        let flushed = link.flush(&self.core.store);
+        if std::mem::take(&mut link.flush_yielded) && !self.deferred_flushes.contains(&key) {
+            self.deferred_flushes.push(key);
+        }
+        match flushed {
             Ok(Some(at_seq)) => self.feed(Event::SnapshotSent { peer: id, at_seq }),
             Ok(None) => {}
             Err(e) => self.lose_peer(key, &e.to_string()),

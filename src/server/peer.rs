@@ -18,6 +18,11 @@ use super::stream::{Filled, Framed};
 const SNAPSHOT_CHUNK_BYTES: usize = 256 * 1024;
 /// More snapshot chunks are queued only while less than this is unsent.
 pub const SNAPSHOT_LOW_WATER_BYTES: usize = 1 << 20;
+/// Snapshot chunks queued by one flush; the rest wait for the next loop
+/// iteration, so streaming a large store never holds the reactor for long.
+const SNAPSHOT_CHUNKS_PER_TURN: usize = 4;
+/// Bytes read by one wake-up of a link before it yields to the rest of the loop.
+const READ_BYTES_PER_TURN: u64 = 1 << 20;
 /// Largest payload a master accepts from a slave: its largest message, a
 /// REGISTER with a 65535-byte address (2 + 8 + 2 + 65535 bytes).
 pub const MAX_SLAVE_FRAME_PAYLOAD: usize = 2 + 8 + 2 + u16::MAX as usize;
@@ -183,6 +188,11 @@ pub struct PeerLink {
     max_output_bytes: usize,
     /// The poller reported the peer's FIN: read on to the EOF.
     read_closed: bool,
+    /// The last receive stopped at its budget with bytes left: the reactor
+    /// must come back without waiting for an edge.
+    pub read_yielded: bool,
+    /// The last flush stopped at its snapshot budget: likewise.
+    pub flush_yielded: bool,
 }
 
 impl PeerLink {
@@ -206,6 +216,8 @@ impl PeerLink {
             from_master: connecting,
             max_output_bytes,
             read_closed: false,
+            read_yielded: false,
+            flush_yielded: false,
         }
     }
 
@@ -252,8 +264,13 @@ impl PeerLink {
         read_closed: bool,
     ) -> Result<(), LinkError> {
         self.read_closed |= read_closed;
+        let start = self.io.bytes_read();
         loop {
             self.decode_buffered(out)?;
+            if self.io.bytes_read() - start >= READ_BYTES_PER_TURN {
+                self.read_yielded = true;
+                return Ok(());
+            }
             match self.io.fill() {
                 Ok(Filled::Eof) => {
                     self.decode_buffered(out)?;
@@ -292,16 +309,21 @@ impl PeerLink {
         }
     }
 
-    /// Write queued output; refill it from a snapshot in progress.
+    /// Write queued output; refill it from a snapshot in progress, at most
+    /// `SNAPSHOT_CHUNKS_PER_TURN` chunks (then `flush_yielded` is set).
     /// Returns the snapshot's sequence number once its last chunk is queued.
     pub fn flush(&mut self, store: &Store) -> Result<Option<u64>, LinkError> {
         let mut finished = None;
-        loop {
+        for queued in 0.. {
             self.io.flush().map_err(|e| LinkError::Io(e.to_string()))?;
             let Some(snapshot) = self.snapshot.as_mut() else {
                 break;
             };
             if self.io.pending_output() >= SNAPSHOT_LOW_WATER_BYTES {
+                break;
+            }
+            if queued == SNAPSHOT_CHUNKS_PER_TURN {
+                self.flush_yielded = true;
                 break;
             }
             let chunk = snapshot.next_chunk(store);
@@ -442,5 +464,66 @@ mod tests {
                 last: true
             }
         );
+    }
+
+    #[test]
+    fn one_flush_queues_a_bounded_part_of_a_large_snapshot() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stream = mio::net::TcpStream::connect(addr).expect("connect");
+        let (mut reader, _) = listener.accept().expect("accept");
+        // The other end reads everything, as fast as it can: only the budget stops the flush.
+        let drain = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = 0usize;
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total += n;
+            }
+            total
+        });
+        let mut store = Store::new();
+        for i in 0..60_000u64 {
+            store.set(format!("key{i}").as_bytes(), &[b'v'; 100], 1);
+        }
+        let mut link = PeerLink::new(
+            Framed::new(stream),
+            PeerId(1),
+            addr,
+            false,
+            MAX_SLAVE_FRAME_PAYLOAD,
+            64 << 20,
+        );
+        // Wait until the connection is up, so writes do not fail.
+        while link.io.stream.peer_addr().is_err() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        link.start_snapshot(1);
+        let mut flushes = 0;
+        loop {
+            flushes += 1;
+            let finished = link.flush(&store).expect("flush");
+            if finished.is_some() {
+                break;
+            }
+            assert!(
+                link.flush_yielded || link.io.pending_output() >= SNAPSHOT_LOW_WATER_BYTES,
+                "a flush stops at its budget or at the window, never in between"
+            );
+            link.flush_yielded = false;
+            assert!(flushes < 10_000, "the snapshot finishes");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // About 8 MB of entries in 256 KiB chunks, at most 4 per flush.
+        assert!(flushes >= 7, "{flushes} flushes");
+        while link.io.pending_output() > 0 {
+            link.io.flush().expect("flush the rest");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        drop(link);
+        assert!(drain.join().expect("reader") > 60_000 * 100);
     }
 }

@@ -118,6 +118,11 @@ impl Framed {
         self.frame_need = frame_len.unwrap_or(HEADER_LEN);
     }
 
+    /// Bytes read since the stream opened.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+
     /// Bytes queued and not yet written.
     pub fn pending_output(&self) -> usize {
         self.output.len() - self.out_start

@@ -32,6 +32,9 @@ const REPLY_CACHE_ENTRIES_PER_SOURCE: usize = 1024;
 
 /// Receive errors tolerated in one readiness before giving the loop back.
 const MAX_RECEIVE_ERRORS: usize = 64;
+/// Datagrams handled in one wake-up; the rest wait for the next loop
+/// iteration, so a UDP flood cannot hold the reactor from everyone else.
+const MAX_DATAGRAMS_PER_TURN: usize = 256;
 
 /// A UDP request's sender and request id.
 type RetryKey = (SocketAddr, u32);
@@ -188,6 +191,8 @@ pub struct UdpService {
     scope: UdpLimitScope,
     rate: RateLimiter,
     clock: Instant,
+    /// `MAX_DATAGRAMS_PER_TURN`, smaller in tests.
+    datagrams_per_turn: usize,
 }
 
 impl UdpService {
@@ -202,6 +207,7 @@ impl UdpService {
             scope,
             rate: RateLimiter::new(rate_per_sec),
             clock: Instant::now(),
+            datagrams_per_turn: MAX_DATAGRAMS_PER_TURN,
         }
     }
 
@@ -209,7 +215,12 @@ impl UdpService {
     /// the reactor calls again once it has been submitted).
     pub fn on_readable(&mut self, core: &mut Core) {
         let mut errors = 0;
-        loop {
+        for received in 0.. {
+            if received == self.datagrams_per_turn {
+                // Edge-triggered: what is left is read at the next iteration, unasked.
+                core.udp_retry = true;
+                return;
+            }
             if core.batch_full() {
                 core.udp_waiting = true;
                 return;
@@ -451,5 +462,35 @@ mod tests {
         let mut other = ping.clone();
         other[0] = b'G';
         assert!(!is_request_datagram(&other));
+    }
+
+    #[test]
+    fn one_wake_up_handles_a_bounded_number_of_datagrams() {
+        let socket = UdpSocket::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        let mut service = UdpService::new(socket, UdpLimitScope::Auto, 0);
+        // Few enough that the kernel buffers all of them.
+        service.datagrams_per_turn = 20;
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let mut ping = Vec::new();
+        crate::protocol::encode_request(&mut ping, crate::protocol::Opcode::Ping, 1, b"", b"");
+        for _ in 0..30 {
+            client.send_to(&ping, addr).expect("send");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut core = Core::new(
+            crate::protocol::DEFAULT_MAX_VALUE_BYTES,
+            super::super::handler::Mode::Master,
+        );
+        service.on_readable(&mut core);
+        assert_eq!(core.stats.udp_datagrams, 20);
+        assert!(
+            core.udp_retry,
+            "the reactor is asked to come back for the rest"
+        );
+        core.udp_retry = false;
+        service.on_readable(&mut core);
+        assert_eq!(core.stats.udp_datagrams, 30);
+        assert!(!core.udp_retry);
     }
 }
