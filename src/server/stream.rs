@@ -11,8 +11,9 @@ use crate::protocol::HEADER_LEN;
 
 use super::limits::{Activity, InputBudget, Watch};
 
-/// Starting (and resting) size of an input buffer.
-const INPUT_BUFFER_BYTES: usize = 16 * 1024;
+/// Starting (and resting) size of an input buffer: small, because every idle
+/// connection holds one (a pipelined burst of small requests still fits).
+const INPUT_BUFFER_BYTES: usize = 4 * 1024;
 /// An idle output buffer larger than this is given back to the allocator; a
 /// sent prefix larger than this is dropped from a buffer still being written.
 const OUTPUT_KEEP_BYTES: usize = 64 * 1024;
@@ -65,7 +66,8 @@ impl Framed {
             in_start: 0,
             in_end: 0,
             frame_need: HEADER_LEN,
-            output: Vec::with_capacity(INPUT_BUFFER_BYTES),
+            // Allocated by the first reply: an idle connection holds no output buffer.
+            output: Vec::new(),
             out_start: 0,
             budget: None,
             charged: 0,
@@ -130,8 +132,9 @@ impl Framed {
 
     /// One `read` into the free end of the input buffer, making room first.
     ///
-    /// The buffer grows only when it is full of bytes that arrived, doubling up
-    /// to what the frame at the front needs: a declared length is a limit, never
+    /// The buffer grows only when it is full of bytes that arrived, by half its
+    /// size (geometric, so copying stays amortised O(1) per byte) up to what
+    /// the frame at the front needs: a declared length is a limit, never
     /// a size allocated up front, so a header announcing 1 MiB costs nothing
     /// until the bytes come. Growth beyond the resting size is charged to the
     /// server-wide budget; when that is spent the read fails and the stream closes.
@@ -150,7 +153,8 @@ impl Framed {
             self.in_end -= self.in_start;
             self.in_start = 0;
             if self.in_end == self.input.len() && self.input.len() < room_needed {
-                let grown = self.input.len().saturating_mul(2).min(room_needed);
+                let len = self.input.len();
+                let grown = len.saturating_add(len / 2).min(room_needed);
                 self.resize_input(grown)?;
             }
         }
