@@ -99,10 +99,12 @@ def start_redis(directory, *args):
     raise SystemExit("redis-server did not start")
 
 
-def load(port, protocol, extra, duration, preload=True):
-    cmd = [LOAD, "--port", str(port), "--protocol", protocol, "--keyspace", "100000",
-           "--key-size", "16", "--value-size", "100", "--seed", "42", "--warmup", "1",
-           "--duration", str(duration), "--json", "-q", *extra]
+def load(port, protocol, extra, duration, preload=True, keyspace=100000):
+    cmd = [LOAD, "--port", str(port), "--protocol", protocol, "--keyspace", str(keyspace),
+           "--key-size", "16", "--value-size", "100", "--seed", "42", *extra]
+    if duration:
+        cmd += ["--warmup", "1", "--duration", str(duration)]
+    cmd += ["--json", "-q"]
     if preload:
         cmd.append("--preload")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -264,11 +266,10 @@ def wait_ready_time(cmd, ready):
 
 
 def restart_1m(tmp, args):
-    keys = ["--keyspace", "1000000", "--connections", "50", "--pipeline", "16",
-            "--get-ratio", "1", "--ops", "1", "--preload"]
+    keys = ["--connections", "50", "--pipeline", "16", "--get-ratio", "1", "--ops", "1"]
     d = tmp + "/d5"
     p, port = start_dkvs(SERVER, d, ["--fsync", "never"])
-    load(port, "dkvs", keys, 1)
+    load(port, "dkvs", keys, 0, keyspace=1_000_000)
     kill(p)
     # Once as it is (snapshots by log size plus the log after them), once more right after.
     p, t_dkvs = wait_ready_time([SERVER, "-p", "0", "-l", "error", "-d", d],
@@ -279,7 +280,7 @@ def restart_1m(tmp, args):
                                                                    "--appendfsync", "no"])]:
         rd = f"{tmp}/r5-{mode}"
         rp, rport = start_redis(rd, *extra)
-        load(rport, "resp", keys, 1)
+        load(rport, "resp", keys, 0, keyspace=1_000_000)
         if mode == "RDB":
             resp(rport, "SAVE")
         else:

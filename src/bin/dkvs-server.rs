@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use dkvs::logging::{self, LogLevel};
 use dkvs::protocol::DEFAULT_MAX_VALUE_BYTES;
-use dkvs::server::{Config, Server};
+use dkvs::server::{
+    Config, DEFAULT_INPUT_BUDGET_BYTES, MAX_VALUE_BYTES_LIMIT, Server, UdpLimitScope,
+};
 use dkvs::wal::FsyncPolicy;
 use log::{error, info};
 
@@ -38,26 +40,56 @@ struct Args {
         requires = "mhost"
     )]
     qport: u16,
-    /// Master: milliseconds a slave has to vote or acknowledge before it is evicted.
+    /// Master: milliseconds a slave has to vote or acknowledge before it is evicted (1 to 60000).
     #[arg(long = "tpc-timeout-ms", default_value_t = 300,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
     tpc_timeout_ms: u64,
-    /// Master: refuse writes while fewer than N slaves are in sync.
-    #[arg(long = "min-slaves", default_value_t = 0)]
-    min_slaves: usize,
+    /// Master: refuse writes while fewer than N slaves are in sync (0 to 64, the link cap).
+    #[arg(long = "min-slaves", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=64))]
+    min_slaves: u64,
     /// Master: MiB of recent writes kept so a briefly disconnected slave can
-    /// catch up without a full snapshot.
-    #[arg(long = "repl-backlog-mb", default_value_t = 8)]
-    repl_backlog_mb: usize,
+    /// catch up without a full snapshot (0 to 4096).
+    #[arg(long = "repl-backlog-mb", default_value_t = 8,
+          value_parser = clap::value_parser!(u64).range(0..=4096))]
+    repl_backlog_mb: u64,
+    /// Client connections open at once; more are accepted and closed at once.
+    #[arg(long = "max-connections", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: u64,
+    /// Close a client connection that sent nothing and is owed nothing for S
+    /// seconds (0 = never; at most 30 days).
+    #[arg(long = "timeout", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=2_592_000))]
+    timeout: u64,
+    /// Close a client connection whose frame, once begun, has not fully arrived
+    /// within MS milliseconds (100 to 600000).
+    #[arg(long = "frame-timeout-ms", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    frame_timeout_ms: u64,
+    /// UDP replies per second to one source address (0 = unlimited; not
+    /// applied to loopback sources unless --udp-limits always).
+    #[arg(long = "udp-rate-limit", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    udp_rate_limit: u32,
+    /// Which UDP sources get the 3x amplification limit and the rate limit:
+    /// `auto` (all but loopback) or `always` (loopback too, for testing).
+    #[arg(long = "udp-limits", default_value = "auto", value_parser = UdpLimitScope::parse)]
+    udp_limits: UdpLimitScope,
+    /// MiB that all client connections together may hold in partial frames
+    /// (1 to 65536); a connection whose frame does not fit is closed.
+    #[arg(long = "partial-frame-budget-mb", default_value_t = (DEFAULT_INPUT_BUDGET_BYTES >> 20) as u64,
+          value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    partial_frame_budget_mb: u64,
     /// Log level: error, info or debug (also 0, 1, 2).
     #[arg(short = 'l', long = "log", default_value = "info", value_parser = LogLevel::parse)]
     log: LogLevel,
     /// Log to this file instead of standard error.
     #[arg(long = "logfile")]
     logfile: Option<PathBuf>,
-    /// Largest value accepted, in bytes.
+    /// Largest value accepted, in bytes (1 to 536870912, 512 MiB).
     #[arg(long = "max-value-size", default_value_t = DEFAULT_MAX_VALUE_BYTES as u32,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..=MAX_VALUE_BYTES_LIMIT as i64))]
     max_value_size: u32,
     /// Data directory: write-ahead log, snapshots and node id. Locked while the
     /// server runs; created if missing.
@@ -99,8 +131,15 @@ fn main() -> ExitCode {
         max_value_bytes: args.max_value_size as usize,
         master: args.mhost.map(|host| (host, args.qport)),
         tpc_timeout_ms: args.tpc_timeout_ms,
-        min_slaves: args.min_slaves,
-        repl_backlog_bytes: args.repl_backlog_mb.saturating_mul(1 << 20),
+        // Bounded by the parser: the casts cannot truncate.
+        min_slaves: args.min_slaves as usize,
+        repl_backlog_bytes: (args.repl_backlog_mb as usize) << 20,
+        max_connections: args.max_connections as usize,
+        idle_timeout_ms: args.timeout * 1000,
+        frame_timeout_ms: args.frame_timeout_ms,
+        partial_frame_budget_bytes: (args.partial_frame_budget_mb as usize) << 20,
+        udp_limits: args.udp_limits,
+        udp_rate_per_sec: args.udp_rate_limit,
         data_dir: args.data_dir,
         fsync: args.fsync,
         snapshot_log_bytes: args.snapshot_log_mb << 20,

@@ -39,6 +39,9 @@ pub struct ClientConfig {
     pub max_reply_value_bytes: usize,
     /// Redirects (a write sent to a slave) followed before giving up; 0 returns them.
     pub max_redirects: u8,
+    /// Over UDP, send a request again over TCP when it or its reply does not
+    /// fit (a `USE_TCP` answer, or a request too large for a datagram).
+    pub tcp_fallback: bool,
 }
 
 impl Default for ClientConfig {
@@ -49,6 +52,7 @@ impl Default for ClientConfig {
             udp_retry_after: Duration::from_millis(200),
             max_reply_value_bytes: DEFAULT_MAX_REPLY_VALUE_BYTES,
             max_redirects: 3,
+            tcp_fallback: true,
         }
     }
 }
@@ -135,6 +139,9 @@ pub struct Client {
     inbuf: Vec<u8>,
     /// The master a slave redirected writes to, kept for the next writes.
     master: Option<Box<Client>>,
+    /// A TCP connection to the same server for requests UDP cannot carry,
+    /// opened on the first `USE_TCP` and kept.
+    tcp: Option<Box<Client>>,
     /// A TCP exchange failed midway: the stream may hold a late or partial
     /// reply, so the next request starts on a new connection.
     broken: bool,
@@ -195,6 +202,7 @@ impl Client {
             out: Vec::with_capacity(256),
             inbuf: Vec::new(),
             master: None,
+            tcp: None,
             broken: false,
         })
     }
@@ -279,7 +287,15 @@ impl Client {
             }
             return reply;
         }
-        let reply = self.request_here(op, key, value)?;
+        let reply = match self.request_here(op, key, value) {
+            Ok(reply) if reply.status == Ok(Status::UseTcp) && self.falls_back() => {
+                return self.request_over_tcp(op, key, value);
+            }
+            Err(ClientError::InvalidRequest(_)) if self.falls_back() && self.fits_tcp(key) => {
+                return self.request_over_tcp(op, key, value);
+            }
+            other => other?,
+        };
         if reply.status != Ok(Status::Redirect) || self.config.max_redirects == 0 {
             return Ok(reply);
         }
@@ -301,6 +317,42 @@ impl Client {
         let reply = master.request(op, key, value)?;
         self.master = Some(Box::new(master));
         Ok(reply)
+    }
+
+    /// Whether a request UDP cannot carry goes over TCP instead.
+    fn falls_back(&self) -> bool {
+        matches!(self.link, Link::Udp(_)) && self.config.tcp_fallback
+    }
+
+    /// Whether the key is one TCP can carry (the only other local refusal).
+    fn fits_tcp(&self, key: &[u8]) -> bool {
+        key.len() <= MAX_KEY_BYTES
+    }
+
+    /// Send the request over this client's TCP connection to the same server.
+    /// Safe for writes too: a `USE_TCP` answer means nothing was applied.
+    fn request_over_tcp(
+        &mut self,
+        op: Opcode,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Response, ClientError> {
+        if self.tcp.is_none() {
+            let config = ClientConfig {
+                transport: Transport::Tcp,
+                ..self.config.clone()
+            };
+            self.tcp = Some(Box::new(Client::connect_addr(self.server, config)?));
+        }
+        let Some(tcp) = self.tcp.as_mut() else {
+            unreachable!("just opened");
+        };
+        let reply = tcp.request(op, key, value);
+        if reply.is_err() {
+            // Open a fresh one next time.
+            self.tcp = None;
+        }
+        reply
     }
 
     fn request_here(

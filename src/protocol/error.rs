@@ -22,7 +22,12 @@ pub enum ProtocolError {
         max: usize,
     },
     /// A datagram ended before the frame it declares.
-    Truncated(usize),
+    Truncated {
+        /// Bytes in the datagram.
+        len: usize,
+        /// Length of the frame its header declares; `None` if the header itself is cut.
+        declared: Option<usize>,
+    },
     /// A datagram holds bytes after its frame.
     TrailingBytes(usize),
     /// The opcode is not a client operation.
@@ -37,6 +42,13 @@ pub enum ProtocolError {
     UnexpectedValue,
     /// The response would not fit one UDP datagram.
     ResponseTooLargeForUdp(usize),
+    /// A datagram larger than the largest UDP frame (possible over IPv6).
+    DatagramTooLarge(usize),
+    /// A UDP reply would exceed the amplification limit for its source.
+    AmplificationLimit {
+        /// Bytes of the reply that was not sent.
+        reply_len: usize,
+    },
 }
 
 impl ProtocolError {
@@ -45,7 +57,7 @@ impl ProtocolError {
         match self {
             ProtocolError::BadMagic(_)
             | ProtocolError::ReservedBits(_)
-            | ProtocolError::Truncated(_)
+            | ProtocolError::Truncated { .. }
             | ProtocolError::TrailingBytes(_)
             | ProtocolError::NotARequest(_) => Status::Malformed,
             ProtocolError::UnsupportedVersion(_) => Status::UnsupportedVersion,
@@ -54,7 +66,9 @@ impl ProtocolError {
             ProtocolError::EmptyKey
             | ProtocolError::UnexpectedKey
             | ProtocolError::UnexpectedValue => Status::InvalidArgument,
-            ProtocolError::ResponseTooLargeForUdp(_) => Status::UseTcp,
+            ProtocolError::ResponseTooLargeForUdp(_)
+            | ProtocolError::DatagramTooLarge(_)
+            | ProtocolError::AmplificationLimit { .. } => Status::UseTcp,
         }
     }
 
@@ -88,10 +102,21 @@ impl fmt::Display for ProtocolError {
             ProtocolError::ValueTooLarge { len, max } => {
                 write!(f, "value of {len} bytes exceeds the limit of {max} bytes")
             }
-            ProtocolError::Truncated(len) => write!(
+            ProtocolError::Truncated {
+                len,
+                declared: Some(declared),
+            } => write!(
                 f,
-                "truncated frame: datagram of {len} bytes is shorter than the frame it declares \
-                 (header is {HEADER_LEN} bytes)"
+                "truncated frame: datagram of {len} bytes is shorter than the \
+                 {declared}-byte frame it declares"
+            ),
+            ProtocolError::Truncated {
+                len,
+                declared: None,
+            } => write!(
+                f,
+                "truncated frame: datagram of {len} bytes is shorter than the \
+                 {HEADER_LEN}-byte header"
             ),
             ProtocolError::TrailingBytes(n) => {
                 write!(f, "{n} unexpected bytes after the frame in the datagram")
@@ -108,6 +133,15 @@ impl fmt::Display for ProtocolError {
                 "response of {len} bytes does not fit one UDP datagram \
                  (max {MAX_UDP_FRAME_BYTES}): use TCP"
             ),
+            ProtocolError::DatagramTooLarge(len) => write!(
+                f,
+                "datagram of {len} or more bytes exceeds the UDP frame limit of \
+                 {MAX_UDP_FRAME_BYTES}: use TCP"
+            ),
+            // Short on purpose: it must fit 3x the smallest request (72 bytes with the header).
+            ProtocolError::AmplificationLimit { reply_len } => {
+                write!(f, "use TCP: reply of {reply_len} bytes > 3x request")
+            }
         }
     }
 }

@@ -261,7 +261,10 @@ pub fn decode_datagram(buf: &[u8], max_value_bytes: usize) -> Result<Frame<'_>, 
     match decode(buf, max_value_bytes)? {
         Decoded::Frame(frame, used) if used == buf.len() => Ok(frame),
         Decoded::Frame(_, used) => Err(ProtocolError::TrailingBytes(buf.len() - used)),
-        Decoded::Incomplete(_) => Err(ProtocolError::Truncated(buf.len())),
+        Decoded::Incomplete(declared) => Err(ProtocolError::Truncated {
+            len: buf.len(),
+            declared,
+        }),
     }
 }
 

@@ -223,10 +223,29 @@ fn stray_key_or_value_is_invalid() {
 fn truncated_and_padded_datagrams_are_malformed() {
     let bytes = request_bytes(Opcode::Put, 1, b"key", b"value");
     let err = decode_datagram(&bytes[..bytes.len() - 1], MAX).unwrap_err();
-    assert_eq!(err, ProtocolError::Truncated(bytes.len() - 1));
+    assert_eq!(
+        err,
+        ProtocolError::Truncated {
+            len: bytes.len() - 1,
+            declared: Some(bytes.len())
+        }
+    );
     assert_eq!(err.status(), Status::Malformed);
+    // The message names the header only when the header itself is cut.
+    assert!(
+        err.to_string().contains("32-byte frame it declares"),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("header"), "{err}");
     let err = decode_datagram(&bytes[..10], MAX).unwrap_err();
-    assert_eq!(err, ProtocolError::Truncated(10));
+    assert_eq!(
+        err,
+        ProtocolError::Truncated {
+            len: 10,
+            declared: None
+        }
+    );
+    assert!(err.to_string().contains("24-byte header"), "{err}");
     let mut padded = bytes.clone();
     padded.push(0);
     let err = decode_datagram(&padded, MAX).unwrap_err();

@@ -27,6 +27,11 @@ pub struct CommitLog {
 
 /// How far past its bounds the log may grow to keep a pinned range.
 const PIN_SLACK: usize = 4;
+/// Bytes a pinned range may always hold, however small the bounds: a snapshot
+/// is streamed over many loop iterations (a bounded part per turn), and with a
+/// tiny `--repl-backlog-mb` any write in between would otherwise force a new
+/// snapshot, forever under load.
+const PIN_FLOOR_BYTES: usize = 8 << 20;
 
 /// Bytes a transaction holds in the log, for the byte bound.
 fn ops_bytes(ops: &Ops) -> usize {
@@ -86,7 +91,11 @@ impl CommitLog {
                 break;
             };
             let within_slack = self.entries.len() <= self.capacity.saturating_mul(PIN_SLACK)
-                && self.bytes <= self.max_bytes.saturating_mul(PIN_SLACK);
+                && self.bytes
+                    <= self
+                        .max_bytes
+                        .saturating_mul(PIN_SLACK)
+                        .max(PIN_FLOOR_BYTES);
             if self.pin.is_some_and(|pin| oldest > pin) && within_slack {
                 break;
             }
@@ -194,6 +203,24 @@ mod tests {
         log.push(12, ops());
         assert_eq!(log.len(), 2);
         assert_eq!(log.floor(), 10);
+    }
+
+    #[test]
+    fn a_pin_keeps_a_floor_of_bytes_even_with_a_zero_byte_bound() {
+        let op = |len| crate::protocol::peer::WriteOp {
+            kind: crate::protocol::peer::OpKind::Put,
+            key: b"k".to_vec(),
+            value: vec![0; len],
+        };
+        let mut log = CommitLog::new(100, 0).with_max_bytes(0);
+        log.pin(Some(0));
+        for seq in 1..=50 {
+            log.push(seq, vec![op(1000)].into());
+        }
+        assert!(log.covers(0), "50 KB of commits after the pin are kept");
+        log.pin(None);
+        log.push(51, vec![op(1000)].into());
+        assert!(log.is_empty(), "unpinned, the zero-byte bound holds");
     }
 
     #[test]

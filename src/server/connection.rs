@@ -9,7 +9,7 @@ use log::{debug, info};
 use mio::net::TcpStream;
 
 use crate::protocol::peer::is_peer_opcode;
-use crate::protocol::{Decoded, Request, decode};
+use crate::protocol::{Decoded, HEADER_LEN, Request, decode};
 use crate::replication::ClientRef;
 
 use super::handler::{Core, Outcome, ReplyTarget};
@@ -20,6 +20,10 @@ use super::stream::{Filled, Framed};
 const OUTPUT_HIGH_WATER_BYTES: usize = 256 * 1024;
 /// Writes one connection may have waiting for replication; more wait in its input.
 const MAX_PENDING_WRITES: usize = 1024;
+/// Rounds of read-answer-write one wake-up may take (each reads at most one
+/// buffer or answers up to the output high-water mark); the rest waits for the
+/// next loop iteration, so one flooding client cannot hold the reactor.
+const MAX_ROUNDS_PER_TURN: usize = 16;
 
 /// What the reactor should do with the connection next.
 #[derive(Debug, PartialEq, Eq)]
@@ -54,6 +58,9 @@ pub struct Connection {
     /// A read came back short or empty since the last readiness event: the
     /// socket is empty, and the next edge will say when it is not.
     drained: bool,
+    /// The last wake-up stopped at its round budget with work left: the
+    /// reactor must resume it (no new edge will come for what is buffered).
+    yielded: bool,
 }
 
 impl Connection {
@@ -69,6 +76,7 @@ impl Connection {
             closing: false,
             drained: false,
             fresh: true,
+            yielded: false,
         }
     }
 
@@ -88,6 +96,16 @@ impl Connection {
         self.conn_id
     }
 
+    /// Whether the last wake-up stopped at its budget with work left (and forget it).
+    pub fn take_yielded(&mut self) -> bool {
+        std::mem::take(&mut self.yielded)
+    }
+
+    /// Whether writes of this connection still wait for their outcome.
+    pub fn owes_replies(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// React to readiness (`event`, either direction; `read_closed` when the
     /// peer's FIN is known to have arrived), or resume after replies arrived:
     /// answer buffered frames, write, and read more while that makes progress.
@@ -103,7 +121,11 @@ impl Connection {
             self.drained = false;
         }
         self.read_closed |= read_closed;
-        loop {
+        for round in 0.. {
+            if round == MAX_ROUNDS_PER_TURN {
+                self.yielded = true;
+                break;
+            }
             let stop = if self.closing {
                 Stop::Closing
             } else {
@@ -212,6 +234,11 @@ impl Connection {
                     self.io.consume(used);
                 }
                 Ok(Decoded::Incomplete(need)) => {
+                    // A peer handshake is handed over on its header alone: the
+                    // link checks its own, tighter limits before any payload.
+                    if self.fresh && buffered.len() >= HEADER_LEN && is_peer_opcode(buffered[2]) {
+                        return Stop::Peer;
+                    }
                     self.io.need(need);
                     return Stop::NeedBytes;
                 }

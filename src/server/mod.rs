@@ -8,6 +8,7 @@
 
 mod connection;
 mod handler;
+mod limits;
 mod peer;
 mod stats;
 mod stream;
@@ -19,6 +20,7 @@ use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,7 +41,10 @@ use crate::wal::{FsyncPolicy, Wal, WalConfig, WalError};
 use connection::{Connection, Liveness};
 pub use handler::Core;
 use handler::{Mode, ReplyTarget};
+pub use limits::UdpLimitScope;
+use limits::{InputBudget, Timeouts, Verdict};
 use peer::PeerLink;
+pub use stats::DEFAULT_INPUT_BUDGET_BYTES;
 use stream::Framed;
 use timers::Timers;
 use udp::UdpService;
@@ -89,6 +94,18 @@ pub struct Config {
     pub snapshot_log_bytes: u64,
     /// Slave: accept a snapshot of another history even though it replaces data held here.
     pub resync_discard_data: bool,
+    /// Client connections open at once; more are accepted and closed at once.
+    pub max_connections: usize,
+    /// Close a client connection idle this long (0 = never).
+    pub idle_timeout_ms: u64,
+    /// Close a client connection whose frame, once begun, takes longer than this to arrive.
+    pub frame_timeout_ms: u64,
+    /// Bytes all client connections together may hold in partial frames.
+    pub partial_frame_budget_bytes: usize,
+    /// Which UDP sources the amplification and rate limits apply to.
+    pub udp_limits: UdpLimitScope,
+    /// UDP replies per second per limited source IP (0 = unlimited).
+    pub udp_rate_per_sec: u32,
 }
 
 impl Config {
@@ -102,6 +119,10 @@ impl Config {
         }
     }
 }
+
+/// Largest `--max-value-size` a server accepts; also what a slave allows for its
+/// master's frames, so that master and slave need not agree on the limit.
+pub const MAX_VALUE_BYTES_LIMIT: usize = 512 << 20;
 
 /// Why a server could not start or stopped.
 #[derive(Debug)]
@@ -212,9 +233,10 @@ impl Role {
                 text.push_str(&format!("slaves_in_sync {}\n", members.in_sync_count()));
                 text.push_str(&format!("transactions_in_flight {}\n", c.in_flight()));
                 for (i, (_, slave)) in members.iter().enumerate() {
+                    // The address is the slave's own choice: escaped, it cannot forge lines.
                     text.push_str(&format!(
                         "slave{i} addr={} state={} applied={} lag={}\n",
-                        slave.client_addr,
+                        stats::printable(&slave.client_addr),
                         slave.state.name(),
                         slave.applied_seq,
                         slave.lag(seq)
@@ -272,6 +294,20 @@ pub struct Server {
     accept_paused: bool,
     /// The write-ahead log.
     wal: Wal,
+    /// Client connections allowed open at once.
+    max_connections: usize,
+    /// Frame and idle timeouts of client connections.
+    timeouts: Timeouts,
+    /// When the next sweep of client connections for timeouts is due.
+    next_sweep_ms: u64,
+    /// Largest unsent output a replication link may hold.
+    max_peer_output_bytes: usize,
+    /// Client connections that stopped at their per-turn budget, resumed next iteration.
+    deferred_clients: Vec<usize>,
+    /// Replication links that stopped reading at their budget, resumed next iteration.
+    deferred_reads: Vec<usize>,
+    /// Replication links that stopped streaming a snapshot at their budget.
+    deferred_flushes: Vec<usize>,
 }
 
 impl Server {
@@ -286,7 +322,8 @@ impl Server {
                 .register(l, LISTENER, Interest::READABLE)
                 .map_err(ServerError::Poll)?;
         }
-        let mut udp = udp.map(UdpService::new);
+        let mut udp =
+            udp.map(|socket| UdpService::new(socket, config.udp_limits, config.udp_rate_per_sec));
         if let Some(u) = udp.as_mut() {
             poll.registry()
                 .register(&mut u.socket, UDP, Interest::READABLE)
@@ -361,12 +398,18 @@ impl Server {
                 (role, Mode::Slave { master })
             }
         };
+        let mut core = Core::recovered(config.max_value_bytes, mode, replay.store, replay.seq);
+        core.stats.input_budget = Rc::new(InputBudget::new(config.partial_frame_budget_bytes));
+        let timeouts = Timeouts {
+            frame_ms: config.frame_timeout_ms,
+            idle_ms: config.idle_timeout_ms,
+        };
         let mut server = Server {
             poll,
             listener,
             udp,
             links: Slab::new(),
-            core: Core::recovered(config.max_value_bytes, mode, replay.store, replay.seq),
+            core,
             addr,
             role,
             timers: Timers::default(),
@@ -382,6 +425,13 @@ impl Server {
             work_left: false,
             accept_paused: false,
             wal,
+            max_connections: config.max_connections,
+            timeouts,
+            next_sweep_ms: timeouts.sweep_interval_ms(),
+            max_peer_output_bytes: peer_output_limit(config),
+            deferred_clients: Vec::new(),
+            deferred_reads: Vec::new(),
+            deferred_flushes: Vec::new(),
         };
         // The state machines may have work from the start (a slave dials its master).
         server.work_left = server.settle();
@@ -412,10 +462,18 @@ impl Server {
         }
     }
 
-    /// Largest peer frame accepted: a batch of writes plus one largest value
-    /// (a PREPARE or LOG_ENTRY), or a snapshot chunk, with room to spare.
-    fn peer_frame_limit(&self) -> usize {
-        handler::MAX_BATCH_BYTES + 2 * self.core.max_value_bytes + (8 << 20)
+    /// Largest payload accepted on a replication link, by direction (checked
+    /// from the header, before the payload is buffered). From a slave: its
+    /// largest message, a REGISTER with a 65535-byte address. From the master:
+    /// a batch of writes plus one largest value (a PREPARE or LOG_ENTRY), or a
+    /// snapshot chunk, with room to spare, for the largest value any master may
+    /// accept, so that a slave follows a master whatever its `--max-value-size`.
+    fn peer_frame_limit(&self, from_master: bool) -> usize {
+        if from_master {
+            MAX_MASTER_FRAME_PAYLOAD
+        } else {
+            peer::MAX_SLAVE_FRAME_PAYLOAD
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -426,11 +484,18 @@ impl Server {
     pub fn run(&mut self) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(1024);
         loop {
-            let mut timeout = self.timers.next_deadline().map(|at| {
+            let mut next = self.timers.next_deadline();
+            if !self.links.is_empty() {
+                next = Some(next.map_or(self.next_sweep_ms, |t| t.min(self.next_sweep_ms)));
+            }
+            let mut timeout = next.map(|at| {
                 // Round up so a timer is never polled for just before it is due.
                 Duration::from_millis(at.saturating_sub(self.now_ms()) + 1)
             });
-            if self.work_left || self.core.udp_retry {
+            let deferred = !self.deferred_clients.is_empty()
+                || !self.deferred_reads.is_empty()
+                || !self.deferred_flushes.is_empty();
+            if self.work_left || self.core.udp_retry || deferred {
                 // Left-over work goes on at once.
                 timeout = Some(Duration::ZERO);
             } else if self.accept_paused {
@@ -463,6 +528,17 @@ impl Server {
             if self.accept_paused {
                 self.accept();
             }
+            // Work cut short by a budget in the last iteration goes on now, after
+            // everyone with new events had a turn (each only once per iteration).
+            for key in std::mem::take(&mut self.deferred_clients) {
+                self.drive_client(key, false, false);
+            }
+            for key in std::mem::take(&mut self.deferred_reads) {
+                self.drive_peer(key, false);
+            }
+            for key in std::mem::take(&mut self.deferred_flushes) {
+                self.flush_peer(key);
+            }
             if std::mem::take(&mut self.core.udp_retry)
                 && let Some(udp) = self.udp.as_mut()
             {
@@ -473,7 +549,65 @@ impl Server {
                 self.role.handle(now, Event::TimerFired { timer });
                 self.replication_changed = true;
             }
+            if now >= self.next_sweep_ms {
+                self.sweep(now);
+            }
             self.work_left = self.settle();
+        }
+    }
+
+    /// Close client connections past their frame or idle timeout. Runs every
+    /// `Timeouts::sweep_interval_ms` (at most a second): O(connections), no
+    /// per-connection timer to keep current on every read.
+    fn sweep(&mut self, now: u64) {
+        self.next_sweep_ms = now + self.timeouts.sweep_interval_ms();
+        let mut expired = Vec::new();
+        let mut stalled_peers = Vec::new();
+        for (key, link) in self.links.iter_mut() {
+            match link {
+                Link::Client(connection) => {
+                    let activity = connection.io.activity(connection.owes_replies());
+                    match connection.io.watch.check(now, activity, self.timeouts) {
+                        Verdict::Keep => {}
+                        verdict => expired.push((key, verdict)),
+                    }
+                }
+                // A slave's frames are small (at most 65556 bytes of payload): one
+                // that does not arrive within the frame timeout holds a link slot
+                // for nothing. (The master's frames to a slave may be large; the
+                // slave's silence timer covers a stalled master.)
+                Link::Peer(link) if !link.to_master() => {
+                    let timeouts = Timeouts {
+                        idle_ms: 0,
+                        ..self.timeouts
+                    };
+                    let activity = link.io.activity(false);
+                    if link.io.watch.check(now, activity, timeouts) == Verdict::SlowFrame {
+                        stalled_peers.push(key);
+                    }
+                }
+                Link::Peer(_) => {}
+            }
+        }
+        for key in stalled_peers {
+            self.lose_peer(key, "a frame took longer than the frame timeout to arrive");
+        }
+        for (key, verdict) in expired {
+            if let Some(Link::Client(connection)) = self.links.get(key) {
+                info!(
+                    "{}: closing connection: {}",
+                    connection.peer(),
+                    match verdict {
+                        Verdict::Idle => "idle timeout",
+                        _ => "a frame took longer than the frame timeout to arrive",
+                    }
+                );
+            }
+            match verdict {
+                Verdict::Idle => self.core.stats.connections_closed_idle += 1,
+                _ => self.core.stats.connections_closed_slow_frame += 1,
+            }
+            self.close_client(key);
         }
     }
 
@@ -503,6 +637,20 @@ impl Server {
                     return;
                 }
             };
+            if self.core.stats.connections_open as usize >= self.max_connections {
+                // Accepted and closed at once: the client sees the close, not a
+                // connection left waiting in the backlog.
+                self.core.stats.connections_refused += 1;
+                if self.core.stats.connections_refused % 1000 == 1 {
+                    warn!(
+                        "{peer}: {} connections open (--max-connections); refusing \
+                         (refused so far: {})",
+                        self.max_connections, self.core.stats.connections_refused
+                    );
+                }
+                drop(stream);
+                continue;
+            }
             // Replies are written whole, one write per batch; Nagle would only delay them.
             if let Err(e) = stream.set_nodelay(true) {
                 debug!("{peer}: cannot set TCP_NODELAY: {e}");
@@ -516,7 +664,11 @@ impl Server {
             debug!("{peer}: connected");
             let conn_id = self.next_conn_id;
             self.next_conn_id += 1;
-            entry.insert(Link::Client(Connection::new(stream, peer, key, conn_id)));
+            let mut connection = Connection::new(stream, peer, key, conn_id);
+            connection
+                .io
+                .set_budget(Rc::clone(&self.core.stats.input_budget));
+            entry.insert(Link::Client(connection));
             self.core.stats.connections_accepted += 1;
             self.core.stats.connections_open += 1;
         }
@@ -535,7 +687,13 @@ impl Server {
         let Some(Link::Client(connection)) = self.links.get_mut(key) else {
             return;
         };
-        match connection.on_ready(&mut self.core, event, read_closed) {
+        let liveness = connection.on_ready(&mut self.core, event, read_closed);
+        // A key may be queued twice in one iteration (an event and a resumption):
+        // a second drive is harmless, and the list is drained every iteration.
+        if connection.take_yielded() {
+            self.deferred_clients.push(key);
+        }
+        match liveness {
             Liveness::Open => {}
             Liveness::Closed => self.close_client(key),
             Liveness::BecomePeer => self.become_peer(key),
@@ -577,7 +735,8 @@ impl Server {
         let id = PeerId(self.next_peer_id);
         self.next_peer_id += 1;
         info!("{addr}: replication link {} opened", id.0);
-        let limit = self.peer_frame_limit();
+        let limit = self.peer_frame_limit(false);
+        let max_output = self.max_peer_output_bytes;
         let entry = self.links.vacant_entry();
         let new_key = entry.key();
         if new_key != key
@@ -590,7 +749,9 @@ impl Server {
             error!("{addr}: cannot register replication link: {e}");
             return;
         }
-        entry.insert(Link::Peer(PeerLink::new(io, id, addr, false, limit)));
+        entry.insert(Link::Peer(PeerLink::new(
+            io, id, addr, false, limit, max_output,
+        )));
         self.peers.insert(id, new_key);
         self.drive_peer(new_key, read_closed);
     }
@@ -633,6 +794,9 @@ impl Server {
         };
         let mut messages = Vec::new();
         let result = link.receive(&mut messages, read_closed);
+        if std::mem::take(&mut link.read_yielded) && !self.deferred_reads.contains(&key) {
+            self.deferred_reads.push(key);
+        }
         for msg in messages {
             self.feed(Event::Message { peer: id, msg });
         }
@@ -652,7 +816,11 @@ impl Server {
             return;
         }
         let id = link.id;
-        match link.flush(&self.core.store) {
+        let flushed = link.flush(&self.core.store);
+        if std::mem::take(&mut link.flush_yielded) && !self.deferred_flushes.contains(&key) {
+            self.deferred_flushes.push(key);
+        }
+        match flushed {
             Ok(Some(at_seq)) => self.feed(Event::SnapshotSent { peer: id, at_seq }),
             Ok(None) => {}
             Err(e) => self.lose_peer(key, &e.to_string()),
@@ -889,7 +1057,8 @@ impl Server {
             }
         };
         let _ = stream.set_nodelay(true);
-        let limit = self.peer_frame_limit();
+        let limit = self.peer_frame_limit(true);
+        let max_output = self.max_peer_output_bytes;
         let entry = self.links.vacant_entry();
         let key = entry.key();
         if let Err(e) = register_link(&self.poll, &mut stream, key) {
@@ -905,6 +1074,7 @@ impl Server {
             master_addr,
             true,
             limit,
+            max_output,
         )));
         self.peers.insert(id, key);
     }
@@ -1002,7 +1172,13 @@ impl Server {
                 if let Some(udp) = self.udp.as_mut() {
                     let mut bytes = Vec::with_capacity(crate::protocol::HEADER_LEN + message.len());
                     encode(&mut bytes);
-                    udp.deliver(from, waiting.request_id, fingerprint, &bytes);
+                    udp.deliver(
+                        &mut self.core,
+                        from,
+                        waiting.request_id,
+                        fingerprint,
+                        &bytes,
+                    );
                 }
             }
         }
@@ -1033,6 +1209,24 @@ pub fn repair(config: &Config) -> Result<String, ServerError> {
         text.push_str(r);
     }
     Ok(text)
+}
+
+/// Largest payload a slave accepts from its master (see `peer_frame_limit`).
+const MAX_MASTER_FRAME_PAYLOAD: usize =
+    handler::MAX_BATCH_BYTES + 2 * MAX_VALUE_BYTES_LIMIT + (8 << 20);
+
+/// Largest unsent output a replication link may hold before it is dropped.
+/// The largest legitimate burst is the backlog a slave is sent at once after a
+/// snapshot: up to 4 times `--repl-backlog-mb` of keys and values, counted
+/// twice for the encoding of small writes, plus a snapshot window and two
+/// largest frames (a PREPARE queued behind a LOG_ENTRY).
+fn peer_output_limit(config: &Config) -> usize {
+    let largest_frame = handler::MAX_BATCH_BYTES + 2 * config.max_value_bytes + (8 << 20);
+    config
+        .repl_backlog_bytes
+        .saturating_mul(8)
+        .saturating_add(2 * largest_frame)
+        .saturating_add(peer::SNAPSHOT_LOW_WATER_BYTES)
 }
 
 /// Register a stream living at slab `key` for both directions, once: with

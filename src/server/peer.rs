@@ -5,7 +5,8 @@
 
 use std::net::SocketAddr;
 
-use crate::protocol::peer::{PeerError, PeerMessage, SnapshotEntry, decode_peer};
+use crate::protocol::peer::{PeerError, PeerMessage, SnapshotEntry, decode_peer, opcode};
+use crate::protocol::{HEADER_LEN, Header};
 use crate::replication::PeerId;
 use crate::store::Store;
 use crate::store::snapshot::{ShardCopy, decode_entry};
@@ -15,9 +16,37 @@ use super::stream::{Filled, Framed};
 /// A snapshot chunk is cut after this many bytes of entries.
 const SNAPSHOT_CHUNK_BYTES: usize = 256 * 1024;
 /// More snapshot chunks are queued only while less than this is unsent.
-const SNAPSHOT_LOW_WATER_BYTES: usize = 1 << 20;
-/// A peer that lets this much output pile up is dropped rather than buffered for.
-pub const MAX_PEER_BACKLOG_BYTES: usize = 512 << 20;
+pub const SNAPSHOT_LOW_WATER_BYTES: usize = 1 << 20;
+/// Snapshot chunks queued by one flush; the rest wait for the next loop
+/// iteration, so streaming a large store never holds the reactor for long.
+const SNAPSHOT_CHUNKS_PER_TURN: usize = 4;
+/// Bytes read by one wake-up of a link before it yields to the rest of the loop.
+const READ_BYTES_PER_TURN: u64 = 1 << 20;
+/// Largest payload a master accepts from a slave: its largest message, a
+/// REGISTER with a 65535-byte address (2 + 8 + 8 + 1 + 2 + 65535 bytes).
+pub const MAX_SLAVE_FRAME_PAYLOAD: usize = 2 + 8 + 8 + 1 + 2 + u16::MAX as usize;
+
+/// Opcodes a slave sends (what a master accepts).
+const SLAVE_OPCODES: [u8; 6] = [
+    opcode::REGISTER,
+    opcode::VOTE,
+    opcode::ACK,
+    opcode::CAUGHT_UP,
+    opcode::HEARTBEAT,
+    opcode::OUTCOME_QUERY,
+];
+/// Opcodes a master sends (what a slave accepts).
+const MASTER_OPCODES: [u8; 9] = [
+    opcode::REGISTERED,
+    opcode::PREPARE,
+    opcode::COMMIT,
+    opcode::ABORT,
+    opcode::SNAPSHOT_CHUNK,
+    opcode::LOG_ENTRY,
+    opcode::CAUGHT_UP,
+    opcode::HEARTBEAT,
+    opcode::OUTCOME,
+];
 
 /// Why a link is finished.
 #[derive(Debug)]
@@ -26,6 +55,10 @@ pub enum LinkError {
     Io(String),
     /// The peer sent bytes that are not a peer message.
     Protocol(PeerError),
+    /// The peer sent a header for a message its side never sends.
+    WrongDirection(u8),
+    /// The peer let too much output pile up.
+    NotReading(usize),
 }
 
 impl std::fmt::Display for LinkError {
@@ -33,6 +66,13 @@ impl std::fmt::Display for LinkError {
         match self {
             LinkError::Io(e) => write!(f, "{e}"),
             LinkError::Protocol(e) => write!(f, "bad peer message: {e}"),
+            LinkError::WrongDirection(op) => write!(
+                f,
+                "peer sent opcode 0x{op:02x}, which only the other side of a link sends"
+            ),
+            LinkError::NotReading(unsent) => {
+                write!(f, "peer is not reading: {unsent} bytes unsent")
+            }
         }
     }
 }
@@ -91,20 +131,31 @@ pub struct PeerLink {
     /// A slave's outgoing connection that has not completed yet.
     pub connecting: bool,
     snapshot: Option<SnapshotStream>,
-    /// Largest frame accepted from the peer.
+    /// Largest frame payload accepted from the peer.
     max_frame_bytes: usize,
+    /// The other end is the master (this is a slave's link).
+    from_master: bool,
+    /// Largest unsent output before the link is dropped.
+    max_output_bytes: usize,
     /// The poller reported the peer's FIN: read on to the EOF.
     read_closed: bool,
+    /// The last receive stopped at its budget with bytes left: the reactor
+    /// must come back without waiting for an edge.
+    pub read_yielded: bool,
+    /// The last flush stopped at its snapshot budget: likewise.
+    pub flush_yielded: bool,
 }
 
 impl PeerLink {
-    /// Wrap a stream (possibly with frames already buffered).
+    /// Wrap a stream (possibly with frames already buffered). `connecting` is
+    /// set on a slave's own link to its master, which is still being set up.
     pub fn new(
         io: Framed,
         id: PeerId,
         addr: SocketAddr,
         connecting: bool,
         max_frame_bytes: usize,
+        max_output_bytes: usize,
     ) -> PeerLink {
         PeerLink {
             io,
@@ -113,8 +164,41 @@ impl PeerLink {
             connecting,
             snapshot: None,
             max_frame_bytes,
+            from_master: connecting,
+            max_output_bytes,
             read_closed: false,
+            read_yielded: false,
+            flush_yielded: false,
         }
+    }
+
+    /// Whether the other end is the master (this is a slave's link).
+    pub fn to_master(&self) -> bool {
+        self.from_master
+    }
+
+    /// Check the header at the front of the input before its payload is
+    /// buffered or decoded: the opcode must be one the other side sends, and
+    /// the payload within this direction's limit.
+    fn check_header(&self) -> Result<(), LinkError> {
+        let buffered = self.io.buffered();
+        if buffered.len() < HEADER_LEN {
+            return Ok(());
+        }
+        let header = Header::parse(&buffered[..HEADER_LEN], self.max_frame_bytes)
+            .map_err(|e| LinkError::Protocol(PeerError::Frame(e)))?;
+        let allowed: &[u8] = if self.from_master {
+            &MASTER_OPCODES
+        } else {
+            &SLAVE_OPCODES
+        };
+        // Unassigned opcodes are left to the decoder, which names them.
+        let known =
+            SLAVE_OPCODES.contains(&header.opcode) || MASTER_OPCODES.contains(&header.opcode);
+        if known && !allowed.contains(&header.opcode) {
+            return Err(LinkError::WrongDirection(header.opcode));
+        }
+        Ok(())
     }
 
     /// Queue a message.
@@ -131,8 +215,13 @@ impl PeerLink {
         read_closed: bool,
     ) -> Result<(), LinkError> {
         self.read_closed |= read_closed;
+        let start = self.io.bytes_read();
         loop {
             self.decode_buffered(out)?;
+            if self.io.bytes_read() - start >= READ_BYTES_PER_TURN {
+                self.read_yielded = true;
+                return Ok(());
+            }
             match self.io.fill() {
                 Ok(Filled::Eof) => {
                     self.decode_buffered(out)?;
@@ -151,6 +240,7 @@ impl PeerLink {
     /// Decode the complete messages already buffered.
     pub fn decode_buffered(&mut self, out: &mut Vec<PeerMessage>) -> Result<(), LinkError> {
         loop {
+            self.check_header()?;
             match decode_peer(self.io.buffered(), self.max_frame_bytes) {
                 Ok(Some((msg, used))) => {
                     self.io.consume(used);
@@ -170,16 +260,21 @@ impl PeerLink {
         }
     }
 
-    /// Write queued output; refill it from a snapshot in progress.
+    /// Write queued output; refill it from a snapshot in progress, at most
+    /// `SNAPSHOT_CHUNKS_PER_TURN` chunks (then `flush_yielded` is set).
     /// Returns the snapshot's sequence number once its last chunk is queued.
     pub fn flush(&mut self, store: &Store) -> Result<Option<u64>, LinkError> {
         let mut finished = None;
-        loop {
+        for queued in 0.. {
             self.io.flush().map_err(|e| LinkError::Io(e.to_string()))?;
             let Some(snapshot) = self.snapshot.as_mut() else {
                 break;
             };
             if self.io.pending_output() >= SNAPSHOT_LOW_WATER_BYTES {
+                break;
+            }
+            if queued == SNAPSHOT_CHUNKS_PER_TURN {
+                self.flush_yielded = true;
                 break;
             }
             let chunk = snapshot.next_chunk(store);
@@ -190,11 +285,8 @@ impl PeerLink {
                 self.snapshot = None;
             }
         }
-        if self.io.pending_output() > MAX_PEER_BACKLOG_BYTES {
-            return Err(LinkError::Io(format!(
-                "peer is not reading: {} bytes unsent",
-                self.io.pending_output()
-            )));
+        if self.io.pending_output() > self.max_output_bytes {
+            return Err(LinkError::NotReading(self.io.pending_output()));
         }
         Ok(finished)
     }
@@ -323,5 +415,66 @@ mod tests {
                 last: true
             }
         );
+    }
+
+    #[test]
+    fn one_flush_queues_a_bounded_part_of_a_large_snapshot() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stream = mio::net::TcpStream::connect(addr).expect("connect");
+        let (mut reader, _) = listener.accept().expect("accept");
+        // The other end reads everything, as fast as it can: only the budget stops the flush.
+        let drain = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = 0usize;
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total += n;
+            }
+            total
+        });
+        let mut store = Store::new();
+        for i in 0..60_000u64 {
+            store.set(format!("key{i}").as_bytes(), &[b'v'; 100], 1);
+        }
+        let mut link = PeerLink::new(
+            Framed::new(stream),
+            PeerId(1),
+            addr,
+            false,
+            MAX_SLAVE_FRAME_PAYLOAD,
+            64 << 20,
+        );
+        // Wait until the connection is up, so writes do not fail.
+        while link.io.stream.peer_addr().is_err() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        link.start_snapshot(1);
+        let mut flushes = 0;
+        loop {
+            flushes += 1;
+            let finished = link.flush(&store).expect("flush");
+            if finished.is_some() {
+                break;
+            }
+            assert!(
+                link.flush_yielded || link.io.pending_output() >= SNAPSHOT_LOW_WATER_BYTES,
+                "a flush stops at its budget or at the window, never in between"
+            );
+            link.flush_yielded = false;
+            assert!(flushes < 10_000, "the snapshot finishes");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // About 8 MB of entries in 256 KiB chunks, at most 4 per flush.
+        assert!(flushes >= 7, "{flushes} flushes");
+        while link.io.pending_output() > 0 {
+            link.io.flush().expect("flush the rest");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        drop(link);
+        assert!(drain.join().expect("reader") > 60_000 * 100);
     }
 }

@@ -1,10 +1,16 @@
 //! Counters reported by the STATS operation.
 
 use std::fmt::Write as _;
+use std::rc::Rc;
 use std::time::Instant;
 
 use crate::protocol::Opcode;
 use crate::store::Store;
+
+use super::limits::InputBudget;
+
+/// Default server-wide budget for bytes held in partial frames.
+pub const DEFAULT_INPUT_BUDGET_BYTES: usize = 256 << 20;
 
 /// Server counters, rendered as `name value` lines by STATS.
 #[derive(Debug)]
@@ -26,6 +32,22 @@ pub struct Stats {
     pub redirects: u64,
     /// Writes refused or aborted by replication.
     pub writes_failed: u64,
+    /// UDP datagrams dropped unanswered: not a request (a response, no magic, under 24 bytes).
+    pub udp_ignored: u64,
+    /// UDP datagrams dropped unanswered by the per-source rate limit.
+    pub udp_rate_limited: u64,
+    /// UDP replies sent.
+    pub udp_replies: u64,
+    /// UDP replies replaced by USE_TCP or cut to fit the amplification limit.
+    pub udp_replies_limited: u64,
+    /// TCP connections accepted and closed at once because `--max-connections` were open.
+    pub connections_refused: u64,
+    /// Connections closed by the idle timeout.
+    pub connections_closed_idle: u64,
+    /// Connections closed because a frame took longer than the frame timeout to arrive.
+    pub connections_closed_slow_frame: u64,
+    /// Bytes held in partial frames, server-wide, against their budget.
+    pub input_budget: Rc<InputBudget>,
     /// Replication lines (role, master or slaves), kept current by the reactor.
     pub replication: String,
     /// Write-ahead log lines, kept current by the reactor.
@@ -44,6 +66,14 @@ impl Default for Stats {
             udp_retries_deduplicated: 0,
             redirects: 0,
             writes_failed: 0,
+            udp_ignored: 0,
+            udp_rate_limited: 0,
+            udp_replies: 0,
+            udp_replies_limited: 0,
+            connections_refused: 0,
+            connections_closed_idle: 0,
+            connections_closed_slow_frame: 0,
+            input_budget: Rc::new(InputBudget::new(DEFAULT_INPUT_BUDGET_BYTES)),
             replication: "role master\n".to_string(),
             wal: String::new(),
         }
@@ -84,8 +114,51 @@ impl Stats {
         line("udp_retries_deduplicated", &self.udp_retries_deduplicated);
         line("redirects", &self.redirects);
         line("writes_failed", &self.writes_failed);
+        line("udp_ignored", &self.udp_ignored);
+        line("udp_rate_limited", &self.udp_rate_limited);
+        line("udp_replies", &self.udp_replies);
+        line("udp_replies_limited", &self.udp_replies_limited);
+        line("connections_refused", &self.connections_refused);
+        line("connections_closed_idle", &self.connections_closed_idle);
+        line(
+            "connections_closed_slow_frame",
+            &self.connections_closed_slow_frame,
+        );
+        line("partial_frame_bytes", &self.input_budget.used());
+        line("partial_frame_refusals", &self.input_budget.refusals());
         text.push_str(&self.wal);
         text.push_str(&self.replication);
         text
+    }
+}
+
+/// `text` with every byte outside printable ASCII, the space and the
+/// backslash written as `\xNN`, so that a name a peer chose (a slave's
+/// announced address) cannot add or forge lines or fields in STATS.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for &byte in text.as_bytes() {
+        if byte.is_ascii_graphic() && byte != b'\\' {
+            out.push(byte as char);
+        } else {
+            let _ = write!(out, "\\x{byte:02x}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_line_breaks_spaces_and_non_ascii() {
+        assert_eq!(printable("127.0.0.1:9100"), "127.0.0.1:9100");
+        assert_eq!(printable("[::1]:9100"), "[::1]:9100");
+        assert_eq!(
+            printable("x\nrole slave state=in-sync"),
+            "x\\x0arole\\x20slave\\x20state=in-sync"
+        );
+        assert_eq!(printable("a\\b\u{e9}"), "a\\x5cb\\xc3\\xa9");
     }
 }

@@ -3,13 +3,17 @@
 //! Client connections and peer links both sit on it.
 
 use std::io::{self, Read, Write};
+use std::rc::Rc;
 
 use mio::net::TcpStream;
 
 use crate::protocol::HEADER_LEN;
 
-/// Starting (and resting) size of an input buffer.
-const INPUT_BUFFER_BYTES: usize = 16 * 1024;
+use super::limits::{Activity, InputBudget, Watch};
+
+/// Starting (and resting) size of an input buffer: small, because every idle
+/// connection holds one (a pipelined burst of small requests still fits).
+const INPUT_BUFFER_BYTES: usize = 4 * 1024;
 /// An idle output buffer larger than this is given back to the allocator; a
 /// sent prefix larger than this is dropped from a buffer still being written.
 const OUTPUT_KEEP_BYTES: usize = 64 * 1024;
@@ -41,6 +45,16 @@ pub struct Framed {
     /// Bytes to send are `output[out_start..]`.
     pub output: Vec<u8>,
     out_start: usize,
+    /// The server-wide budget that input growth beyond the resting size is charged to.
+    budget: Option<Rc<InputBudget>>,
+    /// Bytes of `input` beyond `INPUT_BUFFER_BYTES` charged to `budget`.
+    charged: usize,
+    /// Bytes read since the stream opened.
+    bytes_read: u64,
+    /// Frames consumed since the stream opened.
+    frames_consumed: u64,
+    /// What the periodic sweep last saw of this stream (timeouts).
+    pub watch: Watch,
 }
 
 impl Framed {
@@ -52,8 +66,31 @@ impl Framed {
             in_start: 0,
             in_end: 0,
             frame_need: HEADER_LEN,
-            output: Vec::with_capacity(INPUT_BUFFER_BYTES),
+            // Allocated by the first reply: an idle connection holds no output buffer.
+            output: Vec::new(),
             out_start: 0,
+            budget: None,
+            charged: 0,
+            bytes_read: 0,
+            frames_consumed: 0,
+            watch: Watch::default(),
+        }
+    }
+
+    /// Charge input growth to `budget` from now on (client connections).
+    pub fn set_budget(&mut self, budget: Rc<InputBudget>) {
+        debug_assert_eq!(self.charged, 0, "set before any growth");
+        self.budget = Some(budget);
+    }
+
+    /// What the stream did, for the periodic sweep; `owes_replies` is the owner's.
+    pub fn activity(&self, owes_replies: bool) -> Activity {
+        let buffered = self.in_end - self.in_start;
+        Activity {
+            bytes_read: self.bytes_read,
+            frames_consumed: self.frames_consumed,
+            partial_frame: buffered > 0 && buffered < self.frame_need,
+            owes_replies: owes_replies || self.pending_output() > 0,
         }
     }
 
@@ -72,6 +109,9 @@ impl Framed {
     pub fn consume(&mut self, n: usize) {
         debug_assert!(n <= self.in_end - self.in_start);
         self.in_start += n;
+        self.frames_consumed += 1;
+        // The next frame's length is unknown until its header is parsed.
+        self.frame_need = HEADER_LEN;
     }
 
     /// Record how many bytes the incomplete frame at the front needs in total
@@ -80,18 +120,30 @@ impl Framed {
         self.frame_need = frame_len.unwrap_or(HEADER_LEN);
     }
 
+    /// Bytes read since the stream opened.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+
     /// Bytes queued and not yet written.
     pub fn pending_output(&self) -> usize {
         self.output.len() - self.out_start
     }
 
     /// One `read` into the free end of the input buffer, making room first.
+    ///
+    /// The buffer grows only when it is full of bytes that arrived, by half its
+    /// size (geometric, so copying stays amortised O(1) per byte) up to what
+    /// the frame at the front needs: a declared length is a limit, never
+    /// a size allocated up front, so a header announcing 1 MiB costs nothing
+    /// until the bytes come. Growth beyond the resting size is charged to the
+    /// server-wide budget; when that is spent the read fails and the stream closes.
     pub fn fill(&mut self) -> io::Result<Filled> {
         if self.in_start == self.in_end {
             self.in_start = 0;
             self.in_end = 0;
             if self.input.len() > INPUT_BUFFER_BYTES && self.frame_need <= INPUT_BUFFER_BYTES {
-                self.input.truncate(INPUT_BUFFER_BYTES);
+                self.resize_input(INPUT_BUFFER_BYTES)?;
                 self.input.shrink_to_fit();
             }
         }
@@ -100,8 +152,10 @@ impl Framed {
             self.input.copy_within(self.in_start..self.in_end, 0);
             self.in_end -= self.in_start;
             self.in_start = 0;
-            if self.input.len() < room_needed {
-                self.input.resize(room_needed, 0);
+            if self.in_end == self.input.len() && self.input.len() < room_needed {
+                let len = self.input.len();
+                let grown = len.saturating_add(len / 2).min(room_needed);
+                self.resize_input(grown)?;
             }
         }
         // Callers read only when the buffered bytes are less than one frame, so
@@ -113,6 +167,7 @@ impl Framed {
                 Ok(0) => Ok(Filled::Eof),
                 Ok(n) => {
                     self.in_end += n;
+                    self.bytes_read += n as u64;
                     Ok(if n < space {
                         Filled::Short
                     } else {
@@ -124,6 +179,28 @@ impl Framed {
                 Err(e) => Err(e),
             };
         }
+    }
+
+    /// Resize the input buffer, keeping the budget's account of it.
+    fn resize_input(&mut self, len: usize) -> io::Result<()> {
+        let charge = len.saturating_sub(INPUT_BUFFER_BYTES);
+        if let Some(budget) = &self.budget {
+            if charge > self.charged {
+                if !budget.try_charge(charge - self.charged) {
+                    return Err(io::Error::other(format!(
+                        "the server-wide budget for partial frames is spent \
+                         ({} bytes held); a {}-byte frame cannot be buffered",
+                        budget.used(),
+                        self.frame_need
+                    )));
+                }
+            } else {
+                budget.release(self.charged - charge);
+            }
+            self.charged = charge;
+        }
+        self.input.resize(len, 0);
+        Ok(())
     }
 
     /// Write queued bytes until done or the socket is full.
@@ -154,5 +231,13 @@ impl Framed {
             self.output.shrink_to(OUTPUT_KEEP_BYTES);
         }
         Ok(())
+    }
+}
+
+impl Drop for Framed {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.release(self.charged);
+        }
     }
 }

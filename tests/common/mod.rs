@@ -48,7 +48,14 @@ impl ServerProcess {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        ServerProcess::spawn(0, &args, None, &env).unwrap_or_else(|e| panic!("{e}"))
+        let data = if args.iter().any(|a| a == "-d" || a == "--data-dir") {
+            None
+        } else {
+            Some(std::sync::Arc::new(
+                tempfile::tempdir().expect("temp data dir"),
+            ))
+        };
+        ServerProcess::spawn(0, &args, data, &env).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Start `dkvs-server -p PORT ARGS...` and wait for its ready line.
