@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench-vs-redis.sh — measure dkvs-server side by side with redis-server (SPEC §6, issue 4).
 #
-# Starts redis-server (no persistence) and dkvs-server on free loopback ports, drives both with the
+# Starts redis-server (no persistence) and dkvs-server (--fsync never) on free loopback ports, drives both with the
 # same dkvs-load command (only --protocol and --port differ), and prints, per workload, a Markdown
 # table of throughput, latency p50/p99 and server CPU time per operation, with the ratio
 # dkvs ÷ redis. Then loads ~1M keys (16 B keys, 100 B values) into fresh instances of both and
@@ -378,7 +378,9 @@ start_dkvs() {
     local dir=$1 pid i line=""
     shift
     mkdir -p "$dir"
-    (cd "$dir" && exec "$root/$server_bin" -p 0 -l error "$@" >"$dir/dkvs.out" 2>"$dir/dkvs.err") &
+    # Redis runs without persistence here, so dkvs writes its log without fsync (--fsync never);
+    # durable writes are compared by tools/bench-durable.py.
+    (cd "$dir" && exec "$root/$server_bin" -p 0 -l error --fsync never "$@" >"$dir/dkvs.out" 2>"$dir/dkvs.err") &
     pid=$!
     started+=("$pid")
     for ((i = 0; i < 100; i++)); do
@@ -387,7 +389,7 @@ start_dkvs() {
         if [[ $line =~ ready:.*:([0-9]+)[[:space:]]*$ ]]; then
             dkvs_pid=$pid
             dkvs_port=${BASH_REMATCH[1]}
-            dkvs_cmd="$server_bin -p 0 -l error${*:+ $*}   # -> $line"
+            dkvs_cmd="$server_bin -p 0 -l error --fsync never${*:+ $*}   # -> $line"
             return 0
         fi
         alive "$pid" || break
