@@ -58,6 +58,9 @@ struct Args {
     #[arg(long = "max-value-size", default_value_t = DEFAULT_MAX_VALUE_BYTES as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_value_size: u32,
+    /// Answer the Redis protocol (RESP2/RESP3) on the TCP port: on or off.
+    #[arg(long = "resp", default_value = "on", value_parser = ["on", "off"])]
+    resp: String,
 }
 
 fn main() -> ExitCode {
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         tpc_timeout_ms: args.tpc_timeout_ms,
         min_slaves: args.min_slaves,
         repl_backlog_bytes: args.repl_backlog_mb.saturating_mul(1 << 20),
+        resp: args.resp == "on",
     };
     let mut server = match Server::bind(&config) {
         Ok(server) => server,

@@ -64,6 +64,8 @@ pub enum OpKind {
     Update = 2,
     /// Remove (NotFound if absent).
     Delete = 3,
+    /// Remove every key (FLUSHDB/FLUSHALL); key and value are empty.
+    Clear = 4,
 }
 
 impl OpKind {
@@ -72,6 +74,7 @@ impl OpKind {
             1 => OpKind::Put,
             2 => OpKind::Update,
             3 => OpKind::Delete,
+            4 => OpKind::Clear,
             _ => return None,
         })
     }
@@ -418,7 +421,8 @@ fn decode_ops(r: &mut Reader<'_>) -> Result<Ops, PeerError> {
         })?;
         let key_len = r.u16("op key length")? as usize;
         let value_len = r.u32("op value length")? as usize;
-        if key_len == 0 {
+        // Every op names a key except Clear, which names none.
+        if (key_len == 0) != (kind == OpKind::Clear) {
             return Err(PeerError::EmptyKey);
         }
         let key = r.take("op key", key_len)?.to_vec();

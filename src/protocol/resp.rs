@@ -511,7 +511,11 @@ mod tests {
         decode_command(input, MAX, scratch)
     }
 
-    fn owned(input: &[u8]) -> Result<(Vec<Vec<u8>>, usize), Result<usize, RespError>> {
+    /// A parsed command's arguments and length; else `Ok(need)` when
+    /// incomplete or the error.
+    type Owned = Result<(Vec<Vec<u8>>, usize), Result<usize, RespError>>;
+
+    fn owned(input: &[u8]) -> Owned {
         let mut scratch = Vec::new();
         match decode_command(input, MAX, &mut scratch) {
             Ok(RespDecoded::Command { args, used }) => {

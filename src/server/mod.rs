@@ -9,6 +9,7 @@
 mod connection;
 mod handler;
 mod peer;
+mod resp;
 mod stats;
 mod stream;
 mod timers;
@@ -25,8 +26,8 @@ use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use crate::protocol::Status;
 use crate::protocol::peer::{OpKind, PeerMessage};
-use crate::protocol::{Status, encode_response};
 use crate::replication::{
     Action, ClientRef, Coordinator, CoordinatorConfig, Event, LinkState, Participant,
     ParticipantConfig, PeerId, WriteError,
@@ -76,6 +77,8 @@ pub struct Config {
     pub min_slaves: usize,
     /// Bytes of recent writes kept for partial resync.
     pub repl_backlog_bytes: usize,
+    /// Answer the Redis protocol (RESP) on the TCP port too.
+    pub resp: bool,
 }
 
 /// Why a server could not start or stopped.
@@ -201,6 +204,34 @@ impl Role {
         }
         text
     }
+
+    /// The replication state for INFO, ROLE and WAIT.
+    fn info(&self) -> handler::ReplicationInfo {
+        match self {
+            Role::Master(c) => {
+                let members = c.members();
+                let seq = c.commit_seq();
+                handler::ReplicationInfo {
+                    slaves: members
+                        .iter()
+                        .map(|(_, slave)| handler::SlaveSummary {
+                            addr: slave.client_addr.clone(),
+                            state: slave.state.name(),
+                            applied_seq: slave.applied_seq,
+                            lag: slave.lag(seq),
+                        })
+                        .collect(),
+                    in_sync: members.in_sync_count(),
+                    ..Default::default()
+                }
+            }
+            Role::Slave { participant, .. } => handler::ReplicationInfo {
+                master_link_up: matches!(participant.link(), LinkState::Following(_)),
+                applied_seq: participant.position(),
+                ..Default::default()
+            },
+        }
+    }
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -286,12 +317,15 @@ impl Server {
                 (role, Mode::Slave { master })
             }
         };
+        let mut core = Core::new(config.max_value_bytes, mode);
+        core.resp_enabled = config.resp;
+        core.tcp_port = addr.port();
         let mut server = Server {
             poll,
             listener,
             udp,
             links: Slab::new(),
-            core: Core::new(config.max_value_bytes, mode),
+            core,
             addr,
             role,
             timers: Timers::default(),
@@ -661,6 +695,7 @@ impl Server {
                 Mode::Slave { master } => master.clone(),
             };
             self.core.stats.replication = self.role.describe(&master);
+            self.core.replication = self.role.info();
         }
         work_left
     }
@@ -814,6 +849,18 @@ impl Server {
             "commits apply in sequence order"
         );
         for (i, op) in ops.iter().enumerate() {
+            if op.kind == OpKind::Clear {
+                for &key in self.peers.values() {
+                    if let Some(Link::Peer(link)) = self.links.get_mut(key) {
+                        link.before_clear(&self.core.store);
+                    }
+                }
+                self.core.store.clear();
+                if let Some(&client) = replies.get(i) {
+                    self.reply(client, Status::Ok, seq, &[]);
+                }
+                continue;
+            }
             let write = match op.kind {
                 OpKind::Put => Write::Put {
                     key: &op.key,
@@ -823,7 +870,7 @@ impl Server {
                     key: &op.key,
                     value: &op.value,
                 },
-                OpKind::Delete => Write::Delete { key: &op.key },
+                OpKind::Delete | OpKind::Clear => Write::Delete { key: &op.key },
             };
             // A snapshot being streamed keeps the key's shard as it was at its start.
             for &key in self.peers.values() {
@@ -874,33 +921,25 @@ impl Server {
 
     /// Send the reply of a write that waited for its transaction.
     fn reply(&mut self, client: ClientRef, status: Status, version: u64, message: &[u8]) {
-        let Some(waiting) = self.core.waiting.remove(&client) else {
+        let Some((target, completion)) = self.core.finish(client, status, version, message) else {
             return;
         };
-        let encode = |out: &mut Vec<u8>| {
-            encode_response(
-                out,
-                waiting.op,
-                status,
-                waiting.request_id,
-                version,
-                message,
-            )
-        };
-        match waiting.target {
+        // A write was decided: commands waiting to read a key in flight may go on.
+        self.touched.append(&mut self.core.key_waiters);
+        match target {
             ReplyTarget::Tcp { key, conn_id } => {
                 if let Some(Link::Client(connection)) = self.links.get_mut(key)
                     && connection.conn_id() == conn_id
                 {
-                    connection.deliver(client, encode);
+                    connection.deliver(client, |out| completion.encode(out));
                     self.touched.push(key);
                 }
             }
             ReplyTarget::Udp { from, fingerprint } => {
                 if let Some(udp) = self.udp.as_mut() {
                     let mut bytes = Vec::with_capacity(crate::protocol::HEADER_LEN + message.len());
-                    encode(&mut bytes);
-                    udp.deliver(from, waiting.request_id, fingerprint, &bytes);
+                    completion.encode(&mut bytes);
+                    udp.deliver(from, completion.request_id(), fingerprint, &bytes);
                 }
             }
         }

@@ -260,6 +260,16 @@ impl PeerLink {
             snapshot.before_write(store, key);
         }
     }
+
+    /// The whole store is about to be cleared: a snapshot being streamed copies
+    /// every shard it has not sent yet, so it stays as of its start.
+    pub fn before_clear(&mut self, store: &Store) {
+        if let Some(snapshot) = self.snapshot.as_mut() {
+            for shard in 0..SHARDS {
+                snapshot.copy_shard(store, shard);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
