@@ -377,8 +377,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Smallest encoded op: kind, key length, value length (the key itself is at least 1 byte).
-const MIN_OP_BYTES: usize = 1 + 2 + 4 + 1;
+/// Smallest encoded op: kind, key length, value length (a Clear has no key).
+const MIN_OP_BYTES: usize = 1 + 2 + 4;
 /// Smallest encoded snapshot entry: key length, value length, version, 1-byte key.
 const MIN_ENTRY_BYTES: usize = 2 + 4 + 8 + 1;
 
@@ -401,7 +401,9 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 fn encode_ops(out: &mut Vec<u8>, ops: &[WriteOp]) {
     put_u32(out, ops.len() as u32);
     for op in ops {
-        debug_assert!(!op.key.is_empty() && op.key.len() <= MAX_KEY_BYTES);
+        debug_assert!(
+            (op.kind == OpKind::Clear) == op.key.is_empty() && op.key.len() <= MAX_KEY_BYTES
+        );
         out.push(op.kind as u8);
         put_u16(out, op.key.len() as u16);
         put_u32(out, op.value.len() as u32);
@@ -694,6 +696,11 @@ mod tests {
             WriteOp {
                 kind: OpKind::Delete,
                 key: vec![0xFF; 300],
+                value: Vec::new(),
+            },
+            WriteOp {
+                kind: OpKind::Clear,
+                key: Vec::new(),
                 value: Vec::new(),
             },
         ]

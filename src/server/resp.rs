@@ -11,6 +11,8 @@
 
 use std::fmt::Write as _;
 
+use log::info;
+
 use crate::protocol::MAX_KEY_BYTES;
 use crate::protocol::peer::{OpKind, WriteOp};
 use crate::protocol::resp::{
@@ -191,6 +193,13 @@ impl Connection {
             if args.is_empty() {
                 self.io.consume(used);
                 continue;
+            }
+            if args[0].eq_ignore_ascii_case(b"host:") || args[0].eq_ignore_ascii_case(b"post") {
+                // An HTTP request (a browser, or a cross-protocol attack): close
+                // without a reply, as Redis does.
+                info!("{}: HTTP request on the RESP port; closing", self.peer());
+                self.closing = true;
+                return Stop::Closing;
             }
             let spec = lookup(args[0]);
             let class = spec.map_or(Class::Free, |s| s.class);
