@@ -100,16 +100,38 @@ pub fn decode_command<'a>(
     }
 }
 
-/// Find the CRLF-terminated line starting at `from`; `None` if not all here.
+/// Find the end of the header line starting at `from`: the index of its `\r`,
+/// once the `\n` after it is here too; `None` if not all here. A header holds
+/// only digits, so its first `\r` ends it; one not followed by `\n` is
+/// returned as well and makes the number invalid.
 fn line_end(input: &[u8], from: usize) -> Option<usize> {
-    input[from..]
-        .windows(2)
-        .position(|w| w == b"\r\n")
-        .map(|i| from + i)
+    let cr = from + input[from..].iter().position(|&b| b == b'\r')?;
+    (cr + 1 < input.len()).then_some(cr)
+}
+
+/// The digits of the header line `from..cr`, or nothing valid if the line does not end in CRLF.
+fn header_digits(input: &[u8], from: usize, cr: usize) -> &[u8] {
+    if input[cr + 1] == b'\n' {
+        &input[from..cr]
+    } else {
+        b""
+    }
 }
 
 /// A strict decimal integer as Redis's `string2ll` accepts it.
 pub fn parse_i64(digits: &[u8]) -> Option<i64> {
+    // Lengths in headers are short positive numbers: parse them without a detour through str.
+    if !digits.is_empty()
+        && digits.len() <= 18
+        && digits[0] != b'0'
+        && digits.iter().all(u8::is_ascii_digit)
+    {
+        return Some(
+            digits
+                .iter()
+                .fold(0i64, |n, &d| n * 10 + i64::from(d - b'0')),
+        );
+    }
     let text = std::str::from_utf8(digits).ok()?;
     if text.is_empty() || text.starts_with('+') || (text.len() > 1 && text.starts_with('0')) {
         return None;
@@ -129,7 +151,7 @@ fn decode_multibulk(input: &[u8], max_bulk_bytes: usize) -> Result<RespDecoded<'
             need: input.len() + 1,
         });
     };
-    let count = parse_i64(&input[1..end]).ok_or(RespError::InvalidMultibulkLength)?;
+    let count = parse_i64(header_digits(input, 1, end)).ok_or(RespError::InvalidMultibulkLength)?;
     if count > MAX_MULTIBULK_ARGS as i64 {
         return Err(RespError::InvalidMultibulkLength);
     }
@@ -157,7 +179,8 @@ fn decode_multibulk(input: &[u8], max_bulk_bytes: usize) -> Result<RespDecoded<'
                 need: input.len() + 1,
             });
         };
-        let len = parse_i64(&input[pos + 1..end]).ok_or(RespError::InvalidBulkLength)?;
+        let len =
+            parse_i64(header_digits(input, pos + 1, end)).ok_or(RespError::InvalidBulkLength)?;
         if len < 0 || len as u64 > max_bulk_bytes as u64 {
             return Err(RespError::InvalidBulkLength);
         }
@@ -587,6 +610,8 @@ mod tests {
             (b"*1\r\n$1048577\r\n", RespError::InvalidBulkLength),
             (b"*1\r\n$1\r\nab\r\n", RespError::MissingCrlf),
             (b"*1\r\n$1\r\nabc", RespError::MissingCrlf),
+            (b"*1\rx", RespError::InvalidMultibulkLength),
+            (b"*1\r\n$1\rxa\r\n", RespError::InvalidBulkLength),
         ];
         for (input, expected) in cases {
             assert_eq!(

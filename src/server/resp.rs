@@ -354,7 +354,12 @@ impl Session<'_> {
     }
 
     /// Submit `ops` as one transaction's worth of this command.
-    fn submit(&mut self, ops: Vec<WriteOp>, reply: RespWriteReply) -> Exec {
+    fn submit<I>(&mut self, ops: I, reply: RespWriteReply) -> Exec
+    where
+        I: IntoIterator<Item = WriteOp>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let ops = ops.into_iter();
         let pending = RespPending {
             reply,
             encoder: *self.enc,
@@ -489,7 +494,7 @@ impl Session<'_> {
                     key: Vec::new(),
                     value: Vec::new(),
                 };
-                self.submit(vec![clear], RespWriteReply::Ok)
+                self.submit(std::iter::once(clear), RespWriteReply::Ok)
             }
             "info" => {
                 let text = self.info(&args[1..]);
@@ -560,7 +565,10 @@ impl Session<'_> {
         }
         match (mode, style) {
             (SetMode::Always, SetReply::OkOrNull) => {
-                return self.submit(vec![Session::put(key, value)], RespWriteReply::Ok);
+                return self.submit(
+                    std::iter::once(Session::put(key, value)),
+                    RespWriteReply::Ok,
+                );
             }
             (SetMode::IfPresent, SetReply::OkOrNull) => {
                 // UPDATE is conditional on every replica alike: no read needed.
@@ -569,7 +577,7 @@ impl Session<'_> {
                     key: key.to_vec(),
                     value: value.to_vec(),
                 };
-                return self.submit(vec![update], RespWriteReply::OkOrNull);
+                return self.submit(std::iter::once(update), RespWriteReply::OkOrNull);
             }
             _ => {}
         }
@@ -595,7 +603,7 @@ impl Session<'_> {
             SetReply::OneZero => RespWriteReply::Int(1),
             SetReply::OkOrNull => RespWriteReply::Ok,
         };
-        self.submit(vec![Session::put(key, value)], reply)
+        self.submit(std::iter::once(Session::put(key, value)), reply)
     }
 
     fn incr_by(&mut self, key: &[u8], by: i64) -> Exec {
@@ -638,7 +646,7 @@ impl Session<'_> {
             key: key.to_vec(),
             value,
         };
-        self.submit(vec![put], RespWriteReply::Int(len))
+        self.submit(std::iter::once(put), RespWriteReply::Int(len))
     }
 
     fn mset(&mut self, args: &[&[u8]], only_if_none: bool) -> Exec {
@@ -664,7 +672,7 @@ impl Session<'_> {
                 }
             }
         }
-        let ops = pairs.iter().map(|(k, v)| Session::put(k, v)).collect();
+        let ops: Vec<WriteOp> = pairs.iter().map(|(k, v)| Session::put(k, v)).collect();
         let reply = if only_if_none {
             RespWriteReply::Int(1)
         } else {
