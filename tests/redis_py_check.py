@@ -46,6 +46,25 @@ def commands(port, protocol):
     binary = bytes(range(256)) * 4 + b"\r\n$3\r\n*1\r\n"
     expect("set binary", r.set(b"bin\x00\r\nkey", binary), True)
     expect("get binary", r.get(b"bin\x00\r\nkey"), binary)
+    huge = bytes(range(256)) * 4096  # exactly the default --max-value-size, 1 MiB
+    expect("set 1 MiB", r.set("huge", huge), True)
+    expect("get 1 MiB", r.get("huge"), huge)
+    # Over the limit: refused from the bulk header, before the bytes, and the server closes,
+    # so the client sees the error or, still writing the value, a broken pipe.
+    try:
+        r.set("huge", huge + b"x")
+        raise AssertionError("set over the limit: no error")
+    except redis.ResponseError as e:
+        expect("over the limit", "Protocol error: invalid bulk length" in str(e), True)
+    except redis.ConnectionError:
+        pass
+    r = client(port, protocol)
+    pipe = r.pipeline(transaction=False)
+    for i in range(20):
+        pipe.set(f"huge{i}", huge)
+    expect("pipelined 1 MiB values", pipe.execute(), [True] * 20)
+    expect("read back", r.get("huge19"), huge)
+    expect("del", r.delete(*[f"huge{i}" for i in range(20)], "huge"), 21)
     expect("set nx existing", r.set("k", "w", nx=True), None)
     expect("set nx new", r.set("k2", "w", nx=True), True)
     expect("set xx missing", r.set("k3", "w", xx=True), None)
