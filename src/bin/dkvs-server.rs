@@ -115,6 +115,9 @@ struct Args {
     /// (the cut bytes are kept beside it), then exit without serving.
     #[arg(long = "repair")]
     repair: bool,
+    /// Answer the Redis protocol (RESP2/RESP3) on the TCP port: on or off.
+    #[arg(long = "resp", default_value = "on", value_parser = ["on", "off"])]
+    resp: String,
 }
 
 fn main() -> ExitCode {
@@ -144,6 +147,7 @@ fn main() -> ExitCode {
         fsync: args.fsync,
         snapshot_log_bytes: args.snapshot_log_mb << 20,
         resync_discard_data: args.resync_discard_data,
+        resp: args.resp == "on",
     };
     if args.repair {
         return match dkvs::server::repair(&config) {

@@ -6,6 +6,7 @@ mod error;
 mod frame;
 pub mod peer;
 mod request;
+pub mod resp;
 
 pub use error::ProtocolError;
 pub use frame::{

@@ -64,6 +64,8 @@ pub enum OpKind {
     Update = 2,
     /// Remove (NotFound if absent).
     Delete = 3,
+    /// Remove every key (FLUSHDB/FLUSHALL); key and value are empty.
+    Clear = 4,
 }
 
 impl OpKind {
@@ -72,6 +74,7 @@ impl OpKind {
             1 => OpKind::Put,
             2 => OpKind::Update,
             3 => OpKind::Delete,
+            4 => OpKind::Clear,
             _ => return None,
         })
     }
@@ -382,8 +385,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Smallest encoded op: kind, key length, value length (the key itself is at least 1 byte).
-const MIN_OP_BYTES: usize = 1 + 2 + 4 + 1;
+/// Smallest encoded op: kind, key length, value length (a Clear has no key).
+const MIN_OP_BYTES: usize = 1 + 2 + 4;
 /// Smallest encoded snapshot entry: key length, value length, version, 1-byte key.
 const MIN_ENTRY_BYTES: usize = 2 + 4 + 8 + 1;
 
@@ -407,7 +410,9 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 pub(crate) fn encode_ops(out: &mut Vec<u8>, ops: &[WriteOp]) {
     put_u32(out, ops.len() as u32);
     for op in ops {
-        debug_assert!(!op.key.is_empty() && op.key.len() <= MAX_KEY_BYTES);
+        debug_assert!(
+            (op.kind == OpKind::Clear) == op.key.is_empty() && op.key.len() <= MAX_KEY_BYTES
+        );
         out.push(op.kind as u8);
         put_u16(out, op.key.len() as u16);
         put_u32(out, op.value.len() as u32);
@@ -427,7 +432,8 @@ fn decode_ops(r: &mut Reader<'_>) -> Result<Ops, PeerError> {
         })?;
         let key_len = r.u16("op key length")? as usize;
         let value_len = r.u32("op value length")? as usize;
-        if key_len == 0 {
+        // Every op names a key except Clear, which names none.
+        if (key_len == 0) != (kind == OpKind::Clear) {
             return Err(PeerError::EmptyKey);
         }
         let key = r.take("op key", key_len)?.to_vec();
@@ -729,6 +735,11 @@ mod tests {
             WriteOp {
                 kind: OpKind::Delete,
                 key: vec![0xFF; 300],
+                value: Vec::new(),
+            },
+            WriteOp {
+                kind: OpKind::Clear,
+                key: Vec::new(),
                 value: Vec::new(),
             },
         ]

@@ -286,6 +286,10 @@ fn apply_ops(store: &mut Store, seq: u64, ops: &[WriteOp]) -> Vec<bool> {
                 None => false,
             },
             OpKind::Delete => store.remove(&op.key).is_some(),
+            OpKind::Clear => {
+                store.clear();
+                true
+            }
         })
         .collect()
 }

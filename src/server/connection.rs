@@ -9,17 +9,19 @@ use log::{debug, info};
 use mio::net::TcpStream;
 
 use crate::protocol::peer::is_peer_opcode;
+use crate::protocol::resp::is_resp_start;
 use crate::protocol::{Decoded, HEADER_LEN, Request, decode};
 use crate::replication::ClientRef;
 
 use super::handler::{Core, Outcome, ReplyTarget};
+use super::resp::RespConnection;
 use super::stream::{Filled, Framed};
 
 /// Replies pending beyond this stop the connection from reading: a client that
 /// does not read its replies cannot grow the server's memory.
-const OUTPUT_HIGH_WATER_BYTES: usize = 256 * 1024;
+pub(super) const OUTPUT_HIGH_WATER_BYTES: usize = 256 * 1024;
 /// Writes one connection may have waiting for replication; more wait in its input.
-const MAX_PENDING_WRITES: usize = 1024;
+pub(super) const MAX_PENDING_WRITES: usize = 1024;
 /// Rounds of read-answer-write one wake-up may take (each reads at most one
 /// buffer or answers up to the output high-water mark); the rest waits for the
 /// next loop iteration, so one flooding client cannot hold the reactor.
@@ -43,16 +45,16 @@ pub struct Connection {
     pub io: Framed,
     peer: SocketAddr,
     /// Slab key, for routing replies and resuming after a full batch.
-    key: usize,
+    pub(super) key: usize,
     /// Never reused, unlike the slab key: a reply for a closed connection is dropped.
-    conn_id: u64,
+    pub(super) conn_id: u64,
     /// Writes waiting for their outcome, in request order, each with its reply once known.
-    pending: VecDeque<(ClientRef, Option<Vec<u8>>)>,
+    pub(super) pending: VecDeque<(ClientRef, Option<Vec<u8>>)>,
     /// The poller reported the client's FIN: a short read does not prove the
     /// socket empty any more, the EOF behind the data must still be read.
     read_closed: bool,
     /// Set on EOF or a stream-breaking error: flush what is pending, then close.
-    closing: bool,
+    pub(super) closing: bool,
     /// No request has been answered yet: only then may a peer handshake arrive.
     fresh: bool,
     /// A read came back short or empty since the last readiness event: the
@@ -61,6 +63,10 @@ pub struct Connection {
     /// The last wake-up stopped at its round budget with work left: the
     /// reactor must resume it (no new edge will come for what is buffered).
     yielded: bool,
+    /// The protocol, known from the first byte: dkvs frames or RESP.
+    pub(super) resp: Option<Box<RespConnection>>,
+    /// The first byte has been seen (the protocol is decided).
+    decided: bool,
 }
 
 impl Connection {
@@ -77,6 +83,8 @@ impl Connection {
             drained: false,
             fresh: true,
             yielded: false,
+            resp: None,
+            decided: false,
         }
     }
 
@@ -192,6 +200,20 @@ impl Connection {
     /// Answer complete frames in order until the input runs out, replies back
     /// up, or a request must wait; say which.
     fn answer_buffered(&mut self, core: &mut Core) -> Stop {
+        if !self.decided {
+            let Some(&first) = self.io.buffered().first() else {
+                return Stop::NeedBytes;
+            };
+            self.decided = true;
+            // 0xDB (or anything else) is the dkvs protocol, which rejects what it cannot parse.
+            if core.resp_enabled && is_resp_start(first) {
+                self.fresh = false;
+                self.resp = Some(Box::new(RespConnection::new(self.conn_id)));
+            }
+        }
+        if self.resp.is_some() {
+            return self.answer_resp(core);
+        }
         while self.io.pending_output() < OUTPUT_HIGH_WATER_BYTES {
             let (buffered, output) = self.io.split();
             match decode(buffered, core.max_value_bytes) {
@@ -262,7 +284,7 @@ impl Connection {
 
 /// Why answering buffered frames stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
+pub(super) enum Stop {
     /// No complete frame is left: read more.
     NeedBytes,
     /// Replies reached the high-water mark.

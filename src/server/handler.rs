@@ -6,9 +6,11 @@
 //! Shared by the TCP and UDP paths so both behave identically.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
 
 use crate::protocol::peer::{OpKind, WriteOp};
+use crate::protocol::resp::Encoder;
 use crate::protocol::{Opcode, ProtocolError, Request, Status, encode_response};
 use crate::replication::{ClientRef, ClientWrite};
 use crate::store::Store;
@@ -41,7 +43,7 @@ pub enum ReplyTarget {
 }
 
 /// A write waiting for its transaction's outcome.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Waiting {
     /// Where the reply goes.
     pub target: ReplyTarget,
@@ -49,6 +51,142 @@ pub struct Waiting {
     pub request_id: u32,
     /// The request's opcode byte.
     pub op: u8,
+    /// A RESP command's reply, made once all its writes are applied; `None` for the binary protocol.
+    pub resp: Option<RespPending>,
+}
+
+/// How the RESP reply of a write command is made from its writes' results.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RespWriteReply {
+    /// `+OK`.
+    Ok,
+    /// The number of writes that changed something (DEL).
+    Changed,
+    /// An integer known when the command was executed (INCR, APPEND, SETNX, MSETNX).
+    Int(i64),
+    /// A bulk string or null known when the command was executed (SET ... GET, GETSET).
+    Bulk(Option<Vec<u8>>),
+    /// `+OK` if the (conditional) write found its key, else null (SET ... XX).
+    OkOrNull,
+}
+
+/// A RESP write command waiting for the outcome of its writes, all in one transaction.
+#[derive(Debug, Clone)]
+pub struct RespPending {
+    /// What to answer.
+    pub reply: RespWriteReply,
+    /// The connection's protocol version when the command was sent.
+    pub encoder: Encoder,
+    /// Writes whose result has not come yet.
+    pub remaining: u32,
+    /// Writes that changed something.
+    pub changed: u32,
+}
+
+/// The reply of a write whose outcome is known, ready to encode.
+#[derive(Debug)]
+pub enum Completion<'m> {
+    /// A binary-protocol response.
+    Binary {
+        /// Opcode byte.
+        op: u8,
+        /// Request id.
+        request_id: u32,
+        /// Outcome.
+        status: Status,
+        /// The key's new version.
+        version: u64,
+        /// Error text, if any.
+        message: &'m [u8],
+    },
+    /// A RESP reply.
+    Resp {
+        /// The command's pending state.
+        pending: RespPending,
+        /// Set when replication failed the write: status and message.
+        failure: Option<(Status, &'m [u8])>,
+    },
+}
+
+impl Completion<'_> {
+    /// The binary request id (0 for RESP, which has none).
+    pub fn request_id(&self) -> u32 {
+        match self {
+            Completion::Binary { request_id, .. } => *request_id,
+            Completion::Resp { .. } => 0,
+        }
+    }
+
+    /// Append the reply to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Completion::Binary {
+                op,
+                request_id,
+                status,
+                version,
+                message,
+            } => encode_response(out, *op, *status, *request_id, *version, message),
+            Completion::Resp { pending, failure } => {
+                let enc = pending.encoder;
+                if let Some((status, message)) = failure {
+                    let text = String::from_utf8_lossy(message);
+                    // Redis's code for "not enough replicas"; an abort has no Redis analogue.
+                    let code = if *status == Status::Unavailable {
+                        "NOREPLICAS"
+                    } else {
+                        "ERR"
+                    };
+                    enc.error(out, &format!("{code} {text}"));
+                    return;
+                }
+                match &pending.reply {
+                    RespWriteReply::Ok => enc.ok(out),
+                    RespWriteReply::Changed => enc.int(out, i64::from(pending.changed)),
+                    RespWriteReply::Int(n) => enc.int(out, *n),
+                    RespWriteReply::Bulk(value) => enc.opt_bulk(out, value.as_deref()),
+                    RespWriteReply::OkOrNull if pending.changed > 0 => enc.ok(out),
+                    RespWriteReply::OkOrNull => enc.null(out),
+                }
+            }
+        }
+    }
+}
+
+/// The replication state as INFO, ROLE and WAIT report it, refreshed by the reactor.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicationInfo {
+    /// Master: registered slaves.
+    pub slaves: Vec<SlaveSummary>,
+    /// Master: slaves in the in-sync set.
+    pub in_sync: usize,
+    /// Slave: whether the link to the master follows it.
+    pub master_link_up: bool,
+    /// Slave: the last transaction applied.
+    pub applied_seq: u64,
+}
+
+/// One slave as the master sees it.
+#[derive(Debug, Clone)]
+pub struct SlaveSummary {
+    /// The slave's client address (`host:port`).
+    pub addr: String,
+    /// Its state name (`in-sync`, `syncing-log`, ...).
+    pub state: &'static str,
+    /// The last transaction it reported applied.
+    pub applied_seq: u64,
+    /// Transactions it is behind.
+    pub lag: u64,
+}
+
+/// Whether a key written by a pending write can be read from the current
+/// batch, or its latest value is in a transaction still in flight.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Latest<'a> {
+    /// The key's latest value (`None`: absent), including writes not yet applied.
+    Known(Option<&'a [u8]>),
+    /// A transaction in flight wrote it: wait until it is decided.
+    InFlight,
 }
 
 /// The result of executing a request.
@@ -101,6 +239,26 @@ pub struct Core {
     /// (foldhash: one insert and one remove per write, SipHash showed in profiles).
     pub waiting: HashMap<ClientRef, Waiting, foldhash::fast::RandomState>,
     next_client_ref: u64,
+    /// Answer the Redis protocol on TCP connections whose first byte says so.
+    pub resp_enabled: bool,
+    /// The write-ahead log's `--fsync` policy, for INFO and CONFIG GET.
+    pub fsync_policy: &'static str,
+    /// Replication state for the RESP commands that report it.
+    pub replication: ReplicationInfo,
+    /// Key hash -> the last write to it handed out and maybe not yet applied (it is
+    /// applied once its handle left `waiting`). Read-modify-write commands (INCR, ...)
+    /// compute on the master against the store plus these pending writes.
+    last_write: HashMap<u64, ClientRef, foldhash::fast::RandomState>,
+    /// The last FLUSHDB handed out and maybe not yet applied.
+    last_clear: Option<ClientRef>,
+    key_hasher: foldhash::fast::RandomState,
+    /// Connections waiting for a transaction in flight to be decided before a
+    /// read-modify-write command can read its key; resumed on the next reply.
+    pub key_waiters: Vec<usize>,
+    /// RESP commands executed.
+    pub resp_commands: u64,
+    /// The TCP port served (INFO reports it).
+    pub tcp_port: u16,
 }
 
 impl Core {
@@ -125,7 +283,120 @@ impl Core {
             udp_retry: false,
             waiting: HashMap::default(),
             next_client_ref: 1,
+            resp_enabled: true,
+            fsync_policy: "always",
+            replication: ReplicationInfo::default(),
+            last_write: HashMap::default(),
+            last_clear: None,
+            key_hasher: foldhash::fast::RandomState::default(),
+            key_waiters: Vec::new(),
+            resp_commands: 0,
+            tcp_port: 0,
         }
+    }
+
+    /// Queue `ops` as one command's writes: they join the current batch together,
+    /// so they land in one transaction, all or nothing. Returns the reply handle.
+    pub fn submit(
+        &mut self,
+        ops: impl IntoIterator<Item = WriteOp>,
+        target: ReplyTarget,
+        request_id: u32,
+        op: u8,
+        resp: Option<RespPending>,
+    ) -> ClientRef {
+        let client = ClientRef(self.next_client_ref);
+        self.next_client_ref += 1;
+        for write in ops {
+            if write.kind == OpKind::Clear {
+                self.last_clear = Some(client);
+            } else {
+                let hash = self.key_hasher.hash_one(&write.key);
+                self.last_write.insert(hash, client);
+            }
+            self.batch_bytes += write.key.len() + write.value.len() + BATCH_BYTES_PER_WRITE;
+            // Every op of a command carries the same handle; its reply waits for all.
+            self.batch.push(ClientWrite { client, op: write });
+        }
+        self.waiting.insert(
+            client,
+            Waiting {
+                target,
+                request_id,
+                op,
+                resp,
+            },
+        );
+        client
+    }
+
+    /// The latest value of `key` on a master, counting writes not yet applied.
+    pub fn latest(&self, key: &[u8]) -> Latest<'_> {
+        let hash = self.key_hasher.hash_one(key);
+        let pending_key = self
+            .last_write
+            .get(&hash)
+            .is_some_and(|c| self.waiting.contains_key(c));
+        let pending_clear = self
+            .last_clear
+            .is_some_and(|c| self.waiting.contains_key(&c));
+        if !pending_key && !pending_clear {
+            return Latest::Known(self.store.get(key).map(|(v, _)| v));
+        }
+        // The current batch holds the newest writes; search it newest first.
+        for write in self.batch.iter().rev() {
+            match write.op.kind {
+                OpKind::Clear => return Latest::Known(None),
+                _ if write.op.key != key => {}
+                OpKind::Put => return Latest::Known(Some(&write.op.value)),
+                OpKind::Delete => return Latest::Known(None),
+                // Its effect depends on what came before: let it be decided first.
+                OpKind::Update => return Latest::InFlight,
+            }
+        }
+        Latest::InFlight
+    }
+
+    /// The outcome of one write of `client` is known: the reply, once all its
+    /// command's writes are known (or at once when replication failed it).
+    pub fn finish<'m>(
+        &mut self,
+        client: ClientRef,
+        status: Status,
+        version: u64,
+        message: &'m [u8],
+    ) -> Option<(ReplyTarget, Completion<'m>)> {
+        let waiting = self.waiting.get_mut(&client)?;
+        let applied = matches!(status, Status::Ok | Status::NotFound);
+        if let Some(resp) = waiting.resp.as_mut()
+            && applied
+        {
+            resp.remaining = resp.remaining.saturating_sub(1);
+            resp.changed += u32::from(status == Status::Ok);
+            if resp.remaining > 0 {
+                return None;
+            }
+        }
+        let waiting = self.waiting.remove(&client)?;
+        if self.waiting.is_empty() {
+            // Nothing is pending: every recorded write is applied.
+            self.last_write.clear();
+            self.last_clear = None;
+        }
+        let completion = match waiting.resp {
+            Some(pending) => Completion::Resp {
+                pending,
+                failure: (!applied).then_some((status, message)),
+            },
+            None => Completion::Binary {
+                op: waiting.op,
+                request_id: waiting.request_id,
+                status,
+                version,
+                message,
+            },
+        };
+        Some((waiting.target, completion))
     }
 
     /// Whether the current batch is full; callers stop taking writes until it is submitted.
@@ -136,6 +407,11 @@ impl Core {
     /// Take the batch for submission as one transaction.
     pub fn take_batch(&mut self) -> Vec<ClientWrite> {
         self.batch_bytes = 0;
+        if self.last_write.len() > 4 * self.waiting.len() + 4096 {
+            // Bound the map under constant load: forget writes already applied.
+            let waiting = &self.waiting;
+            self.last_write.retain(|_, c| waiting.contains_key(c));
+        }
         std::mem::take(&mut self.batch)
     }
 
@@ -188,26 +464,12 @@ impl Core {
             encode_response(out, op, Status::Unavailable, request_id, 0, why.as_bytes());
             return Outcome::Answered;
         }
-        let client = ClientRef(self.next_client_ref);
-        self.next_client_ref += 1;
-        self.batch_bytes += key.len() + value.len() + BATCH_BYTES_PER_WRITE;
-        self.batch.push(ClientWrite {
-            client,
-            op: WriteOp {
-                kind,
-                key: key.to_vec(),
-                value: value.to_vec(),
-            },
-        });
-        self.waiting.insert(
-            client,
-            Waiting {
-                target,
-                request_id,
-                op,
-            },
-        );
-        Outcome::Pending(client)
+        let write = WriteOp {
+            kind,
+            key: key.to_vec(),
+            value: value.to_vec(),
+        };
+        Outcome::Pending(self.submit(std::iter::once(write), target, request_id, op, None))
     }
 
     /// Append the error response for a request that could not be served.

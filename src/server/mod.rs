@@ -10,6 +10,7 @@ mod connection;
 mod handler;
 mod limits;
 mod peer;
+mod resp;
 mod stats;
 mod stream;
 mod timers;
@@ -29,8 +30,8 @@ use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
+use crate::protocol::Status;
 use crate::protocol::peer::{OpKind, PeerMessage};
-use crate::protocol::{Status, encode_response};
 use crate::replication::{
     Action, ClientRef, CommitLog, Coordinator, CoordinatorConfig, Event, LinkState, Participant,
     ParticipantConfig, PeerId, WriteError,
@@ -106,6 +107,8 @@ pub struct Config {
     pub udp_limits: UdpLimitScope,
     /// UDP replies per second per limited source IP (0 = unlimited).
     pub udp_rate_per_sec: u32,
+    /// Answer the Redis protocol (RESP) on the TCP port too.
+    pub resp: bool,
 }
 
 impl Config {
@@ -260,6 +263,34 @@ impl Role {
         }
         text
     }
+
+    /// The replication state for INFO, ROLE and WAIT.
+    fn info(&self) -> handler::ReplicationInfo {
+        match self {
+            Role::Master(c) => {
+                let members = c.members();
+                let seq = c.commit_seq();
+                handler::ReplicationInfo {
+                    slaves: members
+                        .iter()
+                        .map(|(_, slave)| handler::SlaveSummary {
+                            addr: slave.client_addr.clone(),
+                            state: slave.state.name(),
+                            applied_seq: slave.applied_seq,
+                            lag: slave.lag(seq),
+                        })
+                        .collect(),
+                    in_sync: members.in_sync_count(),
+                    ..Default::default()
+                }
+            }
+            Role::Slave { participant, .. } => handler::ReplicationInfo {
+                master_link_up: matches!(participant.link(), LinkState::Following(_)),
+                applied_seq: participant.position(),
+                ..Default::default()
+            },
+        }
+    }
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -404,6 +435,9 @@ impl Server {
             frame_ms: config.frame_timeout_ms,
             idle_ms: config.idle_timeout_ms,
         };
+        core.resp_enabled = config.resp;
+        core.fsync_policy = config.fsync.name();
+        core.tcp_port = addr.port();
         let mut server = Server {
             poll,
             listener,
@@ -925,6 +959,7 @@ impl Server {
                 Mode::Slave { master } => master.clone(),
             };
             self.core.stats.replication = self.role.describe(&master);
+            self.core.replication = self.role.info();
         }
         work_left
     }
@@ -1085,6 +1120,19 @@ impl Server {
             "commits apply in sequence order"
         );
         for (i, op) in ops.iter().enumerate() {
+            if op.kind == OpKind::Clear {
+                self.wal.before_clear(&self.core.store);
+                for &key in self.peers.values() {
+                    if let Some(Link::Peer(link)) = self.links.get_mut(key) {
+                        link.before_clear(&self.core.store);
+                    }
+                }
+                self.core.store.clear();
+                if let Some(&client) = replies.get(i) {
+                    self.reply(client, Status::Ok, seq, &[]);
+                }
+                continue;
+            }
             let write = match op.kind {
                 OpKind::Put => Write::Put {
                     key: &op.key,
@@ -1094,7 +1142,7 @@ impl Server {
                     key: &op.key,
                     value: &op.value,
                 },
-                OpKind::Delete => Write::Delete { key: &op.key },
+                OpKind::Delete | OpKind::Clear => Write::Delete { key: &op.key },
             };
             // A snapshot being streamed or written keeps the key's shard as it was at its start.
             self.wal.before_write(&self.core.store, &op.key);
@@ -1146,36 +1194,28 @@ impl Server {
 
     /// Send the reply of a write that waited for its transaction.
     fn reply(&mut self, client: ClientRef, status: Status, version: u64, message: &[u8]) {
-        let Some(waiting) = self.core.waiting.remove(&client) else {
+        let Some((target, completion)) = self.core.finish(client, status, version, message) else {
             return;
         };
-        let encode = |out: &mut Vec<u8>| {
-            encode_response(
-                out,
-                waiting.op,
-                status,
-                waiting.request_id,
-                version,
-                message,
-            )
-        };
-        match waiting.target {
+        // A write was decided: commands waiting to read a key in flight may go on.
+        self.touched.append(&mut self.core.key_waiters);
+        match target {
             ReplyTarget::Tcp { key, conn_id } => {
                 if let Some(Link::Client(connection)) = self.links.get_mut(key)
                     && connection.conn_id() == conn_id
                 {
-                    connection.deliver(client, encode);
+                    connection.deliver(client, |out| completion.encode(out));
                     self.touched.push(key);
                 }
             }
             ReplyTarget::Udp { from, fingerprint } => {
                 if let Some(udp) = self.udp.as_mut() {
                     let mut bytes = Vec::with_capacity(crate::protocol::HEADER_LEN + message.len());
-                    encode(&mut bytes);
+                    completion.encode(&mut bytes);
                     udp.deliver(
                         &mut self.core,
                         from,
-                        waiting.request_id,
+                        completion.request_id(),
                         fingerprint,
                         &bytes,
                     );

@@ -303,6 +303,14 @@ impl PeerLink {
             snapshot.before_write(store, key);
         }
     }
+
+    /// The whole store is about to be cleared: a snapshot being streamed copies
+    /// every shard it has not sent yet, so it stays as of its start.
+    pub fn before_clear(&mut self, store: &Store) {
+        if let Some(snapshot) = self.snapshot.as_mut() {
+            snapshot.copy.before_clear(store);
+        }
+    }
 }
 
 #[cfg(test)]

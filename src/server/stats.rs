@@ -86,6 +86,16 @@ impl Stats {
         self.ops[op as usize] += 1;
     }
 
+    /// Seconds since the server started.
+    pub fn uptime_secs(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    /// Binary-protocol requests served.
+    pub fn requests(&self) -> u64 {
+        self.ops.iter().sum()
+    }
+
     /// The STATS text: one `name value` pair per line.
     pub fn render(&self, store: &Store, commit_seq: u64) -> String {
         let mut text = String::with_capacity(512);

@@ -177,6 +177,16 @@ impl Store {
     }
 
     /// Number of keys.
+    /// Remove every entry (FLUSHDB), giving the memory back; keys keep their
+    /// shards, so a SCAN cursor (a shard index) stays meaningful.
+    pub fn clear(&mut self) {
+        for shard in &mut self.shards {
+            *shard = HashTable::new();
+        }
+        self.len = 0;
+        self.data_bytes = 0;
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

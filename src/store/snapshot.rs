@@ -110,6 +110,13 @@ impl ShardCopy {
         self.copy_shard(store, store.shard_of(key));
     }
 
+    /// The whole store is about to be cleared: copy every shard not copied yet.
+    pub fn before_clear(&mut self, store: &Store) {
+        for shard in 0..SHARDS {
+            self.copy_shard(store, shard);
+        }
+    }
+
     /// Copy shards until `want` bytes are waiting or every shard is copied.
     pub fn fill(&mut self, store: &Store, want: usize) {
         while self.pending() < want && self.scan < SHARDS {

@@ -667,6 +667,13 @@ impl Wal {
         }
     }
 
+    /// The store is about to be cleared: a snapshot in progress copies every shard it still needs.
+    pub fn before_clear(&mut self, store: &Store) {
+        if let Some(s) = self.snapshot.as_mut() {
+            s.copy.before_clear(store);
+        }
+    }
+
     /// Copy and hand over one bounded step of a snapshot in progress.
     /// Returns whether more steps can be taken at once.
     pub fn snapshot_step(&mut self, store: &Store) -> bool {

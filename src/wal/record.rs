@@ -205,6 +205,12 @@ mod tests {
                 key: vec![0xFF; 300],
                 value: Vec::new(),
             },
+            // FLUSHDB: the one op with an empty key.
+            WriteOp {
+                kind: OpKind::Clear,
+                key: Vec::new(),
+                value: Vec::new(),
+            },
         ]
         .into()
     }

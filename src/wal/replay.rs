@@ -116,6 +116,10 @@ pub fn apply_ops(store: &mut Store, seq: u64, ops: &Ops) {
                 value: &op.value,
             },
             OpKind::Delete => Write::Delete { key: &op.key },
+            OpKind::Clear => {
+                store.clear();
+                continue;
+            }
         };
         store.apply(write, seq);
     }
@@ -188,6 +192,31 @@ mod tests {
             r.apply(&Record::Committed { seq: 7 }),
             Err("commit of 7 without its prepare".into())
         );
+    }
+
+    #[test]
+    fn a_replicated_flush_empties_the_store_on_replay() {
+        let mut r = Replay::new(Store::new(), 0, 1);
+        r.apply(&Record::CommitDecision {
+            seq: 1,
+            ops: put("a", "1"),
+        })
+        .expect("apply");
+        let clear: Ops = vec![WriteOp {
+            kind: OpKind::Clear,
+            key: Vec::new(),
+            value: Vec::new(),
+        }]
+        .into();
+        r.apply(&Record::CommitDecision { seq: 2, ops: clear })
+            .expect("apply");
+        r.apply(&Record::CommitDecision {
+            seq: 3,
+            ops: put("b", "3"),
+        })
+        .expect("apply");
+        assert_eq!(r.store.get(b"a"), None);
+        assert_eq!(r.store.get(b"b"), Some((&b"3"[..], 3)));
     }
 
     #[test]

@@ -1,0 +1,1215 @@
+//! The Redis commands dkvs answers on a RESP connection, executed against the
+//! same [`Core`] as the binary protocol: reads from the store, writes through
+//! the batch (one 2PC transaction per reactor turn), so replication, group
+//! commit and the limits are shared.
+//!
+//! Replies follow Redis 7 byte for byte where the command exists there. A
+//! command made of several writes (MSET, DEL k1 k2, ...) submits them together,
+//! so they land in one transaction. Read-modify-write commands (INCR, APPEND,
+//! SETNX, ...) compute on the master against the store plus the writes not yet
+//! applied, and replicate the result as a plain PUT.
+
+use std::fmt::Write as _;
+
+use log::info;
+
+use crate::protocol::MAX_KEY_BYTES;
+use crate::protocol::peer::{OpKind, WriteOp};
+use crate::protocol::resp::{
+    Encoder, RespDecoded, RespVersion, decode_command, glob_match, parse_i64,
+};
+use crate::store::SHARDS;
+
+use super::connection::{Connection, MAX_PENDING_WRITES, OUTPUT_HIGH_WATER_BYTES, Stop};
+use super::handler::{Core, Latest, Mode, ReplyTarget, RespPending, RespWriteReply};
+
+/// The Redis version dkvs reports (HELLO, INFO): the one whose replies it follows.
+const REDIS_VERSION: &str = "7.0.15";
+/// Smallest input buffer an incomplete command may ask for (the buffer's resting size).
+const MIN_GROW_BYTES: usize = 16 * 1024;
+/// Default COUNT of SCAN, as Redis.
+const SCAN_DEFAULT_COUNT: u64 = 10;
+
+/// The RESP state of one connection.
+#[derive(Debug)]
+pub struct RespConnection {
+    /// Replies in the connection's protocol version.
+    encoder: Encoder,
+    /// CLIENT SETNAME.
+    name: Option<Vec<u8>>,
+    /// Unquoted inline arguments.
+    scratch: Vec<u8>,
+    /// CLIENT ID.
+    id: u64,
+}
+
+impl RespConnection {
+    /// A connection that starts in RESP2, as Redis's do.
+    pub fn new(id: u64) -> RespConnection {
+        RespConnection {
+            encoder: Encoder(RespVersion::Two),
+            name: None,
+            scratch: Vec::new(),
+            id,
+        }
+    }
+}
+
+/// When a command may run relative to the connection's writes still pending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Reads data: must see this connection's earlier writes, so waits for them.
+    Read,
+    /// Writes: may queue behind earlier writes (answers stay in order).
+    Write,
+    /// Touches no data: answered at once (parked behind pending replies).
+    Free,
+}
+
+/// One supported command, as COMMAND describes it.
+struct Spec {
+    /// Lower-case name, as Redis prints it in errors.
+    name: &'static str,
+    /// Redis arity: N exactly N arguments (with the name), -N at least N.
+    arity: i64,
+    class: Class,
+    /// COMMAND's flags.
+    flags: &'static [&'static str],
+    /// First key, last key (-1: the last argument), step; 0 0 0 without keys.
+    keys: (i64, i64, i64),
+}
+
+const RO: &[&str] = &["readonly", "fast"];
+const WR: &[&str] = &["write", "denyoom"];
+const ADMIN: &[&str] = &["fast", "stale"];
+
+/// Every command answered; the hot ones first (the lookup is a linear scan).
+const COMMANDS: &[Spec] = &[
+    spec("get", 2, Class::Read, RO, (1, 1, 1)),
+    spec("set", -3, Class::Write, WR, (1, 1, 1)),
+    spec("ping", -1, Class::Free, ADMIN, (0, 0, 0)),
+    spec("incr", 2, Class::Write, WR, (1, 1, 1)),
+    spec("mset", -3, Class::Write, WR, (1, -1, 2)),
+    spec("mget", -2, Class::Read, RO, (1, -1, 1)),
+    spec("del", -2, Class::Write, WR, (1, -1, 1)),
+    spec("exists", -2, Class::Read, RO, (1, -1, 1)),
+    spec("decr", 2, Class::Write, WR, (1, 1, 1)),
+    spec("incrby", 3, Class::Write, WR, (1, 1, 1)),
+    spec("decrby", 3, Class::Write, WR, (1, 1, 1)),
+    spec("getset", 3, Class::Write, WR, (1, 1, 1)),
+    spec("setnx", 3, Class::Write, WR, (1, 1, 1)),
+    spec("msetnx", -3, Class::Write, WR, (1, -1, 2)),
+    spec("append", 3, Class::Write, WR, (1, 1, 1)),
+    spec("strlen", 2, Class::Read, RO, (1, 1, 1)),
+    spec("type", 2, Class::Read, RO, (1, 1, 1)),
+    spec("dbsize", 1, Class::Read, RO, (0, 0, 0)),
+    spec("keys", 2, Class::Read, &["readonly"], (0, 0, 0)),
+    spec("scan", -2, Class::Read, &["readonly"], (0, 0, 0)),
+    spec("flushdb", -1, Class::Write, &["write"], (0, 0, 0)),
+    spec("flushall", -1, Class::Write, &["write"], (0, 0, 0)),
+    spec("echo", 2, Class::Free, ADMIN, (0, 0, 0)),
+    spec("info", -1, Class::Read, &["stale"], (0, 0, 0)),
+    spec("config", -2, Class::Free, &["admin", "stale"], (0, 0, 0)),
+    spec("command", -1, Class::Free, &["stale"], (0, 0, 0)),
+    spec("client", -2, Class::Free, ADMIN, (0, 0, 0)),
+    spec("hello", -1, Class::Free, ADMIN, (0, 0, 0)),
+    spec("select", 2, Class::Free, ADMIN, (0, 0, 0)),
+    spec("quit", -1, Class::Free, ADMIN, (0, 0, 0)),
+    spec("auth", -2, Class::Free, ADMIN, (0, 0, 0)),
+    spec("wait", 3, Class::Read, &[], (0, 0, 0)),
+    spec("role", 1, Class::Read, ADMIN, (0, 0, 0)),
+    spec("dkvs.version", 2, Class::Read, RO, (1, 1, 1)),
+];
+
+const fn spec(
+    name: &'static str,
+    arity: i64,
+    class: Class,
+    flags: &'static [&'static str],
+    keys: (i64, i64, i64),
+) -> Spec {
+    Spec {
+        name,
+        arity,
+        class,
+        flags,
+        keys,
+    }
+}
+
+fn lookup(name: &[u8]) -> Option<&'static Spec> {
+    COMMANDS
+        .iter()
+        .find(|s| s.name.as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// What executing a command did.
+enum Exec {
+    /// The reply is written.
+    Done,
+    /// The writes joined the batch; the reply comes with their outcome.
+    Pending(crate::replication::ClientRef),
+    /// A key it must read is being written by a transaction in flight: run it
+    /// again once that is decided. Nothing was written.
+    WaitKey,
+    /// Answered; close the connection once the reply is sent (QUIT).
+    Close,
+}
+
+impl Connection {
+    /// Answer complete RESP commands in order until the input runs out,
+    /// replies back up, or a command must wait; say which.
+    pub(super) fn answer_resp(&mut self, core: &mut Core) -> Stop {
+        let max_bulk = core.max_value_bytes.max(MAX_KEY_BYTES);
+        while self.io.pending_output() < OUTPUT_HIGH_WATER_BYTES {
+            let Some(state) = self.resp.as_deref_mut() else {
+                return Stop::Closing;
+            };
+            let (buffered, output) = self.io.split();
+            let buffered_len = buffered.len();
+            let RespConnection {
+                encoder,
+                name,
+                scratch,
+                id,
+            } = state;
+            let (args, used) = match decode_command(buffered, max_bulk, scratch) {
+                Ok(RespDecoded::Command { args, used }) => (args, used),
+                Ok(RespDecoded::Incomplete { need }) => {
+                    // Grow with what arrived (at most doubling), never to a declared length.
+                    let grow = buffered_len.saturating_mul(2).max(MIN_GROW_BYTES);
+                    self.io.need(Some(need.min(grow).max(buffered_len + 1)));
+                    return Stop::NeedBytes;
+                }
+                // The error reply must follow the replies still owed.
+                Err(_) if !self.pending.is_empty() => return Stop::Waiting,
+                Err(e) => {
+                    core.stats.protocol_errors += 1;
+                    encoder.error(output, &format!("ERR {e}"));
+                    self.closing = true;
+                    return Stop::Closing;
+                }
+            };
+            if args.is_empty() {
+                self.io.consume(used);
+                continue;
+            }
+            if args[0].eq_ignore_ascii_case(b"host:") || args[0].eq_ignore_ascii_case(b"post") {
+                // An HTTP request (a browser, or a cross-protocol attack): close
+                // without a reply, as Redis does.
+                info!("{}: HTTP request on the RESP port; closing", self.peer());
+                self.closing = true;
+                return Stop::Closing;
+            }
+            let spec = lookup(args[0]);
+            let class = spec.map_or(Class::Free, |s| s.class);
+            let may_wait = !self.pending.is_empty();
+            match class {
+                Class::Read if may_wait => return Stop::Waiting,
+                Class::Write if self.pending.len() >= MAX_PENDING_WRITES => {
+                    return Stop::Waiting;
+                }
+                Class::Write if core.batch_full() => {
+                    core.batch_waiters.push(self.key);
+                    return Stop::Waiting;
+                }
+                _ => {}
+            }
+            // Replies that are ready while earlier writes are pending wait in line behind them.
+            let mut parked = Vec::new();
+            let out = if may_wait { &mut parked } else { output };
+            let target = ReplyTarget::Tcp {
+                key: self.key,
+                conn_id: self.conn_id,
+            };
+            let mut session = Session {
+                core,
+                enc: encoder,
+                name,
+                id: *id,
+                target,
+                out,
+            };
+            let exec = match spec {
+                Some(spec) => session.run(spec, &args),
+                None => {
+                    session.unknown_command(&args);
+                    Exec::Done
+                }
+            };
+            core.resp_commands += 1;
+            match exec {
+                Exec::Done => {
+                    if may_wait {
+                        self.pending
+                            .push_back((crate::replication::ClientRef(0), Some(parked)));
+                    }
+                }
+                Exec::Pending(client) => self.pending.push_back((client, None)),
+                Exec::WaitKey => {
+                    core.key_waiters.push(self.key);
+                    return Stop::Waiting;
+                }
+                Exec::Close => {
+                    if may_wait {
+                        self.pending
+                            .push_back((crate::replication::ClientRef(0), Some(parked)));
+                    }
+                    self.io.consume(used);
+                    self.closing = true;
+                    return Stop::Closing;
+                }
+            }
+            self.io.consume(used);
+        }
+        Stop::OutputFull
+    }
+}
+
+/// What a command runs with.
+struct Session<'a> {
+    core: &'a mut Core,
+    enc: &'a mut Encoder,
+    name: &'a mut Option<Vec<u8>>,
+    id: u64,
+    target: ReplyTarget,
+    out: &'a mut Vec<u8>,
+}
+
+fn upper(arg: &[u8]) -> Vec<u8> {
+    arg.to_ascii_uppercase()
+}
+
+fn text(arg: &[u8]) -> String {
+    String::from_utf8_lossy(arg).into_owned()
+}
+
+const NOT_AN_INTEGER: &str = "ERR value is not an integer or out of range";
+const SYNTAX: &str = "ERR syntax error";
+const READONLY: &str = "READONLY You can't write against a read only replica.";
+const EXPIRY_UNSUPPORTED: &str =
+    "ERR expiry (EX, PX, EXAT, PXAT, KEEPTTL) is not supported by dkvs yet: keys do not expire";
+const TOO_BIG: &str = "ERR string exceeds maximum allowed size (proto-max-bulk-len)";
+
+impl Session<'_> {
+    fn error(&mut self, text: &str) -> Exec {
+        self.enc.error(self.out, text);
+        Exec::Done
+    }
+
+    fn ok(&mut self) -> Exec {
+        self.enc.ok(self.out);
+        Exec::Done
+    }
+
+    fn int(&mut self, n: i64) -> Exec {
+        self.enc.int(self.out, n);
+        Exec::Done
+    }
+
+    fn unknown_command(&mut self, args: &[&[u8]]) {
+        // Redis's text: the first arguments quoted, each followed by a space, up to ~128 bytes.
+        let mut shown = String::new();
+        for arg in &args[1..] {
+            if shown.len() >= 128 {
+                break;
+            }
+            let room = 128 - shown.len();
+            let arg = text(&arg[..arg.len().min(room)]);
+            let _ = write!(shown, "'{arg}' ");
+        }
+        let name = text(&args[0][..args[0].len().min(128)]);
+        self.error(&format!(
+            "ERR unknown command '{name}', with args beginning with: {shown}"
+        ));
+    }
+
+    fn unknown_subcommand(&mut self, command: &str, sub: &[u8]) -> Exec {
+        self.error(&format!(
+            "ERR unknown subcommand '{}'. Try {} HELP.",
+            text(&sub[..sub.len().min(128)]),
+            command.to_ascii_uppercase()
+        ))
+    }
+
+    fn wrong_arity(&mut self, name: &str) -> Exec {
+        self.error(&format!(
+            "ERR wrong number of arguments for '{name}' command"
+        ))
+    }
+
+    /// A key dkvs can store (1..=65535 bytes), else the error to answer.
+    fn key_error(&self, key: &[u8]) -> Option<&'static str> {
+        if key.is_empty() {
+            Some("ERR empty keys are not supported by dkvs (keys are 1 to 65535 bytes)")
+        } else if key.len() > MAX_KEY_BYTES {
+            Some("ERR key too long for dkvs (keys are 1 to 65535 bytes)")
+        } else {
+            None
+        }
+    }
+
+    fn value_ok(&self, value: &[u8]) -> bool {
+        value.len() <= self.core.max_value_bytes
+    }
+
+    /// Submit `ops` as one transaction's worth of this command.
+    fn submit<I>(&mut self, ops: I, reply: RespWriteReply) -> Exec
+    where
+        I: IntoIterator<Item = WriteOp>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let ops = ops.into_iter();
+        let pending = RespPending {
+            reply,
+            encoder: *self.enc,
+            remaining: ops.len() as u32,
+            changed: 0,
+        };
+        let client = self.core.submit(ops, self.target, 0, 0, Some(pending));
+        Exec::Pending(client)
+    }
+
+    fn put(key: &[u8], value: &[u8]) -> WriteOp {
+        WriteOp {
+            kind: OpKind::Put,
+            key: key.to_vec(),
+            value: value.to_vec(),
+        }
+    }
+
+    fn run(&mut self, spec: &Spec, args: &[&[u8]]) -> Exec {
+        let n = args.len() as i64;
+        if (spec.arity > 0 && n != spec.arity) || (spec.arity < 0 && n < -spec.arity) {
+            return self.wrong_arity(spec.name);
+        }
+        if spec.class == Class::Write && matches!(self.core.mode, Mode::Slave { .. }) {
+            return self.error(READONLY);
+        }
+        if spec.class == Class::Write
+            && let Some(why) = &self.core.write_refusal
+        {
+            // Redis's answer when its AOF cannot be written.
+            let message = format!("MISCONF Errors writing to the AOF file: {why}");
+            return self.error(&message);
+        }
+        match spec.name {
+            "get" => self.get(args[1]),
+            "set" => self.set(args),
+            "ping" => match args.len() {
+                1 => {
+                    self.enc.simple(self.out, "PONG");
+                    Exec::Done
+                }
+                2 => {
+                    self.enc.bulk(self.out, args[1]);
+                    Exec::Done
+                }
+                _ => self.wrong_arity("ping"),
+            },
+            "echo" => {
+                self.enc.bulk(self.out, args[1]);
+                Exec::Done
+            }
+            "incr" => self.incr_by(args[1], 1),
+            "decr" => self.incr_by(args[1], -1),
+            "incrby" | "decrby" => {
+                let Some(by) = parse_i64(args[2]) else {
+                    return self.error(NOT_AN_INTEGER);
+                };
+                if spec.name == "incrby" {
+                    self.incr_by(args[1], by)
+                } else if by == i64::MIN {
+                    self.error("ERR decrement would overflow")
+                } else {
+                    self.incr_by(args[1], -by)
+                }
+            }
+            "mset" | "msetnx" => self.mset(args, spec.name == "msetnx"),
+            "mget" => {
+                self.enc.array(self.out, args.len() - 1);
+                for key in &args[1..] {
+                    let value = self.core.store.get(key).map(|(v, _)| v);
+                    self.enc.opt_bulk(self.out, value);
+                }
+                Exec::Done
+            }
+            "del" => {
+                let ops: Vec<WriteOp> = args[1..]
+                    .iter()
+                    .filter(|k| self.key_error(k).is_none())
+                    .map(|k| WriteOp {
+                        kind: OpKind::Delete,
+                        key: k.to_vec(),
+                        value: Vec::new(),
+                    })
+                    .collect();
+                if ops.is_empty() {
+                    return self.int(0);
+                }
+                self.submit(ops, RespWriteReply::Changed)
+            }
+            "exists" => {
+                let found = args[1..]
+                    .iter()
+                    .filter(|k| self.core.store.get(k).is_some())
+                    .count();
+                self.int(found as i64)
+            }
+            "getset" => self.set_with(args[1], args[2], SetMode::Always, SetReply::Old),
+            "setnx" => self.set_with(args[1], args[2], SetMode::IfAbsent, SetReply::OneZero),
+            "append" => self.append(args[1], args[2]),
+            "strlen" => {
+                let len = self.core.store.get(args[1]).map_or(0, |(v, _)| v.len());
+                self.int(len as i64)
+            }
+            "type" => {
+                let kind = if self.core.store.get(args[1]).is_some() {
+                    "string"
+                } else {
+                    "none"
+                };
+                self.enc.simple(self.out, kind);
+                Exec::Done
+            }
+            "dbsize" => self.int(self.core.store.len() as i64),
+            "keys" => {
+                let keys: Vec<&[u8]> = self
+                    .core
+                    .store
+                    .iter()
+                    .map(|b| b.key())
+                    .filter(|k| glob_match(args[1], k))
+                    .collect();
+                self.enc.array(self.out, keys.len());
+                for key in keys {
+                    self.enc.bulk(self.out, key);
+                }
+                Exec::Done
+            }
+            "scan" => self.scan(args),
+            "flushdb" | "flushall" => {
+                if args.len() > 2
+                    || (args.len() == 2
+                        && !args[1].eq_ignore_ascii_case(b"async")
+                        && !args[1].eq_ignore_ascii_case(b"sync"))
+                {
+                    return self.error(SYNTAX);
+                }
+                let clear = WriteOp {
+                    kind: OpKind::Clear,
+                    key: Vec::new(),
+                    value: Vec::new(),
+                };
+                self.submit(std::iter::once(clear), RespWriteReply::Ok)
+            }
+            "info" => {
+                let text = self.info(&args[1..]);
+                self.enc.verbatim(self.out, &text);
+                Exec::Done
+            }
+            "config" => self.config(args),
+            "command" => self.command(args),
+            "client" => self.client(args),
+            "hello" => self.hello(args),
+            "select" => match parse_i64(args[1]) {
+                Some(0) => self.ok(),
+                Some(_) => self.error("ERR DB index is out of range"),
+                None => self.error(NOT_AN_INTEGER),
+            },
+            "quit" => {
+                self.enc.ok(self.out);
+                Exec::Close
+            }
+            "auth" => self.auth(&args[1..]),
+            "wait" => self.wait(args),
+            "role" => self.role(),
+            "dkvs.version" => {
+                match self.core.store.get(args[1]) {
+                    Some((_, version)) => self.enc.int(self.out, version as i64),
+                    None => self.enc.null(self.out),
+                }
+                Exec::Done
+            }
+            _ => {
+                self.unknown_command(args);
+                Exec::Done
+            }
+        }
+    }
+
+    fn get(&mut self, key: &[u8]) -> Exec {
+        let value = self.core.store.get(key).map(|(v, _)| v);
+        self.enc.opt_bulk(self.out, value);
+        Exec::Done
+    }
+
+    fn set(&mut self, args: &[&[u8]]) -> Exec {
+        let mut mode = SetMode::Always;
+        let mut style = SetReply::OkOrNull;
+        for option in &args[3..] {
+            let option = upper(option);
+            match option.as_slice() {
+                b"NX" if mode == SetMode::Always => mode = SetMode::IfAbsent,
+                b"XX" if mode == SetMode::Always => mode = SetMode::IfPresent,
+                b"GET" => style = SetReply::Old,
+                b"EX" | b"PX" | b"EXAT" | b"PXAT" | b"KEEPTTL" => {
+                    return self.error(EXPIRY_UNSUPPORTED);
+                }
+                _ => return self.error(SYNTAX),
+            }
+        }
+        self.set_with(args[1], args[2], mode, style)
+    }
+
+    /// SET and its relatives: write `value` under the condition and answer in `style`.
+    fn set_with(&mut self, key: &[u8], value: &[u8], mode: SetMode, style: SetReply) -> Exec {
+        if let Some(e) = self.key_error(key) {
+            return self.error(e);
+        }
+        if !self.value_ok(value) {
+            return self.error(TOO_BIG);
+        }
+        match (mode, style) {
+            (SetMode::Always, SetReply::OkOrNull) => {
+                return self.submit(
+                    std::iter::once(Session::put(key, value)),
+                    RespWriteReply::Ok,
+                );
+            }
+            (SetMode::IfPresent, SetReply::OkOrNull) => {
+                // UPDATE is conditional on every replica alike: no read needed.
+                let update = WriteOp {
+                    kind: OpKind::Update,
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                };
+                return self.submit(std::iter::once(update), RespWriteReply::OkOrNull);
+            }
+            _ => {}
+        }
+        let old = match self.core.latest(key) {
+            Latest::Known(old) => old.map(<[u8]>::to_vec),
+            Latest::InFlight => return Exec::WaitKey,
+        };
+        let write = match mode {
+            SetMode::Always => true,
+            SetMode::IfAbsent => old.is_none(),
+            SetMode::IfPresent => old.is_some(),
+        };
+        if !write {
+            match style {
+                SetReply::Old => self.enc.opt_bulk(self.out, old.as_deref()),
+                SetReply::OneZero => self.enc.int(self.out, 0),
+                SetReply::OkOrNull => self.enc.null(self.out),
+            }
+            return Exec::Done;
+        }
+        let reply = match style {
+            SetReply::Old => RespWriteReply::Bulk(old),
+            SetReply::OneZero => RespWriteReply::Int(1),
+            SetReply::OkOrNull => RespWriteReply::Ok,
+        };
+        self.submit(std::iter::once(Session::put(key, value)), reply)
+    }
+
+    fn incr_by(&mut self, key: &[u8], by: i64) -> Exec {
+        if let Some(e) = self.key_error(key) {
+            return self.error(e);
+        }
+        let current = match self.core.latest(key) {
+            Latest::Known(None) => 0,
+            Latest::Known(Some(value)) => match parse_i64(value) {
+                Some(n) => n,
+                None => return self.error(NOT_AN_INTEGER),
+            },
+            Latest::InFlight => return Exec::WaitKey,
+        };
+        let Some(next) = current.checked_add(by) else {
+            return self.error("ERR increment or decrement would overflow");
+        };
+        let value = next.to_string();
+        self.submit(
+            vec![Session::put(key, value.as_bytes())],
+            RespWriteReply::Int(next),
+        )
+    }
+
+    fn append(&mut self, key: &[u8], suffix: &[u8]) -> Exec {
+        if let Some(e) = self.key_error(key) {
+            return self.error(e);
+        }
+        let mut value = match self.core.latest(key) {
+            Latest::Known(old) => old.map(<[u8]>::to_vec).unwrap_or_default(),
+            Latest::InFlight => return Exec::WaitKey,
+        };
+        if value.len() + suffix.len() > self.core.max_value_bytes {
+            return self.error(TOO_BIG);
+        }
+        value.extend_from_slice(suffix);
+        let len = value.len() as i64;
+        let put = WriteOp {
+            kind: OpKind::Put,
+            key: key.to_vec(),
+            value,
+        };
+        self.submit(std::iter::once(put), RespWriteReply::Int(len))
+    }
+
+    fn mset(&mut self, args: &[&[u8]], only_if_none: bool) -> Exec {
+        let name = if only_if_none { "msetnx" } else { "mset" };
+        if args.len().is_multiple_of(2) {
+            return self.wrong_arity(name);
+        }
+        let pairs: Vec<(&[u8], &[u8])> = args[1..].chunks(2).map(|p| (p[0], p[1])).collect();
+        for (key, value) in &pairs {
+            if let Some(e) = self.key_error(key) {
+                return self.error(e);
+            }
+            if !self.value_ok(value) {
+                return self.error(TOO_BIG);
+            }
+        }
+        if only_if_none {
+            for (key, _) in &pairs {
+                match self.core.latest(key) {
+                    Latest::Known(None) => {}
+                    Latest::Known(Some(_)) => return self.int(0),
+                    Latest::InFlight => return Exec::WaitKey,
+                }
+            }
+        }
+        let ops: Vec<WriteOp> = pairs.iter().map(|(k, v)| Session::put(k, v)).collect();
+        let reply = if only_if_none {
+            RespWriteReply::Int(1)
+        } else {
+            RespWriteReply::Ok
+        };
+        self.submit(ops, reply)
+    }
+
+    fn scan(&mut self, args: &[&[u8]]) -> Exec {
+        let Some(cursor) = std::str::from_utf8(args[1])
+            .ok()
+            .and_then(|c| c.parse::<u64>().ok())
+        else {
+            return self.error("ERR invalid cursor");
+        };
+        let mut pattern: Option<&[u8]> = None;
+        let mut count = SCAN_DEFAULT_COUNT;
+        let mut strings = true;
+        let mut i = 2;
+        while i < args.len() {
+            let option = upper(args[i]);
+            let Some(&value) = args.get(i + 1) else {
+                return self.error(SYNTAX);
+            };
+            match option.as_slice() {
+                b"MATCH" => pattern = Some(value),
+                b"COUNT" => match parse_i64(value) {
+                    Some(c) if c >= 1 => count = c as u64,
+                    Some(_) => return self.error(SYNTAX),
+                    None => return self.error(NOT_AN_INTEGER),
+                },
+                b"TYPE" => strings = value.eq_ignore_ascii_case(b"string"),
+                _ => return self.error(SYNTAX),
+            }
+            i += 2;
+        }
+        // The cursor is a shard index: whole shards are visited until COUNT keys
+        // were examined, so the work per call is bounded by COUNT plus one shard.
+        let mut shard = cursor.min(SHARDS as u64) as usize;
+        let mut examined = 0u64;
+        let mut keys: Vec<&[u8]> = Vec::new();
+        while shard < SHARDS && examined < count {
+            for block in self.core.store.iter_shard(shard) {
+                examined += 1;
+                if strings && pattern.is_none_or(|p| glob_match(p, block.key())) {
+                    keys.push(block.key());
+                }
+            }
+            shard += 1;
+        }
+        let next = if shard >= SHARDS { 0 } else { shard };
+        self.enc.array(self.out, 2);
+        self.enc.bulk(self.out, next.to_string().as_bytes());
+        self.enc.array(self.out, keys.len());
+        for key in keys {
+            self.enc.bulk(self.out, key);
+        }
+        Exec::Done
+    }
+
+    fn auth(&mut self, args: &[&[u8]]) -> Exec {
+        // No password exists yet: Redis's answers without requirepass, where the
+        // default user has no password and takes any.
+        match args {
+            [_password] => self.error(
+                "ERR AUTH <password> called without any password configured for the default \
+                 user. Are you sure your configuration is correct?",
+            ),
+            [user, _password] if user == b"default" => self.ok(),
+            [_, _] => self.error("WRONGPASS invalid username-password pair or user is disabled."),
+            _ => self.error(SYNTAX),
+        }
+    }
+
+    fn wait(&mut self, args: &[&[u8]]) -> Exec {
+        if parse_i64(args[1]).is_none() {
+            return self.error(NOT_AN_INTEGER);
+        }
+        match parse_i64(args[2]) {
+            None => return self.error("ERR timeout is not an integer or out of range"),
+            Some(t) if t < 0 => return self.error("ERR timeout is negative"),
+            Some(_) => {}
+        }
+        if matches!(self.core.mode, Mode::Slave { .. }) {
+            return self.error(
+                "ERR WAIT cannot be used with replica instances. Please also note that since \
+                 Redis 4.0 if a replica is configured to be writable (which is not the default) \
+                 writes to replicas are just local and are not propagated.",
+            );
+        }
+        // Every acknowledged write is already on every in-sync slave (2PC).
+        self.int(self.core.replication.in_sync as i64)
+    }
+
+    fn role(&mut self) -> Exec {
+        match &self.core.mode {
+            Mode::Master => {
+                let info = &self.core.replication;
+                self.enc.array(self.out, 3);
+                self.enc.bulk(self.out, b"master");
+                self.enc.int(self.out, self.core.commit_seq as i64);
+                self.enc.array(self.out, info.slaves.len());
+                for slave in &info.slaves {
+                    let (host, port) = split_addr(&slave.addr);
+                    self.enc.array(self.out, 3);
+                    self.enc.bulk(self.out, host.as_bytes());
+                    self.enc.bulk(self.out, port.as_bytes());
+                    self.enc
+                        .bulk(self.out, slave.applied_seq.to_string().as_bytes());
+                }
+            }
+            Mode::Slave { master } => {
+                let (host, port) = split_addr(master);
+                let port: i64 = port.parse().unwrap_or(0);
+                let state = if self.core.replication.master_link_up {
+                    "connected"
+                } else {
+                    "connect"
+                };
+                self.enc.array(self.out, 5);
+                self.enc.bulk(self.out, b"slave");
+                self.enc.bulk(self.out, host.as_bytes());
+                self.enc.int(self.out, port);
+                self.enc.bulk(self.out, state.as_bytes());
+                self.enc.int(self.out, self.core.commit_seq as i64);
+            }
+        }
+        Exec::Done
+    }
+
+    fn config(&mut self, args: &[&[u8]]) -> Exec {
+        let sub = upper(args[1]);
+        match sub.as_slice() {
+            b"GET" if args.len() >= 3 => {
+                let table = self.config_table();
+                let mut found: Vec<&(String, String)> = Vec::new();
+                for pattern in &args[2..] {
+                    let pattern = pattern.to_ascii_lowercase();
+                    for entry in &table {
+                        if glob_match(&pattern, entry.0.as_bytes())
+                            && !found.iter().any(|f| f.0 == entry.0)
+                        {
+                            found.push(entry);
+                        }
+                    }
+                }
+                self.enc.map(self.out, found.len());
+                for (name, value) in found {
+                    self.enc.bulk(self.out, name.as_bytes());
+                    self.enc.bulk(self.out, value.as_bytes());
+                }
+                Exec::Done
+            }
+            b"GET" => self.wrong_arity("config|get"),
+            b"SET" => {
+                self.error("ERR CONFIG SET is not supported by dkvs: use its command-line flags")
+            }
+            b"RESETSTAT" => self.ok(),
+            _ => self.unknown_subcommand("config", args[1]),
+        }
+    }
+
+    /// The configuration CONFIG GET reports: what redis-benchmark and client
+    /// libraries ask for, with dkvs's real values where it has them.
+    fn config_table(&self) -> Vec<(String, String)> {
+        [
+            ("save", String::new()),
+            // The write-ahead log is dkvs's append-only file; Redis spells "never" "no".
+            ("appendonly", "yes".into()),
+            (
+                "appendfsync",
+                match self.core.fsync_policy {
+                    "batch" => "everysec",
+                    "never" => "no",
+                    _ => "always",
+                }
+                .into(),
+            ),
+            ("databases", "1".into()),
+            ("maxmemory", "0".into()),
+            ("maxmemory-policy", "noeviction".into()),
+            ("maxclients", "10000".into()),
+            ("timeout", "0".into()),
+            ("port", self.core.tcp_port.to_string()),
+            ("proto-max-bulk-len", self.core.max_value_bytes.to_string()),
+            ("replica-read-only", "yes".into()),
+            ("slave-read-only", "yes".into()),
+            ("cluster-enabled", "no".into()),
+            ("notify-keyspace-events", String::new()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    fn command(&mut self, args: &[&[u8]]) -> Exec {
+        let Some(sub) = args.get(1) else {
+            self.enc.array(self.out, COMMANDS.len());
+            for spec in COMMANDS {
+                self.command_entry(spec);
+            }
+            return Exec::Done;
+        };
+        match upper(sub).as_slice() {
+            b"COUNT" => self.int(COMMANDS.len() as i64),
+            b"DOCS" => {
+                // No documentation to give: redis-cli then uses its built-in help.
+                self.enc.map(self.out, 0);
+                Exec::Done
+            }
+            b"INFO" => {
+                self.enc.array(self.out, args.len() - 2);
+                for name in &args[2..] {
+                    match lookup(name) {
+                        Some(spec) => self.command_entry(spec),
+                        None => self.enc.null(self.out),
+                    }
+                }
+                Exec::Done
+            }
+            b"LIST" => {
+                self.enc.array(self.out, COMMANDS.len());
+                for spec in COMMANDS {
+                    self.enc.bulk(self.out, spec.name.as_bytes());
+                }
+                Exec::Done
+            }
+            _ => self.unknown_subcommand("command", sub),
+        }
+    }
+
+    /// One COMMAND entry, Redis 7's ten fields.
+    fn command_entry(&mut self, spec: &Spec) {
+        let enc = *self.enc;
+        enc.array(self.out, 10);
+        enc.bulk(self.out, spec.name.as_bytes());
+        enc.int(self.out, spec.arity);
+        enc.array(self.out, spec.flags.len());
+        for flag in spec.flags {
+            enc.simple(self.out, flag);
+        }
+        enc.int(self.out, spec.keys.0);
+        enc.int(self.out, spec.keys.1);
+        enc.int(self.out, spec.keys.2);
+        for _ in 0..4 {
+            // ACL categories, tips, key specs, subcommands.
+            enc.array(self.out, 0);
+        }
+    }
+
+    fn client(&mut self, args: &[&[u8]]) -> Exec {
+        let sub = upper(args[1]);
+        match sub.as_slice() {
+            b"ID" if args.len() == 2 => self.int(self.id as i64),
+            b"GETNAME" if args.len() == 2 => {
+                let name = self.name.clone();
+                self.enc.opt_bulk(self.out, name.as_deref());
+                Exec::Done
+            }
+            b"SETNAME" if args.len() == 3 => match self.set_name(args[2]) {
+                Ok(()) => self.ok(),
+                Err(e) => self.error(e),
+            },
+            b"SETINFO" if args.len() == 4 => {
+                let attr = upper(args[2]);
+                if attr != b"LIB-NAME" && attr != b"LIB-VER" {
+                    return self.error(&format!("ERR Unrecognized option '{}'", text(args[2])));
+                }
+                self.ok()
+            }
+            b"ID" | b"GETNAME" | b"SETNAME" | b"SETINFO" => {
+                let name = format!("client|{}", text(&sub).to_ascii_lowercase());
+                self.wrong_arity(&name)
+            }
+            _ => self.unknown_subcommand("client", args[1]),
+        }
+    }
+
+    fn set_name(&mut self, name: &[u8]) -> Result<(), &'static str> {
+        if name.iter().any(|&b| !(b'!'..=b'~').contains(&b)) {
+            return Err("ERR Client names cannot contain spaces, newlines or special characters.");
+        }
+        *self.name = (!name.is_empty()).then(|| name.to_vec());
+        Ok(())
+    }
+
+    fn hello(&mut self, args: &[&[u8]]) -> Exec {
+        let mut version = *self.enc;
+        if let Some(proto) = args.get(1) {
+            version = match parse_i64(proto) {
+                Some(2) => Encoder(RespVersion::Two),
+                Some(3) => Encoder(RespVersion::Three),
+                Some(_) => return self.error("NOPROTO unsupported protocol version"),
+                None => {
+                    return self.error("ERR Protocol version is not an integer or out of range");
+                }
+            };
+        }
+        let mut i = 2;
+        let mut new_name = None;
+        while i < args.len() {
+            let option = upper(args[i]);
+            match option.as_slice() {
+                b"AUTH" if i + 2 < args.len() => {
+                    if args[i + 1] != b"default" {
+                        return self.error(
+                            "WRONGPASS invalid username-password pair or user is disabled.",
+                        );
+                    }
+                    i += 3;
+                }
+                b"SETNAME" if i + 1 < args.len() => {
+                    new_name = Some(args[i + 1]);
+                    i += 2;
+                }
+                _ => {
+                    return self.error(&format!(
+                        "ERR Syntax error in HELLO option '{}'",
+                        text(args[i])
+                    ));
+                }
+            }
+        }
+        if let Some(name) = new_name
+            && let Err(e) = self.set_name(name)
+        {
+            return self.error(e);
+        }
+        *self.enc = version;
+        let enc = version;
+        let role = match self.core.mode {
+            Mode::Master => "master",
+            Mode::Slave { .. } => "replica",
+        };
+        enc.map(self.out, 7);
+        enc.bulk(self.out, b"server");
+        enc.bulk(self.out, b"redis");
+        enc.bulk(self.out, b"version");
+        enc.bulk(self.out, REDIS_VERSION.as_bytes());
+        enc.bulk(self.out, b"proto");
+        enc.int(
+            self.out,
+            if version.0 == RespVersion::Three {
+                3
+            } else {
+                2
+            },
+        );
+        enc.bulk(self.out, b"id");
+        enc.int(self.out, self.id as i64);
+        enc.bulk(self.out, b"mode");
+        enc.bulk(self.out, b"standalone");
+        enc.bulk(self.out, b"role");
+        enc.bulk(self.out, role.as_bytes());
+        enc.bulk(self.out, b"modules");
+        enc.array(self.out, 0);
+        Exec::Done
+    }
+
+    /// INFO's text, Redis's layout: `# Section` then `field:value` lines, CRLF.
+    fn info(&self, sections: &[&[u8]]) -> String {
+        const ALL: [&str; 7] = [
+            "server",
+            "clients",
+            "memory",
+            "persistence",
+            "stats",
+            "replication",
+            "keyspace",
+        ];
+        let wanted: Vec<String> = sections
+            .iter()
+            .map(|s| String::from_utf8_lossy(s).to_ascii_lowercase())
+            .collect();
+        let everything = wanted.is_empty()
+            || wanted
+                .iter()
+                .any(|w| w == "all" || w == "everything" || w == "default");
+        let core = &*self.core;
+        let mut text = String::new();
+        for section in ALL {
+            if !everything && !wanted.iter().any(|w| w == section) {
+                continue;
+            }
+            if !text.is_empty() {
+                text.push_str("\r\n");
+            }
+            let mut title = section.to_string();
+            title[..1].make_ascii_uppercase();
+            let _ = write!(text, "# {title}\r\n");
+            let mut line = |name: &str, value: &dyn std::fmt::Display| {
+                let _ = write!(text, "{name}:{value}\r\n");
+            };
+            match section {
+                "server" => {
+                    line("redis_version", &REDIS_VERSION);
+                    line("dkvs_version", &env!("CARGO_PKG_VERSION"));
+                    line("redis_mode", &"standalone");
+                    line("os", &std::env::consts::OS);
+                    line("arch_bits", &(usize::BITS));
+                    line("multiplexing_api", &"epoll");
+                    line("process_id", &std::process::id());
+                    line("tcp_port", &core.tcp_port);
+                    line("uptime_in_seconds", &core.stats.uptime_secs());
+                    line("uptime_in_days", &(core.stats.uptime_secs() / 86_400));
+                }
+                "clients" => {
+                    line("connected_clients", &core.stats.connections_open);
+                    line("blocked_clients", &0);
+                }
+                "memory" => {
+                    // Entries plus an estimate of the table and allocation overhead per key.
+                    let used = core.store.data_bytes() + 48 * core.store.len();
+                    line("used_memory", &used);
+                    line("used_memory_human", &human_bytes(used));
+                    if let Some(rss) = rss_bytes() {
+                        line("used_memory_rss", &rss);
+                    }
+                    line("maxmemory", &0);
+                    line("maxmemory_policy", &"noeviction");
+                }
+                "persistence" => {
+                    line("loading", &0);
+                    line("rdb_changes_since_last_save", &0);
+                    line("rdb_bgsave_in_progress", &0);
+                    line("rdb_last_bgsave_status", &"ok");
+                    line("aof_enabled", &1);
+                    line("aof_rewrite_in_progress", &0);
+                }
+                "stats" => {
+                    line(
+                        "total_connections_received",
+                        &core.stats.connections_accepted,
+                    );
+                    line(
+                        "total_commands_processed",
+                        &(core.resp_commands + core.stats.requests()),
+                    );
+                    line("rejected_connections", &0);
+                    line("expired_keys", &0);
+                    line("evicted_keys", &0);
+                }
+                "replication" => match &core.mode {
+                    Mode::Master => {
+                        let slaves: Vec<_> = core
+                            .replication
+                            .slaves
+                            .iter()
+                            .filter(|s| s.state != "evicted")
+                            .collect();
+                        line("role", &"master");
+                        line("connected_slaves", &slaves.len());
+                        for (i, slave) in slaves.iter().enumerate() {
+                            let (ip, port) = split_addr(&slave.addr);
+                            let state = match slave.state {
+                                "in-sync" => "online",
+                                _ => "send_bulk",
+                            };
+                            line(
+                                &format!("slave{i}"),
+                                &format!(
+                                    "ip={ip},port={port},state={state},offset={},lag={}",
+                                    slave.applied_seq, slave.lag
+                                ),
+                            );
+                        }
+                        line("master_repl_offset", &core.commit_seq);
+                    }
+                    Mode::Slave { master } => {
+                        let (host, port) = split_addr(master);
+                        let up = core.replication.master_link_up;
+                        line("role", &"slave");
+                        line("master_host", &host);
+                        line("master_port", &port);
+                        line("master_link_status", &if up { "up" } else { "down" });
+                        line("slave_repl_offset", &core.commit_seq);
+                        line("slave_read_only", &1);
+                        line("connected_slaves", &0);
+                        line("master_repl_offset", &core.commit_seq);
+                    }
+                },
+                "keyspace" if !core.store.is_empty() => {
+                    line(
+                        "db0",
+                        &format!("keys={},expires=0,avg_ttl=0", core.store.len()),
+                    );
+                }
+                _ => {}
+            }
+        }
+        text
+    }
+}
+
+/// How SET-like commands condition their write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SetMode {
+    Always,
+    IfAbsent,
+    IfPresent,
+}
+
+/// How SET-like commands answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SetReply {
+    /// OK, or null when the condition failed (SET).
+    OkOrNull,
+    /// The old value or null (SET ... GET, GETSET).
+    Old,
+    /// 1 if written, else 0 (SETNX).
+    OneZero,
+}
+
+/// `host:port` split at the last colon.
+fn split_addr(addr: &str) -> (&str, &str) {
+    addr.rsplit_once(':').unwrap_or((addr, ""))
+}
+
+fn human_bytes(n: usize) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2}G", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.2}M", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.2}K", n as f64 / 1024.0),
+        n => format!("{n}B"),
+    }
+}
+
+/// Resident memory from /proc (Linux); `None` elsewhere.
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
