@@ -210,10 +210,16 @@ pub struct Wal {
     written_lsn: u64,
     synced_lsn: u64,
     reported_lsn: u64,
-    /// Syncs requested and not yet reported.
-    syncs_in_flight: usize,
     /// Highest lsn a requested sync covers.
     requested_lsn: u64,
+    /// Bytes written to the segments since the log was opened.
+    written_bytes: u64,
+    /// `written_bytes` covered by the last completed sync.
+    synced_bytes: u64,
+    /// Syncs completed.
+    syncs_seen: u64,
+    /// The group-commit target after the last completed sync (see `sync::sync_loop`).
+    start_at_bytes: u64,
     failed: Option<String>,
     snapshot: Option<DiskSnapshot>,
     /// Snapshot jobs sent and not yet consumed.
@@ -362,8 +368,11 @@ impl Wal {
             written_lsn: 0,
             synced_lsn: 0,
             reported_lsn: 0,
-            syncs_in_flight: 0,
             requested_lsn: 0,
+            written_bytes: 0,
+            synced_bytes: 0,
+            syncs_seen: 0,
+            start_at_bytes: 0,
             failed: None,
             snapshot: None,
             snapshot_queued: 0,
@@ -505,6 +514,7 @@ impl Wal {
         };
         match result {
             Ok(()) => {
+                self.written_bytes += self.buffer.len() as u64;
                 self.buffer.clear();
                 self.written_lsn = self.appended_lsn;
             }
@@ -538,15 +548,21 @@ impl Wal {
     }
 
     fn request_sync(&mut self) {
-        if self.failed.is_some() || self.syncs_in_flight >= sync::SYNCS_IN_FLIGHT {
+        self.send_sync(false);
+    }
+
+    /// Hand the sync thread what was written since the last request (with
+    /// `update`, also when nothing new was written: a new target to gather to).
+    fn send_sync(&mut self, update: bool) {
+        if self.failed.is_some() {
             return;
         }
+        // Batch syncs too (the thread spaces them out), so a crash loses at most about a second.
         let needed = match self.config.fsync {
             FsyncPolicy::Never => false,
-            // Batch syncs too (the thread spaces them out), so a crash loses at most about a second.
-            FsyncPolicy::Always => self.written_lsn > self.requested_lsn,
-            FsyncPolicy::Batch => {
-                self.written_lsn > self.requested_lsn && self.syncs_in_flight == 0
+            FsyncPolicy::Always | FsyncPolicy::Batch => {
+                self.written_lsn > self.requested_lsn
+                    || (update && self.written_lsn > self.synced_lsn)
             }
         };
         if !needed && !self.dir_dirty {
@@ -557,6 +573,9 @@ impl Wal {
         let dir = std::mem::take(&mut self.dir_dirty).then(|| self.config.dir.clone());
         let request = SyncRequest {
             lsn: self.written_lsn,
+            written_bytes: self.written_bytes,
+            seen_syncs: self.syncs_seen,
+            start_at_bytes: self.start_at_bytes,
             files,
             dir,
         };
@@ -564,30 +583,37 @@ impl Wal {
             self.fail("the log's sync thread is gone".into());
             return;
         }
-        self.syncs_in_flight += 1;
         self.requested_lsn = self.written_lsn;
     }
 
     /// The helpers woke the reactor: take their reports. Returns the lsn that
     /// became durable, if any, and whether a snapshot finished or failed.
     pub fn on_wake(&mut self) -> Option<u64> {
+        let mut synced = false;
         while let Ok(done) = self.helpers.done.try_recv() {
             match done {
-                Done::Synced { lsn, micros } => {
-                    self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
+                Done::Synced {
+                    lsn,
+                    micros,
+                    written_bytes,
+                } => {
                     self.synced_lsn = self.synced_lsn.max(lsn);
                     let _ = self.fsync_us.record(micros.max(1));
+                    // The writers this sync covered are answered now and will be
+                    // back: gather them with those already waiting into one sync.
+                    let covered = written_bytes.saturating_sub(self.synced_bytes);
+                    self.synced_bytes = self.synced_bytes.max(written_bytes);
+                    self.syncs_seen += 1;
+                    self.start_at_bytes = self.written_bytes + covered * 9 / 10;
+                    synced = true;
                 }
-                Done::SyncFailed(why) => {
-                    self.syncs_in_flight = self.syncs_in_flight.saturating_sub(1);
-                    self.fail(why);
-                }
+                Done::SyncFailed(why) => self.fail(why),
                 Done::BlockWritten => self.snapshot_queued = self.snapshot_queued.saturating_sub(1),
                 Done::SnapshotWritten { id, bytes } => self.snapshot_done(id, bytes),
                 Done::SnapshotFailed { id, why } => self.snapshot_failed(id, why),
             }
         }
-        self.request_sync();
+        self.send_sync(synced);
         self.durable()
     }
 

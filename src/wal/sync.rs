@@ -15,8 +15,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -25,13 +25,9 @@ use mio::Waker;
 use super::fault::{self, Point};
 use super::snapshot::{write_block, write_end};
 
-/// Syncs of the log that may run at once. With more than one, records that
-/// arrive just after a sync started need not wait for it to finish before
-/// theirs begins (a completed sync covers everything written before it
-/// began, so completions may arrive in any order). On this machine's ext4
-/// virtual disk two in flight measured no better than one (the journal
-/// commits them one after the other), so one it is; the code allows more.
-pub const SYNCS_IN_FLIGHT: usize = 1;
+/// Longest a sync waits for the writers it just answered to come back (the
+/// group-commit window; see `sync_loop`).
+pub const GATHER_MAX: Duration = Duration::from_micros(500);
 
 /// Batch policy: at most one fsync per this interval.
 pub const BATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -41,6 +37,12 @@ pub const BATCH_INTERVAL: Duration = Duration::from_secs(1);
 pub struct SyncRequest {
     /// Every record through this log sequence number is in these files.
     pub lsn: u64,
+    /// Bytes written to the log since it was opened, these records included.
+    pub written_bytes: u64,
+    /// Syncs the reactor had seen completed when it sent this request.
+    pub seen_syncs: u64,
+    /// Group-commit target: wait (within the window) until this many bytes are written.
+    pub start_at_bytes: u64,
     /// Files to sync, oldest first (a rotated segment before the active one).
     pub files: Vec<Arc<File>>,
     /// Also sync the directory (a segment was created since the last sync).
@@ -85,6 +87,8 @@ pub enum Done {
         lsn: u64,
         /// Duration of the fsync calls.
         micros: u64,
+        /// The request's `written_bytes`: what the sync covered.
+        written_bytes: u64,
     },
     /// A sync failed: nothing after the last success may be reported durable.
     SyncFailed(String),
@@ -127,16 +131,13 @@ impl Helpers {
         let (sync_tx, sync_rx) = std::sync::mpsc::channel();
         let (snap_tx, snap_rx) = std::sync::mpsc::sync_channel(SNAPSHOT_QUEUE);
         let (done_tx, done_rx) = std::sync::mpsc::channel();
-        let sync_rx = Arc::new(Mutex::new(sync_rx));
         let mut threads = Vec::new();
-        for i in 0..SYNCS_IN_FLIGHT {
-            let (rx, done, waker) = (sync_rx.clone(), done_tx.clone(), waker.clone());
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("dkvs-wal-sync-{i}"))
-                    .spawn(move || sync_loop(&rx, done, waker, batch))?,
-            );
-        }
+        let (done, sync_waker) = (done_tx.clone(), waker.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("dkvs-wal-sync".into())
+                .spawn(move || sync_loop(&sync_rx, &done, &sync_waker, batch))?,
+        );
         threads.push(
             std::thread::Builder::new()
                 .name("dkvs-wal-snapshot".into())
@@ -156,19 +157,35 @@ impl Helpers {
     }
 }
 
-fn sync_loop(
-    requests: &Mutex<Receiver<SyncRequest>>,
-    done: Sender<Done>,
-    waker: Arc<Waker>,
-    batch: bool,
-) {
+/// Merge `newer` into `request`: one fsync covers both.
+fn merge(request: &mut SyncRequest, newer: SyncRequest) {
+    request.files.extend(newer.files);
+    request.lsn = newer.lsn;
+    request.written_bytes = newer.written_bytes;
+    request.seen_syncs = newer.seen_syncs;
+    request.start_at_bytes = newer.start_at_bytes;
+    if newer.dir.is_some() {
+        request.dir = newer.dir;
+    }
+}
+
+/// The sync thread: one fsync at a time, each covering every request that
+/// queued up meanwhile.
+///
+/// Group-commit window (`always`): when a sync completes, the writers it
+/// covered get their replies and most send their next write within a round
+/// trip. Starting the next sync at once would cover only the writes that
+/// arrived during the last one, so the writers would split into two groups
+/// taking turns, each waiting through the other's sync. Instead, after a
+/// sync the reactor sets a target (the bytes already waiting plus about what
+/// the last sync covered: every writer), and the next sync waits until the
+/// log reaches it, for at most half an fsync's time and [`GATHER_MAX`]. A
+/// lone writer never waits: its next write alone reaches the target.
+fn sync_loop(requests: &Receiver<SyncRequest>, done: &Sender<Done>, waker: &Waker, batch: bool) {
     let mut last_sync = Instant::now() - BATCH_INTERVAL;
-    loop {
-        // One thread at a time takes the next request (and whatever queued behind it).
-        let guard = requests.lock().unwrap_or_else(|e| e.into_inner());
-        let Ok(mut request) = guard.recv() else {
-            return;
-        };
+    let mut completed = 0u64;
+    let mut window_end: Option<Instant> = None;
+    while let Ok(mut request) = requests.recv() {
         if batch {
             // Batch: one fsync per interval covers whatever was written meanwhile.
             let next = last_sync + BATCH_INTERVAL;
@@ -178,22 +195,23 @@ fn sync_loop(
             }
         }
         // Whatever queued up while the last sync ran is covered by one more.
-        loop {
-            match guard.try_recv() {
-                Ok(newer) => {
-                    let mut files = std::mem::take(&mut request.files);
-                    files.extend(newer.files);
-                    request = SyncRequest {
-                        lsn: newer.lsn,
-                        files,
-                        dir: newer.dir.or(request.dir),
-                    };
+        while let Ok(newer) = requests.try_recv() {
+            merge(&mut request, newer);
+        }
+        if let Some(until) = window_end.take() {
+            // Wait for the reactor's target after our last completion, then for the log to reach it.
+            while request.seen_syncs < completed || request.written_bytes < request.start_at_bytes
+            {
+                let now = Instant::now();
+                if now >= until {
+                    break;
                 }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => break,
+                match requests.recv_timeout(until - now) {
+                    Ok(newer) => merge(&mut request, newer),
+                    Err(_) => break,
+                }
             }
         }
-        drop(guard);
         last_sync = Instant::now();
         let started = Instant::now();
         let result = sync_files(&request);
@@ -202,6 +220,7 @@ fn sync_loop(
             Ok(()) => Done::Synced {
                 lsn: request.lsn,
                 micros,
+                written_bytes: request.written_bytes,
             },
             Err(e) => Done::SyncFailed(e),
         };
@@ -215,6 +234,11 @@ fn sync_loop(
             // dirty pages, so a later success would prove nothing (fsyncgate).
             // The reactor stops the log on this report and requests no more syncs.
             return;
+        }
+        completed += 1;
+        if !batch {
+            let window = Duration::from_micros(micros / 2).min(GATHER_MAX);
+            window_end = Some(Instant::now() + window);
         }
     }
 }
