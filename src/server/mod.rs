@@ -943,6 +943,8 @@ impl Server {
             self.core.write_refusal = Some(format!("write-ahead log failed: {why}"));
             self.replication_changed = true;
         }
+        let alone = matches!(&self.role, Role::Master(c) if c.members().in_sync_count() == 0);
+        self.wal.set_group_window(alone);
         if self.wal.snapshot_due() {
             let seq = self.core.commit_seq;
             let history_id = self.role.history_id();

@@ -220,6 +220,10 @@ pub struct Wal {
     syncs_seen: u64,
     /// The group-commit target after the last completed sync (see `sync::sync_loop`).
     start_at_bytes: u64,
+    /// Whether syncs wait for the writers just answered (see [`Wal::set_group_window`]).
+    group_window: bool,
+    /// A record appended since the last sync request waits on that sync.
+    urgent_pending: bool,
     failed: Option<String>,
     snapshot: Option<DiskSnapshot>,
     /// Snapshot jobs sent and not yet consumed.
@@ -373,6 +377,8 @@ impl Wal {
             synced_bytes: 0,
             syncs_seen: 0,
             start_at_bytes: 0,
+            group_window: false,
+            urgent_pending: false,
             failed: None,
             snapshot: None,
             snapshot_queued: 0,
@@ -403,6 +409,18 @@ impl Wal {
     /// Why the log stopped accepting records, if it did.
     pub fn failed(&self) -> Option<&str> {
         self.failed.as_deref()
+    }
+
+    /// Let syncs wait for the writers the last one answered (the group-commit
+    /// window of `sync::sync_loop`). Right only where those writers come back
+    /// within a round trip: a master without slaves in sync. A slave's next
+    /// record waits on its own vote, and a master with slaves waits on theirs,
+    /// so there a window would only add its length to every write.
+    pub fn set_group_window(&mut self, enabled: bool) {
+        self.group_window = enabled;
+        if !enabled {
+            self.start_at_bytes = 0;
+        }
     }
 
     /// Record a history id before serving (a master's first start): written and synced at once.
@@ -458,6 +476,12 @@ impl Wal {
                 Some(lsn),
             );
         }
+        // A slave's commit records only gate its ACK, which the master does not
+        // wait on to answer anyone: their sync may wait for the next PREPARE's.
+        self.urgent_pending |= !matches!(
+            record,
+            Record::Committed { .. } | Record::CommittedTxn { .. } | Record::History { .. }
+        );
         let before = self.buffer.len();
         encode_record(&mut self.buffer, record);
         let added = (self.buffer.len() - before) as u64;
@@ -576,6 +600,7 @@ impl Wal {
             written_bytes: self.written_bytes,
             seen_syncs: self.syncs_seen,
             start_at_bytes: self.start_at_bytes,
+            urgent: std::mem::take(&mut self.urgent_pending),
             files,
             dir,
         };
@@ -604,7 +629,11 @@ impl Wal {
                     let covered = written_bytes.saturating_sub(self.synced_bytes);
                     self.synced_bytes = self.synced_bytes.max(written_bytes);
                     self.syncs_seen += 1;
-                    self.start_at_bytes = self.written_bytes + covered * 9 / 10;
+                    self.start_at_bytes = if self.group_window {
+                        self.written_bytes + covered * 9 / 10
+                    } else {
+                        0
+                    };
                     synced = true;
                 }
                 Done::SyncFailed(why) => self.fail(why),

@@ -29,6 +29,9 @@ use super::snapshot::{write_block, write_end};
 /// group-commit window; see `sync_loop`).
 pub const GATHER_MAX: Duration = Duration::from_micros(500);
 
+/// Longest a sync with no urgent record waits for one.
+pub const LAZY_DELAY: Duration = Duration::from_millis(2);
+
 /// Batch policy: at most one fsync per this interval.
 pub const BATCH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -43,6 +46,10 @@ pub struct SyncRequest {
     pub seen_syncs: u64,
     /// Group-commit target: wait (within the window) until this many bytes are written.
     pub start_at_bytes: u64,
+    /// Some record waits on this sync (a vote, a client's reply). Without one
+    /// (a slave's commit records, whose acks can wait) the sync waits up to
+    /// [`LAZY_DELAY`] for one that has, and covers both.
+    pub urgent: bool,
     /// Files to sync, oldest first (a rotated segment before the active one).
     pub files: Vec<Arc<File>>,
     /// Also sync the directory (a segment was created since the last sync).
@@ -164,6 +171,7 @@ fn merge(request: &mut SyncRequest, newer: SyncRequest) {
     request.written_bytes = newer.written_bytes;
     request.seen_syncs = newer.seen_syncs;
     request.start_at_bytes = newer.start_at_bytes;
+    request.urgent |= newer.urgent;
     if newer.dir.is_some() {
         request.dir = newer.dir;
     }
@@ -202,6 +210,21 @@ fn sync_loop(requests: &Receiver<SyncRequest>, done: &Sender<Done>, waker: &Wake
             // Wait for the reactor's target after our last completion, then for the log to reach it.
             while request.seen_syncs < completed || request.written_bytes < request.start_at_bytes
             {
+                let now = Instant::now();
+                if now >= until {
+                    break;
+                }
+                match requests.recv_timeout(until - now) {
+                    Ok(newer) => merge(&mut request, newer),
+                    Err(_) => break,
+                }
+            }
+        }
+        if !request.urgent && !batch {
+            // Only records whose acknowledgement can wait: let the next urgent
+            // sync (a slave's next PREPARE) carry them instead of queueing ahead of it.
+            let until = Instant::now() + LAZY_DELAY;
+            while !request.urgent {
                 let now = Instant::now();
                 if now >= until {
                     break;
