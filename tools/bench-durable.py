@@ -33,7 +33,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVER = os.path.join(ROOT, "target/release/dkvs-server")
+SERVER = os.environ.get("DKVS_SERVER", os.path.join(ROOT, "target/release/dkvs-server"))
 LOAD = os.path.join(ROOT, "target/release/dkvs-load")
 PROCS = []
 

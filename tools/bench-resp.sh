@@ -32,7 +32,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 redis_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >"$work/redis.log" 2>&1 &
 pids+=($!)
-target/release/dkvs-server -p 0 -l error >"$work/dkvs.out" 2>&1 &
+# Redis runs without persistence, so dkvs logs without fsync (--fsync never).
+target/release/dkvs-server -p 0 -l error -d "$work/dkvs-data" --fsync never >"$work/dkvs.out" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do
     grep -q ready "$work/dkvs.out" 2>/dev/null && redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
