@@ -31,12 +31,12 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::protocol::Status;
-use crate::protocol::peer::{OpKind, PeerMessage};
+use crate::protocol::peer::PeerMessage;
 use crate::replication::{
     Action, ClientRef, CommitLog, Coordinator, CoordinatorConfig, Event, LinkState, Participant,
     ParticipantConfig, PeerId, WriteError,
 };
-use crate::store::{Applied, Store, Write};
+use crate::store::{Applied, Store};
 use crate::wal::{FsyncPolicy, Wal, WalConfig, WalError};
 
 use connection::{Connection, Liveness};
@@ -1122,7 +1122,7 @@ impl Server {
             "commits apply in sequence order"
         );
         for (i, op) in ops.iter().enumerate() {
-            if op.kind == OpKind::Clear {
+            let Some(write) = crate::wal::replay::store_write(op) else {
                 self.wal.before_clear(&self.core.store);
                 for &key in self.peers.values() {
                     if let Some(Link::Peer(link)) = self.links.get_mut(key) {
@@ -1134,17 +1134,6 @@ impl Server {
                     self.reply(client, Status::Ok, seq, &[]);
                 }
                 continue;
-            }
-            let write = match op.kind {
-                OpKind::Put => Write::Put {
-                    key: &op.key,
-                    value: &op.value,
-                },
-                OpKind::Update => Write::Update {
-                    key: &op.key,
-                    value: &op.value,
-                },
-                OpKind::Delete | OpKind::Clear => Write::Delete { key: &op.key },
             };
             // A snapshot being streamed or written keeps the key's shard as it was at its start.
             self.wal.before_write(&self.core.store, &op.key);

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::protocol::peer::OpKind;
+use crate::protocol::peer::{OpKind, WriteOp};
 use crate::replication::{Ops, Record};
 use crate::store::{Store, Write};
 
@@ -103,25 +103,31 @@ impl Replay {
     }
 }
 
+/// The store write a replicated op is, or `None` for a clear (FLUSHDB) of the whole store.
+pub fn store_write(op: &WriteOp) -> Option<Write<'_>> {
+    Some(match op.kind {
+        OpKind::Put => Write::Put {
+            key: &op.key,
+            value: &op.value,
+        },
+        OpKind::Update => Write::Update {
+            key: &op.key,
+            value: &op.value,
+        },
+        OpKind::Delete => Write::Delete { key: &op.key },
+        OpKind::Clear => return None,
+    })
+}
+
 /// Apply a committed transaction's writes to `store` at version `seq`.
 pub fn apply_ops(store: &mut Store, seq: u64, ops: &Ops) {
     for op in ops.iter() {
-        let write = match op.kind {
-            OpKind::Put => Write::Put {
-                key: &op.key,
-                value: &op.value,
-            },
-            OpKind::Update => Write::Update {
-                key: &op.key,
-                value: &op.value,
-            },
-            OpKind::Delete => Write::Delete { key: &op.key },
-            OpKind::Clear => {
-                store.clear();
-                continue;
+        match store_write(op) {
+            Some(write) => {
+                store.apply(write, seq);
             }
-        };
-        store.apply(write, seq);
+            None => store.clear(),
+        }
     }
 }
 

@@ -15,8 +15,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -208,8 +208,7 @@ fn sync_loop(requests: &Receiver<SyncRequest>, done: &Sender<Done>, waker: &Wake
         }
         if let Some(until) = window_end.take() {
             // Wait for the reactor's target after our last completion, then for the log to reach it.
-            while request.seen_syncs < completed || request.written_bytes < request.start_at_bytes
-            {
+            while request.seen_syncs < completed || request.written_bytes < request.start_at_bytes {
                 let now = Instant::now();
                 if now >= until {
                     break;
