@@ -517,6 +517,7 @@ impl Server {
     /// Serve until the poller fails.
     pub fn run(&mut self) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(1024);
+        let mut turn_started: Option<Instant> = None;
         loop {
             let mut next = self.timers.next_deadline();
             if !self.links.is_empty() {
@@ -537,12 +538,18 @@ impl Server {
                 let retry = Duration::from_millis(ACCEPT_RETRY_MS);
                 timeout = Some(timeout.map_or(retry, |t| t.min(retry)));
             }
+            if let Some(started) = turn_started.take() {
+                let micros = started.elapsed().as_micros() as u64;
+                self.core.stats.longest_turn_us = self.core.stats.longest_turn_us.max(micros);
+            }
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(ServerError::Poll(e));
             }
+            // A turn is the work between two polls: what other clients wait behind.
+            turn_started = Some(Instant::now());
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(),

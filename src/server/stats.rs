@@ -42,6 +42,8 @@ pub struct Stats {
     pub udp_replies_limited: u64,
     /// TCP connections accepted and closed at once because `--max-connections` were open.
     pub connections_refused: u64,
+    /// Longest time between two polls of the reactor since start, microseconds.
+    pub longest_turn_us: u64,
     /// Connections closed by the idle timeout.
     pub connections_closed_idle: u64,
     /// Connections closed because a frame took longer than the frame timeout to arrive.
@@ -71,6 +73,7 @@ impl Default for Stats {
             udp_replies: 0,
             udp_replies_limited: 0,
             connections_refused: 0,
+            longest_turn_us: 0,
             connections_closed_idle: 0,
             connections_closed_slow_frame: 0,
             input_budget: Rc::new(InputBudget::new(DEFAULT_INPUT_BUDGET_BYTES)),
@@ -129,6 +132,7 @@ impl Stats {
         line("udp_replies", &self.udp_replies);
         line("udp_replies_limited", &self.udp_replies_limited);
         line("connections_refused", &self.connections_refused);
+        line("longest_turn_us", &self.longest_turn_us);
         line("connections_closed_idle", &self.connections_closed_idle);
         line(
             "connections_closed_slow_frame",
