@@ -636,14 +636,10 @@ impl Coordinator {
         let same_history = (history_id == own_history && own_history != 0)
             || (history_id == 0 && last_applied_seq == 0);
         if same_history && last_applied_seq <= master_seq && self.log.covers(last_applied_seq) {
-            self.send(
+            self.send_registered(
                 peer,
-                PeerMessage::Registered {
-                    master_seq,
-                    history_id: own_history,
-                    catch_up: CatchUp::Log {
-                        from_seq: last_applied_seq,
-                    },
+                CatchUp::Log {
+                    from_seq: last_applied_seq,
                 },
             );
             self.send_backlog(peer, last_applied_seq);
@@ -661,14 +657,7 @@ impl Coordinator {
                  (restart it with --resync-discard-data to replace it with ours)"
             );
             self.members.set_state(peer, SlaveState::Diverged);
-            self.send(
-                peer,
-                PeerMessage::Registered {
-                    master_seq,
-                    history_id: own_history,
-                    catch_up: CatchUp::Diverged,
-                },
-            );
+            self.send_registered(peer, CatchUp::Diverged);
             return;
         }
         if !same_history {
@@ -677,15 +666,20 @@ impl Coordinator {
                  ours is {own_history:#018x}: snapshot"
             );
         }
+        self.send_registered(peer, CatchUp::Snapshot { at_seq: master_seq });
+        self.start_snapshot(peer);
+    }
+
+    /// Answer a REGISTER: our released seq and history, and what follows.
+    fn send_registered(&mut self, peer: PeerId, catch_up: CatchUp) {
         self.send(
             peer,
             PeerMessage::Registered {
-                master_seq,
-                history_id: own_history,
-                catch_up: CatchUp::Snapshot { at_seq: master_seq },
+                master_seq: self.released_seq,
+                history_id: self.config.history_id,
+                catch_up,
             },
         );
-        self.start_snapshot(peer);
     }
 
     fn start_snapshot(&mut self, peer: PeerId) {
