@@ -95,11 +95,7 @@ fn a_restarted_server_keeps_every_acknowledged_write_and_versions_keep_increasin
 fn a_second_server_on_the_same_data_directory_is_refused() {
     let first = ServerProcess::start(&[]);
     let dir = first.data_dir().expect("helper-made data dir");
-    let out = Command::new(bin("dkvs-server"))
-        .args(["-p", "0", "-d"])
-        .arg(&dir)
-        .output()
-        .expect("run");
+    let out = refused_start(&dir);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("in use by another dkvs-server"), "{stderr}");
@@ -107,6 +103,15 @@ fn a_second_server_on_the_same_data_directory_is_refused() {
         .client(Transport::Tcp)
         .ping()
         .expect("the first one still serves");
+}
+
+/// Run `dkvs-server -p 0 -d DIR` expecting it to exit (a refused start).
+fn refused_start(dir: &std::path::Path) -> std::process::Output {
+    Command::new(bin("dkvs-server"))
+        .args(["-p", "0", "-d"])
+        .arg(dir)
+        .output()
+        .expect("run")
 }
 
 fn segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -162,11 +167,7 @@ fn a_torn_tail_is_cut_and_kept_and_mid_log_damage_stops_start_up_until_repaired(
     let mut bytes = std::fs::read(&with_data).expect("read");
     bytes[16 + 12] ^= 0x55; // inside the first record after the header
     std::fs::write(&with_data, &bytes).expect("write");
-    let out = Command::new(bin("dkvs-server"))
-        .args(["-p", "0", "-d"])
-        .arg(&dir)
-        .output()
-        .expect("run");
+    let out = refused_start(&dir);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let name = with_data

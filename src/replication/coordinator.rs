@@ -195,17 +195,6 @@ impl TxnState {
     }
 }
 
-/// What a slave said in REGISTER.
-#[derive(Debug)]
-struct Registration {
-    client_addr: String,
-    last_applied_seq: u64,
-    history_id: u64,
-    protocol_version: u16,
-    node_id: u64,
-    may_discard_data: bool,
-}
-
 /// A transaction in flight on the master.
 #[derive(Debug)]
 struct Txn {
@@ -508,27 +497,8 @@ impl Coordinator {
     }
 
     fn on_message(&mut self, now_ms: u64, peer: PeerId, msg: PeerMessage) {
-        if let PeerMessage::Register {
-            client_addr,
-            last_applied_seq,
-            history_id,
-            protocol_version,
-            node_id,
-            may_discard_data,
-        } = msg
-        {
-            self.on_register(
-                now_ms,
-                peer,
-                Registration {
-                    client_addr,
-                    last_applied_seq,
-                    history_id,
-                    protocol_version,
-                    node_id,
-                    may_discard_data,
-                },
-            );
+        if matches!(msg, PeerMessage::Register { .. }) {
+            self.on_register(now_ms, peer, msg);
             return;
         }
         let Some(info) = self.members.get(peer) else {
@@ -592,15 +562,19 @@ impl Coordinator {
         }
     }
 
-    fn on_register(&mut self, now_ms: u64, peer: PeerId, reg: Registration) {
-        let Registration {
+    /// A REGISTER (`msg`) arrived on `peer`.
+    fn on_register(&mut self, now_ms: u64, peer: PeerId, msg: PeerMessage) {
+        let PeerMessage::Register {
             client_addr,
             last_applied_seq,
             history_id,
             protocol_version,
             node_id,
             may_discard_data,
-        } = reg;
+        } = msg
+        else {
+            return;
+        };
         if self.members.get(peer).is_some() {
             self.evict(now_ms, peer, "registered twice on one link");
             return;

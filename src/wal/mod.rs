@@ -396,16 +396,6 @@ impl Wal {
         self.node_id
     }
 
-    /// The data directory.
-    pub fn dir(&self) -> &Path {
-        &self.config.dir
-    }
-
-    /// The fsync policy.
-    pub fn policy(&self) -> FsyncPolicy {
-        self.config.fsync
-    }
-
     /// Why the log stopped accepting records, if it did.
     pub fn failed(&self) -> Option<&str> {
         self.failed.as_deref()
