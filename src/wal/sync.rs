@@ -166,7 +166,13 @@ impl Helpers {
 
 /// Merge `newer` into `request`: one fsync covers both.
 fn merge(request: &mut SyncRequest, newer: SyncRequest) {
-    request.files.extend(newer.files);
+    // Every request names the active segment: keep each file once, so a second
+    // of batch-mode requests (one per reactor turn) stays a list of one or two.
+    for file in newer.files {
+        if !request.files.iter().any(|f| Arc::ptr_eq(f, &file)) {
+            request.files.push(file);
+        }
+    }
     request.lsn = newer.lsn;
     request.written_bytes = newer.written_bytes;
     request.seen_syncs = newer.seen_syncs;
@@ -266,13 +272,8 @@ fn sync_loop(requests: &Receiver<SyncRequest>, done: &Sender<Done>, waker: &Wake
 }
 
 fn sync_files(request: &SyncRequest) -> Result<(), String> {
-    let mut seen: Vec<*const File> = Vec::new();
+    // `merge` keeps each file once.
     for file in &request.files {
-        let ptr = Arc::as_ptr(file);
-        if seen.contains(&ptr) {
-            continue;
-        }
-        seen.push(ptr);
         if let Some(e) = fault::inject(Point::Fsync) {
             return Err(format!("fsync of the log failed: {e}"));
         }
