@@ -90,6 +90,16 @@ pub enum TxnState {
         /// Participants that have not acked.
         awaiting_acks: BTreeSet<PeerId>,
     },
+    /// Aborted, the ABORT sent; waiting for participants to make it durable
+    /// before the clients hear ABORTED (a slave promoted later commits what it
+    /// prepared unless it recorded the abort), and before any later
+    /// transaction is released.
+    Aborting {
+        /// Participants that have not acked the abort.
+        awaiting_acks: BTreeSet<PeerId>,
+        /// Why, for the clients.
+        reason: String,
+    },
     /// Aborted and released. Terminal.
     Aborted,
 }
@@ -127,7 +137,7 @@ impl TxnState {
             TxnState::Preparing { awaiting, .. } => {
                 awaiting.remove(&peer);
             }
-            TxnState::Committed { awaiting_acks } => {
+            TxnState::Committed { awaiting_acks } | TxnState::Aborting { awaiting_acks, .. } => {
                 awaiting_acks.remove(&peer);
             }
             TxnState::Deciding { .. } | TxnState::Aborted => {}
@@ -167,21 +177,40 @@ impl TxnState {
             return Decision::Abort("internal error: released undecided".into());
         };
         let decision = decision.clone();
-        *self = match decision {
+        *self = match &decision {
             Decision::Commit => TxnState::Committed {
                 awaiting_acks: participants.clone(),
             },
-            Decision::Abort(_) => TxnState::Aborted,
+            Decision::Abort(reason) => TxnState::Aborting {
+                awaiting_acks: participants.clone(),
+                reason: reason.clone(),
+            },
         };
         decision
     }
 
-    /// `peer` acked; returns whether the ack was awaited.
+    /// `peer` acked (a commit or an abort); returns whether the ack was awaited.
     pub fn on_ack(&mut self, peer: PeerId) -> bool {
         match self {
-            TxnState::Committed { awaiting_acks } => awaiting_acks.remove(&peer),
-            // An ack can never make an aborted transaction anything else.
+            TxnState::Committed { awaiting_acks } | TxnState::Aborting { awaiting_acks, .. } => {
+                awaiting_acks.remove(&peer)
+            }
             _ => false,
+        }
+    }
+
+    /// An abort every participant has acked: the clients may hear of it. Returns the reason.
+    pub fn finish_abort(&mut self) -> Option<String> {
+        match self {
+            TxnState::Aborting {
+                awaiting_acks,
+                reason,
+            } if awaiting_acks.is_empty() => {
+                let reason = std::mem::take(reason);
+                *self = TxnState::Aborted;
+                Some(reason)
+            }
+            _ => None,
         }
     }
 
@@ -430,11 +459,30 @@ impl Coordinator {
             };
             match txn.state {
                 TxnState::Deciding { lsn, .. } if lsn <= self.durable_lsn => {}
+                TxnState::Aborting { .. } => {
+                    // Nothing later is released before every participant has
+                    // the abort: see `TxnState::Aborting`.
+                    let Some(reason) = txn.state.finish_abort() else {
+                        break;
+                    };
+                    debug!("transaction {seq} aborted: {reason}");
+                    for client in std::mem::take(&mut txn.replies) {
+                        self.actions.push_back(Action::Reply {
+                            client,
+                            error: WriteError::Aborted(reason.clone()),
+                        });
+                    }
+                    self.released_seq = seq;
+                    self.forget(seq);
+                    continue;
+                }
                 _ => break,
             }
             debug_assert!(seq > self.released_seq, "commit order must increase");
             let decision = txn.state.on_durable(&txn.participants);
-            self.released_seq = seq;
+            if matches!(decision, Decision::Commit) {
+                self.released_seq = seq;
+            }
             match decision {
                 Decision::Commit => {
                     self.actions.push_back(Action::Apply {
@@ -474,20 +522,23 @@ impl Coordinator {
                         });
                     }
                 }
-                Decision::Abort(reason) => {
-                    debug!("transaction {seq} aborted: {reason}");
-                    for client in std::mem::take(&mut txn.replies) {
-                        self.actions.push_back(Action::Reply {
-                            client,
-                            error: WriteError::Aborted(reason.clone()),
-                        });
-                    }
+                Decision::Abort(_) => {
                     for &peer in &txn.participants {
                         self.actions.push_back(Action::Send {
                             peer,
                             msg: PeerMessage::Abort { seq },
                         });
                     }
+                    if !txn.participants.is_empty() {
+                        let at_ms = now_ms + self.config.tpc_timeout_ms;
+                        txn.deadline_ms = Some(at_ms);
+                        self.actions.push_back(Action::SetTimer {
+                            timer: TimerId::Txn(seq),
+                            at_ms,
+                        });
+                    }
+                    // Released by the `Aborting` arm: now if no one must ack.
+                    continue;
                 }
             }
             if txn.state.is_finished() {
@@ -512,7 +563,7 @@ impl Coordinator {
         self.members.heard_from(peer, now_ms);
         match msg {
             PeerMessage::Vote { seq, vote } => self.on_vote(now_ms, peer, seq, vote),
-            PeerMessage::Ack { seq } => self.on_ack(peer, seq),
+            PeerMessage::Ack { seq } => self.on_ack(now_ms, peer, seq),
             PeerMessage::CaughtUp { seq } => {
                 if self.members.get(peer).map(|s| s.state)
                     == Some(SlaveState::Tailing { marker: seq })
@@ -731,16 +782,23 @@ impl Coordinator {
         self.advance();
     }
 
-    fn on_ack(&mut self, peer: PeerId, seq: u64) {
+    fn on_ack(&mut self, now_ms: u64, peer: PeerId, seq: u64) {
         self.members.applied(peer, seq);
         let mut finished = Vec::new();
+        let mut aborts_acked = false;
         for (&s, txn) in self.txns.range_mut(..=seq) {
-            if txn.state.on_ack(peer) && txn.state.is_finished() {
-                finished.push(s);
+            if txn.state.on_ack(peer) {
+                aborts_acked |= matches!(txn.state, TxnState::Aborting { .. });
+                if txn.state.is_finished() {
+                    finished.push(s);
+                }
             }
         }
         for s in finished {
             self.forget(s);
+        }
+        if aborts_acked {
+            self.release(now_ms);
         }
     }
 
@@ -807,6 +865,9 @@ impl Coordinator {
                     }
                     TxnState::Committed { awaiting_acks } => {
                         (awaiting_acks.iter().copied().collect(), "ack")
+                    }
+                    TxnState::Aborting { awaiting_acks, .. } => {
+                        (awaiting_acks.iter().copied().collect(), "abort ack")
                     }
                     _ => return,
                 };

@@ -81,8 +81,10 @@ pub enum Record {
         /// The writes.
         ops: Ops,
     },
-    /// Master: transaction `seq` aborted. Not needed for correctness (presumed
-    /// abort) but it keeps decisions durable in sequence order.
+    /// Transaction `seq` aborted. On a master it keeps decisions durable in
+    /// sequence order (presumed abort would do without it); on a slave it is
+    /// what a failover must know: a promoted slave commits every transaction it
+    /// prepared unless it recorded its abort.
     AbortDecision {
         /// Commit sequence number.
         seq: u64,

@@ -445,8 +445,16 @@ impl Participant {
             }
             PeerMessage::Abort { seq } => {
                 if self.prepared.remove(&seq).is_some() {
-                    // Decisions arrive in order: every outcome through `seq` is known.
-                    self.position = self.position.max(seq);
+                    // The position does not move past an abort: after a failover
+                    // a new master that never saw this ABORT may commit `seq`, and
+                    // re-registering below it is what makes us replay it then.
+                    // The abort is made durable and acknowledged, because the
+                    // master answers ABORTED only once every participant has it:
+                    // a slave promoted later must not commit what it was told
+                    // is aborted.
+                    let lsn = self.persist(Record::AbortDecision { seq });
+                    self.after_persist
+                        .push_back((lsn, peer, AfterPersist::Ack(seq)));
                 }
             }
             PeerMessage::Heartbeat { .. } => {
@@ -462,6 +470,7 @@ impl Participant {
                 match outcome {
                     Outcome::Aborted => {
                         self.prepared.remove(&seq);
+                        self.persist(Record::AbortDecision { seq });
                     }
                     Outcome::Unknown => {
                         self.violation(now_ms, peer, "master forgot a transaction we hold");

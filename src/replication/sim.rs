@@ -323,6 +323,9 @@ fn recover(durable: &[Durable]) -> Result<(Store, u64, u64), String> {
                 pos = *seq;
             }
             Durable::Rec(Record::History { history_id }) => history = *history_id,
+            Durable::Rec(Record::AbortDecision { seq }) => {
+                prepared.remove(seq);
+            }
             Durable::Rec(other) => {
                 return Err(format!("slave persisted a master record {other:?}"));
             }
@@ -863,18 +866,29 @@ impl Sim {
         let mut seq = 0;
         let mut log = super::CommitLog::new(self.coord_config.log_capacity, 0)
             .with_max_bytes(self.coord_config.log_max_bytes);
+        let life = self.master_life;
+        // Commits decided durably but held behind an abort awaiting its acks were
+        // never applied; the state to compare is the one at the last applied commit.
+        let last_applied = self.digests[life].keys().next_back().copied().unwrap_or(0);
+        let mut applied_state = None;
+        let mut recovered_commits = Vec::new();
         for record in &self.master_durable {
             match record {
                 Record::CommitDecision { seq: s, ops } => {
+                    if applied_state.is_none() && *s > last_applied {
+                        applied_state = Some((seq, digest(&store)));
+                    }
                     apply_ops(&mut store, *s, ops);
                     seq = *s;
                     log.push(*s, ops.clone());
+                    if *s > last_applied {
+                        recovered_commits.push((*s, ops.clone(), digest(&store)));
+                    }
                 }
                 Record::AbortDecision { .. } => {}
                 other => return Err(format!("master persisted a slave record {other:?}")),
             }
         }
-        let life = self.master_life;
         // Durability: every commit the master applied (and so acknowledged) is recovered.
         if let Some((&applied, _)) = self.committed[life].iter().next_back()
             && applied > seq
@@ -883,8 +897,14 @@ impl Sim {
                 "master crash lost commit {applied}: recovered only through {seq}"
             ));
         }
-        if self.digests[life].get(&seq) != Some(&digest(&store)) {
-            return Err(format!("master recovered a state at {seq} it never had"));
+        let (at, state) = applied_state.unwrap_or((seq, digest(&store)));
+        if self.digests[life].get(&at) != Some(&state) {
+            return Err(format!("master recovered a state at {at} it never had"));
+        }
+        // Those commits are decided: the recovered master now has them.
+        for (s, ops, d) in recovered_commits {
+            self.digests[life].insert(s, d);
+            self.committed[life].insert(s, ops);
         }
         self.master_store = store;
         self.master_down_until = self.now + dur;

@@ -155,7 +155,13 @@ fn txn_state_transitions() {
     assert!(reason.contains("disk"));
     s.decide(Decision::Abort(reason), 1);
     assert!(matches!(s.on_durable(&parts), Decision::Abort(_)));
+    assert!(matches!(s, TxnState::Aborting { .. }));
+    assert_eq!(s.finish_abort(), None, "the participants have not acked");
+    assert!(s.on_ack(PeerId(1)));
+    s.on_peer_gone(PeerId(2));
+    assert!(s.finish_abort().is_some_and(|r| r.contains("disk")));
     assert_eq!(s, TxnState::Aborted);
+    assert!(s.is_finished());
     assert!(
         !s.on_ack(PeerId(1)),
         "an aborted transaction never becomes committed"
@@ -335,19 +341,40 @@ fn a_no_vote_aborts_replies_and_evicts_the_voter() {
         matches!(
             &actions[..],
             [
+                Action::Send {
+                    peer: PeerId(2),
+                    msg: PeerMessage::Abort { seq: 1 }
+                },
+                Action::SetTimer { .. }
+            ]
+        ),
+        "the clients wait for the participants to have the abort: {actions:?}"
+    );
+    c.handle(4, writes(11, &["b"]));
+    c.handle(5, yes(2, 2));
+    c.handle(6, Event::Persisted { lsn: 2 });
+    let actions = drain(&mut c);
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Apply { .. })),
+        "nothing later is released before the abort is acked: {actions:?}"
+    );
+    c.handle(7, msg(2, PeerMessage::Ack { seq: 1 }));
+    let actions = drain(&mut c);
+    assert!(
+        matches!(
+            &actions[..],
+            [
                 Action::Reply {
                     client: ClientRef(10),
                     error: WriteError::Aborted(_)
                 },
-                Action::Send {
-                    peer: PeerId(2),
-                    msg: PeerMessage::Abort { seq: 1 }
-                }
+                Action::CancelTimer { .. },
+                Action::Apply { seq: 2, .. },
+                ..
             ]
         ),
         "{actions:?}"
     );
-    assert!(!actions.iter().any(|a| matches!(a, Action::Apply { .. })));
 }
 
 #[test]

@@ -177,7 +177,7 @@ fn acks_are_batched_per_durability_report() {
 }
 
 #[test]
-fn abort_drops_the_prepared_txn_and_advances_the_position() {
+fn abort_drops_the_prepared_txn_durably_acks_it_and_keeps_the_position() {
     let mut p = following(0);
     p.handle(
         0,
@@ -189,8 +189,23 @@ fn abort_drops_the_prepared_txn_and_advances_the_position() {
     p.handle(0, Event::Persisted { lsn: 1 });
     drain(&mut p);
     p.handle(0, from_master(PeerMessage::Abort { seq: 1 }));
-    assert!(drain(&mut p).is_empty(), "nothing applied");
-    assert_eq!((p.in_doubt(), p.position()), (0, 1));
+    assert_eq!(
+        drain(&mut p),
+        vec![Action::Persist {
+            lsn: 2,
+            record: Record::AbortDecision { seq: 1 }
+        }],
+        "nothing applied; the abort is recorded"
+    );
+    assert_eq!((p.in_doubt(), p.position()), (0, 0));
+    p.handle(0, Event::Persisted { lsn: 2 });
+    assert_eq!(
+        drain(&mut p),
+        vec![Action::Send {
+            peer: PeerId(5),
+            msg: PeerMessage::Ack { seq: 1 }
+        }]
+    );
 }
 
 #[test]
