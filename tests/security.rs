@@ -452,6 +452,7 @@ fn register(addr: &str) -> Vec<u8> {
         protocol_version: dkvs::protocol::peer::PEER_PROTOCOL_VERSION,
         node_id: 0,
         may_discard_data: false,
+        epoch: 0,
     })
 }
 

@@ -19,7 +19,7 @@ use super::frame::{self, Decoded, Frame, MAX_KEY_BYTES};
 /// Version of the peer protocol spoken by this build (sent in REGISTER).
 ///
 /// Version 2 added the history id to REGISTER and REGISTERED.
-pub const PEER_PROTOCOL_VERSION: u16 = 3;
+pub const PEER_PROTOCOL_VERSION: u16 = 4;
 /// First opcode reserved for peer messages.
 pub const PEER_OPCODE_FIRST: u8 = 0x40;
 /// Last opcode reserved for peer messages.
@@ -176,6 +176,9 @@ pub enum PeerMessage {
         /// The operator allows replacing the slave's data with a snapshot of
         /// another history (`--resync-discard-data`).
         may_discard_data: bool,
+        /// The newest leadership epoch the slave knows (failover through etcd;
+        /// 0 without it). A master of an older epoch has been deposed.
+        epoch: u64,
     },
     /// Master -> slave handshake reply.
     Registered {
@@ -185,6 +188,9 @@ pub enum PeerMessage {
         history_id: u64,
         /// What follows.
         catch_up: CatchUp,
+        /// The master's leadership epoch (0 without etcd). A slave follows a
+        /// link only while its epoch is the newest one the slave knows.
+        epoch: u64,
     },
     /// Phase one: make these writes durable and vote.
     Prepare {
@@ -500,17 +506,20 @@ impl PeerMessage {
                 protocol_version,
                 node_id,
                 may_discard_data,
+                epoch,
                 ..
             } => {
                 put_u16(out, *protocol_version);
                 put_u64(out, *history_id);
                 put_u64(out, *node_id);
                 out.push(u8::from(*may_discard_data));
+                put_u64(out, *epoch);
                 put_str(out, client_addr);
             }
             PeerMessage::Registered {
                 history_id,
                 catch_up,
+                epoch,
                 ..
             } => {
                 put_u64(out, *history_id);
@@ -528,6 +537,7 @@ impl PeerMessage {
                         put_u64(out, 0);
                     }
                 }
+                put_u64(out, *epoch);
             }
             PeerMessage::Prepare { ops, .. } | PeerMessage::LogEntry { ops, .. } => {
                 encode_ops(out, ops)
@@ -592,6 +602,7 @@ impl PeerMessage {
                         });
                     }
                 };
+                let epoch = r.u64("epoch")?;
                 let client_addr = r.string("client address")?;
                 PeerMessage::Register {
                     client_addr,
@@ -600,6 +611,7 @@ impl PeerMessage {
                     protocol_version,
                     node_id,
                     may_discard_data,
+                    epoch,
                 }
             }
             opcode::REGISTERED => {
@@ -617,10 +629,12 @@ impl PeerMessage {
                         });
                     }
                 };
+                let epoch = r.u64("epoch")?;
                 PeerMessage::Registered {
                     master_seq: seq,
                     history_id,
                     catch_up,
+                    epoch,
                 }
             }
             opcode::PREPARE => PeerMessage::Prepare {
@@ -755,6 +769,7 @@ mod tests {
                 protocol_version: PEER_PROTOCOL_VERSION,
                 node_id: 0x1122_3344_5566_7788,
                 may_discard_data: true,
+                epoch: 0,
             },
             PeerMessage::Register {
                 client_addr: String::new(),
@@ -763,16 +778,19 @@ mod tests {
                 protocol_version: PEER_PROTOCOL_VERSION,
                 node_id: 0,
                 may_discard_data: false,
+                epoch: 0,
             },
             PeerMessage::Registered {
                 master_seq: 50,
                 history_id: 0x0123_4567_89AB_CDEF,
                 catch_up: CatchUp::Log { from_seq: 42 },
+                epoch: 0,
             },
             PeerMessage::Registered {
                 master_seq: 50,
                 history_id: u64::MAX,
                 catch_up: CatchUp::Snapshot { at_seq: 49 },
+                epoch: 0,
             },
             PeerMessage::Prepare { seq: 7, ops: ops() },
             PeerMessage::Prepare {
@@ -1012,6 +1030,7 @@ mod tests {
         put_u64(&mut payload, 7);
         put_u64(&mut payload, 8);
         payload.push(0);
+        put_u64(&mut payload, 0);
         put_u16(&mut payload, 2);
         payload.extend_from_slice(&[0xC3, 0x28]);
         let mut bytes = Vec::new();
@@ -1023,7 +1042,7 @@ mod tests {
     }
 
     #[test]
-    fn register_and_registered_carry_the_history_id_at_fixed_offsets() {
+    fn register_and_registered_carry_the_history_id_and_epoch_at_fixed_offsets() {
         let register = encoded(&PeerMessage::Register {
             client_addr: "127.0.0.1:9100".into(),
             last_applied_seq: 42,
@@ -1031,14 +1050,17 @@ mod tests {
             protocol_version: PEER_PROTOCOL_VERSION,
             node_id: 0,
             may_discard_data: false,
+            epoch: 0x0A0B,
         });
         let mut want = vec![0xDB, 0x01, 0x40, 0, 0, 0, 0, 0];
         want.extend_from_slice(&42u64.to_be_bytes());
-        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 35]);
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 43]);
         want.extend_from_slice(&PEER_PROTOCOL_VERSION.to_be_bytes());
         want.extend_from_slice(&[0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF]);
         want.extend_from_slice(&[0; 8]);
-        want.extend_from_slice(&[0, 0, 14]);
+        want.push(0);
+        want.extend_from_slice(&0x0A0Bu64.to_be_bytes());
+        want.extend_from_slice(&[0, 14]);
         want.extend_from_slice(b"127.0.0.1:9100");
         assert_eq!(register, want);
 
@@ -1046,12 +1068,14 @@ mod tests {
             master_seq: 50,
             history_id: 0x0123_4567_89AB_CDEF,
             catch_up: CatchUp::Log { from_seq: 42 },
+            epoch: 7,
         });
         let mut want = vec![0xDB, 0x01, 0x41, 0, 0, 0, 0, 0];
         want.extend_from_slice(&50u64.to_be_bytes());
-        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 17]);
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 25]);
         want.extend_from_slice(&[0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF, 1]);
         want.extend_from_slice(&42u64.to_be_bytes());
+        want.extend_from_slice(&7u64.to_be_bytes());
         assert_eq!(registered, want);
     }
 

@@ -42,6 +42,9 @@ pub struct CoordinatorConfig {
     /// which in REGISTER means "no history yet". The state machine only compares
     /// it, so it stays deterministic.
     pub history_id: u64,
+    /// This master's leadership epoch (failover through etcd; 0 without it),
+    /// sent in REGISTERED.
+    pub epoch: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -55,6 +58,7 @@ impl Default for CoordinatorConfig {
             peer_timeout_ms: 1_000,
             max_inflight_txns: 10_000,
             history_id: 1,
+            epoch: 0,
         }
     }
 }
@@ -622,10 +626,20 @@ impl Coordinator {
             protocol_version,
             node_id,
             may_discard_data,
+            epoch,
         } = msg
         else {
             return;
         };
+        if epoch > self.config.epoch {
+            // The slave follows a newer master: this one was deposed.
+            warn!(
+                "slave {client_addr} knows epoch {epoch}, ours is {}: refusing it",
+                self.config.epoch
+            );
+            self.actions.push_back(Action::Disconnect { peer });
+            return;
+        }
         if self.members.get(peer).is_some() {
             self.evict(now_ms, peer, "registered twice on one link");
             return;
@@ -703,6 +717,7 @@ impl Coordinator {
                 master_seq: self.released_seq,
                 history_id: self.config.history_id,
                 catch_up,
+                epoch: self.config.epoch,
             },
         );
     }

@@ -35,6 +35,9 @@ pub struct ParticipantConfig {
     /// Drop the link and reconnect when nothing arrived from the master for
     /// this long (it heartbeats every 100 ms by default).
     pub master_silence_ms: u64,
+    /// The leadership epoch of the master to follow (failover through etcd; 0
+    /// without it): a master that answers with an older one has been deposed.
+    pub epoch: u64,
 }
 
 impl Default for ParticipantConfig {
@@ -47,6 +50,7 @@ impl Default for ParticipantConfig {
             reconnect_max_ms: 2_000,
             outcome_query_after_ms: 1_000,
             master_silence_ms: 3_000,
+            epoch: 0,
         }
     }
 }
@@ -256,6 +260,7 @@ impl Participant {
                 protocol_version: PEER_PROTOCOL_VERSION,
                 node_id: self.config.node_id,
                 may_discard_data: self.config.may_discard_data,
+                epoch: self.config.epoch,
             },
         );
     }
@@ -289,10 +294,22 @@ impl Participant {
             PeerMessage::Registered {
                 history_id,
                 catch_up,
+                epoch,
                 ..
             } => {
                 if registered {
                     return self.violation(now_ms, peer, "registered twice");
+                }
+                if epoch < self.config.epoch {
+                    // A deposed master still running: its votes must never count.
+                    return self.violation(
+                        now_ms,
+                        peer,
+                        &format!(
+                            "master of epoch {epoch}, but epoch {} has begun",
+                            self.config.epoch
+                        ),
+                    );
                 }
                 self.link_history = Some(history_id);
                 let wipes = history_id != self.history_id || self.position > 0;

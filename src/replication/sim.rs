@@ -357,6 +357,7 @@ impl Sim {
             peer_timeout_ms: 200 + tpc_timeout_ms,
             max_inflight_txns: 64,
             history_id: 0,
+            epoch: 0,
         };
         let history_id = rng.random_range(1..=u64::MAX);
         let mut digests = BTreeMap::new();
@@ -793,6 +794,7 @@ impl Sim {
                         outcome_query_after_ms: 200,
                         // Longer than any delay spike: silence means a lost master.
                         master_silence_ms: 2_000,
+                        epoch: 0,
                     },
                     pos,
                     history,

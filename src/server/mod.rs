@@ -613,7 +613,7 @@ impl Server {
                         verdict => expired.push((key, verdict)),
                     }
                 }
-                // A slave's frames are small (at most 65556 bytes of payload): one
+                // A slave's frames are small (at most 65564 bytes of payload): one
                 // that does not arrive within the frame timeout holds a link slot
                 // for nothing. (The master's frames to a slave may be large; the
                 // slave's silence timer covers a stalled master.)

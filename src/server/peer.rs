@@ -23,8 +23,8 @@ const SNAPSHOT_CHUNKS_PER_TURN: usize = 4;
 /// Bytes read by one wake-up of a link before it yields to the rest of the loop.
 const READ_BYTES_PER_TURN: u64 = 1 << 20;
 /// Largest payload a master accepts from a slave: its largest message, a
-/// REGISTER with a 65535-byte address (2 + 8 + 8 + 1 + 2 + 65535 bytes).
-pub const MAX_SLAVE_FRAME_PAYLOAD: usize = 2 + 8 + 8 + 1 + 2 + u16::MAX as usize;
+/// REGISTER with a 65535-byte address (2 + 8 + 8 + 1 + 8 + 2 + 65535 bytes).
+pub const MAX_SLAVE_FRAME_PAYLOAD: usize = 2 + 8 + 8 + 1 + 8 + 2 + u16::MAX as usize;
 
 /// Opcodes a slave sends (what a master accepts).
 const SLAVE_OPCODES: [u8; 6] = [

@@ -56,6 +56,7 @@ fn register_with(peer: u64, last: u64, history_id: u64, may_discard_data: bool) 
             protocol_version: PEER_PROTOCOL_VERSION,
             node_id: 0,
             may_discard_data,
+            epoch: 0,
         },
     )
 }
@@ -453,7 +454,8 @@ fn log_catch_up_then_in_sync_and_commits_before_join_arrive_as_log_entries() {
         PeerMessage::Registered {
             master_seq: 3,
             history_id: H,
-            catch_up: CatchUp::Log { from_seq: 1 }
+            catch_up: CatchUp::Log { from_seq: 1 },
+            epoch: 0,
         }
     ));
     assert!(matches!(sent[1], PeerMessage::LogEntry { seq: 2, .. }));
@@ -634,6 +636,7 @@ fn re_registration_evicts_the_old_link_of_the_same_slave() {
                 protocol_version: PEER_PROTOCOL_VERSION,
                 node_id: 0,
                 may_discard_data: false,
+                epoch: 0,
             },
         ),
     );
@@ -845,7 +848,8 @@ fn a_slave_whose_data_a_snapshot_would_replace_is_diverged_unless_allowed() {
             vec![PeerMessage::Registered {
                 master_seq: 3,
                 history_id: H,
-                catch_up: CatchUp::Diverged
+                catch_up: CatchUp::Diverged,
+                epoch: 0,
             }],
             "slave {peer}"
         );
@@ -915,6 +919,7 @@ fn a_re_registering_node_replaces_its_old_link_by_node_id() {
                 protocol_version: PEER_PROTOCOL_VERSION,
                 node_id: 0xAB,
                 may_discard_data: false,
+                epoch: 0,
             },
         )
     };
@@ -935,6 +940,7 @@ fn a_re_registering_node_replaces_its_old_link_by_node_id() {
                 protocol_version: PEER_PROTOCOL_VERSION,
                 node_id: 0xCD,
                 may_discard_data: false,
+                epoch: 0,
             },
         ),
     );

@@ -34,6 +34,7 @@ fn config() -> ParticipantConfig {
     ParticipantConfig {
         client_addr: "s:1".into(),
         may_discard_data: true,
+        epoch: 0,
         ..ParticipantConfig::default()
     }
 }
@@ -48,6 +49,7 @@ fn registered(history_id: u64, catch_up: CatchUp) -> Event {
         master_seq: 0,
         history_id,
         catch_up,
+        epoch: 0,
     })
 }
 
@@ -108,6 +110,7 @@ fn registers_with_its_position_on_connect() {
             protocol_version: PEER_PROTOCOL_VERSION,
             node_id: 0,
             may_discard_data: true,
+            epoch: 0,
         }]
     );
     assert_eq!(p.link(), LinkState::CatchingUp(M));
@@ -471,6 +474,7 @@ fn registers_with_the_history_of_the_master_it_last_caught_up_from() {
             protocol_version: PEER_PROTOCOL_VERSION,
             node_id: 0,
             may_discard_data: true,
+            epoch: 0,
         }
     );
 }
@@ -497,6 +501,7 @@ fn a_snapshot_from_a_master_of_another_history_adopts_its_id_once_installed() {
             master_seq: 3,
             history_id: H2,
             catch_up: CatchUp::Snapshot { at_seq: 3 },
+            epoch: 0,
         }),
     );
     p.handle(
@@ -531,6 +536,7 @@ fn a_snapshot_from_a_master_of_another_history_adopts_its_id_once_installed() {
             master_seq: 3,
             history_id: H2,
             catch_up: CatchUp::Snapshot { at_seq: 3 },
+            epoch: 0,
         }),
     );
     p.handle(
@@ -651,6 +657,7 @@ fn connecting_arms_the_silence_check() {
 fn without_consent_a_slave_keeps_its_data_against_another_history() {
     let strict = ParticipantConfig {
         may_discard_data: false,
+        epoch: 0,
         ..config()
     };
     // The master says diverged: registered, heartbeating, applying nothing.
@@ -669,6 +676,7 @@ fn without_consent_a_slave_keeps_its_data_against_another_history() {
                 protocol_version: PEER_PROTOCOL_VERSION,
                 node_id: 0,
                 may_discard_data: false,
+                epoch: 0,
             },
             PeerMessage::Heartbeat { seq: 7 }
         ]
