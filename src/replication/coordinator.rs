@@ -12,6 +12,7 @@ use log::{debug, info, warn};
 
 use super::log::CommitLog;
 use super::membership::{Membership, SlaveState};
+use super::sync_set::RecordedSet;
 use super::{
     Action, CatchUp, ClientRef, ClientWrite, Event, Ops, Outcome, PeerId, PeerMessage, Record,
     TimerId, Vote, WriteError,
@@ -45,6 +46,10 @@ pub struct CoordinatorConfig {
     /// This master's leadership epoch (failover through etcd; 0 without it),
     /// sent in REGISTERED.
     pub epoch: u64,
+    /// Failover: keep the in-sync set recorded in the coordination store
+    /// ([`Action::RecordSyncSet`]) and decide nothing without a slave that
+    /// left it until its removal is recorded.
+    pub record_sync_set: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -59,6 +64,7 @@ impl Default for CoordinatorConfig {
             max_inflight_txns: 10_000,
             history_id: 1,
             epoch: 0,
+            record_sync_set: false,
         }
     }
 }
@@ -259,6 +265,11 @@ pub struct Coordinator {
     /// registered in this life (as Redis allocates its backlog), since before
     /// that no slave can hold a position in this history to resume from.
     keep_log: bool,
+    /// The in-sync set as recorded for failover (unused without it).
+    sync_set: RecordedSet,
+    /// Whether this master's leadership lease is known valid: while it is not,
+    /// nothing is released (no client hears OK) and new writes are refused.
+    lease_valid: bool,
     actions: VecDeque<Action>,
 }
 
@@ -291,6 +302,8 @@ impl Coordinator {
             // A restarted master's slaves may resume in its history from the log.
             keep_log: released_seq > 0,
             log,
+            sync_set: RecordedSet::default(),
+            lease_valid: true,
             actions: VecDeque::new(),
             config,
         };
@@ -331,6 +344,35 @@ impl Coordinator {
         self.txns.get(&seq).map(|t| &t.state)
     }
 
+    /// The in-sync set as last recorded in the coordination store (node ids).
+    pub fn recorded_sync_set(&self) -> &BTreeSet<u64> {
+        self.sync_set.recorded()
+    }
+
+    /// The leadership lease is (or is no longer) known valid. Without it the
+    /// master acknowledges nothing: an older epoch's master must not.
+    pub fn set_lease_valid(&mut self, now_ms: u64, valid: bool) {
+        if self.lease_valid == valid {
+            return;
+        }
+        self.lease_valid = valid;
+        if valid {
+            self.release(now_ms);
+        }
+    }
+
+    /// Leadership is lost: forget every transaction in flight and return the
+    /// clients still waiting (their writes' outcome is not known here: the
+    /// next master decides it).
+    pub fn abandon(&mut self) -> Vec<ClientRef> {
+        let mut clients = Vec::new();
+        for (_, txn) in std::mem::take(&mut self.txns) {
+            clients.extend(txn.replies);
+        }
+        self.actions.clear();
+        clients
+    }
+
     /// Feed one event.
     pub fn handle(&mut self, now_ms: u64, event: Event) {
         match event {
@@ -344,6 +386,15 @@ impl Coordinator {
             }
             Event::TimerFired { timer } => self.on_timer(now_ms, timer),
             Event::SnapshotSent { peer, at_seq } => self.on_snapshot_sent(now_ms, peer, at_seq),
+            Event::SyncSetRecorded { version } => {
+                for peer in self.sync_set.recorded_as(version) {
+                    info!("removal of slave {peer:?} from the in-sync set is recorded");
+                    self.forget_peer(now_ms, peer);
+                }
+                self.record_sync_set();
+                self.advance();
+                self.release(now_ms);
+            }
             Event::Connected { .. } | Event::ConnectFailed => {
                 debug!("coordinator ignores slave-side event {event:?}");
             }
@@ -359,7 +410,9 @@ impl Coordinator {
             return;
         }
         let in_sync = self.members.in_sync_count();
-        let refusal = if in_sync < self.config.min_slaves {
+        let refusal = if !self.lease_valid {
+            Some("this master's leadership lease is not renewed (etcd unreachable?)".to_string())
+        } else if in_sync < self.config.min_slaves {
             Some(format!(
                 "{in_sync} slaves in sync, --min-slaves requires {}",
                 self.config.min_slaves
@@ -423,6 +476,11 @@ impl Coordinator {
 
     /// Decide every transaction that can be decided, in sequence order.
     fn advance(&mut self) {
+        if self.sync_set.holding() {
+            // A slave that left may still be promoted: decide nothing without
+            // it until its removal is recorded (docs/FAILOVER.md).
+            return;
+        }
         loop {
             let seq = self.decided_seq + 1;
             let Some(txn) = self.txns.get_mut(&seq) else {
@@ -456,6 +514,9 @@ impl Coordinator {
 
     /// Release, in sequence order, every decision that is durable.
     fn release(&mut self, now_ms: u64) {
+        if !self.lease_valid {
+            return;
+        }
         loop {
             let seq = self.released_seq + 1;
             let Some(txn) = self.txns.get_mut(&seq) else {
@@ -798,7 +859,8 @@ impl Coordinator {
     }
 
     fn on_ack(&mut self, now_ms: u64, peer: PeerId, seq: u64) {
-        self.members.applied(peer, seq);
+        self.members.acked(peer, seq);
+        self.record_sync_set();
         let mut finished = Vec::new();
         let mut aborts_acked = false;
         for (&s, txn) in self.txns.range_mut(..=seq) {
@@ -830,12 +892,13 @@ impl Coordinator {
 
     /// Drop `peer` from the in-sync set, close its link and decide without it.
     fn evict(&mut self, now_ms: u64, peer: PeerId, reason: &str) {
+        let node = self.members.get(peer).map_or(0, |s| s.node_id);
         if !self.members.evict(peer, reason) {
             return;
         }
         warn!("evicting slave {peer:?}: {reason}");
         self.actions.push_back(Action::Disconnect { peer });
-        self.forget_peer(now_ms, peer);
+        self.leave(now_ms, peer, node);
     }
 
     fn on_peer_lost(&mut self, now_ms: u64, peer: PeerId) {
@@ -843,7 +906,30 @@ impl Coordinator {
             && info.evicted_because.is_none()
         {
             info!("slave {} lost", info.client_addr);
-            self.forget_peer(now_ms, peer);
+            self.leave(now_ms, peer, info.node_id);
+        }
+    }
+
+    /// `peer` (node `node`) left: decide without it, once that is recorded if it must be.
+    fn leave(&mut self, now_ms: u64, peer: PeerId, node: u64) {
+        if self.config.record_sync_set && self.sync_set.may_be_recorded(node) {
+            info!("slave {peer:?} left the in-sync set; recording that before deciding without it");
+            self.sync_set.hold(peer, node);
+            self.record_sync_set();
+            return;
+        }
+        self.forget_peer(now_ms, peer);
+    }
+
+    /// Ask for the current in-sync set to be recorded, if it changed.
+    fn record_sync_set(&mut self) {
+        if !self.config.record_sync_set {
+            return;
+        }
+        let desired = self.members.durably_in_sync().map(|s| s.node_id).collect();
+        if let Some((version, members)) = self.sync_set.request(desired) {
+            self.actions
+                .push_back(Action::RecordSyncSet { version, members });
         }
     }
 

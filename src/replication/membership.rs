@@ -61,6 +61,8 @@ pub struct SlaveInfo {
     pub state: SlaveState,
     /// Highest sequence number it reported applied (acks, heartbeats, catch-up echo).
     pub applied_seq: u64,
+    /// Highest sequence number it acked: every outcome through it is durable there.
+    pub acked_seq: u64,
     /// Last time anything arrived from it.
     pub last_heard_ms: u64,
     /// Why it was evicted, if it was.
@@ -103,6 +105,7 @@ impl Membership {
                 node_id,
                 state,
                 applied_seq,
+                acked_seq: 0,
                 last_heard_ms: now_ms,
                 evicted_because: None,
             },
@@ -159,6 +162,23 @@ impl Membership {
         if let Some(s) = self.slaves.get_mut(&peer) {
             s.applied_seq = s.applied_seq.max(seq);
         }
+    }
+
+    /// A slave acked `seq`: every outcome through it is durable there.
+    pub fn acked(&mut self, peer: PeerId, seq: u64) {
+        if let Some(s) = self.slaves.get_mut(&peer) {
+            s.applied_seq = s.applied_seq.max(seq);
+            s.acked_seq = s.acked_seq.max(seq);
+        }
+    }
+
+    /// In-sync slaves that hold every commit durably: they acked a transaction
+    /// they took part in, so everything before it is durable there too. Only
+    /// these may be recorded as promotable (docs/FAILOVER.md).
+    pub fn durably_in_sync(&self) -> impl Iterator<Item = &SlaveInfo> + '_ {
+        self.slaves.values().filter(
+            |s| matches!(s.state, SlaveState::InSync { join_seq } if s.acked_seq >= join_seq),
+        )
     }
 
     /// Links of the slaves that take part in new transactions.

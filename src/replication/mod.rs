@@ -22,6 +22,7 @@ mod coordinator;
 mod log;
 mod membership;
 mod participant;
+mod sync_set;
 
 #[cfg(test)]
 mod sim;
@@ -30,6 +31,7 @@ pub use coordinator::{Coordinator, CoordinatorConfig, TxnState};
 pub use log::CommitLog;
 pub use membership::{Membership, SlaveInfo, SlaveState};
 pub use participant::{LinkState, Participant, ParticipantConfig};
+pub use sync_set::RecordedSet;
 
 pub use crate::protocol::peer::{
     CatchUp, OpKind, Ops, Outcome, PeerMessage, SnapshotEntry, Vote, WriteOp,
@@ -180,6 +182,11 @@ pub enum Event {
         /// Which timer.
         timer: TimerId,
     },
+    /// Master: the in-sync set asked for by [`Action::RecordSyncSet`] `version` is recorded.
+    SyncSetRecorded {
+        /// The version echoed.
+        version: u64,
+    },
     /// Master: the reactor has queued the last chunk of the snapshot started by
     /// [`Action::StartSnapshot`] on the peer's link.
     SnapshotSent {
@@ -254,6 +261,16 @@ pub enum Action {
         peer: PeerId,
         /// Sequence number the snapshot reflects.
         at_seq: u64,
+    },
+    /// Master (failover): record this in-sync set (node ids) in the
+    /// coordination store, conditional on still being the leader; report
+    /// `SyncSetRecorded` once it is. Until then no transaction is decided
+    /// without a slave that left the set.
+    RecordSyncSet {
+        /// Echoed in the completion.
+        version: u64,
+        /// Node ids of the slaves in sync.
+        members: Vec<u64>,
     },
     /// Slave: install snapshot entries. `begin`: start a fresh staging copy;
     /// `end`: atomically replace the store with it (reads never see a half snapshot).

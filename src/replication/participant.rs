@@ -218,7 +218,9 @@ impl Participant {
             }
             Event::Persisted { lsn } => self.on_persisted(now_ms, lsn),
             Event::TimerFired { timer } => self.on_timer(now_ms, timer),
-            Event::ClientWrites { .. } | Event::SnapshotSent { .. } => {
+            Event::ClientWrites { .. }
+            | Event::SnapshotSent { .. }
+            | Event::SyncSetRecorded { .. } => {
                 warn!("participant ignores master-side event {event:?}");
             }
         }

@@ -94,6 +94,12 @@ enum Ev {
     SnapshotStep {
         link: usize,
     },
+    /// The coordination store recorded in-sync set `version` (asked by master life `life`).
+    SyncRecorded {
+        version: u64,
+        members: Vec<u64>,
+        life: u64,
+    },
     ClientBatch,
     Partition {
         slave: usize,
@@ -222,6 +228,8 @@ struct Sim {
     master_life: usize,
     /// Bumped at every master crash, so events of a previous process are dropped.
     master_epoch: u64,
+    /// The in-sync set (node ids) as the modelled coordination store holds it.
+    recorded_sync_set: BTreeSet<u64>,
     /// Master records handed to its disk and not yet durable.
     master_pending: VecDeque<(u64, Record)>,
     /// Master records that survive a crash.
@@ -358,6 +366,8 @@ impl Sim {
             max_inflight_txns: 64,
             history_id: 0,
             epoch: 0,
+            // Half the runs keep the in-sync set recorded, as with failover through etcd.
+            record_sync_set: rng.random_bool(0.5),
         };
         let history_id = rng.random_range(1..=u64::MAX);
         let mut digests = BTreeMap::new();
@@ -378,6 +388,7 @@ impl Sim {
             coord_config: config,
             master_life: 0,
             master_epoch: 0,
+            recorded_sync_set: BTreeSet::new(),
             master_pending: VecDeque::new(),
             master_durable: Vec::new(),
             histories: vec![history_id],
@@ -706,6 +717,20 @@ impl Sim {
                     self.schedule(next, Ev::SnapshotStep { link });
                 }
             }
+            Ev::SyncRecorded {
+                version,
+                members,
+                life,
+            } => {
+                if life != self.master_epoch {
+                    return Ok(()); // asked by a master process that died since
+                }
+                self.log(|| format!("coordination store records {members:?} ({version})"));
+                self.recorded_sync_set = members.into_iter().collect();
+                self.coord
+                    .handle(self.now, Event::SyncSetRecorded { version });
+                self.run_master_actions()?;
+            }
             Ev::ClientBatch => {
                 if !active {
                     return Ok(());
@@ -822,6 +847,8 @@ impl Sim {
     /// The master process dies: its clients and links die with it.
     fn kill_master(&mut self) {
         self.master_epoch += 1;
+        // The next master process records a set of its own (a promotion writes an empty one).
+        self.recorded_sync_set.clear();
         self.master_pending.clear();
         // Its clients' connections die with it: they never get a reply.
         for c in 1..=self.next_client {
@@ -1031,6 +1058,24 @@ impl Sim {
                 Action::Apply { seq, ops, replies } => {
                     self.master_apply(seq, ops, replies)?;
                 }
+                Action::RecordSyncSet { version, members } => {
+                    // Usually quick; now and then the store is slow or unreachable for a while.
+                    // (Outages happen while faults do; settling heals them too.)
+                    let delay = if self.now < ACTIVE_MS && self.rng.random_bool(0.03) {
+                        self.rng.random_range(100..=1_000)
+                    } else {
+                        self.rng.random_range(0..=5)
+                    };
+                    let life = self.master_epoch;
+                    self.schedule(
+                        self.now + delay,
+                        Ev::SyncRecorded {
+                            version,
+                            members,
+                            life,
+                        },
+                    );
+                }
                 Action::Reply { client, error } => {
                     match error {
                         WriteError::Unavailable(_) => self.refused += 1,
@@ -1125,6 +1170,21 @@ impl Sim {
                         "commit {seq} acknowledged but in-sync slave {slave} has no durable prepare"
                     ));
                 }
+            }
+        }
+        // With the set recorded (failover): every slave that could be promoted
+        // holds this commit durably, prepared or applied.
+        for &node in &self.recorded_sync_set {
+            let s = &self.slaves[(node - 1) as usize];
+            let has = s.durable_prepared.contains(&(seq, ops.clone()))
+                || s.durable.iter().any(|d| {
+                    matches!(d, Durable::Rec(Record::CommittedTxn { seq: c, ops: o }) if *c == seq && *o == ops)
+                        || matches!(d, Durable::Checkpoint(at, ..) if *at >= seq)
+                });
+            if !has {
+                return Err(format!(
+                    "commit {seq} applied but recorded slave node {node} does not hold it durably"
+                ));
             }
         }
         let results = apply_ops(&mut self.master_store, seq, &ops);
@@ -1259,7 +1319,9 @@ impl Sim {
                 Action::CancelTimer { timer } => {
                     self.slaves[slave].timers.remove(&timer);
                 }
-                Action::Reply { .. } | Action::StartSnapshot { .. } => {
+                Action::Reply { .. }
+                | Action::StartSnapshot { .. }
+                | Action::RecordSyncSet { .. } => {
                     return Err(format!("slave emitted a master action {action:?}"));
                 }
             }
@@ -1393,7 +1455,8 @@ fn simulation_keeps_the_replication_invariants() {
                 total.master_crashes += s.master_crashes;
             }
             Err((seed, e, lines)) => {
-                for line in lines.iter().rev().take(400).rev() {
+                let keep = env_u64("DKVS_SIM_TRACE_LINES").unwrap_or(400) as usize;
+                for line in lines.iter().rev().take(keep).rev() {
                     eprintln!("{line}");
                 }
                 panic!(

@@ -1053,7 +1053,14 @@ impl Server {
                 begin,
                 end,
             } => self.install_snapshot(at_seq, entries, begin, end),
+            Action::RecordSyncSet { version, members } => self.record_sync_set(version, members),
         }
+    }
+
+    /// Hand the coordinator's in-sync set to the failover agent to record in etcd.
+    fn record_sync_set(&mut self, version: u64, members: Vec<u64>) {
+        // Only a coordinator configured for failover asks; that lands next.
+        warn!("in-sync set {version} {members:?} not recorded: no failover configured");
     }
 
     fn send_peer(&mut self, peer: PeerId, msg: &PeerMessage) {

@@ -946,3 +946,184 @@ fn a_re_registering_node_replaces_its_old_link_by_node_id() {
     );
     assert!(!drain(&mut c).contains(&Action::Disconnect { peer: PeerId(2) }));
 }
+
+/// A coordinator that records its in-sync set, with slaves `peers` (node id =
+/// 100 + peer) in sync and recorded.
+fn recording(peers: &[u64]) -> Coordinator {
+    let mut c = Coordinator::new(
+        CoordinatorConfig {
+            record_sync_set: true,
+            epoch: 3,
+            ..config()
+        },
+        0,
+    );
+    for &p in peers {
+        c.handle(
+            0,
+            msg(
+                p,
+                PeerMessage::Register {
+                    client_addr: format!("slave{p}"),
+                    last_applied_seq: 0,
+                    history_id: H,
+                    protocol_version: PEER_PROTOCOL_VERSION,
+                    node_id: 100 + p,
+                    may_discard_data: false,
+                    epoch: 3,
+                },
+            ),
+        );
+        c.handle(0, msg(p, PeerMessage::CaughtUp { seq: 0 }));
+    }
+    drain(&mut c);
+    // Recorded only once each has durably acked a transaction it took part in.
+    c.handle(1, writes(1, &["warm"]));
+    for &p in peers {
+        c.handle(1, yes(p, 1));
+    }
+    c.handle(1, Event::Persisted { lsn: 1 });
+    drain(&mut c);
+    let mut requests = Vec::new();
+    for &p in peers {
+        c.handle(2, msg(p, PeerMessage::Ack { seq: 1 }));
+        requests.extend(drain(&mut c));
+    }
+    assert!(
+        c.recorded_sync_set().is_empty(),
+        "not before the store says so"
+    );
+    // Complete each write as the store would; each completion may ask for the next.
+    while let Some(Action::RecordSyncSet { version, .. }) = requests
+        .iter()
+        .rev()
+        .find(|a| matches!(a, Action::RecordSyncSet { .. }))
+        .cloned()
+    {
+        c.handle(3, Event::SyncSetRecorded { version });
+        requests = drain(&mut c);
+    }
+    let want: Vec<u64> = peers.iter().map(|p| 100 + p).collect();
+    assert_eq!(
+        c.recorded_sync_set().iter().copied().collect::<Vec<_>>(),
+        want
+    );
+    c
+}
+
+#[test]
+fn a_slave_is_recorded_once_it_durably_acked_and_a_removal_is_recorded_before_deciding_without_it()
+{
+    let mut c = recording(&[1, 2]);
+    assert_eq!(
+        c.recorded_sync_set().iter().copied().collect::<Vec<_>>(),
+        vec![101, 102]
+    );
+    // Slave 2 vanishes with a transaction in flight: nothing is decided
+    // until the store holds a set without it.
+    c.handle(10, writes(20, &["a"]));
+    c.handle(10, yes(1, 2));
+    drain(&mut c);
+    c.handle(11, Event::PeerLost { peer: PeerId(2) });
+    let actions = drain(&mut c);
+    let [Action::RecordSyncSet { version, members }] = &actions[..] else {
+        panic!("{actions:?}");
+    };
+    assert_eq!(members, &vec![101]);
+    let version = *version;
+    c.handle(12, writes(30, &["b"]));
+    c.handle(12, yes(1, 3));
+    assert!(
+        persist_lsns(&drain(&mut c)).is_empty(),
+        "no decision while the removal is unrecorded"
+    );
+    c.handle(20, Event::SyncSetRecorded { version });
+    assert_eq!(persist_lsns(&drain(&mut c)), vec![2, 3]);
+    assert_eq!(
+        c.recorded_sync_set().iter().copied().collect::<Vec<_>>(),
+        vec![101]
+    );
+}
+
+#[test]
+fn a_slave_that_never_was_recorded_leaves_without_waiting() {
+    let mut c = recording(&[1]);
+    // Slave 2 joins but has acked nothing it took part in: not recorded.
+    c.handle(
+        5,
+        msg(
+            2,
+            PeerMessage::Register {
+                client_addr: "slave2".into(),
+                last_applied_seq: 1,
+                history_id: H,
+                protocol_version: PEER_PROTOCOL_VERSION,
+                node_id: 102,
+                may_discard_data: false,
+                epoch: 3,
+            },
+        ),
+    );
+    c.handle(5, msg(2, PeerMessage::CaughtUp { seq: 1 }));
+    drain(&mut c);
+    c.handle(6, writes(40, &["c"]));
+    c.handle(6, yes(1, 2));
+    c.handle(7, Event::PeerLost { peer: PeerId(2) });
+    let actions = drain(&mut c);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::RecordSyncSet { .. })),
+        "{actions:?}"
+    );
+    assert_eq!(persist_lsns(&actions), vec![2], "decided at once");
+}
+
+#[test]
+fn a_master_of_an_older_epoch_is_refused_and_without_its_lease_acknowledges_nothing() {
+    let mut c = recording(&[1]);
+    c.handle(
+        5,
+        msg(
+            7,
+            PeerMessage::Register {
+                client_addr: "newer".into(),
+                last_applied_seq: 0,
+                history_id: H,
+                protocol_version: PEER_PROTOCOL_VERSION,
+                node_id: 107,
+                may_discard_data: false,
+                epoch: 4,
+            },
+        ),
+    );
+    assert_eq!(drain(&mut c), vec![Action::Disconnect { peer: PeerId(7) }]);
+
+    c.handle(6, writes(50, &["d"]));
+    c.handle(6, yes(1, 2));
+    c.set_lease_valid(6, false);
+    c.handle(7, Event::Persisted { lsn: 2 });
+    let actions = drain(&mut c);
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Apply { .. })),
+        "nothing released without the lease: {actions:?}"
+    );
+    c.handle(8, writes(60, &["e"]));
+    assert!(matches!(
+        &drain(&mut c)[..],
+        [Action::Reply {
+            client: ClientRef(60),
+            error: WriteError::Unavailable(_)
+        }]
+    ));
+    c.set_lease_valid(9, true);
+    assert!(
+        drain(&mut c)
+            .iter()
+            .any(|a| matches!(a, Action::Apply { seq: 2, .. }))
+    );
+    c.handle(10, writes(70, &["f"]));
+    drain(&mut c);
+    assert_eq!(c.abandon(), vec![ClientRef(70)]);
+    assert_eq!(c.in_flight(), 0);
+}
