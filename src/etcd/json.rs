@@ -373,6 +373,14 @@ pub struct TxnRequestJson<'a> {
     pub failure: Vec<RequestOpJson<'a>>,
 }
 
+/// `CompactionRequest`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompactionRequestJson {
+    /// Revisions below this one are dropped.
+    #[serde(with = "i64s")]
+    pub revision: i64,
+}
+
 /// `LeaseGrantRequest`.
 #[derive(Debug, Clone, Serialize)]
 pub struct LeaseGrantRequestJson {

@@ -314,6 +314,13 @@ impl EtcdClient {
         Ok((r.deleted, r.header.revision))
     }
 
+    /// Compact the history up to `revision`: older revisions can no longer be read or watched.
+    pub fn compact(&self, revision: i64) -> Result<(), EtcdError> {
+        let request = CompactionRequestJson { revision };
+        let _: HeaderOnlyJson = self.call("/v3/kv/compaction", &request, Retry::Idempotent)?;
+        Ok(())
+    }
+
     /// Run `success` if every comparison holds, `failure` otherwise, atomically.
     pub fn txn(
         &self,
