@@ -369,3 +369,33 @@ fn three_members_one_frozen() {
     let (kv, _) = members[0].client(TIMEOUT).range(b"/t/c").expect("range");
     assert_eq!(kv.map(|kv| kv.value), Some(b"after".to_vec()));
 }
+
+#[test]
+fn a_member_cut_off_from_its_leader_cancels_watches_and_refuses_calls() {
+    let mut members = EtcdProcess::cluster(3);
+    let lone = members[0].client(TIMEOUT);
+    let mut watch = lone.watch(b"/t/w", 0).expect("watch");
+    // Freeze the other two: the first member loses its leader within an election timeout.
+    members[1].stop();
+    members[2].stop();
+    let start = Instant::now();
+    let outcome = watch.next(Duration::from_secs(8)).expect("next");
+    eprintln!(
+        "watch on a leaderless member: {outcome:?} after {:?}",
+        start.elapsed()
+    );
+    match outcome {
+        WatchNext::Canceled { reason } => assert!(reason.contains("no leader"), "{reason}"),
+        other => panic!("expected the watch to be canceled, got {other:?}"),
+    }
+    let start = Instant::now();
+    let err = lone.range(b"/t/w").expect_err("range without a leader");
+    eprintln!(
+        "range on a leaderless member: {err} after {:?}",
+        start.elapsed()
+    );
+    assert!(matches!(err, EtcdError::Http { status: 503, .. }), "{err}");
+    assert!(start.elapsed() < TIMEOUT, "refused at once, not timed out");
+    members[1].resume();
+    members[2].resume();
+}

@@ -29,6 +29,12 @@ pub use watch::{Watch, WatchEvent, WatchNext};
 /// Largest response body read from etcd; etcd's own request limit is 1.5 MiB by default.
 pub const MAX_RESPONSE_BYTES: u64 = 16 << 20;
 
+/// gRPC metadata `hasleader: true`, passed through by the gateway (`Grpc-Metadata-` headers):
+/// a member without a raft leader refuses the call at once (503 "etcdserver: no leader") instead
+/// of letting it hang, and cancels a watch after losing its leader instead of leaving the watch
+/// silently open on a member cut off from the cluster.
+pub const REQUIRE_LEADER: (&str, &str) = ("Grpc-Metadata-Hasleader", "true");
+
 /// One key as etcd stores it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct KeyValue {
@@ -158,11 +164,15 @@ pub enum EtcdError {
 }
 
 impl EtcdError {
-    /// Whether a mutation that failed this way may nevertheless have been applied.
+    /// Whether a mutation that failed this way may nevertheless have been applied. HTTP 503 is
+    /// gRPC Unavailable, which etcd also answers for a proposal that timed out in raft
+    /// ("etcdserver: request timed out") or whose leader changed.
     pub fn outcome_unknown(&self) -> bool {
         matches!(
             self,
-            EtcdError::Timeout { .. } | EtcdError::ConnectionLost { .. }
+            EtcdError::Timeout { .. }
+                | EtcdError::ConnectionLost { .. }
+                | EtcdError::Http { status: 503, .. }
         )
     }
 
@@ -244,7 +254,9 @@ impl EtcdClient {
             // etcd's error statuses carry a JSON body worth reporting.
             .http_status_as_error(false)
             .timeout_global(Some(request_timeout))
-            .timeout_connect(Some(request_timeout))
+            // Below the whole budget, so that a connect that hangs is reported as one (and
+            // the next endpoint tried) rather than as a timeout of a request maybe delivered.
+            .timeout_connect(Some(request_timeout / 2))
             // No pooled connections: a connection kept across an etcd restart fails on its
             // next use, and for a mutation that failure would look like an unknown outcome.
             .max_idle_connections(0)
@@ -567,6 +579,7 @@ impl EtcdClient {
             .agent
             .post(&url)
             .header("Content-Type", "application/json")
+            .header(REQUIRE_LEADER.0, REQUIRE_LEADER.1)
             .send(body)
             .map_err(|e| classify(endpoint, e))?;
         let status = response.status().as_u16();

@@ -168,8 +168,10 @@ impl Watch {
             .map_err(|e| lost(e.to_string()))?;
         let head = format!(
             "POST /v3/watch HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nAccept: application/json\r\n\r\n",
-            body.len()
+             Content-Length: {}\r\nAccept: application/json\r\n{}: {}\r\n\r\n",
+            body.len(),
+            super::REQUIRE_LEADER.0,
+            super::REQUIRE_LEADER.1,
         );
         let mut request = head.into_bytes();
         request.extend_from_slice(body);
