@@ -146,8 +146,10 @@ fn txn_compare_and_swap() {
 fn lease_keepalive_and_expiry() {
     let etcd = EtcdProcess::start();
     let client = etcd.client(TIMEOUT);
-    let (lease, granted) = client.lease_grant(Duration::from_secs(1)).expect("grant");
-    assert!((1..=2).contains(&granted), "granted {granted}s");
+    // 2 s rather than etcd's 1 s floor (with the harness's timing), so that keepalives every
+    // 200 ms keep it alive on a busy machine.
+    let (lease, granted) = client.lease_grant(Duration::from_secs(2)).expect("grant");
+    assert_eq!(granted, 2);
     client.put(b"/t/owned", b"x", Some(lease)).expect("put");
     let (kv, _) = client.range(b"/t/owned").expect("range");
     assert_eq!(kv.map(|kv| kv.lease), Some(lease));
@@ -158,7 +160,7 @@ fn lease_keepalive_and_expiry() {
     while Instant::now() < kept_until {
         let left = client.lease_keepalive(lease).expect("keepalive");
         assert!(left >= 1, "keepalive left {left}s");
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(200));
     }
     assert!(client.range(b"/t/owned").expect("range").0.is_some());
     let ttl = client
@@ -258,6 +260,7 @@ fn watch_prefix_and_stream_end_when_etcd_dies() {
     let mut etcd = EtcdProcess::start();
     let client = etcd.client(TIMEOUT);
     let mut watch = client.watch_prefix(b"/p/", 0).expect("watch");
+    assert_eq!(watch.next_revision(), watch.created_revision() + 1);
     client.put(b"/p/1", b"x", None).expect("put");
     client
         .put(b"/q/1", b"not under the prefix", None)
@@ -327,7 +330,7 @@ fn failover_past_a_dead_endpoint() {
 fn three_members_one_frozen() {
     let mut members = EtcdProcess::cluster(3);
     let urls = EtcdProcess::urls(&members);
-    let timeout = Duration::from_millis(700);
+    let timeout = Duration::from_secs(1);
     EtcdClient::new(urls.clone(), timeout)
         .put(b"/t/c", b"before", None)
         .expect("put");
@@ -338,12 +341,9 @@ fn three_members_one_frozen() {
     let (kv, _) = reader.range(b"/t/c").expect("range past a frozen member");
     assert_eq!(kv.map(|kv| kv.value), Some(b"before".to_vec()));
     // The client now starts at the member that answered.
-    let start = Instant::now();
+    assert_eq!(reader.current_endpoint(), Some(urls[1].as_str()));
     reader.put(b"/t/c", b"after", None).expect("put");
-    assert!(
-        start.elapsed() < timeout,
-        "put went to the frozen member first"
-    );
+    assert_eq!(reader.current_endpoint(), Some(urls[1].as_str()));
 
     // A transaction is not re-sent after a timeout: it may have been applied.
     let writer = EtcdClient::new(urls.clone(), timeout);
@@ -353,6 +353,7 @@ fn three_members_one_frozen() {
     assert!(err.outcome_unknown(), "{err}");
     assert!(matches!(err, EtcdError::Timeout { .. }), "{err}");
     // The next call starts at the next member.
+    assert_eq!(writer.current_endpoint(), Some(urls[1].as_str()));
     let txn = writer
         .txn(
             &[Compare::Value(b"/t/c".to_vec(), b"after".to_vec())],
@@ -395,7 +396,6 @@ fn a_member_cut_off_from_its_leader_cancels_watches_and_refuses_calls() {
         start.elapsed()
     );
     assert!(matches!(err, EtcdError::Http { status: 503, .. }), "{err}");
-    assert!(start.elapsed() < TIMEOUT, "refused at once, not timed out");
     members[1].resume();
     members[2].resume();
 }

@@ -275,6 +275,12 @@ impl EtcdClient {
         &self.endpoints
     }
 
+    /// The endpoint the next call starts with: the last one that answered, or the one after
+    /// the last that failed.
+    pub fn current_endpoint(&self) -> Option<&str> {
+        self.rotation().next()
+    }
+
     /// The per-call timeout.
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout
@@ -458,6 +464,8 @@ impl EtcdClient {
     }
 
     /// Watch `key` from `start_revision` (0: from now on); returns once etcd confirmed the watch.
+    /// A start revision already compacted away still opens: the first [`Watch::next`] says
+    /// [`WatchNext::Compacted`].
     pub fn watch(&self, key: &[u8], start_revision: i64) -> Result<Watch, EtcdError> {
         self.watch_range(key, &[], start_revision)
     }

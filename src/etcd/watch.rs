@@ -407,6 +407,10 @@ impl Watch {
         };
         if result.created && self.created_revision == 0 {
             self.created_revision = result.header.revision;
+            // A watch "from now" sees everything after the revision it was created at.
+            if self.next_revision <= 0 {
+                self.next_revision = result.header.revision + 1;
+            }
         }
         for event in result.events {
             let kv = KeyValue::from(event.kv);
