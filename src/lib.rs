@@ -1,6 +1,7 @@
 //! dkvs: a replicated key-value store served by a single-threaded mio reactor.
 
 pub mod client;
+pub mod etcd;
 pub mod failover;
 pub mod logging;
 pub mod protocol;
