@@ -262,22 +262,28 @@ impl Watch {
         self.stream
             .set_read_timeout(Some((deadline - now).max(Duration::from_millis(1))))
             .map_err(|e| lost(e.to_string()))?;
-        let mut buf = vec![0u8; READ_BYTES];
-        let n = loop {
-            match self.stream.read(&mut buf) {
-                Ok(n) => break n,
+        // Read straight into the end of `raw`; it grows only by what arrived.
+        let old_len = self.raw.len();
+        self.raw.resize(old_len + READ_BYTES, 0);
+        let read = loop {
+            match self.stream.read(&mut self.raw[old_len..]) {
+                Ok(n) => break Ok(n),
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    return Ok(false);
-                }
-                Err(e) => return Err(lost(e.to_string())),
+                Err(e) => break Err(e),
             }
+        };
+        self.raw.truncate(old_len + read.as_ref().map_or(0, |n| *n));
+        let n = match read {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(lost(e.to_string())),
         };
         if n == 0 {
             self.eof = true;
             return Ok(true);
         }
-        self.raw.extend_from_slice(&buf[..n]);
         self.deframe()?;
         Ok(true)
     }
