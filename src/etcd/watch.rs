@@ -262,22 +262,28 @@ impl Watch {
         self.stream
             .set_read_timeout(Some((deadline - now).max(Duration::from_millis(1))))
             .map_err(|e| lost(e.to_string()))?;
-        let mut buf = vec![0u8; READ_BYTES];
-        let n = loop {
-            match self.stream.read(&mut buf) {
-                Ok(n) => break n,
+        // Read straight into the end of `raw`; it grows only by what arrived.
+        let old_len = self.raw.len();
+        self.raw.resize(old_len + READ_BYTES, 0);
+        let read = loop {
+            match self.stream.read(&mut self.raw[old_len..]) {
+                Ok(n) => break Ok(n),
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    return Ok(false);
-                }
-                Err(e) => return Err(lost(e.to_string())),
+                Err(e) => break Err(e),
             }
+        };
+        self.raw.truncate(old_len + read.as_ref().map_or(0, |n| *n));
+        let n = match read {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(lost(e.to_string())),
         };
         if n == 0 {
             self.eof = true;
             return Ok(true);
         }
-        self.raw.extend_from_slice(&buf[..n]);
         self.deframe()?;
         Ok(true)
     }
@@ -667,6 +673,84 @@ mod tests {
                 reason: "unavailable".into()
             }
         );
+    }
+
+    /// An "etcd" that reads the request head and answers `reply` (then stays open a moment).
+    fn serve_once(reply: Vec<u8>) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+            assert!(head.starts_with("post /v3/watch http/1.1\r\n"), "{head}");
+            assert!(head.contains("grpc-metadata-hasleader: true"), "{head}");
+            let _ = conn.write_all(&reply);
+            std::thread::sleep(Duration::from_millis(300));
+        });
+        url
+    }
+
+    #[test]
+    fn open_reads_the_head_and_the_created_message() {
+        let mut reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+            Transfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+        reply.extend(chunk(
+            "{\"result\":{\"header\":{\"revision\":\"9\"},\"created\":true}}\n",
+        ));
+        reply.extend(chunk(
+            r#"{"result":{"header":{"revision":"10"},"events":[{"kv":{"key":"aw==","mod_revision":"10"}}]}}"#,
+        ));
+        let url = serve_once(reply);
+        let mut watch = match Watch::open(&url, b"{}", SHORT * 5, 0) {
+            Ok(w) => w,
+            Err(OpenError::Failed(e)) => panic!("open failed: {e}"),
+            Err(OpenError::NotConnected(e)) => panic!("not connected: {e}"),
+        };
+        assert_eq!(watch.created_revision(), 9);
+        assert_eq!(watch.next_revision(), 10);
+        assert!(matches!(
+            watch.next(SHORT),
+            Ok(WatchNext::Event(WatchEvent::Put(kv))) if kv.mod_revision == 10
+        ));
+        assert_eq!(watch.next_revision(), 11);
+    }
+
+    #[test]
+    fn open_reports_an_error_status_with_its_body() {
+        let url = serve_once(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 17\r\n\r\n{\"error\":\"nope\"}".to_vec(),
+        );
+        match Watch::open(&url, b"{}", SHORT * 5, 0) {
+            Err(OpenError::Failed(EtcdError::Http { status, body })) => {
+                assert_eq!((status, body.as_str()), (400, r#"{"error":"nope"}"#));
+            }
+            Err(OpenError::Failed(e)) => panic!("wrong error {e}"),
+            Err(OpenError::NotConnected(e)) => panic!("not connected: {e}"),
+            Ok(w) => panic!("opened {w:?}"),
+        }
+        // Nobody listening: nothing was sent, so another endpoint may be tried.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        assert!(matches!(
+            Watch::open(&format!("http://127.0.0.1:{port}"), b"{}", SHORT, 0),
+            Err(OpenError::NotConnected(_))
+        ));
+        assert!(matches!(
+            Watch::open("https://127.0.0.1:1", b"{}", SHORT, 0),
+            Err(OpenError::Failed(EtcdError::BadEndpoint(_)))
+        ));
     }
 
     #[test]
