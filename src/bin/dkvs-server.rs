@@ -8,7 +8,8 @@ use clap::Parser;
 use dkvs::logging::{self, LogLevel};
 use dkvs::protocol::DEFAULT_MAX_VALUE_BYTES;
 use dkvs::server::{
-    Config, DEFAULT_INPUT_BUDGET_BYTES, MAX_VALUE_BYTES_LIMIT, Server, UdpLimitScope,
+    Config, DEFAULT_INPUT_BUDGET_BYTES, FailoverConfig, MAX_VALUE_BYTES_LIMIT, Server,
+    UdpLimitScope,
 };
 use dkvs::wal::FsyncPolicy;
 use log::{error, info};
@@ -118,6 +119,40 @@ struct Args {
     /// Answer the Redis protocol (RESP2/RESP3) on the TCP port: on or off.
     #[arg(long = "resp", default_value = "on", value_parser = ["on", "off"])]
     resp: String,
+    /// Fail over automatically through etcd at these endpoints (comma-separated
+    /// http://host:port, etcd's v3 gateway). Every server of the cluster gets the
+    /// same --etcd and --cluster and no -m: etcd elects the master, and a slave
+    /// recorded as holding every acknowledged write takes over when it dies.
+    #[arg(
+        long = "etcd",
+        value_delimiter = ',',
+        requires = "cluster",
+        conflicts_with = "mhost"
+    )]
+    etcd: Vec<String>,
+    /// Name of the cluster in etcd (its keys live under /dkvs/NAME/).
+    #[arg(long = "cluster", requires = "etcd", value_parser = parse_cluster)]
+    cluster: Option<String>,
+    /// TTL of the master's lease in etcd: a dead master is replaced about this
+    /// long after it stopped renewing it. etcd counts in whole seconds (and at
+    /// least its minimum, 2 s by default).
+    #[arg(long = "lease-ttl-ms", default_value_t = 3_000,
+          value_parser = clap::value_parser!(u64).range(1_000..=60_000))]
+    lease_ttl_ms: u64,
+}
+
+/// A cluster name: what fits in an etcd key segment readably.
+fn parse_cluster(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 64 {
+        return Err("a cluster name has 1 to 64 characters".into());
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err("a cluster name uses only letters, digits, '-', '_' and '.'".into());
+    }
+    Ok(s.to_string())
 }
 
 fn main() -> ExitCode {
@@ -148,6 +183,11 @@ fn main() -> ExitCode {
         snapshot_log_bytes: args.snapshot_log_mb << 20,
         resync_discard_data: args.resync_discard_data,
         resp: args.resp == "on",
+        failover: args.cluster.map(|cluster| FailoverConfig {
+            endpoints: args.etcd,
+            cluster,
+            lease_ttl_ms: args.lease_ttl_ms,
+        }),
     };
     if args.repair {
         return match dkvs::server::repair(&config) {

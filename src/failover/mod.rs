@@ -2,6 +2,7 @@
 //! which slaves may be promoted. docs/FAILOVER.md gives the rules and why
 //! they lose no acknowledged write.
 
+pub mod agent;
 pub mod election;
 pub mod record;
 

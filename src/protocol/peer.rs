@@ -478,7 +478,7 @@ impl PeerMessage {
     }
 
     /// The sequence number carried in the header's version field.
-    fn header_seq(&self) -> u64 {
+    pub fn header_seq(&self) -> u64 {
         match self {
             PeerMessage::Register {
                 last_applied_seq, ..

@@ -319,6 +319,14 @@ impl Coordinator {
         self.actions.pop_front()
     }
 
+    /// Number this machine's log records after `appended`, the log's last
+    /// lsn, of which `durable` has been reported durable (a failover hands a
+    /// log over mid-way).
+    pub fn start_lsns_after(&mut self, appended: u64, durable: u64) {
+        self.last_lsn = appended;
+        self.durable_lsn = durable;
+    }
+
     /// The slaves, their states and positions (for STATS).
     pub fn members(&self) -> &Membership {
         &self.members

@@ -121,6 +121,9 @@ pub struct Participant {
     actions: VecDeque<Action>,
     /// When the current link last delivered anything.
     last_heard_ms: u64,
+    /// The highest sequence number any master was heard to have used or
+    /// released (a promoted slave numbers its transactions after it).
+    seen_seq: u64,
 }
 
 impl Participant {
@@ -151,6 +154,7 @@ impl Participant {
             violations: 0,
             actions: VecDeque::new(),
             last_heard_ms: 0,
+            seen_seq: recovered_seq,
         };
         p.actions.push_back(Action::Connect);
         p
@@ -159,6 +163,27 @@ impl Participant {
     /// Next action for the reactor, in order.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
+    }
+
+    /// Number this machine's log records after `appended` (see
+    /// [`Coordinator::start_lsns_after`](super::Coordinator::start_lsns_after)).
+    pub fn start_lsns_after(&mut self, appended: u64, durable: u64) {
+        self.last_lsn = appended;
+        self.durable_lsn = durable;
+    }
+
+    /// The highest sequence number a master was heard to have used or released.
+    pub fn seen_seq(&self) -> u64 {
+        self.seen_seq.max(self.position)
+    }
+
+    /// Hand over the transactions prepared and not known aborted, oldest
+    /// first: a slave promoted to master commits them (docs/FAILOVER.md).
+    pub fn take_prepared(&mut self) -> BTreeMap<u64, Ops> {
+        std::mem::take(&mut self.prepared)
+            .into_iter()
+            .map(|(seq, p)| (seq, p.ops))
+            .collect()
     }
 
     /// Highest sequence number whose outcome this slave knows and has applied.
@@ -213,6 +238,7 @@ impl Participant {
             Event::Message { peer, msg } => {
                 if self.link.peer() == Some(peer) {
                     self.last_heard_ms = now_ms;
+                    self.seen_seq = self.seen_seq.max(msg.header_seq());
                     self.on_message(now_ms, peer, msg);
                 }
             }

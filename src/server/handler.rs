@@ -235,6 +235,9 @@ pub struct Core {
     /// Writes are refused with this reason (the write-ahead log failed): the
     /// server cannot keep what it would acknowledge. Reads go on.
     pub write_refusal: Option<String>,
+    /// Why reads of data are refused, if they are (a master whose leadership
+    /// lease is not known valid must not serve what may be stale).
+    pub read_refusal: Option<String>,
     /// Reply routes of writes handed to the coordinator and not yet answered
     /// (foldhash: one insert and one remove per write, SipHash showed in profiles).
     pub waiting: HashMap<ClientRef, Waiting, foldhash::fast::RandomState>,
@@ -273,6 +276,7 @@ impl Core {
             store,
             commit_seq,
             write_refusal: None,
+            read_refusal: None,
             stats: Stats::default(),
             max_value_bytes,
             mode,
@@ -427,6 +431,10 @@ impl Core {
         self.stats.count(request.opcode());
         let (kind, key, value) = match request {
             Request::Get { key } => {
+                if let Some(why) = &self.read_refusal {
+                    encode_response(out, op, Status::Unavailable, request_id, 0, why.as_bytes());
+                    return Outcome::Answered;
+                }
                 match self.store.get(key) {
                     Some((value, version)) => {
                         encode_response(out, op, Status::Ok, request_id, version, value)
@@ -455,6 +463,13 @@ impl Core {
             Request::Update { key, value } => (OpKind::Update, key, value),
             Request::Delete { key } => (OpKind::Delete, key, &[][..]),
         };
+        if let Mode::Slave { master } = &self.mode
+            && master.is_empty()
+        {
+            let why = "no master is elected yet (failover through etcd in progress)";
+            encode_response(out, op, Status::Unavailable, request_id, 0, why.as_bytes());
+            return Outcome::Answered;
+        }
         if let Mode::Slave { master } = &self.mode {
             self.stats.redirects += 1;
             encode_response(out, op, Status::Redirect, request_id, 0, master.as_bytes());

@@ -7,6 +7,7 @@
 //! iteration become one transaction (group commit).
 
 mod connection;
+mod failover;
 mod handler;
 mod limits;
 mod peer;
@@ -40,6 +41,8 @@ use crate::store::{Applied, Store};
 use crate::wal::{FsyncPolicy, Wal, WalConfig, WalError};
 
 use connection::{Connection, Liveness};
+pub use failover::FailoverConfig;
+use failover::{Failover, Standby};
 pub use handler::Core;
 use handler::{Mode, ReplyTarget};
 pub use limits::UdpLimitScope;
@@ -109,6 +112,8 @@ pub struct Config {
     pub udp_rate_per_sec: u32,
     /// Answer the Redis protocol (RESP) on the TCP port too.
     pub resp: bool,
+    /// Failover through etcd; `None`: one fixed master (`-m` makes a slave).
+    pub failover: Option<FailoverConfig>,
 }
 
 impl Config {
@@ -192,6 +197,8 @@ enum Link {
 enum Role {
     /// Coordinates every write.
     Master(Box<Coordinator>),
+    /// Failover: waiting for the election to say whom to follow, or to lead.
+    Standby(Box<Standby>),
     /// Follows a master.
     Slave {
         participant: Box<Participant>,
@@ -206,6 +213,7 @@ impl Role {
         match self {
             Role::Master(c) => c.handle(now_ms, event),
             Role::Slave { participant, .. } => participant.handle(now_ms, event),
+            Role::Standby(_) => {}
         }
     }
 
@@ -213,6 +221,7 @@ impl Role {
         match self {
             Role::Master(c) => c.poll_action(),
             Role::Slave { participant, .. } => participant.poll_action(),
+            Role::Standby(_) => None,
         }
     }
 
@@ -221,6 +230,7 @@ impl Role {
         match self {
             Role::Master(c) => c.history_id(),
             Role::Slave { participant, .. } => participant.history_id(),
+            Role::Standby(s) => s.history_id,
         }
     }
 
@@ -260,6 +270,10 @@ impl Role {
                 text.push_str(&format!("applied_seq {}\n", participant.position()));
                 text.push_str(&format!("in_doubt {}\n", participant.in_doubt()));
             }
+            Role::Standby(s) => {
+                text.push_str("role standby\n");
+                text.push_str(&format!("in_doubt {}\n", s.prepared.len()));
+            }
         }
         text
     }
@@ -289,6 +303,7 @@ impl Role {
                 applied_seq: participant.position(),
                 ..Default::default()
             },
+            Role::Standby(_) => handler::ReplicationInfo::default(),
         }
     }
 }
@@ -339,6 +354,12 @@ pub struct Server {
     deferred_reads: Vec<usize>,
     /// Replication links that stopped streaming a snapshot at their budget.
     deferred_flushes: Vec<usize>,
+    /// Failover through etcd, when configured.
+    failover: Option<Failover>,
+    /// The coordinator's knobs, for a master created by a promotion.
+    coordinator_config: CoordinatorConfig,
+    /// `--resync-discard-data`, for a slave created by a failover.
+    resync_discard_data: bool,
 }
 
 impl Server {
@@ -362,7 +383,7 @@ impl Server {
         }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(ServerError::Poll)?);
         let (mut wal, replay, report) =
-            Wal::open(config.wal_config(false), waker).map_err(ServerError::Wal)?;
+            Wal::open(config.wal_config(false), Arc::clone(&waker)).map_err(ServerError::Wal)?;
         info!(
             "recovered {} keys at seq {} of history {:#018x} from {} ({} records in {} segments{}){}",
             replay.store.len(),
@@ -381,7 +402,26 @@ impl Server {
                 format!("; repairs: {}", report.repairs.join("; "))
             }
         );
+        let coordinator_config = CoordinatorConfig {
+            tpc_timeout_ms: config.tpc_timeout_ms,
+            min_slaves: config.min_slaves,
+            log_max_bytes: config.repl_backlog_bytes,
+            ..CoordinatorConfig::default()
+        };
         let (role, mode) = match &config.master {
+            _ if config.failover.is_some() => {
+                // The election decides: lead, or follow whom etcd names.
+                let standby = Standby {
+                    history_id: replay.history_id,
+                    prepared: replay.prepared.clone(),
+                    commits: replay.commits.clone(),
+                    floor: replay.floor,
+                };
+                let mode = Mode::Slave {
+                    master: String::new(),
+                };
+                (Role::Standby(Box::new(standby)), mode)
+            }
             None => {
                 // A master continues the history its data belongs to; an empty
                 // data directory starts a new one (0 means none).
@@ -394,11 +434,8 @@ impl Server {
                     id
                 };
                 let coordinator_config = CoordinatorConfig {
-                    tpc_timeout_ms: config.tpc_timeout_ms,
-                    min_slaves: config.min_slaves,
-                    log_max_bytes: config.repl_backlog_bytes,
                     history_id,
-                    ..CoordinatorConfig::default()
+                    ..coordinator_config.clone()
                 };
                 let mut log = CommitLog::new(coordinator_config.log_capacity, replay.floor)
                     .with_max_bytes(coordinator_config.log_max_bytes);
@@ -438,6 +475,10 @@ impl Server {
         core.resp_enabled = config.resp;
         core.fsync_policy = config.fsync.name();
         core.tcp_port = addr.port();
+        let failover = config
+            .failover
+            .as_ref()
+            .map(|f| Failover::start(f, wal.node_id(), addr, waker, wal.led_epoch(), 0));
         let mut server = Server {
             poll,
             listener,
@@ -466,8 +507,13 @@ impl Server {
             deferred_clients: Vec::new(),
             deferred_reads: Vec::new(),
             deferred_flushes: Vec::new(),
+            failover,
+            coordinator_config,
+            resync_discard_data: config.resync_discard_data,
         };
-        // The state machines may have work from the start (a slave dials its master).
+        // The state machines may have work from the start (a slave dials its
+        // master, the election reads etcd).
+        server.election_tick(0);
         server.work_left = server.settle();
         Ok(server)
     }
@@ -484,6 +530,12 @@ impl Server {
             (true, false) => "tcp",
             _ => "udp",
         };
+        if self.failover.is_some() {
+            return format!(
+                "dkvs-server ready: failover through etcd, serving {transports} on {}",
+                self.addr
+            );
+        }
         match &self.core.mode {
             Mode::Master => format!(
                 "dkvs-server ready: master serving {transports} on {}",
@@ -520,6 +572,9 @@ impl Server {
         let mut turn_started: Option<Instant> = None;
         loop {
             let mut next = self.timers.next_deadline();
+            if let Some(at) = self.election_deadline() {
+                next = Some(next.map_or(at, |t| t.min(at)));
+            }
             if !self.links.is_empty() {
                 next = Some(next.map_or(self.next_sweep_ms, |t| t.min(self.next_sweep_ms)));
             }
@@ -562,6 +617,7 @@ impl Server {
                         if let Some(lsn) = self.wal.on_wake() {
                             self.feed(Event::Persisted { lsn });
                         }
+                        self.on_etcd_wake();
                     }
                     Token(t) => self.link_ready(t - FIRST_LINK, event.is_read_closed()),
                 }
@@ -590,6 +646,7 @@ impl Server {
                 self.role.handle(now, Event::TimerFired { timer });
                 self.replication_changed = true;
             }
+            self.election_tick(now);
             if now >= self.next_sweep_ms {
                 self.sweep(now);
             }
@@ -950,6 +1007,7 @@ impl Server {
             self.core.write_refusal = Some(format!("write-ahead log failed: {why}"));
             self.replication_changed = true;
         }
+        self.forget_led_epoch_once_following();
         let alone = matches!(&self.role, Role::Master(c) if c.members().in_sync_count() == 0);
         self.wal.set_group_window(alone);
         if self.wal.snapshot_due() {
@@ -968,6 +1026,10 @@ impl Server {
                 Mode::Slave { master } => master.clone(),
             };
             self.core.stats.replication = self.role.describe(&master);
+            if let Some(f) = &self.failover {
+                let now = self.now_ms();
+                self.core.stats.replication.push_str(&f.describe(now));
+            }
             self.core.replication = self.role.info();
         }
         work_left
@@ -1055,12 +1117,6 @@ impl Server {
             } => self.install_snapshot(at_seq, entries, begin, end),
             Action::RecordSyncSet { version, members } => self.record_sync_set(version, members),
         }
-    }
-
-    /// Hand the coordinator's in-sync set to the failover agent to record in etcd.
-    fn record_sync_set(&mut self, version: u64, members: Vec<u64>) {
-        // Only a coordinator configured for failover asks; that lands next.
-        warn!("in-sync set {version} {members:?} not recorded: no failover configured");
     }
 
     fn send_peer(&mut self, peer: PeerId, msg: &PeerMessage) {

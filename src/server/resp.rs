@@ -393,6 +393,13 @@ impl Session<'_> {
             let message = format!("MISCONF Errors writing to the AOF file: {why}");
             return self.error(&message);
         }
+        if spec.class == Class::Read
+            && !matches!(spec.name, "info" | "wait")
+            && let Some(why) = &self.core.read_refusal
+        {
+            let message = format!("MASTERDOWN {why}");
+            return self.error(&message);
+        }
         match spec.name {
             "get" => self.get(args[1]),
             "set" => self.set(args),

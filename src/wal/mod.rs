@@ -265,6 +265,9 @@ fn now_tag() -> u64 {
 }
 
 /// Write `bytes` to `dir/name` atomically: temp file, fsync, rename, fsync of the directory.
+/// The file naming the epoch this node last led in (failover through etcd).
+const LED_EPOCH_FILE: &str = "leader_epoch";
+
 fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), WalError> {
     let tmp = dir.join(format!("{name}.tmp"));
     let path = dir.join(name);
@@ -394,6 +397,59 @@ impl Wal {
     /// This node's id (created once in the data directory).
     pub fn node_id(&self) -> u64 {
         self.node_id
+    }
+
+    /// The highest lsn appended so far: a state machine that takes over the
+    /// log (a failover changes the role) numbers its records after it.
+    pub fn appended_lsn(&self) -> u64 {
+        self.appended_lsn
+    }
+
+    /// The highest lsn reported durable so far.
+    pub fn reported_lsn(&self) -> u64 {
+        self.reported_lsn
+    }
+
+    /// The epoch this node last led in (failover), from the `leader_epoch`
+    /// file: a node that led and was deposed must not trust the decisions it
+    /// took alone (docs/FAILOVER.md).
+    pub fn led_epoch(&self) -> Option<u64> {
+        let path = self.config.dir.join(LED_EPOCH_FILE);
+        let text = std::fs::read_to_string(&path).ok()?;
+        match text.trim().parse() {
+            Ok(epoch) => Some(epoch),
+            Err(_) => {
+                warn!(
+                    "{}: not an epoch: {:?}; ignored",
+                    path.display(),
+                    text.trim()
+                );
+                None
+            }
+        }
+    }
+
+    /// Record durably that this node leads `epoch` (`None`: it no longer has
+    /// decisions of its own to distrust). Written once per promotion, and
+    /// fsynced on the reactor thread: it must be on disk before the first
+    /// write is acknowledged in the epoch.
+    pub fn set_led_epoch(&self, epoch: Option<u64>) -> Result<(), WalError> {
+        match epoch {
+            Some(e) => write_atomically(
+                &self.config.dir,
+                LED_EPOCH_FILE,
+                format!("{e}\n").as_bytes(),
+            ),
+            None => {
+                let path = self.config.dir.join(LED_EPOCH_FILE);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => sync_dir(&self.config.dir)
+                        .map_err(io_err("fsync the directory", &self.config.dir)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(io_err("remove", &path)(e)),
+                }
+            }
+        }
     }
 
     /// Why the log stopped accepting records, if it did.

@@ -1,0 +1,440 @@
+//! The reactor's side of failover through etcd: it runs the [`Election`],
+//! hands its requests to the etcd [`Agent`], and changes the server's role
+//! when leadership moves. The rules these changes follow, and why no
+//! acknowledged write is lost by them, are in docs/FAILOVER.md.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{error, info, warn};
+use mio::Waker;
+
+use super::handler::Mode;
+use super::{Role, Server};
+use crate::failover::agent::Agent;
+use crate::failover::{self, Election, ElectionConfig, LeaderRecord};
+use crate::protocol::Status;
+use crate::replication::{
+    ClientRef, CommitLog, Coordinator, CoordinatorConfig, Event, Ops, Participant,
+    ParticipantConfig, Record,
+};
+use crate::store::Store;
+
+/// How a server takes part in failover (`--etcd`, `--cluster`, `--lease-ttl-ms`).
+#[derive(Debug, Clone)]
+pub struct FailoverConfig {
+    /// etcd endpoints (`http://host:port`).
+    pub endpoints: Vec<String>,
+    /// The cluster's name: its keys live under `/dkvs/NAME/`.
+    pub cluster: String,
+    /// TTL of the leader's lease.
+    pub lease_ttl_ms: u64,
+}
+
+/// The election and the agent that talks to etcd for it.
+pub struct Failover {
+    pub(super) election: Election,
+    agent: Agent,
+    /// The epoch of the leader this node follows or is.
+    pub(super) epoch: u64,
+    /// The leader this node follows (or is).
+    pub(super) leader: Option<LeaderRecord>,
+    /// The epoch this node last led in, as its data directory records it.
+    led_epoch: Option<u64>,
+}
+
+impl Failover {
+    /// Start the agent's threads and the election.
+    pub fn start(
+        config: &FailoverConfig,
+        node_id: u64,
+        addr: SocketAddr,
+        waker: Arc<Waker>,
+        led_epoch: Option<u64>,
+        now_ms: u64,
+    ) -> Failover {
+        // Each etcd call is bounded well inside the lease, so a keepalive
+        // queued behind a slow call still lands in time.
+        let timeout = Duration::from_millis((config.lease_ttl_ms / 4).clamp(100, 2_000));
+        let agent = Agent::start(config.endpoints.clone(), &config.cluster, timeout, waker);
+        let election = Election::new(
+            ElectionConfig {
+                node_id,
+                addr: addr.to_string(),
+                lease_ttl_ms: config.lease_ttl_ms,
+            },
+            now_ms,
+        );
+        Failover {
+            election,
+            agent,
+            epoch: 0,
+            leader: None,
+            led_epoch,
+        }
+    }
+
+    /// The STATS lines of failover.
+    pub fn describe(&self, now_ms: u64) -> String {
+        let state = match self.election.state() {
+            failover::State::Observing => "observing",
+            failover::State::Following(_) => "following",
+            failover::State::Vacant => "waiting",
+            failover::State::Granting | failover::State::Campaigning { .. } => "campaigning",
+            failover::State::Leading { .. } => "leading",
+        };
+        let mut text = format!("failover {state}\nepoch {}\n", self.epoch);
+        if let Some(l) = &self.leader {
+            text.push_str(&format!("leader {} node={:016x}\n", l.addr, l.node_id));
+        }
+        if let Some(s) = self.election.sync_record() {
+            let members: Vec<String> = s.members.iter().map(|m| format!("{m:016x}")).collect();
+            text.push_str(&format!("sync_set {}\n", members.join(",")));
+        }
+        if let Some(left) = self.election.lease_left_ms(now_ms) {
+            text.push_str(&format!("lease_left_ms {left}\n"));
+        }
+        text
+    }
+}
+
+/// What a standby holds for the role it takes next.
+pub struct Standby {
+    /// The history its store's position belongs to (0: none).
+    pub history_id: u64,
+    /// Transactions prepared here and not known decided.
+    pub prepared: BTreeMap<u64, Ops>,
+    /// Commits recovered from the log (for a promotion's partial-resync log).
+    pub commits: Vec<(u64, Ops)>,
+    /// The sequence number the log's snapshot covered.
+    pub floor: u64,
+}
+
+impl Server {
+    /// The etcd agent woke the reactor: feed its replies to the election.
+    pub(super) fn on_etcd_wake(&mut self) {
+        let Some(f) = self.failover.as_mut() else {
+            return;
+        };
+        let now = self.clock.elapsed().as_millis() as u64;
+        while let Some(reply) = f.agent.try_recv() {
+            f.election.on_reply(now, reply);
+        }
+        self.run_election();
+    }
+
+    /// Time passed: let the election renew, notice and read.
+    pub(super) fn election_tick(&mut self, now: u64) {
+        if let Some(f) = self.failover.as_mut() {
+            f.election.tick(now);
+            self.run_election();
+        }
+    }
+
+    /// When the election next needs a tick.
+    pub(super) fn election_deadline(&self) -> Option<u64> {
+        self.failover.as_ref().map(|f| f.election.next_wake_ms())
+    }
+
+    /// Hand the coordinator's in-sync set to the election to record in etcd.
+    pub(super) fn record_sync_set(&mut self, version: u64, members: Vec<u64>) {
+        if let Some(f) = self.failover.as_mut() {
+            f.election.record_sync_set(version, members);
+            self.run_election();
+        } else {
+            warn!("in-sync set {version} not recorded: no failover configured");
+        }
+    }
+
+    fn run_election(&mut self) {
+        loop {
+            let Some(f) = self.failover.as_mut() else {
+                return;
+            };
+            let Some(action) = f.election.poll_action() else {
+                return;
+            };
+            self.replication_changed = true;
+            match action {
+                failover::Action::Etcd(request) => f.agent.send(request),
+                failover::Action::Lead { epoch } => self.lead(epoch),
+                failover::Action::Follow(leader) => self.follow(leader),
+                failover::Action::StepDown => self.step_down(),
+                failover::Action::LeaseValid(valid) => {
+                    let now = self.now_ms();
+                    if let Role::Master(c) = &mut self.role {
+                        c.set_lease_valid(now, valid);
+                    }
+                    self.core.read_refusal = (!valid).then(|| {
+                        "this master's leadership lease is not renewed (etcd unreachable?); \
+                         reads would risk being stale"
+                            .to_string()
+                    });
+                }
+                failover::Action::SyncRecorded { version } => {
+                    self.feed(Event::SyncSetRecorded { version });
+                }
+            }
+            self.work_left = true;
+        }
+    }
+
+    /// This node won `epoch`: commit what it prepared and serve as master.
+    fn lead(&mut self, epoch: u64) {
+        // Before the first acknowledgement of the epoch: if this node is
+        // deposed later, it knows it must not trust decisions it took alone.
+        if let Err(e) = self.wal.set_led_epoch(Some(epoch)) {
+            error!("cannot record the epoch led: {e}; not leading");
+            return;
+        }
+        self.drop_all_peers();
+        let history_of_store = self.role.history_id();
+        let (history_id, prepared, commits, floor, seen) =
+            match std::mem::replace(&mut self.role, Role::Standby(Box::new(empty_standby()))) {
+                Role::Slave {
+                    mut participant, ..
+                } => (
+                    participant.history_id(),
+                    participant.take_prepared(),
+                    Vec::new(),
+                    self.core.commit_seq,
+                    participant.seen_seq(),
+                ),
+                Role::Standby(s) => (s.history_id, s.prepared, s.commits, s.floor, 0),
+                Role::Master(_) => (
+                    history_of_store,
+                    BTreeMap::new(),
+                    Vec::new(),
+                    self.core.commit_seq,
+                    0,
+                ),
+            };
+        // The promotion rule: a transaction prepared here and not seen aborted
+        // commits. Every acknowledged write was prepared on every recorded
+        // slave, so this node holds them all.
+        let mut lsn = self.wal.appended_lsn();
+        let mut committed = 0;
+        for (seq, ops) in prepared {
+            if seq <= self.core.commit_seq {
+                continue;
+            }
+            lsn += 1;
+            self.wal.append(
+                lsn,
+                &Record::CommitDecision {
+                    seq,
+                    ops: ops.clone(),
+                },
+            );
+            self.apply(seq, &ops, &[]);
+            committed += 1;
+        }
+        let history_id = if history_id != 0 {
+            history_id
+        } else {
+            let id = rand::random::<u64>().max(1);
+            if let Err(e) = self.wal.start_history(id) {
+                error!("cannot start a history: {e}");
+            }
+            lsn = self.wal.appended_lsn();
+            id
+        };
+        // Number after everything the old master was heard to use: a slave
+        // may have seen an aborted transaction's number, and numbers name
+        // transactions. (Gaps are harmless: aborts leave them too.)
+        let released = self.core.commit_seq.max(seen);
+        self.core.commit_seq = released;
+        let config = CoordinatorConfig {
+            epoch,
+            history_id,
+            record_sync_set: true,
+            ..self.coordinator_config.clone()
+        };
+        let mut log =
+            CommitLog::new(config.log_capacity, floor).with_max_bytes(config.log_max_bytes);
+        for (seq, ops) in commits {
+            log.push(seq, ops);
+        }
+
+        let now = self.now_ms();
+        let mut coordinator = Coordinator::recover(config, now, self.core.commit_seq, log);
+        coordinator.start_lsns_after(lsn, self.wal.reported_lsn());
+        info!(
+            "leading epoch {epoch} at seq {} of history {history_id:#018x} ({committed} in-doubt transactions committed)",
+            self.core.commit_seq
+        );
+        self.role = Role::Master(Box::new(coordinator));
+        self.core.mode = Mode::Master;
+        if let Some(f) = self.failover.as_mut() {
+            f.epoch = epoch;
+            f.led_epoch = Some(epoch);
+            f.leader = Some(LeaderRecord {
+                epoch,
+                node_id: self.wal.node_id(),
+                addr: self.addr.to_string(),
+            });
+        }
+    }
+
+    /// Follow `leader` as a slave.
+    fn follow(&mut self, leader: LeaderRecord) {
+        if let Some(f) = self.failover.as_ref()
+            && f.leader.as_ref() == Some(&leader)
+            && matches!(self.role, Role::Slave { .. })
+        {
+            return;
+        }
+        let master_addr = match leader.addr.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(
+                    "leader address {:?} in etcd: {e}; not following",
+                    leader.addr
+                );
+                return;
+            }
+        };
+        if matches!(self.role, Role::Master(_)) {
+            self.step_down();
+        }
+        self.drop_all_peers();
+        let (mut history_id, mut prepared_dropped) = match &mut self.role {
+            Role::Slave { participant, .. } => {
+                (participant.history_id(), participant.take_prepared().len())
+            }
+            Role::Standby(s) => (s.history_id, s.prepared.len()),
+            Role::Master(_) => (0, 0),
+        };
+        let mut may_discard = self.resync_discard_data;
+        let led_epoch = self.failover.as_ref().and_then(|f| f.led_epoch);
+        if let Some(led) = led_epoch
+            && led < leader.epoch
+        {
+            // This node led an earlier epoch: decisions it took alone (an abort
+            // a slave never heard of, a commit decided but not released) may
+            // differ from what the new master decided. Start over from its
+            // data; everything acknowledged is there.
+            warn!(
+                "this node led epoch {led}; epoch {} is led by {}: discarding local data to resync",
+                leader.epoch, leader.addr
+            );
+            self.wal.before_clear(&self.core.store);
+            self.core.store = Store::new();
+            self.core.commit_seq = 0;
+            history_id = 0;
+            prepared_dropped = 0;
+            let lsn = self.wal.appended_lsn() + 1;
+            self.wal.append(
+                lsn,
+                &Record::Checkpoint {
+                    seq: 0,
+                    history_id: 0,
+                },
+            );
+            may_discard = true;
+        }
+        if prepared_dropped > 0 {
+            info!("{prepared_dropped} in-doubt transactions follow the new master's outcome");
+        }
+        let mut participant = Participant::recover(
+            ParticipantConfig {
+                client_addr: self.addr.to_string(),
+                node_id: self.wal.node_id(),
+                may_discard_data: may_discard,
+                epoch: leader.epoch,
+                ..ParticipantConfig::default()
+            },
+            self.core.commit_seq,
+            history_id,
+        );
+        participant.start_lsns_after(self.wal.appended_lsn(), self.wal.reported_lsn());
+        info!("following {} in epoch {}", leader.addr, leader.epoch);
+        self.role = Role::Slave {
+            participant: Box::new(participant),
+            master_addr,
+            staging: None,
+        };
+        self.core.mode = Mode::Slave {
+            master: leader.addr.clone(),
+        };
+        self.core.read_refusal = None;
+        if let Some(f) = self.failover.as_mut() {
+            f.epoch = leader.epoch;
+            f.leader = Some(leader);
+        }
+    }
+
+    /// Leadership is lost: stop acting as master, answer the writes in flight.
+    fn step_down(&mut self) {
+        let Role::Master(c) = &mut self.role else {
+            return;
+        };
+        let clients: Vec<ClientRef> = c.abandon();
+        warn!(
+            "stepping down: {} writes in flight get UNAVAILABLE (the next master decides them)",
+            clients.len()
+        );
+        let history_id = c.history_id();
+        for client in clients {
+            self.core.stats.writes_failed += 1;
+            self.reply(
+                client,
+                Status::Unavailable,
+                0,
+                b"this master lost its leadership; the write's outcome is decided by the next master",
+            );
+        }
+        self.drop_all_peers();
+        self.role = Role::Standby(Box::new(Standby {
+            history_id,
+            prepared: BTreeMap::new(),
+            commits: Vec::new(),
+            floor: self.core.commit_seq,
+        }));
+        self.core.mode = Mode::Slave {
+            master: String::new(),
+        };
+        if let Some(f) = self.failover.as_mut() {
+            f.leader = None;
+        }
+    }
+
+    /// Close every replication link (a role change starts them afresh).
+    fn drop_all_peers(&mut self) {
+        let keys: Vec<usize> = self.peers.values().copied().collect();
+        for key in keys {
+            self.drop_peer(key);
+        }
+    }
+
+    /// Once a deposed leader follows the new one, its own decisions are gone:
+    /// the epoch it led no longer matters.
+    pub(super) fn forget_led_epoch_once_following(&mut self) {
+        let Some(f) = self.failover.as_mut() else {
+            return;
+        };
+        if f.led_epoch.is_some()
+            && let Role::Slave { participant, .. } = &self.role
+            && matches!(
+                participant.link(),
+                crate::replication::LinkState::Following(_)
+            )
+        {
+            match self.wal.set_led_epoch(None) {
+                Ok(()) => f.led_epoch = None,
+                Err(e) => warn!("cannot remove the led-epoch marker: {e}"),
+            }
+        }
+    }
+}
+
+fn empty_standby() -> Standby {
+    Standby {
+        history_id: 0,
+        prepared: BTreeMap::new(),
+        commits: Vec::new(),
+        floor: 0,
+    }
+}
