@@ -216,6 +216,7 @@ impl Server {
         // slave, so this node holds them all.
         let mut lsn = self.wal.appended_lsn();
         let mut committed = 0;
+        let mut commits = commits;
         for (seq, ops) in prepared {
             if seq <= self.core.commit_seq {
                 continue;
@@ -229,6 +230,8 @@ impl Server {
                 },
             );
             self.apply(seq, &ops, &[]);
+            // Slaves that held it only prepared catch up by log from below it.
+            commits.push((seq, ops));
             committed += 1;
         }
         let history_id = if history_id != 0 {

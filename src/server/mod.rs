@@ -605,6 +605,11 @@ impl Server {
             }
             // A turn is the work between two polls: what other clients wait behind.
             turn_started = Some(Instant::now());
+            // Before any client input is served: a master whose lease ran out
+            // while it was not running (paused, descheduled) must know it
+            // before it could acknowledge anything.
+            let now = self.now_ms();
+            self.election_tick(now);
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(),
@@ -646,7 +651,6 @@ impl Server {
                 self.role.handle(now, Event::TimerFired { timer });
                 self.replication_changed = true;
             }
-            self.election_tick(now);
             if now >= self.next_sweep_ms {
                 self.sweep(now);
             }
