@@ -11,7 +11,7 @@ use std::time::Duration;
 use log::{error, info, warn};
 use mio::Waker;
 
-use super::handler::Mode;
+use super::handler::{Mode, ReplyTarget};
 use super::{Role, Server};
 use crate::failover::agent::Agent;
 use crate::failover::{self, Election, ElectionConfig, LeaderRecord};
@@ -376,18 +376,27 @@ impl Server {
         };
         let clients: Vec<ClientRef> = c.abandon();
         warn!(
-            "stepping down: {} writes in flight get UNAVAILABLE (the next master decides them)",
+            "stepping down: closing the connections of {} writes in flight (the next master decides them)",
             clients.len()
         );
         let history_id = c.history_id();
+        // Their outcome is not known here, and no status says "unknown"
+        // (UNAVAILABLE means "not applied"): the connection closes, as if this
+        // server had died, and a UDP client hears nothing and retries.
+        let mut close = Vec::new();
         for client in clients {
-            self.core.stats.writes_failed += 1;
-            self.reply(
-                client,
-                Status::Unavailable,
-                0,
-                b"this master lost its leadership; the write's outcome is decided by the next master",
-            );
+            if let Some((ReplyTarget::Tcp { key, conn_id }, _)) =
+                self.core.finish(client, Status::Unavailable, 0, &[])
+            {
+                close.push((key, conn_id));
+            }
+        }
+        for (key, conn_id) in close {
+            if let Some(super::Link::Client(connection)) = self.links.get(key)
+                && connection.conn_id() == conn_id
+            {
+                self.close_client(key);
+            }
         }
         self.drop_all_peers();
         self.role = Role::Standby(Box::new(Standby {
