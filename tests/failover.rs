@@ -414,6 +414,20 @@ fn with_etcd_stopped_writes_fail_clearly_and_resume_after() {
             })
         },
     );
+    // The command-line client finds the master through etcd, or moves past a dead server.
+    let url = EtcdProcess::urls(std::slice::from_ref(&cluster.etcd)).join(",");
+    let out = std::process::Command::new(common::bin("dkvs-client"))
+        .args(["--etcd", &url, "--cluster", "etcdstop", "get", "after"])
+        .output()
+        .expect("run dkvs-client");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2", "{out:?}");
+    let dead = common::etcd::free_port();
+    let list = format!("127.0.0.1:{dead},127.0.0.1:{}", cluster.servers[0].port);
+    let out = std::process::Command::new(common::bin("dkvs-client"))
+        .args(["-s", &list, "get", "before"])
+        .output()
+        .expect("run dkvs-client");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{out:?}");
     let acked: BTreeMap<String, String> = [("before", "1"), ("after", "2")]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -26,9 +26,17 @@ const EXIT_FAILURE: u8 = 3;
     after_help = "Exit status: 0 success, 1 key not found, 2 usage error, 3 server or network error."
 )]
 struct Args {
-    /// Server host.
+    /// Server host, or several servers of a cluster as `host[:port],host[:port],…`
+    /// (the first that accepts a connection is used; a slave redirects writes).
     #[arg(short = 's', long = "host", default_value = "127.0.0.1")]
     host: String,
+    /// Ask etcd at these endpoints (comma-separated http://host:port) which
+    /// server is the master of --cluster, and use it.
+    #[arg(long = "etcd", value_delimiter = ',', requires = "cluster")]
+    etcd: Vec<String>,
+    /// The cluster's name in etcd (with --etcd).
+    #[arg(long = "cluster", requires = "etcd")]
+    cluster: Option<String>,
     /// Server port.
     #[arg(short = 'p', long = "port", default_value_t = 9099)]
     port: u16,
@@ -89,10 +97,32 @@ fn main() -> ExitCode {
         timeout: Duration::from_millis(args.timeout_ms),
         ..ClientConfig::default()
     };
-    match run(&args.host, args.port, config, command) {
+    let servers = match &args.cluster {
+        Some(cluster) => dkvs::client::master_from_etcd(args.etcd.clone(), cluster, config.timeout)
+            .map(|server| vec![server]),
+        None => {
+            dkvs::client::parse_servers(&args.host, args.port).map_err(ClientError::InvalidRequest)
+        }
+    };
+    let servers = match servers {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dkvs-client: {e}");
+            return ExitCode::from(match e {
+                ClientError::InvalidRequest(_) => EXIT_USAGE,
+                _ => EXIT_FAILURE,
+            });
+        }
+    };
+    let shown = servers
+        .iter()
+        .map(|(h, p)| format!("{h}:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    match run(&servers, config, command) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("dkvs-client: {}:{}: {e}", args.host, args.port);
+            eprintln!("dkvs-client: {shown}: {e}");
             let code = match e {
                 ClientError::InvalidRequest(_) => EXIT_USAGE,
                 _ => EXIT_FAILURE,
@@ -157,7 +187,11 @@ fn check_key(key: &str) -> Result<&[u8], ClientError> {
     Ok(key.as_bytes())
 }
 
-fn run(host: &str, port: u16, config: ClientConfig, command: Command) -> Result<u8, ClientError> {
+fn run(
+    servers: &[(String, u16)],
+    config: ClientConfig,
+    command: Command,
+) -> Result<u8, ClientError> {
     // Read stdin and check the key before connecting, so usage errors need no server.
     let (key, value) = match &command {
         Command::Put { key, value } | Command::Update { key, value } => {
@@ -166,7 +200,7 @@ fn run(host: &str, port: u16, config: ClientConfig, command: Command) -> Result<
         Command::Get { key } | Command::Delete { key } => (check_key(key)?, Vec::new()),
         Command::Ping | Command::Stats => (&[][..], Vec::new()),
     };
-    let mut client = Client::connect(host, port, config)?;
+    let mut client = Client::connect_first(servers, config)?;
     let mut stdout = std::io::stdout().lock();
     let not_found = |what: &str| {
         eprintln!("dkvs-client: {what}: key not found");

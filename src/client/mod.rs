@@ -182,7 +182,70 @@ pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, ClientError> {
         .ok_or_else(|| ClientError::Resolve(format!("'{host}' has no address")))
 }
 
+/// Parse a server list: `host[:port]` entries separated by commas (`[v6]:port`
+/// for IPv6), with `default_port` where an entry has none.
+pub fn parse_servers(list: &str, default_port: u16) -> Result<Vec<(String, u16)>, String> {
+    let mut servers = Vec::new();
+    for entry in list.split(',').map(str::trim) {
+        if entry.is_empty() {
+            return Err(format!("empty entry in the server list '{list}'"));
+        }
+        let (host, port) = match entry.rsplit_once(':') {
+            // A bare IPv6 address has colons but no port.
+            Some((host, port)) if !host.contains(':') || host.ends_with(']') => {
+                let port = port
+                    .parse()
+                    .map_err(|_| format!("'{port}' in '{entry}' is not a port"))?;
+                (host.trim_start_matches('[').trim_end_matches(']'), port)
+            }
+            _ => (entry, default_port),
+        };
+        servers.push((host.to_string(), port));
+    }
+    Ok(servers)
+}
+
+/// The master's `host:port` as the leader key of cluster `cluster` in etcd names it.
+pub fn master_from_etcd(
+    endpoints: Vec<String>,
+    cluster: &str,
+    timeout: Duration,
+) -> Result<(String, u16), ClientError> {
+    let client = crate::etcd::EtcdClient::new(endpoints, timeout);
+    let key = crate::failover::agent::Keys::new(cluster).leader;
+    let (kv, _) = client
+        .range(&key)
+        .map_err(|e| ClientError::Resolve(format!("etcd: {e}")))?;
+    let kv = kv.ok_or_else(|| {
+        ClientError::Resolve(format!("etcd: cluster '{cluster}' has no master right now"))
+    })?;
+    let leader = crate::failover::LeaderRecord::parse(&kv.value)
+        .map_err(|e| ClientError::Resolve(format!("etcd: the leader key: {e}")))?;
+    let (host, port) = leader
+        .addr
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_string(), p.parse().ok()?)))
+        .ok_or_else(|| ClientError::Resolve(format!("etcd: bad leader address {}", leader.addr)))?;
+    Ok((host, port))
+}
+
 impl Client {
+    /// Connect to the first of `servers` that accepts a connection: a client
+    /// of a cluster moves on past the ones that are down.
+    pub fn connect_first(
+        servers: &[(String, u16)],
+        config: ClientConfig,
+    ) -> Result<Client, ClientError> {
+        let mut last = ClientError::Resolve("no server given".into());
+        for (host, port) in servers {
+            match Client::connect(host, *port, config.clone()) {
+                Ok(client) => return Ok(client),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     /// Connect to `host:port` over the configured transport.
     pub fn connect(host: &str, port: u16, config: ClientConfig) -> Result<Client, ClientError> {
         let server = resolve(host, port)?;
