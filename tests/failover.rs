@@ -434,3 +434,186 @@ fn with_etcd_stopped_writes_fail_clearly_and_resume_after() {
         .collect();
     check_converged(&cluster, &acked);
 }
+
+/// The user the partitioned server runs as, so that a firewall rule can
+/// single out its packets (`-m owner --uid-owner`).
+const PARTITIONED_UID: u32 = 65534;
+
+/// An iptables rule in the OUTPUT chain, removed when dropped (even on panic).
+struct FirewallRule(Vec<String>);
+
+impl FirewallRule {
+    /// Drop the TCP packets the partitioned user's processes send to `port`.
+    fn drop_to_port(port: u16) -> FirewallRule {
+        let spec: Vec<String> = [
+            "-p",
+            "tcp",
+            "-m",
+            "owner",
+            "--uid-owner",
+            &PARTITIONED_UID.to_string(),
+            "--dport",
+            &port.to_string(),
+            "-j",
+            "DROP",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let status = std::process::Command::new("iptables")
+            .args(["-w", "-I", "OUTPUT"])
+            .args(&spec)
+            .status()
+            .expect("run iptables (apt-get install iptables; the test needs root)");
+        assert!(
+            status.success(),
+            "iptables -I OUTPUT {spec:?} failed (root needed)"
+        );
+        FirewallRule(spec)
+    }
+}
+
+impl Drop for FirewallRule {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("iptables")
+            .args(["-w", "-D", "OUTPUT"])
+            .args(&self.0)
+            .status();
+    }
+}
+
+/// A cluster whose first server runs as [`PARTITIONED_UID`]; `first_leads`
+/// starts it alone first, so that it becomes the master.
+fn partition_cluster(name: &str, first_leads: bool) -> Cluster {
+    let etcd = EtcdProcess::start();
+    let url = EtcdProcess::urls(std::slice::from_ref(&etcd)).join(",");
+    let ttl = LEASE_TTL_MS.to_string();
+    let args = ["--etcd", &url, "--cluster", name, "--lease-ttl-ms", &ttl];
+    let mut servers = Vec::new();
+    if !first_leads {
+        servers.push(ServerProcess::start(&args));
+        let cluster = Cluster { etcd, servers };
+        cluster.master(Duration::from_secs(20));
+        let Cluster { etcd, mut servers } = cluster;
+        servers.insert(0, ServerProcess::start_as_user(PARTITIONED_UID, &args));
+        servers.push(ServerProcess::start(&args));
+        return Cluster { etcd, servers };
+    }
+    servers.push(ServerProcess::start_as_user(PARTITIONED_UID, &args));
+    let cluster = Cluster { etcd, servers };
+    assert_eq!(
+        cluster.master(Duration::from_secs(20)),
+        0,
+        "started alone, it leads"
+    );
+    let Cluster { etcd, mut servers } = cluster;
+    servers.push(ServerProcess::start(&args));
+    servers.push(ServerProcess::start(&args));
+    Cluster { etcd, servers }
+}
+
+#[test]
+fn a_master_cut_off_from_etcd_is_replaced_and_acknowledges_nothing_meanwhile() {
+    let cluster = partition_cluster("cut-etcd", true);
+    let ports = Arc::new(Mutex::new(cluster.ports()));
+    let writers = Writers::start(ports.clone(), 4);
+    cluster.wait_recorded_slave(0);
+    let etcd_port: u16 = EtcdProcess::urls(std::slice::from_ref(&cluster.etcd))[0]
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("etcd port");
+    let before = writers.acked_count();
+    {
+        let _cut = FirewallRule::drop_to_port(etcd_port);
+        // Another server takes over once the old master's lease expires.
+        let mut new = None;
+        wait_until(
+            "a new master while the old one is cut off",
+            Duration::from_secs(30),
+            || {
+                new = (1..3).find(|&i| {
+                    try_stats(cluster.servers[i].port)
+                        .is_some_and(|st| value_of(&st, "role").as_deref() == Some("master"))
+                });
+                new.is_some()
+            },
+        );
+        let during = writers.acked_count();
+        wait_until(
+            "writes acknowledged by the new master",
+            Duration::from_secs(20),
+            || writers.acked_count() > during + 20,
+        );
+        // The old master, still reachable by clients, refuses (it has no lease).
+        let mut c = Client::connect("127.0.0.1", cluster.servers[0].port, client_config())
+            .expect("the old master still accepts connections");
+        assert!(c.put(b"to-the-cut-off-master", b"x").is_err());
+    }
+    assert!(writers.acked_count() > before);
+    // Healed: the old master learns it was deposed and follows.
+    let port = cluster.servers[0].port;
+    wait_until(
+        "the old master to follow after the heal",
+        Duration::from_secs(30),
+        || {
+            try_stats(port)
+                .is_some_and(|st| value_of(&st, "master_link").as_deref() == Some("following"))
+        },
+    );
+    let acked = writers.finish();
+    check_converged(&cluster, &acked);
+}
+
+#[test]
+fn a_slave_cut_off_from_the_master_is_removed_from_the_set_and_writes_go_on() {
+    let cluster = partition_cluster("cut-slave", false);
+    let master = cluster.master(Duration::from_secs(20));
+    assert_ne!(master, 0, "the partitioned server is a slave");
+    let ports = Arc::new(Mutex::new(cluster.ports()));
+    let writers = Writers::start(ports.clone(), 4);
+    let master_port = cluster.servers[master].port;
+    let slave_node = {
+        let mut node = String::new();
+        wait_until("both slaves recorded", Duration::from_secs(20), || {
+            try_stats(master_port)
+                .and_then(|st| value_of(&st, "sync_set"))
+                .is_some_and(|s| s.split(',').filter(|n| !n.is_empty()).count() == 2)
+        });
+        // The partitioned slave's node id, from its own data directory.
+        if let Some(dir) = cluster.servers[0].data_dir() {
+            node = std::fs::read_to_string(dir.join("node_id")).unwrap_or_default();
+        }
+        node.trim().to_string()
+    };
+    assert_eq!(slave_node.len(), 16, "node id of the partitioned slave");
+    {
+        let _cut = FirewallRule::drop_to_port(master_port);
+        wait_until(
+            "the cut-off slave removed from the recorded set",
+            Duration::from_secs(20),
+            || {
+                try_stats(master_port)
+                    .and_then(|st| value_of(&st, "sync_set"))
+                    .is_some_and(|s| !s.contains(&slave_node))
+            },
+        );
+        let during = writers.acked_count();
+        wait_until(
+            "writes acknowledged without the cut-off slave",
+            Duration::from_secs(20),
+            || writers.acked_count() > during + 20,
+        );
+    }
+    wait_until(
+        "the slave back in the recorded set after the heal",
+        Duration::from_secs(40),
+        || {
+            try_stats(master_port)
+                .and_then(|st| value_of(&st, "sync_set"))
+                .is_some_and(|s| s.contains(&slave_node))
+        },
+    );
+    let acked = writers.finish();
+    check_converged(&cluster, &acked);
+}

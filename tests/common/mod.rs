@@ -73,6 +73,18 @@ impl ServerProcess {
         ServerProcess::try_start_on(port, &args, data).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Start `dkvs-server -p 0 ARGS...` as user `uid` (needs root: `setpriv`),
+    /// with a data directory that user may write.
+    pub fn start_as_user(uid: u32, args: &[&str]) -> ServerProcess {
+        let data = std::sync::Arc::new(tempfile::tempdir().expect("temp data dir"));
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("open the data dir to the user");
+        let mut all = vec![format!("@uid={uid}")];
+        all.extend(args.iter().map(|a| a.to_string()));
+        ServerProcess::spawn(0, &all, Some(data), &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// The data directory, when the helper made it.
     pub fn data_dir(&self) -> Option<std::path::PathBuf> {
         self.data.as_ref().map(|d| d.path().to_path_buf())
@@ -105,7 +117,22 @@ impl ServerProcess {
             Some(d) => vec!["-d".into(), d.path().display().to_string()],
             None => Vec::new(),
         };
-        let mut child = Command::new(bin("dkvs-server"))
+        // `@uid=N` as the first argument (see `start_as_user`) runs the server as
+        // that user, so that firewall rules can single out its packets.
+        let (mut command, args) = match args.first().and_then(|a| a.strip_prefix("@uid=")) {
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                    bin("dkvs-server"),
+                ]);
+                (c, &args[1..])
+            }
+            None => (Command::new(bin("dkvs-server")), args),
+        };
+        let mut child = command
             .args(["-p", &port.to_string()])
             .args(if quiet { &["-l", "error"][..] } else { &[] })
             .args(&data_args)
