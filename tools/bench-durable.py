@@ -11,6 +11,8 @@ Workloads (issue 8; every figure is a ratio against an anchor measured in the sa
                  etcd (etcd-server) put p50 through its v3 HTTP gateway (Python http.client with
                  keep-alive, JSON bodies; the client is named in the output)
   restart-1m     restart time with 1M keys: dkvs (snapshot + log) vs redis-server from RDB and AOF
+  failover-cost  SET at 1 and 50 connections on master + 2 slaves: fixed (-m) vs --etcd (one etcd);
+                 etcd is on the path only when the in-sync set changes, so the ratio should be ~1
 
 dkvs-load drives dkvs and Redis (--protocol resp) with identical flags. Servers run on free
 loopback ports in a temporary directory and are killed on exit. Needs redis-server, and etcd for
@@ -258,6 +260,81 @@ def repl_durable_1(tmp, args):
         kill(p)
 
 
+def wait_stats(port, needle, limit=30):
+    for _ in range(int(limit * 10)):
+        st = subprocess.run([os.path.join(ROOT, "target/release/dkvs-client"), "-p", str(port),
+                             "stats"], capture_output=True, text=True).stdout
+        if needle(st):
+            return st
+        time.sleep(0.1)
+    raise SystemExit(f"server on {port} never reached the state waited for")
+
+
+def failover_cost(tmp, args):
+    """Steady-state cost of failover through etcd: the same three servers, fixed master vs
+    --etcd (etcd is on the write path only when the in-sync set changes)."""
+    if not shutil.which("etcd"):
+        note("etcd not installed (apt-get install etcd-server); failover-cost skipped")
+        return
+    rows = []
+    results = {}
+    for mode in ["fixed", "etcd"]:
+        procs = []
+        if mode == "fixed":
+            mp, mport = start_dkvs(SERVER, f"{tmp}/fx-m", ["--fsync", "always"])
+            procs.append(mp)
+            for i in range(2):
+                procs.append(start_dkvs(SERVER, f"{tmp}/fx-s{i}", ["--fsync", "always", "-m",
+                                                                    "127.0.0.1", "-q",
+                                                                    str(mport)])[0])
+            wait_stats(mport, lambda st: "slaves_in_sync 2" in st)
+        else:
+            cport, pport = free_port(), free_port()
+            procs.append(spawn(["etcd", "--name", "f0", "--data-dir", f"{tmp}/fo-etcd",
+                                "--listen-peer-urls", f"http://127.0.0.1:{pport}",
+                                "--initial-advertise-peer-urls", f"http://127.0.0.1:{pport}",
+                                "--listen-client-urls", f"http://127.0.0.1:{cport}",
+                                "--advertise-client-urls", f"http://127.0.0.1:{cport}",
+                                "--initial-cluster", f"f0=http://127.0.0.1:{pport}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            ports = []
+            for i in range(3):
+                p, port = start_dkvs(SERVER, f"{tmp}/fo-{i}", [
+                    "--fsync", "always", "--etcd", f"http://127.0.0.1:{cport}",
+                    "--cluster", "bench"])
+                procs.append(p)
+                ports.append(port)
+            mport = None
+            for _ in range(300):
+                for port in ports:
+                    st = subprocess.run([os.path.join(ROOT, "target/release/dkvs-client"), "-p",
+                                         str(port), "stats"], capture_output=True,
+                                        text=True).stdout
+                    if "role master" in st:
+                        mport = port
+                if mport:
+                    break
+                time.sleep(0.1)
+            if mport is None:
+                raise SystemExit("no master elected")
+            wait_stats(mport, lambda st: "slaves_in_sync 2" in st)
+        one = load(mport, "dkvs", ["--connections", "1", "--get-ratio", "0"], args.duration)
+        fifty = load(mport, "dkvs", ["--connections", "50", "--get-ratio", "0"], args.duration)
+        results[mode] = (one, fifty)
+        for p in procs:
+            kill(p)
+    (f1, f50), (e1, e50) = results["fixed"], results["etcd"]
+    table("Failover through etcd, steady state: the same master + 2 slaves (--fsync always), "
+          "fixed (-m) vs --etcd (client: dkvs-load)",
+          [["SET 1 conn p50 µs", f"{f1['p50_us']:.0f}", f"{e1['p50_us']:.0f}",
+            ratio(e1["p50_us"], f1["p50_us"])],
+           ["SET 1 conn p99 µs", f"{f1['p99_us']:.0f}", f"{e1['p99_us']:.0f}",
+            ratio(e1["p99_us"], f1["p99_us"])],
+           ["SET 50 conns ops/s", f"{f50['ops_per_sec']:.0f}", f"{e50['ops_per_sec']:.0f}",
+            ratio(e50["ops_per_sec"], f50["ops_per_sec"])]],
+          ["measure", "fixed master", "with etcd", "etcd / fixed"])
+
+
 def wait_ready_time(cmd, ready):
     t = time.perf_counter()
     p = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -313,6 +390,7 @@ WORKLOADS = {
     "never-vs-nolog": never_vs_nolog,
     "repl-durable-1": repl_durable_1,
     "restart-1m": restart_1m,
+    "failover-cost": failover_cost,
 }
 
 
