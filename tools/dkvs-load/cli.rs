@@ -34,7 +34,9 @@ pub const MAX_CONNECTIONS: usize = 50_000;
 #[derive(Debug, Parser)]
 #[command(name = "dkvs-load", version, about, long_about = None)]
 pub struct Args {
-    /// Server host name or address.
+    /// Server host name or address, or several servers of a cluster as
+    /// `host[:port],host[:port],…`: the run starts on the first that accepts a
+    /// connection, and a connection that fails reconnects to the next.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     /// Server port [default: 9099 for dkvs, 6379 for resp].

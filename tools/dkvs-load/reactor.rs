@@ -14,8 +14,9 @@
 //! while its reads stay on the target. Each socket of the pair keeps its own in-order in-flight
 //! queue (TCP) or its own slots' routing (UDP); `--pipeline` bounds their sum. A target that
 //! cannot be used (not `host:port`, unresolvable, refused, connect timed out) counts one
-//! `redirect_failed` for the connection, which then no longer follows redirects: its writes end
-//! as REDIRECT errors, as with `--no-follow-redirects`.
+//! `redirect_failed` for the connection, which then no longer follows redirects to that target:
+//! its writes end as REDIRECT errors, as with `--no-follow-redirects`, until (over TCP) a
+//! redirect names another master (a failover moved it).
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -236,6 +237,8 @@ struct TcpConn {
     redirected: VecDeque<InFlight>,
     /// The `host:port` of the latest REDIRECT (allocated on the first one only).
     redirect_to: Vec<u8>,
+    /// The redirect target that could not be reached (a later, different one is followed).
+    broken_target: Vec<u8>,
 }
 
 /// A connection's second socket, to the master a slave redirected its writes to.
@@ -261,6 +264,7 @@ impl TcpConn {
             next_id: 1,
             redirected: VecDeque::new(),
             redirect_to: Vec::new(),
+            broken_target: Vec::new(),
         }
     }
 
@@ -706,7 +710,10 @@ fn connect_state(stream: &TcpStream) -> io::Result<bool> {
 pub struct Worker {
     poll: Poll,
     events: Events,
-    addr: SocketAddr,
+    /// The servers, the one the run started on first; a reconnect moves on to the next.
+    addrs: Vec<SocketAddr>,
+    /// Reconnect attempts so far, which pick the server to try.
+    reconnects: usize,
     protocol: Protocol,
     pipeline: usize,
     timeout: Duration,
@@ -731,7 +738,7 @@ impl Worker {
     /// A worker for `sockets`, already connected; registers them with a new poller.
     pub fn new(
         cfg: &Config,
-        addr: SocketAddr,
+        addrs: Vec<SocketAddr>,
         thread_index: usize,
         sockets: Vec<Socket>,
         distribution: KeyDistribution,
@@ -786,7 +793,8 @@ impl Worker {
         Ok(Worker {
             poll,
             events: Events::with_capacity(1024),
-            addr,
+            addrs,
+            reconnects: 0,
             protocol: cfg.protocol,
             pipeline: cfg.pipeline,
             timeout: cfg.timeout,
@@ -989,6 +997,13 @@ impl Worker {
         if self.tcp[i].redirected.is_empty() {
             return;
         }
+        // A failover moves the master: a redirect naming another one than the
+        // target that failed is worth following again.
+        if matches!(self.masters[i], MasterLink::Broken)
+            && self.tcp[i].redirect_to != self.tcp[i].broken_target
+        {
+            self.masters[i] = MasterLink::Unknown;
+        }
         if matches!(self.masters[i], MasterLink::Unknown) {
             self.open_master(i, now);
         }
@@ -1042,6 +1057,7 @@ impl Worker {
             Err(msg) => {
                 self.last_conn_error.clone_from(&msg);
                 self.stats.redirect_failed(|| msg);
+                self.tcp[i].broken_target.clone_from(&target);
                 MasterLink::Broken
             }
         };
@@ -1083,6 +1099,8 @@ impl Worker {
             self.stats.redirect_failed(|| msg);
             // Never sent: these writes end as the REDIRECT they got.
             count_fail(&mut self.stats, Fail::Status(REDIRECT), lost);
+            let target = self.tcp[i].redirect_to.clone();
+            self.tcp[i].broken_target = target;
             self.close_master(i, MasterLink::Broken);
             return;
         }
@@ -1303,7 +1321,11 @@ impl Worker {
     }
 
     fn reconnect(&mut self, i: usize, now: Instant) {
-        let mut stream = match TcpStream::connect(self.addr) {
+        // With one server this is always it; with several, a connection that
+        // failed tries the next (the master may have moved).
+        self.reconnects += 1;
+        let addr = self.addrs[(i + self.reconnects) % self.addrs.len()];
+        let mut stream = match TcpStream::connect(addr) {
             Ok(stream) => stream,
             Err(e) => {
                 self.fail_tcp(i, ConnError::Io(e), now);

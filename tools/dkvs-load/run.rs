@@ -25,7 +25,23 @@ pub struct Outcome {
 
 /// Run the whole load; errors are messages for the user.
 pub fn run(cfg: &Config) -> Result<Outcome, String> {
-    let addr = net::resolve(&cfg.host, cfg.port)?;
+    let servers = dkvs::client::parse_servers(&cfg.host, cfg.port)?;
+    let addrs = servers
+        .iter()
+        .map(|(host, port)| net::resolve(host, *port))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Start on the first server that accepts a connection (a cluster's dead
+    // members are skipped); the rest are where failed connections move on to.
+    let first = addrs
+        .iter()
+        .position(|a| std::net::TcpStream::connect_timeout(a, cfg.timeout).is_ok())
+        .unwrap_or(0);
+    let addrs: Vec<_> = addrs[first..]
+        .iter()
+        .chain(&addrs[..first])
+        .copied()
+        .collect();
+    let addr = addrs[0];
     let sockets = net::open(cfg, addr)?;
     let distribution = match cfg.distribution {
         Distribution::Uniform => KeyDistribution::Uniform,
@@ -37,7 +53,7 @@ pub fn run(cfg: &Config) -> Result<Outcome, String> {
     }
     let mut workers = Vec::with_capacity(cfg.threads);
     for (t, sockets) in per_thread.into_iter().enumerate() {
-        let worker = Worker::new(cfg, addr, t, sockets, distribution.clone())
+        let worker = Worker::new(cfg, addrs.clone(), t, sockets, distribution.clone())
             .map_err(|e| format!("cannot set up reactor thread {t}: {e}"))?;
         workers.push(worker);
     }
