@@ -383,6 +383,21 @@ fn with_etcd_stopped_writes_fail_clearly_and_resume_after() {
     let port = cluster.servers[master].port;
     let mut c = Client::connect("127.0.0.1", port, client_config()).expect("connect");
     c.put(b"before", b"1").expect("a write before etcd stops");
+    // Redis tools see the failover state in INFO replication.
+    let info = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        s.write_all(b"*2\r\n$4\r\nINFO\r\n$11\r\nreplication\r\n")
+            .expect("send INFO");
+        let mut buf = vec![0; 4096];
+        let n = s.read(&mut buf).expect("INFO reply");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert!(
+        info.contains("role:master") && info.contains("failover_epoch:1"),
+        "{info}"
+    );
     cluster.etcd.stop();
     // The lease cannot be renewed: within the TTL the master stops acknowledging.
     let mut refusal = String::new();

@@ -76,6 +76,22 @@ impl Failover {
         }
     }
 
+    /// The epoch, the leader's address and the recorded in-sync set, for INFO.
+    pub fn summary(&self) -> (u64, String, String) {
+        let leader = self
+            .leader
+            .as_ref()
+            .map_or(String::new(), |l| l.addr.clone());
+        let members = self.election.sync_record().map_or(String::new(), |s| {
+            s.members
+                .iter()
+                .map(|m| format!("{m:016x}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        (self.epoch, leader, members)
+    }
+
     /// The STATS lines of failover.
     pub fn describe(&self, now_ms: u64) -> String {
         let state = match self.election.state() {

@@ -164,6 +164,8 @@ pub struct ReplicationInfo {
     pub master_link_up: bool,
     /// Slave: the last transaction applied.
     pub applied_seq: u64,
+    /// Failover through etcd: the epoch, the leader's address and the recorded in-sync set.
+    pub failover: Option<(u64, String, String)>,
 }
 
 /// One slave as the master sees it.

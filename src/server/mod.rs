@@ -1035,6 +1035,7 @@ impl Server {
                 self.core.stats.replication.push_str(&f.describe(now));
             }
             self.core.replication = self.role.info();
+            self.core.replication.failover = self.failover.as_ref().map(|f| f.summary());
         }
         work_left
     }

@@ -1129,45 +1129,52 @@ impl Session<'_> {
                     line("expired_keys", &0);
                     line("evicted_keys", &0);
                 }
-                "replication" => match &core.mode {
-                    Mode::Master => {
-                        let slaves: Vec<_> = core
-                            .replication
-                            .slaves
-                            .iter()
-                            .filter(|s| s.state != "evicted")
-                            .collect();
-                        line("role", &"master");
-                        line("connected_slaves", &slaves.len());
-                        for (i, slave) in slaves.iter().enumerate() {
-                            let (ip, port) = split_addr(&slave.addr);
-                            let state = match slave.state {
-                                "in-sync" => "online",
-                                _ => "send_bulk",
-                            };
-                            line(
-                                &format!("slave{i}"),
-                                &format!(
-                                    "ip={ip},port={port},state={state},offset={},lag={}",
-                                    slave.applied_seq, slave.lag
-                                ),
-                            );
+                "replication" => {
+                    if let Some((epoch, leader, sync_set)) = &core.replication.failover {
+                        line("failover_epoch", epoch);
+                        line("failover_leader", leader);
+                        line("failover_sync_set", sync_set);
+                    }
+                    match &core.mode {
+                        Mode::Master => {
+                            let slaves: Vec<_> = core
+                                .replication
+                                .slaves
+                                .iter()
+                                .filter(|s| s.state != "evicted")
+                                .collect();
+                            line("role", &"master");
+                            line("connected_slaves", &slaves.len());
+                            for (i, slave) in slaves.iter().enumerate() {
+                                let (ip, port) = split_addr(&slave.addr);
+                                let state = match slave.state {
+                                    "in-sync" => "online",
+                                    _ => "send_bulk",
+                                };
+                                line(
+                                    &format!("slave{i}"),
+                                    &format!(
+                                        "ip={ip},port={port},state={state},offset={},lag={}",
+                                        slave.applied_seq, slave.lag
+                                    ),
+                                );
+                            }
+                            line("master_repl_offset", &core.commit_seq);
                         }
-                        line("master_repl_offset", &core.commit_seq);
+                        Mode::Slave { master } => {
+                            let (host, port) = split_addr(master);
+                            let up = core.replication.master_link_up;
+                            line("role", &"slave");
+                            line("master_host", &host);
+                            line("master_port", &port);
+                            line("master_link_status", &if up { "up" } else { "down" });
+                            line("slave_repl_offset", &core.commit_seq);
+                            line("slave_read_only", &1);
+                            line("connected_slaves", &0);
+                            line("master_repl_offset", &core.commit_seq);
+                        }
                     }
-                    Mode::Slave { master } => {
-                        let (host, port) = split_addr(master);
-                        let up = core.replication.master_link_up;
-                        line("role", &"slave");
-                        line("master_host", &host);
-                        line("master_port", &port);
-                        line("master_link_status", &if up { "up" } else { "down" });
-                        line("slave_repl_offset", &core.commit_seq);
-                        line("slave_read_only", &1);
-                        line("connected_slaves", &0);
-                        line("master_repl_offset", &core.commit_seq);
-                    }
-                },
+                }
                 "keyspace" if !core.store.is_empty() => {
                     line(
                         "db0",
