@@ -48,6 +48,28 @@ fn value_of(stats: &Stats, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Wait until the STATS of the server on `port` satisfy `condition`.
+fn wait_stats(port: u16, what: &str, limit: Duration, condition: impl Fn(&Stats) -> bool) {
+    wait_until(what, limit, || {
+        try_stats(port).is_some_and(|st| condition(&st))
+    });
+}
+
+/// Whether STATS say the server follows a master.
+fn following(st: &Stats) -> bool {
+    value_of(st, "master_link").as_deref() == Some("following")
+}
+
+/// The recorded in-sync set in STATS, as node ids.
+fn sync_set(st: &Stats) -> Vec<String> {
+    value_of(st, "sync_set")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|n| !n.trim().is_empty())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
 /// A three-server cluster failing over through one etcd.
 struct Cluster {
     etcd: EtcdProcess,
@@ -98,15 +120,11 @@ impl Cluster {
     /// Wait until the master has recorded at least one slave: a failover can
     /// then promote it.
     fn wait_recorded_slave(&self, master: usize) {
-        let port = self.servers[master].port;
-        wait_until(
+        wait_stats(
+            self.servers[master].port,
             "a slave recorded in the in-sync set",
             Duration::from_secs(20),
-            || {
-                try_stats(port)
-                    .and_then(|st| value_of(&st, "sync_set"))
-                    .is_some_and(|s| !s.trim().is_empty())
-            },
+            |st| !sync_set(st).is_empty(),
         );
     }
 }
@@ -291,16 +309,11 @@ fn kill_9_of_the_master_under_load_loses_no_acknowledged_write() {
         if let Ok(mut p) = ports.lock() {
             *p = cluster.ports();
         }
-        let port = cluster.servers[old].port;
-        wait_until(
+        wait_stats(
+            cluster.servers[old].port,
             "the old master to follow the new one",
             Duration::from_secs(30),
-            || {
-                try_stats(port).is_some_and(|st| {
-                    value_of(&st, "role").as_deref() == Some("slave")
-                        && value_of(&st, "master_link").as_deref() == Some("following")
-                })
-            },
+            |st| value_of(st, "role").as_deref() == Some("slave") && following(st),
         );
     }
     let acked = writers.finish();
@@ -358,14 +371,11 @@ fn a_master_paused_past_its_lease_acknowledges_nothing_after_its_epoch() {
         }
         Err(e) => eprintln!("deposed master's write failed: {e}"),
     }
-    let port = cluster.servers[old].port;
-    wait_until(
+    wait_stats(
+        cluster.servers[old].port,
         "the paused master to follow the new one",
         Duration::from_secs(30),
-        || {
-            try_stats(port)
-                .is_some_and(|st| value_of(&st, "master_link").as_deref() == Some("following"))
-        },
+        following,
     );
     assert_eq!(
         cluster.master(Duration::from_secs(5)),
@@ -387,7 +397,8 @@ fn with_etcd_stopped_writes_fail_clearly_and_resume_after() {
     let info = {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
         s.write_all(b"*2\r\n$4\r\nINFO\r\n$11\r\nreplication\r\n")
             .expect("send INFO");
         let mut buf = vec![0; 4096];
@@ -567,14 +578,11 @@ fn a_master_cut_off_from_etcd_is_replaced_and_acknowledges_nothing_meanwhile() {
     }
     assert!(writers.acked_count() > before);
     // Healed: the old master learns it was deposed and follows.
-    let port = cluster.servers[0].port;
-    wait_until(
+    wait_stats(
+        cluster.servers[0].port,
         "the old master to follow after the heal",
         Duration::from_secs(30),
-        || {
-            try_stats(port)
-                .is_some_and(|st| value_of(&st, "master_link").as_deref() == Some("following"))
-        },
+        following,
     );
     let acked = writers.finish();
     check_converged(&cluster, &acked);
@@ -590,11 +598,12 @@ fn a_slave_cut_off_from_the_master_is_removed_from_the_set_and_writes_go_on() {
     let master_port = cluster.servers[master].port;
     let slave_node = {
         let mut node = String::new();
-        wait_until("both slaves recorded", Duration::from_secs(20), || {
-            try_stats(master_port)
-                .and_then(|st| value_of(&st, "sync_set"))
-                .is_some_and(|s| s.split(',').filter(|n| !n.is_empty()).count() == 2)
-        });
+        wait_stats(
+            master_port,
+            "both slaves recorded",
+            Duration::from_secs(20),
+            |st| sync_set(st).len() == 2,
+        );
         // The partitioned slave's node id, from its own data directory.
         if let Some(dir) = cluster.servers[0].data_dir() {
             node = std::fs::read_to_string(dir.join("node_id")).unwrap_or_default();
@@ -604,14 +613,11 @@ fn a_slave_cut_off_from_the_master_is_removed_from_the_set_and_writes_go_on() {
     assert_eq!(slave_node.len(), 16, "node id of the partitioned slave");
     {
         let _cut = FirewallRule::drop_to_port(master_port);
-        wait_until(
+        wait_stats(
+            master_port,
             "the cut-off slave removed from the recorded set",
             Duration::from_secs(20),
-            || {
-                try_stats(master_port)
-                    .and_then(|st| value_of(&st, "sync_set"))
-                    .is_some_and(|s| !s.contains(&slave_node))
-            },
+            |st| !sync_set(st).contains(&slave_node),
         );
         let during = writers.acked_count();
         wait_until(
@@ -620,14 +626,11 @@ fn a_slave_cut_off_from_the_master_is_removed_from_the_set_and_writes_go_on() {
             || writers.acked_count() > during + 20,
         );
     }
-    wait_until(
+    wait_stats(
+        master_port,
         "the slave back in the recorded set after the heal",
         Duration::from_secs(40),
-        || {
-            try_stats(master_port)
-                .and_then(|st| value_of(&st, "sync_set"))
-                .is_some_and(|s| s.contains(&slave_node))
-        },
+        |st| sync_set(st).contains(&slave_node),
     );
     let acked = writers.finish();
     check_converged(&cluster, &acked);
