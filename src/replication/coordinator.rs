@@ -246,6 +246,17 @@ struct Txn {
     deadline_ms: Option<u64>,
 }
 
+/// What a master that lost its leadership leaves behind ([`Coordinator::abandon`]).
+#[derive(Debug, Default)]
+pub struct Abandoned {
+    /// Clients whose writes were in flight.
+    pub clients: Vec<ClientRef>,
+    /// Commits decided (logged) but not yet applied, oldest first.
+    pub decided_commits: Vec<(u64, Ops)>,
+    /// The highest sequence number this master gave a transaction.
+    pub last_seq: u64,
+}
+
 /// The 2PC coordinator of the master.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -369,16 +380,33 @@ impl Coordinator {
         }
     }
 
-    /// Leadership is lost: forget every transaction in flight and return the
-    /// clients still waiting (their writes' outcome is not known here: the
-    /// next master decides it).
-    pub fn abandon(&mut self) -> Vec<ClientRef> {
-        let mut clients = Vec::new();
-        for (_, txn) in std::mem::take(&mut self.txns) {
-            clients.extend(txn.replies);
+    /// Leadership is lost: forget every transaction in flight. The clients
+    /// still waiting are returned (their writes' outcome is not known here:
+    /// the next master decides it), with the commits decided and not yet
+    /// applied: they are in the log, so the store must have them too, or it
+    /// would differ from what a restart recovers.
+    pub fn abandon(&mut self) -> Abandoned {
+        let mut abandoned = Abandoned {
+            clients: Vec::new(),
+            decided_commits: Vec::new(),
+            last_seq: self.next_seq - 1,
+        };
+        for (seq, txn) in std::mem::take(&mut self.txns) {
+            abandoned.clients.extend(txn.replies);
+            if seq > self.released_seq
+                && matches!(
+                    txn.state,
+                    TxnState::Deciding {
+                        decision: Decision::Commit,
+                        ..
+                    }
+                )
+            {
+                abandoned.decided_commits.push((seq, txn.ops));
+            }
         }
         self.actions.clear();
-        clients
+        abandoned
     }
 
     /// Feed one event.

@@ -126,6 +126,8 @@ pub struct Standby {
     pub commits: Vec<(u64, Ops)>,
     /// The sequence number the log's snapshot covered.
     pub floor: u64,
+    /// The highest sequence number known used (a promotion numbers after it).
+    pub seen_seq: u64,
 }
 
 impl Server {
@@ -218,7 +220,7 @@ impl Server {
                     self.core.commit_seq,
                     participant.seen_seq(),
                 ),
-                Role::Standby(s) => (s.history_id, s.prepared, s.commits, s.floor, 0),
+                Role::Standby(s) => (s.history_id, s.prepared, s.commits, s.floor, s.seen_seq),
                 Role::Master(_) => (
                     history_of_store,
                     BTreeMap::new(),
@@ -390,12 +392,18 @@ impl Server {
         let Role::Master(c) = &mut self.role else {
             return;
         };
-        let clients: Vec<ClientRef> = c.abandon();
+        let abandoned = c.abandon();
+        let clients: Vec<ClientRef> = abandoned.clients;
         warn!(
             "stepping down: closing the connections of {} writes in flight (the next master decides them)",
             clients.len()
         );
         let history_id = c.history_id();
+        // Decided commits are in the log: the store gets them too, so that it
+        // is what a restart would recover (and a re-election numbers after them).
+        for (seq, ops) in &abandoned.decided_commits {
+            self.apply(*seq, ops, &[]);
+        }
         // Their outcome is not known here, and no status says "unknown"
         // (UNAVAILABLE means "not applied"): the connection closes, as if this
         // server had died, and a UDP client hears nothing and retries.
@@ -420,6 +428,7 @@ impl Server {
             prepared: BTreeMap::new(),
             commits: Vec::new(),
             floor: self.core.commit_seq,
+            seen_seq: abandoned.last_seq,
         }));
         self.core.mode = Mode::Slave {
             master: String::new(),
@@ -464,5 +473,6 @@ fn empty_standby() -> Standby {
         prepared: BTreeMap::new(),
         commits: Vec::new(),
         floor: 0,
+        seen_seq: 0,
     }
 }

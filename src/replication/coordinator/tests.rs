@@ -1123,7 +1123,21 @@ fn a_master_of_an_older_epoch_is_refused_and_without_its_lease_acknowledges_noth
             .any(|a| matches!(a, Action::Apply { seq: 2, .. }))
     );
     c.handle(10, writes(70, &["f"]));
+    c.handle(10, yes(1, 3));
+    c.handle(11, writes(80, &["g"]));
     drain(&mut c);
-    assert_eq!(c.abandon(), vec![ClientRef(70)]);
+    // 3 is decided (its record appended, not yet durable); 4 waits for its vote.
+    let abandoned = c.abandon();
+    assert_eq!(abandoned.clients, vec![ClientRef(70), ClientRef(80)]);
+    assert_eq!(
+        abandoned
+            .decided_commits
+            .iter()
+            .map(|(seq, _)| *seq)
+            .collect::<Vec<_>>(),
+        vec![3],
+        "a decided commit is in the log: the store must get it too"
+    );
+    assert_eq!(abandoned.last_seq, 4);
     assert_eq!(c.in_flight(), 0);
 }
