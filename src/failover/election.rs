@@ -215,6 +215,8 @@ pub struct Election {
     keepalive_in_flight: bool,
     next_keepalive_ms: u64,
     next_read_ms: u64,
+    /// A campaign whose reply was lost (lease, epoch): the next read settles it.
+    unsettled_campaign: Option<(i64, u64)>,
     /// The newest in-sync set the coordinator asked for, not yet written.
     wanted_sync: Option<(u64, BTreeSet<u64>)>,
     sync_in_flight: bool,
@@ -237,6 +239,7 @@ impl Election {
             read_in_flight: false,
             keepalive_in_flight: false,
             next_keepalive_ms: 0,
+            unsettled_campaign: None,
             wanted_sync: None,
             sync_in_flight: false,
             retry_at_ms: None,
@@ -429,25 +432,7 @@ impl Election {
                     self.read(now_ms);
                     return;
                 }
-                let (sent_ms, ttl_ms) = self.granted.take().unwrap_or((now_ms, 0));
-                info!("won the leader key: epoch {epoch}");
-                self.state = State::Leading { epoch, lease };
-                // What we wrote is what etcd holds now (revision unknown until read).
-                self.sync = Some((
-                    SyncRecord {
-                        epoch,
-                        leader: self.config.node_id,
-                        members: BTreeSet::new(),
-                    },
-                    0,
-                ));
-                self.lease_valid_until_ms =
-                    (sent_ms + ttl_ms).saturating_sub(self.config.safety_margin_ms());
-                self.next_keepalive_ms = now_ms + self.config.keepalive_interval_ms();
-                self.wanted_sync = None;
-                self.sync_in_flight = false;
-                self.actions.push_back(Action::Lead { epoch });
-                self.set_lease_valid(now_ms < self.lease_valid_until_ms);
+                self.won(now_ms, lease, epoch);
             }
             Reply::KeptAlive { sent_ms, ttl_ms } => {
                 self.keepalive_in_flight = false;
@@ -498,10 +483,13 @@ impl Election {
                         self.sync_in_flight = false;
                         self.retry_at_ms = Some(now_ms + self.config.keepalive_interval_ms());
                     }
-                    (State::Granting, _) | (State::Campaigning { .. }, _) => {
-                        // The campaign's outcome is unknown: read what etcd holds.
+                    (State::Campaigning { lease, epoch }, _) => {
+                        // The outcome is unknown: etcd may hold our key. A read tells,
+                        // and then the campaign is settled either way.
+                        self.unsettled_campaign = Some((*lease, *epoch));
                         self.state = State::Observing;
                     }
+                    (State::Granting, _) => self.state = State::Observing,
                     _ => {}
                 }
                 self.next_read_ms = self
@@ -509,6 +497,30 @@ impl Election {
                     .min(now_ms + self.config.keepalive_interval_ms());
             }
         }
+    }
+
+    /// The leader key is ours, under `lease`, in `epoch`.
+    fn won(&mut self, now_ms: u64, lease: i64, epoch: u64) {
+        self.unsettled_campaign = None;
+        let (sent_ms, ttl_ms) = self.granted.take().unwrap_or((now_ms, 0));
+        info!("won the leader key: epoch {epoch}");
+        self.state = State::Leading { epoch, lease };
+        // What we wrote is what etcd holds now (revision unknown until read).
+        self.sync = Some((
+            SyncRecord {
+                epoch,
+                leader: self.config.node_id,
+                members: BTreeSet::new(),
+            },
+            0,
+        ));
+        self.lease_valid_until_ms =
+            (sent_ms + ttl_ms).saturating_sub(self.config.safety_margin_ms());
+        self.next_keepalive_ms = now_ms + self.config.keepalive_interval_ms();
+        self.wanted_sync = None;
+        self.sync_in_flight = false;
+        self.actions.push_back(Action::Lead { epoch });
+        self.set_lease_valid(now_ms < self.lease_valid_until_ms);
     }
 
     fn step_down(&mut self, now_ms: u64) {
@@ -520,6 +532,14 @@ impl Election {
     }
 
     fn on_observation(&mut self, now_ms: u64, obs: Observation) {
+        let unsettled = self.unsettled_campaign.take();
+        if let Some((lease, epoch)) = unsettled
+            && !matches!(&obs.leader, Some((l, held)) if l.node_id == self.config.node_id
+                && *held == lease && l.epoch == epoch)
+        {
+            // It did not take the key: give its lease back.
+            self.etcd(Request::Revoke { lease });
+        }
         if let Some(sync) = obs.sync.clone() {
             self.sync = Some(sync);
         } else if !matches!(self.state, State::Leading { .. }) {
@@ -536,6 +556,13 @@ impl Election {
                 }
             },
             State::Observing | State::Following(_) | State::Vacant => match obs.leader {
+                Some((leader, lease))
+                    if leader.node_id == self.config.node_id
+                        && unsettled == Some((lease, leader.epoch)) =>
+                {
+                    // The campaign whose answer was lost did take the key.
+                    self.won(now_ms, lease, leader.epoch);
+                }
                 Some((leader, _)) if leader.node_id == self.config.node_id => {
                     // Our own key from before a restart: its lease dies with the
                     // old process, then the key can be taken again.

@@ -342,3 +342,81 @@ fn a_leader_that_reads_another_leader_steps_down_and_follows_it() {
         ]
     );
 }
+
+#[test]
+fn a_campaign_whose_answer_was_lost_is_settled_by_the_next_read() {
+    let mut e = Election::new(config(), 0);
+    drain(&mut e);
+    e.on_reply(0, Reply::Read(Observation::default()));
+    drain(&mut e);
+    e.on_reply(
+        1,
+        Reply::LeaseGranted {
+            lease: 9,
+            ttl_ms: 2_000,
+            sent_ms: 0,
+        },
+    );
+    drain(&mut e);
+    e.on_reply(
+        2,
+        Reply::Failed {
+            what: "campaign",
+            error: "timeout".into(),
+        },
+    );
+    e.tick(2 + config().keepalive_interval_ms());
+    assert_eq!(drain(&mut e), vec![Action::Etcd(Request::Read)]);
+    // etcd holds our key under that lease: the campaign won.
+    let mine = LeaderRecord {
+        epoch: 1,
+        node_id: ME,
+        addr: "127.0.0.1:9000".into(),
+    };
+    e.on_reply(
+        300,
+        Reply::Read(Observation {
+            leader: Some((mine, 9)),
+            sync: Some((sync(1, ME, &[]), 2)),
+        }),
+    );
+    assert_eq!(
+        drain(&mut e),
+        vec![Action::Lead { epoch: 1 }, Action::LeaseValid(true)]
+    );
+
+    // Lost the other way: the key is someone else's, so the lease goes back.
+    let mut e = Election::new(config(), 0);
+    drain(&mut e);
+    e.on_reply(0, Reply::Read(Observation::default()));
+    e.on_reply(
+        1,
+        Reply::LeaseGranted {
+            lease: 10,
+            ttl_ms: 2_000,
+            sent_ms: 0,
+        },
+    );
+    e.on_reply(
+        2,
+        Reply::Failed {
+            what: "campaign",
+            error: "timeout".into(),
+        },
+    );
+    drain(&mut e);
+    e.on_reply(
+        3,
+        Reply::Read(Observation {
+            leader: Some((other(1), 4)),
+            sync: Some((sync(1, 0xB, &[]), 5)),
+        }),
+    );
+    assert_eq!(
+        drain(&mut e),
+        vec![
+            Action::Etcd(Request::Revoke { lease: 10 }),
+            Action::Follow(other(1))
+        ]
+    );
+}
