@@ -4,6 +4,7 @@
 use std::fmt;
 
 use super::frame::{HEADER_LEN, MAX_UDP_FRAME_BYTES, Status};
+use super::txn::TxnError;
 
 /// A frame or request that cannot be served as sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +50,10 @@ pub enum ProtocolError {
         /// Bytes of the reply that was not sent.
         reply_len: usize,
     },
+    /// UPDATE or DELETE sent with the "only if absent" expected version.
+    ExpectAbsentNotPut,
+    /// A TXN payload that cannot be served.
+    Txn(TxnError),
 }
 
 impl ProtocolError {
@@ -65,7 +70,9 @@ impl ProtocolError {
             ProtocolError::UnknownOpcode(_) => Status::UnknownOpcode,
             ProtocolError::EmptyKey
             | ProtocolError::UnexpectedKey
-            | ProtocolError::UnexpectedValue => Status::InvalidArgument,
+            | ProtocolError::UnexpectedValue
+            | ProtocolError::ExpectAbsentNotPut
+            | ProtocolError::Txn(_) => Status::InvalidArgument,
             ProtocolError::ResponseTooLargeForUdp(_)
             | ProtocolError::DatagramTooLarge(_)
             | ProtocolError::AmplificationLimit { .. } => Status::UseTcp,
@@ -142,6 +149,11 @@ impl fmt::Display for ProtocolError {
             ProtocolError::AmplificationLimit { reply_len } => {
                 write!(f, "use TCP: reply of {reply_len} bytes > 3x request")
             }
+            ProtocolError::ExpectAbsentNotPut => write!(
+                f,
+                "expected version 0xffffffffffffffff (only if absent) is for PUT only"
+            ),
+            ProtocolError::Txn(e) => write!(f, "{e}"),
         }
     }
 }

@@ -21,6 +21,9 @@ pub const MAX_KEY_BYTES: usize = u16::MAX as usize;
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1 << 20;
 /// Largest UDP payload on IPv4; a frame sent over UDP must fit in it.
 pub const MAX_UDP_FRAME_BYTES: usize = 65_507;
+/// The expected version that asks for a write "only if the key is absent"
+/// (PUT only): no key ever carries it, versions are commit sequence numbers.
+pub const EXPECT_ABSENT: u64 = u64::MAX;
 /// Set in the opcode byte of every response.
 pub const RESPONSE_FLAG: u8 = 0x80;
 
@@ -40,6 +43,8 @@ pub enum Opcode {
     Ping = 0x05,
     /// Server statistics as text.
     Stats = 0x06,
+    /// Conditions and writes applied as one transaction (payload in `txn.rs`).
+    Txn = 0x07,
 }
 
 impl Opcode {
@@ -52,13 +57,17 @@ impl Opcode {
             0x04 => Opcode::Delete,
             0x05 => Opcode::Ping,
             0x06 => Opcode::Stats,
+            0x07 => Opcode::Txn,
             _ => return None,
         })
     }
 
     /// Whether the operation changes the store (and so must be replicated and deduplicated).
     pub fn is_write(self) -> bool {
-        matches!(self, Opcode::Put | Opcode::Update | Opcode::Delete)
+        matches!(
+            self,
+            Opcode::Put | Opcode::Update | Opcode::Delete | Opcode::Txn
+        )
     }
 
     /// Lower-case name, as used by the CLI and in logs.
@@ -70,6 +79,7 @@ impl Opcode {
             Opcode::Delete => "delete",
             Opcode::Ping => "ping",
             Opcode::Stats => "stats",
+            Opcode::Txn => "txn",
         }
     }
 }
@@ -102,6 +112,9 @@ pub enum Status {
     ServerError = 10,
     /// The write's transaction was aborted; it was applied nowhere.
     Aborted = 11,
+    /// A compare-and-set or TXN condition did not hold: nothing was applied.
+    /// The version field carries the key's current version (0: absent).
+    VersionMismatch = 12,
 }
 
 impl Status {
@@ -120,6 +133,7 @@ impl Status {
             9 => Status::Unavailable,
             10 => Status::ServerError,
             11 => Status::Aborted,
+            12 => Status::VersionMismatch,
             _ => return None,
         })
     }
@@ -139,6 +153,7 @@ impl Status {
             Status::Unavailable => "UNAVAILABLE",
             Status::ServerError => "SERVER_ERROR",
             Status::Aborted => "ABORTED",
+            Status::VersionMismatch => "VERSION_MISMATCH",
         }
     }
 }
@@ -297,6 +312,18 @@ pub fn encode(
 /// Append a request frame to `out`.
 pub fn encode_request(out: &mut Vec<u8>, op: Opcode, request_id: u32, key: &[u8], value: &[u8]) {
     encode(out, op as u8, 0, request_id, 0, key, value);
+}
+
+/// Append a request frame carrying an expected version (compare-and-set) to `out`.
+pub fn encode_request_expecting(
+    out: &mut Vec<u8>,
+    op: Opcode,
+    request_id: u32,
+    expect: u64,
+    key: &[u8],
+    value: &[u8],
+) {
+    encode(out, op as u8, 0, request_id, expect, key, value);
 }
 
 /// Append a response frame to `out`; responses carry no key.

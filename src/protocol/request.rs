@@ -1,10 +1,15 @@
 //! Typed views of frames: a validated client request, and a response as a client sees it.
 
 use super::error::ProtocolError;
-use super::frame::{Frame, Opcode, RESPONSE_FLAG, Status};
+use super::frame::{EXPECT_ABSENT, Frame, Opcode, RESPONSE_FLAG, Status};
+use super::txn::{Txn, decode_txn};
 
 /// A client request whose shape has been checked against its opcode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// `expect` on a write is the header's version field: `0` writes
+/// unconditionally, [`EXPECT_ABSENT`] (PUT only) writes only if the key is
+/// absent, any other value only if the key exists with exactly that version.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request<'a> {
     /// Read `key`.
     Get {
@@ -17,6 +22,8 @@ pub enum Request<'a> {
         key: &'a [u8],
         /// New value.
         value: &'a [u8],
+        /// Expected version (compare-and-set); 0: none.
+        expect: u64,
     },
     /// Replace `key` only if present.
     Update {
@@ -24,16 +31,22 @@ pub enum Request<'a> {
         key: &'a [u8],
         /// New value.
         value: &'a [u8],
+        /// Expected version (compare-and-set); 0: none.
+        expect: u64,
     },
     /// Remove `key`.
     Delete {
         /// Key to remove.
         key: &'a [u8],
+        /// Expected version (compare-and-set); 0: none.
+        expect: u64,
     },
     /// Liveness check.
     Ping,
     /// Statistics.
     Stats,
+    /// Conditions, then writes applied as one transaction.
+    Txn(Txn<'a>),
 }
 
 impl<'a> Request<'a> {
@@ -45,24 +58,33 @@ impl<'a> Request<'a> {
         }
         let op = Opcode::from_u8(byte).ok_or(ProtocolError::UnknownOpcode(byte))?;
         let (key, value) = (frame.key, frame.value);
-        let needs_key = !matches!(op, Opcode::Ping | Opcode::Stats);
+        let needs_key = !matches!(op, Opcode::Ping | Opcode::Stats | Opcode::Txn);
         if needs_key && key.is_empty() {
             return Err(ProtocolError::EmptyKey);
         }
         if !needs_key && !key.is_empty() {
             return Err(ProtocolError::UnexpectedKey);
         }
-        let takes_value = matches!(op, Opcode::Put | Opcode::Update);
+        let takes_value = matches!(op, Opcode::Put | Opcode::Update | Opcode::Txn);
         if !takes_value && !value.is_empty() {
             return Err(ProtocolError::UnexpectedValue);
         }
+        let expect = frame.header.version;
+        // "Only if absent" contradicts UPDATE (only if present) and means nothing for DELETE.
+        if expect == EXPECT_ABSENT && matches!(op, Opcode::Update | Opcode::Delete) {
+            return Err(ProtocolError::ExpectAbsentNotPut);
+        }
         Ok(match op {
             Opcode::Get => Request::Get { key },
-            Opcode::Put => Request::Put { key, value },
-            Opcode::Update => Request::Update { key, value },
-            Opcode::Delete => Request::Delete { key },
+            Opcode::Put => Request::Put { key, value, expect },
+            Opcode::Update => Request::Update { key, value, expect },
+            Opcode::Delete => Request::Delete { key, expect },
             Opcode::Ping => Request::Ping,
             Opcode::Stats => Request::Stats,
+            // The frame's value is already within the value limit, so each write's is too.
+            Opcode::Txn => {
+                Request::Txn(decode_txn(value, value.len()).map_err(ProtocolError::Txn)?)
+            }
         })
     }
 
@@ -75,6 +97,7 @@ impl<'a> Request<'a> {
             Request::Delete { .. } => Opcode::Delete,
             Request::Ping => Opcode::Ping,
             Request::Stats => Opcode::Stats,
+            Request::Txn(_) => Opcode::Txn,
         }
     }
 }

@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 
 use crate::protocol::peer::{OpKind, WriteOp};
 use crate::protocol::resp::Encoder;
-use crate::protocol::{Opcode, ProtocolError, Request, Status, encode_response};
+use crate::protocol::txn::{Check, Txn, TxnWrite};
+use crate::protocol::{EXPECT_ABSENT, Opcode, ProtocolError, Request, Status, encode_response};
 use crate::replication::{ClientRef, ClientWrite};
 use crate::store::Store;
 
@@ -53,6 +54,10 @@ pub struct Waiting {
     pub op: u8,
     /// A RESP command's reply, made once all its writes are applied; `None` for the binary protocol.
     pub resp: Option<RespPending>,
+    /// Binary protocol: writes whose result has not come yet (several for a TXN).
+    pub remaining: u32,
+    /// Binary protocol: the highest version among the results seen so far.
+    pub version: u64,
 }
 
 /// How the RESP reply of a write command is made from its writes' results.
@@ -196,6 +201,10 @@ pub enum Outcome {
     Answered,
     /// The write joined the batch; its reply comes with the transaction's outcome.
     Pending(ClientRef),
+    /// A compare-and-set or TXN condition reads a key that a write not yet
+    /// decided changes: nothing was done; execute the request again once a
+    /// write was decided (TCP), or let the client retry (UDP).
+    WaitKey,
 }
 
 /// This server's place in replication.
@@ -307,7 +316,9 @@ impl Core {
     ) -> ClientRef {
         let client = ClientRef(self.next_client_ref);
         self.next_client_ref += 1;
+        let mut count = 0u32;
         for write in ops {
+            count += 1;
             if write.kind == OpKind::Clear {
                 self.last_clear = Some(client);
             } else {
@@ -325,9 +336,30 @@ impl Core {
                 request_id,
                 op,
                 resp,
+                remaining: count,
+                version: 0,
             },
         );
         client
+    }
+
+    /// The version of `key` (`None`: absent) if no write of it, and no FLUSHDB,
+    /// is still undecided; `Err(())` while one is (compare-and-set must wait:
+    /// the master decides conditions against settled state only, so the plain
+    /// writes it replicates apply to exactly the state it checked).
+    pub fn settled_version(&self, key: &[u8]) -> Result<Option<u64>, ()> {
+        let hash = self.key_hasher.hash_one(key);
+        let pending_key = self
+            .last_write
+            .get(&hash)
+            .is_some_and(|c| self.waiting.contains_key(c));
+        let pending_clear = self
+            .last_clear
+            .is_some_and(|c| self.waiting.contains_key(&c));
+        if pending_key || pending_clear {
+            return Err(());
+        }
+        Ok(self.store.get(key).map(|(_, version)| version))
     }
 
     /// The latest value of `key` on a master, counting writes not yet applied.
@@ -368,13 +400,19 @@ impl Core {
     ) -> Option<(ReplyTarget, Completion<'m>)> {
         let waiting = self.waiting.get_mut(&client)?;
         let applied = matches!(status, Status::Ok | Status::NotFound);
-        if let Some(resp) = waiting.resp.as_mut()
-            && applied
-        {
-            resp.remaining = resp.remaining.saturating_sub(1);
-            resp.changed += u32::from(status == Status::Ok);
-            if resp.remaining > 0 {
-                return None;
+        if applied {
+            if let Some(resp) = waiting.resp.as_mut() {
+                resp.remaining = resp.remaining.saturating_sub(1);
+                resp.changed += u32::from(status == Status::Ok);
+                if resp.remaining > 0 {
+                    return None;
+                }
+            } else {
+                waiting.remaining = waiting.remaining.saturating_sub(1);
+                waiting.version = waiting.version.max(version);
+                if waiting.remaining > 0 {
+                    return None;
+                }
             }
         }
         let waiting = self.waiting.remove(&client)?;
@@ -387,6 +425,14 @@ impl Core {
             Some(pending) => Completion::Resp {
                 pending,
                 failure: (!applied).then_some((status, message)),
+            },
+            // A committed TXN is OK at its version even if a delete found nothing.
+            None if applied && waiting.op == Opcode::Txn as u8 => Completion::Binary {
+                op: waiting.op,
+                request_id: waiting.request_id,
+                status: Status::Ok,
+                version: waiting.version,
+                message,
             },
             None => Completion::Binary {
                 op: waiting.op,
@@ -423,9 +469,24 @@ impl Core {
         target: ReplyTarget,
         out: &mut Vec<u8>,
     ) -> Outcome {
+        let opcode = request.opcode();
+        let outcome = self.execute_counted(request, request_id, target, out);
+        // A request that waits runs again later: count it once, then.
+        if outcome != Outcome::WaitKey {
+            self.stats.count(opcode);
+        }
+        outcome
+    }
+
+    fn execute_counted(
+        &mut self,
+        request: Request<'_>,
+        request_id: u32,
+        target: ReplyTarget,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
         let op = request.opcode() as u8;
-        self.stats.count(request.opcode());
-        let (kind, key, value) = match request {
+        let (kind, key, value, expect) = match request {
             Request::Get { key } => {
                 match self.store.get(key) {
                     Some((value, version)) => {
@@ -451,18 +512,34 @@ impl Core {
                 );
                 return Outcome::Answered;
             }
-            Request::Put { key, value } => (OpKind::Put, key, value),
-            Request::Update { key, value } => (OpKind::Update, key, value),
-            Request::Delete { key } => (OpKind::Delete, key, &[][..]),
+            Request::Put { key, value, expect } => (OpKind::Put, key, value, expect),
+            Request::Update { key, value, expect } => (OpKind::Update, key, value, expect),
+            Request::Delete { key, expect } => (OpKind::Delete, key, &[][..], expect),
+            Request::Txn(txn) => {
+                if self.refuse_write(op, request_id, out) {
+                    return Outcome::Answered;
+                }
+                return self.execute_txn(txn, request_id, target, out);
+            }
         };
-        if let Mode::Slave { master } = &self.mode {
-            self.stats.redirects += 1;
-            encode_response(out, op, Status::Redirect, request_id, 0, master.as_bytes());
+        if self.refuse_write(op, request_id, out) {
             return Outcome::Answered;
         }
-        if let Some(why) = &self.write_refusal {
-            encode_response(out, op, Status::Unavailable, request_id, 0, why.as_bytes());
-            return Outcome::Answered;
+        if expect != 0 {
+            let check = if expect == EXPECT_ABSENT {
+                Check::Absent
+            } else {
+                Check::Version(expect)
+            };
+            match self.settled_version(key) {
+                Err(()) => return Outcome::WaitKey,
+                Ok(current) if !check.holds(current) => {
+                    let current = current.unwrap_or(0);
+                    encode_response(out, op, Status::VersionMismatch, request_id, current, &[]);
+                    return Outcome::Answered;
+                }
+                Ok(_) => {}
+            }
         }
         let write = WriteOp {
             kind,
@@ -470,6 +547,75 @@ impl Core {
             value: value.to_vec(),
         };
         Outcome::Pending(self.submit(std::iter::once(write), target, request_id, op, None))
+    }
+
+    /// Answer a write this server cannot take (a slave, or a failed log); say whether it did.
+    fn refuse_write(&mut self, op: u8, request_id: u32, out: &mut Vec<u8>) -> bool {
+        if let Mode::Slave { master } = &self.mode {
+            self.stats.redirects += 1;
+            encode_response(out, op, Status::Redirect, request_id, 0, master.as_bytes());
+            return true;
+        }
+        if let Some(why) = &self.write_refusal {
+            encode_response(out, op, Status::Unavailable, request_id, 0, why.as_bytes());
+            return true;
+        }
+        false
+    }
+
+    /// Check a TXN's conditions against settled state and submit its writes as
+    /// one command, so they land in one transaction. A failed condition answers
+    /// VERSION_MISMATCH with the key's current version and the condition's
+    /// index (u32), and nothing is written.
+    fn execute_txn(
+        &mut self,
+        txn: Txn<'_>,
+        request_id: u32,
+        target: ReplyTarget,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        let op = Opcode::Txn as u8;
+        for (index, condition) in txn.conditions.iter().enumerate() {
+            match self.settled_version(condition.key) {
+                Err(()) => return Outcome::WaitKey,
+                Ok(current) if !condition.check.holds(current) => {
+                    let index = (index as u32).to_be_bytes();
+                    let current = current.unwrap_or(0);
+                    encode_response(
+                        out,
+                        op,
+                        Status::VersionMismatch,
+                        request_id,
+                        current,
+                        &index,
+                    );
+                    return Outcome::Answered;
+                }
+                Ok(_) => {}
+            }
+        }
+        if txn.writes.is_empty() {
+            // Only conditions: they hold now, and nothing needs replicating.
+            encode_response(out, op, Status::Ok, request_id, 0, &[]);
+            return Outcome::Answered;
+        }
+        let ops: Vec<WriteOp> = txn
+            .writes
+            .iter()
+            .map(|w| match *w {
+                TxnWrite::Put { key, value } => WriteOp {
+                    kind: OpKind::Put,
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                },
+                TxnWrite::Delete { key } => WriteOp {
+                    kind: OpKind::Delete,
+                    key: key.to_vec(),
+                    value: Vec::new(),
+                },
+            })
+            .collect();
+        Outcome::Pending(self.submit(ops, target, request_id, op, None))
     }
 
     /// Append the error response for a request that could not be served.

@@ -17,7 +17,7 @@ pub const DEFAULT_INPUT_BUDGET_BYTES: usize = 256 << 20;
 pub struct Stats {
     started: Instant,
     /// Requests served, indexed by opcode byte.
-    ops: [u64; 7],
+    ops: [u64; 8],
     /// Requests rejected for a protocol error.
     pub protocol_errors: u64,
     /// TCP connections accepted since start.
@@ -60,7 +60,7 @@ impl Default for Stats {
     fn default() -> Stats {
         Stats {
             started: Instant::now(),
-            ops: [0; 7],
+            ops: [0; 8],
             protocol_errors: 0,
             connections_accepted: 0,
             connections_open: 0,
@@ -117,6 +117,7 @@ impl Stats {
             Opcode::Delete,
             Opcode::Ping,
             Opcode::Stats,
+            Opcode::Txn,
         ] {
             line(&format!("ops_{}", op.name()), &self.ops[op as usize]);
         }
