@@ -631,3 +631,125 @@ impl Core {
         encode_response(out, op, err.status(), request_id, 0, message.as_bytes());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::txn::Condition;
+
+    const TARGET: ReplyTarget = ReplyTarget::Tcp { key: 0, conn_id: 1 };
+
+    fn put(key: &[u8], expect: u64) -> Request<'_> {
+        Request::Put {
+            key,
+            value: b"v",
+            expect,
+        }
+    }
+
+    /// The status and version of the one reply in `out`.
+    fn answer(out: &[u8]) -> (u8, u64) {
+        (
+            out[3],
+            u64::from_be_bytes(out[8..16].try_into().expect("8 bytes")),
+        )
+    }
+
+    #[test]
+    fn cas_waits_while_its_key_has_a_write_undecided() {
+        let mut core = Core::new(1 << 20, Mode::Master);
+        core.store.set(b"k", b"old", 4);
+        let mut out = Vec::new();
+        assert_eq!(
+            core.execute(put(b"k", 3), 1, TARGET, &mut out),
+            Outcome::Answered
+        );
+        assert_eq!(answer(&out), (Status::VersionMismatch as u8, 4));
+        out.clear();
+        let Outcome::Pending(first) = core.execute(put(b"k", 4), 2, TARGET, &mut out) else {
+            panic!("the version matches");
+        };
+        // A second CAS on the key must not be decided against the state the first changes.
+        assert_eq!(
+            core.execute(put(b"k", 4), 3, TARGET, &mut out),
+            Outcome::WaitKey
+        );
+        assert_eq!(
+            core.stats.requests(),
+            2,
+            "a request that waits is counted once it runs"
+        );
+        let txn = Txn {
+            conditions: vec![Condition {
+                key: b"k",
+                check: Check::Exists,
+            }],
+            writes: Vec::new(),
+        };
+        assert_eq!(
+            core.execute(Request::Txn(txn.clone()), 4, TARGET, &mut out),
+            Outcome::WaitKey
+        );
+        // Decided and applied: the next CAS is checked against the new version.
+        core.take_batch();
+        core.store.set(b"k", b"v", 9);
+        assert!(core.finish(first, Status::Ok, 9, &[]).is_some());
+        assert_eq!(
+            core.execute(put(b"k", 4), 3, TARGET, &mut out),
+            Outcome::Answered
+        );
+        assert_eq!(answer(&out), (Status::VersionMismatch as u8, 9));
+        out.clear();
+        assert_eq!(
+            core.execute(Request::Txn(txn), 4, TARGET, &mut out),
+            Outcome::Answered
+        );
+        assert_eq!(answer(&out), (Status::Ok as u8, 0));
+    }
+
+    #[test]
+    fn a_txn_replies_once_all_its_writes_are_known() {
+        let mut core = Core::new(1 << 20, Mode::Master);
+        let txn = Txn {
+            conditions: Vec::new(),
+            writes: vec![
+                TxnWrite::Put {
+                    key: b"a",
+                    value: b"1",
+                },
+                TxnWrite::Delete { key: b"gone" },
+            ],
+        };
+        let mut out = Vec::new();
+        let Outcome::Pending(client) = core.execute(Request::Txn(txn), 7, TARGET, &mut out) else {
+            panic!("no conditions: submitted");
+        };
+        assert_eq!(core.take_batch().len(), 2, "both writes in one batch");
+        assert!(core.finish(client, Status::Ok, 5, &[]).is_none());
+        let Some((
+            _,
+            Completion::Binary {
+                status, version, ..
+            },
+        )) = core.finish(client, Status::NotFound, 0, &[])
+        else {
+            panic!("the second result completes the reply");
+        };
+        assert_eq!((status, version), (Status::Ok, 5));
+    }
+
+    #[test]
+    fn a_slave_redirects_cas_and_txn() {
+        let mut core = Core::new(
+            1 << 20,
+            Mode::Slave {
+                master: "m:1".into(),
+            },
+        );
+        let mut out = Vec::new();
+        core.execute(put(b"k", 4), 1, TARGET, &mut out);
+        core.execute(Request::Txn(Txn::default()), 2, TARGET, &mut out);
+        assert_eq!(out[3], Status::Redirect as u8);
+        assert_eq!(out[24 + 3 + 3], Status::Redirect as u8);
+    }
+}
