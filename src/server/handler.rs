@@ -194,6 +194,15 @@ pub enum Latest<'a> {
     InFlight,
 }
 
+/// What the master knows of a key's version for a compare-and-set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// No write of it is undecided: its version (`None`: absent).
+    Version(Option<u64>),
+    /// A write of it (or a FLUSHDB) is still in the batch or in flight.
+    Undecided,
+}
+
 /// The result of executing a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -344,10 +353,10 @@ impl Core {
     }
 
     /// The version of `key` (`None`: absent) if no write of it, and no FLUSHDB,
-    /// is still undecided; `Err(())` while one is (compare-and-set must wait:
-    /// the master decides conditions against settled state only, so the plain
-    /// writes it replicates apply to exactly the state it checked).
-    pub fn settled_version(&self, key: &[u8]) -> Result<Option<u64>, ()> {
+    /// is still undecided; [`Settled::Undecided`] while one is (compare-and-set
+    /// must wait: the master decides conditions against settled state only, so
+    /// the plain writes it replicates apply to exactly the state it checked).
+    pub fn settled_version(&self, key: &[u8]) -> Settled {
         let hash = self.key_hasher.hash_one(key);
         let pending_key = self
             .last_write
@@ -357,9 +366,9 @@ impl Core {
             .last_clear
             .is_some_and(|c| self.waiting.contains_key(&c));
         if pending_key || pending_clear {
-            return Err(());
+            return Settled::Undecided;
         }
-        Ok(self.store.get(key).map(|(_, version)| version))
+        Settled::Version(self.store.get(key).map(|(_, version)| version))
     }
 
     /// The latest value of `key` on a master, counting writes not yet applied.
@@ -532,13 +541,13 @@ impl Core {
                 Check::Version(expect)
             };
             match self.settled_version(key) {
-                Err(()) => return Outcome::WaitKey,
-                Ok(current) if !check.holds(current) => {
+                Settled::Undecided => return Outcome::WaitKey,
+                Settled::Version(current) if !check.holds(current) => {
                     let current = current.unwrap_or(0);
                     encode_response(out, op, Status::VersionMismatch, request_id, current, &[]);
                     return Outcome::Answered;
                 }
-                Ok(_) => {}
+                Settled::Version(_) => {}
             }
         }
         let write = WriteOp {
@@ -577,8 +586,8 @@ impl Core {
         let op = Opcode::Txn as u8;
         for (index, condition) in txn.conditions.iter().enumerate() {
             match self.settled_version(condition.key) {
-                Err(()) => return Outcome::WaitKey,
-                Ok(current) if !condition.check.holds(current) => {
+                Settled::Undecided => return Outcome::WaitKey,
+                Settled::Version(current) if !condition.check.holds(current) => {
                     let index = (index as u32).to_be_bytes();
                     let current = current.unwrap_or(0);
                     encode_response(
@@ -591,7 +600,7 @@ impl Core {
                     );
                     return Outcome::Answered;
                 }
-                Ok(_) => {}
+                Settled::Version(_) => {}
             }
         }
         if txn.writes.is_empty() {
