@@ -390,9 +390,10 @@ impl Core {
                 OpKind::Clear => return Latest::Known(None),
                 _ if write.op.key != key => {}
                 OpKind::Put => return Latest::Known(Some(&write.op.value)),
+                OpKind::PutExpiring => return Latest::Known(Some(write.op.stored_value())),
                 OpKind::Delete => return Latest::Known(None),
                 // Its effect depends on what came before: let it be decided first.
-                OpKind::Update => return Latest::InFlight,
+                OpKind::Update | OpKind::Expire => return Latest::InFlight,
             }
         }
         Latest::InFlight

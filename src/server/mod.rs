@@ -1179,6 +1179,9 @@ impl Server {
         };
         for e in entries {
             store.set(&e.key, &e.value, e.version);
+            if e.deadline_ms > 0 {
+                store.set_deadline(&e.key, Some(e.deadline_ms));
+            }
         }
         if end && let Some(store) = staging.take() {
             info!(
