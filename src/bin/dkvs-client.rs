@@ -92,7 +92,25 @@ enum Command {
         value: String,
         #[command(flatten)]
         expect: Expect,
+        /// Expire the key this many milliseconds from now.
+        #[arg(long = "ttl-ms", value_name = "MS", conflicts_with = "expire_at_ms",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        ttl_ms: Option<u64>,
+        /// Expire the key at this unix time in milliseconds.
+        #[arg(long = "expire-at-ms", value_name = "UNIX_MS",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        expire_at_ms: Option<u64>,
     },
+    /// Make KEY expire MS milliseconds from now (the master deletes it everywhere).
+    Expire {
+        key: String,
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+        ms: u64,
+    },
+    /// Remove the deadline of KEY.
+    Persist { key: String },
+    /// Print the milliseconds KEY has left to live, or -1 if it never expires.
+    Ttl { key: String },
     /// Replace KEY only if it exists.
     Update {
         key: String,
@@ -198,6 +216,8 @@ fn command_of(args: &Args) -> Result<Command, String> {
             key,
             value: value()?,
             expect,
+            ttl_ms: None,
+            expire_at_ms: None,
         },
     })
 }
@@ -296,6 +316,13 @@ fn parse_txn(words: &[String]) -> Result<TxnWords, ClientError> {
     Ok(txn)
 }
 
+/// Unix time in milliseconds (deadlines are absolute; the server's clock decides).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn describe(check: Check) -> String {
     match check {
         Check::Version(v) => format!("version {v}"),
@@ -310,7 +337,11 @@ fn run(host: &str, port: u16, config: ClientConfig, command: Command) -> Result<
         Command::Put { key, value, .. } | Command::Update { key, value, .. } => {
             (check_key(key)?, value_bytes(value)?)
         }
-        Command::Get { key, .. } | Command::Delete { key, .. } => (check_key(key)?, Vec::new()),
+        Command::Get { key, .. }
+        | Command::Delete { key, .. }
+        | Command::Expire { key, .. }
+        | Command::Persist { key }
+        | Command::Ttl { key } => (check_key(key)?, Vec::new()),
         Command::Ping | Command::Stats | Command::Txn { .. } => (&[][..], Vec::new()),
     };
     let txn_words = match &command {
@@ -351,6 +382,34 @@ fn run(host: &str, port: u16, config: ClientConfig, command: Command) -> Result<
     };
     let cas = |client: &mut Client, op: Opcode| client.write_if(op, key, &value, expect);
     match command {
+        Command::Put {
+            ttl_ms,
+            expire_at_ms,
+            ..
+        } if ttl_ms.is_some() || expire_at_ms.is_some() => {
+            let deadline = expire_at_ms.unwrap_or_else(|| unix_ms() + ttl_ms.unwrap_or(0));
+            match client.put_expiring(key, &value, deadline, expect)? {
+                Cas::Done(version) => written(&mut stdout, format!("OK version {version}")),
+                Cas::NotFound => Err(ClientError::Mismatch("PUT answered NOT_FOUND".into())),
+                Cas::Mismatch(current) => mismatch("put", current),
+            }
+        }
+        Command::Expire { ms, .. } => match client.expire(key, Some(unix_ms() + ms))? {
+            Some(version) => written(&mut stdout, format!("OK version {version}")),
+            None => not_found("expire"),
+        },
+        Command::Persist { .. } => match client.expire(key, None)? {
+            Some(version) => written(&mut stdout, format!("OK version {version}")),
+            None => not_found("persist"),
+        },
+        Command::Ttl { .. } => match client.ttl(key)? {
+            Some((Some(deadline), _)) => {
+                let left = deadline.saturating_sub(unix_ms());
+                written(&mut stdout, left.to_string())
+            }
+            Some((None, _)) => written(&mut stdout, "-1".into()),
+            None => not_found("ttl"),
+        },
         Command::Put { .. } => match cas(&mut client, Opcode::Put)? {
             Cas::Done(version) => written(&mut stdout, format!("OK version {version}")),
             Cas::NotFound => Err(ClientError::Mismatch("PUT answered NOT_FOUND".into())),

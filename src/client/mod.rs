@@ -294,6 +294,51 @@ impl Client {
         }
     }
 
+    /// Create or replace `key` so that it expires at `deadline_ms` (unix ms, > 0),
+    /// only if it carries version `expect` (0: unconditionally, see [`Client::write_if`]).
+    pub fn put_expiring(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        deadline_ms: u64,
+        expect: u64,
+    ) -> Result<Cas, ClientError> {
+        if deadline_ms == 0 {
+            return Err(ClientError::InvalidRequest(
+                "a deadline is unix milliseconds, not 0".into(),
+            ));
+        }
+        let mut payload = Vec::with_capacity(8 + value.len());
+        payload.extend_from_slice(&deadline_ms.to_be_bytes());
+        payload.extend_from_slice(value);
+        self.write_if(Opcode::PutExpiring, key, &payload, expect)
+    }
+
+    /// Set the deadline of `key` (unix ms; `None` removes it); `None` if the key is absent.
+    pub fn expire(
+        &mut self,
+        key: &[u8],
+        deadline_ms: Option<u64>,
+    ) -> Result<Option<u64>, ClientError> {
+        let bytes = deadline_ms.unwrap_or(0).to_be_bytes();
+        match self.write_if(Opcode::Expire, key, &bytes, 0)? {
+            Cas::Done(version) => Ok(Some(version)),
+            Cas::NotFound | Cas::Mismatch(_) => Ok(None),
+        }
+    }
+
+    /// The deadline of `key` (unix ms, `None`: none) and its version; `None` if absent.
+    pub fn ttl(&mut self, key: &[u8]) -> Result<Option<(Option<u64>, u64)>, ClientError> {
+        let reply = self.call(Opcode::Ttl, key, &[])?;
+        if reply.status != Ok(Status::Ok) {
+            return Ok(None);
+        }
+        let deadline = <[u8; 8]>::try_from(reply.value.as_slice())
+            .map(u64::from_be_bytes)
+            .map_err(|_| ClientError::Mismatch("TTL reply is not 8 bytes".into()))?;
+        Ok(Some((Some(deadline).filter(|&d| d > 0), reply.version)))
+    }
+
     /// Create `key` only if it does not exist.
     pub fn put_if_absent(&mut self, key: &[u8], value: &[u8]) -> Result<Cas, ClientError> {
         self.write_if(Opcode::Put, key, value, EXPECT_ABSENT)

@@ -54,6 +54,9 @@ pub enum ProtocolError {
     ExpectAbsentNotPut,
     /// A TXN payload that cannot be served.
     Txn(TxnError),
+    /// A PUTEX value without its 8-byte deadline (or with deadline 0), or an
+    /// EXPIRE value that is not exactly 8 bytes.
+    BadDeadline,
 }
 
 impl ProtocolError {
@@ -72,7 +75,8 @@ impl ProtocolError {
             | ProtocolError::UnexpectedKey
             | ProtocolError::UnexpectedValue
             | ProtocolError::ExpectAbsentNotPut
-            | ProtocolError::Txn(_) => Status::InvalidArgument,
+            | ProtocolError::Txn(_)
+            | ProtocolError::BadDeadline => Status::InvalidArgument,
             ProtocolError::ResponseTooLargeForUdp(_)
             | ProtocolError::DatagramTooLarge(_)
             | ProtocolError::AmplificationLimit { .. } => Status::UseTcp,
@@ -154,6 +158,11 @@ impl fmt::Display for ProtocolError {
                 "expected version 0xffffffffffffffff (only if absent) is for PUT only"
             ),
             ProtocolError::Txn(e) => write!(f, "{e}"),
+            ProtocolError::BadDeadline => write!(
+                f,
+                "PUTEX needs an 8-byte deadline (unix ms, not 0) before the value; \
+                 EXPIRE's value is exactly that deadline (0: none)"
+            ),
         }
     }
 }

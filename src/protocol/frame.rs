@@ -45,6 +45,13 @@ pub enum Opcode {
     Stats = 0x06,
     /// Conditions and writes applied as one transaction (payload in `txn.rs`).
     Txn = 0x07,
+    /// Create or replace a key that expires: the value is an 8-byte deadline
+    /// (unix ms, > 0) followed by the key's value.
+    PutExpiring = 0x08,
+    /// Set a key's deadline (8-byte unix ms in the value; 0 removes it), if present.
+    Expire = 0x09,
+    /// Read a key's deadline: 8 bytes, 0 when it has none.
+    Ttl = 0x0A,
 }
 
 impl Opcode {
@@ -58,6 +65,9 @@ impl Opcode {
             0x05 => Opcode::Ping,
             0x06 => Opcode::Stats,
             0x07 => Opcode::Txn,
+            0x08 => Opcode::PutExpiring,
+            0x09 => Opcode::Expire,
+            0x0A => Opcode::Ttl,
             _ => return None,
         })
     }
@@ -66,7 +76,12 @@ impl Opcode {
     pub fn is_write(self) -> bool {
         matches!(
             self,
-            Opcode::Put | Opcode::Update | Opcode::Delete | Opcode::Txn
+            Opcode::Put
+                | Opcode::Update
+                | Opcode::Delete
+                | Opcode::Txn
+                | Opcode::PutExpiring
+                | Opcode::Expire
         )
     }
 
@@ -80,6 +95,9 @@ impl Opcode {
             Opcode::Ping => "ping",
             Opcode::Stats => "stats",
             Opcode::Txn => "txn",
+            Opcode::PutExpiring => "putex",
+            Opcode::Expire => "expire",
+            Opcode::Ttl => "ttl",
         }
     }
 }

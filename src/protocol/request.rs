@@ -47,6 +47,31 @@ pub enum Request<'a> {
     Stats,
     /// Conditions, then writes applied as one transaction.
     Txn(Txn<'a>),
+    /// Create or replace `key`, expiring at `deadline_ms`.
+    PutExpiring {
+        /// Key to write.
+        key: &'a [u8],
+        /// New value.
+        value: &'a [u8],
+        /// Unix ms from which the key reads as absent (> 0).
+        deadline_ms: u64,
+        /// Expected version (compare-and-set); 0: none.
+        expect: u64,
+    },
+    /// Set (`Some`) or remove (`None`) the deadline of `key`, if present.
+    Expire {
+        /// Key whose deadline changes.
+        key: &'a [u8],
+        /// The deadline, unix ms; `None`: never expire.
+        deadline_ms: Option<u64>,
+        /// Expected version (compare-and-set); 0: none.
+        expect: u64,
+    },
+    /// Read the deadline of `key`.
+    Ttl {
+        /// Key to read.
+        key: &'a [u8],
+    },
 }
 
 impl<'a> Request<'a> {
@@ -65,15 +90,35 @@ impl<'a> Request<'a> {
         if !needs_key && !key.is_empty() {
             return Err(ProtocolError::UnexpectedKey);
         }
-        let takes_value = matches!(op, Opcode::Put | Opcode::Update | Opcode::Txn);
+        let takes_value = matches!(
+            op,
+            Opcode::Put | Opcode::Update | Opcode::Txn | Opcode::PutExpiring | Opcode::Expire
+        );
         if !takes_value && !value.is_empty() {
             return Err(ProtocolError::UnexpectedValue);
         }
         let expect = frame.header.version;
         // "Only if absent" contradicts UPDATE (only if present) and means nothing for DELETE.
-        if expect == EXPECT_ABSENT && matches!(op, Opcode::Update | Opcode::Delete) {
+        if expect == EXPECT_ABSENT && matches!(op, Opcode::Update | Opcode::Delete | Opcode::Expire)
+        {
             return Err(ProtocolError::ExpectAbsentNotPut);
         }
+        // The deadline leads the value; an EXPIRE's value is nothing else.
+        let deadline = match op {
+            Opcode::PutExpiring | Opcode::Expire => {
+                let Some(bytes) = value.get(..8) else {
+                    return Err(ProtocolError::BadDeadline);
+                };
+                let deadline = u64::from_be_bytes(bytes.try_into().unwrap_or([0; 8]));
+                if (op == Opcode::Expire && value.len() != 8)
+                    || (op == Opcode::PutExpiring && deadline == 0)
+                {
+                    return Err(ProtocolError::BadDeadline);
+                }
+                deadline
+            }
+            _ => 0,
+        };
         Ok(match op {
             Opcode::Get => Request::Get { key },
             Opcode::Put => Request::Put { key, value, expect },
@@ -85,6 +130,18 @@ impl<'a> Request<'a> {
             Opcode::Txn => {
                 Request::Txn(decode_txn(value, value.len()).map_err(ProtocolError::Txn)?)
             }
+            Opcode::PutExpiring => Request::PutExpiring {
+                key,
+                value: &value[8..],
+                deadline_ms: deadline,
+                expect,
+            },
+            Opcode::Expire => Request::Expire {
+                key,
+                deadline_ms: Some(deadline).filter(|&d| d > 0),
+                expect,
+            },
+            Opcode::Ttl => Request::Ttl { key },
         })
     }
 
@@ -98,6 +155,9 @@ impl<'a> Request<'a> {
             Request::Ping => Opcode::Ping,
             Request::Stats => Opcode::Stats,
             Request::Txn(_) => Opcode::Txn,
+            Request::PutExpiring { .. } => Opcode::PutExpiring,
+            Request::Expire { .. } => Opcode::Expire,
+            Request::Ttl { .. } => Opcode::Ttl,
         }
     }
 }

@@ -41,6 +41,8 @@ pub enum ReplyTarget {
         /// Fingerprint of the request datagram.
         fingerprint: u64,
     },
+    /// Nobody: the master's own writes (deleting expired keys).
+    Nobody,
 }
 
 /// A write waiting for its transaction's outcome.
@@ -277,6 +279,8 @@ pub struct Core {
     pub resp_commands: u64,
     /// The TCP port served (INFO reports it).
     pub tcp_port: u16,
+    /// The shard the expiry sweep looks at next.
+    pub(super) sweep_cursor: usize,
 }
 
 impl Core {
@@ -310,6 +314,7 @@ impl Core {
             key_waiters: Vec::new(),
             resp_commands: 0,
             tcp_port: 0,
+            sweep_cursor: 0,
         }
     }
 
@@ -496,11 +501,26 @@ impl Core {
         out: &mut Vec<u8>,
     ) -> Outcome {
         let op = request.opcode() as u8;
-        let (kind, key, value, expect) = match request {
+        // `deadline`: `None` for the plain writes; `Some` for PUTEX (always a
+        // deadline) and EXPIRE (`Some(None)` removes it).
+        let (kind, key, value, expect, deadline) = match request {
             Request::Get { key } => {
                 match self.store.get(key) {
                     Some((value, version)) => {
                         encode_response(out, op, Status::Ok, request_id, version, value)
+                    }
+                    None => {
+                        encode_response(out, op, Status::NotFound, request_id, 0, &[]);
+                        self.expire_if_due(key);
+                    }
+                }
+                return Outcome::Answered;
+            }
+            Request::Ttl { key } => {
+                match self.store.get(key) {
+                    Some((_, version)) => {
+                        let deadline = self.store.deadline(key).unwrap_or(0).to_be_bytes();
+                        encode_response(out, op, Status::Ok, request_id, version, &deadline)
                     }
                     None => encode_response(out, op, Status::NotFound, request_id, 0, &[]),
                 }
@@ -522,9 +542,26 @@ impl Core {
                 );
                 return Outcome::Answered;
             }
-            Request::Put { key, value, expect } => (OpKind::Put, key, value, expect),
-            Request::Update { key, value, expect } => (OpKind::Update, key, value, expect),
-            Request::Delete { key, expect } => (OpKind::Delete, key, &[][..], expect),
+            Request::Put { key, value, expect } => (OpKind::Put, key, value, expect, None),
+            Request::Update { key, value, expect } => (OpKind::Update, key, value, expect, None),
+            Request::Delete { key, expect } => (OpKind::Delete, key, &[][..], expect, None),
+            Request::PutExpiring {
+                key,
+                value,
+                deadline_ms,
+                expect,
+            } => (
+                OpKind::PutExpiring,
+                key,
+                value,
+                expect,
+                Some(Some(deadline_ms)),
+            ),
+            Request::Expire {
+                key,
+                deadline_ms,
+                expect,
+            } => (OpKind::Expire, key, &[][..], expect, Some(deadline_ms)),
             Request::Txn(txn) => {
                 if self.refuse_write(op, request_id, out) {
                     return Outcome::Answered;
@@ -551,10 +588,26 @@ impl Core {
                 Settled::Version(_) => {}
             }
         }
-        let write = WriteOp {
-            kind,
-            key: key.to_vec(),
-            value: value.to_vec(),
+        if matches!(kind, OpKind::Update | OpKind::Delete | OpKind::Expire)
+            && self.expired_but_held(key)
+        {
+            // These apply to the key as held, which an expired key still is
+            // until its deletion commits: answer for the key as read.
+            if self.settled_version(key) == Settled::Undecided {
+                return Outcome::WaitKey;
+            }
+            encode_response(out, op, Status::NotFound, request_id, 0, &[]);
+            self.expire_if_due(key);
+            return Outcome::Answered;
+        }
+        let write = match (kind, deadline) {
+            (OpKind::PutExpiring, Some(Some(at))) => WriteOp::put_expiring(key, value, at),
+            (OpKind::Expire, Some(at)) => WriteOp::expire(key, at),
+            _ => WriteOp {
+                kind,
+                key: key.to_vec(),
+                value: value.to_vec(),
+            },
         };
         Outcome::Pending(self.submit(std::iter::once(write), target, request_id, op, None))
     }

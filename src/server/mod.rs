@@ -7,6 +7,7 @@
 //! iteration become one transaction (group commit).
 
 mod connection;
+mod expiry;
 mod handler;
 mod limits;
 mod peer;
@@ -320,6 +321,8 @@ pub struct Server {
     connect_failures: u64,
     /// The last settle stopped at its round bound with work left.
     work_left: bool,
+    /// Keys have deadlines: wake within this for the expiry sweep.
+    expiry_wake: Option<Duration>,
     /// `accept` failed (out of descriptors): connections waiting in the
     /// backlog get no new edge, so the listener is retried on a timer.
     accept_paused: bool,
@@ -457,6 +460,7 @@ impl Server {
             replication_changed: true,
             connect_failures: 0,
             work_left: false,
+            expiry_wake: None,
             accept_paused: false,
             wal,
             max_connections: config.max_connections,
@@ -530,6 +534,10 @@ impl Server {
             let deferred = !self.deferred_clients.is_empty()
                 || !self.deferred_reads.is_empty()
                 || !self.deferred_flushes.is_empty();
+            if let Some(wake) = self.expiry_wake {
+                // Keys with deadlines: the sweep runs at least this often.
+                timeout = Some(timeout.map_or(wake, |t| t.min(wake)));
+            }
             if self.work_left || self.core.udp_retry || deferred {
                 // Left-over work goes on at once.
                 timeout = Some(Duration::ZERO);
@@ -593,6 +601,7 @@ impl Server {
             if now >= self.next_sweep_ms {
                 self.sweep(now);
             }
+            self.expiry_wake = self.core.expiry_turn();
             self.work_left = self.settle();
         }
     }
@@ -1209,6 +1218,7 @@ impl Server {
                     self.touched.push(key);
                 }
             }
+            ReplyTarget::Nobody => {}
             ReplyTarget::Udp { from, fingerprint } => {
                 if let Some(udp) = self.udp.as_mut() {
                     let mut bytes = Vec::with_capacity(crate::protocol::HEADER_LEN + message.len());
