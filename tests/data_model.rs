@@ -318,3 +318,98 @@ fn a_malformed_txn_is_invalid_argument_and_keeps_the_connection() {
     let reply = read_response(&mut stream);
     assert_eq!((reply.request_id, reply.status), (2, Ok(Status::Ok)));
 }
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[test]
+fn expired_keys_vanish_on_the_master_and_every_slave() {
+    const TIMED: usize = 50;
+    let (master, slaves) = cluster(2);
+    let mut c = master.client(Transport::Tcp);
+    c.put(b"stays", b"1").expect("put");
+    let deadline = unix_ms() + 400;
+    for i in 0..TIMED {
+        let key = format!("timed{i}");
+        c.put_expiring(key.as_bytes(), b"v", deadline, 0)
+            .expect("putex");
+    }
+    // One key expired by EXPIRE, one saved by PERSIST.
+    c.put(b"later", b"x").expect("put");
+    assert!(
+        c.expire(b"later", Some(deadline))
+            .expect("expire")
+            .is_some()
+    );
+    c.put_expiring(b"saved", b"y", deadline, 0).expect("putex");
+    assert!(c.expire(b"saved", None).expect("persist").is_some());
+    assert_eq!(c.expire(b"absent", Some(deadline)).expect("expire"), None);
+    let (at, _) = c.ttl(b"later").expect("ttl").expect("present");
+    assert_eq!(at, Some(deadline));
+    for slave in &slaves {
+        caught_up(slave, &master);
+        let mut s = slave.client(Transport::Tcp);
+        assert!(s.get(b"timed0").expect("get").is_some(), "not expired yet");
+        assert_eq!(
+            s.ttl(b"later").expect("ttl").map(|t| t.0),
+            Some(Some(deadline))
+        );
+    }
+    // The master deletes them (a replicated transaction): the key counts fall everywhere.
+    let expected_keys = 2; // stays, saved
+    wait_until("the master deleted the expired keys", SYNC_LIMIT, || {
+        master.stats().num("keys") == expected_keys
+    });
+    assert!(master.stats().num("expired_keys") >= TIMED as u64 + 1);
+    for server in std::iter::once(&master).chain(&slaves) {
+        caught_up(server, &master);
+        let stats = server.stats();
+        assert_eq!(stats.num("keys"), expected_keys, "server :{}", server.port);
+        assert_eq!(stats.num("keys_with_deadline"), 0);
+        let mut client = server.client(Transport::Tcp);
+        for key in [&b"timed7"[..], b"later"] {
+            assert_eq!(client.get(key).expect("get"), None);
+        }
+        assert!(client.get(b"saved").expect("get").is_some());
+        assert!(client.get(b"stays").expect("get").is_some());
+    }
+}
+
+#[test]
+fn a_slave_hides_an_expired_key_before_the_deletion_reaches_it() {
+    let (master, mut slaves) = cluster(1);
+    let mut c = master.client(Transport::Tcp);
+    c.put_expiring(b"k", b"v", unix_ms() + 300, 0)
+        .expect("putex");
+    caught_up(&slaves[0], &master);
+    // Frozen, the slave is evicted and receives no deletion; its own reads
+    // must hide the key once the deadline passed anyway.
+    slaves[0].stop();
+    wait_until("the master deleted the key", SYNC_LIMIT, || {
+        master.stats().num("expired_keys") >= 1
+    });
+    slaves[0].resume();
+    let mut s = slaves[0].client(Transport::Tcp);
+    assert_eq!(s.get(b"k").expect("get"), None);
+}
+
+#[test]
+fn deadlines_survive_a_restart() {
+    let mut master = ServerProcess::start(&[]);
+    let mut c = master.client(Transport::Tcp);
+    let far = unix_ms() + 3_600_000;
+    c.put_expiring(b"far", b"v", far, 0).expect("putex");
+    c.put(b"plain", b"v").expect("put");
+    c.expire(b"plain", Some(far + 1)).expect("expire");
+    drop(c);
+    master.restart();
+    let mut c = master.client(Transport::Tcp);
+    assert_eq!(c.ttl(b"far").expect("ttl").map(|t| t.0), Some(Some(far)));
+    assert_eq!(
+        c.ttl(b"plain").expect("ttl").map(|t| t.0),
+        Some(Some(far + 1))
+    );
+}
