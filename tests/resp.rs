@@ -332,6 +332,73 @@ const SAME_AS_REDIS_RESP3: &[&str] = &[
     "DEL k",
 ];
 
+/// Expiry commands whose replies do not depend on timing (TTLs of 100 s and more
+/// are read well within a second), and GETDEL.
+const SAME_AS_REDIS_EXPIRY: &[&str] = &[
+    "FLUSHALL",
+    "SET k v EX 100",
+    "TTL k",
+    "SET k v PX 100000",
+    "TTL k",
+    "SET k v EXAT 99999999999",
+    "EXPIRETIME k",
+    "SET k v PXAT 99999999999000",
+    "PEXPIRETIME k",
+    "SET k w KEEPTTL",
+    "EXPIRETIME k",
+    "SET k x",
+    "TTL k",
+    "TTL nope",
+    "PTTL k",
+    "SET k v EX 0",
+    "SET k v EX -1",
+    "SET k v EX x",
+    "SET k v EX",
+    "SET k v EX 10 PX 10",
+    "SET k v KEEPTTL EX 10",
+    "SET k2 v NX EX 100",
+    "TTL k2",
+    "SET k2 v XX EX 200 GET",
+    "TTL k2",
+    "EXPIRE k 100",
+    "TTL k",
+    "EXPIRE k 50 GT",
+    "EXPIRE k 200 GT",
+    "TTL k",
+    "EXPIRE k 300 LT",
+    "EXPIRE k 10 NX",
+    "EXPIRE k 10 XX",
+    "TTL k",
+    "EXPIRE k 10 NX XX",
+    "EXPIRE k 10 BOGUS",
+    "EXPIRE k x",
+    "EXPIRE nope 10",
+    "PEXPIRE k 100000",
+    "TTL k",
+    "EXPIREAT k 99999999999",
+    "EXPIRETIME k",
+    "PEXPIREAT k 99999999999000",
+    "PEXPIRETIME k",
+    "PERSIST k",
+    "PERSIST k",
+    "TTL k",
+    "PERSIST nope",
+    "GETEX k EX 100",
+    "TTL k",
+    "GETEX k PERSIST",
+    "TTL k",
+    "GETEX k",
+    "GETEX nope EX 10",
+    "GETEX k EX 0",
+    "GETEX k BOGUS 1",
+    "EXPIRE k -1",
+    "EXISTS k",
+    "SET d 1",
+    "GETDEL d",
+    "GETDEL d",
+    "EXISTS d",
+];
+
 fn compare_with_redis(commands: &[&str], hello3: bool) {
     let redis = RedisServer::start();
     let dkvs = ServerProcess::start(&[]);
@@ -350,6 +417,11 @@ fn compare_with_redis(commands: &[&str], hello3: bool) {
             "reply to {line:?} (hello3: {hello3})"
         );
     }
+}
+
+#[test]
+fn expiry_replies_are_redis_byte_for_byte() {
+    compare_with_redis(SAME_AS_REDIS_EXPIRY, false);
 }
 
 #[test]

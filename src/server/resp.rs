@@ -21,7 +21,7 @@ use crate::protocol::resp::{
 use crate::store::SHARDS;
 
 use super::connection::{Connection, MAX_PENDING_WRITES, OUTPUT_HIGH_WATER_BYTES, Stop};
-use super::handler::{Core, Latest, Mode, ReplyTarget, RespPending, RespWriteReply};
+use super::handler::{Core, Latest, Mode, ReplyTarget, RespPending, RespWriteReply, Settled};
 
 /// The Redis version dkvs reports (HELLO, INFO): the one whose replies it follows.
 const REDIS_VERSION: &str = "7.0.15";
@@ -119,6 +119,17 @@ const COMMANDS: &[Spec] = &[
     spec("wait", 3, Class::Read, &[], (0, 0, 0)),
     spec("role", 1, Class::Read, ADMIN, (0, 0, 0)),
     spec("dkvs.version", 2, Class::Read, RO, (1, 1, 1)),
+    spec("getdel", 2, Class::Write, &["write", "fast"], (1, 1, 1)),
+    spec("expire", -3, Class::Write, &["write", "fast"], (1, 1, 1)),
+    spec("pexpire", -3, Class::Write, &["write", "fast"], (1, 1, 1)),
+    spec("expireat", -3, Class::Write, &["write", "fast"], (1, 1, 1)),
+    spec("pexpireat", -3, Class::Write, &["write", "fast"], (1, 1, 1)),
+    spec("persist", 2, Class::Write, &["write", "fast"], (1, 1, 1)),
+    spec("getex", -2, Class::Write, &["write", "fast"], (1, 1, 1)),
+    spec("ttl", 2, Class::Read, RO, (1, 1, 1)),
+    spec("pttl", 2, Class::Read, RO, (1, 1, 1)),
+    spec("expiretime", 2, Class::Read, RO, (1, 1, 1)),
+    spec("pexpiretime", 2, Class::Read, RO, (1, 1, 1)),
 ];
 
 const fn spec(
@@ -229,6 +240,7 @@ impl Connection {
                 id: *id,
                 target,
                 out,
+                in_exec: false,
             };
             let exec = match spec {
                 Some(spec) => session.run(spec, &args),
@@ -274,6 +286,9 @@ struct Session<'a> {
     id: u64,
     target: ReplyTarget,
     out: &'a mut Vec<u8>,
+    /// Running a queued command of EXEC: every key it touches was settled when
+    /// EXEC started, so nothing may make it wait (see `exec`).
+    in_exec: bool,
 }
 
 fn upper(arg: &[u8]) -> Vec<u8> {
@@ -287,8 +302,6 @@ fn text(arg: &[u8]) -> String {
 const NOT_AN_INTEGER: &str = "ERR value is not an integer or out of range";
 const SYNTAX: &str = "ERR syntax error";
 const READONLY: &str = "READONLY You can't write against a read only replica.";
-const EXPIRY_UNSUPPORTED: &str =
-    "ERR expiry (EX, PX, EXAT, PXAT, KEEPTTL) is not supported by dkvs yet: keys do not expire";
 const TOO_BIG: &str = "ERR string exceeds maximum allowed size (proto-max-bulk-len)";
 
 impl Session<'_> {
@@ -368,6 +381,14 @@ impl Session<'_> {
         };
         let client = self.core.submit(ops, self.target, 0, 0, Some(pending));
         Exec::Pending(client)
+    }
+
+    /// A PUT that leaves the key with `deadline` (unix ms; `None`: none).
+    fn put_until(key: &[u8], value: &[u8], deadline: Option<u64>) -> WriteOp {
+        match deadline {
+            Some(at) => WriteOp::put_expiring(key, value, at),
+            None => Session::put(key, value),
+        }
     }
 
     fn put(key: &[u8], value: &[u8]) -> WriteOp {
@@ -456,8 +477,20 @@ impl Session<'_> {
                     .count();
                 self.int(found as i64)
             }
-            "getset" => self.set_with(args[1], args[2], SetMode::Always, SetReply::Old),
-            "setnx" => self.set_with(args[1], args[2], SetMode::IfAbsent, SetReply::OneZero),
+            "getset" => self.set_with(
+                args[1],
+                args[2],
+                SetMode::Always,
+                SetReply::Old,
+                Expiry::None,
+            ),
+            "setnx" => self.set_with(
+                args[1],
+                args[2],
+                SetMode::IfAbsent,
+                SetReply::OneZero,
+                Expiry::None,
+            ),
             "append" => self.append(args[1], args[2]),
             "strlen" => {
                 let len = self.core.store.get(args[1]).map_or(0, |(v, _)| v.len());
@@ -524,6 +557,17 @@ impl Session<'_> {
             "auth" => self.auth(&args[1..]),
             "wait" => self.wait(args),
             "role" => self.role(),
+            "getdel" => self.getdel(args[1]),
+            "expire" => self.expire(args, 1000, false),
+            "pexpire" => self.expire(args, 1, false),
+            "expireat" => self.expire(args, 1000, true),
+            "pexpireat" => self.expire(args, 1, true),
+            "persist" => self.persist(args[1]),
+            "getex" => self.getex(args),
+            "ttl" | "pttl" | "expiretime" | "pexpiretime" => {
+                let n = self.ttl_reply(args[1], spec.name);
+                self.int(n)
+            }
             "dkvs.version" => {
                 match self.core.store.get(args[1]) {
                     Some((_, version)) => self.enc.int(self.out, version as i64),
@@ -547,37 +591,86 @@ impl Session<'_> {
     fn set(&mut self, args: &[&[u8]]) -> Exec {
         let mut mode = SetMode::Always;
         let mut style = SetReply::OkOrNull;
-        for option in &args[3..] {
+        let mut expiry = Expiry::None;
+        let mut options = args[3..].iter();
+        while let Some(option) = options.next() {
             let option = upper(option);
             match option.as_slice() {
                 b"NX" if mode == SetMode::Always => mode = SetMode::IfAbsent,
                 b"XX" if mode == SetMode::Always => mode = SetMode::IfPresent,
                 b"GET" => style = SetReply::Old,
-                b"EX" | b"PX" | b"EXAT" | b"PXAT" | b"KEEPTTL" => {
-                    return self.error(EXPIRY_UNSUPPORTED);
+                b"KEEPTTL" if expiry == Expiry::None => expiry = Expiry::Keep,
+                b"EX" | b"PX" | b"EXAT" | b"PXAT" if expiry == Expiry::None => {
+                    let Some(n) = options.next() else {
+                        return self.error(SYNTAX);
+                    };
+                    let Some(n) = parse_i64(n) else {
+                        return self.error(NOT_AN_INTEGER);
+                    };
+                    let (unit, absolute) = match option.as_slice() {
+                        b"EX" => (1000, false),
+                        b"PX" => (1, false),
+                        b"EXAT" => (1000, true),
+                        _ => (1, true),
+                    };
+                    match self.deadline_of(n, unit, absolute) {
+                        Some(at) if n > 0 => expiry = Expiry::At(at),
+                        _ => return self.error("ERR invalid expire time in 'set' command"),
+                    }
                 }
                 _ => return self.error(SYNTAX),
             }
         }
-        self.set_with(args[1], args[2], mode, style)
+        self.set_with(args[1], args[2], mode, style, expiry)
     }
 
-    /// SET and its relatives: write `value` under the condition and answer in `style`.
-    fn set_with(&mut self, key: &[u8], value: &[u8], mode: SetMode, style: SetReply) -> Exec {
+    /// The deadline (unix ms) `n` units from now, or at `n` units since the
+    /// epoch; `None` if it overflows. Computed on the master's clock.
+    fn deadline_of(&self, n: i64, unit_ms: i64, absolute: bool) -> Option<u64> {
+        let ms = n.checked_mul(unit_ms)?;
+        let base = if absolute {
+            0
+        } else {
+            i64::try_from(self.core.store.now_ms()).ok()?
+        };
+        // A deadline at or before the epoch is simply in the past: 1 ms.
+        Some(u64::try_from(base.checked_add(ms)?).unwrap_or(0).max(1))
+    }
+
+    /// SET and its relatives: write `value` under the condition and answer in
+    /// `style`, leaving the key with `expiry`.
+    fn set_with(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        mode: SetMode,
+        style: SetReply,
+        expiry: Expiry,
+    ) -> Exec {
         if let Some(e) = self.key_error(key) {
             return self.error(e);
         }
         if !self.value_ok(value) {
             return self.error(TOO_BIG);
         }
+        let deadline = match expiry {
+            Expiry::None => None,
+            Expiry::At(at) => Some(at),
+            // The deadline the key has now, read from settled state.
+            Expiry::Keep => match self.core.settled_version(key) {
+                Settled::Undecided => return Exec::WaitKey,
+                Settled::Version(None) => None,
+                Settled::Version(Some(_)) => self.core.store.deadline(key),
+            },
+        };
         match (mode, style) {
             (SetMode::Always, SetReply::OkOrNull) => {
                 return self.submit(
-                    std::iter::once(Session::put(key, value)),
+                    std::iter::once(Session::put_until(key, value, deadline)),
                     RespWriteReply::Ok,
                 );
             }
-            (SetMode::IfPresent, SetReply::OkOrNull) => {
+            (SetMode::IfPresent, SetReply::OkOrNull) if deadline.is_none() && !self.in_exec => {
                 // UPDATE is conditional on every replica alike: no read needed.
                 let update = WriteOp {
                     kind: OpKind::Update,
@@ -610,7 +703,168 @@ impl Session<'_> {
             SetReply::OneZero => RespWriteReply::Int(1),
             SetReply::OkOrNull => RespWriteReply::Ok,
         };
-        self.submit(std::iter::once(Session::put(key, value)), reply)
+        self.submit(
+            std::iter::once(Session::put_until(key, value, deadline)),
+            reply,
+        )
+    }
+
+    /// GETDEL: the value, and the key deleted.
+    fn getdel(&mut self, key: &[u8]) -> Exec {
+        let old = match self.core.latest(key) {
+            Latest::Known(old) => old.map(<[u8]>::to_vec),
+            Latest::InFlight => return Exec::WaitKey,
+        };
+        let Some(old) = old else {
+            self.enc.null(self.out);
+            return Exec::Done;
+        };
+        let delete = WriteOp {
+            kind: OpKind::Delete,
+            key: key.to_vec(),
+            value: Vec::new(),
+        };
+        self.submit(std::iter::once(delete), RespWriteReply::Bulk(Some(old)))
+    }
+
+    /// TTL, PTTL, EXPIRETIME, PEXPIRETIME: -2 absent, -1 no deadline, else the
+    /// time left (TTL rounds to the nearest second, as Redis) or the deadline.
+    fn ttl_reply(&self, key: &[u8], name: &str) -> i64 {
+        if self.core.store.get(key).is_none() {
+            return -2;
+        }
+        let Some(at) = self.core.store.deadline(key) else {
+            return -1;
+        };
+        let left = at.saturating_sub(self.core.store.now_ms());
+        let n = match name {
+            "ttl" => (left + 500) / 1000,
+            "pttl" => left,
+            "expiretime" => at / 1000,
+            _ => at,
+        };
+        i64::try_from(n).unwrap_or(i64::MAX)
+    }
+
+    /// EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT key n [NX|XX|GT|LT]: 1 if the deadline was set.
+    fn expire(&mut self, args: &[&[u8]], unit_ms: i64, absolute: bool) -> Exec {
+        let key = args[1];
+        if let Some(e) = self.key_error(key) {
+            return self.error(e);
+        }
+        let Some(n) = parse_i64(args[2]) else {
+            return self.error(NOT_AN_INTEGER);
+        };
+        let mut condition = None;
+        for option in &args[3..] {
+            let option = upper(option);
+            match (option.as_slice(), condition) {
+                (b"NX" | b"XX" | b"GT" | b"LT", None) => condition = Some(option),
+                (b"NX" | b"XX" | b"GT" | b"LT", Some(_)) => {
+                    return self.error(
+                        "ERR NX and XX, GT or LT options at the same time are not compatible",
+                    );
+                }
+                _ => {
+                    let option = text(&option);
+                    return self.error(&format!("ERR Unsupported option {option}"));
+                }
+            }
+        }
+        let Some(at) = self.deadline_of(n, unit_ms, absolute) else {
+            let name = args[0].to_ascii_lowercase();
+            let name = text(&name);
+            return self.error(&format!("ERR invalid expire time in '{name}' command"));
+        };
+        match self.core.settled_version(key) {
+            Settled::Undecided => return Exec::WaitKey,
+            Settled::Version(None) => return self.int(0),
+            Settled::Version(Some(_)) => {}
+        }
+        let current = self.core.store.deadline(key);
+        // No deadline counts as infinite for GT and LT, as in Redis.
+        let allowed = match condition.as_deref() {
+            Some(b"NX") => current.is_none(),
+            Some(b"XX") => current.is_some(),
+            Some(b"GT") => current.is_some_and(|c| at > c),
+            Some(b"LT") => current.is_none_or(|c| at < c),
+            _ => true,
+        };
+        if !allowed {
+            return self.int(0);
+        }
+        let op = if at <= self.core.store.now_ms() {
+            // A deadline in the past deletes the key, as Redis does.
+            WriteOp {
+                kind: OpKind::Delete,
+                key: key.to_vec(),
+                value: Vec::new(),
+            }
+        } else {
+            WriteOp::expire(key, Some(at))
+        };
+        self.submit(std::iter::once(op), RespWriteReply::Int(1))
+    }
+
+    /// PERSIST: 1 if a deadline was removed.
+    fn persist(&mut self, key: &[u8]) -> Exec {
+        match self.core.settled_version(key) {
+            Settled::Undecided => return Exec::WaitKey,
+            Settled::Version(None) => return self.int(0),
+            Settled::Version(Some(_)) => {}
+        }
+        if self.core.store.deadline(key).is_none() {
+            return self.int(0);
+        }
+        self.submit(
+            std::iter::once(WriteOp::expire(key, None)),
+            RespWriteReply::Int(1),
+        )
+    }
+
+    /// GETEX key [EX s|PX ms|EXAT t|PXAT t|PERSIST]: the value, the deadline changed.
+    fn getex(&mut self, args: &[&[u8]]) -> Exec {
+        let key = args[1];
+        let change = match args.len() {
+            2 => None,
+            3 if args[2].eq_ignore_ascii_case(b"persist") => Some(None),
+            4 => {
+                let option = upper(args[2]);
+                let (unit, absolute) = match option.as_slice() {
+                    b"EX" => (1000, false),
+                    b"PX" => (1, false),
+                    b"EXAT" => (1000, true),
+                    b"PXAT" => (1, true),
+                    _ => return self.error(SYNTAX),
+                };
+                let Some(n) = parse_i64(args[3]) else {
+                    return self.error(NOT_AN_INTEGER);
+                };
+                match self.deadline_of(n, unit, absolute) {
+                    Some(at) if n > 0 => Some(Some(at)),
+                    _ => return self.error("ERR invalid expire time in 'getex' command"),
+                }
+            }
+            _ => return self.error(SYNTAX),
+        };
+        let value = match self.core.settled_version(key) {
+            Settled::Undecided => return Exec::WaitKey,
+            Settled::Version(None) => None,
+            Settled::Version(Some(_)) => self.core.store.get(key).map(|(v, _)| v.to_vec()),
+        };
+        let (Some(value), Some(deadline)) = (value.as_deref(), change) else {
+            self.enc.opt_bulk(self.out, value.as_deref());
+            return Exec::Done;
+        };
+        if deadline.is_none() && self.core.store.deadline(key).is_none() {
+            self.enc.bulk(self.out, value);
+            return Exec::Done;
+        }
+        let op = WriteOp::expire(key, deadline);
+        self.submit(
+            std::iter::once(op),
+            RespWriteReply::Bulk(Some(value.to_vec())),
+        )
     }
 
     fn incr_by(&mut self, key: &[u8], by: i64) -> Exec {
@@ -1164,7 +1418,11 @@ impl Session<'_> {
                 "keyspace" if !core.store.is_empty() => {
                     line(
                         "db0",
-                        &format!("keys={},expires=0,avg_ttl=0", core.store.len()),
+                        &format!(
+                            "keys={},expires={},avg_ttl=0",
+                            core.store.len(),
+                            core.store.expiring()
+                        ),
                     );
                 }
                 _ => {}
@@ -1180,6 +1438,17 @@ enum SetMode {
     Always,
     IfAbsent,
     IfPresent,
+}
+
+/// The deadline a SET leaves its key with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    /// None: a SET clears any deadline (as in Redis).
+    None,
+    /// This deadline, unix ms (EX, PX, EXAT, PXAT).
+    At(u64),
+    /// The key's current one (KEEPTTL).
+    Keep,
 }
 
 /// How SET-like commands answer.
