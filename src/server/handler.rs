@@ -186,6 +186,14 @@ pub struct SlaveSummary {
     pub lag: u64,
 }
 
+/// A point in the batch to roll back to ([`Core::batch_mark`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchMark {
+    len: usize,
+    bytes: usize,
+    next_client_ref: u64,
+}
+
 /// Whether a key written by a pending write can be read from the current
 /// batch, or its latest value is in a transaction still in flight.
 #[derive(Debug, PartialEq, Eq)]
@@ -378,6 +386,13 @@ impl Core {
 
     /// The latest value of `key` on a master, counting writes not yet applied.
     pub fn latest(&self, key: &[u8]) -> Latest<'_> {
+        self.latest_with(key, false)
+    }
+
+    /// [`Core::latest`]; `settled_before_batch` says the caller knows that no
+    /// write of `key` outside the current batch is undecided (EXEC checked it),
+    /// so that a batch without a decisive write leaves the store's value.
+    pub fn latest_with(&self, key: &[u8], settled_before_batch: bool) -> Latest<'_> {
         let hash = self.key_hasher.hash_one(key);
         let pending_key = self
             .last_write
@@ -397,11 +412,33 @@ impl Core {
                 OpKind::Put => return Latest::Known(Some(&write.op.value)),
                 OpKind::PutExpiring => return Latest::Known(Some(write.op.stored_value())),
                 OpKind::Delete => return Latest::Known(None),
+                // A deadline change leaves the value as the writes before it made it.
+                OpKind::Expire => {}
                 // Its effect depends on what came before: let it be decided first.
-                OpKind::Update | OpKind::Expire => return Latest::InFlight,
+                OpKind::Update => return Latest::InFlight,
             }
         }
+        if settled_before_batch {
+            return Latest::Known(self.store.get(key).map(|(v, _)| v));
+        }
         Latest::InFlight
+    }
+
+    /// Where the batch and the reply handles stand now, to undo what follows.
+    pub fn batch_mark(&self) -> BatchMark {
+        BatchMark {
+            len: self.batch.len(),
+            bytes: self.batch_bytes,
+            next_client_ref: self.next_client_ref,
+        }
+    }
+
+    /// Take back every write submitted since `mark` (an EXEC that cannot run
+    /// whole). Their handles leave `waiting`, so their keys count as settled again.
+    pub fn rollback(&mut self, mark: BatchMark) {
+        self.batch.truncate(mark.len);
+        self.batch_bytes = mark.bytes;
+        self.waiting.retain(|c, _| c.0 < mark.next_client_ref);
     }
 
     /// The outcome of one write of `client` is known: the reply, once all its

@@ -10,6 +10,7 @@ mod connection;
 mod expiry;
 mod handler;
 mod limits;
+mod multi;
 mod peer;
 mod resp;
 mod stats;

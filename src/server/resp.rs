@@ -22,6 +22,7 @@ use crate::store::SHARDS;
 
 use super::connection::{Connection, MAX_PENDING_WRITES, OUTPUT_HIGH_WATER_BYTES, Stop};
 use super::handler::{Core, Latest, Mode, ReplyTarget, RespPending, RespWriteReply, Settled};
+use super::multi::{Conn, Intercept, MultiState, intercept};
 
 /// The Redis version dkvs reports (HELLO, INFO): the one whose replies it follows.
 const REDIS_VERSION: &str = "7.0.15";
@@ -41,6 +42,8 @@ pub struct RespConnection {
     scratch: Vec<u8>,
     /// CLIENT ID.
     id: u64,
+    /// WATCH and MULTI.
+    multi: MultiState,
 }
 
 impl RespConnection {
@@ -51,6 +54,7 @@ impl RespConnection {
             name: None,
             scratch: Vec::new(),
             id,
+            multi: MultiState::default(),
         }
     }
 }
@@ -67,16 +71,16 @@ enum Class {
 }
 
 /// One supported command, as COMMAND describes it.
-struct Spec {
+pub(super) struct Spec {
     /// Lower-case name, as Redis prints it in errors.
-    name: &'static str,
+    pub(super) name: &'static str,
     /// Redis arity: N exactly N arguments (with the name), -N at least N.
-    arity: i64,
+    pub(super) arity: i64,
     class: Class,
     /// COMMAND's flags.
     flags: &'static [&'static str],
     /// First key, last key (-1: the last argument), step; 0 0 0 without keys.
-    keys: (i64, i64, i64),
+    pub(super) keys: (i64, i64, i64),
 }
 
 const RO: &[&str] = &["readonly", "fast"];
@@ -120,6 +124,30 @@ const COMMANDS: &[Spec] = &[
     spec("role", 1, Class::Read, ADMIN, (0, 0, 0)),
     spec("dkvs.version", 2, Class::Read, RO, (1, 1, 1)),
     spec("getdel", 2, Class::Write, &["write", "fast"], (1, 1, 1)),
+    // Answered by `multi.rs` before `Session::run`; listed for COMMAND and the classes.
+    spec("multi", 1, Class::Free, &["fast", "allow_busy"], (0, 0, 0)),
+    spec("exec", 1, Class::Write, &["skip_slowlog"], (0, 0, 0)),
+    spec(
+        "discard",
+        1,
+        Class::Free,
+        &["fast", "allow_busy"],
+        (0, 0, 0),
+    ),
+    spec(
+        "watch",
+        -2,
+        Class::Read,
+        &["fast", "allow_busy"],
+        (1, -1, 1),
+    ),
+    spec(
+        "unwatch",
+        1,
+        Class::Free,
+        &["fast", "allow_busy"],
+        (0, 0, 0),
+    ),
     spec("expire", -3, Class::Write, &["write", "fast"], (1, 1, 1)),
     spec("pexpire", -3, Class::Write, &["write", "fast"], (1, 1, 1)),
     spec("expireat", -3, Class::Write, &["write", "fast"], (1, 1, 1)),
@@ -148,14 +176,14 @@ const fn spec(
     }
 }
 
-fn lookup(name: &[u8]) -> Option<&'static Spec> {
+pub(super) fn lookup(name: &[u8]) -> Option<&'static Spec> {
     COMMANDS
         .iter()
         .find(|s| s.name.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// What executing a command did.
-enum Exec {
+pub(super) enum Exec {
     /// The reply is written.
     Done,
     /// The writes joined the batch; the reply comes with their outcome.
@@ -183,6 +211,7 @@ impl Connection {
                 name,
                 scratch,
                 id,
+                multi,
             } = state;
             let (args, used) = match decode_command(buffered, max_bulk, scratch) {
                 Ok(RespDecoded::Command { args, used }) => (args, used),
@@ -226,13 +255,34 @@ impl Connection {
                 }
                 _ => {}
             }
-            // Replies that are ready while earlier writes are pending wait in line behind them.
-            let mut parked = Vec::new();
-            let out = if may_wait { &mut parked } else { output };
             let target = ReplyTarget::Tcp {
                 key: self.key,
                 conn_id: self.conn_id,
             };
+            let mut conn = Conn {
+                core: &mut *core,
+                enc: &mut *encoder,
+                name: &mut *name,
+                id: *id,
+                target,
+                pending: &mut self.pending,
+                output: &mut *output,
+            };
+            match intercept(multi, &mut conn, &args, spec) {
+                Intercept::Run => {}
+                Intercept::Answered => {
+                    core.resp_commands += 1;
+                    self.io.consume(used);
+                    continue;
+                }
+                Intercept::WaitKey => {
+                    core.key_waiters.push(self.key);
+                    return Stop::Waiting;
+                }
+            }
+            // Replies that are ready while earlier writes are pending wait in line behind them.
+            let mut parked = Vec::new();
+            let out = if may_wait { &mut parked } else { output };
             let mut session = Session {
                 core,
                 enc: encoder,
@@ -279,16 +329,24 @@ impl Connection {
 }
 
 /// What a command runs with.
-struct Session<'a> {
-    core: &'a mut Core,
-    enc: &'a mut Encoder,
-    name: &'a mut Option<Vec<u8>>,
-    id: u64,
-    target: ReplyTarget,
-    out: &'a mut Vec<u8>,
+pub(super) struct Session<'a> {
+    pub(super) core: &'a mut Core,
+    pub(super) enc: &'a mut Encoder,
+    pub(super) name: &'a mut Option<Vec<u8>>,
+    pub(super) id: u64,
+    pub(super) target: ReplyTarget,
+    pub(super) out: &'a mut Vec<u8>,
     /// Running a queued command of EXEC: every key it touches was settled when
-    /// EXEC started, so nothing may make it wait (see `exec`).
-    in_exec: bool,
+    /// EXEC started, so reads see the store plus this EXEC's earlier writes.
+    pub(super) in_exec: bool,
+}
+
+/// [`Session::read`], borrowing only the core (so the output stays writable).
+fn read_in<'c>(core: &'c Core, key: &[u8], in_exec: bool) -> Option<&'c [u8]> {
+    if in_exec && let Latest::Known(value) = core.latest_with(key, true) {
+        return value;
+    }
+    core.store.get(key).map(|(v, _)| v)
 }
 
 fn upper(arg: &[u8]) -> Vec<u8> {
@@ -399,7 +457,7 @@ impl Session<'_> {
         }
     }
 
-    fn run(&mut self, spec: &Spec, args: &[&[u8]]) -> Exec {
+    pub(super) fn run(&mut self, spec: &Spec, args: &[&[u8]]) -> Exec {
         let n = args.len() as i64;
         if (spec.arity > 0 && n != spec.arity) || (spec.arity < 0 && n < -spec.arity) {
             return self.wrong_arity(spec.name);
@@ -450,7 +508,7 @@ impl Session<'_> {
             "mget" => {
                 self.enc.array(self.out, args.len() - 1);
                 for key in &args[1..] {
-                    let value = self.core.store.get(key).map(|(v, _)| v);
+                    let value = read_in(self.core, key, self.in_exec);
                     self.enc.opt_bulk(self.out, value);
                 }
                 Exec::Done
@@ -471,10 +529,7 @@ impl Session<'_> {
                 self.submit(ops, RespWriteReply::Changed)
             }
             "exists" => {
-                let found = args[1..]
-                    .iter()
-                    .filter(|k| self.core.store.get(k).is_some())
-                    .count();
+                let found = args[1..].iter().filter(|k| self.read(k).is_some()).count();
                 self.int(found as i64)
             }
             "getset" => self.set_with(
@@ -583,9 +638,22 @@ impl Session<'_> {
     }
 
     fn get(&mut self, key: &[u8]) -> Exec {
-        let value = self.core.store.get(key).map(|(v, _)| v);
+        let value = read_in(self.core, key, self.in_exec);
         self.enc.opt_bulk(self.out, value);
         Exec::Done
+    }
+
+    /// The latest value of `key` for a read-modify-write command; inside EXEC,
+    /// counting the writes of the commands before it.
+    fn latest(&self, key: &[u8]) -> Latest<'_> {
+        self.core.latest_with(key, self.in_exec)
+    }
+
+    /// The value a read sees: the store's, or inside EXEC also the writes of
+    /// the commands before it (all in the current batch, none undecided
+    /// elsewhere: EXEC checked).
+    fn read(&self, key: &[u8]) -> Option<&[u8]> {
+        read_in(self.core, key, self.in_exec)
     }
 
     fn set(&mut self, args: &[&[u8]]) -> Exec {
@@ -681,7 +749,7 @@ impl Session<'_> {
             }
             _ => {}
         }
-        let old = match self.core.latest(key) {
+        let old = match self.latest(key) {
             Latest::Known(old) => old.map(<[u8]>::to_vec),
             Latest::InFlight => return Exec::WaitKey,
         };
@@ -711,7 +779,7 @@ impl Session<'_> {
 
     /// GETDEL: the value, and the key deleted.
     fn getdel(&mut self, key: &[u8]) -> Exec {
-        let old = match self.core.latest(key) {
+        let old = match self.latest(key) {
             Latest::Known(old) => old.map(<[u8]>::to_vec),
             Latest::InFlight => return Exec::WaitKey,
         };
@@ -871,7 +939,7 @@ impl Session<'_> {
         if let Some(e) = self.key_error(key) {
             return self.error(e);
         }
-        let current = match self.core.latest(key) {
+        let current = match self.latest(key) {
             Latest::Known(None) => 0,
             Latest::Known(Some(value)) => match parse_i64(value) {
                 Some(n) => n,
@@ -893,7 +961,7 @@ impl Session<'_> {
         if let Some(e) = self.key_error(key) {
             return self.error(e);
         }
-        let mut value = match self.core.latest(key) {
+        let mut value = match self.latest(key) {
             Latest::Known(old) => old.map(<[u8]>::to_vec).unwrap_or_default(),
             Latest::InFlight => return Exec::WaitKey,
         };
@@ -926,7 +994,7 @@ impl Session<'_> {
         }
         if only_if_none {
             for (key, _) in &pairs {
-                match self.core.latest(key) {
+                match self.latest(key) {
                     Latest::Known(None) => {}
                     Latest::Known(Some(_)) => return self.int(0),
                     Latest::InFlight => return Exec::WaitKey,
