@@ -599,10 +599,9 @@ fn redis_cli_drives_every_command() {
     assert!(cli(p, &["COMMAND", "COUNT"]).trim().parse::<u32>().is_ok());
     assert!(cli(p, &["-3", "HELLO", "3"]).contains("proto 3\n"));
     assert_eq!(cli(p, &["WAIT", "0", "0"]), "0\n");
-    assert_eq!(
-        cli(p, &["SET", "k", "v", "EX", "10"]),
-        "ERR expiry (EX, PX, EXAT, PXAT, KEEPTTL) is not supported by dkvs yet: keys do not expire\n\n"
-    );
+    assert_eq!(cli(p, &["SET", "k", "v", "EX", "100"]), "OK\n");
+    assert_eq!(cli(p, &["TTL", "k"]), "100\n");
+    assert_eq!(cli(p, &["PERSIST", "k"]), "1\n");
     assert_eq!(
         cli(p, &["NOSUCH", "x"]),
         "ERR unknown command 'NOSUCH', with args beginning with: 'x' \n\n"

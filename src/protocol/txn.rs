@@ -371,6 +371,30 @@ mod tests {
     }
 
     #[test]
+    fn the_example_of_protocol_md_4_3() {
+        let txn = Txn {
+            conditions: vec![Condition {
+                key: b"a",
+                check: Check::Version(5),
+            }],
+            writes: vec![
+                TxnWrite::Put {
+                    key: b"a",
+                    value: b"1",
+                },
+                TxnWrite::Delete { key: b"b" },
+            ],
+        };
+        let documented = "00 01 01 00 00 00 00 00 00 00 05 00 01 61 \
+                          00 02 01 00 01 00 00 00 01 61 31 02 00 01 00 00 00 00 62";
+        let documented: Vec<u8> = documented
+            .split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+            .collect();
+        assert_eq!(bytes(&txn), documented);
+    }
+
+    #[test]
     fn round_trips() {
         let txn = sample();
         let encoded = bytes(&txn);
