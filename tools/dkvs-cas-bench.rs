@@ -159,7 +159,7 @@ fn parse(value: &[u8]) -> Result<u64, String> {
         .ok_or_else(|| format!("counter holds {:?}, not a number", s(value)))
 }
 
-fn connect(args: &Args) -> Result<Box<dyn Counter>, String> {
+fn connect(args: &Args) -> Result<Box<dyn Counter + Send>, String> {
     Ok(match args.protocol {
         Protocol::Dkvs => {
             let config = ClientConfig {
@@ -193,7 +193,7 @@ struct Run {
 }
 
 fn worker(
-    mut counter: Box<dyn Counter>,
+    mut counter: Box<dyn Counter + Send>,
     index: u64,
     counters: u64,
     stop: &AtomicBool,
