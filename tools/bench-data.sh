@@ -61,10 +61,11 @@ for counters in 1 1000; do
 done
 
 echo "## 4-key transactions, 50 connections, $secs s each"
-load() { target/release/dkvs-load -q --connections 50 --get-ratio 0 --txn-keys 4 --keyspace 100000 --duration "$secs" "$@" | grep -E 'throughput|latency'; }
+load() { target/release/dkvs-load -q --connections 50 --get-ratio 0 --keyspace 100000 --duration "$secs" "$@" | grep -E 'throughput|latency'; }
 echo "Redis MULTI + 4 SET + EXEC:"
-load --protocol resp --port "$redis_port"
+load --protocol resp --port "$redis_port" --txn-keys 4
 echo "dkvs TXN of 4 PUTs:"
+load --port "$dkvs_port" --txn-keys 4
+echo "for reference, Redis SET and dkvs PUT of one key:"
+load --protocol resp --port "$redis_port"
 load --port "$dkvs_port"
-echo "dkvs plain PUT, for reference:"
-load --port "$dkvs_port" --txn-keys 1

@@ -184,8 +184,8 @@ impl Requests {
     fn replies(&self, kind: OpKind) -> u8 {
         let wait = u8::from(kind.is_write() && self.resp.waits() && !self.preloading);
         match (self.protocol, kind) {
-            // --txn-keys is at most 100, so this fits.
-            (Protocol::Resp, OpKind::Txn) => 2 * self.txn_keys as u8 + 2 + wait,
+            // +OK, N +QUEUED, EXEC's array (parsed whole); --txn-keys is at most 100.
+            (Protocol::Resp, OpKind::Txn) => self.txn_keys as u8 + 2 + wait,
             _ => 1 + wait,
         }
     }
@@ -1426,6 +1426,29 @@ mod tests {
             txn_keys: 1,
             scratch: Vec::new(),
             txn_key_bytes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_redis_transaction_expects_one_reply_per_queued_set_plus_two() {
+        let mut req = requests(0.0);
+        req.protocol = Protocol::Resp;
+        req.txn_keys = 4;
+        assert_eq!(req.replies(OpKind::Txn), 6, "+OK, 4 +QUEUED, EXEC's array");
+        let mut out = Vec::new();
+        req.encode(&mut out, OpKind::Txn, 99, 0);
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.starts_with("*1\r\n$5\r\nMULTI\r\n") && text.ends_with("*1\r\n$4\r\nEXEC\r\n")
+        );
+        // Four consecutive keys, wrapping at the keyspace (100).
+        for key in [
+            "key:000000000099",
+            "key:000000000000",
+            "key:000000000001",
+            "key:000000000002",
+        ] {
+            assert!(text.contains(key), "{key}");
         }
     }
 

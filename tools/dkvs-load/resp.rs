@@ -75,7 +75,7 @@ impl RespEncoder {
     }
 
     /// Append `MULTI`, a `SET` per key of `keys` (each with `value`), `EXEC`, plus `WAIT`
-    /// when configured; expects `2 * n + 2` replies (+OK, n +QUEUED, *n, n +OK), plus WAIT's.
+    /// when configured; expects `n + 2` replies (+OK, n +QUEUED, EXEC's array), plus WAIT's.
     pub fn txn<'k>(&self, out: &mut Vec<u8>, keys: impl Iterator<Item = &'k [u8]>, value: &[u8]) {
         out.extend_from_slice(b"*1\r\n$5\r\nMULTI\r\n");
         for key in keys {
