@@ -39,7 +39,11 @@ impl Core {
         if self.mode != Mode::Master || self.store.expiring() == 0 {
             return None;
         }
-        self.sweep_step();
+        if self.sweep_step() {
+            // Cut short with expired keys left: go on at the next turn, as
+            // Redis's active expiry repeats while it keeps finding them.
+            return Some(Duration::ZERO);
+        }
         Some(SWEEP_INTERVAL)
     }
 
@@ -64,10 +68,11 @@ impl Core {
         }
     }
 
-    /// Walk the next shards' keys with deadlines and delete those that passed.
-    fn sweep_step(&mut self) {
+    /// Walk the next shards' keys with deadlines and delete those that passed;
+    /// whether it stopped at its deletion bound (more may be due).
+    fn sweep_step(&mut self) -> bool {
         if self.write_refusal.is_some() {
-            return;
+            return false;
         }
         let now = self.store.now_ms();
         let mut examined = 0;
@@ -94,9 +99,11 @@ impl Core {
                 self.sweep_cursor = (shard + 1) % SHARDS;
             }
         }
+        let cut_short = due.len() >= SWEEP_DELETES_PER_TURN;
         if !due.is_empty() {
             self.submit_expired(due);
         }
+        cut_short
     }
 
     /// Submit the deletion of expired keys as one command nobody waits for.

@@ -370,6 +370,14 @@ impl Core {
     /// must wait: the master decides conditions against settled state only, so
     /// the plain writes it replicates apply to exactly the state it checked).
     pub fn settled_version(&self, key: &[u8]) -> Settled {
+        if self.undecided(key) {
+            return Settled::Undecided;
+        }
+        Settled::Version(self.store.get(key).map(|(_, version)| version))
+    }
+
+    /// Whether a write of `key` (or a FLUSHDB) handed out is not applied yet.
+    fn undecided(&self, key: &[u8]) -> bool {
         let hash = self.key_hasher.hash_one(key);
         let pending_key = self
             .last_write
@@ -378,10 +386,7 @@ impl Core {
         let pending_clear = self
             .last_clear
             .is_some_and(|c| self.waiting.contains_key(&c));
-        if pending_key || pending_clear {
-            return Settled::Undecided;
-        }
-        Settled::Version(self.store.get(key).map(|(_, version)| version))
+        pending_key || pending_clear
     }
 
     /// The latest value of `key` on a master, counting writes not yet applied.
@@ -393,15 +398,7 @@ impl Core {
     /// write of `key` outside the current batch is undecided (EXEC checked it),
     /// so that a batch without a decisive write leaves the store's value.
     pub fn latest_with(&self, key: &[u8], settled_before_batch: bool) -> Latest<'_> {
-        let hash = self.key_hasher.hash_one(key);
-        let pending_key = self
-            .last_write
-            .get(&hash)
-            .is_some_and(|c| self.waiting.contains_key(c));
-        let pending_clear = self
-            .last_clear
-            .is_some_and(|c| self.waiting.contains_key(&c));
-        if !pending_key && !pending_clear {
+        if !self.undecided(key) {
             return Latest::Known(self.store.get(key).map(|(v, _)| v));
         }
         // The current batch holds the newest writes; search it newest first.
