@@ -1162,6 +1162,7 @@ impl Session<'_> {
             b"RESETSTAT" => {
                 // The one statistic a measurement needs to start afresh (bench-expiry.py).
                 self.core.stats.longest_turn_us = 0;
+                self.core.stats.longest_sweep_us = 0;
                 self.ok()
             }
             _ => self.unknown_subcommand("config", args[1]),

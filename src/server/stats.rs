@@ -49,6 +49,8 @@ pub struct Stats {
     pub longest_turn_us: u64,
     /// Expired keys the master's sweep deleted (replicated deletions).
     pub expired_keys: u64,
+    /// Longest single step of the expiry sweep, microseconds.
+    pub longest_sweep_us: u64,
     /// Connections closed by the idle timeout.
     pub connections_closed_idle: u64,
     /// Connections closed because a frame took longer than the frame timeout to arrive.
@@ -80,6 +82,7 @@ impl Default for Stats {
             connections_refused: 0,
             longest_turn_us: 0,
             expired_keys: 0,
+            longest_sweep_us: 0,
             connections_closed_idle: 0,
             connections_closed_slow_frame: 0,
             input_budget: Rc::new(InputBudget::new(DEFAULT_INPUT_BUDGET_BYTES)),
@@ -151,6 +154,7 @@ impl Stats {
         line("longest_turn_us", &self.longest_turn_us);
         line("keys_with_deadline", &store.expiring());
         line("expired_keys", &self.expired_keys);
+        line("longest_sweep_us", &self.longest_sweep_us);
         line("connections_closed_idle", &self.connections_closed_idle);
         line(
             "connections_closed_slow_frame",
