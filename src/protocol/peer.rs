@@ -1209,3 +1209,60 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod expiry_op_tests {
+    use super::*;
+
+    fn encoded(ops: &[WriteOp]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_ops(&mut out, ops);
+        out
+    }
+
+    #[test]
+    fn deadline_ops_round_trip() {
+        let ops = vec![
+            WriteOp::put_expiring(b"k", b"value", 1_700_000_000_123),
+            WriteOp::expire(b"k", Some(5)),
+            WriteOp::expire(b"k", None),
+        ];
+        let bytes = encoded(&ops);
+        // PUT_EXPIRING: kind 5, key length 1, value length 8 + 5, the deadline first.
+        assert_eq!(&bytes[4..11], &[5, 0, 1, 0, 0, 0, 13]);
+        assert_eq!(&bytes[12..20], &1_700_000_000_123u64.to_be_bytes());
+        let decoded = decode_ops_exact(&bytes).expect("decodes");
+        assert_eq!(&decoded[..], &ops[..]);
+        assert_eq!(decoded[0].deadline_ms(), 1_700_000_000_123);
+        assert_eq!(decoded[0].stored_value(), b"value");
+        assert_eq!((decoded[1].deadline_ms(), decoded[2].deadline_ms()), (5, 0));
+    }
+
+    #[test]
+    fn deadline_ops_with_the_wrong_length_or_a_zero_deadline_are_refused() {
+        let bad = [
+            WriteOp {
+                kind: OpKind::PutExpiring,
+                key: b"k".to_vec(),
+                value: vec![0; 7],
+            },
+            WriteOp {
+                kind: OpKind::PutExpiring,
+                key: b"k".to_vec(),
+                value: vec![0; 8],
+            },
+            WriteOp {
+                kind: OpKind::Expire,
+                key: b"k".to_vec(),
+                value: vec![0; 9],
+            },
+        ];
+        for op in bad {
+            let bytes = encoded(std::slice::from_ref(&op));
+            assert!(
+                matches!(decode_ops_exact(&bytes), Err(PeerError::BadTag { .. })),
+                "{op:?}"
+            );
+        }
+    }
+}

@@ -404,3 +404,56 @@ fn version_mismatch_is_status_12() {
     assert_eq!(Status::VersionMismatch.name(), "VERSION_MISMATCH");
     assert_eq!(Opcode::from_u8(7), Some(Opcode::Txn));
 }
+
+#[test]
+fn putex_expire_and_ttl_are_validated() {
+    let decoded = |op: Opcode, key: &[u8], value: &[u8]| {
+        let bytes = request_bytes(op, 1, key, value);
+        let frame = decode_datagram(&bytes, MAX).expect("frame");
+        Request::from_frame(&frame).map(|r| format!("{r:?}"))
+    };
+    let mut putex = 77u64.to_be_bytes().to_vec();
+    putex.extend_from_slice(b"val");
+    assert_eq!(
+        decoded(Opcode::PutExpiring, b"k", &putex),
+        Ok(format!(
+            "{:?}",
+            Request::PutExpiring {
+                key: b"k",
+                value: b"val",
+                deadline_ms: 77,
+                expect: 0
+            }
+        ))
+    );
+    assert_eq!(
+        decoded(Opcode::Expire, b"k", &0u64.to_be_bytes()),
+        Ok(format!(
+            "{:?}",
+            Request::Expire {
+                key: b"k",
+                deadline_ms: None,
+                expect: 0
+            }
+        ))
+    );
+    assert_eq!(
+        decoded(Opcode::Ttl, b"k", b""),
+        Ok(format!("{:?}", Request::Ttl { key: b"k" }))
+    );
+    for (op, value) in [
+        (Opcode::PutExpiring, &[0u8; 7][..]),
+        (Opcode::PutExpiring, &[0u8; 8][..]),
+        (Opcode::Expire, &[0u8; 9][..]),
+        (Opcode::Expire, &[][..]),
+    ] {
+        let err = decoded(op, b"k", value).unwrap_err();
+        assert_eq!(err, ProtocolError::BadDeadline, "{op:?} {value:?}");
+        assert_eq!(err.status(), Status::InvalidArgument);
+    }
+    assert_eq!(
+        decoded(Opcode::Ttl, b"k", b"x"),
+        Err(ProtocolError::UnexpectedValue)
+    );
+    assert_eq!(decoded(Opcode::Ttl, b"", b""), Err(ProtocolError::EmptyKey));
+}
