@@ -836,6 +836,34 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_key_still_held_is_absent_to_writes_and_its_deletion_is_submitted() {
+        let mut core = Core::new(1 << 20, Mode::Master);
+        core.store.set(b"k", b"v", 3);
+        core.store.set_deadline(b"k", Some(100));
+        core.store.set_now_ms(100);
+        let mut out = Vec::new();
+        let update = Request::Update {
+            key: b"k",
+            value: b"w",
+            expect: 0,
+        };
+        assert_eq!(core.execute(update, 1, TARGET, &mut out), Outcome::Answered);
+        assert_eq!(answer(&out), (Status::NotFound as u8, 0));
+        // The master replicates the deletion (nobody waits for it)...
+        let batch = core.take_batch();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(
+            (batch[0].op.kind, &batch[0].op.key[..]),
+            (OpKind::Delete, &b"k"[..])
+        );
+        // ...and, until it is decided, a compare-and-set on the key waits for it.
+        assert_eq!(
+            core.execute(put(b"k", EXPECT_ABSENT), 2, TARGET, &mut out),
+            Outcome::WaitKey
+        );
+    }
+
+    #[test]
     fn a_slave_redirects_cas_and_txn() {
         let mut core = Core::new(
             1 << 20,

@@ -514,9 +514,11 @@ impl Session<'_> {
                 Exec::Done
             }
             "del" => {
+                // An expired key still held is already absent: DEL does not count it
+                // (the master's expiry deletes it).
                 let ops: Vec<WriteOp> = args[1..]
                     .iter()
-                    .filter(|k| self.key_error(k).is_none())
+                    .filter(|k| self.key_error(k).is_none() && !self.core.expired_but_held(k))
                     .map(|k| WriteOp {
                         kind: OpKind::Delete,
                         key: k.to_vec(),
@@ -738,7 +740,11 @@ impl Session<'_> {
                     RespWriteReply::Ok,
                 );
             }
-            (SetMode::IfPresent, SetReply::OkOrNull) if deadline.is_none() && !self.in_exec => {
+            // An expired key the master still holds is absent to SET XX: the
+            // read-modify-write path below sees it so; an UPDATE would revive it.
+            (SetMode::IfPresent, SetReply::OkOrNull)
+                if deadline.is_none() && !self.in_exec && !self.core.expired_but_held(key) =>
+            {
                 // UPDATE is conditional on every replica alike: no read needed.
                 let update = WriteOp {
                     kind: OpKind::Update,
