@@ -21,15 +21,8 @@ while getopts "d:s:" opt; do
     esac
 done
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=tools/bench-lib.sh
+source tools/bench-lib.sh
 ready_port() { # the port in a dkvs ready line, once it is there
     for _ in $(seq 100); do
         grep -q ready "$1" 2>/dev/null && break
