@@ -1,7 +1,8 @@
 //! `dkvs-cas-bench`: compare-and-set increments of shared counters from many
-//! connections, against dkvs (GET, then PUT with the expected version) or Redis
-//! (WATCH + GET, then MULTI, SET, EXEC), with the same client code around both:
-//! two round trips per attempt on each side, retried until the write commits.
+//! connections, against dkvs (GET, then PUT with the expected version), Redis
+//! (WATCH + GET, then MULTI, SET, EXEC) or etcd (range, then a txn comparing the
+//! mod_revision), with the same client code around all three: two round trips
+//! per attempt on each side, retried until the write commits.
 //!
 //! Prints one line per run: committed increments per second, attempts per
 //! increment, and the latency of an increment (retries included) p50/p99/max.
@@ -24,6 +25,9 @@ enum Protocol {
     Dkvs,
     /// Redis protocol: WATCH + GET, then MULTI, SET, EXEC (nil: retry).
     Resp,
+    /// etcd v3 over its JSON gateway: range, then a txn comparing the key's
+    /// mod_revision with the one read (0: absent) that puts on success.
+    Etcd,
 }
 
 /// CAS increments from many connections.
@@ -148,6 +152,149 @@ impl Counter for RespCounter {
     }
 }
 
+/// etcd's v3 JSON gateway over one HTTP/1.1 keep-alive connection.
+struct EtcdCounter {
+    reader: BufReader<TcpStream>,
+    line: Vec<u8>,
+}
+
+impl EtcdCounter {
+    /// POST `body` to `path` and return the response body.
+    fn post(&mut self, path: &str, body: &str) -> Result<String, String> {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: etcd\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let io = |e: std::io::Error| e.to_string();
+        self.reader
+            .get_mut()
+            .write_all(request.as_bytes())
+            .map_err(io)?;
+        let mut length = None;
+        let mut chunked = false;
+        loop {
+            self.line.clear();
+            if self.reader.read_until(b'\n', &mut self.line).map_err(io)? == 0 {
+                return Err("etcd closed the connection".into());
+            }
+            let header = s(&self.line).trim().to_ascii_lowercase();
+            if header.is_empty() {
+                break;
+            }
+            if let Some(n) = header.strip_prefix("content-length:") {
+                length = n.trim().parse::<usize>().ok();
+            }
+            chunked |= header == "transfer-encoding: chunked";
+        }
+        let mut body = Vec::new();
+        if chunked {
+            loop {
+                self.line.clear();
+                self.reader.read_until(b'\n', &mut self.line).map_err(io)?;
+                let size =
+                    usize::from_str_radix(s(&self.line).trim(), 16).map_err(|e| e.to_string())?;
+                if size > 1 << 20 {
+                    return Err(format!("etcd chunk of {size} bytes"));
+                }
+                let mut chunk = vec![0; size + 2];
+                std::io::Read::read_exact(&mut self.reader, &mut chunk).map_err(io)?;
+                if size == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..size]);
+            }
+        } else {
+            let length = length.ok_or("etcd reply without a length")?;
+            if length > 1 << 20 {
+                return Err(format!("etcd reply of {length} bytes"));
+            }
+            body.resize(length, 0);
+            std::io::Read::read_exact(&mut self.reader, &mut body).map_err(io)?;
+        }
+        Ok(s(&body))
+    }
+}
+
+/// The string value of `"name":"..."` in a flat JSON text.
+fn json_field<'a>(json: &'a str, name: &str) -> Option<&'a str> {
+    let start = json.find(&format!("\"{name}\":\""))? + name.len() + 4;
+    let end = json[start..].find('"')? + start;
+    Some(&json[start..end])
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn b64(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(B64[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn unb64(text: &str) -> Result<Vec<u8>, String> {
+    let digits: Vec<u32> = text
+        .bytes()
+        .filter(|&c| c != b'=')
+        .map(|c| B64.iter().position(|&d| d == c).map(|p| p as u32))
+        .collect::<Option<_>>()
+        .ok_or_else(|| format!("bad base64 {text:?}"))?;
+    let mut out = Vec::new();
+    for chunk in digits.chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &d)| n | d << (18 - 6 * i));
+        for i in 0..chunk.len().saturating_sub(1) {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    Ok(out)
+}
+
+impl Counter for EtcdCounter {
+    fn read(&mut self, key: &[u8]) -> Result<(u64, u64), String> {
+        let reply = self.post("/v3/kv/range", &format!("{{\"key\":\"{}\"}}", b64(key)))?;
+        let found = (
+            json_field(&reply, "value"),
+            json_field(&reply, "mod_revision"),
+        );
+        let (Some(value), Some(revision)) = found else {
+            return Ok((0, 0));
+        };
+        let revision = revision
+            .parse()
+            .map_err(|_| format!("bad mod_revision in {reply}"))?;
+        Ok((parse(&unb64(value)?)?, revision))
+    }
+
+    fn write(&mut self, key: &[u8], value: u64, revision: u64) -> Result<bool, String> {
+        let (key, value) = (b64(key), b64(value.to_string().as_bytes()));
+        // A key that does not exist compares as mod_revision 0.
+        let body = format!(
+            "{{\"compare\":[{{\"key\":\"{key}\",\"target\":\"MOD\",\"result\":\"EQUAL\",\
+             \"mod_revision\":\"{revision}\"}}],\"success\":[{{\"request_put\":{{\"key\":\"{key}\",\
+             \"value\":\"{value}\"}}}}]}}"
+        );
+        let reply = self.post("/v3/kv/txn", &body)?;
+        if !reply.contains("\"header\"") {
+            return Err(format!("etcd txn answered {reply}"));
+        }
+        Ok(reply.contains("\"succeeded\":true"))
+    }
+}
+
 fn s(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -157,6 +304,17 @@ fn parse(value: &[u8]) -> Result<u64, String> {
         .ok()
         .and_then(|t| t.parse().ok())
         .ok_or_else(|| format!("counter holds {:?}, not a number", s(value)))
+}
+
+/// A TCP stream for the text protocols, with Nagle off and a read timeout.
+fn tcp(args: &Args) -> Result<BufReader<TcpStream>, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let stream = TcpStream::connect((args.host.as_str(), args.port)).map_err(io)?;
+    stream.set_nodelay(true).map_err(io)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
+    Ok(BufReader::new(stream))
 }
 
 fn connect(args: &Args) -> Result<Box<dyn Counter + Send>, String> {
@@ -170,18 +328,14 @@ fn connect(args: &Args) -> Result<Box<dyn Counter + Send>, String> {
                 Client::connect(&args.host, args.port, config).map_err(|e| e.to_string())?;
             Box::new(DkvsCounter(client))
         }
-        Protocol::Resp => {
-            let stream =
-                TcpStream::connect((args.host.as_str(), args.port)).map_err(|e| e.to_string())?;
-            stream.set_nodelay(true).map_err(|e| e.to_string())?;
-            stream
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .map_err(|e| e.to_string())?;
-            Box::new(RespCounter {
-                reader: BufReader::new(stream),
-                line: Vec::new(),
-            })
-        }
+        Protocol::Resp => Box::new(RespCounter {
+            reader: tcp(args)?,
+            line: Vec::new(),
+        }),
+        Protocol::Etcd => Box::new(EtcdCounter {
+            reader: tcp(args)?,
+            line: Vec::new(),
+        }),
     })
 }
 
@@ -281,4 +435,26 @@ fn main() -> std::process::ExitCode {
         h.max()
     );
     std::process::ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_round_trips() {
+        for text in [&b""[..], b"f", b"fo", b"foo", b"foob", b"cas:17", b"12345"] {
+            assert_eq!(unb64(&b64(text)).expect("decodes"), text);
+        }
+        assert_eq!(b64(b"foo"), "Zm9v");
+        assert_eq!(b64(b"fo"), "Zm8=");
+    }
+
+    #[test]
+    fn json_fields_are_found() {
+        let reply = r#"{"kvs":[{"key":"YQ==","mod_revision":"7","value":"MTI="}]}"#;
+        assert_eq!(json_field(reply, "mod_revision"), Some("7"));
+        assert_eq!(json_field(reply, "value"), Some("MTI="));
+        assert_eq!(json_field(reply, "nope"), None);
+    }
 }
