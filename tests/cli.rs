@@ -244,3 +244,84 @@ fn server_logs_to_a_file_at_debug_level() {
     assert!(text.contains("ready"), "{text}");
     assert!(text.contains("connected"), "debug lines are logged: {text}");
 }
+
+/// The version `OK version N` names.
+fn version_of(out: &Output) -> String {
+    let text = stdout(out);
+    text.trim()
+        .strip_prefix("OK version ")
+        .unwrap_or_else(|| panic!("not an OK line: {text:?} {}", stderr(out)))
+        .to_string()
+}
+
+#[test]
+fn compare_and_set_transactions_and_expiry_from_the_command_line() {
+    let server = ServerProcess::start(&[]);
+    let v1 = version_of(&client(&server, &["put", "c", "1"]));
+    let out = client(&server, &["get", "-V", "c"]);
+    assert_eq!(stdout(&out), format!("1\nversion {v1}\n"));
+    let v2 = version_of(&client(&server, &["put", "--if-version", &v1, "c", "2"]));
+    let out = client(&server, &["put", "--if-version", &v1, "c", "3"]);
+    assert_eq!(code(&out), 4, "a stale version exits 4");
+    assert!(
+        stderr(&out).contains(&format!("version {v2}")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(code(&client(&server, &["put", "--if-absent", "c", "x"])), 4);
+    assert_eq!(
+        code(&client(&server, &["put", "--if-absent", "new", "x"])),
+        0
+    );
+    assert_eq!(code(&client(&server, &["delete", "--if-absent", "c"])), 2);
+    // A transaction: all its writes, or none of them.
+    let cond = [
+        "txn", "if", "c", "version", &v2, "if", "d", "absent", "then",
+    ];
+    let out = client(
+        &server,
+        &[
+            &cond[..],
+            &["put", "c", "10", "put", "d", "20", "delete", "new"],
+        ]
+        .concat(),
+    );
+    let vt = version_of(&out);
+    assert_eq!(
+        stdout(&client(&server, &["get", "-V", "d"])),
+        format!("20\nversion {vt}\n")
+    );
+    let out = client(&server, &[&cond[..], &["put", "c", "99"]].concat());
+    assert_eq!(code(&out), 4);
+    assert!(
+        stderr(&out).contains("condition 1 (if c version"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stdout(&client(&server, &["get", "c"])), "10\n");
+    assert_eq!(code(&client(&server, &["get", "new"])), 1);
+    for bad in [
+        &["txn", "if", "c"][..],
+        &["txn", "frob"],
+        &["txn", "put", "k"],
+    ] {
+        assert_eq!(code(&client(&server, bad)), 2, "{bad:?}");
+    }
+    // Expiry.
+    assert_eq!(
+        code(&client(&server, &["put", "--ttl-ms", "60000", "s", "v"])),
+        0
+    );
+    let left: u64 = stdout(&client(&server, &["ttl", "s"]))
+        .trim()
+        .parse()
+        .expect("ms");
+    assert!(left > 50_000 && left <= 60_000, "{left}");
+    assert_eq!(code(&client(&server, &["persist", "s"])), 0);
+    assert_eq!(stdout(&client(&server, &["ttl", "s"])), "-1\n");
+    assert_eq!(code(&client(&server, &["ttl", "nope"])), 1);
+    assert_eq!(code(&client(&server, &["expire", "s", "1"])), 0);
+    common::wait_until("s expired", std::time::Duration::from_secs(10), || {
+        code(&client(&server, &["get", "s"])) == 1
+    });
+}

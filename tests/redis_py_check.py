@@ -71,9 +71,32 @@ def commands(port, protocol):
     expect("set xx existing", r.set("k2", "x", xx=True), True)
     expect("set get", r.set("k2", "y", get=True), b"x")
     expect("set nx get", r.set("k2", "z", nx=True, get=True), b"y")
-    expect_error("set ex", lambda: r.set("k", "v", ex=10), "not supported by dkvs")
-    expect_error("set px", lambda: r.set("k", "v", px=10), "not supported by dkvs")
-    expect_error("set keepttl", lambda: r.set("k", "v", keepttl=True), "not supported by dkvs")
+    expect("set ex", r.set("k", "v", ex=100), True)
+    expect("ttl", r.ttl("k"), 100)
+    expect("set px keeps nothing else", r.set("k", "v", px=200000), True)
+    expect("set keepttl", r.set("k", "v", keepttl=True), True)
+    expect("ttl kept", r.ttl("k"), 200)
+    expect("persist", r.persist("k"), True)
+    expect("ttl none", r.ttl("k"), -1)
+    expect("getdel missing", r.getdel("nope"), None)
+    # MULTI/EXEC through redis-py's transaction pipeline, and WATCH.
+    with r.pipeline(transaction=True) as tx:
+        tx.set("tx1", "a")
+        tx.incr("tx2")
+        tx.get("tx1")
+        expect("multi/exec", tx.execute(), [True, 1, b"a"])
+    with r.pipeline() as tx:
+        tx.watch("tx1")
+        r.set("tx1", "changed")
+        tx.multi()
+        tx.set("tx1", "b")
+        try:
+            tx.execute()
+            raise AssertionError("exec after a watched key changed: no WatchError")
+        except redis.WatchError:
+            pass
+    expect("watched key kept", r.get("tx1"), b"changed")
+    expect("tx cleanup", r.delete("tx1", "tx2"), 2)
     expect("getset", r.getset("k", "v2"), b"v")
     expect("getset new", r.getset("gs", "1"), None)
     expect("setnx", r.setnx("k", "x"), False)

@@ -330,6 +330,154 @@ const SAME_AS_REDIS_RESP3: &[&str] = &[
     "NOSUCH x",
     "INCR k",
     "DEL k",
+    "WATCH w",
+    "SET w 1",
+    "MULTI",
+    "GET w",
+    "EXEC",
+    "MULTI",
+    "GET w",
+    "GET nope",
+    "EXEC",
+];
+
+/// Expiry commands whose replies do not depend on timing (TTLs of 100 s and more
+/// are read well within a second), and GETDEL.
+const SAME_AS_REDIS_EXPIRY: &[&str] = &[
+    "FLUSHALL",
+    "SET k v EX 100",
+    "TTL k",
+    "SET k v PX 100000",
+    "TTL k",
+    "SET k v EXAT 99999999999",
+    "EXPIRETIME k",
+    "SET k v PXAT 99999999999000",
+    "PEXPIRETIME k",
+    "SET k w KEEPTTL",
+    "EXPIRETIME k",
+    "SET k x",
+    "TTL k",
+    "TTL nope",
+    "PTTL k",
+    "SET k v EX 0",
+    "SET k v EX -1",
+    "SET k v EX x",
+    "SET k v EX",
+    "SET k v EX 10 PX 10",
+    "SET k v KEEPTTL EX 10",
+    "SET k2 v NX EX 100",
+    "TTL k2",
+    "SET k2 v XX EX 200 GET",
+    "TTL k2",
+    "EXPIRE k 100",
+    "TTL k",
+    "EXPIRE k 50 GT",
+    "EXPIRE k 200 GT",
+    "TTL k",
+    "EXPIRE k 300 LT",
+    "EXPIRE k 10 NX",
+    "EXPIRE k 10 XX",
+    "TTL k",
+    "EXPIRE k 10 NX XX",
+    "EXPIRE k 10 BOGUS",
+    "EXPIRE k x",
+    "EXPIRE nope 10",
+    "PEXPIRE k 100000",
+    "TTL k",
+    "EXPIREAT k 99999999999",
+    "EXPIRETIME k",
+    "PEXPIREAT k 99999999999000",
+    "PEXPIRETIME k",
+    "PERSIST k",
+    "PERSIST k",
+    "TTL k",
+    "PERSIST nope",
+    "GETEX k EX 100",
+    "TTL k",
+    "GETEX k PERSIST",
+    "TTL k",
+    "GETEX k",
+    "GETEX nope EX 10",
+    "GETEX k EX 0",
+    "GETEX k BOGUS 1",
+    "EXPIRE k -1",
+    "EXISTS k",
+    "SET d 1",
+    "GETDEL d",
+    "GETDEL d",
+    "EXISTS d",
+];
+
+/// WATCH, MULTI, EXEC, DISCARD on one connection (its own writes change watched keys too).
+const SAME_AS_REDIS_MULTI: &[&str] = &[
+    "FLUSHALL",
+    "MULTI",
+    "SET a 1",
+    "INCR a",
+    "GET a",
+    "MGET a nope",
+    "EXISTS a nope",
+    "DEL nope",
+    "APPEND s x",
+    "APPEND s y",
+    "EXEC",
+    "GET a",
+    "GET s",
+    "MULTI",
+    "MULTI",
+    "DISCARD",
+    "DISCARD",
+    "EXEC",
+    "WATCH a",
+    "SET a 5",
+    "MULTI",
+    "INCR a",
+    "EXEC",
+    "GET a",
+    "WATCH a",
+    "MULTI",
+    "INCR a",
+    "EXEC",
+    "GET a",
+    "MULTI",
+    "NOSUCH",
+    "SET a 9",
+    "EXEC",
+    "GET a",
+    "MULTI",
+    "SET a",
+    "EXEC",
+    "WATCH nope",
+    "MULTI",
+    "SET nope 1",
+    "EXEC",
+    "GET nope",
+    "UNWATCH",
+    "MULTI",
+    "WATCH x",
+    "EXEC",
+    "MULTI",
+    "SET x 1 EX 100",
+    "SET y 2 GET",
+    "GETDEL nope",
+    "SET a 10 XX",
+    "INCR a",
+    "EXEC",
+    "TTL x",
+    "GET a",
+    "MULTI",
+    "EXPIRE a 100",
+    "GET a",
+    "EXEC",
+    "TTL a",
+    "WATCH a b",
+    "UNWATCH",
+    "SET a 1",
+    "MULTI",
+    "GET a",
+    "EXEC",
+    "MULTI",
+    "EXEC",
 ];
 
 fn compare_with_redis(commands: &[&str], hello3: bool) {
@@ -350,6 +498,16 @@ fn compare_with_redis(commands: &[&str], hello3: bool) {
             "reply to {line:?} (hello3: {hello3})"
         );
     }
+}
+
+#[test]
+fn multi_exec_replies_are_redis_byte_for_byte() {
+    compare_with_redis(SAME_AS_REDIS_MULTI, false);
+}
+
+#[test]
+fn expiry_replies_are_redis_byte_for_byte() {
+    compare_with_redis(SAME_AS_REDIS_EXPIRY, false);
 }
 
 #[test]
@@ -441,10 +599,9 @@ fn redis_cli_drives_every_command() {
     assert!(cli(p, &["COMMAND", "COUNT"]).trim().parse::<u32>().is_ok());
     assert!(cli(p, &["-3", "HELLO", "3"]).contains("proto 3\n"));
     assert_eq!(cli(p, &["WAIT", "0", "0"]), "0\n");
-    assert_eq!(
-        cli(p, &["SET", "k", "v", "EX", "10"]),
-        "ERR expiry (EX, PX, EXAT, PXAT, KEEPTTL) is not supported by dkvs yet: keys do not expire\n\n"
-    );
+    assert_eq!(cli(p, &["SET", "k", "v", "EX", "100"]), "OK\n");
+    assert_eq!(cli(p, &["TTL", "k"]), "100\n");
+    assert_eq!(cli(p, &["PERSIST", "k"]), "1\n");
     assert_eq!(
         cli(p, &["NOSUCH", "x"]),
         "ERR unknown command 'NOSUCH', with args beginning with: 'x' \n\n"
@@ -680,4 +837,88 @@ fn concurrent_incrs_lose_nothing_with_and_without_slaves() {
         cli(slave.port, &["GET", "shared"]) == "8000\n"
     });
     assert_eq!(cli(master.port, &["APPEND", "shared", "x"]), "5\n");
+}
+
+/// One WATCH/GET/MULTI/SET/EXEC increment of `key`, retried while EXEC answers nil.
+fn watch_increment(raw: &mut Raw, key: &[u8]) -> usize {
+    for attempt in 1..=100_000 {
+        assert_eq!(raw.call(&[b"WATCH", key]), b"+OK\r\n");
+        let reply = raw.call(&[b"GET", key]);
+        let text = String::from_utf8_lossy(&reply).into_owned();
+        let n: i64 = match text.split("\r\n").nth(1) {
+            Some(v) if text.starts_with('$') && !text.starts_with("$-1") => {
+                v.parse().expect("a number")
+            }
+            _ => 0,
+        };
+        assert_eq!(raw.call(&[b"MULTI"]), b"+OK\r\n");
+        let next = (n + 1).to_string();
+        assert_eq!(raw.call(&[b"SET", key, next.as_bytes()]), b"+QUEUED\r\n");
+        match raw.call(&[b"EXEC"]).as_slice() {
+            b"*-1\r\n" => continue,
+            b"*1\r\n+OK\r\n" => return attempt,
+            other => panic!("EXEC answered {:?}", String::from_utf8_lossy(other)),
+        }
+    }
+    panic!("no WATCH increment committed");
+}
+
+#[test]
+fn watch_multi_exec_increments_lose_nothing_and_reach_the_slaves() {
+    const CLIENTS: usize = 8;
+    const EACH: usize = 25;
+    let master = ServerProcess::start(&["--fsync", "never"]);
+    let slave = ServerProcess::start_slave(&master, &["--fsync", "never"]);
+    wait_until("slave in sync", Duration::from_secs(20), || {
+        master.stats().num("slaves_in_sync") == 1
+    });
+    let port = master.port;
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut raw = Raw::connect(port);
+                (0..EACH)
+                    .map(|_| watch_increment(&mut raw, b"ctr"))
+                    .sum::<usize>()
+            })
+        })
+        .collect();
+    let attempts: usize = threads.into_iter().map(|t| t.join().expect("thread")).sum();
+    let want = format!(
+        "${}\r\n{}\r\n",
+        (CLIENTS * EACH).to_string().len(),
+        CLIENTS * EACH
+    );
+    let mut raw = Raw::connect(port);
+    assert_eq!(
+        String::from_utf8_lossy(&raw.call(&[b"GET", b"ctr"])),
+        want,
+        "{attempts} attempts"
+    );
+    // A MULTI of several keys reaches the slave whole.
+    raw.call(&[b"MULTI"]);
+    for key in [&b"t1"[..], b"t2", b"t3", b"t4"] {
+        raw.call(&[b"SET", key, b"v"]);
+    }
+    let exec = raw.call(&[b"EXEC"]);
+    assert_eq!(exec, b"*4\r\n+OK\r\n+OK\r\n+OK\r\n+OK\r\n");
+    let target = master.stats().num("commit_seq");
+    wait_until("slave caught up", Duration::from_secs(20), || {
+        slave.stats().num("commit_seq") >= target
+    });
+    let mut on_slave = Raw::connect(slave.port);
+    assert_eq!(
+        String::from_utf8_lossy(&on_slave.call(&[b"GET", b"ctr"])),
+        want
+    );
+    let versions: Vec<Vec<u8>> = [&b"t1"[..], b"t2", b"t3", b"t4"]
+        .iter()
+        .map(|k| on_slave.call(&[b"DKVS.VERSION", k]))
+        .collect();
+    assert!(
+        versions
+            .iter()
+            .all(|v| v == &versions[0] && v.starts_with(b":")),
+        "{versions:?}"
+    );
 }

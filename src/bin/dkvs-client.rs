@@ -1,17 +1,21 @@
 //! `dkvs-client`: one request to a dkvs server from the command line.
 //!
-//! Exit status: 0 success, 1 key not found, 2 usage error, 3 server or network error.
+//! Exit status: 0 success, 1 key not found, 2 usage error, 3 server or network error,
+//! 4 a compare-and-set or transaction condition did not hold (nothing written).
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use dkvs::client::{Client, ClientConfig, ClientError, Transport};
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use dkvs::client::{Cas, Client, ClientConfig, ClientError, Transport, TxnOutcome};
+use dkvs::protocol::txn::{Check, Condition, MAX_TXN_CONDITIONS, MAX_TXN_WRITES, Txn, TxnWrite};
+use dkvs::protocol::{EXPECT_ABSENT, Opcode};
 
 const EXIT_NOT_FOUND: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 const EXIT_FAILURE: u8 = 3;
+const EXIT_CONDITION_FAILED: u8 = 4;
 
 /// Command-line client for dkvs.
 ///
@@ -23,7 +27,8 @@ const EXIT_FAILURE: u8 = 3;
     name = "dkvs-client",
     version,
     about,
-    after_help = "Exit status: 0 success, 1 key not found, 2 usage error, 3 server or network error."
+    after_help = "Exit status: 0 success, 1 key not found, 2 usage error, 3 server or network error, \
+                  4 a condition did not hold (--if-version, --if-absent, txn): nothing written."
 )]
 struct Args {
     /// Server host, or several servers of a cluster as `host[:port],host[:port],…`
@@ -63,20 +68,93 @@ struct Args {
     command: Option<Command>,
 }
 
+/// Compare-and-set: write only if the key's version is as expected.
+#[derive(ClapArgs, Debug, Clone, Default)]
+struct Expect {
+    /// Write only if KEY exists with exactly this version (as `get -V` prints it).
+    #[arg(long = "if-version", value_name = "VERSION",
+          value_parser = clap::value_parser!(u64).range(1..u64::MAX),
+          conflicts_with = "if_absent")]
+    if_version: Option<u64>,
+    /// Write only if KEY does not exist (put only).
+    #[arg(long = "if-absent")]
+    if_absent: bool,
+}
+
+impl Expect {
+    /// The header's expected version: 0 none, EXPECT_ABSENT, or the version.
+    fn version(&self) -> u64 {
+        if self.if_absent {
+            EXPECT_ABSENT
+        } else {
+            self.if_version.unwrap_or(0)
+        }
+    }
+}
+
 #[derive(Subcommand, Debug, Clone)]
 enum Command {
     /// Create or replace KEY.
-    Put { key: String, value: String },
+    Put {
+        key: String,
+        value: String,
+        #[command(flatten)]
+        expect: Expect,
+        /// Expire the key this many milliseconds from now.
+        #[arg(long = "ttl-ms", value_name = "MS", conflicts_with = "expire_at_ms",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        ttl_ms: Option<u64>,
+        /// Expire the key at this unix time in milliseconds.
+        #[arg(long = "expire-at-ms", value_name = "UNIX_MS",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        expire_at_ms: Option<u64>,
+    },
+    /// Make KEY expire MS milliseconds from now (the master deletes it everywhere).
+    Expire {
+        key: String,
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+        ms: u64,
+    },
+    /// Remove the deadline of KEY.
+    Persist { key: String },
+    /// Print the milliseconds KEY has left to live, or -1 if it never expires.
+    Ttl { key: String },
     /// Replace KEY only if it exists.
-    Update { key: String, value: String },
-    /// Print the value of KEY.
-    Get { key: String },
+    Update {
+        key: String,
+        value: String,
+        #[command(flatten)]
+        expect: Expect,
+    },
+    /// Print the value of KEY (with -V, its version on a second line).
+    Get {
+        key: String,
+        /// Also print the key's version (for --if-version and txn).
+        #[arg(short = 'V', long = "version")]
+        show_version: bool,
+    },
     /// Remove KEY.
-    Delete { key: String },
+    Delete {
+        key: String,
+        #[command(flatten)]
+        expect: Expect,
+    },
     /// Check the server answers.
     Ping,
     /// Print the server's statistics.
     Stats,
+    /// Atomic multi-key transaction: conditions, then writes, all or nothing.
+    ///
+    /// `txn [if KEY version N | if KEY absent | if KEY exists]... then
+    /// [put KEY VALUE | delete KEY]...` (`then` may be left out when there is
+    /// no condition). Prints `OK version N`, or names the first condition that
+    /// failed and exits 4 with nothing written.
+    #[command(verbatim_doc_comment)]
+    Txn {
+        /// The conditions and writes, as above.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        words: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -152,16 +230,24 @@ fn command_of(args: &Args) -> Result<Command, String> {
             .clone()
             .ok_or_else(|| format!("-o {op} needs a value: -v VALUE (or -v - for stdin)"))
     };
+    let expect = Expect::default();
     Ok(match op {
         0 => Command::Update {
             key,
             value: value()?,
+            expect,
         },
-        1 => Command::Get { key },
-        2 => Command::Delete { key },
+        1 => Command::Get {
+            key,
+            show_version: false,
+        },
+        2 => Command::Delete { key, expect },
         _ => Command::Put {
             key,
             value: value()?,
+            expect,
+            ttl_ms: None,
+            expire_at_ms: None,
         },
     })
 }
@@ -187,6 +273,94 @@ fn check_key(key: &str) -> Result<&[u8], ClientError> {
     Ok(key.as_bytes())
 }
 
+/// A transaction as typed: owned conditions and writes.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TxnWords {
+    conditions: Vec<(Vec<u8>, Check)>,
+    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// Parse `if KEY version N | absent | exists ... then put KEY VALUE | delete KEY ...`.
+fn parse_txn(words: &[String]) -> Result<TxnWords, ClientError> {
+    let usage = |why: String| {
+        ClientError::InvalidRequest(format!(
+            "txn: {why} (syntax: txn [if KEY version N | if KEY absent | if KEY exists]... \
+             then [put KEY VALUE | delete KEY]...)"
+        ))
+    };
+    let mut txn = TxnWords::default();
+    let mut rest = words;
+    while let Some(word) = rest.first() {
+        match word.as_str() {
+            "if" => {
+                let (check, used) = match rest.get(1..3).map(|w| (w[0].as_str(), w[1].as_str())) {
+                    Some((_, "absent")) => (Check::Absent, 3),
+                    Some((_, "exists")) => (Check::Exists, 3),
+                    Some((_, "version")) => {
+                        let n = rest
+                            .get(3)
+                            .ok_or_else(|| usage("'version' needs N".into()))?;
+                        match n.parse::<u64>() {
+                            Ok(v) if v > 0 && v != EXPECT_ABSENT => (Check::Version(v), 4),
+                            _ => return Err(usage(format!("bad version '{n}'"))),
+                        }
+                    }
+                    _ => {
+                        return Err(usage(
+                            "'if' needs KEY and absent, exists or version N".into(),
+                        ));
+                    }
+                };
+                txn.conditions.push((check_key(&rest[1])?.to_vec(), check));
+                rest = &rest[used..];
+            }
+            "then" => {
+                rest = &rest[1..];
+                break;
+            }
+            _ if txn.conditions.is_empty() => break,
+            other => return Err(usage(format!("expected 'if' or 'then', got '{other}'"))),
+        }
+    }
+    while let Some(word) = rest.first() {
+        match word.as_str() {
+            "put" if rest.len() >= 3 => {
+                let value = value_bytes(&rest[2])?;
+                txn.writes
+                    .push((check_key(&rest[1])?.to_vec(), Some(value)));
+                rest = &rest[3..];
+            }
+            "delete" if rest.len() >= 2 => {
+                txn.writes.push((check_key(&rest[1])?.to_vec(), None));
+                rest = &rest[2..];
+            }
+            "put" | "delete" => return Err(usage(format!("'{word}' is missing its arguments"))),
+            other => return Err(usage(format!("expected 'put' or 'delete', got '{other}'"))),
+        }
+    }
+    if txn.conditions.len() > MAX_TXN_CONDITIONS || txn.writes.len() > MAX_TXN_WRITES {
+        return Err(usage(format!(
+            "at most {MAX_TXN_CONDITIONS} conditions and {MAX_TXN_WRITES} writes"
+        )));
+    }
+    Ok(txn)
+}
+
+/// Unix time in milliseconds (deadlines are absolute; the server's clock decides).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn describe(check: Check) -> String {
+    match check {
+        Check::Version(v) => format!("version {v}"),
+        Check::Absent => "absent".into(),
+        Check::Exists => "exists".into(),
+    }
+}
+
 fn run(
     servers: &[(String, u16)],
     config: ClientConfig,
@@ -194,11 +368,29 @@ fn run(
 ) -> Result<u8, ClientError> {
     // Read stdin and check the key before connecting, so usage errors need no server.
     let (key, value) = match &command {
-        Command::Put { key, value } | Command::Update { key, value } => {
+        Command::Put { key, value, .. } | Command::Update { key, value, .. } => {
             (check_key(key)?, value_bytes(value)?)
         }
-        Command::Get { key } | Command::Delete { key } => (check_key(key)?, Vec::new()),
-        Command::Ping | Command::Stats => (&[][..], Vec::new()),
+        Command::Get { key, .. }
+        | Command::Delete { key, .. }
+        | Command::Expire { key, .. }
+        | Command::Persist { key }
+        | Command::Ttl { key } => (check_key(key)?, Vec::new()),
+        Command::Ping | Command::Stats | Command::Txn { .. } => (&[][..], Vec::new()),
+    };
+    let txn_words = match &command {
+        Command::Txn { words } => Some(parse_txn(words)?),
+        _ => None,
+    };
+    let expect = match &command {
+        Command::Put { expect, .. } => expect.version(),
+        Command::Update { expect, .. } | Command::Delete { expect, .. } if expect.if_absent => {
+            return Err(ClientError::InvalidRequest(
+                "--if-absent is for put only".into(),
+            ));
+        }
+        Command::Update { expect, .. } | Command::Delete { expect, .. } => expect.version(),
+        _ => 0,
     };
     let mut client = Client::connect_first(servers, config)?;
     let mut stdout = std::io::stdout().lock();
@@ -206,34 +398,78 @@ fn run(
         eprintln!("dkvs-client: {what}: key not found");
         Ok(EXIT_NOT_FOUND)
     };
+    let mismatch = |what: &str, current: u64| {
+        if current == 0 {
+            eprintln!("dkvs-client: {what}: version mismatch: the key is absent; nothing written");
+        } else {
+            eprintln!(
+                "dkvs-client: {what}: version mismatch: the key is at version {current}; \
+                 nothing written"
+            );
+        }
+        Ok(EXIT_CONDITION_FAILED)
+    };
     let written = |stdout: &mut std::io::StdoutLock<'_>, text: String| {
         writeln!(stdout, "{text}")
             .map(|_| 0)
             .map_err(ClientError::Io)
     };
+    let cas = |client: &mut Client, op: Opcode| client.write_if(op, key, &value, expect);
     match command {
-        Command::Put { .. } => {
-            let version = client.put(key, &value)?;
-            written(&mut stdout, format!("OK version {version}"))
+        Command::Put {
+            ttl_ms,
+            expire_at_ms,
+            ..
+        } if ttl_ms.is_some() || expire_at_ms.is_some() => {
+            let deadline = expire_at_ms.unwrap_or_else(|| unix_ms() + ttl_ms.unwrap_or(0));
+            match client.put_expiring(key, &value, deadline, expect)? {
+                Cas::Done(version) => written(&mut stdout, format!("OK version {version}")),
+                Cas::NotFound => Err(ClientError::Mismatch("PUT answered NOT_FOUND".into())),
+                Cas::Mismatch(current) => mismatch("put", current),
+            }
         }
-        Command::Update { .. } => match client.update(key, &value)? {
+        Command::Expire { ms, .. } => match client.expire(key, Some(unix_ms() + ms))? {
             Some(version) => written(&mut stdout, format!("OK version {version}")),
-            None => not_found("update"),
+            None => not_found("expire"),
         },
-        Command::Get { .. } => match client.get(key)? {
+        Command::Persist { .. } => match client.expire(key, None)? {
+            Some(version) => written(&mut stdout, format!("OK version {version}")),
+            None => not_found("persist"),
+        },
+        Command::Ttl { .. } => match client.ttl(key)? {
+            Some((Some(deadline), _)) => {
+                let left = deadline.saturating_sub(unix_ms());
+                written(&mut stdout, left.to_string())
+            }
+            Some((None, _)) => written(&mut stdout, "-1".into()),
+            None => not_found("ttl"),
+        },
+        Command::Put { .. } => match cas(&mut client, Opcode::Put)? {
+            Cas::Done(version) => written(&mut stdout, format!("OK version {version}")),
+            Cas::NotFound => Err(ClientError::Mismatch("PUT answered NOT_FOUND".into())),
+            Cas::Mismatch(current) => mismatch("put", current),
+        },
+        Command::Update { .. } => match cas(&mut client, Opcode::Update)? {
+            Cas::Done(version) => written(&mut stdout, format!("OK version {version}")),
+            Cas::NotFound => not_found("update"),
+            Cas::Mismatch(current) => mismatch("update", current),
+        },
+        Command::Get { show_version, .. } => match client.get(key)? {
             Some(found) => {
                 stdout.write_all(&found.value).map_err(ClientError::Io)?;
-                written(&mut stdout, String::new())
+                written(&mut stdout, String::new())?;
+                if show_version {
+                    written(&mut stdout, format!("version {}", found.version))?;
+                }
+                Ok(0)
             }
             None => not_found("get"),
         },
-        Command::Delete { .. } => {
-            if client.delete(key)? {
-                written(&mut stdout, "OK".into())
-            } else {
-                not_found("delete")
-            }
-        }
+        Command::Delete { .. } => match cas(&mut client, Opcode::Delete)? {
+            Cas::Done(_) => written(&mut stdout, "OK".into()),
+            Cas::NotFound => not_found("delete"),
+            Cas::Mismatch(current) => mismatch("delete", current),
+        },
         Command::Ping => {
             client.ping()?;
             written(&mut stdout, "PONG".into())
@@ -242,6 +478,97 @@ fn run(
             let text = client.stats()?;
             stdout.write_all(text.as_bytes()).map_err(ClientError::Io)?;
             Ok(0)
+        }
+        Command::Txn { .. } => {
+            let words = txn_words.unwrap_or_default();
+            let txn = Txn {
+                conditions: words
+                    .conditions
+                    .iter()
+                    .map(|(key, check)| Condition { key, check: *check })
+                    .collect(),
+                writes: words
+                    .writes
+                    .iter()
+                    .map(|(key, value)| match value {
+                        Some(value) => TxnWrite::Put { key, value },
+                        None => TxnWrite::Delete { key },
+                    })
+                    .collect(),
+            };
+            match client.txn(&txn)? {
+                TxnOutcome::Committed(version) => {
+                    written(&mut stdout, format!("OK version {version}"))
+                }
+                TxnOutcome::Failed { index, current } => {
+                    let (key, check) = usize::try_from(index)
+                        .ok()
+                        .and_then(|i| words.conditions.get(i))
+                        .map(|(k, c)| (String::from_utf8_lossy(k).into_owned(), describe(*c)))
+                        .unwrap_or_else(|| ("?".into(), "?".into()));
+                    let now = if current == 0 {
+                        "absent".to_string()
+                    } else {
+                        format!("at version {current}")
+                    };
+                    eprintln!(
+                        "dkvs-client: txn: condition {} (if {key} {check}) failed: the key is \
+                         {now}; nothing written",
+                        index + 1
+                    );
+                    Ok(EXIT_CONDITION_FAILED)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn txn_syntax_parses() {
+        let txn = parse_txn(&words(
+            "if a version 5 if b absent if c exists then put a 1 delete c",
+        ))
+        .expect("parses");
+        assert_eq!(
+            txn.conditions,
+            vec![
+                (b"a".to_vec(), Check::Version(5)),
+                (b"b".to_vec(), Check::Absent),
+                (b"c".to_vec(), Check::Exists),
+            ]
+        );
+        assert_eq!(
+            txn.writes,
+            vec![(b"a".to_vec(), Some(b"1".to_vec())), (b"c".to_vec(), None)]
+        );
+        let plain = parse_txn(&words("put x 1 put y 2")).expect("no conditions");
+        assert_eq!(plain.writes.len(), 2);
+    }
+
+    #[test]
+    fn txn_syntax_errors_are_usage_errors() {
+        for bad in [
+            "if a",
+            "if a version",
+            "if a version zero",
+            "if a version 0",
+            "if a maybe then put a 1",
+            "if a absent put a 1",
+            "then put a",
+            "then frob a",
+        ] {
+            assert!(
+                matches!(parse_txn(&words(bad)), Err(ClientError::InvalidRequest(_))),
+                "{bad}"
+            );
         }
     }
 }

@@ -9,9 +9,10 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
+use crate::protocol::txn::Txn;
 use crate::protocol::{
-    Decoded, HEADER_LEN, Header, MAX_KEY_BYTES, MAX_UDP_FRAME_BYTES, Opcode, ProtocolError,
-    Response, Status, decode, decode_datagram, encode_request,
+    Decoded, EXPECT_ABSENT, HEADER_LEN, Header, MAX_KEY_BYTES, MAX_UDP_FRAME_BYTES, Opcode,
+    ProtocolError, Response, Status, decode, decode_datagram, encode_request_expecting,
 };
 
 /// Largest reply value the client accepts unless told otherwise.
@@ -122,6 +123,33 @@ pub struct Versioned {
     pub value: Vec<u8>,
     /// Commit sequence number of the write that set it.
     pub version: u64,
+}
+
+/// The answer to a compare-and-set write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cas {
+    /// Written at this version.
+    Done(u64),
+    /// UPDATE or DELETE without an expected version found no key.
+    NotFound,
+    /// The key's version was not the one expected: nothing was written. The
+    /// key's current version (0: absent).
+    Mismatch(u64),
+}
+
+/// The answer to a TXN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnOutcome {
+    /// Every condition held and every write was applied at this version
+    /// (0 when the transaction held no writes, or none changed anything).
+    Committed(u64),
+    /// Condition `index` (counting from 0) did not hold: nothing was written.
+    Failed {
+        /// The first failed condition.
+        index: u32,
+        /// Its key's current version (0: absent).
+        current: u64,
+    },
 }
 
 enum Link {
@@ -308,6 +336,107 @@ impl Client {
         Ok(reply.status == Ok(Status::Ok))
     }
 
+    /// PUT, UPDATE or DELETE `key` only if it carries version `expect`
+    /// ([`EXPECT_ABSENT`]: PUT only if absent; 0: unconditionally).
+    pub fn write_if(
+        &mut self,
+        op: Opcode,
+        key: &[u8],
+        value: &[u8],
+        expect: u64,
+    ) -> Result<Cas, ClientError> {
+        let reply = self.request_expecting(op, expect, key, value)?;
+        match reply.status {
+            Ok(Status::Ok) => Ok(Cas::Done(reply.version)),
+            Ok(Status::NotFound) => Ok(Cas::NotFound),
+            Ok(Status::VersionMismatch) => Ok(Cas::Mismatch(reply.version)),
+            status => Err(ClientError::Server {
+                status,
+                message: reply.message(),
+            }),
+        }
+    }
+
+    /// Create or replace `key` so that it expires at `deadline_ms` (unix ms, > 0),
+    /// only if it carries version `expect` (0: unconditionally, see [`Client::write_if`]).
+    pub fn put_expiring(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        deadline_ms: u64,
+        expect: u64,
+    ) -> Result<Cas, ClientError> {
+        if deadline_ms == 0 {
+            return Err(ClientError::InvalidRequest(
+                "a deadline is unix milliseconds, not 0".into(),
+            ));
+        }
+        let mut payload = Vec::with_capacity(8 + value.len());
+        payload.extend_from_slice(&deadline_ms.to_be_bytes());
+        payload.extend_from_slice(value);
+        self.write_if(Opcode::PutExpiring, key, &payload, expect)
+    }
+
+    /// Set the deadline of `key` (unix ms; `None` removes it); `None` if the key is absent.
+    pub fn expire(
+        &mut self,
+        key: &[u8],
+        deadline_ms: Option<u64>,
+    ) -> Result<Option<u64>, ClientError> {
+        let bytes = deadline_ms.unwrap_or(0).to_be_bytes();
+        match self.write_if(Opcode::Expire, key, &bytes, 0)? {
+            Cas::Done(version) => Ok(Some(version)),
+            Cas::NotFound | Cas::Mismatch(_) => Ok(None),
+        }
+    }
+
+    /// The deadline of `key` (unix ms, `None`: none) and its version; `None` if absent.
+    pub fn ttl(&mut self, key: &[u8]) -> Result<Option<(Option<u64>, u64)>, ClientError> {
+        let reply = self.call(Opcode::Ttl, key, &[])?;
+        if reply.status != Ok(Status::Ok) {
+            return Ok(None);
+        }
+        let deadline = <[u8; 8]>::try_from(reply.value.as_slice())
+            .map(u64::from_be_bytes)
+            .map_err(|_| ClientError::Mismatch("TTL reply is not 8 bytes".into()))?;
+        Ok(Some((Some(deadline).filter(|&d| d > 0), reply.version)))
+    }
+
+    /// Create `key` only if it does not exist.
+    pub fn put_if_absent(&mut self, key: &[u8], value: &[u8]) -> Result<Cas, ClientError> {
+        self.write_if(Opcode::Put, key, value, EXPECT_ABSENT)
+    }
+
+    /// Check `txn`'s conditions and apply its writes as one transaction on the master.
+    pub fn txn(&mut self, txn: &Txn<'_>) -> Result<TxnOutcome, ClientError> {
+        txn.check_limits()
+            .map_err(|e| ClientError::InvalidRequest(e.to_string()))?;
+        let mut payload = Vec::new();
+        txn.encode(&mut payload);
+        let reply = self.request(Opcode::Txn, &[], &payload)?;
+        match reply.status {
+            Ok(Status::Ok) => Ok(TxnOutcome::Committed(reply.version)),
+            Ok(Status::VersionMismatch) => {
+                let index = <[u8; 4]>::try_from(reply.value.as_slice())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| {
+                        ClientError::Mismatch(format!(
+                            "VERSION_MISMATCH to a TXN carries {} bytes, not a 4-byte index",
+                            reply.value.len()
+                        ))
+                    })?;
+                Ok(TxnOutcome::Failed {
+                    index,
+                    current: reply.version,
+                })
+            }
+            status => Err(ClientError::Server {
+                status,
+                message: reply.message(),
+            }),
+        }
+    }
+
     /// Check the server answers.
     pub fn ping(&mut self) -> Result<(), ClientError> {
         self.call(Opcode::Ping, &[], &[]).map(|_| ())
@@ -339,10 +468,22 @@ impl Client {
         key: &[u8],
         value: &[u8],
     ) -> Result<Response, ClientError> {
+        self.request_expecting(op, 0, key, value)
+    }
+
+    /// [`Client::request`] with the header's version field set to `expect`
+    /// (a write's expected version, compare-and-set).
+    pub fn request_expecting(
+        &mut self,
+        op: Opcode,
+        expect: u64,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Response, ClientError> {
         if op.is_write()
             && let Some(master) = self.master.as_mut()
         {
-            let reply = master.request(op, key, value);
+            let reply = master.request_expecting(op, expect, key, value);
             if !matches!(&reply, Ok(r) if r.status != Ok(Status::Redirect)) {
                 // Forget it (failed, or no longer the master): the next write asks
                 // the slave again where the master is.
@@ -350,12 +491,12 @@ impl Client {
             }
             return reply;
         }
-        let reply = match self.request_here(op, key, value) {
+        let reply = match self.request_here(op, expect, key, value) {
             Ok(reply) if reply.status == Ok(Status::UseTcp) && self.falls_back() => {
-                return self.request_over_tcp(op, key, value);
+                return self.request_over_tcp(op, expect, key, value);
             }
             Err(ClientError::InvalidRequest(_)) if self.falls_back() && self.fits_tcp(key) => {
-                return self.request_over_tcp(op, key, value);
+                return self.request_over_tcp(op, expect, key, value);
             }
             other => other?,
         };
@@ -377,7 +518,7 @@ impl Client {
             ..self.config.clone()
         };
         let mut master = Client::connect(host, port, config)?;
-        let reply = master.request(op, key, value)?;
+        let reply = master.request_expecting(op, expect, key, value)?;
         self.master = Some(Box::new(master));
         Ok(reply)
     }
@@ -397,6 +538,7 @@ impl Client {
     fn request_over_tcp(
         &mut self,
         op: Opcode,
+        expect: u64,
         key: &[u8],
         value: &[u8],
     ) -> Result<Response, ClientError> {
@@ -410,7 +552,7 @@ impl Client {
         let Some(tcp) = self.tcp.as_mut() else {
             unreachable!("just opened");
         };
-        let reply = tcp.request(op, key, value);
+        let reply = tcp.request_expecting(op, expect, key, value);
         if reply.is_err() {
             // Open a fresh one next time.
             self.tcp = None;
@@ -421,6 +563,7 @@ impl Client {
     fn request_here(
         &mut self,
         op: Opcode,
+        expect: u64,
         key: &[u8],
         value: &[u8],
     ) -> Result<Response, ClientError> {
@@ -437,7 +580,7 @@ impl Client {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         self.out.clear();
-        encode_request(&mut self.out, op, id, key, value);
+        encode_request_expecting(&mut self.out, op, id, expect, key, value);
         let reply = match self.link {
             Link::Tcp(_) => {
                 let reply = self.tcp_round_trip();

@@ -4,6 +4,7 @@
 use std::fmt;
 
 use super::frame::{HEADER_LEN, MAX_UDP_FRAME_BYTES, Status};
+use super::txn::TxnError;
 
 /// A frame or request that cannot be served as sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +50,13 @@ pub enum ProtocolError {
         /// Bytes of the reply that was not sent.
         reply_len: usize,
     },
+    /// UPDATE or DELETE sent with the "only if absent" expected version.
+    ExpectAbsentNotPut,
+    /// A TXN payload that cannot be served.
+    Txn(TxnError),
+    /// A PUTEX value without its 8-byte deadline (or with deadline 0), or an
+    /// EXPIRE value that is not exactly 8 bytes.
+    BadDeadline,
 }
 
 impl ProtocolError {
@@ -65,7 +73,10 @@ impl ProtocolError {
             ProtocolError::UnknownOpcode(_) => Status::UnknownOpcode,
             ProtocolError::EmptyKey
             | ProtocolError::UnexpectedKey
-            | ProtocolError::UnexpectedValue => Status::InvalidArgument,
+            | ProtocolError::UnexpectedValue
+            | ProtocolError::ExpectAbsentNotPut
+            | ProtocolError::Txn(_)
+            | ProtocolError::BadDeadline => Status::InvalidArgument,
             ProtocolError::ResponseTooLargeForUdp(_)
             | ProtocolError::DatagramTooLarge(_)
             | ProtocolError::AmplificationLimit { .. } => Status::UseTcp,
@@ -142,6 +153,16 @@ impl fmt::Display for ProtocolError {
             ProtocolError::AmplificationLimit { reply_len } => {
                 write!(f, "use TCP: reply of {reply_len} bytes > 3x request")
             }
+            ProtocolError::ExpectAbsentNotPut => write!(
+                f,
+                "expected version 0xffffffffffffffff (only if absent) is for PUT only"
+            ),
+            ProtocolError::Txn(e) => write!(f, "{e}"),
+            ProtocolError::BadDeadline => write!(
+                f,
+                "PUTEX needs an 8-byte deadline (unix ms, not 0) before the value; \
+                 EXPIRE's value is exactly that deadline (0: none)"
+            ),
         }
     }
 }

@@ -21,6 +21,9 @@ pub const MAX_KEY_BYTES: usize = u16::MAX as usize;
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1 << 20;
 /// Largest UDP payload on IPv4; a frame sent over UDP must fit in it.
 pub const MAX_UDP_FRAME_BYTES: usize = 65_507;
+/// The expected version that asks for a write "only if the key is absent"
+/// (PUT only): no key ever carries it, versions are commit sequence numbers.
+pub const EXPECT_ABSENT: u64 = u64::MAX;
 /// Set in the opcode byte of every response.
 pub const RESPONSE_FLAG: u8 = 0x80;
 
@@ -40,6 +43,15 @@ pub enum Opcode {
     Ping = 0x05,
     /// Server statistics as text.
     Stats = 0x06,
+    /// Conditions and writes applied as one transaction (payload in `txn.rs`).
+    Txn = 0x07,
+    /// Create or replace a key that expires: the value is an 8-byte deadline
+    /// (unix ms, > 0) followed by the key's value.
+    PutExpiring = 0x08,
+    /// Set a key's deadline (8-byte unix ms in the value; 0 removes it), if present.
+    Expire = 0x09,
+    /// Read a key's deadline: 8 bytes, 0 when it has none.
+    Ttl = 0x0A,
 }
 
 impl Opcode {
@@ -52,13 +64,25 @@ impl Opcode {
             0x04 => Opcode::Delete,
             0x05 => Opcode::Ping,
             0x06 => Opcode::Stats,
+            0x07 => Opcode::Txn,
+            0x08 => Opcode::PutExpiring,
+            0x09 => Opcode::Expire,
+            0x0A => Opcode::Ttl,
             _ => return None,
         })
     }
 
     /// Whether the operation changes the store (and so must be replicated and deduplicated).
     pub fn is_write(self) -> bool {
-        matches!(self, Opcode::Put | Opcode::Update | Opcode::Delete)
+        matches!(
+            self,
+            Opcode::Put
+                | Opcode::Update
+                | Opcode::Delete
+                | Opcode::Txn
+                | Opcode::PutExpiring
+                | Opcode::Expire
+        )
     }
 
     /// Lower-case name, as used by the CLI and in logs.
@@ -70,6 +94,10 @@ impl Opcode {
             Opcode::Delete => "delete",
             Opcode::Ping => "ping",
             Opcode::Stats => "stats",
+            Opcode::Txn => "txn",
+            Opcode::PutExpiring => "putex",
+            Opcode::Expire => "expire",
+            Opcode::Ttl => "ttl",
         }
     }
 }
@@ -102,6 +130,9 @@ pub enum Status {
     ServerError = 10,
     /// The write's transaction was aborted; it was applied nowhere.
     Aborted = 11,
+    /// A compare-and-set or TXN condition did not hold: nothing was applied.
+    /// The version field carries the key's current version (0: absent).
+    VersionMismatch = 12,
 }
 
 impl Status {
@@ -120,6 +151,7 @@ impl Status {
             9 => Status::Unavailable,
             10 => Status::ServerError,
             11 => Status::Aborted,
+            12 => Status::VersionMismatch,
             _ => return None,
         })
     }
@@ -139,6 +171,7 @@ impl Status {
             Status::Unavailable => "UNAVAILABLE",
             Status::ServerError => "SERVER_ERROR",
             Status::Aborted => "ABORTED",
+            Status::VersionMismatch => "VERSION_MISMATCH",
         }
     }
 }
@@ -297,6 +330,18 @@ pub fn encode(
 /// Append a request frame to `out`.
 pub fn encode_request(out: &mut Vec<u8>, op: Opcode, request_id: u32, key: &[u8], value: &[u8]) {
     encode(out, op as u8, 0, request_id, 0, key, value);
+}
+
+/// Append a request frame carrying an expected version (compare-and-set) to `out`.
+pub fn encode_request_expecting(
+    out: &mut Vec<u8>,
+    op: Opcode,
+    request_id: u32,
+    expect: u64,
+    key: &[u8],
+    value: &[u8],
+) {
+    encode(out, op as u8, 0, request_id, expect, key, value);
 }
 
 /// Append a response frame to `out`; responses carry no key.

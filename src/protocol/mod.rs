@@ -7,12 +7,13 @@ mod frame;
 pub mod peer;
 mod request;
 pub mod resp;
+pub mod txn;
 
 pub use error::ProtocolError;
 pub use frame::{
-    DEFAULT_MAX_VALUE_BYTES, Decoded, Frame, HEADER_LEN, Header, MAGIC, MAX_KEY_BYTES,
-    MAX_UDP_FRAME_BYTES, Opcode, PROTOCOL_VERSION, RESPONSE_FLAG, Status, decode, decode_datagram,
-    encode, encode_request, encode_response,
+    DEFAULT_MAX_VALUE_BYTES, Decoded, EXPECT_ABSENT, Frame, HEADER_LEN, Header, MAGIC,
+    MAX_KEY_BYTES, MAX_UDP_FRAME_BYTES, Opcode, PROTOCOL_VERSION, RESPONSE_FLAG, Status, decode,
+    decode_datagram, encode, encode_request, encode_request_expecting, encode_response,
 };
 pub use peer::{PeerError, PeerMessage};
 pub use request::{Request, Response};

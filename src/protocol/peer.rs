@@ -15,6 +15,7 @@ use byteorder::{BigEndian, ByteOrder};
 
 use super::error::ProtocolError;
 use super::frame::{self, Decoded, Frame, MAX_KEY_BYTES};
+use crate::store::snapshot::DEADLINE_FLAG;
 
 /// Version of the peer protocol spoken by this build (sent in REGISTER).
 ///
@@ -66,6 +67,12 @@ pub enum OpKind {
     Delete = 3,
     /// Remove every key (FLUSHDB/FLUSHALL); key and value are empty.
     Clear = 4,
+    /// Create or replace with an absolute deadline: the value is the deadline
+    /// (u64 unix ms, > 0) followed by the key's value ([`WriteOp::put_expiring`]).
+    PutExpiring = 5,
+    /// Set the deadline of a key if present: the value is exactly the deadline
+    /// (u64 unix ms), 0 for none (PERSIST) ([`WriteOp::expire`]).
+    Expire = 6,
 }
 
 impl OpKind {
@@ -75,6 +82,8 @@ impl OpKind {
             2 => OpKind::Update,
             3 => OpKind::Delete,
             4 => OpKind::Clear,
+            5 => OpKind::PutExpiring,
+            6 => OpKind::Expire,
             _ => return None,
         })
     }
@@ -89,6 +98,48 @@ pub struct WriteOp {
     pub key: Vec<u8>,
     /// Value (empty for Delete).
     pub value: Vec<u8>,
+}
+
+impl WriteOp {
+    /// A PUT of `key` that expires at `deadline_ms` (unix ms, > 0).
+    pub fn put_expiring(key: &[u8], value: &[u8], deadline_ms: u64) -> WriteOp {
+        debug_assert!(deadline_ms > 0);
+        let mut bytes = Vec::with_capacity(8 + value.len());
+        bytes.extend_from_slice(&deadline_ms.to_be_bytes());
+        bytes.extend_from_slice(value);
+        WriteOp {
+            kind: OpKind::PutExpiring,
+            key: key.to_vec(),
+            value: bytes,
+        }
+    }
+
+    /// Set the deadline of `key` (`None`: remove it), if the key is present.
+    pub fn expire(key: &[u8], deadline_ms: Option<u64>) -> WriteOp {
+        WriteOp {
+            kind: OpKind::Expire,
+            key: key.to_vec(),
+            value: deadline_ms.unwrap_or(0).to_be_bytes().to_vec(),
+        }
+    }
+
+    /// For PutExpiring and Expire, the deadline their value starts with (0: none).
+    pub fn deadline_ms(&self) -> u64 {
+        match (self.kind, self.value.get(..8)) {
+            (OpKind::PutExpiring | OpKind::Expire, Some(bytes)) => {
+                u64::from_be_bytes(bytes.try_into().unwrap_or([0; 8]))
+            }
+            _ => 0,
+        }
+    }
+
+    /// The value the key takes (a PutExpiring's value after its deadline).
+    pub fn stored_value(&self) -> &[u8] {
+        match self.kind {
+            OpKind::PutExpiring => self.value.get(8..).unwrap_or(&[]),
+            _ => &self.value,
+        }
+    }
 }
 
 /// The writes of one transaction, shared between the log, the sends and the apply.
@@ -155,6 +206,8 @@ pub struct SnapshotEntry {
     pub value: Vec<u8>,
     /// Commit sequence number that last wrote the key.
     pub version: u64,
+    /// The key's deadline (unix ms); 0: none.
+    pub deadline_ms: u64,
 }
 
 /// A message between master and slave.
@@ -442,9 +495,29 @@ fn decode_ops(r: &mut Reader<'_>) -> Result<Ops, PeerError> {
         if (key_len == 0) != (kind == OpKind::Clear) {
             return Err(PeerError::EmptyKey);
         }
+        // The deadline kinds carry one at the start of their value: checked
+        // here, so an op that decoded always applies as it says.
+        let deadline_ok = match kind {
+            OpKind::PutExpiring => value_len >= 8,
+            OpKind::Expire => value_len == 8,
+            _ => true,
+        };
+        if !deadline_ok {
+            return Err(PeerError::BadTag {
+                field: "op value length for its kind",
+                byte: tag,
+            });
+        }
         let key = r.take("op key", key_len)?.to_vec();
         let value = r.take("op value", value_len)?.to_vec();
-        ops.push(WriteOp { kind, key, value });
+        let op = WriteOp { kind, key, value };
+        if kind == OpKind::PutExpiring && op.deadline_ms() == 0 {
+            return Err(PeerError::BadTag {
+                field: "op deadline",
+                byte: tag,
+            });
+        }
+        ops.push(op);
     }
     Ok(ops.into())
 }
@@ -555,8 +628,12 @@ impl PeerMessage {
                 for e in entries {
                     debug_assert!(!e.key.is_empty() && e.key.len() <= MAX_KEY_BYTES);
                     put_u16(out, e.key.len() as u16);
-                    put_u32(out, e.value.len() as u32);
+                    let flag = if e.deadline_ms > 0 { DEADLINE_FLAG } else { 0 };
+                    put_u32(out, e.value.len() as u32 | flag);
                     put_u64(out, e.version);
+                    if e.deadline_ms > 0 {
+                        put_u64(out, e.deadline_ms);
+                    }
                     out.extend_from_slice(&e.key);
                     out.extend_from_slice(&e.value);
                 }
@@ -687,8 +764,22 @@ impl PeerMessage {
                 let mut entries = Vec::with_capacity(count);
                 for _ in 0..count {
                     let key_len = r.u16("entry key length")? as usize;
-                    let value_len = r.u32("entry value length")? as usize;
+                    let raw_len = r.u32("entry value length")?;
+                    let value_len = (raw_len & !DEADLINE_FLAG) as usize;
                     let version = r.u64("entry version")?;
+                    let deadline_ms = if raw_len & DEADLINE_FLAG != 0 {
+                        match r.u64("entry deadline")? {
+                            0 => {
+                                return Err(PeerError::BadTag {
+                                    field: "entry deadline",
+                                    byte: 0,
+                                });
+                            }
+                            d => d,
+                        }
+                    } else {
+                        0
+                    };
                     if key_len == 0 {
                         return Err(PeerError::EmptyKey);
                     }
@@ -698,6 +789,7 @@ impl PeerMessage {
                         key,
                         value,
                         version,
+                        deadline_ms,
                     });
                 }
                 PeerMessage::SnapshotChunk {
@@ -815,11 +907,13 @@ mod tests {
                         key: b"a".to_vec(),
                         value: b"1".to_vec(),
                         version: 3,
+                        deadline_ms: 0,
                     },
                     SnapshotEntry {
                         key: b"b".to_vec(),
                         value: Vec::new(),
                         version: 99,
+                        deadline_ms: 1_700_000_000_000,
                     },
                 ],
                 last: false,
@@ -1136,6 +1230,63 @@ mod tests {
                 bytes[at] = rng.random();
             }
             let _ = decode_peer(&bytes, MAX);
+        }
+    }
+}
+
+#[cfg(test)]
+mod expiry_op_tests {
+    use super::*;
+
+    fn encoded(ops: &[WriteOp]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_ops(&mut out, ops);
+        out
+    }
+
+    #[test]
+    fn deadline_ops_round_trip() {
+        let ops = vec![
+            WriteOp::put_expiring(b"k", b"value", 1_700_000_000_123),
+            WriteOp::expire(b"k", Some(5)),
+            WriteOp::expire(b"k", None),
+        ];
+        let bytes = encoded(&ops);
+        // PUT_EXPIRING: kind 5, key length 1, value length 8 + 5, the deadline first.
+        assert_eq!(&bytes[4..11], &[5, 0, 1, 0, 0, 0, 13]);
+        assert_eq!(&bytes[12..20], &1_700_000_000_123u64.to_be_bytes());
+        let decoded = decode_ops_exact(&bytes).expect("decodes");
+        assert_eq!(&decoded[..], &ops[..]);
+        assert_eq!(decoded[0].deadline_ms(), 1_700_000_000_123);
+        assert_eq!(decoded[0].stored_value(), b"value");
+        assert_eq!((decoded[1].deadline_ms(), decoded[2].deadline_ms()), (5, 0));
+    }
+
+    #[test]
+    fn deadline_ops_with_the_wrong_length_or_a_zero_deadline_are_refused() {
+        let bad = [
+            WriteOp {
+                kind: OpKind::PutExpiring,
+                key: b"k".to_vec(),
+                value: vec![0; 7],
+            },
+            WriteOp {
+                kind: OpKind::PutExpiring,
+                key: b"k".to_vec(),
+                value: vec![0; 8],
+            },
+            WriteOp {
+                kind: OpKind::Expire,
+                key: b"k".to_vec(),
+                value: vec![0; 9],
+            },
+        ];
+        for op in bad {
+            let bytes = encoded(std::slice::from_ref(&op));
+            assert!(
+                matches!(decode_ops_exact(&bytes), Err(PeerError::BadTag { .. })),
+                "{op:?}"
+            );
         }
     }
 }

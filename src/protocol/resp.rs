@@ -390,6 +390,15 @@ impl Encoder {
         }
     }
 
+    /// A null array (EXEC of a transaction whose watched keys changed): `*-1` in
+    /// RESP2, `_` in RESP3.
+    pub fn null_array(&self, out: &mut Vec<u8>) {
+        match self.0 {
+            RespVersion::Two => out.extend_from_slice(b"*-1\r\n"),
+            RespVersion::Three => out.extend_from_slice(b"_\r\n"),
+        }
+    }
+
     /// An array of `n` elements follows.
     pub fn array(&self, out: &mut Vec<u8>, n: usize) {
         Encoder::header(out, b'*', n as i64);

@@ -36,6 +36,7 @@ fn every_request_round_trips() {
             Request::Put {
                 key: b"key",
                 value: b"value",
+                expect: 0,
             },
         ),
         (
@@ -45,9 +46,18 @@ fn every_request_round_trips() {
             Request::Update {
                 key: b"key",
                 value: b"",
+                expect: 0,
             },
         ),
-        (Opcode::Delete, b"key", b"", Request::Delete { key: b"key" }),
+        (
+            Opcode::Delete,
+            b"key",
+            b"",
+            Request::Delete {
+                key: b"key",
+                expect: 0,
+            },
+        ),
         (Opcode::Ping, b"", b"", Request::Ping),
         (Opcode::Stats, b"", b"", Request::Stats),
     ];
@@ -265,7 +275,7 @@ fn status_and_opcode_bytes_round_trip() {
         }
     }
     assert_eq!(Status::from_u8(11), Some(Status::Aborted));
-    assert_eq!(Status::from_u8(12), None);
+    assert_eq!(Status::from_u8(13), None);
 }
 
 #[test]
@@ -294,4 +304,156 @@ fn random_bytes_never_panic_the_decoder() {
         }
         let _ = decode_datagram(&bytes, 64);
     }
+}
+
+fn frame_with_version(op: Opcode, version: u64, key: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_request_expecting(&mut out, op, 9, version, key, value);
+    out
+}
+
+#[test]
+fn writes_carry_their_expected_version() {
+    let bytes = frame_with_version(Opcode::Put, 5, b"k", b"v");
+    assert_eq!(&bytes[8..16], &5u64.to_be_bytes());
+    let Ok(Decoded::Frame(frame, _)) = decode(&bytes, MAX) else {
+        panic!("no frame");
+    };
+    assert_eq!(
+        Request::from_frame(&frame),
+        Ok(Request::Put {
+            key: b"k",
+            value: b"v",
+            expect: 5
+        })
+    );
+    let bytes = frame_with_version(Opcode::Put, EXPECT_ABSENT, b"k", b"v");
+    let Ok(Decoded::Frame(frame, _)) = decode(&bytes, MAX) else {
+        panic!("no frame");
+    };
+    assert!(matches!(
+        Request::from_frame(&frame),
+        Ok(Request::Put {
+            expect: EXPECT_ABSENT,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn only_put_may_expect_absence() {
+    for op in [Opcode::Update, Opcode::Delete] {
+        let value: &[u8] = if op == Opcode::Update { b"v" } else { b"" };
+        let bytes = frame_with_version(op, EXPECT_ABSENT, b"k", value);
+        let Ok(Decoded::Frame(frame, _)) = decode(&bytes, MAX) else {
+            panic!("no frame");
+        };
+        let err = Request::from_frame(&frame).unwrap_err();
+        assert_eq!(err, ProtocolError::ExpectAbsentNotPut);
+        assert_eq!(err.status(), Status::InvalidArgument);
+        assert!(!err.breaks_stream());
+    }
+}
+
+#[test]
+fn txn_requests_are_validated() {
+    use super::txn::{Check, Condition, Txn, TxnError, TxnWrite};
+    let txn = Txn {
+        conditions: vec![Condition {
+            key: b"a",
+            check: Check::Absent,
+        }],
+        writes: vec![TxnWrite::Put {
+            key: b"a",
+            value: b"1",
+        }],
+    };
+    let mut payload = Vec::new();
+    txn.encode(&mut payload);
+    let bytes = request_bytes(Opcode::Txn, 1, b"", &payload);
+    let Ok(Decoded::Frame(frame, _)) = decode(&bytes, MAX) else {
+        panic!("no frame");
+    };
+    assert_eq!(Request::from_frame(&frame), Ok(Request::Txn(txn)));
+    assert!(Opcode::Txn.is_write());
+    // A key on a TXN, and a payload that ends early.
+    let bytes = request_bytes(Opcode::Txn, 1, b"k", &payload);
+    let Ok(Decoded::Frame(frame, _)) = decode(&bytes, MAX) else {
+        panic!("no frame");
+    };
+    assert_eq!(
+        Request::from_frame(&frame),
+        Err(ProtocolError::UnexpectedKey)
+    );
+    let bytes = request_bytes(Opcode::Txn, 1, b"", &payload[..payload.len() - 1]);
+    let Ok(Decoded::Frame(frame, _)) = decode(&bytes, MAX) else {
+        panic!("no frame");
+    };
+    let err = Request::from_frame(&frame).unwrap_err();
+    assert_eq!(
+        err,
+        ProtocolError::Txn(TxnError::Truncated("a write's value"))
+    );
+    assert_eq!(err.status(), Status::InvalidArgument);
+    assert_eq!(err.to_string(), "txn payload truncated in a write's value");
+}
+
+#[test]
+fn version_mismatch_is_status_12() {
+    assert_eq!(Status::from_u8(12), Some(Status::VersionMismatch));
+    assert_eq!(Status::VersionMismatch.name(), "VERSION_MISMATCH");
+    assert_eq!(Opcode::from_u8(7), Some(Opcode::Txn));
+}
+
+#[test]
+fn putex_expire_and_ttl_are_validated() {
+    let decoded = |op: Opcode, key: &[u8], value: &[u8]| {
+        let bytes = request_bytes(op, 1, key, value);
+        let frame = decode_datagram(&bytes, MAX).expect("frame");
+        Request::from_frame(&frame).map(|r| format!("{r:?}"))
+    };
+    let mut putex = 77u64.to_be_bytes().to_vec();
+    putex.extend_from_slice(b"val");
+    assert_eq!(
+        decoded(Opcode::PutExpiring, b"k", &putex),
+        Ok(format!(
+            "{:?}",
+            Request::PutExpiring {
+                key: b"k",
+                value: b"val",
+                deadline_ms: 77,
+                expect: 0
+            }
+        ))
+    );
+    assert_eq!(
+        decoded(Opcode::Expire, b"k", &0u64.to_be_bytes()),
+        Ok(format!(
+            "{:?}",
+            Request::Expire {
+                key: b"k",
+                deadline_ms: None,
+                expect: 0
+            }
+        ))
+    );
+    assert_eq!(
+        decoded(Opcode::Ttl, b"k", b""),
+        Ok(format!("{:?}", Request::Ttl { key: b"k" }))
+    );
+    for (op, value) in [
+        (Opcode::PutExpiring, &[0u8; 7][..]),
+        (Opcode::PutExpiring, &[0u8; 8][..]),
+        (Opcode::Expire, &[0u8; 9][..]),
+        (Opcode::Expire, &[][..]),
+    ] {
+        let err = decoded(op, b"k", value).unwrap_err();
+        assert_eq!(err, ProtocolError::BadDeadline, "{op:?} {value:?}");
+        assert_eq!(err.status(), Status::InvalidArgument);
+    }
+    assert_eq!(
+        decoded(Opcode::Ttl, b"k", b"x"),
+        Err(ProtocolError::UnexpectedValue)
+    );
+    assert_eq!(decoded(Opcode::Ttl, b"", b""), Err(ProtocolError::EmptyKey));
 }

@@ -293,6 +293,20 @@ fn apply_ops(store: &mut Store, seq: u64, ops: &[WriteOp]) -> Vec<bool> {
                 }
                 None => false,
             },
+            // The model keeps a PutExpiring's deadline inside its value: what
+            // the simulation checks is that every replica applies the same ops
+            // to the same state, not what expiry then does.
+            OpKind::PutExpiring => {
+                store.insert(op.key.clone(), (op.value.clone(), seq));
+                true
+            }
+            OpKind::Expire => match store.get_mut(&op.key) {
+                Some(slot) => {
+                    slot.1 = seq;
+                    true
+                }
+                None => false,
+            },
             OpKind::Delete => store.remove(&op.key).is_some(),
             OpKind::Clear => {
                 store.clear();
@@ -743,21 +757,31 @@ impl Sim {
                 let n = self.rng.random_range(1..=4);
                 let mut writes = Vec::new();
                 for _ in 0..n {
-                    let kind = match self.rng.random_range(0..4) {
+                    let kind = match self.rng.random_range(0..6) {
                         0 | 1 => OpKind::Put,
                         2 => OpKind::Update,
-                        _ => OpKind::Delete,
+                        3 => OpKind::Delete,
+                        // The expiry kinds: PUT with a deadline, and EXPIRE/PERSIST.
+                        4 => OpKind::PutExpiring,
+                        _ => OpKind::Expire,
                     };
                     let key = vec![b'k', b'0' + self.rng.random_range(0..KEYS)];
-                    let value = if kind == OpKind::Delete {
-                        Vec::new()
-                    } else {
-                        format!("v{}", self.rng.random_range(0..1000u32)).into_bytes()
+                    let value = format!("v{}", self.rng.random_range(0..1000u32)).into_bytes();
+                    let deadline = self.rng.random_range(0..3u64) * 1000;
+                    let op = match kind {
+                        OpKind::Delete => WriteOp {
+                            kind,
+                            key,
+                            value: Vec::new(),
+                        },
+                        OpKind::PutExpiring => WriteOp::put_expiring(&key, &value, deadline + 1),
+                        OpKind::Expire => WriteOp::expire(&key, Some(deadline).filter(|&d| d > 0)),
+                        _ => WriteOp { kind, key, value },
                     };
                     self.next_client += 1;
                     writes.push(ClientWrite {
                         client: ClientRef(self.next_client),
-                        op: WriteOp { kind, key, value },
+                        op,
                     });
                 }
                 self.log(|| format!("client batch of {n}"));
@@ -1120,6 +1144,7 @@ impl Sim {
                             key: key.clone(),
                             value: value.clone(),
                             version: *version,
+                            deadline_ms: 0,
                         });
                         if chunk.len() == per_chunk {
                             chunks.push_back(std::mem::take(&mut chunk));

@@ -242,10 +242,14 @@ impl Connection {
                                 key: self.key,
                                 conn_id: self.conn_id,
                             };
-                            if let Outcome::Pending(client) =
-                                core.execute(request, id, target, output)
-                            {
-                                self.pending.push_back((client, None));
+                            match core.execute(request, id, target, output) {
+                                Outcome::Pending(client) => self.pending.push_back((client, None)),
+                                Outcome::Answered => {}
+                                Outcome::WaitKey => {
+                                    // Not consumed: run again once a write is decided.
+                                    core.key_waiters.push(self.key);
+                                    return Stop::Waiting;
+                                }
                             }
                         }
                         Err(e) => {

@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 
 use crate::protocol::peer::{OpKind, WriteOp};
 use crate::protocol::resp::Encoder;
-use crate::protocol::{Opcode, ProtocolError, Request, Status, encode_response};
+use crate::protocol::txn::{Check, Txn, TxnWrite};
+use crate::protocol::{EXPECT_ABSENT, Opcode, ProtocolError, Request, Status, encode_response};
 use crate::replication::{ClientRef, ClientWrite};
 use crate::store::Store;
 
@@ -40,6 +41,8 @@ pub enum ReplyTarget {
         /// Fingerprint of the request datagram.
         fingerprint: u64,
     },
+    /// Nobody: the master's own writes (deleting expired keys).
+    Nobody,
 }
 
 /// A write waiting for its transaction's outcome.
@@ -53,6 +56,10 @@ pub struct Waiting {
     pub op: u8,
     /// A RESP command's reply, made once all its writes are applied; `None` for the binary protocol.
     pub resp: Option<RespPending>,
+    /// Binary protocol: writes whose result has not come yet (several for a TXN).
+    pub remaining: u32,
+    /// Binary protocol: the highest version among the results seen so far.
+    pub version: u64,
 }
 
 /// How the RESP reply of a write command is made from its writes' results.
@@ -181,6 +188,14 @@ pub struct SlaveSummary {
     pub lag: u64,
 }
 
+/// A point in the batch to roll back to ([`Core::batch_mark`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchMark {
+    len: usize,
+    bytes: usize,
+    next_client_ref: u64,
+}
+
 /// Whether a key written by a pending write can be read from the current
 /// batch, or its latest value is in a transaction still in flight.
 #[derive(Debug, PartialEq, Eq)]
@@ -191,6 +206,15 @@ pub enum Latest<'a> {
     InFlight,
 }
 
+/// What the master knows of a key's version for a compare-and-set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// No write of it is undecided: its version (`None`: absent).
+    Version(Option<u64>),
+    /// A write of it (or a FLUSHDB) is still in the batch or in flight.
+    Undecided,
+}
+
 /// The result of executing a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -198,6 +222,10 @@ pub enum Outcome {
     Answered,
     /// The write joined the batch; its reply comes with the transaction's outcome.
     Pending(ClientRef),
+    /// A compare-and-set or TXN condition reads a key that a write not yet
+    /// decided changes: nothing was done; execute the request again once a
+    /// write was decided (TCP), or let the client retry (UDP).
+    WaitKey,
 }
 
 /// This server's place in replication.
@@ -264,6 +292,8 @@ pub struct Core {
     pub resp_commands: u64,
     /// The TCP port served (INFO reports it).
     pub tcp_port: u16,
+    /// The shard the expiry sweep looks at next.
+    pub(super) sweep_cursor: usize,
 }
 
 impl Core {
@@ -298,6 +328,7 @@ impl Core {
             key_waiters: Vec::new(),
             resp_commands: 0,
             tcp_port: 0,
+            sweep_cursor: 0,
         }
     }
 
@@ -313,7 +344,9 @@ impl Core {
     ) -> ClientRef {
         let client = ClientRef(self.next_client_ref);
         self.next_client_ref += 1;
+        let mut count = 0u32;
         for write in ops {
+            count += 1;
             if write.kind == OpKind::Clear {
                 self.last_clear = Some(client);
             } else {
@@ -331,13 +364,26 @@ impl Core {
                 request_id,
                 op,
                 resp,
+                remaining: count,
+                version: 0,
             },
         );
         client
     }
 
-    /// The latest value of `key` on a master, counting writes not yet applied.
-    pub fn latest(&self, key: &[u8]) -> Latest<'_> {
+    /// The version of `key` (`None`: absent) if no write of it, and no FLUSHDB,
+    /// is still undecided; [`Settled::Undecided`] while one is (compare-and-set
+    /// must wait: the master decides conditions against settled state only, so
+    /// the plain writes it replicates apply to exactly the state it checked).
+    pub fn settled_version(&self, key: &[u8]) -> Settled {
+        if self.undecided(key) {
+            return Settled::Undecided;
+        }
+        Settled::Version(self.store.get(key).map(|(_, version)| version))
+    }
+
+    /// Whether a write of `key` (or a FLUSHDB) handed out is not applied yet.
+    fn undecided(&self, key: &[u8]) -> bool {
         let hash = self.key_hasher.hash_one(key);
         let pending_key = self
             .last_write
@@ -346,7 +392,19 @@ impl Core {
         let pending_clear = self
             .last_clear
             .is_some_and(|c| self.waiting.contains_key(&c));
-        if !pending_key && !pending_clear {
+        pending_key || pending_clear
+    }
+
+    /// The latest value of `key` on a master, counting writes not yet applied.
+    pub fn latest(&self, key: &[u8]) -> Latest<'_> {
+        self.latest_with(key, false)
+    }
+
+    /// [`Core::latest`]; `settled_before_batch` says the caller knows that no
+    /// write of `key` outside the current batch is undecided (EXEC checked it),
+    /// so that a batch without a decisive write leaves the store's value.
+    pub fn latest_with(&self, key: &[u8], settled_before_batch: bool) -> Latest<'_> {
+        if !self.undecided(key) {
             return Latest::Known(self.store.get(key).map(|(v, _)| v));
         }
         // The current batch holds the newest writes; search it newest first.
@@ -355,12 +413,35 @@ impl Core {
                 OpKind::Clear => return Latest::Known(None),
                 _ if write.op.key != key => {}
                 OpKind::Put => return Latest::Known(Some(&write.op.value)),
+                OpKind::PutExpiring => return Latest::Known(Some(write.op.stored_value())),
                 OpKind::Delete => return Latest::Known(None),
+                // A deadline change leaves the value as the writes before it made it.
+                OpKind::Expire => {}
                 // Its effect depends on what came before: let it be decided first.
                 OpKind::Update => return Latest::InFlight,
             }
         }
+        if settled_before_batch {
+            return Latest::Known(self.store.get(key).map(|(v, _)| v));
+        }
         Latest::InFlight
+    }
+
+    /// Where the batch and the reply handles stand now, to undo what follows.
+    pub fn batch_mark(&self) -> BatchMark {
+        BatchMark {
+            len: self.batch.len(),
+            bytes: self.batch_bytes,
+            next_client_ref: self.next_client_ref,
+        }
+    }
+
+    /// Take back every write submitted since `mark` (an EXEC that cannot run
+    /// whole). Their handles leave `waiting`, so their keys count as settled again.
+    pub fn rollback(&mut self, mark: BatchMark) {
+        self.batch.truncate(mark.len);
+        self.batch_bytes = mark.bytes;
+        self.waiting.retain(|c, _| c.0 < mark.next_client_ref);
     }
 
     /// The outcome of one write of `client` is known: the reply, once all its
@@ -374,13 +455,19 @@ impl Core {
     ) -> Option<(ReplyTarget, Completion<'m>)> {
         let waiting = self.waiting.get_mut(&client)?;
         let applied = matches!(status, Status::Ok | Status::NotFound);
-        if let Some(resp) = waiting.resp.as_mut()
-            && applied
-        {
-            resp.remaining = resp.remaining.saturating_sub(1);
-            resp.changed += u32::from(status == Status::Ok);
-            if resp.remaining > 0 {
-                return None;
+        if applied {
+            if let Some(resp) = waiting.resp.as_mut() {
+                resp.remaining = resp.remaining.saturating_sub(1);
+                resp.changed += u32::from(status == Status::Ok);
+                if resp.remaining > 0 {
+                    return None;
+                }
+            } else {
+                waiting.remaining = waiting.remaining.saturating_sub(1);
+                waiting.version = waiting.version.max(version);
+                if waiting.remaining > 0 {
+                    return None;
+                }
             }
         }
         let waiting = self.waiting.remove(&client)?;
@@ -393,6 +480,14 @@ impl Core {
             Some(pending) => Completion::Resp {
                 pending,
                 failure: (!applied).then_some((status, message)),
+            },
+            // A committed TXN is OK at its version even if a delete found nothing.
+            None if applied && waiting.op == Opcode::Txn as u8 => Completion::Binary {
+                op: waiting.op,
+                request_id: waiting.request_id,
+                status: Status::Ok,
+                version: waiting.version,
+                message,
             },
             None => Completion::Binary {
                 op: waiting.op,
@@ -429,9 +524,26 @@ impl Core {
         target: ReplyTarget,
         out: &mut Vec<u8>,
     ) -> Outcome {
+        let opcode = request.opcode();
+        let outcome = self.execute_counted(request, request_id, target, out);
+        // A request that waits runs again later: count it once, then.
+        if outcome != Outcome::WaitKey {
+            self.stats.count(opcode);
+        }
+        outcome
+    }
+
+    fn execute_counted(
+        &mut self,
+        request: Request<'_>,
+        request_id: u32,
+        target: ReplyTarget,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
         let op = request.opcode() as u8;
-        self.stats.count(request.opcode());
-        let (kind, key, value) = match request {
+        // `deadline`: `None` for the plain writes; `Some` for PUTEX (always a
+        // deadline) and EXPIRE (`Some(None)` removes it).
+        let (kind, key, value, expect, deadline) = match request {
             Request::Get { key } => {
                 if let Some(why) = &self.read_refusal {
                     encode_response(out, op, Status::Unavailable, request_id, 0, why.as_bytes());
@@ -440,6 +552,19 @@ impl Core {
                 match self.store.get(key) {
                     Some((value, version)) => {
                         encode_response(out, op, Status::Ok, request_id, version, value)
+                    }
+                    None => {
+                        encode_response(out, op, Status::NotFound, request_id, 0, &[]);
+                        self.expire_if_due(key);
+                    }
+                }
+                return Outcome::Answered;
+            }
+            Request::Ttl { key } => {
+                match self.store.get(key) {
+                    Some((_, version)) => {
+                        let deadline = self.store.deadline(key).unwrap_or(0).to_be_bytes();
+                        encode_response(out, op, Status::Ok, request_id, version, &deadline)
                     }
                     None => encode_response(out, op, Status::NotFound, request_id, 0, &[]),
                 }
@@ -461,32 +586,150 @@ impl Core {
                 );
                 return Outcome::Answered;
             }
-            Request::Put { key, value } => (OpKind::Put, key, value),
-            Request::Update { key, value } => (OpKind::Update, key, value),
-            Request::Delete { key } => (OpKind::Delete, key, &[][..]),
+            Request::Put { key, value, expect } => (OpKind::Put, key, value, expect, None),
+            Request::Update { key, value, expect } => (OpKind::Update, key, value, expect, None),
+            Request::Delete { key, expect } => (OpKind::Delete, key, &[][..], expect, None),
+            Request::PutExpiring {
+                key,
+                value,
+                deadline_ms,
+                expect,
+            } => (
+                OpKind::PutExpiring,
+                key,
+                value,
+                expect,
+                Some(Some(deadline_ms)),
+            ),
+            Request::Expire {
+                key,
+                deadline_ms,
+                expect,
+            } => (OpKind::Expire, key, &[][..], expect, Some(deadline_ms)),
+            Request::Txn(txn) => {
+                if self.refuse_write(op, request_id, out) {
+                    return Outcome::Answered;
+                }
+                return self.execute_txn(txn, request_id, target, out);
+            }
         };
+        if self.refuse_write(op, request_id, out) {
+            return Outcome::Answered;
+        }
+        if expect != 0 {
+            let check = if expect == EXPECT_ABSENT {
+                Check::Absent
+            } else {
+                Check::Version(expect)
+            };
+            match self.settled_version(key) {
+                Settled::Undecided => return Outcome::WaitKey,
+                Settled::Version(current) if !check.holds(current) => {
+                    let current = current.unwrap_or(0);
+                    encode_response(out, op, Status::VersionMismatch, request_id, current, &[]);
+                    return Outcome::Answered;
+                }
+                Settled::Version(_) => {}
+            }
+        }
+        if matches!(kind, OpKind::Update | OpKind::Delete | OpKind::Expire)
+            && self.expired_but_held(key)
+        {
+            // These apply to the key as held, which an expired key still is
+            // until its deletion commits: answer for the key as read.
+            if self.settled_version(key) == Settled::Undecided {
+                return Outcome::WaitKey;
+            }
+            encode_response(out, op, Status::NotFound, request_id, 0, &[]);
+            self.expire_if_due(key);
+            return Outcome::Answered;
+        }
+        let write = match (kind, deadline) {
+            (OpKind::PutExpiring, Some(Some(at))) => WriteOp::put_expiring(key, value, at),
+            (OpKind::Expire, Some(at)) => WriteOp::expire(key, at),
+            _ => WriteOp {
+                kind,
+                key: key.to_vec(),
+                value: value.to_vec(),
+            },
+        };
+        Outcome::Pending(self.submit(std::iter::once(write), target, request_id, op, None))
+    }
+
+    /// Answer a write this server cannot take (a slave, a standby, or a failed log); say whether it did.
+    fn refuse_write(&mut self, op: u8, request_id: u32, out: &mut Vec<u8>) -> bool {
         if let Mode::Slave { master } = &self.mode
             && master.is_empty()
         {
             let why = "no master is elected yet (failover through etcd in progress)";
             encode_response(out, op, Status::Unavailable, request_id, 0, why.as_bytes());
-            return Outcome::Answered;
+            return true;
         }
         if let Mode::Slave { master } = &self.mode {
             self.stats.redirects += 1;
             encode_response(out, op, Status::Redirect, request_id, 0, master.as_bytes());
-            return Outcome::Answered;
+            return true;
         }
         if let Some(why) = &self.write_refusal {
             encode_response(out, op, Status::Unavailable, request_id, 0, why.as_bytes());
+            return true;
+        }
+        false
+    }
+
+    /// Check a TXN's conditions against settled state and submit its writes as
+    /// one command, so they land in one transaction. A failed condition answers
+    /// VERSION_MISMATCH with the key's current version and the condition's
+    /// index (u32), and nothing is written.
+    fn execute_txn(
+        &mut self,
+        txn: Txn<'_>,
+        request_id: u32,
+        target: ReplyTarget,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        let op = Opcode::Txn as u8;
+        for (index, condition) in txn.conditions.iter().enumerate() {
+            match self.settled_version(condition.key) {
+                Settled::Undecided => return Outcome::WaitKey,
+                Settled::Version(current) if !condition.check.holds(current) => {
+                    let index = (index as u32).to_be_bytes();
+                    let current = current.unwrap_or(0);
+                    encode_response(
+                        out,
+                        op,
+                        Status::VersionMismatch,
+                        request_id,
+                        current,
+                        &index,
+                    );
+                    return Outcome::Answered;
+                }
+                Settled::Version(_) => {}
+            }
+        }
+        if txn.writes.is_empty() {
+            // Only conditions: they hold now, and nothing needs replicating.
+            encode_response(out, op, Status::Ok, request_id, 0, &[]);
             return Outcome::Answered;
         }
-        let write = WriteOp {
-            kind,
-            key: key.to_vec(),
-            value: value.to_vec(),
-        };
-        Outcome::Pending(self.submit(std::iter::once(write), target, request_id, op, None))
+        let ops: Vec<WriteOp> = txn
+            .writes
+            .iter()
+            .map(|w| match *w {
+                TxnWrite::Put { key, value } => WriteOp {
+                    kind: OpKind::Put,
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                },
+                TxnWrite::Delete { key } => WriteOp {
+                    kind: OpKind::Delete,
+                    key: key.to_vec(),
+                    value: Vec::new(),
+                },
+            })
+            .collect();
+        Outcome::Pending(self.submit(ops, target, request_id, op, None))
     }
 
     /// Append the error response for a request that could not be served.
@@ -500,5 +743,155 @@ impl Core {
         };
         let message = err.to_string();
         encode_response(out, op, err.status(), request_id, 0, message.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::txn::Condition;
+
+    const TARGET: ReplyTarget = ReplyTarget::Tcp { key: 0, conn_id: 1 };
+
+    fn put(key: &[u8], expect: u64) -> Request<'_> {
+        Request::Put {
+            key,
+            value: b"v",
+            expect,
+        }
+    }
+
+    /// The status and version of the one reply in `out`.
+    fn answer(out: &[u8]) -> (u8, u64) {
+        (
+            out[3],
+            u64::from_be_bytes(out[8..16].try_into().expect("8 bytes")),
+        )
+    }
+
+    #[test]
+    fn cas_waits_while_its_key_has_a_write_undecided() {
+        let mut core = Core::new(1 << 20, Mode::Master);
+        core.store.set(b"k", b"old", 4);
+        let mut out = Vec::new();
+        assert_eq!(
+            core.execute(put(b"k", 3), 1, TARGET, &mut out),
+            Outcome::Answered
+        );
+        assert_eq!(answer(&out), (Status::VersionMismatch as u8, 4));
+        out.clear();
+        let Outcome::Pending(first) = core.execute(put(b"k", 4), 2, TARGET, &mut out) else {
+            panic!("the version matches");
+        };
+        // A second CAS on the key must not be decided against the state the first changes.
+        assert_eq!(
+            core.execute(put(b"k", 4), 3, TARGET, &mut out),
+            Outcome::WaitKey
+        );
+        assert_eq!(
+            core.stats.requests(),
+            2,
+            "a request that waits is counted once it runs"
+        );
+        let txn = Txn {
+            conditions: vec![Condition {
+                key: b"k",
+                check: Check::Exists,
+            }],
+            writes: Vec::new(),
+        };
+        assert_eq!(
+            core.execute(Request::Txn(txn.clone()), 4, TARGET, &mut out),
+            Outcome::WaitKey
+        );
+        // Decided and applied: the next CAS is checked against the new version.
+        core.take_batch();
+        core.store.set(b"k", b"v", 9);
+        assert!(core.finish(first, Status::Ok, 9, &[]).is_some());
+        assert_eq!(
+            core.execute(put(b"k", 4), 3, TARGET, &mut out),
+            Outcome::Answered
+        );
+        assert_eq!(answer(&out), (Status::VersionMismatch as u8, 9));
+        out.clear();
+        assert_eq!(
+            core.execute(Request::Txn(txn), 4, TARGET, &mut out),
+            Outcome::Answered
+        );
+        assert_eq!(answer(&out), (Status::Ok as u8, 0));
+    }
+
+    #[test]
+    fn a_txn_replies_once_all_its_writes_are_known() {
+        let mut core = Core::new(1 << 20, Mode::Master);
+        let txn = Txn {
+            conditions: Vec::new(),
+            writes: vec![
+                TxnWrite::Put {
+                    key: b"a",
+                    value: b"1",
+                },
+                TxnWrite::Delete { key: b"gone" },
+            ],
+        };
+        let mut out = Vec::new();
+        let Outcome::Pending(client) = core.execute(Request::Txn(txn), 7, TARGET, &mut out) else {
+            panic!("no conditions: submitted");
+        };
+        assert_eq!(core.take_batch().len(), 2, "both writes in one batch");
+        assert!(core.finish(client, Status::Ok, 5, &[]).is_none());
+        let Some((
+            _,
+            Completion::Binary {
+                status, version, ..
+            },
+        )) = core.finish(client, Status::NotFound, 0, &[])
+        else {
+            panic!("the second result completes the reply");
+        };
+        assert_eq!((status, version), (Status::Ok, 5));
+    }
+
+    #[test]
+    fn an_expired_key_still_held_is_absent_to_writes_and_its_deletion_is_submitted() {
+        let mut core = Core::new(1 << 20, Mode::Master);
+        core.store.set(b"k", b"v", 3);
+        core.store.set_deadline(b"k", Some(100));
+        core.store.set_now_ms(100);
+        let mut out = Vec::new();
+        let update = Request::Update {
+            key: b"k",
+            value: b"w",
+            expect: 0,
+        };
+        assert_eq!(core.execute(update, 1, TARGET, &mut out), Outcome::Answered);
+        assert_eq!(answer(&out), (Status::NotFound as u8, 0));
+        // The master replicates the deletion (nobody waits for it)...
+        let batch = core.take_batch();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(
+            (batch[0].op.kind, &batch[0].op.key[..]),
+            (OpKind::Delete, &b"k"[..])
+        );
+        // ...and, until it is decided, a compare-and-set on the key waits for it.
+        assert_eq!(
+            core.execute(put(b"k", EXPECT_ABSENT), 2, TARGET, &mut out),
+            Outcome::WaitKey
+        );
+    }
+
+    #[test]
+    fn a_slave_redirects_cas_and_txn() {
+        let mut core = Core::new(
+            1 << 20,
+            Mode::Slave {
+                master: "m:1".into(),
+            },
+        );
+        let mut out = Vec::new();
+        core.execute(put(b"k", 4), 1, TARGET, &mut out);
+        core.execute(Request::Txn(Txn::default()), 2, TARGET, &mut out);
+        assert_eq!(out[3], Status::Redirect as u8);
+        assert_eq!(out[24 + 3 + 3], Status::Redirect as u8);
     }
 }

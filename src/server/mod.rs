@@ -7,9 +7,11 @@
 //! iteration become one transaction (group commit).
 
 mod connection;
+mod expiry;
 mod failover;
 mod handler;
 mod limits;
+mod multi;
 mod peer;
 mod resp;
 mod stats;
@@ -335,6 +337,8 @@ pub struct Server {
     connect_failures: u64,
     /// The last settle stopped at its round bound with work left.
     work_left: bool,
+    /// Keys have deadlines: wake within this for the expiry sweep.
+    expiry_wake: Option<Duration>,
     /// `accept` failed (out of descriptors): connections waiting in the
     /// backlog get no new edge, so the listener is retried on a timer.
     accept_paused: bool,
@@ -499,6 +503,7 @@ impl Server {
             replication_changed: true,
             connect_failures: 0,
             work_left: false,
+            expiry_wake: None,
             accept_paused: false,
             wal,
             max_connections: config.max_connections,
@@ -586,6 +591,10 @@ impl Server {
             let deferred = !self.deferred_clients.is_empty()
                 || !self.deferred_reads.is_empty()
                 || !self.deferred_flushes.is_empty();
+            if let Some(wake) = self.expiry_wake {
+                // Keys with deadlines: the sweep runs at least this often.
+                timeout = Some(timeout.map_or(wake, |t| t.min(wake)));
+            }
             if self.work_left || self.core.udp_retry || deferred {
                 // Left-over work goes on at once.
                 timeout = Some(Duration::ZERO);
@@ -655,6 +664,7 @@ impl Server {
             if now >= self.next_sweep_ms {
                 self.sweep(now);
             }
+            self.expiry_wake = self.core.expiry_turn();
             self.work_left = self.settle();
         }
     }
@@ -1248,6 +1258,9 @@ impl Server {
         };
         for e in entries {
             store.set(&e.key, &e.value, e.version);
+            if e.deadline_ms > 0 {
+                store.set_deadline(&e.key, Some(e.deadline_ms));
+            }
         }
         if end && let Some(store) = staging.take() {
             info!(
@@ -1275,6 +1288,7 @@ impl Server {
                     self.touched.push(key);
                 }
             }
+            ReplyTarget::Nobody => {}
             ReplyTarget::Udp { from, fingerprint } => {
                 if let Some(udp) = self.udp.as_mut() {
                     let mut bytes = Vec::with_capacity(crate::protocol::HEADER_LEN + message.len());

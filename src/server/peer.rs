@@ -107,6 +107,7 @@ impl SnapshotStream {
                 key: e.key.to_vec(),
                 value: e.value.to_vec(),
                 version: e.version,
+                deadline_ms: e.deadline_ms,
             });
             bytes = &bytes[used..];
         }

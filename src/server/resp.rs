@@ -21,7 +21,8 @@ use crate::protocol::resp::{
 use crate::store::SHARDS;
 
 use super::connection::{Connection, MAX_PENDING_WRITES, OUTPUT_HIGH_WATER_BYTES, Stop};
-use super::handler::{Core, Latest, Mode, ReplyTarget, RespPending, RespWriteReply};
+use super::handler::{Core, Latest, Mode, ReplyTarget, RespPending, RespWriteReply, Settled};
+use super::multi::{Conn, Intercept, MultiState, intercept};
 
 /// The Redis version dkvs reports (HELLO, INFO): the one whose replies it follows.
 const REDIS_VERSION: &str = "7.0.15";
@@ -41,6 +42,8 @@ pub struct RespConnection {
     scratch: Vec<u8>,
     /// CLIENT ID.
     id: u64,
+    /// WATCH and MULTI.
+    multi: MultiState,
 }
 
 impl RespConnection {
@@ -51,6 +54,7 @@ impl RespConnection {
             name: None,
             scratch: Vec::new(),
             id,
+            multi: MultiState::default(),
         }
     }
 }
@@ -67,16 +71,16 @@ enum Class {
 }
 
 /// One supported command, as COMMAND describes it.
-struct Spec {
+pub(super) struct Spec {
     /// Lower-case name, as Redis prints it in errors.
-    name: &'static str,
+    pub(super) name: &'static str,
     /// Redis arity: N exactly N arguments (with the name), -N at least N.
-    arity: i64,
+    pub(super) arity: i64,
     class: Class,
     /// COMMAND's flags.
     flags: &'static [&'static str],
     /// First key, last key (-1: the last argument), step; 0 0 0 without keys.
-    keys: (i64, i64, i64),
+    pub(super) keys: (i64, i64, i64),
 }
 
 const RO: &[&str] = &["readonly", "fast"];
@@ -119,6 +123,41 @@ const COMMANDS: &[Spec] = &[
     spec("wait", 3, Class::Read, &[], (0, 0, 0)),
     spec("role", 1, Class::Read, ADMIN, (0, 0, 0)),
     spec("dkvs.version", 2, Class::Read, RO, (1, 1, 1)),
+    spec("getdel", 2, Class::Write, &["write", "fast"], (1, 1, 1)),
+    // Answered by `multi.rs` before `Session::run`; listed for COMMAND and the classes.
+    spec("multi", 1, Class::Free, &["fast", "allow_busy"], (0, 0, 0)),
+    spec("exec", 1, Class::Write, &["skip_slowlog"], (0, 0, 0)),
+    spec(
+        "discard",
+        1,
+        Class::Free,
+        &["fast", "allow_busy"],
+        (0, 0, 0),
+    ),
+    spec(
+        "watch",
+        -2,
+        Class::Read,
+        &["fast", "allow_busy"],
+        (1, -1, 1),
+    ),
+    spec(
+        "unwatch",
+        1,
+        Class::Free,
+        &["fast", "allow_busy"],
+        (0, 0, 0),
+    ),
+    spec("expire", -3, Class::Write, &["write", "fast"], (1, 1, 1)),
+    spec("pexpire", -3, Class::Write, &["write", "fast"], (1, 1, 1)),
+    spec("expireat", -3, Class::Write, &["write", "fast"], (1, 1, 1)),
+    spec("pexpireat", -3, Class::Write, &["write", "fast"], (1, 1, 1)),
+    spec("persist", 2, Class::Write, &["write", "fast"], (1, 1, 1)),
+    spec("getex", -2, Class::Write, &["write", "fast"], (1, 1, 1)),
+    spec("ttl", 2, Class::Read, RO, (1, 1, 1)),
+    spec("pttl", 2, Class::Read, RO, (1, 1, 1)),
+    spec("expiretime", 2, Class::Read, RO, (1, 1, 1)),
+    spec("pexpiretime", 2, Class::Read, RO, (1, 1, 1)),
 ];
 
 const fn spec(
@@ -137,14 +176,14 @@ const fn spec(
     }
 }
 
-fn lookup(name: &[u8]) -> Option<&'static Spec> {
+pub(super) fn lookup(name: &[u8]) -> Option<&'static Spec> {
     COMMANDS
         .iter()
         .find(|s| s.name.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// What executing a command did.
-enum Exec {
+pub(super) enum Exec {
     /// The reply is written.
     Done,
     /// The writes joined the batch; the reply comes with their outcome.
@@ -172,6 +211,7 @@ impl Connection {
                 name,
                 scratch,
                 id,
+                multi,
             } = state;
             let (args, used) = match decode_command(buffered, max_bulk, scratch) {
                 Ok(RespDecoded::Command { args, used }) => (args, used),
@@ -215,13 +255,34 @@ impl Connection {
                 }
                 _ => {}
             }
-            // Replies that are ready while earlier writes are pending wait in line behind them.
-            let mut parked = Vec::new();
-            let out = if may_wait { &mut parked } else { output };
             let target = ReplyTarget::Tcp {
                 key: self.key,
                 conn_id: self.conn_id,
             };
+            let mut conn = Conn {
+                core: &mut *core,
+                enc: &mut *encoder,
+                name: &mut *name,
+                id: *id,
+                target,
+                pending: &mut self.pending,
+                output: &mut *output,
+            };
+            match intercept(multi, &mut conn, &args, spec) {
+                Intercept::Run => {}
+                Intercept::Answered => {
+                    core.resp_commands += 1;
+                    self.io.consume(used);
+                    continue;
+                }
+                Intercept::WaitKey => {
+                    core.key_waiters.push(self.key);
+                    return Stop::Waiting;
+                }
+            }
+            // Replies that are ready while earlier writes are pending wait in line behind them.
+            let mut parked = Vec::new();
+            let out = if may_wait { &mut parked } else { output };
             let mut session = Session {
                 core,
                 enc: encoder,
@@ -229,6 +290,7 @@ impl Connection {
                 id: *id,
                 target,
                 out,
+                in_exec: false,
             };
             let exec = match spec {
                 Some(spec) => session.run(spec, &args),
@@ -267,13 +329,24 @@ impl Connection {
 }
 
 /// What a command runs with.
-struct Session<'a> {
-    core: &'a mut Core,
-    enc: &'a mut Encoder,
-    name: &'a mut Option<Vec<u8>>,
-    id: u64,
-    target: ReplyTarget,
-    out: &'a mut Vec<u8>,
+pub(super) struct Session<'a> {
+    pub(super) core: &'a mut Core,
+    pub(super) enc: &'a mut Encoder,
+    pub(super) name: &'a mut Option<Vec<u8>>,
+    pub(super) id: u64,
+    pub(super) target: ReplyTarget,
+    pub(super) out: &'a mut Vec<u8>,
+    /// Running a queued command of EXEC: every key it touches was settled when
+    /// EXEC started, so reads see the store plus this EXEC's earlier writes.
+    pub(super) in_exec: bool,
+}
+
+/// [`Session::read`], borrowing only the core (so the output stays writable).
+fn read_in<'c>(core: &'c Core, key: &[u8], in_exec: bool) -> Option<&'c [u8]> {
+    if in_exec && let Latest::Known(value) = core.latest_with(key, true) {
+        return value;
+    }
+    core.store.get(key).map(|(v, _)| v)
 }
 
 fn upper(arg: &[u8]) -> Vec<u8> {
@@ -287,8 +360,6 @@ fn text(arg: &[u8]) -> String {
 const NOT_AN_INTEGER: &str = "ERR value is not an integer or out of range";
 const SYNTAX: &str = "ERR syntax error";
 const READONLY: &str = "READONLY You can't write against a read only replica.";
-const EXPIRY_UNSUPPORTED: &str =
-    "ERR expiry (EX, PX, EXAT, PXAT, KEEPTTL) is not supported by dkvs yet: keys do not expire";
 const TOO_BIG: &str = "ERR string exceeds maximum allowed size (proto-max-bulk-len)";
 
 impl Session<'_> {
@@ -370,6 +441,14 @@ impl Session<'_> {
         Exec::Pending(client)
     }
 
+    /// A PUT that leaves the key with `deadline` (unix ms; `None`: none).
+    fn put_until(key: &[u8], value: &[u8], deadline: Option<u64>) -> WriteOp {
+        match deadline {
+            Some(at) => WriteOp::put_expiring(key, value, at),
+            None => Session::put(key, value),
+        }
+    }
+
     fn put(key: &[u8], value: &[u8]) -> WriteOp {
         WriteOp {
             kind: OpKind::Put,
@@ -378,7 +457,7 @@ impl Session<'_> {
         }
     }
 
-    fn run(&mut self, spec: &Spec, args: &[&[u8]]) -> Exec {
+    pub(super) fn run(&mut self, spec: &Spec, args: &[&[u8]]) -> Exec {
         let n = args.len() as i64;
         if (spec.arity > 0 && n != spec.arity) || (spec.arity < 0 && n < -spec.arity) {
             return self.wrong_arity(spec.name);
@@ -436,15 +515,17 @@ impl Session<'_> {
             "mget" => {
                 self.enc.array(self.out, args.len() - 1);
                 for key in &args[1..] {
-                    let value = self.core.store.get(key).map(|(v, _)| v);
+                    let value = read_in(self.core, key, self.in_exec);
                     self.enc.opt_bulk(self.out, value);
                 }
                 Exec::Done
             }
             "del" => {
+                // An expired key still held is already absent: DEL does not count it
+                // (the master's expiry deletes it).
                 let ops: Vec<WriteOp> = args[1..]
                     .iter()
-                    .filter(|k| self.key_error(k).is_none())
+                    .filter(|k| self.key_error(k).is_none() && !self.core.expired_but_held(k))
                     .map(|k| WriteOp {
                         kind: OpKind::Delete,
                         key: k.to_vec(),
@@ -457,14 +538,23 @@ impl Session<'_> {
                 self.submit(ops, RespWriteReply::Changed)
             }
             "exists" => {
-                let found = args[1..]
-                    .iter()
-                    .filter(|k| self.core.store.get(k).is_some())
-                    .count();
+                let found = args[1..].iter().filter(|k| self.read(k).is_some()).count();
                 self.int(found as i64)
             }
-            "getset" => self.set_with(args[1], args[2], SetMode::Always, SetReply::Old),
-            "setnx" => self.set_with(args[1], args[2], SetMode::IfAbsent, SetReply::OneZero),
+            "getset" => self.set_with(
+                args[1],
+                args[2],
+                SetMode::Always,
+                SetReply::Old,
+                Expiry::None,
+            ),
+            "setnx" => self.set_with(
+                args[1],
+                args[2],
+                SetMode::IfAbsent,
+                SetReply::OneZero,
+                Expiry::None,
+            ),
             "append" => self.append(args[1], args[2]),
             "strlen" => {
                 let len = self.core.store.get(args[1]).map_or(0, |(v, _)| v.len());
@@ -531,6 +621,17 @@ impl Session<'_> {
             "auth" => self.auth(&args[1..]),
             "wait" => self.wait(args),
             "role" => self.role(),
+            "getdel" => self.getdel(args[1]),
+            "expire" => self.expire(args, 1000, false),
+            "pexpire" => self.expire(args, 1, false),
+            "expireat" => self.expire(args, 1000, true),
+            "pexpireat" => self.expire(args, 1, true),
+            "persist" => self.persist(args[1]),
+            "getex" => self.getex(args),
+            "ttl" | "pttl" | "expiretime" | "pexpiretime" => {
+                let n = self.ttl_reply(args[1], spec.name);
+                self.int(n)
+            }
             "dkvs.version" => {
                 match self.core.store.get(args[1]) {
                     Some((_, version)) => self.enc.int(self.out, version as i64),
@@ -546,45 +647,111 @@ impl Session<'_> {
     }
 
     fn get(&mut self, key: &[u8]) -> Exec {
-        let value = self.core.store.get(key).map(|(v, _)| v);
+        let value = read_in(self.core, key, self.in_exec);
         self.enc.opt_bulk(self.out, value);
         Exec::Done
+    }
+
+    /// The latest value of `key` for a read-modify-write command; inside EXEC,
+    /// counting the writes of the commands before it.
+    fn latest(&self, key: &[u8]) -> Latest<'_> {
+        self.core.latest_with(key, self.in_exec)
+    }
+
+    /// The value a read sees: the store's, or inside EXEC also the writes of
+    /// the commands before it (all in the current batch, none undecided
+    /// elsewhere: EXEC checked).
+    fn read(&self, key: &[u8]) -> Option<&[u8]> {
+        read_in(self.core, key, self.in_exec)
     }
 
     fn set(&mut self, args: &[&[u8]]) -> Exec {
         let mut mode = SetMode::Always;
         let mut style = SetReply::OkOrNull;
-        for option in &args[3..] {
+        let mut expiry = Expiry::None;
+        let mut options = args[3..].iter();
+        while let Some(option) = options.next() {
             let option = upper(option);
             match option.as_slice() {
                 b"NX" if mode == SetMode::Always => mode = SetMode::IfAbsent,
                 b"XX" if mode == SetMode::Always => mode = SetMode::IfPresent,
                 b"GET" => style = SetReply::Old,
-                b"EX" | b"PX" | b"EXAT" | b"PXAT" | b"KEEPTTL" => {
-                    return self.error(EXPIRY_UNSUPPORTED);
+                b"KEEPTTL" if expiry == Expiry::None => expiry = Expiry::Keep,
+                b"EX" | b"PX" | b"EXAT" | b"PXAT" if expiry == Expiry::None => {
+                    let Some(n) = options.next() else {
+                        return self.error(SYNTAX);
+                    };
+                    let Some(n) = parse_i64(n) else {
+                        return self.error(NOT_AN_INTEGER);
+                    };
+                    let (unit, absolute) = match option.as_slice() {
+                        b"EX" => (1000, false),
+                        b"PX" => (1, false),
+                        b"EXAT" => (1000, true),
+                        _ => (1, true),
+                    };
+                    match self.deadline_of(n, unit, absolute) {
+                        Some(at) if n > 0 => expiry = Expiry::At(at),
+                        _ => return self.error("ERR invalid expire time in 'set' command"),
+                    }
                 }
                 _ => return self.error(SYNTAX),
             }
         }
-        self.set_with(args[1], args[2], mode, style)
+        self.set_with(args[1], args[2], mode, style, expiry)
     }
 
-    /// SET and its relatives: write `value` under the condition and answer in `style`.
-    fn set_with(&mut self, key: &[u8], value: &[u8], mode: SetMode, style: SetReply) -> Exec {
+    /// The deadline (unix ms) `n` units from now, or at `n` units since the
+    /// epoch; `None` if it overflows. Computed on the master's clock.
+    fn deadline_of(&self, n: i64, unit_ms: i64, absolute: bool) -> Option<u64> {
+        let ms = n.checked_mul(unit_ms)?;
+        let base = if absolute {
+            0
+        } else {
+            i64::try_from(self.core.store.now_ms()).ok()?
+        };
+        // A deadline at or before the epoch is simply in the past: 1 ms.
+        Some(u64::try_from(base.checked_add(ms)?).unwrap_or(0).max(1))
+    }
+
+    /// SET and its relatives: write `value` under the condition and answer in
+    /// `style`, leaving the key with `expiry`.
+    fn set_with(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        mode: SetMode,
+        style: SetReply,
+        expiry: Expiry,
+    ) -> Exec {
         if let Some(e) = self.key_error(key) {
             return self.error(e);
         }
         if !self.value_ok(value) {
             return self.error(TOO_BIG);
         }
+        let deadline = match expiry {
+            Expiry::None => None,
+            Expiry::At(at) => Some(at),
+            // The deadline the key has now, read from settled state.
+            Expiry::Keep => match self.core.settled_version(key) {
+                Settled::Undecided => return Exec::WaitKey,
+                Settled::Version(None) => None,
+                Settled::Version(Some(_)) => self.core.store.deadline(key),
+            },
+        };
         match (mode, style) {
             (SetMode::Always, SetReply::OkOrNull) => {
                 return self.submit(
-                    std::iter::once(Session::put(key, value)),
+                    std::iter::once(Session::put_until(key, value, deadline)),
                     RespWriteReply::Ok,
                 );
             }
-            (SetMode::IfPresent, SetReply::OkOrNull) => {
+            // An expired key the master still holds is absent to SET XX: the
+            // read-modify-write path below sees it so; an UPDATE would revive it.
+            (SetMode::IfPresent, SetReply::OkOrNull)
+                if deadline.is_none() && !self.in_exec && !self.core.expired_but_held(key) =>
+            {
                 // UPDATE is conditional on every replica alike: no read needed.
                 let update = WriteOp {
                     kind: OpKind::Update,
@@ -595,7 +762,7 @@ impl Session<'_> {
             }
             _ => {}
         }
-        let old = match self.core.latest(key) {
+        let old = match self.latest(key) {
             Latest::Known(old) => old.map(<[u8]>::to_vec),
             Latest::InFlight => return Exec::WaitKey,
         };
@@ -617,14 +784,175 @@ impl Session<'_> {
             SetReply::OneZero => RespWriteReply::Int(1),
             SetReply::OkOrNull => RespWriteReply::Ok,
         };
-        self.submit(std::iter::once(Session::put(key, value)), reply)
+        self.submit(
+            std::iter::once(Session::put_until(key, value, deadline)),
+            reply,
+        )
+    }
+
+    /// GETDEL: the value, and the key deleted.
+    fn getdel(&mut self, key: &[u8]) -> Exec {
+        let old = match self.latest(key) {
+            Latest::Known(old) => old.map(<[u8]>::to_vec),
+            Latest::InFlight => return Exec::WaitKey,
+        };
+        let Some(old) = old else {
+            self.enc.null(self.out);
+            return Exec::Done;
+        };
+        let delete = WriteOp {
+            kind: OpKind::Delete,
+            key: key.to_vec(),
+            value: Vec::new(),
+        };
+        self.submit(std::iter::once(delete), RespWriteReply::Bulk(Some(old)))
+    }
+
+    /// TTL, PTTL, EXPIRETIME, PEXPIRETIME: -2 absent, -1 no deadline, else the
+    /// time left (TTL rounds to the nearest second, as Redis) or the deadline.
+    fn ttl_reply(&self, key: &[u8], name: &str) -> i64 {
+        if self.core.store.get(key).is_none() {
+            return -2;
+        }
+        let Some(at) = self.core.store.deadline(key) else {
+            return -1;
+        };
+        let left = at.saturating_sub(self.core.store.now_ms());
+        let n = match name {
+            "ttl" => (left + 500) / 1000,
+            "pttl" => left,
+            "expiretime" => at / 1000,
+            _ => at,
+        };
+        i64::try_from(n).unwrap_or(i64::MAX)
+    }
+
+    /// EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT key n [NX|XX|GT|LT]: 1 if the deadline was set.
+    fn expire(&mut self, args: &[&[u8]], unit_ms: i64, absolute: bool) -> Exec {
+        let key = args[1];
+        if let Some(e) = self.key_error(key) {
+            return self.error(e);
+        }
+        let Some(n) = parse_i64(args[2]) else {
+            return self.error(NOT_AN_INTEGER);
+        };
+        let mut condition = None;
+        for option in &args[3..] {
+            let option = upper(option);
+            match (option.as_slice(), condition) {
+                (b"NX" | b"XX" | b"GT" | b"LT", None) => condition = Some(option),
+                (b"NX" | b"XX" | b"GT" | b"LT", Some(_)) => {
+                    return self.error(
+                        "ERR NX and XX, GT or LT options at the same time are not compatible",
+                    );
+                }
+                _ => {
+                    let option = text(&option);
+                    return self.error(&format!("ERR Unsupported option {option}"));
+                }
+            }
+        }
+        let Some(at) = self.deadline_of(n, unit_ms, absolute) else {
+            let name = args[0].to_ascii_lowercase();
+            let name = text(&name);
+            return self.error(&format!("ERR invalid expire time in '{name}' command"));
+        };
+        match self.core.settled_version(key) {
+            Settled::Undecided => return Exec::WaitKey,
+            Settled::Version(None) => return self.int(0),
+            Settled::Version(Some(_)) => {}
+        }
+        let current = self.core.store.deadline(key);
+        // No deadline counts as infinite for GT and LT, as in Redis.
+        let allowed = match condition.as_deref() {
+            Some(b"NX") => current.is_none(),
+            Some(b"XX") => current.is_some(),
+            Some(b"GT") => current.is_some_and(|c| at > c),
+            Some(b"LT") => current.is_none_or(|c| at < c),
+            _ => true,
+        };
+        if !allowed {
+            return self.int(0);
+        }
+        let op = if at <= self.core.store.now_ms() {
+            // A deadline in the past deletes the key, as Redis does.
+            WriteOp {
+                kind: OpKind::Delete,
+                key: key.to_vec(),
+                value: Vec::new(),
+            }
+        } else {
+            WriteOp::expire(key, Some(at))
+        };
+        self.submit(std::iter::once(op), RespWriteReply::Int(1))
+    }
+
+    /// PERSIST: 1 if a deadline was removed.
+    fn persist(&mut self, key: &[u8]) -> Exec {
+        match self.core.settled_version(key) {
+            Settled::Undecided => return Exec::WaitKey,
+            Settled::Version(None) => return self.int(0),
+            Settled::Version(Some(_)) => {}
+        }
+        if self.core.store.deadline(key).is_none() {
+            return self.int(0);
+        }
+        self.submit(
+            std::iter::once(WriteOp::expire(key, None)),
+            RespWriteReply::Int(1),
+        )
+    }
+
+    /// GETEX key [EX s|PX ms|EXAT t|PXAT t|PERSIST]: the value, the deadline changed.
+    fn getex(&mut self, args: &[&[u8]]) -> Exec {
+        let key = args[1];
+        let change = match args.len() {
+            2 => None,
+            3 if args[2].eq_ignore_ascii_case(b"persist") => Some(None),
+            4 => {
+                let option = upper(args[2]);
+                let (unit, absolute) = match option.as_slice() {
+                    b"EX" => (1000, false),
+                    b"PX" => (1, false),
+                    b"EXAT" => (1000, true),
+                    b"PXAT" => (1, true),
+                    _ => return self.error(SYNTAX),
+                };
+                let Some(n) = parse_i64(args[3]) else {
+                    return self.error(NOT_AN_INTEGER);
+                };
+                match self.deadline_of(n, unit, absolute) {
+                    Some(at) if n > 0 => Some(Some(at)),
+                    _ => return self.error("ERR invalid expire time in 'getex' command"),
+                }
+            }
+            _ => return self.error(SYNTAX),
+        };
+        let value = match self.core.settled_version(key) {
+            Settled::Undecided => return Exec::WaitKey,
+            Settled::Version(None) => None,
+            Settled::Version(Some(_)) => self.core.store.get(key).map(|(v, _)| v.to_vec()),
+        };
+        let (Some(value), Some(deadline)) = (value.as_deref(), change) else {
+            self.enc.opt_bulk(self.out, value.as_deref());
+            return Exec::Done;
+        };
+        if deadline.is_none() && self.core.store.deadline(key).is_none() {
+            self.enc.bulk(self.out, value);
+            return Exec::Done;
+        }
+        let op = WriteOp::expire(key, deadline);
+        self.submit(
+            std::iter::once(op),
+            RespWriteReply::Bulk(Some(value.to_vec())),
+        )
     }
 
     fn incr_by(&mut self, key: &[u8], by: i64) -> Exec {
         if let Some(e) = self.key_error(key) {
             return self.error(e);
         }
-        let current = match self.core.latest(key) {
+        let current = match self.latest(key) {
             Latest::Known(None) => 0,
             Latest::Known(Some(value)) => match parse_i64(value) {
                 Some(n) => n,
@@ -646,7 +974,7 @@ impl Session<'_> {
         if let Some(e) = self.key_error(key) {
             return self.error(e);
         }
-        let mut value = match self.core.latest(key) {
+        let mut value = match self.latest(key) {
             Latest::Known(old) => old.map(<[u8]>::to_vec).unwrap_or_default(),
             Latest::InFlight => return Exec::WaitKey,
         };
@@ -679,7 +1007,7 @@ impl Session<'_> {
         }
         if only_if_none {
             for (key, _) in &pairs {
-                match self.core.latest(key) {
+                match self.latest(key) {
                     Latest::Known(None) => {}
                     Latest::Known(Some(_)) => return self.int(0),
                     Latest::InFlight => return Exec::WaitKey,
@@ -844,7 +1172,12 @@ impl Session<'_> {
             b"SET" => {
                 self.error("ERR CONFIG SET is not supported by dkvs: use its command-line flags")
             }
-            b"RESETSTAT" => self.ok(),
+            b"RESETSTAT" => {
+                // The one statistic a measurement needs to start afresh (bench-expiry.py).
+                self.core.stats.longest_turn_us = 0;
+                self.core.stats.longest_sweep_us = 0;
+                self.ok()
+            }
             _ => self.unknown_subcommand("config", args[1]),
         }
     }
@@ -1178,7 +1511,11 @@ impl Session<'_> {
                 "keyspace" if !core.store.is_empty() => {
                     line(
                         "db0",
-                        &format!("keys={},expires=0,avg_ttl=0", core.store.len()),
+                        &format!(
+                            "keys={},expires={},avg_ttl=0",
+                            core.store.len(),
+                            core.store.expiring()
+                        ),
                     );
                 }
                 _ => {}
@@ -1194,6 +1531,17 @@ enum SetMode {
     Always,
     IfAbsent,
     IfPresent,
+}
+
+/// The deadline a SET leaves its key with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    /// None: a SET clears any deadline (as in Redis).
+    None,
+    /// This deadline, unix ms (EX, PX, EXAT, PXAT).
+    At(u64),
+    /// The key's current one (KEEPTTL).
+    Keep,
 }
 
 /// How SET-like commands answer.

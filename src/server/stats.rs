@@ -9,6 +9,9 @@ use crate::store::Store;
 
 use super::limits::InputBudget;
 
+/// Counter slots per opcode byte (client opcodes are 0x01..=0x0A).
+const OP_SLOTS: usize = 16;
+
 /// Default server-wide budget for bytes held in partial frames.
 pub const DEFAULT_INPUT_BUDGET_BYTES: usize = 256 << 20;
 
@@ -17,7 +20,7 @@ pub const DEFAULT_INPUT_BUDGET_BYTES: usize = 256 << 20;
 pub struct Stats {
     started: Instant,
     /// Requests served, indexed by opcode byte.
-    ops: [u64; 7],
+    ops: [u64; OP_SLOTS],
     /// Requests rejected for a protocol error.
     pub protocol_errors: u64,
     /// TCP connections accepted since start.
@@ -44,6 +47,10 @@ pub struct Stats {
     pub connections_refused: u64,
     /// Longest time between two polls of the reactor since start, microseconds.
     pub longest_turn_us: u64,
+    /// Expired keys the master's sweep deleted (replicated deletions).
+    pub expired_keys: u64,
+    /// Longest single step of the expiry sweep, microseconds.
+    pub longest_sweep_us: u64,
     /// Connections closed by the idle timeout.
     pub connections_closed_idle: u64,
     /// Connections closed because a frame took longer than the frame timeout to arrive.
@@ -60,7 +67,7 @@ impl Default for Stats {
     fn default() -> Stats {
         Stats {
             started: Instant::now(),
-            ops: [0; 7],
+            ops: [0; OP_SLOTS],
             protocol_errors: 0,
             connections_accepted: 0,
             connections_open: 0,
@@ -74,6 +81,8 @@ impl Default for Stats {
             udp_replies_limited: 0,
             connections_refused: 0,
             longest_turn_us: 0,
+            expired_keys: 0,
+            longest_sweep_us: 0,
             connections_closed_idle: 0,
             connections_closed_slow_frame: 0,
             input_budget: Rc::new(InputBudget::new(DEFAULT_INPUT_BUDGET_BYTES)),
@@ -86,7 +95,10 @@ impl Default for Stats {
 impl Stats {
     /// Count one request of `op`.
     pub fn count(&mut self, op: Opcode) {
-        self.ops[op as usize] += 1;
+        // Every opcode is below OP_SLOTS (a unit test checks); a miss is not worth a panic.
+        if let Some(n) = self.ops.get_mut(op as usize) {
+            *n += 1;
+        }
     }
 
     /// Seconds since the server started.
@@ -117,8 +129,15 @@ impl Stats {
             Opcode::Delete,
             Opcode::Ping,
             Opcode::Stats,
+            Opcode::Txn,
+            Opcode::PutExpiring,
+            Opcode::Expire,
+            Opcode::Ttl,
         ] {
-            line(&format!("ops_{}", op.name()), &self.ops[op as usize]);
+            line(
+                &format!("ops_{}", op.name()),
+                &self.ops.get(op as usize).unwrap_or(&0),
+            );
         }
         line("protocol_errors", &self.protocol_errors);
         line("connections_accepted", &self.connections_accepted);
@@ -133,6 +152,9 @@ impl Stats {
         line("udp_replies_limited", &self.udp_replies_limited);
         line("connections_refused", &self.connections_refused);
         line("longest_turn_us", &self.longest_turn_us);
+        line("keys_with_deadline", &store.expiring());
+        line("expired_keys", &self.expired_keys);
+        line("longest_sweep_us", &self.longest_sweep_us);
         line("connections_closed_idle", &self.connections_closed_idle);
         line(
             "connections_closed_slow_frame",
@@ -174,5 +196,19 @@ mod tests {
             "x\\x0arole\\x20slave\\x20state=in-sync"
         );
         assert_eq!(printable("a\\b\u{e9}"), "a\\x5cb\\xc3\\xa9");
+    }
+}
+
+#[cfg(test)]
+mod op_slot_tests {
+    use super::*;
+
+    #[test]
+    fn every_client_opcode_has_a_counter() {
+        for byte in 0..=255u8 {
+            if let Some(op) = Opcode::from_u8(byte) {
+                assert!((op as usize) < OP_SLOTS, "{op:?}");
+            }
+        }
     }
 }

@@ -328,6 +328,11 @@ impl UdpService {
         }
         let target = ReplyTarget::Udp { from, fingerprint };
         let outcome = core.execute(request, request_id, target, &mut self.reply);
+        if outcome == Outcome::WaitKey {
+            // A datagram cannot be parked like a stream: no reply and no cache
+            // entry, so the client's retry (same id) executes it afresh.
+            return;
+        }
         if fit_reply(core, &mut self.reply, max_reply) {
             core.stats.udp_replies_limited += 1;
         }
@@ -338,6 +343,7 @@ impl UdpService {
                         .answer((from, request_id), fingerprint, &self.reply)
                 }
                 Outcome::Pending(_) => self.cache.start((from, request_id), fingerprint, max_reply),
+                Outcome::WaitKey => {}
             }
         }
     }

@@ -101,6 +101,13 @@ impl Block {
         }
     }
 
+    /// Change the version alone (EXPIRE and PERSIST change a key's state, not its value).
+    pub fn set_version(&mut self, version: u64) {
+        // SAFETY: the allocation is 8-aligned and starts with the version; `&mut self`
+        // owns it exclusively.
+        unsafe { self.0.as_ptr().cast::<u64>().write(version) }
+    }
+
     /// Overwrite the value in place when the length is unchanged; `false` otherwise.
     pub fn overwrite(&mut self, value: &[u8], version: u64) -> bool {
         if value.len() != self.value_len() {

@@ -37,6 +37,23 @@ pub enum Write<'a> {
         /// Key to remove.
         key: &'a [u8],
     },
+    /// Create or replace, expiring at an absolute deadline.
+    PutExpiring {
+        /// Key to write.
+        key: &'a [u8],
+        /// New value.
+        value: &'a [u8],
+        /// Unix time in milliseconds from which the key reads as absent (> 0).
+        deadline_ms: u64,
+    },
+    /// Set (or with `None` remove) the deadline of a key, only if present.
+    /// The key's version becomes the write's: its state changed.
+    Expire {
+        /// Key whose deadline changes.
+        key: &'a [u8],
+        /// The new deadline, unix ms; `None`: never expire (PERSIST).
+        deadline_ms: Option<u64>,
+    },
 }
 
 /// What applying a write did.
@@ -61,6 +78,15 @@ pub const SHARDS: usize = 4096;
 /// time, between turns of the reactor, instead of in one long pause.
 pub struct Store {
     shards: Vec<HashTable<Block>>,
+    /// Per shard, the keys that expire with their deadline (unix ms). Kept
+    /// apart from the blocks: a key without a deadline pays nothing, and the
+    /// sweep walks only keys that can expire.
+    deadlines: Vec<HashTable<(Box<[u8]>, u64)>>,
+    /// Entries in `deadlines`.
+    expiring: usize,
+    /// The wall clock (unix ms) reads compare deadlines with; set by the
+    /// server each turn. 0 (the default) expires nothing.
+    now_ms: u64,
     hasher: RandomState,
     len: usize,
     /// Sum of key and value bytes, for STATS.
@@ -71,6 +97,9 @@ impl Default for Store {
     fn default() -> Store {
         Store {
             shards: (0..SHARDS).map(|_| HashTable::new()).collect(),
+            deadlines: (0..SHARDS).map(|_| HashTable::new()).collect(),
+            expiring: 0,
+            now_ms: 0,
             hasher: RandomState::default(),
             len: 0,
             data_bytes: 0,
@@ -109,12 +138,104 @@ impl Store {
         Store::shard_index(self.hash(key))
     }
 
-    /// The value and version of `key`.
+    /// The value and version of `key`; a key whose deadline has passed reads as
+    /// absent (it is still held until the master replicates its deletion).
     pub fn get(&self, key: &[u8]) -> Option<(&[u8], u64)> {
+        let hash = self.hash(key);
+        let found = self.shards[Store::shard_index(hash)]
+            .find(hash, |b| b.key() == key)
+            .map(|b| (b.value(), b.version()))?;
+        if self.expiring > 0
+            && self
+                .deadline_hashed(hash, key)
+                .is_some_and(|d| d <= self.now_ms)
+        {
+            return None;
+        }
+        Some(found)
+    }
+
+    /// The value and version of `key` whether or not its deadline has passed.
+    pub fn get_held(&self, key: &[u8]) -> Option<(&[u8], u64)> {
         let hash = self.hash(key);
         self.shards[Store::shard_index(hash)]
             .find(hash, |b| b.key() == key)
             .map(|b| (b.value(), b.version()))
+    }
+
+    /// Set the clock reads compare deadlines with (unix ms).
+    pub fn set_now_ms(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+    }
+
+    /// The clock reads compare deadlines with (unix ms).
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    /// Keys that carry a deadline (expired or not).
+    pub fn expiring(&self) -> usize {
+        self.expiring
+    }
+
+    /// The deadline of `key` (unix ms), if it has one.
+    pub fn deadline(&self, key: &[u8]) -> Option<u64> {
+        if self.expiring == 0 {
+            return None;
+        }
+        self.deadline_hashed(self.hash(key), key)
+    }
+
+    fn deadline_hashed(&self, hash: u64, key: &[u8]) -> Option<u64> {
+        self.deadlines[Store::shard_index(hash)]
+            .find(hash, |(k, _)| &k[..] == key)
+            .map(|(_, d)| *d)
+    }
+
+    /// Give `key` the deadline `deadline_ms` (`None`: none). The key must be held.
+    pub fn set_deadline(&mut self, key: &[u8], deadline_ms: Option<u64>) {
+        let hash = self.hash(key);
+        let hasher = &self.hasher;
+        let table = &mut self.deadlines[Store::shard_index(hash)];
+        match (
+            table.entry(
+                hash,
+                |(k, _)| &k[..] == key,
+                |(k, _)| hasher.hash_one(&k[..]),
+            ),
+            deadline_ms,
+        ) {
+            (TableEntry::Occupied(mut entry), Some(d)) => entry.get_mut().1 = d,
+            (TableEntry::Occupied(entry), None) => {
+                entry.remove();
+                self.expiring -= 1;
+            }
+            (TableEntry::Vacant(entry), Some(d)) => {
+                entry.insert((key.into(), d));
+                self.expiring += 1;
+            }
+            (TableEntry::Vacant(_), None) => {}
+        }
+    }
+
+    /// Keys of one shard whose deadline is at or before `now_ms` (the sweep).
+    pub fn expired_in_shard(&self, shard: usize, now_ms: u64) -> impl Iterator<Item = &[u8]> {
+        self.deadlines[shard]
+            .iter()
+            .filter(move |(_, d)| *d <= now_ms)
+            .map(|(k, _)| &k[..])
+    }
+
+    /// Keys with a deadline in one shard (the sweep's bound on work).
+    pub fn expiring_in_shard(&self, shard: usize) -> usize {
+        self.deadlines[shard].len()
+    }
+
+    /// A write without a deadline leaves the key without one (as Redis's SET).
+    fn forget_deadline(&mut self, key: &[u8]) {
+        if self.expiring > 0 {
+            self.set_deadline(key, None);
+        }
     }
 
     /// Apply one write at `version`; UPDATE and DELETE of an absent key change nothing.
@@ -122,7 +243,28 @@ impl Store {
         match write {
             Write::Put { key, value } => {
                 self.set(key, value, version);
+                self.forget_deadline(key);
                 Applied::Changed(version)
+            }
+            Write::PutExpiring {
+                key,
+                value,
+                deadline_ms,
+            } => {
+                self.set(key, value, version);
+                self.set_deadline(key, Some(deadline_ms));
+                Applied::Changed(version)
+            }
+            Write::Expire { key, deadline_ms } => {
+                let hash = self.hash(key);
+                match self.shards[Store::shard_index(hash)].find_mut(hash, |b| b.key() == key) {
+                    Some(block) => {
+                        block.set_version(version);
+                        self.set_deadline(key, deadline_ms);
+                        Applied::Changed(version)
+                    }
+                    None => Applied::NotFound,
+                }
             }
             Write::Update { key, value } => {
                 let hash = self.hash(key);
@@ -132,6 +274,7 @@ impl Store {
                         if !block.overwrite(value, version) {
                             *block = Block::new(key, value, version);
                         }
+                        self.forget_deadline(key);
                         Applied::Changed(version)
                     }
                     None => Applied::NotFound,
@@ -144,6 +287,7 @@ impl Store {
                         let (block, _) = entry.remove();
                         self.len -= 1;
                         self.data_bytes -= key.len() + block.value().len();
+                        self.forget_deadline(key);
                         Applied::Changed(version)
                     }
                     Err(_) => Applied::NotFound,
@@ -183,6 +327,10 @@ impl Store {
         for shard in &mut self.shards {
             *shard = HashTable::new();
         }
+        for shard in &mut self.deadlines {
+            *shard = HashTable::new();
+        }
+        self.expiring = 0;
         self.len = 0;
         self.data_bytes = 0;
     }
@@ -264,6 +412,71 @@ mod tests {
     }
 
     #[test]
+    fn deadlines_hide_keys_once_passed_and_writes_clear_them() {
+        let mut store = Store::new();
+        let put = Write::PutExpiring {
+            key: b"k",
+            value: b"v",
+            deadline_ms: 1000,
+        };
+        assert_eq!(store.apply(put, 1), Applied::Changed(1));
+        assert_eq!((store.deadline(b"k"), store.expiring()), (Some(1000), 1));
+        store.set_now_ms(999);
+        assert_eq!(store.get(b"k"), Some((&b"v"[..], 1)));
+        store.set_now_ms(1000);
+        assert_eq!(store.get(b"k"), None, "expired: reads as absent");
+        assert_eq!(store.get_held(b"k"), Some((&b"v"[..], 1)), "but still held");
+        assert_eq!(
+            store.expired_in_shard(store.shard_of(b"k"), 1000).count(),
+            1
+        );
+        // EXPIRE moves the deadline and the version; PERSIST removes it.
+        let expire = Write::Expire {
+            key: b"k",
+            deadline_ms: Some(5000),
+        };
+        assert_eq!(store.apply(expire, 2), Applied::Changed(2));
+        assert_eq!(store.get(b"k"), Some((&b"v"[..], 2)));
+        let persist = Write::Expire {
+            key: b"k",
+            deadline_ms: None,
+        };
+        assert_eq!(store.apply(persist, 3), Applied::Changed(3));
+        assert_eq!((store.deadline(b"k"), store.expiring()), (None, 0));
+        let absent = Write::Expire {
+            key: b"nope",
+            deadline_ms: Some(1),
+        };
+        assert_eq!(store.apply(absent, 4), Applied::NotFound);
+        // A plain PUT, UPDATE or DELETE leaves no deadline behind.
+        for (i, write) in [
+            Write::Put {
+                key: b"k",
+                value: b"w",
+            },
+            Write::Update {
+                key: b"k",
+                value: b"x",
+            },
+            Write::Delete { key: b"k" },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            store.apply(put, 10 + 2 * i as u64);
+            store.apply(write, 11 + 2 * i as u64);
+            assert_eq!(
+                (store.deadline(b"k"), store.expiring()),
+                (None, 0),
+                "{write:?}"
+            );
+        }
+        store.apply(put, 20);
+        store.clear();
+        assert_eq!(store.expiring(), 0);
+    }
+
+    #[test]
     fn shards_partition_the_keys() {
         let mut store = Store::new();
         for i in 0..100_000u64 {
@@ -340,6 +553,7 @@ mod model_tests {
                     Some(_) => Applied::Changed(version),
                     None => Applied::NotFound,
                 },
+                Write::PutExpiring { .. } | Write::Expire { .. } => unreachable!("not generated"),
             };
             assert_eq!(store.apply(write, version), expected);
             assert_eq!(

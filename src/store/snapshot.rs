@@ -12,6 +12,9 @@ use super::{SHARDS, Store};
 
 /// Bytes before an entry's key: key length u16, value length u32, version u64 (big-endian).
 pub const ENTRY_HEADER_BYTES: usize = 14;
+/// Set in an entry's value length when an 8-byte deadline (unix ms) follows the
+/// version. Free: no value is 2 GiB or longer (the limit is 512 MiB).
+pub const DEADLINE_FLAG: u32 = 1 << 31;
 
 /// One entry as the copy encodes it, borrowed from the copy's buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,15 +25,22 @@ pub struct EntryRef<'a> {
     pub value: &'a [u8],
     /// Version.
     pub version: u64,
+    /// Deadline (unix ms); 0: none.
+    pub deadline_ms: u64,
 }
 
-/// Encode one entry as `[key_len u16][value_len u32][version u64][key][value]`.
-pub fn encode_entry(out: &mut Vec<u8>, key: &[u8], value: &[u8], version: u64) {
+/// Encode one entry as `[key_len u16][value_len u32][version u64][key][value]`,
+/// or with a deadline `[key_len][value_len | DEADLINE_FLAG][version][deadline u64][key][value]`.
+pub fn encode_entry(out: &mut Vec<u8>, key: &[u8], value: &[u8], version: u64, deadline_ms: u64) {
     let mut header = [0u8; ENTRY_HEADER_BYTES];
     BigEndian::write_u16(&mut header[0..2], key.len() as u16);
-    BigEndian::write_u32(&mut header[2..6], value.len() as u32);
+    let flag = if deadline_ms > 0 { DEADLINE_FLAG } else { 0 };
+    BigEndian::write_u32(&mut header[2..6], value.len() as u32 | flag);
     BigEndian::write_u64(&mut header[6..14], version);
     out.extend_from_slice(&header);
+    if deadline_ms > 0 {
+        out.extend_from_slice(&deadline_ms.to_be_bytes());
+    }
     out.extend_from_slice(key);
     out.extend_from_slice(value);
 }
@@ -42,18 +52,26 @@ pub fn decode_entry(bytes: &[u8]) -> Option<(EntryRef<'_>, usize)> {
         return None;
     }
     let key_len = BigEndian::read_u16(&bytes[0..2]) as usize;
-    let value_len = BigEndian::read_u32(&bytes[2..6]) as usize;
+    let raw_len = BigEndian::read_u32(&bytes[2..6]);
+    let value_len = (raw_len & !DEADLINE_FLAG) as usize;
     let version = BigEndian::read_u64(&bytes[6..14]);
-    let key_end = ENTRY_HEADER_BYTES + key_len;
+    let (deadline_ms, key_start) = if raw_len & DEADLINE_FLAG != 0 {
+        let at = bytes.get(ENTRY_HEADER_BYTES..ENTRY_HEADER_BYTES + 8)?;
+        (BigEndian::read_u64(at), ENTRY_HEADER_BYTES + 8)
+    } else {
+        (0, ENTRY_HEADER_BYTES)
+    };
+    let key_end = key_start + key_len;
     let end = key_end.checked_add(value_len)?;
-    if key_len == 0 || bytes.len() < end {
+    if key_len == 0 || bytes.len() < end || (raw_len & DEADLINE_FLAG != 0 && deadline_ms == 0) {
         return None;
     }
     Some((
         EntryRef {
-            key: &bytes[ENTRY_HEADER_BYTES..key_end],
+            key: &bytes[key_start..key_end],
             value: &bytes[key_end..end],
             version,
+            deadline_ms,
         },
         end,
     ))
@@ -99,8 +117,16 @@ impl ShardCopy {
             return;
         }
         self.copied[shard] = true;
+        // Deadlines are looked up only in a shard that has some.
+        let expiring = store.expiring_in_shard(shard) > 0;
         for block in store.iter_shard(shard) {
-            encode_entry(&mut self.bytes, block.key(), block.value(), block.version());
+            let deadline = if expiring {
+                store.deadline(block.key()).unwrap_or(0)
+            } else {
+                0
+            };
+            let (key, value, version) = (block.key(), block.value(), block.version());
+            encode_entry(&mut self.bytes, key, value, version, deadline);
             self.entries += 1;
         }
     }
@@ -227,17 +253,33 @@ mod tests {
     #[test]
     fn entry_codec_refuses_short_and_empty() {
         let mut out = Vec::new();
-        encode_entry(&mut out, b"key", b"value", 9);
+        encode_entry(&mut out, b"key", b"value", 9, 0);
         let (e, used) = decode_entry(&out).expect("decodes");
         assert_eq!(
-            (e.key, e.value, e.version, used),
-            (&b"key"[..], &b"value"[..], 9, out.len())
+            (e.key, e.value, e.version, e.deadline_ms, used),
+            (&b"key"[..], &b"value"[..], 9, 0, out.len())
         );
         for cut in 0..out.len() {
             assert!(decode_entry(&out[..cut]).is_none(), "cut at {cut}");
         }
+        // With a deadline: the flag in the value length, 8 more bytes before the key.
+        let mut timed = Vec::new();
+        encode_entry(&mut timed, b"key", b"value", 9, 77);
+        assert_eq!(timed.len(), out.len() + 8);
+        assert_eq!(timed[2] & 0x80, 0x80);
+        let (e, used) = decode_entry(&timed).expect("decodes");
+        assert_eq!(
+            (e.key, e.value, e.deadline_ms, used),
+            (&b"key"[..], &b"value"[..], 77, timed.len())
+        );
+        for cut in 0..timed.len() {
+            assert!(decode_entry(&timed[..cut]).is_none(), "cut at {cut}");
+        }
+        // The flag with a zero deadline is refused.
+        timed[14..22].fill(0);
+        assert!(decode_entry(&timed).is_none());
         let mut empty = Vec::new();
-        encode_entry(&mut empty, b"", b"v", 1);
+        encode_entry(&mut empty, b"", b"v", 1, 0);
         assert!(decode_entry(&empty).is_none());
     }
 }

@@ -115,6 +115,16 @@ pub fn store_write(op: &WriteOp) -> Option<Write<'_>> {
             value: &op.value,
         },
         OpKind::Delete => Write::Delete { key: &op.key },
+        OpKind::PutExpiring => Write::PutExpiring {
+            key: &op.key,
+            value: op.stored_value(),
+            // Decoding refused a zero deadline; a local op never has one.
+            deadline_ms: op.deadline_ms().max(1),
+        },
+        OpKind::Expire => Write::Expire {
+            key: &op.key,
+            deadline_ms: Some(op.deadline_ms()).filter(|&d| d > 0),
+        },
         OpKind::Clear => return None,
     })
 }

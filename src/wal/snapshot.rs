@@ -19,8 +19,12 @@ use byteorder::{BigEndian, ByteOrder};
 use crate::store::Store;
 use crate::store::snapshot::decode_entry;
 
-/// The first bytes of every snapshot file.
-pub const SNAPSHOT_MAGIC: &[u8; 8] = b"DKVSSNP1";
+/// The first bytes of every snapshot file this build writes. Version 2 entries
+/// may carry a deadline (the flag bit in their value length, `store::snapshot`).
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"DKVSSNP2";
+/// Version 1, written before expiry existed: the same layout, no entry has a
+/// deadline, so it loads with the same decoder.
+const SNAPSHOT_MAGIC_V1: &[u8; 8] = b"DKVSSNP1";
 const HEADER_BYTES: usize = 8 + 8 + 8 + 8 + 4;
 /// Largest block of entries accepted (a block holds whole entries: one largest value fits).
 pub const MAX_BLOCK_BYTES: usize = 32 << 20;
@@ -122,7 +126,7 @@ fn read_header_from(r: &mut impl Read) -> Result<SnapshotHeader, SnapshotError> 
     let mut h = [0u8; HEADER_BYTES];
     read_exact(r, &mut h, 0)?;
     let invalid = |why: String| SnapshotError::Invalid { offset: 0, why };
-    if &h[..8] != SNAPSHOT_MAGIC {
+    if &h[..8] != SNAPSHOT_MAGIC && &h[..8] != SNAPSHOT_MAGIC_V1 {
         return Err(invalid("not a dkvs snapshot (bad magic)".into()));
     }
     if crc32c::crc32c(&h[..32]) != BigEndian::read_u32(&h[32..36]) {
@@ -194,6 +198,9 @@ pub fn load(path: &Path) -> Result<(SnapshotHeader, Store), SnapshotError> {
                 return Err(invalid("malformed entry in block".into()));
             };
             store.set(e.key, e.value, e.version);
+            if e.deadline_ms > 0 {
+                store.set_deadline(e.key, Some(e.deadline_ms));
+            }
             entries += 1;
             bytes = &bytes[used..];
         }
@@ -248,6 +255,43 @@ mod tests {
         for b in store.iter() {
             assert_eq!(loaded.get(b.key()), Some((b.value(), b.version())));
         }
+    }
+
+    #[test]
+    fn deadlines_survive_a_snapshot_and_version_1_still_loads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(snapshot_name(6));
+        let mut store = Store::new();
+        for i in 0..1000u64 {
+            let key = format!("key{i}");
+            store.set(key.as_bytes(), b"v", i + 1);
+            if i % 3 == 0 {
+                store.set_deadline(key.as_bytes(), Some(1_000_000 + i));
+            }
+        }
+        let header = SnapshotHeader {
+            seq: 1000,
+            history_id: 7,
+            first_segment: 6,
+        };
+        write_snapshot(&path, &store, header);
+        let (_, loaded) = load(&path).expect("loads");
+        assert_eq!(loaded.expiring(), store.expiring());
+        for b in store.iter() {
+            assert_eq!(loaded.deadline(b.key()), store.deadline(b.key()));
+        }
+        // A version-1 file (no deadlines) differs only in its magic.
+        let mut plain = Store::new();
+        plain.set(b"k", b"v", 1);
+        let old = dir.path().join(snapshot_name(7));
+        write_snapshot(&old, &plain, header);
+        let mut bytes = std::fs::read(&old).expect("read");
+        bytes[..8].copy_from_slice(b"DKVSSNP1");
+        let crc = crc32c::crc32c(&bytes[..32]);
+        bytes[32..36].copy_from_slice(&crc.to_be_bytes());
+        std::fs::write(&old, bytes).expect("write");
+        let (_, loaded) = load(&old).expect("a version-1 snapshot loads");
+        assert_eq!(loaded.get(b"k"), Some((&b"v"[..], 1)));
     }
 
     #[test]

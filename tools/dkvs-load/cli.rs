@@ -97,6 +97,10 @@ pub struct Args {
     /// Reactor threads; connections are split evenly between them.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Make each write a transaction of N consecutive keys (dkvs TXN of N PUTs; Redis
+    /// MULTI, N SETs, EXEC); 1: plain writes. At most 100.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub txn_keys: usize,
     /// Milliseconds a request (or a connect) may take before it counts as timed out.
     #[arg(long, default_value_t = 2000)]
     pub timeout_ms: u64,
@@ -154,6 +158,8 @@ pub struct Config {
     pub udp_retries: u32,
     /// Replicas each Redis write waits for.
     pub resp_wait: Option<u32>,
+    /// Keys per write transaction; 1: plain writes.
+    pub txn_keys: usize,
     /// Send writes a slave redirects to the master it names (dkvs protocol only).
     pub follow_redirects: bool,
     /// Machine-readable output.
@@ -229,6 +235,19 @@ impl Args {
         if self.resp_wait.is_some() && self.protocol != Protocol::Resp {
             return Err("--resp-wait needs --protocol resp".to_string());
         }
+        if !(1..=100).contains(&self.txn_keys) {
+            return Err(format!("--txn-keys must be 1..=100, got {}", self.txn_keys));
+        }
+        if self.txn_keys > 1
+            && self.udp
+            && HEADER_LEN + 4 + self.txn_keys * (7 + self.key_size + self.value_size)
+                > MAX_UDP_FRAME_BYTES
+        {
+            return Err(format!(
+                "with --udp a transaction must fit one datagram ({MAX_UDP_FRAME_BYTES} bytes): \
+                 lower --txn-keys, --key-size or --value-size"
+            ));
+        }
         if self.udp && HEADER_LEN + self.key_size + self.value_size > MAX_UDP_FRAME_BYTES {
             return Err(format!(
                 "with --udp a request must fit one datagram ({MAX_UDP_FRAME_BYTES} bytes): \
@@ -276,6 +295,7 @@ impl Args {
             timeout: Duration::from_millis(self.timeout_ms),
             udp_retries: self.udp_retries,
             resp_wait: self.resp_wait,
+            txn_keys: self.txn_keys,
             follow_redirects: !self.no_follow_redirects,
             json: self.json,
             seed: self.seed.unwrap_or_else(rand::random),

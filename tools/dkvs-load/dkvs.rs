@@ -27,7 +27,30 @@ pub fn opcode(kind: OpKind) -> Opcode {
     match kind {
         OpKind::Get => Opcode::Get,
         OpKind::Set => Opcode::Put,
+        OpKind::Txn => Opcode::Txn,
     }
+}
+
+/// Append a TXN request of PUTs, one per (key, value) the caller streams into `payload`
+/// with [`push_txn_put`] after [`begin_txn`].
+pub fn encode_txn(out: &mut Vec<u8>, request_id: u32, payload: &[u8]) {
+    encode_request(out, Opcode::Txn, request_id, &[], payload);
+}
+
+/// Start a TXN payload of `writes` writes and no conditions (docs/PROTOCOL.md §4.3).
+pub fn begin_txn(payload: &mut Vec<u8>, writes: u16) {
+    payload.clear();
+    payload.extend_from_slice(&0u16.to_be_bytes());
+    payload.extend_from_slice(&writes.to_be_bytes());
+}
+
+/// Append one PUT to a TXN payload begun with [`begin_txn`].
+pub fn push_txn_put(payload: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    payload.push(1);
+    payload.extend_from_slice(&(key.len() as u16).to_be_bytes());
+    payload.extend_from_slice(&(value.len() as u32).to_be_bytes());
+    payload.extend_from_slice(key);
+    payload.extend_from_slice(value);
 }
 
 /// Append the request frame for one operation.
@@ -35,6 +58,8 @@ pub fn encode(out: &mut Vec<u8>, kind: OpKind, request_id: u32, key: &[u8], valu
     match kind {
         OpKind::Get => encode_request(out, Opcode::Get, request_id, key, &[]),
         OpKind::Set => encode_request(out, Opcode::Put, request_id, key, value),
+        // The caller builds the payload over several keys (Requests::encode).
+        OpKind::Txn => encode_txn(out, request_id, value),
     }
 }
 
@@ -43,7 +68,7 @@ pub fn outcome(kind: OpKind, status: u8) -> Outcome {
     match Status::from_u8(status) {
         Some(Status::Ok) => Outcome::Ok,
         Some(Status::NotFound) if kind == OpKind::Get => Outcome::Miss,
-        Some(Status::Redirect) if kind == OpKind::Set => Outcome::Redirect,
+        Some(Status::Redirect) if kind.is_write() => Outcome::Redirect,
         _ => Outcome::Failed(status),
     }
 }
@@ -79,6 +104,19 @@ mod tests {
         };
         assert_eq!(get.header.opcode, Opcode::Get as u8);
         assert!(get.value.is_empty(), "a GET carries no value");
+    }
+
+    #[test]
+    fn a_txn_payload_decodes_as_the_server_does() {
+        let mut payload = Vec::new();
+        begin_txn(&mut payload, 2);
+        push_txn_put(&mut payload, b"k1", b"v1");
+        push_txn_put(&mut payload, b"k2", b"v2");
+        let txn = ::dkvs::protocol::txn::decode_txn(&payload, 1 << 20).expect("decodes");
+        assert!(txn.conditions.is_empty());
+        assert_eq!(txn.writes.len(), 2);
+        assert_eq!(opcode(OpKind::Txn), Opcode::Txn);
+        assert_eq!(outcome(OpKind::Txn, 8), Outcome::Redirect);
     }
 
     #[test]

@@ -141,6 +141,12 @@ struct Requests {
     issued: u64,
     quota: Option<u64>,
     stopped: bool,
+    /// Keys per write transaction (`--txn-keys`); 1: plain writes.
+    txn_keys: u64,
+    /// The TXN payload being built.
+    scratch: Vec<u8>,
+    /// Keys of a transaction, copied out of `keys` (RESP needs them all at once).
+    txn_key_bytes: Vec<Vec<u8>>,
 }
 
 impl Requests {
@@ -169,19 +175,46 @@ impl Requests {
             self.preload_next += self.threads;
             return Some((OpKind::Set, key));
         }
-        Some(self.workload.next_op())
+        Some(match self.workload.next_op() {
+            (OpKind::Set, key) if self.txn_keys > 1 => (OpKind::Txn, key),
+            other => other,
+        })
     }
 
     /// Replies the request for `kind` will get (SET + WAIT get two).
     fn replies(&self, kind: OpKind) -> u8 {
-        if kind == OpKind::Set && self.resp.waits() && !self.preloading {
-            2
-        } else {
-            1
+        let wait = u8::from(kind.is_write() && self.resp.waits() && !self.preloading);
+        match (self.protocol, kind) {
+            // +OK, N +QUEUED, EXEC's array (parsed whole); --txn-keys is at most 100.
+            (Protocol::Resp, OpKind::Txn) => self.txn_keys as u8 + 2 + wait,
+            _ => 1 + wait,
         }
     }
 
     fn encode(&mut self, out: &mut Vec<u8>, kind: OpKind, key_index: u64, request_id: u32) {
+        if kind == OpKind::Txn {
+            // N consecutive keys from the chosen one, wrapping in the keyspace.
+            self.txn_key_bytes
+                .resize(self.txn_keys as usize, Vec::new());
+            for (i, slot) in self.txn_key_bytes.iter_mut().enumerate() {
+                slot.clear();
+                slot.extend_from_slice(self.keys.key((key_index + i as u64) % self.keyspace));
+            }
+            match self.protocol {
+                Protocol::Dkvs => {
+                    dkvs::begin_txn(&mut self.scratch, self.txn_keys as u16);
+                    for key in &self.txn_key_bytes {
+                        dkvs::push_txn_put(&mut self.scratch, key, &self.value);
+                    }
+                    dkvs::encode_txn(out, request_id, &self.scratch);
+                }
+                Protocol::Resp => {
+                    let keys = self.txn_key_bytes.iter().map(Vec::as_slice);
+                    self.resp.txn(out, keys, &self.value);
+                }
+            }
+            return;
+        }
         let key = self.keys.key(key_index);
         match (self.protocol, kind) {
             (Protocol::Dkvs, _) => dkvs::encode(out, kind, request_id, key, &self.value),
@@ -189,7 +222,7 @@ impl Requests {
             (Protocol::Resp, OpKind::Set) if self.preloading => {
                 self.resp.set_only(out, key, &self.value)
             }
-            (Protocol::Resp, OpKind::Set) => self.resp.set(out, key, &self.value),
+            (Protocol::Resp, OpKind::Set | OpKind::Txn) => self.resp.set(out, key, &self.value),
         }
     }
 }
@@ -424,10 +457,12 @@ impl TcpConn {
             let fail = match (req.kind, reply) {
                 (_, Reply::Error(_)) => Some(Fail::RespError),
                 (OpKind::Get, Reply::Bulk(_)) => None,
-                (OpKind::Set, Reply::Integer(acked)) if is_wait_reply => {
+                (OpKind::Set | OpKind::Txn, Reply::Integer(acked)) if is_wait_reply => {
                     (acked < wait as i64).then_some(Fail::WaitShort)
                 }
-                (OpKind::Set, Reply::Simple(_)) if !is_wait_reply => None,
+                (OpKind::Set | OpKind::Txn, Reply::Simple(_)) if !is_wait_reply => None,
+                // EXEC's array header; a nil one (aborted) is a failure.
+                (OpKind::Txn, Reply::Array(Some(_))) if !is_wait_reply => None,
                 _ => Some(Fail::Protocol),
             };
             if req.failed.is_none() {
@@ -468,7 +503,7 @@ fn fill_pair(
             break;
         };
         match master.as_deref_mut() {
-            Some(m) if kind == OpKind::Set => m.push(req, kind, key, now),
+            Some(m) if kind.is_write() => m.push(req, kind, key, now),
             _ => conn.push(req, kind, key, now),
         }
         in_flight += 1;
@@ -587,7 +622,7 @@ impl UdpConn {
             // duplicate of an earlier request apart from the current one.
             s.request_id = (s.generation << self.slot_bits) | slot as u32;
             s.busy = true;
-            s.to_master = kind == OpKind::Set && matches!(self.master, UdpMaster::Open(_));
+            s.to_master = kind.is_write() && matches!(self.master, UdpMaster::Open(_));
             s.kind = kind;
             s.first_sent = now;
             s.last_sent = now;
@@ -788,6 +823,9 @@ impl Worker {
             issued: 0,
             quota: None,
             stopped: false,
+            txn_keys: cfg.txn_keys as u64,
+            scratch: Vec::new(),
+            txn_key_bytes: Vec::new(),
         };
         let masters = tcp.iter().map(|_| MasterLink::Unknown).collect();
         Ok(Worker {
@@ -1407,6 +1445,32 @@ mod tests {
             issued: 0,
             quota: None,
             stopped: false,
+            txn_keys: 1,
+            scratch: Vec::new(),
+            txn_key_bytes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_redis_transaction_expects_one_reply_per_queued_set_plus_two() {
+        let mut req = requests(0.0);
+        req.protocol = Protocol::Resp;
+        req.txn_keys = 4;
+        assert_eq!(req.replies(OpKind::Txn), 6, "+OK, 4 +QUEUED, EXEC's array");
+        let mut out = Vec::new();
+        req.encode(&mut out, OpKind::Txn, 99, 0);
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.starts_with("*1\r\n$5\r\nMULTI\r\n") && text.ends_with("*1\r\n$4\r\nEXEC\r\n")
+        );
+        // Four consecutive keys, wrapping at the keyspace (100).
+        for key in [
+            "key:000000000099",
+            "key:000000000000",
+            "key:000000000001",
+            "key:000000000002",
+        ] {
+            assert!(text.contains(key), "{key}");
         }
     }
 

@@ -229,6 +229,8 @@ pub struct RunInfo {
     pub value_size: usize,
     /// Replicas each Redis write waits for, if any.
     pub resp_wait: Option<u32>,
+    /// Keys per write transaction (1: plain writes).
+    pub txn_keys: usize,
     /// Whether writes a slave redirects are sent to the master.
     pub follow_redirects: bool,
 }
@@ -301,10 +303,15 @@ pub fn human(info: &RunInfo, stats: &Stats, elapsed: Duration) -> String {
         Some(n) => format!(" + WAIT {n}"),
         None => String::new(),
     };
+    let txn = if info.txn_keys > 1 {
+        format!(", writes are {}-key transactions", info.txn_keys)
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
         "dkvs-load: {}{wait} over {} to {}: {} connections x pipeline {} on {} thread(s); \
-         get ratio {:.2}, {} keys ({}), {} B keys, {} B values",
+         get ratio {:.2}, {} keys ({}), {} B keys, {} B values{txn}",
         info.protocol,
         info.transport,
         info.target,
@@ -452,9 +459,10 @@ pub fn json(info: &RunInfo, stats: &Stats, elapsed: Duration) -> String {
     json_string(&mut out, &info.distribution);
     let _ = write!(
         out,
-        ",\"key_size\":{},\"value_size\":{},\"resp_wait\":{}}}",
+        ",\"key_size\":{},\"value_size\":{},\"txn_keys\":{},\"resp_wait\":{}}}",
         info.key_size,
         info.value_size,
+        info.txn_keys,
         match info.resp_wait {
             Some(n) => n.to_string(),
             None => "null".to_string(),
@@ -481,6 +489,7 @@ mod tests {
             key_size: 16,
             value_size: 100,
             resp_wait: None,
+            txn_keys: 1,
             follow_redirects: true,
         }
     }

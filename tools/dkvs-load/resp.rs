@@ -74,6 +74,19 @@ impl RespEncoder {
         out.extend_from_slice(b"\r\n");
     }
 
+    /// Append `MULTI`, a `SET` per key of `keys` (each with `value`), `EXEC`, plus `WAIT`
+    /// when configured; expects `n + 2` replies (+OK, n +QUEUED, EXEC's array), plus WAIT's.
+    pub fn txn<'k>(&self, out: &mut Vec<u8>, keys: impl Iterator<Item = &'k [u8]>, value: &[u8]) {
+        out.extend_from_slice(b"*1\r\n$5\r\nMULTI\r\n");
+        for key in keys {
+            self.set_only(out, key, value);
+        }
+        out.extend_from_slice(b"*1\r\n$4\r\nEXEC\r\n");
+        if let Some(wait) = &self.wait {
+            out.extend_from_slice(wait);
+        }
+    }
+
     /// Whether writes are followed by `WAIT`.
     pub fn waits(&self) -> bool {
         self.wait.is_some()

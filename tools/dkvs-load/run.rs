@@ -127,6 +127,7 @@ pub fn run(cfg: &Config) -> Result<Outcome, String> {
         key_size: cfg.key_size,
         value_size: cfg.value_size,
         resp_wait: cfg.resp_wait,
+        txn_keys: cfg.txn_keys,
         follow_redirects: cfg.follow_redirects && cfg.protocol == Protocol::Dkvs,
     };
     Ok(Outcome {

@@ -99,6 +99,15 @@ pub enum OpKind {
     Get,
     /// A write (dkvs PUT, Redis SET, followed by WAIT when `--resp-wait` is set).
     Set,
+    /// A write of `--txn-keys` keys at once: a dkvs TXN of PUTs, Redis MULTI, SETs, EXEC.
+    Txn,
+}
+
+impl OpKind {
+    /// Whether the operation writes (goes to the master, may be redirected).
+    pub fn is_write(self) -> bool {
+        matches!(self, OpKind::Set | OpKind::Txn)
+    }
 }
 
 /// Generates operations: kind and key index.

@@ -313,6 +313,7 @@ fn snapshot_chunks_install_atomically_and_checkpoint() {
         key: b"k".to_vec(),
         value: b"v".to_vec(),
         version: 3,
+        deadline_ms: 0,
     };
     p.handle(
         0,
