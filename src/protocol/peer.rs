@@ -650,10 +650,25 @@ impl PeerMessage {
 
     /// Append this message as one frame to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        self.encode_in_epoch(out, 0);
+    }
+
+    /// Encode with the sender's leadership epoch in the header's request-id
+    /// field (failover through etcd, docs/FAILOVER.md), which receivers check
+    /// on every message.
+    pub fn encode_in_epoch(&self, out: &mut Vec<u8>, epoch: u32) {
         let mut payload = Vec::new();
         self.encode_payload(&mut payload);
         debug_assert!(payload.len() <= u32::MAX as usize);
-        frame::encode(out, self.opcode(), 0, 0, self.header_seq(), &[], &payload);
+        frame::encode(
+            out,
+            self.opcode(),
+            0,
+            epoch,
+            self.header_seq(),
+            &[],
+            &payload,
+        );
     }
 
     /// Parse a complete frame as a peer message.

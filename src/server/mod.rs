@@ -834,8 +834,8 @@ impl Server {
         self.core.stats.connections_open -= 1;
         let addr = connection.peer();
         let (mut io, read_closed) = connection.into_io();
-        if matches!(self.role, Role::Slave { .. }) {
-            warn!("{addr}: replication handshake sent to a slave; closing");
+        if !matches!(self.role, Role::Master(_)) {
+            warn!("{addr}: replication handshake sent to a server that is not the master; closing");
             let _ = self.poll.registry().deregister(&mut io.stream);
             return;
         }
@@ -862,9 +862,10 @@ impl Server {
             error!("{addr}: cannot register replication link: {e}");
             return;
         }
-        entry.insert(Link::Peer(PeerLink::new(
-            io, id, addr, false, limit, max_output,
-        )));
+        let epoch = self.failover.as_ref().map_or(0, |f| f.epoch);
+        entry.insert(Link::Peer(
+            PeerLink::new(io, id, addr, false, limit, max_output).in_epoch(epoch),
+        ));
         self.peers.insert(id, new_key);
         self.drive_peer(new_key, read_closed);
     }
@@ -1191,14 +1192,18 @@ impl Server {
         }
         let id = PeerId(self.next_peer_id);
         self.next_peer_id += 1;
-        entry.insert(Link::Peer(PeerLink::new(
-            Framed::new(stream),
-            id,
-            master_addr,
-            true,
-            limit,
-            max_output,
-        )));
+        let epoch = self.failover.as_ref().map_or(0, |f| f.epoch);
+        entry.insert(Link::Peer(
+            PeerLink::new(
+                Framed::new(stream),
+                id,
+                master_addr,
+                true,
+                limit,
+                max_output,
+            )
+            .in_epoch(epoch),
+        ));
         self.peers.insert(id, key);
     }
 

@@ -59,6 +59,14 @@ pub enum LinkError {
     WrongDirection(u8),
     /// The peer let too much output pile up.
     NotReading(usize),
+    /// A message of another leadership epoch than the link's: from a master
+    /// of an older one (deposed), or from a slave that knows a newer one.
+    Epoch {
+        /// The epoch in the message.
+        theirs: u32,
+        /// The link's.
+        ours: u32,
+    },
 }
 
 impl std::fmt::Display for LinkError {
@@ -73,6 +81,10 @@ impl std::fmt::Display for LinkError {
             LinkError::NotReading(unsent) => {
                 write!(f, "peer is not reading: {unsent} bytes unsent")
             }
+            LinkError::Epoch { theirs, ours } => write!(
+                f,
+                "peer message of leadership epoch {theirs} on a link of epoch {ours}"
+            ),
         }
     }
 }
@@ -145,6 +157,8 @@ pub struct PeerLink {
     pub read_yielded: bool,
     /// The last flush stopped at its snapshot budget: likewise.
     pub flush_yielded: bool,
+    /// The leadership epoch this link belongs to (0 without failover).
+    epoch: u32,
 }
 
 impl PeerLink {
@@ -170,7 +184,17 @@ impl PeerLink {
             read_closed: false,
             read_yielded: false,
             flush_yielded: false,
+            epoch: 0,
         }
+    }
+
+    /// The link belongs to leadership epoch `epoch` (failover through etcd):
+    /// every message sent carries it, and every message received is checked
+    /// against it.
+    pub fn in_epoch(mut self, epoch: u64) -> PeerLink {
+        // Epochs count promotions; 2^32 of them is beyond any deployment.
+        self.epoch = u32::try_from(epoch).unwrap_or(u32::MAX);
+        self
     }
 
     /// Whether the other end is the master (this is a slave's link).
@@ -199,12 +223,27 @@ impl PeerLink {
         if known && !allowed.contains(&header.opcode) {
             return Err(LinkError::WrongDirection(header.opcode));
         }
+        // A slave takes nothing from an older epoch's master (it was deposed and
+        // must never gather a vote again); a master takes nothing from a slave
+        // that knows a newer epoch (this master is the deposed one).
+        let theirs = header.request_id;
+        let stale = if self.from_master {
+            theirs < self.epoch
+        } else {
+            theirs > self.epoch
+        };
+        if stale {
+            return Err(LinkError::Epoch {
+                theirs,
+                ours: self.epoch,
+            });
+        }
         Ok(())
     }
 
     /// Queue a message.
     pub fn send(&mut self, msg: &PeerMessage) {
-        msg.encode(&mut self.io.output);
+        msg.encode_in_epoch(&mut self.io.output, self.epoch);
     }
 
     /// Read what the socket has and decode every complete message into `out`.
@@ -280,7 +319,7 @@ impl PeerLink {
             }
             let chunk = snapshot.next_chunk(store);
             let last = matches!(chunk, PeerMessage::SnapshotChunk { last: true, .. });
-            chunk.encode(&mut self.io.output);
+            chunk.encode_in_epoch(&mut self.io.output, self.epoch);
             if last {
                 finished = Some(snapshot.at_seq);
                 self.snapshot = None;
@@ -485,5 +524,71 @@ mod tests {
         }
         drop(link);
         assert!(drain.join().expect("reader") > 60_000 * 100);
+    }
+}
+
+#[cfg(test)]
+mod epoch_tests {
+    use std::io::Write;
+
+    use super::*;
+
+    /// A link of `epoch` (a slave's when `to_master`) fed `bytes` by the other end.
+    fn receive(to_master: bool, epoch: u64, bytes: &[u8]) -> Result<Vec<PeerMessage>, LinkError> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stream = mio::net::TcpStream::connect(addr).expect("connect");
+        let (mut other, _) = listener.accept().expect("accept");
+        other.write_all(bytes).expect("write");
+        let mut link = PeerLink::new(
+            Framed::new(stream),
+            PeerId(1),
+            addr,
+            to_master,
+            MAX_SLAVE_FRAME_PAYLOAD,
+            1 << 20,
+        )
+        .in_epoch(epoch);
+        link.connecting = false;
+        let mut out = Vec::new();
+        // The bytes were written before the read: a few tries at most.
+        for _ in 0..1000 {
+            link.receive(&mut out, false)?;
+            if !out.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(out)
+    }
+
+    fn heartbeat(epoch: u32) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        PeerMessage::Heartbeat { seq: 5 }.encode_in_epoch(&mut bytes, epoch);
+        bytes
+    }
+
+    #[test]
+    fn a_slave_refuses_every_message_of_an_older_epochs_master() {
+        assert!(matches!(
+            receive(true, 3, &heartbeat(2)),
+            Err(LinkError::Epoch { theirs: 2, ours: 3 })
+        ));
+        assert_eq!(
+            receive(true, 3, &heartbeat(3)).expect("same epoch"),
+            vec![PeerMessage::Heartbeat { seq: 5 }]
+        );
+    }
+
+    #[test]
+    fn a_master_refuses_a_slave_that_knows_a_newer_epoch() {
+        assert!(matches!(
+            receive(false, 3, &heartbeat(4)),
+            Err(LinkError::Epoch { theirs: 4, ours: 3 })
+        ));
+        assert_eq!(
+            receive(false, 3, &heartbeat(3)).expect("same epoch"),
+            vec![PeerMessage::Heartbeat { seq: 5 }]
+        );
     }
 }
