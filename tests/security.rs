@@ -622,3 +622,82 @@ fn numeric_flags_are_bounded() {
         assert!(err.contains(args[0]), "{args:?}: {err}");
     }
 }
+
+/// A secret file in `dir` holding `secret`.
+fn secret_file(dir: &std::path::Path, name: &str, secret: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{secret}\n")).expect("write the secret file");
+    path.display().to_string()
+}
+
+#[test]
+fn with_a_cluster_secret_only_a_slave_that_knows_it_replicates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = secret_file(dir.path(), "good", "a cluster secret of some length");
+    let bad = secret_file(dir.path(), "bad", "not the cluster secret, though long");
+    let master = ServerProcess::start(&["--cluster-secret-file", &good]);
+    let slave = ServerProcess::start_slave(&master, &["--cluster-secret-file", &good]);
+    wait_until(
+        "the slave with the secret in sync",
+        Duration::from_secs(20),
+        || {
+            master
+                .stats()
+                .slave(&slave.addr())
+                .is_some_and(|s| s.state == "in-sync")
+        },
+    );
+    master
+        .client(Transport::Tcp)
+        .put(b"k", b"v")
+        .expect("a replicated write");
+    wait_until("the write on the slave", Duration::from_secs(10), || {
+        slave
+            .client(Transport::Tcp)
+            .get(b"k")
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.value == b"v")
+    });
+    // A slave with another secret never registers, and the master keeps serving.
+    let impostor = ServerProcess::start_slave(&master, &["--cluster-secret-file", &bad]);
+    let mut without = ServerProcess::start_slave(&master, &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let stats = master.stats();
+    assert!(stats.slave(&impostor.addr()).is_none(), "{}", stats.text);
+    assert!(stats.slave(&without.addr()).is_none(), "{}", stats.text);
+    assert_eq!(stats.num("slaves"), 1, "{}", stats.text);
+    master
+        .client(Transport::Tcp)
+        .put(b"k2", b"v2")
+        .expect("writes go on");
+    without.kill9();
+    // A bare REGISTER, the fake slave of before, is closed at once.
+    let mut stream = TcpStream::connect(("127.0.0.1", master.port)).expect("connect");
+    stream
+        .write_all(&register("127.0.0.1:1"))
+        .expect("send REGISTER");
+    assert_closed(&mut stream, "an unauthenticated REGISTER");
+    assert_eq!(master.stats().num("slaves"), 1);
+}
+
+#[test]
+fn a_short_or_missing_cluster_secret_file_stops_the_server_with_a_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let short = secret_file(dir.path(), "short", "too short");
+    for (file, why) in [
+        (short.as_str(), "at least 16"),
+        ("/nonexistent/secret", "No such file"),
+    ] {
+        let out = Command::new(bin("dkvs-server"))
+            .args(["-p", "0", "-d"])
+            .arg(dir.path().join("data"))
+            .args(["--cluster-secret-file", file])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run dkvs-server");
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(why), "{stderr}");
+    }
+}

@@ -133,6 +133,12 @@ struct Args {
     /// Name of the cluster in etcd (its keys live under /dkvs/NAME/).
     #[arg(long = "cluster", requires = "etcd", value_parser = parse_cluster)]
     cluster: Option<String>,
+    /// File holding the cluster's shared secret (at least 16 bytes; whitespace
+    /// around it is ignored). Master and slaves prove to each other that they
+    /// know it (HMAC-SHA256 challenge-response) before any replication message
+    /// passes. Without it, replication links are accepted from loopback only.
+    #[arg(long = "cluster-secret-file")]
+    cluster_secret_file: Option<std::path::PathBuf>,
     /// TTL of the master's lease in etcd: a dead master is replaced about this
     /// long after it stopped renewing it. etcd counts in whole seconds (and at
     /// least its minimum, 2 s by default).
@@ -161,6 +167,19 @@ fn main() -> ExitCode {
         eprintln!("dkvs-server: {e}");
         return ExitCode::from(1);
     }
+    let cluster_secret = match &args.cluster_secret_file {
+        None => None,
+        Some(path) => match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| dkvs::protocol::peer_auth::Secret::from_file_contents(&bytes))
+        {
+            Ok(secret) => Some(secret),
+            Err(e) => {
+                eprintln!("dkvs-server: --cluster-secret-file {}: {e}", path.display());
+                return ExitCode::from(1);
+            }
+        },
+    };
     let config = Config {
         host: args.host,
         port: args.port,
@@ -183,6 +202,7 @@ fn main() -> ExitCode {
         snapshot_log_bytes: args.snapshot_log_mb << 20,
         resync_discard_data: args.resync_discard_data,
         resp: args.resp == "on",
+        cluster_secret,
         failover: args.cluster.map(|cluster| FailoverConfig {
             endpoints: args.etcd,
             cluster,

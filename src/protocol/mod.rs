@@ -5,6 +5,7 @@
 mod error;
 mod frame;
 pub mod peer;
+pub mod peer_auth;
 mod request;
 pub mod resp;
 pub mod txn;

@@ -35,6 +35,7 @@ use slab::Slab;
 
 use crate::protocol::Status;
 use crate::protocol::peer::PeerMessage;
+use crate::protocol::peer_auth::PeerAuth;
 use crate::replication::{
     Action, ClientRef, CommitLog, Coordinator, CoordinatorConfig, Event, LinkState, Participant,
     ParticipantConfig, PeerId, WriteError,
@@ -116,6 +117,9 @@ pub struct Config {
     pub resp: bool,
     /// Failover through etcd; `None`: one fixed master (`-m` makes a slave).
     pub failover: Option<FailoverConfig>,
+    /// The secret replication links prove with (`--cluster-secret-file`);
+    /// without one, only loopback peers are accepted.
+    pub cluster_secret: Option<crate::protocol::peer_auth::Secret>,
 }
 
 impl Config {
@@ -364,6 +368,8 @@ pub struct Server {
     coordinator_config: CoordinatorConfig,
     /// `--resync-discard-data`, for a slave created by a failover.
     resync_discard_data: bool,
+    /// The cluster secret replication links authenticate with.
+    cluster_secret: Option<crate::protocol::peer_auth::Secret>,
 }
 
 impl Server {
@@ -516,7 +522,14 @@ impl Server {
             failover,
             coordinator_config,
             resync_discard_data: config.resync_discard_data,
+            cluster_secret: config.cluster_secret.clone(),
         };
+        if server.cluster_secret.is_none() && !server.addr.ip().is_loopback() {
+            warn!(
+                "no --cluster-secret-file: replication links are accepted from loopback \
+                 addresses only"
+            );
+        }
         // The state machines may have work from the start (a slave dials its
         // master, the election reads etcd).
         server.election_tick(0);
@@ -839,6 +852,15 @@ impl Server {
             let _ = self.poll.registry().deregister(&mut io.stream);
             return;
         }
+        if self.cluster_secret.is_none() && !addr.ip().is_loopback() {
+            // Anyone who reaches the port could otherwise join as a slave.
+            warn!(
+                "{addr}: replication handshake from a non-loopback address refused: \
+                 start the servers with --cluster-secret-file to replicate across hosts"
+            );
+            let _ = self.poll.registry().deregister(&mut io.stream);
+            return;
+        }
         if self.peers.len() >= MAX_PEER_LINKS {
             // Each link may cost a snapshot copy and large buffers: bound them.
             warn!("{addr}: already {MAX_PEER_LINKS} replication links; refusing another");
@@ -863,9 +885,11 @@ impl Server {
             return;
         }
         let epoch = self.failover.as_ref().map_or(0, |f| f.epoch);
-        entry.insert(Link::Peer(
-            PeerLink::new(io, id, addr, false, limit, max_output).in_epoch(epoch),
-        ));
+        let mut link = PeerLink::new(io, id, addr, false, limit, max_output).in_epoch(epoch);
+        if let Some(secret) = &self.cluster_secret {
+            link = link.with_auth(PeerAuth::master(secret.clone()), None);
+        }
+        entry.insert(Link::Peer(link));
         self.peers.insert(id, new_key);
         self.drive_peer(new_key, read_closed);
     }
@@ -1193,17 +1217,26 @@ impl Server {
         let id = PeerId(self.next_peer_id);
         self.next_peer_id += 1;
         let epoch = self.failover.as_ref().map_or(0, |f| f.epoch);
-        entry.insert(Link::Peer(
-            PeerLink::new(
-                Framed::new(stream),
-                id,
-                master_addr,
-                true,
-                limit,
-                max_output,
-            )
-            .in_epoch(epoch),
-        ));
+        let mut link = PeerLink::new(
+            Framed::new(stream),
+            id,
+            master_addr,
+            true,
+            limit,
+            max_output,
+        )
+        .in_epoch(epoch);
+        if let Some(secret) = &self.cluster_secret {
+            match PeerAuth::slave(secret.clone()) {
+                Ok((auth, hello)) => link = link.with_auth(auth, Some(hello)),
+                Err(e) => {
+                    error!("cannot authenticate to the master: {e}");
+                    self.completions.push_back(Event::ConnectFailed);
+                    return;
+                }
+            }
+        }
+        entry.insert(Link::Peer(link));
         self.peers.insert(id, key);
     }
 

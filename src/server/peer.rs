@@ -6,6 +6,9 @@
 use std::net::SocketAddr;
 
 use crate::protocol::peer::{PeerError, PeerMessage, SnapshotEntry, decode_peer, opcode};
+use crate::protocol::peer_auth::{
+    AUTH_CHALLENGE, AUTH_HELLO, AUTH_PROOF, AuthError, AuthFrame, PeerAuth,
+};
 use crate::protocol::{HEADER_LEN, Header};
 use crate::replication::PeerId;
 use crate::store::Store;
@@ -59,6 +62,8 @@ pub enum LinkError {
     WrongDirection(u8),
     /// The peer let too much output pile up.
     NotReading(usize),
+    /// The cluster-secret handshake failed (docs/SECURITY.md).
+    Auth(AuthError),
     /// A message of another leadership epoch than the link's: from a master
     /// of an older one (deposed), or from a slave that knows a newer one.
     Epoch {
@@ -81,6 +86,7 @@ impl std::fmt::Display for LinkError {
             LinkError::NotReading(unsent) => {
                 write!(f, "peer is not reading: {unsent} bytes unsent")
             }
+            LinkError::Auth(e) => write!(f, "authentication failed: {e}"),
             LinkError::Epoch { theirs, ours } => write!(
                 f,
                 "peer message of leadership epoch {theirs} on a link of epoch {ours}"
@@ -159,6 +165,11 @@ pub struct PeerLink {
     pub flush_yielded: bool,
     /// The leadership epoch this link belongs to (0 without failover).
     epoch: u32,
+    /// The cluster-secret handshake, while it runs (None: none configured).
+    auth: Option<PeerAuth>,
+    /// A slave's messages queued before its proof was sent: the master takes
+    /// nothing before the handshake is done.
+    held: Vec<u8>,
 }
 
 impl PeerLink {
@@ -185,7 +196,27 @@ impl PeerLink {
             read_yielded: false,
             flush_yielded: false,
             epoch: 0,
+            auth: None,
+            held: Vec::new(),
         }
+    }
+
+    /// Authenticate the link with the cluster secret before any peer message
+    /// passes; `first` is a slave's HELLO, sent at once.
+    pub fn with_auth(mut self, auth: PeerAuth, first: Option<AuthFrame>) -> PeerLink {
+        if let Some(frame) = first {
+            self.send_auth_frame(&frame);
+        }
+        self.auth = Some(auth);
+        self
+    }
+
+    fn authenticating(&self) -> bool {
+        self.auth.as_ref().is_some_and(|a| !a.done())
+    }
+
+    fn send_auth_frame(&mut self, (op, payload): &AuthFrame) {
+        crate::protocol::encode(&mut self.io.output, *op, 0, self.epoch, 0, &[], payload);
     }
 
     /// The link belongs to leadership epoch `epoch` (failover through etcd):
@@ -212,6 +243,18 @@ impl PeerLink {
         }
         let header = Header::parse(&buffered[..HEADER_LEN], self.max_frame_bytes)
             .map_err(|e| LinkError::Protocol(PeerError::Frame(e)))?;
+        if self.authenticating() {
+            // Only the handshake's own frames, each from its side, until it is done.
+            let allowed: &[u8] = if self.from_master {
+                &[AUTH_CHALLENGE]
+            } else {
+                &[AUTH_HELLO, AUTH_PROOF]
+            };
+            if !allowed.contains(&header.opcode) {
+                return Err(LinkError::Auth(AuthError::Unexpected(header.opcode)));
+            }
+            return Ok(());
+        }
         let allowed: &[u8] = if self.from_master {
             &MASTER_OPCODES
         } else {
@@ -243,6 +286,10 @@ impl PeerLink {
 
     /// Queue a message.
     pub fn send(&mut self, msg: &PeerMessage) {
+        if self.authenticating() {
+            msg.encode_in_epoch(&mut self.held, self.epoch);
+            return;
+        }
         msg.encode_in_epoch(&mut self.io.output, self.epoch);
     }
 
@@ -281,6 +328,12 @@ impl PeerLink {
     pub fn decode_buffered(&mut self, out: &mut Vec<PeerMessage>) -> Result<(), LinkError> {
         loop {
             self.check_header()?;
+            if self.authenticating() {
+                if !self.step_auth()? {
+                    return Ok(());
+                }
+                continue;
+            }
             match decode_peer(self.io.buffered(), self.max_frame_bytes) {
                 Ok(Some((msg, used))) => {
                     self.io.consume(used);
@@ -298,6 +351,35 @@ impl PeerLink {
                 Err(e) => return Err(LinkError::Protocol(e)),
             }
         }
+    }
+
+    /// Take one handshake frame if a whole one is buffered; returns whether it did.
+    fn step_auth(&mut self) -> Result<bool, LinkError> {
+        let (op, payload, used) =
+            match crate::protocol::decode(self.io.buffered(), self.max_frame_bytes) {
+                Ok(crate::protocol::Decoded::Frame(f, used)) => {
+                    (f.header.opcode, f.value.to_vec(), used)
+                }
+                Ok(crate::protocol::Decoded::Incomplete(need)) => {
+                    self.io.need(need);
+                    return Ok(false);
+                }
+                Err(e) => return Err(LinkError::Protocol(PeerError::Frame(e))),
+            };
+        self.io.consume(used);
+        let Some(auth) = self.auth.as_mut() else {
+            return Ok(false);
+        };
+        let reply = auth.on_frame(op, &payload).map_err(LinkError::Auth)?;
+        if let Some(frame) = reply {
+            self.send_auth_frame(&frame);
+        }
+        if !self.authenticating() {
+            // The proof went out first: what the slave queued meanwhile follows it.
+            let held = std::mem::take(&mut self.held);
+            self.io.output.extend_from_slice(&held);
+        }
+        Ok(true)
     }
 
     /// Write queued output; refill it from a snapshot in progress, at most
