@@ -78,11 +78,10 @@ pub const SHARDS: usize = 4096;
 /// time, between turns of the reactor, instead of in one long pause.
 pub struct Store {
     shards: Vec<HashTable<Block>>,
-    /// Per shard, the keys that expire with their deadline (unix ms). Kept
-    /// apart from the blocks: a key without a deadline pays nothing, and the
-    /// sweep walks only keys that can expire.
-    deadlines: Vec<HashTable<(Box<[u8]>, u64)>>,
-    /// Entries in `deadlines`.
+    /// Per shard, the keys that have a deadline (it lives in their block, see
+    /// [`Block`]): the sweep skips shards where this is 0.
+    expiring_per_shard: Vec<u32>,
+    /// Keys that have a deadline, all shards together.
     expiring: usize,
     /// The wall clock (unix ms) reads compare deadlines with; set by the
     /// server each turn. 0 (the default) expires nothing.
@@ -97,7 +96,7 @@ impl Default for Store {
     fn default() -> Store {
         Store {
             shards: (0..SHARDS).map(|_| HashTable::new()).collect(),
-            deadlines: (0..SHARDS).map(|_| HashTable::new()).collect(),
+            expiring_per_shard: vec![0; SHARDS],
             expiring: 0,
             now_ms: 0,
             hasher: RandomState::default(),
@@ -141,26 +140,21 @@ impl Store {
     /// The value and version of `key`; a key whose deadline has passed reads as
     /// absent (it is still held until the master replicates its deletion).
     pub fn get(&self, key: &[u8]) -> Option<(&[u8], u64)> {
-        let hash = self.hash(key);
-        let found = self.shards[Store::shard_index(hash)]
-            .find(hash, |b| b.key() == key)
-            .map(|b| (b.value(), b.version()))?;
-        if self.expiring > 0
-            && self
-                .deadline_hashed(hash, key)
-                .is_some_and(|d| d <= self.now_ms)
-        {
+        let block = self.block(key)?;
+        if block.deadline().is_some_and(|d| d <= self.now_ms) {
             return None;
         }
-        Some(found)
+        Some((block.value(), block.version()))
     }
 
     /// The value and version of `key` whether or not its deadline has passed.
     pub fn get_held(&self, key: &[u8]) -> Option<(&[u8], u64)> {
+        self.block(key).map(|b| (b.value(), b.version()))
+    }
+
+    fn block(&self, key: &[u8]) -> Option<&Block> {
         let hash = self.hash(key);
-        self.shards[Store::shard_index(hash)]
-            .find(hash, |b| b.key() == key)
-            .map(|b| (b.value(), b.version()))
+        self.shards[Store::shard_index(hash)].find(hash, |b| b.key() == key)
     }
 
     /// Set the clock reads compare deadlines with (unix ms).
@@ -180,70 +174,65 @@ impl Store {
 
     /// The deadline of `key` (unix ms), if it has one.
     pub fn deadline(&self, key: &[u8]) -> Option<u64> {
-        if self.expiring == 0 {
-            return None;
-        }
-        self.deadline_hashed(self.hash(key), key)
+        self.block(key)?.deadline()
     }
 
-    fn deadline_hashed(&self, hash: u64, key: &[u8]) -> Option<u64> {
-        self.deadlines[Store::shard_index(hash)]
-            .find(hash, |(k, _)| &k[..] == key)
-            .map(|(_, d)| *d)
-    }
-
-    /// Give `key` the deadline `deadline_ms` (`None`: none). The key must be held.
+    /// Give `key` the deadline `deadline_ms` (`None`: none), if it is held.
+    /// A block gains or loses room for a deadline by being allocated anew.
     pub fn set_deadline(&mut self, key: &[u8], deadline_ms: Option<u64>) {
         let hash = self.hash(key);
-        let hasher = &self.hasher;
-        let table = &mut self.deadlines[Store::shard_index(hash)];
-        match (
-            table.entry(
-                hash,
-                |(k, _)| &k[..] == key,
-                |(k, _)| hasher.hash_one(&k[..]),
-            ),
-            deadline_ms,
-        ) {
-            (TableEntry::Occupied(mut entry), Some(d)) => entry.get_mut().1 = d,
-            (TableEntry::Occupied(entry), None) => {
-                entry.remove();
-                self.expiring -= 1;
+        let shard = Store::shard_index(hash);
+        let Some(block) = self.shards[shard].find_mut(hash, |b| b.key() == key) else {
+            return;
+        };
+        match (block.has_deadline(), deadline_ms) {
+            (true, Some(d)) => {
+                block.set_deadline(d);
             }
-            (TableEntry::Vacant(entry), Some(d)) => {
-                entry.insert((key.into(), d));
-                self.expiring += 1;
+            (false, None) => {}
+            (had, _) => {
+                *block = Block::with_deadline(key, block.value(), block.version(), deadline_ms);
+                if had {
+                    self.expiring -= 1;
+                    self.expiring_per_shard[shard] -= 1;
+                } else {
+                    self.expiring += 1;
+                    self.expiring_per_shard[shard] += 1;
+                }
             }
-            (TableEntry::Vacant(_), None) => {}
         }
     }
 
     /// Keys of one shard whose deadline is at or before `now_ms` (the sweep).
+    /// Walks the whole shard when any of its keys has a deadline.
     pub fn expired_in_shard(&self, shard: usize, now_ms: u64) -> impl Iterator<Item = &[u8]> {
-        self.deadlines[shard]
+        let any = self.expiring_per_shard[shard] > 0;
+        self.shards[shard]
             .iter()
-            .filter(move |(_, d)| *d <= now_ms)
-            .map(|(k, _)| &k[..])
+            .filter(move |b| any && b.deadline().is_some_and(|d| d <= now_ms))
+            .map(Block::key)
     }
 
-    /// Keys with a deadline in one shard (the sweep's bound on work).
-    pub fn expiring_in_shard(&self, shard: usize) -> usize {
-        self.deadlines[shard].len()
-    }
-
-    /// A write without a deadline leaves the key without one (as Redis's SET).
-    fn forget_deadline(&mut self, key: &[u8]) {
-        if self.expiring > 0 {
-            self.set_deadline(key, None);
+    /// What [`Store::expired_in_shard`] costs: the shard's keys if any has a
+    /// deadline, else 0 (the sweep's bound on work).
+    pub fn sweep_cost(&self, shard: usize) -> usize {
+        if self.expiring_per_shard[shard] == 0 {
+            0
+        } else {
+            self.shards[shard].len()
         }
+    }
+
+    /// Keys with a deadline in one shard.
+    pub fn expiring_in_shard(&self, shard: usize) -> usize {
+        self.expiring_per_shard[shard] as usize
     }
 
     /// Apply one write at `version`; UPDATE and DELETE of an absent key change nothing.
     pub fn apply(&mut self, write: Write<'_>, version: u64) -> Applied {
         match write {
             Write::Put { key, value } => {
-                self.set(key, value, version);
-                self.forget_deadline(key);
+                self.set_until(key, value, version, None);
                 Applied::Changed(version)
             }
             Write::PutExpiring {
@@ -251,8 +240,7 @@ impl Store {
                 value,
                 deadline_ms,
             } => {
-                self.set(key, value, version);
-                self.set_deadline(key, Some(deadline_ms));
+                self.set_until(key, value, version, Some(deadline_ms));
                 Applied::Changed(version)
             }
             Write::Expire { key, deadline_ms } => {
@@ -268,13 +256,18 @@ impl Store {
             }
             Write::Update { key, value } => {
                 let hash = self.hash(key);
-                match self.shards[Store::shard_index(hash)].find_mut(hash, |b| b.key() == key) {
+                let shard = Store::shard_index(hash);
+                match self.shards[shard].find_mut(hash, |b| b.key() == key) {
                     Some(block) => {
                         self.data_bytes = self.data_bytes - block.value().len() + value.len();
-                        if !block.overwrite(value, version) {
+                        // An UPDATE leaves no deadline (as Redis's SET XX).
+                        if block.has_deadline() {
+                            self.expiring -= 1;
+                            self.expiring_per_shard[shard] -= 1;
+                            *block = Block::new(key, value, version);
+                        } else if !block.overwrite(value, version) {
                             *block = Block::new(key, value, version);
                         }
-                        self.forget_deadline(key);
                         Applied::Changed(version)
                     }
                     None => Applied::NotFound,
@@ -282,12 +275,16 @@ impl Store {
             }
             Write::Delete { key } => {
                 let hash = self.hash(key);
-                match self.shards[Store::shard_index(hash)].find_entry(hash, |b| b.key() == key) {
+                let shard = Store::shard_index(hash);
+                match self.shards[shard].find_entry(hash, |b| b.key() == key) {
                     Ok(entry) => {
                         let (block, _) = entry.remove();
                         self.len -= 1;
                         self.data_bytes -= key.len() + block.value().len();
-                        self.forget_deadline(key);
+                        if block.has_deadline() {
+                            self.expiring -= 1;
+                            self.expiring_per_shard[shard] -= 1;
+                        }
                         Applied::Changed(version)
                     }
                     Err(_) => Applied::NotFound,
@@ -296,26 +293,50 @@ impl Store {
         }
     }
 
-    /// Create or replace `key` (also used to load snapshots).
+    /// Create or replace `key` without a deadline (also used to load snapshots).
     pub fn set(&mut self, key: &[u8], value: &[u8], version: u64) {
+        self.set_until(key, value, version, None);
+    }
+
+    /// Create or replace `key`, leaving it with `deadline` (unix ms; `None`: none).
+    pub fn set_until(&mut self, key: &[u8], value: &[u8], version: u64, deadline: Option<u64>) {
         let hash = self.hash(key);
+        let shard = Store::shard_index(hash);
         let hasher = &self.hasher;
-        match self.shards[Store::shard_index(hash)].entry(
-            hash,
-            |b| b.key() == key,
-            |b| hasher.hash_one(b.key()),
-        ) {
+        match self.shards[shard].entry(hash, |b| b.key() == key, |b| hasher.hash_one(b.key())) {
             TableEntry::Occupied(mut entry) => {
                 let block = entry.get_mut();
                 self.data_bytes = self.data_bytes - block.value().len() + value.len();
-                if !block.overwrite(value, version) {
-                    *block = Block::new(key, value, version);
+                let had = block.has_deadline();
+                // In place only when the block keeps its shape (length, room for a deadline).
+                let in_place = had == deadline.is_some() && block.overwrite(value, version);
+                if in_place {
+                    if let Some(d) = deadline {
+                        block.set_deadline(d);
+                    }
+                } else {
+                    *block = Block::with_deadline(key, value, version, deadline);
+                }
+                match (had, deadline.is_some()) {
+                    (true, false) => {
+                        self.expiring -= 1;
+                        self.expiring_per_shard[shard] -= 1;
+                    }
+                    (false, true) => {
+                        self.expiring += 1;
+                        self.expiring_per_shard[shard] += 1;
+                    }
+                    _ => {}
                 }
             }
             TableEntry::Vacant(entry) => {
                 self.len += 1;
                 self.data_bytes += key.len() + value.len();
-                entry.insert(Block::new(key, value, version));
+                if deadline.is_some() {
+                    self.expiring += 1;
+                    self.expiring_per_shard[shard] += 1;
+                }
+                entry.insert(Block::with_deadline(key, value, version, deadline));
             }
         }
     }
@@ -327,9 +348,7 @@ impl Store {
         for shard in &mut self.shards {
             *shard = HashTable::new();
         }
-        for shard in &mut self.deadlines {
-            *shard = HashTable::new();
-        }
+        self.expiring_per_shard.fill(0);
         self.expiring = 0;
         self.len = 0;
         self.data_bytes = 0;

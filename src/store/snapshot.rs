@@ -117,14 +117,8 @@ impl ShardCopy {
             return;
         }
         self.copied[shard] = true;
-        // Deadlines are looked up only in a shard that has some.
-        let expiring = store.expiring_in_shard(shard) > 0;
         for block in store.iter_shard(shard) {
-            let deadline = if expiring {
-                store.deadline(block.key()).unwrap_or(0)
-            } else {
-                0
-            };
+            let deadline = block.deadline().unwrap_or(0);
             let (key, value, version) = (block.key(), block.value(), block.version());
             encode_entry(&mut self.bytes, key, value, version, deadline);
             self.entries += 1;

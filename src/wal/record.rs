@@ -211,6 +211,10 @@ mod tests {
                 key: Vec::new(),
                 value: Vec::new(),
             },
+            // Expiry: a PUT with a deadline, an EXPIRE and a PERSIST.
+            WriteOp::put_expiring(b"t", b"v", 1_700_000_000_000),
+            WriteOp::expire(b"t", Some(1_800_000_000_000)),
+            WriteOp::expire(b"t", None),
         ]
         .into()
     }
