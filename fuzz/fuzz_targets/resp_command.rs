@@ -60,5 +60,10 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     assert!(first.len() <= whole.len());
-    assert_eq!(commands, whole, "split at {cut} of {} (consumed {consumed})", data.len());
+    assert_eq!(
+        commands,
+        whole,
+        "split at {cut} of {} (consumed {consumed})",
+        data.len()
+    );
 });

@@ -218,9 +218,11 @@ impl Watch {
         // from the socket with the remaining time, which ends in a return once it runs out.
         loop {
             if let Some(event) = self.pending.pop_front() {
+                // Revisions come from etcd, which anyone with access to it may
+                // answer for: the largest one must not overflow.
                 self.next_revision = match &event {
-                    WatchEvent::Put(kv) => kv.mod_revision + 1,
-                    WatchEvent::Delete { mod_revision, .. } => mod_revision + 1,
+                    WatchEvent::Put(kv) => kv.mod_revision.saturating_add(1),
+                    WatchEvent::Delete { mod_revision, .. } => mod_revision.saturating_add(1),
                 };
                 return Ok(WatchNext::Event(event));
             }
@@ -415,7 +417,7 @@ impl Watch {
             self.created_revision = result.header.revision;
             // A watch "from now" sees everything after the revision it was created at.
             if self.next_revision <= 0 {
-                self.next_revision = result.header.revision + 1;
+                self.next_revision = result.header.revision.saturating_add(1);
             }
         }
         for event in result.events {
@@ -645,6 +647,26 @@ mod tests {
             .expect("write");
         assert_eq!(watch.next(SHORT).expect("next"), WatchNext::Ended);
         assert_eq!(watch.next(SHORT).expect("next"), WatchNext::Ended);
+    }
+
+    #[test]
+    fn the_largest_revision_from_a_hostile_etcd_does_not_overflow() {
+        // Found while writing the fuzz targets: a revision of i64::MAX in a
+        // created message or an event made `revision + 1` panic (debug) or
+        // wrap to i64::MIN (release).
+        let (mut watch, mut server) = fake();
+        watch.next_revision = 0;
+        let max = i64::MAX;
+        let message = format!(
+            r#"{{"result":{{"header":{{"revision":"{max}"}},"created":true,"events":[{{"kv":{{"key":"aw==","mod_revision":"{max}"}}}}]}}}}"#
+        );
+        server.write_all(&chunk(&message)).expect("write");
+        match watch.next(SHORT).expect("next") {
+            WatchNext::Event(WatchEvent::Put(kv)) => assert_eq!(kv.mod_revision, max),
+            other => panic!("expected a put, got {other:?}"),
+        }
+        assert_eq!(watch.created_revision(), max);
+        assert_eq!(watch.next_revision(), max);
     }
 
     #[test]

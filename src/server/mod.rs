@@ -19,6 +19,9 @@ mod stream;
 mod timers;
 mod udp;
 
+/// The master's limit on a slave's frames, for the peer decoder's fuzz target (fuzz/).
+pub use peer::MAX_SLAVE_FRAME_PAYLOAD;
+
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
@@ -1371,7 +1374,8 @@ pub fn repair(config: &Config) -> Result<String, ServerError> {
 }
 
 /// Largest payload a slave accepts from its master (see `peer_frame_limit`).
-const MAX_MASTER_FRAME_PAYLOAD: usize =
+/// Public so that the peer decoder's fuzz target (fuzz/) runs with both directions' limits.
+pub const MAX_MASTER_FRAME_PAYLOAD: usize =
     handler::MAX_BATCH_BYTES + 2 * MAX_VALUE_BYTES_LIMIT + (8 << 20);
 
 /// Largest unsent output a replication link may hold before it is dropped.
