@@ -303,12 +303,12 @@ impl Server {
             self.step_down();
         }
         self.drop_all_peers();
-        let (mut history_id, mut prepared_dropped) = match &mut self.role {
+        let (mut history_id, mut in_doubt) = match &mut self.role {
             Role::Slave { participant, .. } => {
-                (participant.history_id(), participant.take_prepared().len())
+                (participant.history_id(), participant.take_prepared())
             }
-            Role::Standby(s) => (s.history_id, s.prepared.len()),
-            Role::Master(_) => (0, 0),
+            Role::Standby(s) => (s.history_id, std::mem::take(&mut s.prepared)),
+            Role::Master(_) => (0, BTreeMap::new()),
         };
         let mut may_discard = self.resync_discard_data;
         let led_epoch = self.failover.as_ref().and_then(|f| f.led_epoch);
@@ -327,7 +327,7 @@ impl Server {
             self.core.store = Store::new();
             self.core.commit_seq = 0;
             history_id = 0;
-            prepared_dropped = 0;
+            in_doubt.clear();
             let lsn = self.wal.appended_lsn() + 1;
             self.wal.append(
                 lsn,
@@ -338,8 +338,11 @@ impl Server {
             );
             may_discard = true;
         }
-        if prepared_dropped > 0 {
-            info!("{prepared_dropped} in-doubt transactions follow the new master's outcome");
+        if !in_doubt.is_empty() {
+            info!(
+                "{} in-doubt transactions follow the new master's outcome (kept for a promotion until it is known)",
+                in_doubt.len()
+            );
         }
         let mut participant = Participant::recover(
             ParticipantConfig {
@@ -353,6 +356,9 @@ impl Server {
             history_id,
         );
         participant.start_lsns_after(self.wal.appended_lsn(), self.wal.reported_lsn());
+        // Until their outcome is known this node may be the one a promotion
+        // picks to hold them (an acknowledged write among them must survive).
+        participant.keep_in_doubt(in_doubt);
         info!("following {} in epoch {}", leader.addr, leader.epoch);
         self.role = Role::Slave {
             participant: Box::new(participant),
