@@ -233,6 +233,7 @@ struct Standby {
     prepared: BTreeMap<u64, Ops>,
     commits: Vec<(u64, Ops)>,
     floor: u64,
+    seen: u64,
 }
 
 enum Role {
@@ -449,7 +450,8 @@ impl Sim {
         let tpc_timeout_ms = rng.random_range(40..=200);
         let coord_config = CoordinatorConfig {
             tpc_timeout_ms,
-            min_slaves: 0,
+            // Sometimes --min-slaves 1: a slave lost mid-vote then aborts.
+            min_slaves: usize::from(rng.random_bool(0.3)),
             log_capacity: rng.random_range(0..=40),
             heartbeat_interval_ms: 50,
             peer_timeout_ms: 200 + tpc_timeout_ms,
@@ -684,6 +686,18 @@ impl Sim {
                 Role::Dead => "dead".into(),
             };
             let state = n.election.as_ref().map(|e| e.state().clone());
+            // Where it differs from node 0, for a diverged run.
+            let base = &self.nodes[0].store;
+            let differ: Vec<String> = base
+                .iter()
+                .filter(|(k, v)| n.store.get(*k) != Some(v))
+                .chain(n.store.iter().filter(|(k, _)| !base.contains_key(*k)))
+                .take(6)
+                .map(|(k, (_, ver))| format!("{}@{ver}", String::from_utf8_lossy(k)))
+                .collect();
+            if !differ.is_empty() {
+                text.push_str(&format!("node {i} differs from node 0 at {differ:?}\n"));
+            }
             text.push_str(&format!(
                 "node {i}: {role}; election {state:?}; {} keys at {}\n",
                 n.store.len(),
@@ -1526,7 +1540,8 @@ impl Sim {
             }
             Action::StartSnapshot { peer, at_seq } => {
                 let link = peer.0 as usize;
-                if self.nodes[node].commit_seq != at_seq {
+                // Aborts move the coordinator past the store's last commit.
+                if self.nodes[node].commit_seq > at_seq {
                     return Err(format!(
                         "node {node}: snapshot at {at_seq} with the store at {}",
                         self.nodes[node].commit_seq
@@ -1697,6 +1712,7 @@ impl Sim {
             prepared: replay.prepared,
             commits: replay.commits,
             floor: replay.floor,
+            seen: replay.max_seq,
         }));
         n.epoch = 0;
         n.leader = None;
@@ -1729,6 +1745,7 @@ impl Sim {
                 prepared: BTreeMap::new(),
                 commits: Vec::new(),
                 floor: 0,
+                seen: 0,
             })),
         );
         let (history_id, prepared, mut commits, floor, seen) = match role {
@@ -1739,7 +1756,7 @@ impl Sim {
                 commit_seq,
                 part.seen_seq(),
             ),
-            Role::Standby(s) => (s.history_id, s.prepared, s.commits, s.floor, 0),
+            Role::Standby(s) => (s.history_id, s.prepared, s.commits, s.floor, s.seen),
             Role::Master(_) => (history_of_store, BTreeMap::new(), Vec::new(), commit_seq, 0),
             Role::Dead => return Err("a dead node leads".into()),
         };
@@ -1877,6 +1894,8 @@ impl Sim {
         let Role::Master(c) = &mut n.role else {
             return;
         };
+        let decided = c.decided_commits();
+        let seen = c.used_seq();
         let clients = c.abandon();
         let history_id = c.history_id();
         // Their connections close: no answer.
@@ -1890,9 +1909,10 @@ impl Sim {
         let n = &mut self.nodes[node];
         n.role = Role::Standby(Box::new(Standby {
             history_id,
-            prepared: BTreeMap::new(),
+            prepared: decided,
             commits: Vec::new(),
             floor: n.commit_seq,
+            seen,
         }));
         n.leader = None;
     }

@@ -369,6 +369,32 @@ impl Coordinator {
         }
     }
 
+    /// The highest sequence number this master has given a transaction
+    /// (released, aborted or still in flight).
+    pub fn used_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Transactions decided to commit and not yet released (their decision
+    /// is logged, or on its way to the log; a lost lease holds them back).
+    /// They are this node's own word: its log replays them as committed, so
+    /// a node that leads again must commit them too, not reuse their numbers.
+    pub fn decided_commits(&self) -> BTreeMap<u64, Ops> {
+        self.txns
+            .iter()
+            .filter(|(_, t)| {
+                matches!(
+                    t.state,
+                    TxnState::Deciding {
+                        decision: Decision::Commit,
+                        ..
+                    }
+                )
+            })
+            .map(|(&seq, t)| (seq, t.ops.clone()))
+            .collect()
+    }
+
     /// Leadership is lost: forget every transaction in flight and return the
     /// clients still waiting (their writes' outcome is not known here: the
     /// next master decides it).

@@ -110,6 +110,9 @@ pub struct Standby {
     pub commits: Vec<(u64, Ops)>,
     /// The sequence number the log's snapshot covered.
     pub floor: u64,
+    /// The highest sequence number this node knows was used (an abort's
+    /// included): leading from here numbers after it.
+    pub seen: u64,
 }
 
 impl Server {
@@ -202,7 +205,7 @@ impl Server {
                     self.core.commit_seq,
                     participant.seen_seq(),
                 ),
-                Role::Standby(s) => (s.history_id, s.prepared, s.commits, s.floor, 0),
+                Role::Standby(s) => (s.history_id, s.prepared, s.commits, s.floor, s.seen),
                 Role::Master(_) => (
                     history_of_store,
                     BTreeMap::new(),
@@ -380,6 +383,11 @@ impl Server {
         let Role::Master(c) = &mut self.role else {
             return;
         };
+        // Commits it decided (and logged) but could not release: its log
+        // replays them, so if it leads again it commits them (lead() does,
+        // as for a slave's prepares) instead of reusing their numbers.
+        let decided = c.decided_commits();
+        let seen = c.used_seq();
         let clients: Vec<ClientRef> = c.abandon();
         warn!(
             "stepping down: closing the connections of {} writes in flight (the next master decides them)",
@@ -407,9 +415,10 @@ impl Server {
         self.drop_all_peers();
         self.role = Role::Standby(Box::new(Standby {
             history_id,
-            prepared: BTreeMap::new(),
+            prepared: decided,
             commits: Vec::new(),
             floor: self.core.commit_seq,
+            seen,
         }));
         self.core.mode = Mode::Slave {
             master: String::new(),
@@ -454,5 +463,6 @@ fn empty_standby() -> Standby {
         prepared: BTreeMap::new(),
         commits: Vec::new(),
         floor: 0,
+        seen: 0,
     }
 }

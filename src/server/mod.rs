@@ -416,6 +416,7 @@ impl Server {
                     prepared: replay.prepared.clone(),
                     commits: replay.commits.clone(),
                     floor: replay.floor,
+                    seen: replay.max_seq,
                 };
                 let mode = Mode::Slave {
                     master: String::new(),

@@ -1116,12 +1116,19 @@ fn a_master_of_an_older_epoch_is_refused_and_without_its_lease_acknowledges_noth
             error: WriteError::Unavailable(_)
         }]
     ));
+    assert_eq!(
+        c.decided_commits().into_keys().collect::<Vec<_>>(),
+        vec![2],
+        "decided and logged, held back by the lease"
+    );
     c.set_lease_valid(9, true);
     assert!(
         drain(&mut c)
             .iter()
             .any(|a| matches!(a, Action::Apply { seq: 2, .. }))
     );
+    assert!(c.decided_commits().is_empty(), "released");
+    assert_eq!(c.used_seq(), 2);
     c.handle(10, writes(70, &["f"]));
     drain(&mut c);
     assert_eq!(c.abandon(), vec![ClientRef(70)]);
