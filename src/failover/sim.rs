@@ -285,6 +285,9 @@ struct Node {
     agent_busy: bool,
     etcd_cut: bool,
     paused_until: u64,
+    /// The lsn of a wipe's checkpoint not yet durable: until it is, a crash
+    /// brings the deposed leader's data back, so its marker must stay.
+    wipe_lsn: Option<u64>,
     /// Clients waiting for a reply from this process.
     waiting: BTreeSet<u64>,
     completions: VecDeque<Event>,
@@ -527,6 +530,7 @@ impl Sim {
                 etcd_cut: false,
                 paused_until: 0,
                 waiting: BTreeSet::new(),
+                wipe_lsn: None,
                 completions: VecDeque::new(),
             });
             let at = sim.rng.random_range(0..=50);
@@ -852,6 +856,9 @@ impl Sim {
                     }
                 }
                 n.reported_lsn = n.reported_lsn.max(lsn);
+                if n.wipe_lsn.is_some_and(|w| w <= lsn) {
+                    n.wipe_lsn = None;
+                }
                 self.turn(node);
                 self.feed(node, Event::Persisted { lsn });
                 self.settle(node)?;
@@ -1670,6 +1677,7 @@ impl Sim {
         n.role = Role::Dead;
         n.election = None;
         n.pending.clear();
+        n.wipe_lsn = None;
         n.timers.clear();
         n.peers.clear();
         n.agent.clear();
@@ -1854,8 +1862,21 @@ impl Sim {
             history_id = 0;
             in_doubt.clear();
             let lsn = n.appended_lsn + 1;
+            n.wipe_lsn = Some(lsn);
             self.stats.wipes += 1;
             self.log(|| format!("node {node} led epoch {led}: wipes its data"));
+            if !self.healed && self.rng.random_bool(0.3) {
+                // A crash while the resync is on its way to the disk.
+                let at = self.now + self.rng.random_range(1..=150);
+                let dur = self.rng.random_range(10..=300);
+                self.schedule(
+                    at,
+                    Ev::Crash {
+                        node: Some(node),
+                        dur,
+                    },
+                );
+            }
             self.wal_append(
                 node,
                 lsn,
@@ -1922,8 +1943,14 @@ impl Sim {
         let n = &mut self.nodes[node];
         if n.led_epoch.is_some()
             && let Role::Slave { part, .. } = &n.role
-            && matches!(part.link(), LinkState::Following(_))
+            && part.caught_up_durably()
         {
+            if let Some(lsn) = n.wipe_lsn {
+                self.deferred_error.get_or_insert(format!(
+                    "node {node} removed its led-epoch marker before its wipe (lsn {lsn}) was durable: \
+                     a crash now brings its old decisions back unmarked"
+                ));
+            }
             n.durable_led_epoch = None;
             n.led_epoch = None;
         }

@@ -116,6 +116,9 @@ pub struct Participant {
     /// in sequence order) or a snapshot replaces the store, exactly as the
     /// write-ahead log's replay forgets their PREPARE records.
     unresolved: BTreeMap<u64, Ops>,
+    /// Whether the catch-up of the current link is durable (its CAUGHT_UP
+    /// reply went out): the data held here is then the master's, on disk too.
+    caught_up_durably: bool,
     /// Sequence number of the snapshot being installed, if one is.
     snapshot_in_progress: Option<u64>,
     last_lsn: u64,
@@ -154,6 +157,7 @@ impl Participant {
             link_history: None,
             prepared: BTreeMap::new(),
             unresolved: BTreeMap::new(),
+            caught_up_durably: false,
             snapshot_in_progress: None,
             last_lsn: 0,
             durable_lsn: 0,
@@ -217,6 +221,13 @@ impl Participant {
     /// The history id of the master this slave last caught up from (0: none yet).
     pub fn history_id(&self) -> u64 {
         self.history_id
+    }
+
+    /// Whether this slave follows its master with the catch-up durable:
+    /// everything logged before it (a resync's checkpoint among them) is on
+    /// disk, so a crash can no longer bring back what it replaced.
+    pub fn caught_up_durably(&self) -> bool {
+        self.caught_up_durably && matches!(self.link, LinkState::Following(_))
     }
 
     /// The link's state (for STATS).
@@ -323,6 +334,7 @@ impl Participant {
 
     fn link_down(&mut self, now_ms: u64) {
         self.link = LinkState::Down;
+        self.caught_up_durably = false;
         self.snapshot_in_progress = None;
         self.link_history = None;
         self.actions.push_back(Action::SetTimer {
@@ -608,7 +620,10 @@ impl Participant {
                     }
                 }
                 AfterPersist::Ack(seq) => ack = Some((peer, seq)),
-                AfterPersist::CaughtUp(seq) => self.send(peer, PeerMessage::CaughtUp { seq }),
+                AfterPersist::CaughtUp(seq) => {
+                    self.caught_up_durably = true;
+                    self.send(peer, PeerMessage::CaughtUp { seq });
+                }
             }
         }
         // Acks are cumulative: one per batch of durable commits is enough.

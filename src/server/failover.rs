@@ -436,18 +436,18 @@ impl Server {
         }
     }
 
-    /// Once a deposed leader follows the new one, its own decisions are gone:
-    /// the epoch it led no longer matters.
+    /// Once a deposed leader follows the new one with its catch-up durable,
+    /// its own decisions are gone from its disk too: the epoch it led no
+    /// longer matters. (Only following is not enough: until the resync's
+    /// checkpoint is durable, a crash brings the old data back, and without
+    /// the marker it would be trusted.)
     pub(super) fn forget_led_epoch_once_following(&mut self) {
         let Some(f) = self.failover.as_mut() else {
             return;
         };
         if f.led_epoch.is_some()
             && let Role::Slave { participant, .. } = &self.role
-            && matches!(
-                participant.link(),
-                crate::replication::LinkState::Following(_)
-            )
+            && participant.caught_up_durably()
         {
             match self.wal.set_led_epoch(None) {
                 Ok(()) => f.led_epoch = None,
