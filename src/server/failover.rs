@@ -104,7 +104,8 @@ impl Failover {
 pub struct Standby {
     /// The history its store's position belongs to (0: none).
     pub history_id: u64,
-    /// Transactions prepared here and not known decided.
+    /// Transactions a promotion of this node commits: prepared here and not
+    /// known decided, or (after a step-down) decided to commit and not released.
     pub prepared: BTreeMap<u64, Ops>,
     /// Commits recovered from the log (for a promotion's partial-resync log).
     pub commits: Vec<(u64, Ops)>,
