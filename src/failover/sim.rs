@@ -17,7 +17,8 @@
 //! Faults: crashes and restarts (the master more often), pauses (a stopped
 //! process, possibly past its lease), partitions between nodes and between a
 //! node and etcd, etcd outages (requests refused, or applied with replies
-//! too late), slow disks.
+//! too late), slow disks, and clocks that drift (each node's runs up to 2%
+//! fast or slow; `DKVS_SIM_CLOCK_DRIFT_PERMILLE` sets the bound).
 //!
 //! Checked: every acknowledged write survives every failover (after healing,
 //! every replica holds it); no write answered ABORTED or UNAVAILABLE is ever
@@ -285,6 +286,8 @@ struct Node {
     agent_busy: bool,
     etcd_cut: bool,
     paused_until: u64,
+    /// How fast this node's clock runs, per mille of real time.
+    clock_rate: u64,
     /// The lsn of a wipe's checkpoint not yet durable: until it is, a crash
     /// brings the deposed leader's data back, so its marker must stay.
     wipe_lsn: Option<u64>,
@@ -505,6 +508,7 @@ impl Sim {
             trace: trace.then(Vec::new),
             stats: RunStats::default(),
         };
+        let max_drift = env_u64("DKVS_SIM_CLOCK_DRIFT_PERMILLE").unwrap_or(20);
         for i in 0..NODES {
             sim.nodes.push(Node {
                 life: 0,
@@ -531,6 +535,8 @@ impl Sim {
                 paused_until: 0,
                 waiting: BTreeSet::new(),
                 wipe_lsn: None,
+                // Clocks drift a little (well inside the lease's margin).
+                clock_rate: 1000 - max_drift + sim.rng.random_range(0..=2 * max_drift),
                 completions: VecDeque::new(),
             });
             let at = sim.rng.random_range(0..=50);
@@ -589,6 +595,18 @@ impl Sim {
             order: self.order,
             ev,
         });
+    }
+
+    /// `node`'s clock: it runs at its own rate (per mille of the real one).
+    fn local(&self, node: usize) -> u64 {
+        self.now * self.nodes[node].clock_rate / 1000
+    }
+
+    /// The real time at which `node`'s clock reads `local`.
+    fn global_at(&self, node: usize, local: u64) -> u64 {
+        local
+            .saturating_mul(1000)
+            .div_ceil(self.nodes[node].clock_rate)
     }
 
     fn alive(&self, node: usize) -> bool {
@@ -897,7 +915,7 @@ impl Sim {
                 self.log(|| format!("node {node} etcd reply {reply:?}"));
                 self.turn(node);
                 self.nodes[node].agent_busy = false;
-                let now = self.now;
+                let now = self.local(node);
                 if let Some(e) = self.nodes[node].election.as_mut() {
                     e.on_reply(now, reply);
                 }
@@ -908,7 +926,7 @@ impl Sim {
                     return Ok(());
                 }
                 self.turn(node);
-                let now = self.now;
+                let now = self.local(node);
                 if let Some(e) = self.nodes[node].election.as_mut() {
                     e.on_reply(now, Reply::Changed);
                 }
@@ -1272,7 +1290,7 @@ impl Sim {
     /// The start of a reactor turn: the election notices the lease's end
     /// before anything else is served.
     fn turn(&mut self, node: usize) {
-        let now = self.now;
+        let now = self.local(node);
         if let Some(e) = self.nodes[node].election.as_mut() {
             e.tick(now);
         }
@@ -1299,7 +1317,7 @@ impl Sim {
     }
 
     fn feed(&mut self, node: usize, event: Event) {
-        let now = self.now;
+        let now = self.local(node);
         match &mut self.nodes[node].role {
             Role::Master(c) => c.handle(now, event),
             Role::Slave { part, .. } => part.handle(now, event),
@@ -1337,6 +1355,11 @@ impl Sim {
                     .election
                     .as_ref()
                     .map_or(u64::MAX, |e| e.next_wake_ms());
+                let at = if at == u64::MAX {
+                    at
+                } else {
+                    self.global_at(node, at)
+                };
                 if at != u64::MAX && at < self.nodes[node].wake_at.max(self.now + 1) {
                     let at = at.max(self.now + 1);
                     self.nodes[node].wake_at = at;
@@ -1359,7 +1382,7 @@ impl Sim {
             EAction::Follow(leader) => self.follow(node, leader),
             EAction::StepDown => self.step_down(node),
             EAction::LeaseValid(valid) => {
-                let now = self.now;
+                let now = self.local(node);
                 if let Role::Master(c) = &mut self.nodes[node].role {
                     c.set_lease_valid(now, valid);
                 }
@@ -1532,8 +1555,9 @@ impl Sim {
             Action::SetTimer { timer, at_ms } => {
                 self.nodes[node].timers.insert(timer, at_ms);
                 let life = self.nodes[node].life;
+                let at = self.global_at(node, at_ms);
                 self.schedule(
-                    at_ms,
+                    at,
                     Ev::Timer {
                         node,
                         life,
@@ -1711,7 +1735,7 @@ impl Sim {
             }
             self.applied_ever.insert(key.clone());
         }
-        let now = self.now;
+        let now = self.local(node);
         let n = &mut self.nodes[node];
         n.store = store;
         n.commit_seq = replay.seq;
@@ -1801,6 +1825,7 @@ impl Sim {
             lsn = self.nodes[node].appended_lsn;
             id
         };
+        let now = self.local(node);
         let n = &mut self.nodes[node];
         let released = n.commit_seq.max(seen);
         n.commit_seq = released;
@@ -1815,7 +1840,7 @@ impl Sim {
         for (seq, ops) in commits {
             log.push(seq, ops);
         }
-        let mut coordinator = Coordinator::recover(config, self.now, released, log);
+        let mut coordinator = Coordinator::recover(config, now, released, log);
         coordinator.start_lsns_after(lsn, n.reported_lsn);
         n.role = Role::Master(Box::new(coordinator));
         n.epoch = epoch;
