@@ -536,7 +536,12 @@ impl Sim {
                 waiting: BTreeSet::new(),
                 wipe_lsn: None,
                 // Clocks drift a little (well inside the lease's margin).
-                clock_rate: 1000 - max_drift + sim.rng.random_range(0..=2 * max_drift),
+                // (No draw without drift: runs then replay as before drift existed.)
+                clock_rate: if max_drift == 0 {
+                    1000
+                } else {
+                    1000 - max_drift + sim.rng.random_range(0..=2 * max_drift)
+                },
                 completions: VecDeque::new(),
             });
             let at = sim.rng.random_range(0..=50);
@@ -1842,6 +1847,7 @@ impl Sim {
         }
         let mut coordinator = Coordinator::recover(config, now, released, log);
         coordinator.start_lsns_after(lsn, n.reported_lsn);
+        coordinator.hold_registrations_until(lsn);
         n.role = Role::Master(Box::new(coordinator));
         n.epoch = epoch;
         n.led_epoch = Some(epoch);

@@ -19,6 +19,9 @@ use super::{
 };
 use crate::protocol::peer::PEER_PROTOCOL_VERSION;
 
+/// REGISTERs a coordinator keeps waiting at most (one per link; more are refused).
+const MAX_HELD_REGISTERS: usize = 64;
+
 /// Knobs of the coordinator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CoordinatorConfig {
@@ -267,6 +270,12 @@ pub struct Coordinator {
     keep_log: bool,
     /// The in-sync set as recorded for failover (unused without it).
     sync_set: RecordedSet,
+    /// REGISTERs wait until this lsn is durable: a promotion's commits are
+    /// applied before their decision records are, and must not reach a slave
+    /// (by log or snapshot) that a crash of this node could leave ahead of it.
+    register_after_lsn: u64,
+    /// REGISTERs waiting for it (bounded by `MAX_HELD_REGISTERS`).
+    held_registers: Vec<(PeerId, PeerMessage)>,
     /// Whether this master's leadership lease is known valid: while it is not,
     /// nothing is released (no client hears OK) and new writes are refused.
     lease_valid: bool,
@@ -303,6 +312,8 @@ impl Coordinator {
             keep_log: released_seq > 0,
             log,
             sync_set: RecordedSet::default(),
+            register_after_lsn: 0,
+            held_registers: Vec::new(),
             lease_valid: true,
             actions: VecDeque::new(),
             config,
@@ -369,6 +380,13 @@ impl Coordinator {
         }
     }
 
+    /// Answer no REGISTER until `lsn` is durable: a promotion logged and
+    /// applied its in-doubt commits through `lsn`, and a slave must not catch
+    /// up to commits this node could still lose in a crash.
+    pub fn hold_registrations_until(&mut self, lsn: u64) {
+        self.register_after_lsn = lsn;
+    }
+
     /// The highest sequence number this master has given a transaction
     /// (released, aborted or still in flight).
     pub fn used_seq(&self) -> u64 {
@@ -412,10 +430,18 @@ impl Coordinator {
         match event {
             Event::ClientWrites { writes } => self.on_client_writes(now_ms, writes),
             Event::Message { peer, msg } => self.on_message(now_ms, peer, msg),
-            Event::PeerLost { peer } => self.on_peer_lost(now_ms, peer),
+            Event::PeerLost { peer } => {
+                self.held_registers.retain(|(p, _)| *p != peer);
+                self.on_peer_lost(now_ms, peer);
+            }
             Event::Persisted { lsn } => {
                 debug_assert!(lsn <= self.last_lsn, "persisted lsn {lsn} never issued");
                 self.durable_lsn = self.durable_lsn.max(lsn);
+                if self.durable_lsn >= self.register_after_lsn {
+                    for (peer, msg) in std::mem::take(&mut self.held_registers) {
+                        self.on_register(now_ms, peer, msg);
+                    }
+                }
                 self.release(now_ms);
             }
             Event::TimerFired { timer } => self.on_timer(now_ms, timer),
@@ -648,6 +674,14 @@ impl Coordinator {
 
     fn on_message(&mut self, now_ms: u64, peer: PeerId, msg: PeerMessage) {
         if matches!(msg, PeerMessage::Register { .. }) {
+            if self.durable_lsn < self.register_after_lsn {
+                if self.held_registers.len() >= MAX_HELD_REGISTERS {
+                    self.actions.push_back(Action::Disconnect { peer });
+                } else {
+                    self.held_registers.push((peer, msg));
+                }
+                return;
+            }
             self.on_register(now_ms, peer, msg);
             return;
         }

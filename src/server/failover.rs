@@ -268,6 +268,9 @@ impl Server {
         let now = self.now_ms();
         let mut coordinator = Coordinator::recover(config, now, self.core.commit_seq, log);
         coordinator.start_lsns_after(lsn, self.wal.reported_lsn());
+        // The in-doubt commits were applied at once but are durable only
+        // later: no slave catches up to them before they are.
+        coordinator.hold_registrations_until(lsn);
         info!(
             "leading epoch {epoch} at seq {} of history {history_id:#018x} ({committed} in-doubt transactions committed)",
             self.core.commit_seq
