@@ -8,3 +8,6 @@ pub mod record;
 
 pub use election::{Action, Election, ElectionConfig, Observation, Reply, Request, State};
 pub use record::{LeaderRecord, SyncRecord};
+
+#[cfg(test)]
+mod sim;

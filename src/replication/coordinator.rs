@@ -19,6 +19,9 @@ use super::{
 };
 use crate::protocol::peer::PEER_PROTOCOL_VERSION;
 
+/// REGISTERs a coordinator keeps waiting at most (one per link; more are refused).
+const MAX_HELD_REGISTERS: usize = 64;
+
 /// Knobs of the coordinator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CoordinatorConfig {
@@ -246,17 +249,6 @@ struct Txn {
     deadline_ms: Option<u64>,
 }
 
-/// What a master that lost its leadership leaves behind ([`Coordinator::abandon`]).
-#[derive(Debug, Default)]
-pub struct Abandoned {
-    /// Clients whose writes were in flight.
-    pub clients: Vec<ClientRef>,
-    /// Commits decided (logged) but not yet applied, oldest first.
-    pub decided_commits: Vec<(u64, Ops)>,
-    /// The highest sequence number this master gave a transaction.
-    pub last_seq: u64,
-}
-
 /// The 2PC coordinator of the master.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -278,6 +270,12 @@ pub struct Coordinator {
     keep_log: bool,
     /// The in-sync set as recorded for failover (unused without it).
     sync_set: RecordedSet,
+    /// REGISTERs wait until this lsn is durable: a promotion's commits are
+    /// applied before their decision records are, and must not reach a slave
+    /// (by log or snapshot) that a crash of this node could leave ahead of it.
+    register_after_lsn: u64,
+    /// REGISTERs waiting for it (bounded by `MAX_HELD_REGISTERS`).
+    held_registers: Vec<(PeerId, PeerMessage)>,
     /// Whether this master's leadership lease is known valid: while it is not,
     /// nothing is released (no client hears OK) and new writes are refused.
     lease_valid: bool,
@@ -314,6 +312,8 @@ impl Coordinator {
             keep_log: released_seq > 0,
             log,
             sync_set: RecordedSet::default(),
+            register_after_lsn: 0,
+            held_registers: Vec::new(),
             lease_valid: true,
             actions: VecDeque::new(),
             config,
@@ -380,33 +380,49 @@ impl Coordinator {
         }
     }
 
-    /// Leadership is lost: forget every transaction in flight. The clients
-    /// still waiting are returned (their writes' outcome is not known here:
-    /// the next master decides it), with the commits decided and not yet
-    /// applied: they are in the log, so the store must have them too, or it
-    /// would differ from what a restart recovers.
-    pub fn abandon(&mut self) -> Abandoned {
-        let mut abandoned = Abandoned {
-            clients: Vec::new(),
-            decided_commits: Vec::new(),
-            last_seq: self.next_seq - 1,
-        };
-        for (seq, txn) in std::mem::take(&mut self.txns) {
-            abandoned.clients.extend(txn.replies);
-            if seq > self.released_seq
-                && matches!(
-                    txn.state,
+    /// Answer no REGISTER until `lsn` is durable: a promotion logged and
+    /// applied its in-doubt commits through `lsn`, and a slave must not catch
+    /// up to commits this node could still lose in a crash.
+    pub fn hold_registrations_until(&mut self, lsn: u64) {
+        self.register_after_lsn = lsn;
+    }
+
+    /// The highest sequence number this master has given a transaction
+    /// (released, aborted or still in flight).
+    pub fn used_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Transactions decided to commit and not yet released (their decision
+    /// is logged, or on its way to the log; a lost lease holds them back).
+    /// They are this node's own word: its log replays them as committed, so
+    /// a node that leads again must commit them too, not reuse their numbers.
+    pub fn decided_commits(&self) -> BTreeMap<u64, Ops> {
+        self.txns
+            .iter()
+            .filter(|(_, t)| {
+                matches!(
+                    t.state,
                     TxnState::Deciding {
                         decision: Decision::Commit,
                         ..
                     }
                 )
-            {
-                abandoned.decided_commits.push((seq, txn.ops));
-            }
+            })
+            .map(|(&seq, t)| (seq, t.ops.clone()))
+            .collect()
+    }
+
+    /// Leadership is lost: forget every transaction in flight and return the
+    /// clients still waiting (their writes' outcome is not known here: the
+    /// next master decides it).
+    pub fn abandon(&mut self) -> Vec<ClientRef> {
+        let mut clients = Vec::new();
+        for (_, txn) in std::mem::take(&mut self.txns) {
+            clients.extend(txn.replies);
         }
         self.actions.clear();
-        abandoned
+        clients
     }
 
     /// Feed one event.
@@ -414,10 +430,18 @@ impl Coordinator {
         match event {
             Event::ClientWrites { writes } => self.on_client_writes(now_ms, writes),
             Event::Message { peer, msg } => self.on_message(now_ms, peer, msg),
-            Event::PeerLost { peer } => self.on_peer_lost(now_ms, peer),
+            Event::PeerLost { peer } => {
+                self.held_registers.retain(|(p, _)| *p != peer);
+                self.on_peer_lost(now_ms, peer);
+            }
             Event::Persisted { lsn } => {
                 debug_assert!(lsn <= self.last_lsn, "persisted lsn {lsn} never issued");
                 self.durable_lsn = self.durable_lsn.max(lsn);
+                if self.durable_lsn >= self.register_after_lsn {
+                    for (peer, msg) in std::mem::take(&mut self.held_registers) {
+                        self.on_register(now_ms, peer, msg);
+                    }
+                }
                 self.release(now_ms);
             }
             Event::TimerFired { timer } => self.on_timer(now_ms, timer),
@@ -650,6 +674,14 @@ impl Coordinator {
 
     fn on_message(&mut self, now_ms: u64, peer: PeerId, msg: PeerMessage) {
         if matches!(msg, PeerMessage::Register { .. }) {
+            if self.durable_lsn < self.register_after_lsn {
+                if self.held_registers.len() >= MAX_HELD_REGISTERS {
+                    self.actions.push_back(Action::Disconnect { peer });
+                } else {
+                    self.held_registers.push((peer, msg));
+                }
+                return;
+            }
             self.on_register(now_ms, peer, msg);
             return;
         }

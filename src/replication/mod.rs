@@ -27,7 +27,7 @@ mod sync_set;
 #[cfg(test)]
 mod sim;
 
-pub use coordinator::{Abandoned, Coordinator, CoordinatorConfig, TxnState};
+pub use coordinator::{Coordinator, CoordinatorConfig, TxnState};
 pub use log::CommitLog;
 pub use membership::{Membership, SlaveInfo, SlaveState};
 pub use participant::{LinkState, Participant, ParticipantConfig};

@@ -109,6 +109,16 @@ pub struct Participant {
     /// The history id the master of the current link announced in REGISTERED.
     link_history: Option<u64>,
     prepared: BTreeMap<u64, Prepared>,
+    /// Transactions prepared on an earlier link (or by an earlier process)
+    /// whose outcome is not known yet. The catch-up does not need them, but
+    /// a promotion does: an acknowledged write may be held only here. They
+    /// are known decided once a later commit is applied (decisions are taken
+    /// in sequence order) or a snapshot replaces the store, exactly as the
+    /// write-ahead log's replay forgets their PREPARE records.
+    unresolved: BTreeMap<u64, Ops>,
+    /// Whether the catch-up of the current link is durable (its CAUGHT_UP
+    /// reply went out): the data held here is then the master's, on disk too.
+    caught_up_durably: bool,
     /// Sequence number of the snapshot being installed, if one is.
     snapshot_in_progress: Option<u64>,
     last_lsn: u64,
@@ -146,6 +156,8 @@ impl Participant {
             history_id,
             link_history: None,
             prepared: BTreeMap::new(),
+            unresolved: BTreeMap::new(),
+            caught_up_durably: false,
             snapshot_in_progress: None,
             last_lsn: 0,
             durable_lsn: 0,
@@ -177,13 +189,28 @@ impl Participant {
         self.seen_seq.max(self.position)
     }
 
-    /// Hand over the transactions prepared and not known aborted, oldest
-    /// first: a slave promoted to master commits them (docs/FAILOVER.md).
+    /// Hand over the transactions prepared and not known decided, oldest
+    /// first, including those prepared on an earlier link: a slave promoted
+    /// to master commits them (docs/FAILOVER.md). A PREPARE on the current
+    /// link replaces an older one of the same number (a restarted master
+    /// reuses the numbers of what it never decided).
     pub fn take_prepared(&mut self) -> BTreeMap<u64, Ops> {
-        std::mem::take(&mut self.prepared)
-            .into_iter()
-            .map(|(seq, p)| (seq, p.ops))
-            .collect()
+        let mut all = std::mem::take(&mut self.unresolved);
+        all.extend(
+            std::mem::take(&mut self.prepared)
+                .into_iter()
+                .map(|(seq, p)| (seq, p.ops)),
+        );
+        all
+    }
+
+    /// Keep `prepared` (transactions this node prepared under an earlier
+    /// role, e.g. recovered from its log) as in doubt until their outcome is
+    /// known, so that a promotion still commits them.
+    pub fn keep_in_doubt(&mut self, prepared: BTreeMap<u64, Ops>) {
+        let position = self.position;
+        self.unresolved
+            .extend(prepared.into_iter().filter(|(seq, _)| *seq > position));
     }
 
     /// Highest sequence number whose outcome this slave knows and has applied.
@@ -194,6 +221,13 @@ impl Participant {
     /// The history id of the master this slave last caught up from (0: none yet).
     pub fn history_id(&self) -> u64 {
         self.history_id
+    }
+
+    /// Whether this slave follows its master with the catch-up durable:
+    /// everything logged before it (a resync's checkpoint among them) is on
+    /// disk, so a crash can no longer bring back what it replaced.
+    pub fn caught_up_durably(&self) -> bool {
+        self.caught_up_durably && matches!(self.link, LinkState::Following(_))
     }
 
     /// The link's state (for STATS).
@@ -274,8 +308,13 @@ impl Participant {
         // Prepared transactions from the old link are in doubt. The catch-up that
         // follows registration resolves them: every commit after `position` is
         // replayed and anything not replayed was aborted (presumed abort). So
-        // they can be dropped now, and the master may even reuse their numbers.
-        self.prepared.clear();
+        // the catch-up does without them, and the master may even reuse their
+        // numbers. They stay in doubt for a promotion until their outcome is known:
+        // this node may still be the only one a promotion can pick that holds
+        // an acknowledged write (the master may die before it ever answers).
+        for (seq, p) in std::mem::take(&mut self.prepared) {
+            self.unresolved.insert(seq, p.ops);
+        }
         self.snapshot_in_progress = None;
         self.link_history = None;
         self.link = LinkState::CatchingUp(peer);
@@ -295,6 +334,7 @@ impl Participant {
 
     fn link_down(&mut self, now_ms: u64) {
         self.link = LinkState::Down;
+        self.caught_up_durably = false;
         self.snapshot_in_progress = None;
         self.link_history = None;
         self.actions.push_back(Action::SetTimer {
@@ -410,6 +450,8 @@ impl Participant {
                     end: last,
                 });
                 if last {
+                    // The checkpoint supersedes every PREPARE record before it.
+                    self.unresolved.clear();
                     self.position = snapshot_seq;
                     self.history_id = master_history;
                     self.persist(Record::Checkpoint {
@@ -534,6 +576,8 @@ impl Participant {
 
     fn apply(&mut self, seq: u64, ops: Ops) {
         debug_assert!(seq > self.position, "commit order must increase");
+        // Everything numbered up to a commit is decided.
+        self.unresolved = self.unresolved.split_off(&(seq + 1));
         self.position = seq;
         self.actions.push_back(Action::Apply {
             seq,
@@ -576,7 +620,10 @@ impl Participant {
                     }
                 }
                 AfterPersist::Ack(seq) => ack = Some((peer, seq)),
-                AfterPersist::CaughtUp(seq) => self.send(peer, PeerMessage::CaughtUp { seq }),
+                AfterPersist::CaughtUp(seq) => {
+                    self.caught_up_durably = true;
+                    self.send(peer, PeerMessage::CaughtUp { seq });
+                }
             }
         }
         // Acks are cumulative: one per batch of durable commits is enough.

@@ -120,14 +120,16 @@ impl Failover {
 pub struct Standby {
     /// The history its store's position belongs to (0: none).
     pub history_id: u64,
-    /// Transactions prepared here and not known decided.
+    /// Transactions a promotion of this node commits: prepared here and not
+    /// known decided, or (after a step-down) decided to commit and not released.
     pub prepared: BTreeMap<u64, Ops>,
     /// Commits recovered from the log (for a promotion's partial-resync log).
     pub commits: Vec<(u64, Ops)>,
     /// The sequence number the log's snapshot covered.
     pub floor: u64,
-    /// The highest sequence number known used (a promotion numbers after it).
-    pub seen_seq: u64,
+    /// The highest sequence number this node knows was used (an abort's
+    /// included): leading from here numbers after it.
+    pub seen: u64,
 }
 
 impl Server {
@@ -220,7 +222,7 @@ impl Server {
                     self.core.commit_seq,
                     participant.seen_seq(),
                 ),
-                Role::Standby(s) => (s.history_id, s.prepared, s.commits, s.floor, s.seen_seq),
+                Role::Standby(s) => (s.history_id, s.prepared, s.commits, s.floor, s.seen),
                 Role::Master(_) => (
                     history_of_store,
                     BTreeMap::new(),
@@ -282,6 +284,9 @@ impl Server {
         let now = self.now_ms();
         let mut coordinator = Coordinator::recover(config, now, self.core.commit_seq, log);
         coordinator.start_lsns_after(lsn, self.wal.reported_lsn());
+        // The in-doubt commits were applied at once but are durable only
+        // later: no slave catches up to them before they are.
+        coordinator.hold_registrations_until(lsn);
         info!(
             "leading epoch {epoch} at seq {} of history {history_id:#018x} ({committed} in-doubt transactions committed)",
             self.core.commit_seq
@@ -321,12 +326,12 @@ impl Server {
             self.step_down();
         }
         self.drop_all_peers();
-        let (mut history_id, mut prepared_dropped) = match &mut self.role {
+        let (mut history_id, mut in_doubt) = match &mut self.role {
             Role::Slave { participant, .. } => {
-                (participant.history_id(), participant.take_prepared().len())
+                (participant.history_id(), participant.take_prepared())
             }
-            Role::Standby(s) => (s.history_id, s.prepared.len()),
-            Role::Master(_) => (0, 0),
+            Role::Standby(s) => (s.history_id, std::mem::take(&mut s.prepared)),
+            Role::Master(_) => (0, BTreeMap::new()),
         };
         let mut may_discard = self.resync_discard_data;
         let led_epoch = self.failover.as_ref().and_then(|f| f.led_epoch);
@@ -345,7 +350,7 @@ impl Server {
             self.core.store = Store::new();
             self.core.commit_seq = 0;
             history_id = 0;
-            prepared_dropped = 0;
+            in_doubt.clear();
             let lsn = self.wal.appended_lsn() + 1;
             self.wal.append(
                 lsn,
@@ -356,8 +361,11 @@ impl Server {
             );
             may_discard = true;
         }
-        if prepared_dropped > 0 {
-            info!("{prepared_dropped} in-doubt transactions follow the new master's outcome");
+        if !in_doubt.is_empty() {
+            info!(
+                "{} in-doubt transactions follow the new master's outcome (kept for a promotion until it is known)",
+                in_doubt.len()
+            );
         }
         let mut participant = Participant::recover(
             ParticipantConfig {
@@ -371,6 +379,9 @@ impl Server {
             history_id,
         );
         participant.start_lsns_after(self.wal.appended_lsn(), self.wal.reported_lsn());
+        // Until their outcome is known this node may be the one a promotion
+        // picks to hold them (an acknowledged write among them must survive).
+        participant.keep_in_doubt(in_doubt);
         info!("following {} in epoch {}", leader.addr, leader.epoch);
         self.role = Role::Slave {
             participant: Box::new(participant),
@@ -392,18 +403,17 @@ impl Server {
         let Role::Master(c) = &mut self.role else {
             return;
         };
-        let abandoned = c.abandon();
-        let clients: Vec<ClientRef> = abandoned.clients;
+        // Commits it decided (and logged) but could not release: its log
+        // replays them, so if it leads again it commits them (lead() does,
+        // as for a slave's prepares) instead of reusing their numbers.
+        let decided = c.decided_commits();
+        let seen = c.used_seq();
+        let clients: Vec<ClientRef> = c.abandon();
         warn!(
             "stepping down: closing the connections of {} writes in flight (the next master decides them)",
             clients.len()
         );
         let history_id = c.history_id();
-        // Decided commits are in the log: the store gets them too, so that it
-        // is what a restart would recover (and a re-election numbers after them).
-        for (seq, ops) in &abandoned.decided_commits {
-            self.apply(*seq, ops, &[]);
-        }
         // Their outcome is not known here, and no status says "unknown"
         // (UNAVAILABLE means "not applied"): the connection closes, as if this
         // server had died, and a UDP client hears nothing and retries.
@@ -425,10 +435,10 @@ impl Server {
         self.drop_all_peers();
         self.role = Role::Standby(Box::new(Standby {
             history_id,
-            prepared: BTreeMap::new(),
+            prepared: decided,
             commits: Vec::new(),
             floor: self.core.commit_seq,
-            seen_seq: abandoned.last_seq,
+            seen,
         }));
         self.core.mode = Mode::Slave {
             master: String::new(),
@@ -446,18 +456,18 @@ impl Server {
         }
     }
 
-    /// Once a deposed leader follows the new one, its own decisions are gone:
-    /// the epoch it led no longer matters.
+    /// Once a deposed leader follows the new one with its catch-up durable,
+    /// its own decisions are gone from its disk too: the epoch it led no
+    /// longer matters. (Only following is not enough: until the resync's
+    /// checkpoint is durable, a crash brings the old data back, and without
+    /// the marker it would be trusted.)
     pub(super) fn forget_led_epoch_once_following(&mut self) {
         let Some(f) = self.failover.as_mut() else {
             return;
         };
         if f.led_epoch.is_some()
             && let Role::Slave { participant, .. } = &self.role
-            && matches!(
-                participant.link(),
-                crate::replication::LinkState::Following(_)
-            )
+            && participant.caught_up_durably()
         {
             match self.wal.set_led_epoch(None) {
                 Ok(()) => f.led_epoch = None,
@@ -473,6 +483,6 @@ fn empty_standby() -> Standby {
         prepared: BTreeMap::new(),
         commits: Vec::new(),
         floor: 0,
-        seen_seq: 0,
+        seen: 0,
     }
 }

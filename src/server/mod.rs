@@ -429,7 +429,7 @@ impl Server {
                     prepared: replay.prepared.clone(),
                     commits: replay.commits.clone(),
                     floor: replay.floor,
-                    seen_seq: replay.prepared.keys().next_back().copied().unwrap_or(0),
+                    seen: replay.max_seq,
                 };
                 let mode = Mode::Slave {
                     master: String::new(),

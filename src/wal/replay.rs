@@ -34,6 +34,10 @@ pub struct Replay {
     pub prepared: BTreeMap<u64, Ops>,
     /// Records applied.
     pub applied: u64,
+    /// The highest sequence number any replayed record names (aborts and
+    /// prepares included): a node that leads from here numbers after it, since
+    /// slaves may hold positions or prepares of those numbers.
+    pub max_seq: u64,
 }
 
 impl Replay {
@@ -47,11 +51,15 @@ impl Replay {
             floor: seq,
             prepared: BTreeMap::new(),
             applied: 0,
+            max_seq: seq,
         }
     }
 
     /// Apply one record in log order.
     pub fn apply(&mut self, record: &Record) -> Result<Step, String> {
+        if !matches!(record, Record::Checkpoint { .. }) {
+            self.max_seq = self.max_seq.max(super::record::record_seq(record));
+        }
         match record {
             Record::History { history_id } => self.history_id = *history_id,
             Record::Checkpoint { seq, history_id } => {
@@ -175,6 +183,8 @@ mod tests {
         assert_eq!((r.seq, r.history_id), (3, 9));
         assert_eq!(r.store.get(b"a"), Some((&b"3"[..], 3)));
         assert_eq!(r.commits.len(), 2);
+        r.apply(&Record::AbortDecision { seq: 4 }).expect("apply");
+        assert_eq!((r.seq, r.max_seq), (3, 4), "an abort's number is used");
     }
 
     #[test]

@@ -1079,6 +1079,44 @@ fn a_slave_that_never_was_recorded_leaves_without_waiting() {
     assert_eq!(persist_lsns(&actions), vec![2], "decided at once");
 }
 
+/// Failover sim seed 28117 (before clock drift): a promoted slave's in-doubt
+/// commits reached a slave by log before they were durable; the promoted node
+/// crashed, lost the last of them, and the slave was left ahead of it.
+#[test]
+fn registrations_wait_until_a_promotions_commits_are_durable() {
+    let mut log = CommitLog::new(100, 0);
+    log.push(1, vec![put("a")].into());
+    let mut c = Coordinator::recover(config(), 0, 1, log);
+    c.start_lsns_after(5, 3);
+    c.hold_registrations_until(5);
+    drain(&mut c);
+    c.handle(1, register(7, 0));
+    c.handle(1, register(8, 0));
+    c.handle(1, Event::PeerLost { peer: PeerId(8) });
+    assert!(drain(&mut c).is_empty(), "held until lsn 5 is durable");
+    c.handle(2, Event::Persisted { lsn: 4 });
+    assert!(drain(&mut c).is_empty());
+    c.handle(3, Event::Persisted { lsn: 5 });
+    let sent: Vec<(PeerId, PeerMessage)> = drain(&mut c)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Send { peer, msg } => Some((peer, msg)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(
+            &sent[..],
+            [
+                (PeerId(7), PeerMessage::Registered { .. }),
+                (PeerId(7), PeerMessage::LogEntry { seq: 1, .. }),
+                (PeerId(7), PeerMessage::CaughtUp { seq: 1 })
+            ]
+        ),
+        "{sent:?}"
+    );
+}
+
 #[test]
 fn a_master_of_an_older_epoch_is_refused_and_without_its_lease_acknowledges_nothing() {
     let mut c = recording(&[1]);
@@ -1116,28 +1154,30 @@ fn a_master_of_an_older_epoch_is_refused_and_without_its_lease_acknowledges_noth
             error: WriteError::Unavailable(_)
         }]
     ));
+    assert_eq!(
+        c.decided_commits().into_keys().collect::<Vec<_>>(),
+        vec![2],
+        "decided and logged, held back by the lease"
+    );
     c.set_lease_valid(9, true);
     assert!(
         drain(&mut c)
             .iter()
             .any(|a| matches!(a, Action::Apply { seq: 2, .. }))
     );
+    assert!(c.decided_commits().is_empty(), "released");
+    assert_eq!(c.used_seq(), 2);
     c.handle(10, writes(70, &["f"]));
     c.handle(10, yes(1, 3));
     c.handle(11, writes(80, &["g"]));
     drain(&mut c);
     // 3 is decided (its record appended, not yet durable); 4 waits for its vote.
-    let abandoned = c.abandon();
-    assert_eq!(abandoned.clients, vec![ClientRef(70), ClientRef(80)]);
     assert_eq!(
-        abandoned
-            .decided_commits
-            .iter()
-            .map(|(seq, _)| *seq)
-            .collect::<Vec<_>>(),
+        c.decided_commits().keys().copied().collect::<Vec<_>>(),
         vec![3],
-        "a decided commit is in the log: the store must get it too"
+        "a decided commit is in the log: a re-election must commit it too"
     );
-    assert_eq!(abandoned.last_seq, 4);
+    assert_eq!(c.used_seq(), 4);
+    assert_eq!(c.abandon(), vec![ClientRef(70), ClientRef(80)]);
     assert_eq!(c.in_flight(), 0);
 }

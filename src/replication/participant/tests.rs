@@ -72,9 +72,14 @@ fn following(seq: u64) -> Participant {
     } else {
         p.handle(0, registered(H, CatchUp::Snapshot { at_seq: seq }));
         p.handle(0, last_chunk(seq));
+        p.handle(0, from_master(PeerMessage::CaughtUp { seq }));
+        assert!(!p.caught_up_durably(), "the checkpoint is not durable yet");
         p.handle(0, Event::Persisted { lsn: 1 });
     }
-    p.handle(0, from_master(PeerMessage::CaughtUp { seq }));
+    if seq == 0 {
+        p.handle(0, from_master(PeerMessage::CaughtUp { seq }));
+    }
+    assert!(p.caught_up_durably());
     drain(&mut p);
     assert_eq!(p.link(), LinkState::Following(M));
     assert_eq!((p.position(), p.history_id()), (seq, H));
@@ -209,6 +214,109 @@ fn abort_drops_the_prepared_txn_durably_acks_it_and_keeps_the_position() {
             msg: PeerMessage::Ack { seq: 1 }
         }]
     );
+}
+
+/// Failover sim seed 4: a recorded slave reconnected (to its master's
+/// restarted process, which never answered) and was promoted; what it had
+/// prepared must still be committed by the promotion.
+#[test]
+fn prepares_of_an_earlier_link_stay_in_doubt_for_a_promotion_until_decided() {
+    let mut p = following(0);
+    for (seq, key) in [(1, "a"), (2, "b")] {
+        p.handle(0, from_master(PeerMessage::Prepare { seq, ops: ops(key) }));
+    }
+    p.handle(0, Event::Persisted { lsn: 2 });
+    drain(&mut p);
+    let register = reregister(&mut p, 0, PeerId(6));
+    assert!(
+        matches!(
+            register,
+            PeerMessage::Register {
+                last_applied_seq: 0,
+                ..
+            }
+        ),
+        "the catch-up does without them: {register:?}"
+    );
+    let mut again = Participant::recover(config(), 0, H);
+    again.keep_in_doubt(p.take_prepared());
+    assert_eq!(
+        again.take_prepared().into_keys().collect::<Vec<_>>(),
+        vec![1, 2],
+        "a promotion commits both"
+    );
+
+    // Decided once a later commit arrives (decisions are in sequence order)...
+    let mut p = following(0);
+    p.handle(
+        0,
+        from_master(PeerMessage::Prepare {
+            seq: 1,
+            ops: ops("a"),
+        }),
+    );
+    p.handle(0, Event::Persisted { lsn: 1 });
+    drain(&mut p);
+    reregister(&mut p, 0, PeerId(6));
+    let peer = PeerId(6);
+    p.handle(
+        1,
+        Event::Message {
+            peer,
+            msg: PeerMessage::Registered {
+                master_seq: 2,
+                history_id: H,
+                catch_up: CatchUp::Log { from_seq: 0 },
+                epoch: 0,
+            },
+        },
+    );
+    p.handle(
+        1,
+        Event::Message {
+            peer,
+            msg: PeerMessage::LogEntry {
+                seq: 2,
+                ops: ops("c"),
+            },
+        },
+    );
+    assert!(p.take_prepared().is_empty(), "1 was aborted, 2 committed");
+
+    // ...and a PREPARE on the current link replaces an older one of its number.
+    let mut p = following(0);
+    p.handle(
+        0,
+        from_master(PeerMessage::Prepare {
+            seq: 1,
+            ops: ops("old"),
+        }),
+    );
+    p.handle(0, Event::Persisted { lsn: 1 });
+    drain(&mut p);
+    reregister(&mut p, 0, PeerId(6));
+    p.handle(
+        1,
+        Event::Message {
+            peer,
+            msg: PeerMessage::Registered {
+                master_seq: 0,
+                history_id: H,
+                catch_up: CatchUp::Log { from_seq: 0 },
+                epoch: 0,
+            },
+        },
+    );
+    for msg in [
+        PeerMessage::CaughtUp { seq: 0 },
+        PeerMessage::Prepare {
+            seq: 1,
+            ops: ops("new"),
+        },
+    ] {
+        p.handle(1, Event::Message { peer, msg });
+    }
+    assert_eq!(p.take_prepared().get(&1), Some(&ops("new")));
 }
 
 #[test]
