@@ -520,6 +520,9 @@ impl Election {
         self.wanted_sync = None;
         self.sync_in_flight = false;
         self.actions.push_back(Action::Lead { epoch });
+        // A new master starts with its lease not counted on: LeaseValid(true)
+        // comes only while it is, and a late win waits for a keepalive.
+        self.lease_valid = false;
         self.set_lease_valid(now_ms < self.lease_valid_until_ms);
     }
 

@@ -1854,6 +1854,10 @@ impl Sim {
         let mut coordinator = Coordinator::recover(config, now, released, log);
         coordinator.start_lsns_after(lsn, n.reported_lsn);
         coordinator.hold_registrations_until(lsn);
+        // Nothing is acknowledged before the election says the lease is valid
+        // (LeaseValid follows Lead): a campaign settled late may have won a
+        // lease that is already past its margin.
+        coordinator.set_lease_valid(now, false);
         n.role = Role::Master(Box::new(coordinator));
         n.epoch = epoch;
         n.led_epoch = Some(epoch);

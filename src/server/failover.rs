@@ -287,6 +287,10 @@ impl Server {
         // The in-doubt commits were applied at once but are durable only
         // later: no slave catches up to them before they are.
         coordinator.hold_registrations_until(lsn);
+        // Nothing is acknowledged before the election says the lease is valid
+        // (LeaseValid follows Lead): a campaign settled late may have won a
+        // lease that is already past its margin.
+        coordinator.set_lease_valid(now, false);
         info!(
             "leading epoch {epoch} at seq {} of history {history_id:#018x} ({committed} in-doubt transactions committed)",
             self.core.commit_seq

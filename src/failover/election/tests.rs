@@ -420,3 +420,36 @@ fn a_campaign_whose_answer_was_lost_is_settled_by_the_next_read() {
         ]
     );
 }
+
+#[test]
+fn a_win_reported_after_the_lease_margin_acknowledges_only_after_a_keepalive() {
+    let mut e = Election::new(config(), 0);
+    drain(&mut e);
+    e.on_reply(0, Reply::Read(Observation::default()));
+    e.on_reply(
+        10,
+        Reply::LeaseGranted {
+            lease: 7,
+            ttl_ms: 2_000,
+            sent_ms: 0,
+        },
+    );
+    drain(&mut e);
+    // The answer took longer than the lease less its margin.
+    e.on_reply(1_600, Reply::Campaigned { won: true });
+    assert_eq!(drain(&mut e), vec![Action::Lead { epoch: 1 }]);
+    e.tick(1_600 + config().keepalive_interval_ms());
+    let sent = 1_600 + config().keepalive_interval_ms();
+    assert!(drain(&mut e).contains(&Action::Etcd(Request::Keepalive {
+        lease: 7,
+        sent_ms: sent
+    })));
+    e.on_reply(
+        sent + 5,
+        Reply::KeptAlive {
+            sent_ms: sent,
+            ttl_ms: 2_000,
+        },
+    );
+    assert_eq!(drain(&mut e), vec![Action::LeaseValid(true)]);
+}
