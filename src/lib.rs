@@ -9,3 +9,6 @@ pub mod replication;
 pub mod server;
 pub mod store;
 pub mod wal;
+
+#[cfg(test)]
+mod sim_queue;

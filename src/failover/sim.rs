@@ -30,7 +30,6 @@
 //! DKVS_SIM_SEEDS=5000 cargo test --release --lib failover::sim
 //! ```
 
-use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
@@ -186,29 +185,7 @@ impl Ev {
     }
 }
 
-struct Scheduled {
-    at: u64,
-    order: u64,
-    ev: Ev,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.order) == (other.at, other.order)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    fn cmp(&self, other: &Self) -> Ordering {
-        // BinaryHeap is a max-heap: earliest (then first scheduled) on top.
-        (other.at, other.order).cmp(&(self.at, self.order))
-    }
-}
+type Scheduled = crate::sim_queue::Scheduled<Ev>;
 
 /// A replication link: end 0 connected, end 1 accepted. `dir` names the
 /// destination end.

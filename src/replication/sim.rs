@@ -38,7 +38,6 @@
 //! master life whose disk was lost are legitimately gone), and nothing is
 //! left in flight.
 
-use std::cmp::Ordering;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -149,29 +148,7 @@ impl Ev {
     }
 }
 
-struct Scheduled {
-    at: u64,
-    order: u64,
-    ev: Ev,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.order) == (other.at, other.order)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    fn cmp(&self, other: &Self) -> Ordering {
-        // BinaryHeap is a max-heap: earliest (then first scheduled) on top.
-        (other.at, other.order).cmp(&(self.at, self.order))
-    }
-}
+type Scheduled = crate::sim_queue::Scheduled<Ev>;
 
 struct Link {
     slave: usize,
