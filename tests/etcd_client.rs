@@ -335,6 +335,17 @@ fn three_members_one_frozen() {
         .put(b"/t/c", b"before", None)
         .expect("put");
     members[0].stop();
+    // If the frozen member led, the other two elect a leader first (its
+    // election timeout is 500 ms); until then they answer 503 "no leader".
+    let others = EtcdClient::new(urls[1..].to_vec(), timeout);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while others.range(b"/t/c").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the two live members elect no leader"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // A read times out at the frozen member and is answered by the next.
     let reader = EtcdClient::new(urls.clone(), timeout);
