@@ -11,4 +11,4 @@ pub mod store;
 pub mod wal;
 
 #[cfg(test)]
-mod sim_queue;
+mod sim_support;

@@ -185,7 +185,7 @@ impl Ev {
     }
 }
 
-type Scheduled = crate::sim_queue::Scheduled<Ev>;
+type Scheduled = crate::sim_support::Scheduled<Ev>;
 
 /// A replication link: end 0 connected, end 1 accepted. `dir` names the
 /// destination end.
@@ -2087,21 +2087,12 @@ fn run_seed(seed: u64, trace: bool) -> (Result<RunStats, String>, Vec<String>) {
     let result = match result {
         Ok(Ok(())) => Ok(sim.stats),
         Ok(Err(e)) => Err(e),
-        Err(panic) => Err(format!(
-            "panic: {}",
-            panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default()
-        )),
+        Err(panic) => Err(crate::sim_support::panic_message(panic.as_ref())),
     };
     (result, sim.trace.take().unwrap_or_default())
 }
 
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
+use crate::sim_support::env_u64;
 
 /// Run `seeds`, stopping at the first failure.
 fn run_seeds(seeds: &[u64], trace: bool) -> Result<RunStats, (u64, String, Vec<String>)> {

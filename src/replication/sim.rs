@@ -148,7 +148,7 @@ impl Ev {
     }
 }
 
-type Scheduled = crate::sim_queue::Scheduled<Ev>;
+type Scheduled = crate::sim_support::Scheduled<Ev>;
 
 struct Link {
     slave: usize,
@@ -1389,21 +1389,12 @@ fn run_seed(seed: u64, trace: bool) -> (Result<RunStats, String>, Vec<String>) {
     let result = match result {
         Ok(Ok(())) => Ok(sim.stats),
         Ok(Err(e)) => Err(e),
-        Err(panic) => Err(format!(
-            "panic: {}",
-            panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default()
-        )),
+        Err(panic) => Err(crate::sim_support::panic_message(panic.as_ref())),
     };
     (result, sim.trace.take().unwrap_or_default())
 }
 
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
+use crate::sim_support::env_u64;
 
 /// Run `seeds`, stopping at the first failure; returns the summed stats or the failing seed.
 fn run_seeds(seeds: &[u64], trace: bool) -> Result<RunStats, (u64, String, Vec<String>)> {
