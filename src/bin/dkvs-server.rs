@@ -45,6 +45,26 @@ struct Args {
     #[arg(long = "tpc-timeout-ms", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     tpc_timeout_ms: u64,
+    /// Master: evict a slave that keeps a transaction waiting this many
+    /// milliseconds after every other slave voted, so one slow disk or CPU
+    /// cannot set the cluster's pace; it rejoins by catch-up, after a
+    /// probation that doubles with each such eviction (0: off).
+    #[arg(long = "max-slave-lag-ms", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    max_slave_lag_ms: u64,
+    /// Slave: serve reads only while following the master within a lease of
+    /// this many milliseconds, renewed by every heartbeat (every 100 ms): a
+    /// read is never older than that, and an evicted or cut-off slave stops
+    /// serving reads before the master writes without it. Outside the lease
+    /// reads are redirected to the master. The master grants at most
+    /// --tpc-timeout-ms (10 to 60000).
+    #[arg(long = "slave-read-lease-ms", default_value_t = 200,
+          value_parser = clap::value_parser!(u32).range(10..=60_000))]
+    slave_read_lease_ms: u32,
+    /// Slave: serve reads whatever the state of the link to the master, as
+    /// Redis's replica-serve-stale-data does: they may then be arbitrarily old.
+    #[arg(long = "serve-stale-reads")]
+    serve_stale_reads: bool,
     /// Master: refuse writes while fewer than N slaves are in sync (0 to 64, the link cap).
     #[arg(long = "min-slaves", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=64))]
@@ -188,6 +208,12 @@ fn main() -> ExitCode {
         max_value_bytes: args.max_value_size as usize,
         master: args.mhost.map(|host| (host, args.qport)),
         tpc_timeout_ms: args.tpc_timeout_ms,
+        max_slave_lag_ms: args.max_slave_lag_ms,
+        slave_read_lease_ms: if args.serve_stale_reads {
+            0
+        } else {
+            args.slave_read_lease_ms
+        },
         // Bounded by the parser: the casts cannot truncate.
         min_slaves: args.min_slaves as usize,
         repl_backlog_bytes: (args.repl_backlog_mb as usize) << 20,

@@ -19,8 +19,9 @@ use crate::store::snapshot::DEADLINE_FLAG;
 
 /// Version of the peer protocol spoken by this build (sent in REGISTER).
 ///
-/// Version 2 added the history id to REGISTER and REGISTERED.
-pub const PEER_PROTOCOL_VERSION: u16 = 4;
+/// Version 2 added the history id to REGISTER and REGISTERED; 3 the node id
+/// and flags; 4 the leadership epoch; 5 the read lease in HEARTBEAT.
+pub const PEER_PROTOCOL_VERSION: u16 = 5;
 /// First opcode reserved for peer messages.
 pub const PEER_OPCODE_FIRST: u8 = 0x40;
 /// Last opcode reserved for peer messages.
@@ -295,10 +296,25 @@ pub enum PeerMessage {
         /// End of the backlog.
         seq: u64,
     },
-    /// Liveness; carries the sender's commit (master) or applied (slave) sequence number.
+    /// Liveness, and the slaves' read lease (docs/PROTOCOL.md §9.7).
+    ///
+    /// The master polls every slave with `poll` set; a slave answers each
+    /// poll with its clock in `stamp` and the lease it asks for in
+    /// `lease_ms`; the master answers that at once with the same `stamp` and
+    /// the lease it grants (0: none). A lease granted from a stamp lasts
+    /// until the slave's clock reads `stamp + lease_ms`: it began before the
+    /// master sent the grant, so it never outlives what the master allowed.
     Heartbeat {
-        /// Sender's position.
+        /// Sender's position: the master's released seq, the slave's applied seq.
         seq: u64,
+        /// Slave: its clock (ms) when it sent this. Master: the stamp of the
+        /// slave heartbeat this answers (0 in a poll).
+        stamp: u64,
+        /// Slave: the read lease it asks for. Master: the lease it grants
+        /// from `stamp` (0: none).
+        lease_ms: u32,
+        /// Master: the slave must answer this one. Slaves never set it.
+        poll: bool,
     },
     /// Slave in doubt asks for the outcome of `seq`.
     OutcomeQuery {
@@ -565,7 +581,7 @@ impl PeerMessage {
             | PeerMessage::Ack { seq }
             | PeerMessage::LogEntry { seq, .. }
             | PeerMessage::CaughtUp { seq }
-            | PeerMessage::Heartbeat { seq }
+            | PeerMessage::Heartbeat { seq, .. }
             | PeerMessage::OutcomeQuery { seq }
             | PeerMessage::Outcome { seq, .. } => *seq,
         }
@@ -639,11 +655,20 @@ impl PeerMessage {
                 }
             }
             PeerMessage::Outcome { outcome, .. } => out.push(*outcome as u8),
+            PeerMessage::Heartbeat {
+                stamp,
+                lease_ms,
+                poll,
+                ..
+            } => {
+                put_u64(out, *stamp);
+                put_u32(out, *lease_ms);
+                out.push(u8::from(*poll));
+            }
             PeerMessage::Commit { .. }
             | PeerMessage::Abort { .. }
             | PeerMessage::Ack { .. }
             | PeerMessage::CaughtUp { .. }
-            | PeerMessage::Heartbeat { .. }
             | PeerMessage::OutcomeQuery { .. } => {}
         }
     }
@@ -754,7 +779,26 @@ impl PeerMessage {
             opcode::ABORT => PeerMessage::Abort { seq },
             opcode::ACK => PeerMessage::Ack { seq },
             opcode::CAUGHT_UP => PeerMessage::CaughtUp { seq },
-            opcode::HEARTBEAT => PeerMessage::Heartbeat { seq },
+            opcode::HEARTBEAT => {
+                let stamp = r.u64("heartbeat stamp")?;
+                let lease_ms = r.u32("heartbeat lease")?;
+                let poll = match r.u8("heartbeat poll flag")? {
+                    0 => false,
+                    1 => true,
+                    byte => {
+                        return Err(PeerError::BadTag {
+                            field: "heartbeat poll flag",
+                            byte,
+                        });
+                    }
+                };
+                PeerMessage::Heartbeat {
+                    seq,
+                    stamp,
+                    lease_ms,
+                    poll,
+                }
+            }
             opcode::OUTCOME_QUERY => PeerMessage::OutcomeQuery { seq },
             opcode::OUTCOME => {
                 let byte = r.u8("outcome")?;
@@ -943,7 +987,18 @@ mod tests {
                 ops: ops(),
             },
             PeerMessage::CaughtUp { seq: 12 },
-            PeerMessage::Heartbeat { seq: 13 },
+            PeerMessage::Heartbeat {
+                seq: 13,
+                stamp: 0,
+                lease_ms: 0,
+                poll: true,
+            },
+            PeerMessage::Heartbeat {
+                seq: 13,
+                stamp: 1_234,
+                lease_ms: 200,
+                poll: false,
+            },
             PeerMessage::OutcomeQuery { seq: 14 },
             PeerMessage::Outcome {
                 seq: 14,

@@ -53,6 +53,14 @@ pub struct CoordinatorConfig {
     /// ([`Action::RecordSyncSet`]) and decide nothing without a slave that
     /// left it until its removal is recorded.
     pub record_sync_set: bool,
+    /// A slave that keeps a transaction waiting this long after every other
+    /// participant voted is evicted as lagging (`--max-slave-lag-ms`; 0: off).
+    pub max_slave_lag_ms: u64,
+    /// The first probation of a slave evicted for lagging; it doubles with
+    /// each such eviction, up to `max_probation_ms`.
+    pub first_probation_ms: u64,
+    /// The longest probation.
+    pub max_probation_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -68,6 +76,9 @@ impl Default for CoordinatorConfig {
             history_id: 1,
             epoch: 0,
             record_sync_set: false,
+            max_slave_lag_ms: 200,
+            first_probation_ms: 1_000,
+            max_probation_ms: 30_000,
         }
     }
 }
@@ -247,7 +258,20 @@ struct Txn {
     state: TxnState,
     /// Deadline of the armed vote/ack timer, if any (to ignore stale firings).
     deadline_ms: Option<u64>,
+    /// The one participant whose vote is still awaited after every other
+    /// voted, and since when: it is evicted as lagging `max_slave_lag_ms` later.
+    laggard: Option<(PeerId, u64)>,
 }
+
+/// How often a slave was evicted for lagging, for its probation on return.
+#[derive(Debug, Clone, Copy)]
+struct LagRecord {
+    evictions: u32,
+    last_ms: u64,
+}
+
+/// A slave not evicted for lagging this long starts again from the first probation.
+const LAG_MEMORY_MS: u64 = 60_000;
 
 /// The 2PC coordinator of the master.
 #[derive(Debug)]
@@ -279,6 +303,12 @@ pub struct Coordinator {
     /// Whether this master's leadership lease is known valid: while it is not,
     /// nothing is released (no client hears OK) and new writes are refused.
     lease_valid: bool,
+    /// Nothing is released before this time: a slave that left may serve
+    /// reads until then under the read lease granted to it, and it will not
+    /// see what is released from now on.
+    read_fence_ms: u64,
+    /// Slaves evicted for lagging, by node id (or address), for their probation.
+    lag_records: BTreeMap<String, LagRecord>,
     actions: VecDeque<Action>,
 }
 
@@ -315,6 +345,15 @@ impl Coordinator {
             register_after_lsn: 0,
             held_registers: Vec::new(),
             lease_valid: true,
+            // A previous life of this master may have granted read leases
+            // that have not run out yet (a quick restart): they end within
+            // the longest lease it grants.
+            read_fence_ms: if released_seq > 0 {
+                now_ms + config.tpc_timeout_ms
+            } else {
+                0
+            },
+            lag_records: BTreeMap::new(),
             actions: VecDeque::new(),
             config,
         };
@@ -322,6 +361,12 @@ impl Coordinator {
             timer: TimerId::Heartbeat,
             at_ms: now_ms + c.config.heartbeat_interval_ms,
         });
+        if c.read_fence_ms > now_ms {
+            c.actions.push_back(Action::SetTimer {
+                timer: TimerId::ReadFence,
+                at_ms: c.read_fence_ms,
+            });
+        }
         c
     }
 
@@ -529,6 +574,7 @@ impl Coordinator {
                 participants,
                 state,
                 deadline_ms,
+                laggard: None,
             },
         );
         self.advance();
@@ -575,6 +621,10 @@ impl Coordinator {
     /// Release, in sequence order, every decision that is durable.
     fn release(&mut self, now_ms: u64) {
         if !self.lease_valid {
+            return;
+        }
+        if now_ms < self.read_fence_ms {
+            // Resumed by `TimerId::ReadFence`.
             return;
         }
         loop {
@@ -701,20 +751,41 @@ impl Coordinator {
                 if self.members.get(peer).map(|s| s.state)
                     == Some(SlaveState::Tailing { marker: seq })
                 {
-                    info!(
-                        "slave {peer:?} caught up at {seq}; in sync from {}",
-                        self.next_seq
-                    );
                     self.members.applied(peer, seq);
-                    self.members.set_state(
-                        peer,
-                        SlaveState::InSync {
-                            join_seq: self.next_seq,
-                        },
-                    );
+                    match self.probation_until(now_ms, peer) {
+                        Some(until_ms) => {
+                            info!(
+                                "slave {peer:?} caught up at {seq}; on probation for {} ms \
+                                 (it was evicted for lagging)",
+                                until_ms - now_ms
+                            );
+                            self.members
+                                .set_state(peer, SlaveState::Probation { until_ms });
+                        }
+                        None => {
+                            info!(
+                                "slave {peer:?} caught up at {seq}; in sync from {}",
+                                self.next_seq
+                            );
+                            self.members.set_state(
+                                peer,
+                                SlaveState::InSync {
+                                    join_seq: self.next_seq,
+                                },
+                            );
+                        }
+                    }
                 }
             }
-            PeerMessage::Heartbeat { seq } => self.members.applied(peer, seq),
+            PeerMessage::Heartbeat {
+                seq,
+                stamp,
+                lease_ms,
+                ..
+            } => {
+                self.members.applied(peer, seq);
+                self.grant_lease(now_ms, peer, stamp, lease_ms);
+            }
             PeerMessage::OutcomeQuery { seq } => {
                 let outcome = self.outcome_of(seq);
                 self.send(peer, PeerMessage::Outcome { seq, outcome });
@@ -922,6 +993,23 @@ impl Coordinator {
         if let Vote::No(reason) = vote {
             // A slave only refuses when it cannot follow the stream: it must resync.
             self.evict(now_ms, peer, &format!("voted no on {seq}: {reason}"));
+        } else if self.config.max_slave_lag_ms > 0
+            && txn.laggard.is_none()
+            && txn.participants.len() >= 2
+            && let TxnState::Preparing { awaiting, .. } = &txn.state
+            && awaiting.len() == 1
+            && let Some(&last) = awaiting.iter().next()
+        {
+            // Every other participant is ready: from now on `last` alone
+            // holds this transaction (and every later one) back.
+            txn.laggard = Some((last, now_ms));
+            let lag_at = now_ms + self.config.max_slave_lag_ms;
+            if txn.deadline_ms.is_none_or(|d| lag_at < d) {
+                self.actions.push_back(Action::SetTimer {
+                    timer: TimerId::Txn(seq),
+                    at_ms: lag_at,
+                });
+            }
         }
         self.advance();
     }
@@ -960,10 +1048,14 @@ impl Coordinator {
 
     /// Drop `peer` from the in-sync set, close its link and decide without it.
     fn evict(&mut self, now_ms: u64, peer: PeerId, reason: &str) {
-        let node = self.members.get(peer).map_or(0, |s| s.node_id);
+        let (node, lease_until) = self
+            .members
+            .get(peer)
+            .map_or((0, 0), |s| (s.node_id, s.lease_until_ms));
         if !self.members.evict(peer, reason) {
             return;
         }
+        self.fence_reads(now_ms, lease_until);
         warn!("evicting slave {peer:?}: {reason}");
         self.actions.push_back(Action::Disconnect { peer });
         self.leave(now_ms, peer, node);
@@ -974,6 +1066,7 @@ impl Coordinator {
             && info.evicted_because.is_none()
         {
             info!("slave {} lost", info.client_addr);
+            self.fence_reads(now_ms, info.lease_until_ms);
             self.leave(now_ms, peer, info.node_id);
         }
     }
@@ -1018,14 +1111,159 @@ impl Coordinator {
         self.release(now_ms);
     }
 
+    /// Answer a slave's heartbeat with a read lease from its `stamp`, if it
+    /// may have one: it receives every commit, so the grant reaches it after
+    /// everything released so far; and the lease ends before any deadline it
+    /// could be evicted at (a vote, an ack, the lag bound), so a slave
+    /// evicted on time has stopped serving reads before anything is
+    /// released without it. A grant is at most `--tpc-timeout-ms`.
+    fn grant_lease(&mut self, now_ms: u64, peer: PeerId, stamp: u64, asked_ms: u32) {
+        let Some(info) = self.members.get(peer) else {
+            return;
+        };
+        if asked_ms == 0 || !info.state.receives_commits() {
+            return;
+        }
+        let lease_ms = u64::from(asked_ms).min(self.config.tpc_timeout_ms);
+        let ends = now_ms + lease_ms;
+        let max_lag = self.config.max_slave_lag_ms;
+        let due_before_end = self.txns.values().any(|txn| {
+            let awaited = match &txn.state {
+                TxnState::Preparing { awaiting, .. } => awaiting.contains(&peer),
+                TxnState::Committed { awaiting_acks } => awaiting_acks.contains(&peer),
+                TxnState::Aborting { awaiting_acks, .. } => awaiting_acks.contains(&peer),
+                TxnState::Deciding { .. } | TxnState::Aborted => false,
+            };
+            let lag_due = match txn.laggard {
+                Some((p, since)) if p == peer && max_lag > 0 => Some(since + max_lag),
+                _ => None,
+            };
+            awaited
+                && (txn.deadline_ms.is_some_and(|d| d <= ends)
+                    || lag_due.is_some_and(|d| d <= ends))
+        });
+        if due_before_end {
+            return;
+        }
+        if let Some(info) = self.members.get_mut(peer) {
+            info.lease_until_ms = info.lease_until_ms.max(ends);
+        }
+        let seq = self.released_seq;
+        self.send(
+            peer,
+            PeerMessage::Heartbeat {
+                seq,
+                stamp,
+                lease_ms: lease_ms as u32,
+                poll: false,
+            },
+        );
+    }
+
+    /// A slave left holding a read lease until `lease_until_ms`: release
+    /// nothing before then, so no read it serves misses an acknowledged write.
+    fn fence_reads(&mut self, now_ms: u64, lease_until_ms: u64) {
+        if lease_until_ms <= now_ms || lease_until_ms <= self.read_fence_ms {
+            return;
+        }
+        debug!(
+            "holding releases {} ms for the read lease of a slave that left",
+            lease_until_ms - now_ms
+        );
+        self.read_fence_ms = lease_until_ms;
+        self.actions.push_back(Action::SetTimer {
+            timer: TimerId::ReadFence,
+            at_ms: lease_until_ms,
+        });
+    }
+
+    /// Evict `peer` for keeping transaction `seq` waiting `waited_ms` after
+    /// every other participant voted; its return starts with a probation.
+    fn evict_lagging(&mut self, now_ms: u64, peer: PeerId, seq: u64, waited_ms: u64) {
+        let Some(info) = self.members.get(peer) else {
+            return;
+        };
+        let key = lag_key(info.node_id, &info.client_addr);
+        let record = self.lag_records.entry(key).or_insert(LagRecord {
+            evictions: 0,
+            last_ms: now_ms,
+        });
+        if now_ms.saturating_sub(record.last_ms) > LAG_MEMORY_MS {
+            record.evictions = 0;
+        }
+        record.evictions += 1;
+        record.last_ms = now_ms;
+        let in_flight = self.txns.len();
+        let reason = format!(
+            "lagging: kept transaction {seq} waiting {waited_ms} ms after the other slaves voted \
+             (--max-slave-lag-ms {}; {in_flight} transactions in flight; lag eviction {})",
+            self.config.max_slave_lag_ms, record.evictions
+        );
+        self.evict(now_ms, peer, &reason);
+    }
+
+    /// Until when a slave evicted for lagging stays on probation, if it does.
+    fn probation_until(&self, now_ms: u64, peer: PeerId) -> Option<u64> {
+        let info = self.members.get(peer)?;
+        let record = self
+            .lag_records
+            .get(&lag_key(info.node_id, &info.client_addr))?;
+        if now_ms.saturating_sub(record.last_ms) > LAG_MEMORY_MS {
+            return None;
+        }
+        let shift = record.evictions.saturating_sub(1).min(16);
+        let probation = (self.config.first_probation_ms << shift).min(self.config.max_probation_ms);
+        let until = record.last_ms + probation;
+        (until > now_ms).then_some(until)
+    }
+
+    /// Make slaves whose probation is over 2PC participants again.
+    fn end_probations(&mut self, now_ms: u64) {
+        let done: Vec<PeerId> = self
+            .members
+            .iter()
+            .filter(|(_, s)| matches!(s.state, SlaveState::Probation { until_ms } if until_ms <= now_ms))
+            .map(|(p, _)| p)
+            .collect();
+        for peer in done {
+            info!(
+                "slave {peer:?} ends its probation; in sync from {}",
+                self.next_seq
+            );
+            // It received every commit as a LOG_ENTRY meanwhile, in order.
+            self.members.set_state(
+                peer,
+                SlaveState::InSync {
+                    join_seq: self.next_seq,
+                },
+            );
+        }
+    }
+
     fn on_timer(&mut self, now_ms: u64, timer: TimerId) {
         match timer {
             TimerId::Txn(seq) => {
                 let Some(txn) = self.txns.get(&seq) else {
                     return;
                 };
+                if let Some((laggard, since)) = txn.laggard
+                    && self.config.max_slave_lag_ms > 0
+                    && since + self.config.max_slave_lag_ms <= now_ms
+                    && matches!(&txn.state, TxnState::Preparing { awaiting, .. } if awaiting.contains(&laggard))
+                {
+                    self.evict_lagging(now_ms, laggard, seq, now_ms - since);
+                    return;
+                }
                 match txn.deadline_ms {
                     Some(deadline) if deadline <= now_ms => {}
+                    Some(deadline) if txn.laggard.is_some() => {
+                        // Fired early for the lag check: the deadline still stands.
+                        self.actions.push_back(Action::SetTimer {
+                            timer: TimerId::Txn(seq),
+                            at_ms: deadline,
+                        });
+                        return;
+                    }
                     _ => return, // stale firing of a moved or cancelled timer
                 }
                 let (late, what): (Vec<PeerId>, &str) = match &txn.state {
@@ -1065,8 +1303,17 @@ impl Coordinator {
                 }
                 let seq = self.released_seq;
                 for peer in live {
-                    self.send(peer, PeerMessage::Heartbeat { seq });
+                    self.send(
+                        peer,
+                        PeerMessage::Heartbeat {
+                            seq,
+                            stamp: 0,
+                            lease_ms: 0,
+                            poll: true,
+                        },
+                    );
                 }
+                self.end_probations(now_ms);
                 let reason = format!("silent for {} ms", self.config.peer_timeout_ms);
                 for peer in silent {
                     self.evict(now_ms, peer, &reason);
@@ -1076,8 +1323,19 @@ impl Coordinator {
                     at_ms: now_ms + self.config.heartbeat_interval_ms,
                 });
             }
+            TimerId::ReadFence => self.release(now_ms),
             TimerId::Reconnect | TimerId::OutcomeCheck | TimerId::MasterSilence => {}
         }
+    }
+}
+
+/// The key a slave's lag evictions are remembered by: its node id, or its
+/// address if it announced none.
+fn lag_key(node_id: u64, client_addr: &str) -> String {
+    if node_id != 0 {
+        format!("{node_id:016x}")
+    } else {
+        client_addr.to_string()
     }
 }
 

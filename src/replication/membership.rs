@@ -25,6 +25,13 @@ pub enum SlaveState {
         /// First transaction it takes part in.
         join_seq: u64,
     },
+    /// Caught up after being evicted for lagging, and receiving every commit
+    /// as a LOG_ENTRY, but not a 2PC participant before `until_ms`: a slave
+    /// that keeps falling behind must not set the cluster's pace again at once.
+    Probation {
+        /// When it becomes a participant again.
+        until_ms: u64,
+    },
     /// Dropped from the in-sync set; its link has been closed. Rejoins by registering again.
     Evicted,
     /// Holds data of another history (or is ahead of the master) and may not
@@ -39,6 +46,7 @@ impl SlaveState {
             SlaveState::Snapshotting { .. } => "syncing-snapshot",
             SlaveState::Tailing { .. } => "syncing-log",
             SlaveState::InSync { .. } => "in-sync",
+            SlaveState::Probation { .. } => "probation",
             SlaveState::Evicted => "evicted",
             SlaveState::Diverged => "diverged",
         }
@@ -46,7 +54,10 @@ impl SlaveState {
 
     /// Whether commits are forwarded to this slave (as COMMIT or LOG_ENTRY).
     pub fn receives_commits(&self) -> bool {
-        matches!(self, SlaveState::Tailing { .. } | SlaveState::InSync { .. })
+        matches!(
+            self,
+            SlaveState::Tailing { .. } | SlaveState::InSync { .. } | SlaveState::Probation { .. }
+        )
     }
 }
 
@@ -67,6 +78,8 @@ pub struct SlaveInfo {
     pub last_heard_ms: u64,
     /// Why it was evicted, if it was.
     pub evicted_because: Option<String>,
+    /// The read leases granted to it end by then (master clock, ms).
+    pub lease_until_ms: u64,
 }
 
 impl SlaveInfo {
@@ -108,6 +121,7 @@ impl Membership {
                 acked_seq: 0,
                 last_heard_ms: now_ms,
                 evicted_because: None,
+                lease_until_ms: 0,
             },
         );
     }

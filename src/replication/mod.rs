@@ -62,6 +62,9 @@ pub enum TimerId {
     /// Slave: check that the master is still heard from (it heartbeats), so a
     /// master that stopped answering with its link open is noticed.
     MasterSilence,
+    /// Master: the read lease of a slave that left has run out; releases
+    /// held back until then may go on.
+    ReadFence,
 }
 
 /// One client write handed to the coordinator, with the handle its reply goes to.

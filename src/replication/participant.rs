@@ -38,6 +38,9 @@ pub struct ParticipantConfig {
     /// The leadership epoch of the master to follow (failover through etcd; 0
     /// without it): a master that answers with an older one has been deposed.
     pub epoch: u64,
+    /// The read lease asked for in every heartbeat (`--slave-read-lease-ms`;
+    /// 0: none, the slave serves stale reads by choice).
+    pub read_lease_ms: u32,
 }
 
 impl Default for ParticipantConfig {
@@ -51,6 +54,7 @@ impl Default for ParticipantConfig {
             outcome_query_after_ms: 1_000,
             master_silence_ms: 3_000,
             epoch: 0,
+            read_lease_ms: 200,
         }
     }
 }
@@ -134,6 +138,9 @@ pub struct Participant {
     /// The highest sequence number any master was heard to have used or
     /// released (a promoted slave numbers its transactions after it).
     seen_seq: u64,
+    /// Reads may be served until this time (0: no lease): granted by the
+    /// master of the current link, after it sent everything released before.
+    lease_until_ms: u64,
 }
 
 impl Participant {
@@ -167,6 +174,7 @@ impl Participant {
             actions: VecDeque::new(),
             last_heard_ms: 0,
             seen_seq: recovered_seq,
+            lease_until_ms: 0,
         };
         p.actions.push_back(Action::Connect);
         p
@@ -228,6 +236,17 @@ impl Participant {
     /// disk, so a crash can no longer bring back what it replaced.
     pub fn caught_up_durably(&self) -> bool {
         self.caught_up_durably && matches!(self.link, LinkState::Following(_))
+    }
+
+    /// Until when this slave may serve reads (its clock, ms), if it holds a
+    /// read lease: it follows its master, which granted the lease after
+    /// sending it every commit released before; so no read served before
+    /// then misses a write acknowledged more than the lease ago.
+    pub fn read_lease_until(&self) -> Option<u64> {
+        match self.link {
+            LinkState::Following(_) if self.lease_until_ms > 0 => Some(self.lease_until_ms),
+            _ => None,
+        }
     }
 
     /// The link's state (for STATS).
@@ -317,6 +336,7 @@ impl Participant {
         }
         self.snapshot_in_progress = None;
         self.link_history = None;
+        self.lease_until_ms = 0;
         self.link = LinkState::CatchingUp(peer);
         self.send(
             peer,
@@ -334,6 +354,7 @@ impl Participant {
 
     fn link_down(&mut self, now_ms: u64) {
         self.link = LinkState::Down;
+        self.lease_until_ms = 0;
         self.caught_up_durably = false;
         self.snapshot_in_progress = None;
         self.link_history = None;
@@ -544,9 +565,31 @@ impl Participant {
                         .push_back((lsn, peer, AfterPersist::Ack(seq)));
                 }
             }
-            PeerMessage::Heartbeat { .. } => {
-                let seq = self.position;
-                self.send(peer, PeerMessage::Heartbeat { seq });
+            PeerMessage::Heartbeat {
+                stamp,
+                lease_ms,
+                poll,
+                ..
+            } => {
+                if poll {
+                    let seq = self.position;
+                    let lease_ms = self.config.read_lease_ms;
+                    self.send(
+                        peer,
+                        PeerMessage::Heartbeat {
+                            seq,
+                            stamp: now_ms,
+                            lease_ms,
+                            poll: false,
+                        },
+                    );
+                } else if following && lease_ms > 0 && stamp <= now_ms {
+                    // A grant from a stamp of ours: the lease runs from when we
+                    // sent it, never from when the (possibly delayed) grant came.
+                    // It never exceeds what we asked for.
+                    let lease = u64::from(lease_ms.min(self.config.read_lease_ms));
+                    self.lease_until_ms = self.lease_until_ms.max(stamp + lease);
+                }
             }
             PeerMessage::Outcome { seq, outcome } => {
                 // The answer may trail the decision itself (the query crossed the
@@ -682,7 +725,7 @@ impl Participant {
                 self.actions.push_back(Action::Disconnect { peer });
                 self.link_down(now_ms);
             }
-            TimerId::Txn(_) | TimerId::Heartbeat => {}
+            TimerId::Txn(_) | TimerId::Heartbeat | TimerId::ReadFence => {}
         }
     }
 }

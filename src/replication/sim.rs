@@ -190,6 +190,9 @@ struct SlaveNode {
     stalled_until: u64,
     partitioned: bool,
     violations: u64,
+    /// The newest state it served reads from under its read lease, as
+    /// (history, position): it must never serve an older one.
+    shown: Option<(u64, u64)>,
 }
 
 struct Sim {
@@ -232,6 +235,10 @@ struct Sim {
     refused: u64,
     aborted: u64,
     tpc_timeout_ms: u64,
+    /// The read lease the slaves ask for.
+    read_lease_ms: u32,
+    /// Per master life: when each commit was released (its clients answered).
+    released_at: Vec<BTreeMap<u64, u64>>,
     trace: Option<Vec<String>>,
     stats: RunStats,
 }
@@ -247,6 +254,25 @@ struct RunStats {
     stalls: u64,
     master_restarts: u64,
     master_crashes: u64,
+    /// Moments a slave held a read lease, each checked for staleness.
+    lease_checks: u64,
+    /// The oldest acknowledged write a slave within its lease missed (ms).
+    worst_staleness_ms: u64,
+}
+
+impl RunStats {
+    fn add(&mut self, s: &RunStats) {
+        self.commits += s.commits;
+        self.snapshots += s.snapshots;
+        self.evictions += s.evictions;
+        self.crashes += s.crashes;
+        self.partitions += s.partitions;
+        self.stalls += s.stalls;
+        self.master_restarts += s.master_restarts;
+        self.master_crashes += s.master_crashes;
+        self.lease_checks += s.lease_checks;
+        self.worst_staleness_ms = self.worst_staleness_ms.max(s.worst_staleness_ms);
+    }
 }
 
 fn digest(store: &Store) -> u64 {
@@ -359,7 +385,17 @@ impl Sim {
             epoch: 0,
             // Half the runs keep the in-sync set recorded, as with failover through etcd.
             record_sync_set: rng.random_bool(0.5),
+            max_slave_lag_ms: if rng.random_bool(0.3) {
+                0
+            } else {
+                rng.random_range(10..=300)
+            },
+            // Short enough to end within the settling time.
+            first_probation_ms: rng.random_range(20..=200),
+            max_probation_ms: 400,
         };
+        // Sometimes longer than the master grants (it caps a lease at the 2PC timeout).
+        let read_lease_ms = rng.random_range(5..=300);
         let history_id = rng.random_range(1..=u64::MAX);
         let mut digests = BTreeMap::new();
         digests.insert(0, digest(&Store::new()));
@@ -398,6 +434,8 @@ impl Sim {
             refused: 0,
             aborted: 0,
             tpc_timeout_ms,
+            read_lease_ms,
+            released_at: vec![BTreeMap::new()],
             trace: trace.then(Vec::new),
             stats: RunStats::default(),
         };
@@ -418,6 +456,7 @@ impl Sim {
                 stalled_until: 0,
                 partitioned: false,
                 violations: 0,
+                shown: None,
             });
             // Slaves start at staggered times: some join while writes flow.
             let at = if sim.rng.random_bool(0.5) {
@@ -561,6 +600,63 @@ impl Sim {
     }
 
     fn step(&mut self, ev: Ev) -> Result<(), String> {
+        self.step_event(ev)?;
+        self.check_read_leases()
+    }
+
+    /// SPEC 4.7: a slave serves reads only within its read lease, and then
+    /// none misses a write acknowledged longer than the lease ago, and none
+    /// shows a state older than one it showed before.
+    fn check_read_leases(&mut self) -> Result<(), String> {
+        let history = self.histories[self.master_life];
+        let lease = u64::from(self.read_lease_ms).min(self.tpc_timeout_ms);
+        for i in 0..SLAVES {
+            let s = &mut self.slaves[i];
+            let Some(part) = s.part.as_ref() else {
+                continue;
+            };
+            let Some(until) = part.read_lease_until() else {
+                continue;
+            };
+            if until <= self.now {
+                continue;
+            }
+            if until > self.now + lease {
+                return Err(format!(
+                    "slave {i} holds a read lease until {until}, past now + its lease"
+                ));
+            }
+            let pos = s.applied_seq;
+            let slave_history = part.history_id();
+            if let Some((h, shown)) = s.shown
+                && h == slave_history
+                && pos < shown
+            {
+                return Err(format!(
+                    "slave {i} serves reads at {pos} after serving them at {shown}"
+                ));
+            }
+            s.shown = Some((slave_history, pos));
+            self.stats.lease_checks += 1;
+            if slave_history != history {
+                continue; // a master life whose commits it cannot know
+            }
+            // The first acknowledged write it misses, and how long ago.
+            if let Some((&seq, &at)) = self.released_at[self.master_life].range(pos + 1..).next() {
+                let staleness = self.now.saturating_sub(at);
+                self.stats.worst_staleness_ms = self.stats.worst_staleness_ms.max(staleness);
+                if staleness > lease {
+                    return Err(format!(
+                        "slave {i} within its read lease (until {until}) at {pos} misses \
+                         commit {seq}, acknowledged {staleness} ms ago (lease {lease} ms)"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn step_event(&mut self, ev: Ev) -> Result<(), String> {
         let active = self.now < ACTIVE_MS;
         match ev {
             Ev::Deliver { link, dir } => {
@@ -821,6 +917,7 @@ impl Sim {
                         // Longer than any delay spike: silence means a lost master.
                         master_silence_ms: 2_000,
                         epoch: 0,
+                        read_lease_ms: self.read_lease_ms,
                     },
                     pos,
                     history,
@@ -964,6 +1061,7 @@ impl Sim {
         digests.insert(0, digest(&Store::new()));
         self.digests.push(digests);
         self.committed.push(BTreeMap::new());
+        self.released_at.push(BTreeMap::new());
         self.master_store = Store::new();
         self.master_down_until = self.now + dur;
         let config = CoordinatorConfig {
@@ -1153,6 +1251,33 @@ impl Sim {
     }
 
     fn master_apply(&mut self, seq: u64, ops: Ops, replies: Vec<ClientRef>) -> Result<(), String> {
+        self.released_at[self.master_life].insert(seq, self.now);
+        // A slave that left the master's set has stopped serving reads before
+        // anything is released without it (its lease ran out first).
+        let history = self.histories[self.master_life];
+        for (i, s) in self.slaves.iter().enumerate() {
+            let Some(part) = s.part.as_ref() else {
+                continue;
+            };
+            let (LinkState::Following(peer), Some(until)) = (part.link(), part.read_lease_until())
+            else {
+                continue;
+            };
+            if until <= self.now || part.history_id() != history {
+                continue;
+            }
+            let receives = self
+                .coord
+                .members()
+                .get(peer)
+                .is_some_and(|m| m.evicted_because.is_none() && m.state.receives_commits());
+            if !receives {
+                return Err(format!(
+                    "commit {seq} released without slave {i}, which still serves reads \
+                     under its lease (until {until})"
+                ));
+            }
+        }
         if let Some((&last, _)) = self.committed[self.master_life].iter().next_back()
             && seq <= last
         {
@@ -1402,14 +1527,7 @@ fn run_seeds(seeds: &[u64], trace: bool) -> Result<RunStats, (u64, String, Vec<S
     for &seed in seeds {
         let (result, lines) = run_seed(seed, trace);
         let s = result.map_err(|e| (seed, e, lines))?;
-        total.commits += s.commits;
-        total.snapshots += s.snapshots;
-        total.evictions += s.evictions;
-        total.crashes += s.crashes;
-        total.partitions += s.partitions;
-        total.stalls += s.stalls;
-        total.master_restarts += s.master_restarts;
-        total.master_crashes += s.master_crashes;
+        total.add(&s);
     }
     Ok(total)
 }
@@ -1437,16 +1555,7 @@ fn simulation_keeps_the_replication_invariants() {
     let mut total = RunStats::default();
     for result in results {
         match result {
-            Ok(s) => {
-                total.commits += s.commits;
-                total.snapshots += s.snapshots;
-                total.evictions += s.evictions;
-                total.crashes += s.crashes;
-                total.partitions += s.partitions;
-                total.stalls += s.stalls;
-                total.master_restarts += s.master_restarts;
-                total.master_crashes += s.master_crashes;
-            }
+            Ok(s) => total.add(&s),
             Err((seed, e, lines)) => {
                 let keep = env_u64("DKVS_SIM_TRACE_LINES").unwrap_or(400) as usize;
                 for line in lines.iter().rev().take(keep).rev() {

@@ -377,6 +377,7 @@ impl Server {
                 node_id: self.wal.node_id(),
                 may_discard_data: may_discard,
                 epoch: leader.epoch,
+                read_lease_ms: self.read_lease_ms,
                 ..ParticipantConfig::default()
             },
             self.core.commit_seq,

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use crate::protocol::peer::{OpKind, WriteOp};
 use crate::protocol::resp::Encoder;
@@ -228,6 +229,32 @@ pub enum Outcome {
     WaitKey,
 }
 
+/// Whether a server may serve reads of data now: a slave only while it
+/// follows its master within a read lease (docs/PROTOCOL.md §9.7), so that
+/// none of its reads misses a write acknowledged longer than the lease ago,
+/// and none shows a state older than one it showed before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadGate {
+    /// Serve them: a master, or a slave run with `--serve-stale-reads`.
+    Open,
+    /// Serve them until then: a slave's read lease.
+    Until(Instant),
+    /// Refuse them: a slave that is not following its master, or whose
+    /// master has not renewed its lease.
+    Closed,
+}
+
+impl ReadGate {
+    /// Whether reads may be served now.
+    pub fn is_open(&self) -> bool {
+        match self {
+            ReadGate::Open => true,
+            ReadGate::Until(until) => Instant::now() < *until,
+            ReadGate::Closed => false,
+        }
+    }
+}
+
 /// This server's place in replication.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
@@ -268,6 +295,8 @@ pub struct Core {
     /// Why reads of data are refused, if they are (a master whose leadership
     /// lease is not known valid must not serve what may be stale).
     pub read_refusal: Option<String>,
+    /// Whether a slave's reads are within its read lease.
+    pub read_gate: ReadGate,
     /// Reply routes of writes handed to the coordinator and not yet answered
     /// (foldhash: one insert and one remove per write, SipHash showed in profiles).
     pub waiting: HashMap<ClientRef, Waiting, foldhash::fast::RandomState>,
@@ -309,6 +338,7 @@ impl Core {
             commit_seq,
             write_refusal: None,
             read_refusal: None,
+            read_gate: ReadGate::Open,
             stats: Stats::default(),
             max_value_bytes,
             mode,
@@ -545,8 +575,7 @@ impl Core {
         // deadline) and EXPIRE (`Some(None)` removes it).
         let (kind, key, value, expect, deadline) = match request {
             Request::Get { key } => {
-                if let Some(why) = &self.read_refusal {
-                    encode_response(out, op, Status::Unavailable, request_id, 0, why.as_bytes());
+                if self.refuse_read(op, request_id, out) {
                     return Outcome::Answered;
                 }
                 match self.store.get(key) {
@@ -561,6 +590,9 @@ impl Core {
                 return Outcome::Answered;
             }
             Request::Ttl { key } => {
+                if self.refuse_read(op, request_id, out) {
+                    return Outcome::Answered;
+                }
                 match self.store.get(key) {
                     Some((_, version)) => {
                         let deadline = self.store.deadline(key).unwrap_or(0).to_be_bytes();
@@ -654,6 +686,32 @@ impl Core {
             },
         };
         Outcome::Pending(self.submit(std::iter::once(write), target, request_id, op, None))
+    }
+
+    /// Answer a read this server may not serve now; say whether it did. A
+    /// slave outside its read lease redirects to its master (where the read
+    /// is fresh), or answers UNAVAILABLE while it knows none.
+    fn refuse_read(&mut self, op: u8, request_id: u32, out: &mut Vec<u8>) -> bool {
+        if let Some(why) = &self.read_refusal {
+            encode_response(out, op, Status::Unavailable, request_id, 0, why.as_bytes());
+            return true;
+        }
+        if self.read_gate.is_open() {
+            return false;
+        }
+        self.stats.reads_refused += 1;
+        match &self.mode {
+            Mode::Slave { master } if !master.is_empty() => {
+                self.stats.redirects += 1;
+                encode_response(out, op, Status::Redirect, request_id, 0, master.as_bytes());
+            }
+            _ => {
+                let why = "this slave does not follow a master within its read lease \
+                           (catching up, or no master elected yet); its reads could be stale";
+                encode_response(out, op, Status::Unavailable, request_id, 0, why.as_bytes());
+            }
+        }
+        true
     }
 
     /// Answer a write this server cannot take (a slave, a standby, or a failed log); say whether it did.

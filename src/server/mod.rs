@@ -50,7 +50,7 @@ use connection::{Connection, Liveness};
 pub use failover::FailoverConfig;
 use failover::{Failover, Standby};
 pub use handler::Core;
-use handler::{Mode, ReplyTarget};
+use handler::{Mode, ReadGate, ReplyTarget};
 pub use limits::UdpLimitScope;
 use limits::{InputBudget, Timeouts, Verdict};
 use peer::PeerLink;
@@ -92,6 +92,10 @@ pub struct Config {
     pub master: Option<(String, u16)>,
     /// Time a slave has to vote or acknowledge before it is evicted.
     pub tpc_timeout_ms: u64,
+    /// Evict a slave that keeps a transaction waiting this long after the others voted (0: off).
+    pub max_slave_lag_ms: u64,
+    /// Slave: the read lease to hold to serve reads (0: serve stale reads too).
+    pub slave_read_lease_ms: u32,
     /// Refuse writes while fewer slaves are in sync.
     pub min_slaves: usize,
     /// Bytes of recent writes kept for partial resync.
@@ -371,6 +375,8 @@ pub struct Server {
     coordinator_config: CoordinatorConfig,
     /// `--resync-discard-data`, for a slave created by a failover.
     resync_discard_data: bool,
+    /// The read lease a slave holds to serve reads (0: it serves stale reads too).
+    read_lease_ms: u32,
     /// The cluster secret replication links authenticate with.
     cluster_secret: Option<crate::protocol::peer_auth::Secret>,
 }
@@ -417,6 +423,7 @@ impl Server {
         );
         let coordinator_config = CoordinatorConfig {
             tpc_timeout_ms: config.tpc_timeout_ms,
+            max_slave_lag_ms: config.max_slave_lag_ms,
             min_slaves: config.min_slaves,
             log_max_bytes: config.repl_backlog_bytes,
             ..CoordinatorConfig::default()
@@ -466,6 +473,7 @@ impl Server {
                         client_addr: addr.to_string(),
                         node_id: wal.node_id(),
                         may_discard_data: config.resync_discard_data,
+                        read_lease_ms: config.slave_read_lease_ms,
                         ..ParticipantConfig::default()
                     },
                     replay.seq,
@@ -525,6 +533,7 @@ impl Server {
             failover,
             coordinator_config,
             resync_discard_data: config.resync_discard_data,
+            read_lease_ms: config.slave_read_lease_ms,
             cluster_secret: config.cluster_secret.clone(),
         };
         if server.cluster_secret.is_none() && !server.addr.ip().is_loopback() {
@@ -1051,6 +1060,7 @@ impl Server {
             self.replication_changed = true;
         }
         self.forget_led_epoch_once_following();
+        self.core.read_gate = self.read_gate();
         let alone = matches!(&self.role, Role::Master(c) if c.members().in_sync_count() == 0);
         self.wal.set_group_window(alone);
         if self.wal.snapshot_due() {
@@ -1077,6 +1087,22 @@ impl Server {
             self.core.replication.failover = self.failover.as_ref().map(|f| f.summary());
         }
         work_left
+    }
+
+    /// Whether reads may be served: a slave only within the read lease its
+    /// participant holds (unless it serves stale reads by choice).
+    fn read_gate(&self) -> ReadGate {
+        if self.read_lease_ms == 0 {
+            return ReadGate::Open;
+        }
+        match &self.role {
+            Role::Master(_) => ReadGate::Open,
+            Role::Slave { participant, .. } => match participant.read_lease_until() {
+                Some(ms) => ReadGate::Until(self.clock + Duration::from_millis(ms)),
+                None => ReadGate::Closed,
+            },
+            Role::Standby(_) => ReadGate::Closed,
+        }
     }
 
     /// Execute actions until the state machine and the completions are quiet.

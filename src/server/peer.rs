@@ -646,7 +646,13 @@ mod epoch_tests {
 
     fn heartbeat(epoch: u32) -> Vec<u8> {
         let mut bytes = Vec::new();
-        PeerMessage::Heartbeat { seq: 5 }.encode_in_epoch(&mut bytes, epoch);
+        PeerMessage::Heartbeat {
+            seq: 5,
+            stamp: 7,
+            lease_ms: 200,
+            poll: false,
+        }
+        .encode_in_epoch(&mut bytes, epoch);
         bytes
     }
 
@@ -658,7 +664,12 @@ mod epoch_tests {
         ));
         assert_eq!(
             receive(true, 3, &heartbeat(3)).expect("same epoch"),
-            vec![PeerMessage::Heartbeat { seq: 5 }]
+            vec![PeerMessage::Heartbeat {
+                seq: 5,
+                stamp: 7,
+                lease_ms: 200,
+                poll: false,
+            }]
         );
     }
 
@@ -670,7 +681,12 @@ mod epoch_tests {
         ));
         assert_eq!(
             receive(false, 3, &heartbeat(3)).expect("same epoch"),
-            vec![PeerMessage::Heartbeat { seq: 5 }]
+            vec![PeerMessage::Heartbeat {
+                seq: 5,
+                stamp: 7,
+                lease_ms: 200,
+                poll: false,
+            }]
         );
     }
 }

@@ -479,6 +479,16 @@ impl Session<'_> {
             let message = format!("MASTERDOWN {why}");
             return self.error(&message);
         }
+        if spec.class == Class::Read
+            && !matches!(spec.name, "info" | "wait")
+            && !self.core.read_gate.is_open()
+        {
+            // Redis's answer from a replica with replica-serve-stale-data no.
+            self.core.stats.reads_refused += 1;
+            return self.error(
+                "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            );
+        }
         match spec.name {
             "get" => self.get(args[1]),
             "set" => self.set(args),

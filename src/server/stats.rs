@@ -31,8 +31,11 @@ pub struct Stats {
     pub udp_datagrams: u64,
     /// UDP writes answered from the retry cache instead of being applied again.
     pub udp_retries_deduplicated: u64,
-    /// Writes answered with a redirect to the master.
+    /// Requests answered with a redirect to the master (writes at a slave,
+    /// and reads at a slave outside its read lease).
     pub redirects: u64,
+    /// Reads a slave refused because it held no read lease.
+    pub reads_refused: u64,
     /// Writes refused or aborted by replication.
     pub writes_failed: u64,
     /// UDP datagrams dropped unanswered: not a request (a response, no magic, under 24 bytes).
@@ -74,6 +77,7 @@ impl Default for Stats {
             udp_datagrams: 0,
             udp_retries_deduplicated: 0,
             redirects: 0,
+            reads_refused: 0,
             writes_failed: 0,
             udp_ignored: 0,
             udp_rate_limited: 0,
@@ -145,6 +149,7 @@ impl Stats {
         line("udp_datagrams", &self.udp_datagrams);
         line("udp_retries_deduplicated", &self.udp_retries_deduplicated);
         line("redirects", &self.redirects);
+        line("reads_refused", &self.reads_refused);
         line("writes_failed", &self.writes_failed);
         line("udp_ignored", &self.udp_ignored);
         line("udp_rate_limited", &self.udp_rate_limited);

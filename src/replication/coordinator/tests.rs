@@ -649,7 +649,18 @@ fn re_registration_evicts_the_old_link_of_the_same_slave() {
 #[test]
 fn heartbeats_go_out_and_silent_slaves_are_evicted() {
     let mut c = with_slaves(&[1, 2]);
-    c.handle(900, msg(1, PeerMessage::Heartbeat { seq: 0 }));
+    c.handle(
+        900,
+        msg(
+            1,
+            PeerMessage::Heartbeat {
+                seq: 0,
+                stamp: 0,
+                lease_ms: 0,
+                poll: false,
+            },
+        ),
+    );
     c.handle(
         1_500,
         Event::TimerFired {
@@ -659,7 +670,12 @@ fn heartbeats_go_out_and_silent_slaves_are_evicted() {
     let actions = drain(&mut c);
     assert_eq!(
         sends_to(&actions, 1),
-        vec![PeerMessage::Heartbeat { seq: 0 }]
+        vec![PeerMessage::Heartbeat {
+            seq: 0,
+            stamp: 0,
+            lease_ms: 0,
+            poll: true,
+        }]
     );
     assert!(actions.contains(&Action::Disconnect { peer: PeerId(2) }));
     assert!(actions.contains(&Action::SetTimer {

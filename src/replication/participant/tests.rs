@@ -20,6 +20,16 @@ fn from_master(msg: PeerMessage) -> Event {
     Event::Message { peer: M, msg }
 }
 
+/// The master's periodic heartbeat, which the slave must answer.
+fn poll(seq: u64) -> PeerMessage {
+    PeerMessage::Heartbeat {
+        seq,
+        stamp: 0,
+        lease_ms: 0,
+        poll: true,
+    }
+}
+
 fn sends(actions: &[Action]) -> Vec<PeerMessage> {
     actions
         .iter()
@@ -554,10 +564,15 @@ fn a_long_doubt_triggers_an_outcome_query() {
 #[test]
 fn heartbeats_are_answered_with_the_position() {
     let mut p = following(4);
-    p.handle(0, from_master(PeerMessage::Heartbeat { seq: 9 }));
+    p.handle(0, from_master(poll(9)));
     assert_eq!(
         sends(&drain(&mut p)),
-        vec![PeerMessage::Heartbeat { seq: 4 }]
+        vec![PeerMessage::Heartbeat {
+            seq: 4,
+            stamp: 0,
+            lease_ms: config().read_lease_ms,
+            poll: false,
+        }]
     );
 }
 
@@ -702,7 +717,7 @@ fn a_silent_master_is_dropped_and_redialed() {
     let mut p = following(0);
     let silence = config().master_silence_ms;
     // A heartbeat halfway keeps the link: the timer moves to the new deadline.
-    p.handle(silence / 2, from_master(PeerMessage::Heartbeat { seq: 0 }));
+    p.handle(silence / 2, from_master(poll(0)));
     drain(&mut p);
     p.handle(
         silence,
@@ -774,7 +789,7 @@ fn without_consent_a_slave_keeps_its_data_against_another_history() {
     p.handle(0, Event::Connected { peer: M });
     p.handle(0, registered(H2, CatchUp::Diverged));
     assert_eq!(p.link(), LinkState::Diverged(M));
-    p.handle(1, from_master(PeerMessage::Heartbeat { seq: 3 }));
+    p.handle(1, from_master(poll(3)));
     assert_eq!(
         sends(&drain(&mut p)),
         vec![
@@ -787,7 +802,12 @@ fn without_consent_a_slave_keeps_its_data_against_another_history() {
                 may_discard_data: false,
                 epoch: 0,
             },
-            PeerMessage::Heartbeat { seq: 7 }
+            PeerMessage::Heartbeat {
+                seq: 7,
+                stamp: 1,
+                lease_ms: strict.read_lease_ms,
+                poll: false,
+            }
         ]
     );
     p.handle(2, last_chunk(3));
