@@ -265,6 +265,18 @@ impl ServerProcess {
         Client::connect("127.0.0.1", self.port, config).expect("connect")
     }
 
+    /// A client that does not follow redirects: it reads what this server
+    /// itself serves (a slave outside its read lease redirects reads).
+    pub fn own_reads_client(&self, transport: Transport) -> Client {
+        let config = ClientConfig {
+            transport,
+            timeout: Duration::from_secs(10),
+            max_redirects: 0,
+            ..ClientConfig::default()
+        };
+        Client::connect("127.0.0.1", self.port, config).expect("connect")
+    }
+
     /// Resident memory of the server process in KiB, from /proc.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))

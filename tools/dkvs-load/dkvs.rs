@@ -68,7 +68,9 @@ pub fn outcome(kind: OpKind, status: u8) -> Outcome {
     match Status::from_u8(status) {
         Some(Status::Ok) => Outcome::Ok,
         Some(Status::NotFound) if kind == OpKind::Get => Outcome::Miss,
-        Some(Status::Redirect) if kind.is_write() => Outcome::Redirect,
+        // A slave redirects writes, and reads while it holds no read lease
+        // (catching up, or cut off from its master): both go to the master.
+        Some(Status::Redirect) => Outcome::Redirect,
         _ => Outcome::Failed(status),
     }
 }
@@ -125,8 +127,8 @@ mod tests {
         assert_eq!(outcome(OpKind::Get, 1), Outcome::Miss);
         assert_eq!(outcome(OpKind::Set, 1), Outcome::Failed(1));
         assert_eq!(outcome(OpKind::Set, 8), Outcome::Redirect);
-        // Reads are served by slaves; a redirected read is something else going wrong.
-        assert_eq!(outcome(OpKind::Get, 8), Outcome::Failed(8));
+        // A slave outside its read lease redirects reads too.
+        assert_eq!(outcome(OpKind::Get, 8), Outcome::Redirect);
         assert_eq!(status_name(8), "REDIRECT");
         assert_eq!(status_name(200), "status_200");
     }

@@ -7,7 +7,9 @@
 //! readiness event, covering every request its responses made room for.
 //!
 //! Redirects (dkvs protocol, unless `--no-follow-redirects`): a slave answers every write with
-//! REDIRECT naming its master. Each logical connection is then a pair: the first redirected
+//! REDIRECT naming its master, and every read while it holds no read lease (catching up, or cut
+//! off from its master); a redirected read is sent to the master like a write, later reads are
+//! tried at the target first again. Each logical connection is then a pair: the first redirected
 //! write lazily opens a second socket to the master (once per connection; a non-blocking TCP
 //! connect, or a connected UDP socket), the redirected write is sent there again keeping its
 //! original send time, and from then on that connection's writes go straight to the master
