@@ -583,7 +583,11 @@ impl Participant {
                             poll: false,
                         },
                     );
-                } else if following && lease_ms > 0 && stamp <= now_ms {
+                } else if following
+                    && lease_ms > 0
+                    && self.config.read_lease_ms > 0
+                    && stamp <= now_ms
+                {
                     // A grant from a stamp of ours: the lease runs from when we
                     // sent it, never from when the (possibly delayed) grant came.
                     // It never exceeds what we asked for.

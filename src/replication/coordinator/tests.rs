@@ -1197,3 +1197,334 @@ fn a_master_of_an_older_epoch_is_refused_and_without_its_lease_acknowledges_noth
     assert_eq!(c.abandon(), vec![ClientRef(70), ClientRef(80)]);
     assert_eq!(c.in_flight(), 0);
 }
+
+/// A slave's heartbeat answering a poll: stamped `stamp`, asking `lease_ms`.
+fn stamped(peer: u64, stamp: u64, lease_ms: u32) -> Event {
+    msg(
+        peer,
+        PeerMessage::Heartbeat {
+            seq: 0,
+            stamp,
+            lease_ms,
+            poll: false,
+        },
+    )
+}
+
+/// The lease granted in `actions` to `peer`: (stamp, lease).
+fn grants(actions: &[Action], peer: u64) -> Vec<(u64, u32)> {
+    sends_to(actions, peer)
+        .into_iter()
+        .filter_map(|m| match m {
+            PeerMessage::Heartbeat {
+                stamp,
+                lease_ms,
+                poll: false,
+                ..
+            } => Some((stamp, lease_ms)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn applied_seqs(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Apply { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_in_sync_slave_gets_its_lease_capped_at_the_2pc_timeout() {
+    let mut c = with_slaves(&[1]);
+    c.handle(10, stamped(1, 7, 50));
+    assert_eq!(grants(&drain(&mut c), 1), vec![(7, 50)]);
+    // More than the 2PC timeout (100 ms here) is not granted.
+    c.handle(20, stamped(1, 17, 5_000));
+    assert_eq!(grants(&drain(&mut c), 1), vec![(17, 100)]);
+    // A slave that asks none gets none.
+    c.handle(30, stamped(1, 27, 0));
+    assert!(grants(&drain(&mut c), 1).is_empty());
+}
+
+#[test]
+fn a_slave_still_catching_up_gets_no_lease() {
+    let mut c = Coordinator::new(config(), 0);
+    c.handle(0, register(1, 0));
+    let mut snap = Coordinator::new(config(), 0);
+    drain(&mut c);
+    c.handle(1, stamped(1, 1, 50));
+    // Registered and sent the backlog: tailing, so it receives every commit.
+    assert_eq!(grants(&drain(&mut c), 1), vec![(1, 50)]);
+    // A slave receiving a snapshot does not: the commits since are not sent to it yet.
+    snap.handle(0, writes(1, &["a"]));
+    snap.handle(0, Event::Persisted { lsn: 1 });
+    snap.handle(1, register_from(1, 0, 0xDEAD));
+    drain(&mut snap);
+    snap.handle(2, stamped(1, 2, 50));
+    assert!(grants(&drain(&mut snap), 1).is_empty());
+}
+
+#[test]
+fn no_lease_outlives_a_deadline_the_slave_is_about_to_miss() {
+    let mut c = with_slaves(&[1]);
+    // Transaction 1 awaits slave 1's vote until 100.
+    c.handle(0, writes(10, &["a"]));
+    drain(&mut c);
+    // A lease from 40 for 50 ms ends at 90: before the deadline.
+    c.handle(40, stamped(1, 40, 50));
+    assert_eq!(grants(&drain(&mut c), 1), vec![(40, 50)]);
+    // One from 60 would end at 110, after it: withheld.
+    c.handle(60, stamped(1, 60, 50));
+    assert!(grants(&drain(&mut c), 1).is_empty());
+    // Evicted at the deadline, it has stopped serving already: no fence.
+    c.handle(
+        100,
+        Event::TimerFired {
+            timer: TimerId::Txn(1),
+        },
+    );
+    c.handle(101, Event::Persisted { lsn: 1 });
+    assert_eq!(applied_seqs(&drain(&mut c)), vec![1]);
+}
+
+#[test]
+fn releases_wait_for_the_lease_of_a_slave_that_left() {
+    let mut c = with_slaves(&[1, 2]);
+    c.handle(10, stamped(1, 10, 80));
+    drain(&mut c);
+    // Slave 1 votes no at 20 and is evicted with its lease running to 90.
+    c.handle(20, writes(10, &["a"]));
+    c.handle(
+        20,
+        msg(
+            1,
+            PeerMessage::Vote {
+                seq: 1,
+                vote: Vote::No("disk full".into()),
+            },
+        ),
+    );
+    let actions = drain(&mut c);
+    assert!(actions.contains(&Action::Disconnect { peer: PeerId(1) }));
+    assert!(actions.contains(&Action::SetTimer {
+        timer: TimerId::ReadFence,
+        at_ms: 90
+    }));
+    // The next transaction commits without it, but is not released before 90.
+    c.handle(30, writes(20, &["b"]));
+    c.handle(31, yes(2, 1));
+    c.handle(31, yes(2, 2));
+    c.handle(32, Event::Persisted { lsn: 1 });
+    c.handle(32, Event::Persisted { lsn: 2 });
+    let held = drain(&mut c);
+    assert!(applied_seqs(&held).is_empty(), "{held:?}");
+    c.handle(
+        90,
+        Event::TimerFired {
+            timer: TimerId::ReadFence,
+        },
+    );
+    // Transaction 1 aborted (the NO vote): ABORT goes out now, and once
+    // slave 2 has it (clients hear ABORTED only then) 2 commits.
+    assert_eq!(
+        sends_to(&drain(&mut c), 2),
+        vec![PeerMessage::Abort { seq: 1 }]
+    );
+    c.handle(91, msg(2, PeerMessage::Ack { seq: 1 }));
+    assert_eq!(applied_seqs(&drain(&mut c)), vec![2]);
+}
+
+#[test]
+fn a_lost_slave_fences_releases_too_and_a_restarted_master_waits_out_old_leases() {
+    let mut c = with_slaves(&[1]);
+    c.handle(10, stamped(1, 10, 60));
+    drain(&mut c);
+    c.handle(20, Event::PeerLost { peer: PeerId(1) });
+    assert!(drain(&mut c).contains(&Action::SetTimer {
+        timer: TimerId::ReadFence,
+        at_ms: 70
+    }));
+    // A master restarted from its log may have granted leases in its last life.
+    let mut r = Coordinator::recover(config(), 500, 9, CommitLog::new(4, 9));
+    assert!(drain(&mut r).contains(&Action::SetTimer {
+        timer: TimerId::ReadFence,
+        at_ms: 600
+    }));
+    r.handle(510, writes(1, &["a"]));
+    r.handle(511, Event::Persisted { lsn: 1 });
+    assert!(applied_seqs(&drain(&mut r)).is_empty());
+    r.handle(
+        600,
+        Event::TimerFired {
+            timer: TimerId::ReadFence,
+        },
+    );
+    assert_eq!(applied_seqs(&drain(&mut r)), vec![10]);
+}
+
+fn lag_config() -> CoordinatorConfig {
+    CoordinatorConfig {
+        tpc_timeout_ms: 1_000,
+        max_slave_lag_ms: 50,
+        first_probation_ms: 400,
+        max_probation_ms: 1_000,
+        ..config()
+    }
+}
+
+/// Slave `as_peer` registering again on link `peer` (the same address).
+fn reregister(peer: u64, as_peer: u64) -> Event {
+    let Event::Message {
+        msg: PeerMessage::Register { client_addr, .. },
+        ..
+    } = register(as_peer, 0)
+    else {
+        unreachable!("register makes a REGISTER");
+    };
+    msg(
+        peer,
+        PeerMessage::Register {
+            client_addr,
+            last_applied_seq: 0,
+            history_id: H,
+            protocol_version: PEER_PROTOCOL_VERSION,
+            node_id: 0,
+            may_discard_data: true,
+            epoch: 0,
+        },
+    )
+}
+
+fn with_slaves_config(config: CoordinatorConfig, peers: &[u64]) -> Coordinator {
+    let mut c = Coordinator::new(config, 0);
+    for &p in peers {
+        c.handle(0, register(p, 0));
+        c.handle(0, msg(p, PeerMessage::CaughtUp { seq: 0 }));
+    }
+    drain(&mut c);
+    c
+}
+
+#[test]
+fn a_slave_that_lags_the_others_is_evicted_and_rejoins_on_probation() {
+    let mut c = with_slaves_config(lag_config(), &[1, 2]);
+    c.handle(0, writes(10, &["a"]));
+    drain(&mut c);
+    // Slave 2 votes at 5: from then on slave 1 alone holds transaction 1.
+    c.handle(5, yes(2, 1));
+    assert!(drain(&mut c).contains(&Action::SetTimer {
+        timer: TimerId::Txn(1),
+        at_ms: 55
+    }));
+    // Still waiting at 55: evicted as lagging, long before the 2PC timeout.
+    c.handle(
+        55,
+        Event::TimerFired {
+            timer: TimerId::Txn(1),
+        },
+    );
+    assert!(drain(&mut c).contains(&Action::Disconnect { peer: PeerId(1) }));
+    let evicted = c
+        .members()
+        .get(PeerId(1))
+        .expect("listed until its link closes");
+    assert!(
+        evicted
+            .evicted_because
+            .as_deref()
+            .is_some_and(|r| r.starts_with("lagging")),
+        "{evicted:?}"
+    );
+    c.handle(56, Event::PeerLost { peer: PeerId(1) });
+    // It comes back on a new link and catches up: on probation, not in sync.
+    c.handle(100, reregister(3, 1));
+    c.handle(100, msg(3, PeerMessage::CaughtUp { seq: 0 }));
+    drain(&mut c);
+    assert_eq!(
+        c.members().get(PeerId(3)).map(|s| s.state),
+        Some(SlaveState::Probation { until_ms: 455 })
+    );
+    assert_eq!(c.members().in_sync_count(), 1);
+    // A probation slave still receives every commit.
+    c.handle(101, Event::Persisted { lsn: 1 });
+    c.handle(102, writes(20, &["b"]));
+    c.handle(103, yes(2, 2));
+    c.handle(104, Event::Persisted { lsn: 2 });
+    let to_probation = sends_to(&drain(&mut c), 3);
+    assert!(
+        to_probation
+            .iter()
+            .any(|m| matches!(m, PeerMessage::LogEntry { seq: 2, .. })),
+        "{to_probation:?}"
+    );
+    // The heartbeat after the probation makes it a participant again.
+    c.handle(
+        460,
+        Event::TimerFired {
+            timer: TimerId::Heartbeat,
+        },
+    );
+    drain(&mut c);
+    assert!(matches!(
+        c.members().get(PeerId(3)).map(|s| s.state),
+        Some(SlaveState::InSync { join_seq: 3 })
+    ));
+}
+
+#[test]
+fn a_second_lag_eviction_doubles_the_probation() {
+    let mut c = with_slaves_config(lag_config(), &[1, 2]);
+    for (round, link) in [(0u64, 1u64), (1, 3)] {
+        let t = round * 1_000;
+        let seq = round + 1;
+        c.handle(t, writes(10 + round * 10, &["a"]));
+        c.handle(t + 1, yes(2, seq));
+        c.handle(
+            t + 51,
+            Event::TimerFired {
+                timer: TimerId::Txn(seq),
+            },
+        );
+        c.handle(t + 52, Event::PeerLost { peer: PeerId(link) });
+        c.handle(t + 53, Event::Persisted { lsn: seq });
+        c.handle(t + 60, reregister(link + 2, 1));
+        c.handle(t + 60, msg(link + 2, PeerMessage::CaughtUp { seq }));
+        drain(&mut c);
+        let probation = match c.members().get(PeerId(link + 2)).map(|s| s.state) {
+            Some(SlaveState::Probation { until_ms }) => until_ms - (t + 51),
+            other => panic!("round {round}: {other:?}"),
+        };
+        assert_eq!(probation, 400 << round, "round {round}");
+        c.handle(
+            t + 999,
+            Event::TimerFired {
+                timer: TimerId::Heartbeat,
+            },
+        );
+        drain(&mut c);
+    }
+}
+
+#[test]
+fn a_lone_slave_is_bound_by_the_2pc_timeout_not_the_lag() {
+    let mut c = with_slaves_config(lag_config(), &[1]);
+    c.handle(0, writes(10, &["a"]));
+    let actions = drain(&mut c);
+    // No other participant to lag behind: only the vote deadline is armed.
+    assert!(actions.contains(&Action::SetTimer {
+        timer: TimerId::Txn(1),
+        at_ms: 1_000
+    }));
+    c.handle(
+        60,
+        Event::TimerFired {
+            timer: TimerId::Txn(1),
+        },
+    );
+    assert!(drain(&mut c).is_empty());
+    assert_eq!(c.members().in_sync_count(), 1);
+}

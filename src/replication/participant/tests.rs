@@ -830,3 +830,93 @@ fn without_consent_a_slave_keeps_its_data_against_another_history() {
     );
     assert_eq!((p.position(), p.history_id()), (7, H));
 }
+
+/// The master's answer to a slave heartbeat stamped `stamp`: a lease of `lease_ms`.
+fn grant(stamp: u64, lease_ms: u32) -> Event {
+    from_master(PeerMessage::Heartbeat {
+        seq: 0,
+        stamp,
+        lease_ms,
+        poll: false,
+    })
+}
+
+#[test]
+fn a_lease_runs_from_the_stamp_it_answers_not_from_its_arrival() {
+    let mut p = following(0);
+    assert_eq!(p.read_lease_until(), None, "no lease before a grant");
+    p.handle(100, from_master(poll(0)));
+    let answer = sends(&drain(&mut p));
+    assert_eq!(
+        answer,
+        vec![PeerMessage::Heartbeat {
+            seq: 0,
+            stamp: 100,
+            lease_ms: 200,
+            poll: false,
+        }]
+    );
+    // The grant arrives late (a stalled link): the lease still ends 200 ms after 100.
+    p.handle(250, grant(100, 200));
+    assert_eq!(p.read_lease_until(), Some(300));
+    // A grant answers no message: nothing is sent back (no ping-pong).
+    assert!(drain(&mut p).is_empty());
+    // An older grant does not shorten it; more than was asked is not taken.
+    p.handle(260, grant(90, 200));
+    assert_eq!(p.read_lease_until(), Some(300));
+    p.handle(270, grant(200, 10_000));
+    assert_eq!(p.read_lease_until(), Some(400));
+    // A stamp from the future is no stamp of ours.
+    p.handle(280, grant(5_000, 200));
+    assert_eq!(p.read_lease_until(), Some(400));
+}
+
+#[test]
+fn a_lease_is_lost_with_the_link_and_never_held_while_catching_up() {
+    let mut p = following(0);
+    p.handle(10, grant(10, 200));
+    assert_eq!(p.read_lease_until(), Some(210));
+    p.handle(20, Event::PeerLost { peer: M });
+    assert_eq!(p.read_lease_until(), None);
+    // On the next link, a grant before the catch-up ended gives nothing.
+    p.handle(
+        80,
+        Event::TimerFired {
+            timer: TimerId::Reconnect,
+        },
+    );
+    p.handle(81, Event::Connected { peer: PeerId(6) });
+    p.handle(
+        82,
+        Event::Message {
+            peer: PeerId(6),
+            msg: PeerMessage::Heartbeat {
+                seq: 0,
+                stamp: 82,
+                lease_ms: 200,
+                poll: false,
+            },
+        },
+    );
+    assert_eq!(p.read_lease_until(), None);
+}
+
+#[test]
+fn a_slave_serving_stale_reads_asks_for_no_lease() {
+    let cfg = ParticipantConfig {
+        read_lease_ms: 0,
+        ..config()
+    };
+    let mut p = Participant::recover(cfg, 0, H);
+    p.handle(0, Event::Connected { peer: M });
+    p.handle(0, registered(H, CatchUp::Log { from_seq: 0 }));
+    p.handle(0, from_master(PeerMessage::CaughtUp { seq: 0 }));
+    drain(&mut p);
+    p.handle(5, from_master(poll(0)));
+    assert!(matches!(
+        sends(&drain(&mut p))[..],
+        [PeerMessage::Heartbeat { lease_ms: 0, .. }]
+    ));
+    p.handle(6, grant(5, 200));
+    assert_eq!(p.read_lease_until(), None);
+}
