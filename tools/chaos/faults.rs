@@ -48,7 +48,8 @@ impl FaultKind {
 
 impl fmt::Display for FaultKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        // `pad`, so that the report's column widths apply.
+        f.pad(match self {
             FaultKind::KillMaster => "kill -9 master",
             FaultKind::KillSlave => "kill -9 slave",
             FaultKind::PauseMaster => "STOP/CONT master",
