@@ -110,6 +110,10 @@ struct Args {
     /// without a read lease serve stale reads by design).
     #[arg(long)]
     ignore_staleness: bool,
+    /// Write the recorded history to this file (one op per line), to read
+    /// after a violation. Without it, a failed run writes `history.txt` in the kept temp dir.
+    #[arg(long)]
+    history: Option<PathBuf>,
     /// Keep the temp dir (data dirs and server logs) even if the run passes.
     #[arg(long)]
     keep_dir: bool,
@@ -282,6 +286,16 @@ fn run(args: &Args) -> Result<bool, ClusterError> {
             "{unsettled} round(s) did not settle within {} s: FAIL",
             args.settle_secs
         );
+    }
+    let history = args
+        .history
+        .clone()
+        .or_else(|| (!passed).then(|| cluster.dir.path().join("history.txt")));
+    if let Some(path) = history {
+        match report::write_history(&path, &ops) {
+            Ok(()) => println!("history written to {}", path.display()),
+            Err(e) => eprintln!("dkvs-chaos: cannot write {}: {e}", path.display()),
+        }
     }
     if !passed || args.keep_dir {
         cluster.dir.keep();

@@ -195,6 +195,43 @@ pub fn render(run: &Run<'_>) -> String {
     s
 }
 
+/// Write the history, one op per line sorted by invoke time, for reading by
+/// hand after a violation: `invoke_ms complete_ms node client key request outcome`.
+pub fn write_history(path: &std::path::Path, ops: &[Op]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut sorted: Vec<&Op> = ops.iter().collect();
+    sorted.sort_by_key(|op| (op.invoke, op.complete));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for op in sorted {
+        let request = match &op.request {
+            crate::history::Request::Get => "GET".to_string(),
+            crate::history::Request::Put(v) => format!("PUT {}", String::from_utf8_lossy(v)),
+            crate::history::Request::Update(v) => format!("UPDATE {}", String::from_utf8_lossy(v)),
+            crate::history::Request::Delete => "DELETE".to_string(),
+        };
+        let outcome = match &op.outcome {
+            Outcome::Written(v) => format!("written v{v}"),
+            Outcome::Found { value, version } => {
+                format!("found {} v{version}", String::from_utf8_lossy(value))
+            }
+            Outcome::NotFound => "not-found".to_string(),
+            Outcome::Refused(why) => format!("refused {why}"),
+            Outcome::Failed(why) => format!("failed {why}"),
+            Outcome::Unknown(why) => format!("unknown {why}"),
+        };
+        writeln!(
+            out,
+            "{:.3} {:.3} {} c{} k{:02} {request} -> {outcome}",
+            op.invoke as f64 / 1e6,
+            op.complete as f64 / 1e6,
+            op.node,
+            op.client,
+            op.key
+        )?;
+    }
+    out.flush()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
