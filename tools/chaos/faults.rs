@@ -13,7 +13,7 @@ use crate::cluster::{Cluster, ClusterError, FirewallRule, pause, slave_uid};
 use crate::history::{Clock, Nanos};
 
 /// The kinds of fault, in the order the figures list them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
 pub enum FaultKind {
     /// `kill -9` of the master, restart on the same port and data dir.
     KillMaster,
@@ -94,13 +94,24 @@ pub struct Holds {
     pub slow_ms: RangeInclusive<u64>,
 }
 
-/// `rounds` faults drawn from `seed`: the kinds in shuffled cycles of all six,
-/// so that every kind comes up equally often (and each within six rounds).
-pub fn schedule(seed: u64, rounds: usize, slaves: usize, holds: &Holds) -> Vec<Fault> {
+/// `rounds` faults drawn from `seed`: the `kinds` (empty: all six) in shuffled
+/// cycles, so that every kind comes up equally often (and each within one cycle).
+pub fn schedule(
+    seed: u64,
+    rounds: usize,
+    slaves: usize,
+    holds: &Holds,
+    kinds: &[FaultKind],
+) -> Vec<Fault> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut out = Vec::with_capacity(rounds);
+    let kinds = if kinds.is_empty() {
+        &FaultKind::ALL[..]
+    } else {
+        kinds
+    };
     while out.len() < rounds {
-        let mut cycle = FaultKind::ALL;
+        let mut cycle = kinds.to_vec();
         cycle.shuffle(&mut rng);
         for kind in cycle {
             if out.len() == rounds {
@@ -254,9 +265,9 @@ mod tests {
 
     #[test]
     fn a_schedule_is_reproducible_from_its_seed_and_covers_every_kind() {
-        let a = schedule(42, 12, 2, &holds());
-        assert_eq!(a, schedule(42, 12, 2, &holds()));
-        assert_ne!(a, schedule(43, 12, 2, &holds()));
+        let a = schedule(42, 12, 2, &holds(), &[]);
+        assert_eq!(a, schedule(42, 12, 2, &holds(), &[]));
+        assert_ne!(a, schedule(43, 12, 2, &holds(), &[]));
         for kind in FaultKind::ALL {
             assert_eq!(a[..6].iter().filter(|f| f.kind == kind).count(), 1);
             assert_eq!(a.iter().filter(|f| f.kind == kind).count(), 2);
@@ -267,6 +278,8 @@ mod tests {
                 assert!((2000..=6000).contains(&(f.hold.as_millis() as u64)));
             }
         }
-        assert_eq!(schedule(1, 4, 2, &holds()).len(), 4);
+        assert_eq!(schedule(1, 4, 2, &holds(), &[]).len(), 4);
+        let only = schedule(1, 5, 2, &holds(), &[FaultKind::Partition]);
+        assert!(only.iter().all(|f| f.kind == FaultKind::Partition));
     }
 }

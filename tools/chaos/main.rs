@@ -29,9 +29,9 @@ use crate::workload::{Clients, Workload};
 /// processes on loopback), recorded clients, seeded fault rounds, and a check
 /// of the history.
 ///
-/// Each round injects one fault, drawn from a seeded schedule (every kind
-/// comes up once per six rounds): kill -9 of the master or a slave and a
-/// restart on the same port and data dir; SIGSTOP/SIGCONT of the master or a
+/// Each round injects one fault, drawn from a seeded schedule (each kind
+/// comes up once per cycle of the kinds chosen with --faults, default all):
+/// kill -9 of the master or a slave and a restart on the same port and data dir; SIGSTOP/SIGCONT of the master or a
 /// slave; a partition between the master and one slave (iptables drops the
 /// slave's packets to the master port; each slave runs as its own user,
 /// 65534 and 65533, through setpriv); a slow slave (STOP 250 ms / CONT 50 ms
@@ -56,6 +56,9 @@ struct Args {
     /// Fault rounds to run.
     #[arg(long, default_value_t = 12)]
     rounds: usize,
+    /// Only these kinds of fault (comma-separated) [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    faults: Vec<faults::FaultKind>,
     /// Stop starting rounds after this many seconds (the checks still run).
     #[arg(long, default_value_t = 900)]
     max_secs: u64,
@@ -215,7 +218,13 @@ fn run(args: &Args) -> Result<bool, ClusterError> {
         partition_ms: scaled(&args.partition_secs, 1000),
         slow_ms: scaled(&args.slow_secs, 1000),
     };
-    let schedule = faults::schedule(seed, args.rounds, cluster.slaves.len(), &holds);
+    let schedule = faults::schedule(
+        seed,
+        args.rounds,
+        cluster.slaves.len(),
+        &holds,
+        &args.faults,
+    );
     let mut rounds: Vec<RoundRecord> = Vec::new();
     pause(Duration::from_millis(args.calm_ms))?;
     for (i, &fault) in schedule.iter().enumerate() {
