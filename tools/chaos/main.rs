@@ -106,11 +106,12 @@ struct Args {
     /// (a round that does not settle is reported and fails the run).
     #[arg(long, default_value_t = 30)]
     settle_secs: u64,
-    /// Worst staleness allowed at a slave, in ms (the slave read lease).
-    #[arg(long, default_value_t = 1000)]
+    /// Worst staleness allowed at a slave, in ms: the servers' slave read
+    /// lease (`--slave-read-lease-ms`, 200 by default).
+    #[arg(long, default_value_t = 200)]
     max_staleness_ms: u64,
-    /// Report the staleness at the slaves but do not fail on it (slaves
-    /// without a read lease serve stale reads by design).
+    /// Report the staleness at the slaves but do not fail on it (for slaves
+    /// run with `--serve-stale-reads`, which serve stale reads by design).
     #[arg(long)]
     ignore_staleness: bool,
     /// Write the recorded history to this file (one op per line), to read
