@@ -309,6 +309,8 @@ pub struct Coordinator {
     read_fence_ms: u64,
     /// Slaves evicted for lagging, by node id (or address), for their probation.
     lag_records: BTreeMap<String, LagRecord>,
+    /// Evictions for lagging since start (STATS).
+    lag_evictions: u64,
     actions: VecDeque<Action>,
 }
 
@@ -354,6 +356,7 @@ impl Coordinator {
                 0
             },
             lag_records: BTreeMap::new(),
+            lag_evictions: 0,
             actions: VecDeque::new(),
             config,
         };
@@ -368,6 +371,11 @@ impl Coordinator {
             });
         }
         c
+    }
+
+    /// Slaves evicted for lagging since start.
+    pub fn lag_evictions(&self) -> u64 {
+        self.lag_evictions
     }
 
     /// Next action for the reactor, in order.
@@ -1193,6 +1201,7 @@ impl Coordinator {
         }
         record.evictions += 1;
         record.last_ms = now_ms;
+        self.lag_evictions += 1;
         let in_flight = self.txns.len();
         let reason = format!(
             "lagging: kept transaction {seq} waiting {waited_ms} ms after the other slaves voted \

@@ -258,6 +258,7 @@ impl Role {
                 text.push_str(&format!("slaves {}\n", members.iter().count()));
                 text.push_str(&format!("slaves_in_sync {}\n", members.in_sync_count()));
                 text.push_str(&format!("transactions_in_flight {}\n", c.in_flight()));
+                text.push_str(&format!("lag_evictions {}\n", c.lag_evictions()));
                 for (i, (_, slave)) in members.iter().enumerate() {
                     // The address is the slave's own choice: escaped, it cannot forge lines.
                     text.push_str(&format!(
