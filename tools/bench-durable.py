@@ -13,6 +13,9 @@ Workloads (issue 8; every figure is a ratio against an anchor measured in the sa
   restart-1m     restart time with 1M keys: dkvs (snapshot + log) vs redis-server from RDB and AOF
   failover-cost  SET at 1 and 50 connections on master + 2 slaves: fixed (-m) vs --etcd (one etcd);
                  etcd is on the path only when the in-sync set changes, so the ratio should be ~1
+  slow-slave     SET, 50 connections, master + 2 slaves (issue 9): healthy, vs one slave frozen
+                 250 ms in every 300 (kill -STOP/-CONT), measured once it was evicted as lagging,
+                 vs the same with the lag bound off (--max-slave-lag-ms 0)
 
 dkvs-load drives dkvs and Redis (--protocol resp) with identical flags. Servers run on free
 loopback ports in a temporary directory and are killed on exit. Needs redis-server, and etcd for
@@ -384,6 +387,48 @@ def restart_1m(tmp, args):
           results, ["server", "seconds"])
 
 
+def slow_slave(tmp, args):
+    """Write throughput with one slave that answers each vote just inside the 2PC timeout."""
+    results = {}
+    for mode in ["healthy", "slow", "slow-no-lag-bound"]:
+        extra = ["--max-slave-lag-ms", "0"] if mode == "slow-no-lag-bound" else []
+        mp, mport = start_dkvs(SERVER, f"{tmp}/ss-{mode}-m", ["--fsync", "always", *extra])
+        slaves = [start_dkvs(SERVER, f"{tmp}/ss-{mode}-s{i}",
+                             ["--fsync", "always", "-m", "127.0.0.1", "-q", str(mport)])[0]
+                  for i in range(2)]
+        wait_stats(mport, lambda st: "slaves_in_sync 2" in st)
+        pauser = None
+        if mode != "healthy":
+            pid = slaves[1].pid
+            # Bounded: stops by itself after 120 cycles (36 s), and is killed after the run.
+            pauser = spawn(["bash", "-c", f"for i in $(seq 120); do kill -STOP {pid}; "
+                            f"sleep 0.25; kill -CONT {pid}; sleep 0.05; done; kill -CONT {pid}"])
+            # Writes make it lag; with the bound on, measure once it was evicted.
+            load(mport, "dkvs", ["--connections", "50", "--get-ratio", "0"], 2)
+            if mode == "slow":
+                wait_stats(mport, lambda st: "lag_evictions 0" not in st, limit=10)
+        results[mode] = load(mport, "dkvs", ["--connections", "50", "--get-ratio", "0"],
+                             args.duration)
+        st = wait_stats(mport, lambda st: True)
+        evictions = next((l.split()[1] for l in st.splitlines()
+                          if l.startswith("lag_evictions ")), "?")
+        results[mode]["lag_evictions"] = evictions
+        if pauser:
+            kill(pauser)
+            os.kill(slaves[1].pid, signal.SIGCONT)
+        for p in [mp, *slaves]:
+            kill(p)
+    base = results["healthy"]
+    rows = []
+    for mode in ["healthy", "slow", "slow-no-lag-bound"]:
+        r = results[mode]
+        rows.append([mode, f"{r['ops_per_sec']:.0f}", ratio(r["ops_per_sec"], base["ops_per_sec"]),
+                     f"{r['p99_us']:.0f}", r["lag_evictions"]])
+    table("One slow slave (STOP 250 ms / CONT 50 ms): SET, 50 conns, master + 2 slaves, "
+          "--fsync always (client: dkvs-load)", rows,
+          ["run", "ops/s", "vs healthy", "p99 µs", "lag evictions"])
+
+
 WORKLOADS = {
     "fsync-set-50": fsync_set_50,
     "get-under-set": get_under_set,
@@ -391,6 +436,7 @@ WORKLOADS = {
     "repl-durable-1": repl_durable_1,
     "restart-1m": restart_1m,
     "failover-cost": failover_cost,
+    "slow-slave": slow_slave,
 }
 
 

@@ -771,6 +771,10 @@ impl Coordinator {
                                 .set_state(peer, SlaveState::Probation { until_ms });
                         }
                         None => {
+                            // Back after its probation would have ended (it was
+                            // away, e.g. cut off): it is not a slave that keeps
+                            // falling behind, so the next lag starts from scratch.
+                            self.forgive_lag(peer);
                             info!(
                                 "slave {peer:?} caught up at {seq}; in sync from {}",
                                 self.next_seq
@@ -1224,6 +1228,14 @@ impl Coordinator {
         let probation = (self.config.first_probation_ms << shift).min(self.config.max_probation_ms);
         let until = record.last_ms + probation;
         (until > now_ms).then_some(until)
+    }
+
+    /// Forget the lag evictions of `peer`'s node.
+    fn forgive_lag(&mut self, peer: PeerId) {
+        if let Some(info) = self.members.get(peer) {
+            self.lag_records
+                .remove(&lag_key(info.node_id, &info.client_addr));
+        }
     }
 
     /// Make slaves whose probation is over 2PC participants again.

@@ -1528,3 +1528,34 @@ fn a_lone_slave_is_bound_by_the_2pc_timeout_not_the_lag() {
     assert!(drain(&mut c).is_empty());
     assert_eq!(c.members().in_sync_count(), 1);
 }
+
+#[test]
+fn a_slave_back_after_its_probation_would_have_ended_rejoins_in_sync_and_is_forgiven() {
+    let mut c = with_slaves_config(lag_config(), &[1, 2]);
+    for (round, link) in [(0u64, 1u64), (1, 3)] {
+        let t = round * 5_000;
+        let seq = round + 1;
+        c.handle(t, writes(10 + round * 10, &["a"]));
+        c.handle(t + 1, yes(2, seq));
+        c.handle(
+            t + 51,
+            Event::TimerFired {
+                timer: TimerId::Txn(seq),
+            },
+        );
+        c.handle(t + 52, Event::PeerLost { peer: PeerId(link) });
+        c.handle(t + 53, Event::Persisted { lsn: seq });
+        // Cut off for 2 s, longer than the 400 ms probation: back in sync at once.
+        c.handle(t + 2_051, reregister(link + 2, 1));
+        c.handle(t + 2_051, msg(link + 2, PeerMessage::CaughtUp { seq }));
+        drain(&mut c);
+        assert!(
+            matches!(
+                c.members().get(PeerId(link + 2)).map(|s| s.state),
+                Some(SlaveState::InSync { .. })
+            ),
+            "round {round}"
+        );
+    }
+    assert_eq!(c.lag_evictions(), 2);
+}
