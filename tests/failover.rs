@@ -14,7 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::etcd::EtcdProcess;
-use common::{ServerProcess, Stats, wait_until};
+use common::{FirewallRule, PARTITIONED_UID, ServerProcess, Stats, wait_until};
 use dkvs::client::{Client, ClientConfig, ClientError};
 use dkvs::protocol::Status;
 
@@ -461,53 +461,6 @@ fn with_etcd_stopped_writes_fail_clearly_and_resume_after() {
         .output()
         .expect("run dkvs-client");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{out:?}");
-}
-
-/// The user the partitioned server runs as, so that a firewall rule can
-/// single out its packets (`-m owner --uid-owner`).
-const PARTITIONED_UID: u32 = 65534;
-
-/// An iptables rule in the OUTPUT chain, removed when dropped (even on panic).
-struct FirewallRule(Vec<String>);
-
-impl FirewallRule {
-    /// Drop the TCP packets the partitioned user's processes send to `port`.
-    fn drop_to_port(port: u16) -> FirewallRule {
-        let spec: Vec<String> = [
-            "-p",
-            "tcp",
-            "-m",
-            "owner",
-            "--uid-owner",
-            &PARTITIONED_UID.to_string(),
-            "--dport",
-            &port.to_string(),
-            "-j",
-            "DROP",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let status = std::process::Command::new("iptables")
-            .args(["-w", "-I", "OUTPUT"])
-            .args(&spec)
-            .status()
-            .expect("run iptables (apt-get install iptables; the test needs root)");
-        assert!(
-            status.success(),
-            "iptables -I OUTPUT {spec:?} failed (root needed)"
-        );
-        FirewallRule(spec)
-    }
-}
-
-impl Drop for FirewallRule {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("iptables")
-            .args(["-w", "-D", "OUTPUT"])
-            .args(&self.0)
-            .status();
-    }
 }
 
 /// A cluster whose first server runs as [`PARTITIONED_UID`]; `first_leads`

@@ -453,6 +453,8 @@ impl Sim {
             reconnect_max_ms: lease_ttl_ms / 2,
             outcome_query_after_ms: lease_ttl_ms / 3,
             master_silence_ms: lease_ttl_ms,
+            // Reconnect jitter replays from the simulation's seed (varied per node below).
+            jitter_seed: seed,
             ..ParticipantConfig::default()
         };
         let mut sim = Sim {
@@ -820,6 +822,13 @@ impl Sim {
                         },
                     );
                 } else {
+                    // The simulated network never pushes back: every chunk drains.
+                    self.feed(
+                        node,
+                        Event::SnapshotProgress {
+                            peer: PeerId(link as u64),
+                        },
+                    );
                     let next = self.now + self.rng.random_range(0..=3);
                     self.schedule(next, Ev::SnapshotStep { link });
                 }
@@ -1912,6 +1921,7 @@ impl Sim {
                 node_id: node as u64 + 1,
                 may_discard_data: may_discard,
                 epoch: leader.epoch,
+                jitter_seed: self.part_config.jitter_seed.wrapping_add(node as u64),
                 ..self.part_config.clone()
             },
             n.commit_seq,

@@ -499,6 +499,7 @@ impl Coordinator {
             }
             Event::TimerFired { timer } => self.on_timer(now_ms, timer),
             Event::SnapshotSent { peer, at_seq } => self.on_snapshot_sent(now_ms, peer, at_seq),
+            Event::SnapshotProgress { peer } => self.on_snapshot_progress(now_ms, peer),
             Event::SyncSetRecorded { version } => {
                 for peer in self.sync_set.recorded_as(version) {
                     info!("removal of slave {peer:?} from the in-sync set is recorded");
@@ -995,6 +996,42 @@ impl Coordinator {
         self.pin_log();
     }
 
+    /// The snapshot to `peer` is being drained: the slave reads, however slowly.
+    fn on_snapshot_progress(&mut self, now_ms: u64, peer: PeerId) {
+        if let Some(SlaveState::Snapshotting { .. }) = self.members.get(peer).map(|s| s.state) {
+            self.members.heard_from(peer, now_ms);
+        }
+    }
+
+    /// Evict every slave whose snapshot drained nothing for the peer timeout:
+    /// a stopped or cut-off receiver otherwise holds its link, the snapshot's
+    /// copy of every shard written since it began and the pinned commit log
+    /// for as long as it stays away (the silence check below skips it, since
+    /// a receiving slave sends nothing).
+    fn evict_stalled_snapshots(&mut self, now_ms: u64) {
+        let silent_before = now_ms.saturating_sub(self.config.peer_timeout_ms);
+        let stalled: Vec<(PeerId, u64, u64)> = self
+            .members
+            .iter()
+            .filter_map(|(peer, info)| match info.state {
+                SlaveState::Snapshotting { at_seq } if info.last_heard_ms < silent_before => {
+                    Some((peer, at_seq, info.last_heard_ms))
+                }
+                _ => None,
+            })
+            .collect();
+        for (peer, at_seq, last_progress_ms) in stalled {
+            let reason = format!(
+                "stalled receiving the snapshot at seq {at_seq}: nothing drained for {} ms, \
+                 {} transactions behind (master at {})",
+                now_ms - last_progress_ms,
+                self.released_seq.saturating_sub(at_seq),
+                self.released_seq
+            );
+            self.evict(now_ms, peer, &reason);
+        }
+    }
+
     fn on_vote(&mut self, now_ms: u64, peer: PeerId, seq: u64, vote: Vote) {
         let Some(txn) = self.txns.get_mut(&seq) else {
             return; // decided without this voter already
@@ -1339,6 +1376,7 @@ impl Coordinator {
                 for peer in silent {
                     self.evict(now_ms, peer, &reason);
                 }
+                self.evict_stalled_snapshots(now_ms);
                 self.actions.push_back(Action::SetTimer {
                     timer: TimerId::Heartbeat,
                     at_ms: now_ms + self.config.heartbeat_interval_ms,

@@ -190,6 +190,14 @@ pub enum Event {
         /// The version echoed.
         version: u64,
     },
+    /// Master: the link of `peer`, streaming a snapshot, wrote some of it to
+    /// its socket. A slave sends nothing while it receives a snapshot, so this
+    /// is how the master tells a slow receiver from one that drains nothing
+    /// (stopped, or cut off), which it evicts after `peer_timeout_ms`.
+    SnapshotProgress {
+        /// The link.
+        peer: PeerId,
+    },
     /// Master: the reactor has queued the last chunk of the snapshot started by
     /// [`Action::StartSnapshot`] on the peer's link.
     SnapshotSent {
@@ -215,7 +223,9 @@ pub enum Action {
         /// The link.
         peer: PeerId,
     },
-    /// Slave: open a link to the master; report `Connected` or `ConnectFailed`.
+    /// Slave: open a link to the master; report `Connected` or `ConnectFailed`
+    /// (also when the attempt is still unanswered after the reactor's connect
+    /// timeout: a dropped SYN must not wait for the kernel's retransmissions).
     Connect,
     /// Append `record` to the write-ahead log; report `Persisted` once it (and all
     /// before it) is durable. `lsn`s are consecutive from 1 per state machine.

@@ -28,12 +28,20 @@ pub struct ParticipantConfig {
     pub may_discard_data: bool,
     /// First reconnect delay after losing the master.
     pub reconnect_min_ms: u64,
-    /// Reconnect delays double up to this.
+    /// Reconnect delays double up to this. Each delay actually waited is drawn
+    /// between half of it and all of it, so that slaves that lost their master
+    /// together do not redial in lockstep.
     pub reconnect_max_ms: u64,
+    /// Seed of the generator the reconnect jitter is drawn from: the state
+    /// machine stays deterministic (a simulation replays it from its seed);
+    /// a server seeds it at random.
+    pub jitter_seed: u64,
     /// Ask the master about a transaction voted on but undecided for this long.
     pub outcome_query_after_ms: u64,
     /// Drop the link and reconnect when nothing arrived from the master for
-    /// this long (it heartbeats every 100 ms by default).
+    /// this long (it heartbeats every 100 ms by default). This is what notices
+    /// a link that died silently (a partition eats the master's FIN), so it
+    /// bounds how late after a heal the slave starts redialing.
     pub master_silence_ms: u64,
     /// The leadership epoch of the master to follow (failover through etcd; 0
     /// without it): a master that answers with an older one has been deposed.
@@ -50,9 +58,13 @@ impl Default for ParticipantConfig {
             node_id: 0,
             may_discard_data: false,
             reconnect_min_ms: 50,
-            reconnect_max_ms: 2_000,
+            // With the reactor's 500 ms connect timeout, a heal is followed by a
+            // successful dial within about a second, whatever the outage's length.
+            reconnect_max_ms: 500,
+            jitter_seed: 0,
             outcome_query_after_ms: 1_000,
-            master_silence_ms: 3_000,
+            // Fifteen missed heartbeats; the master evicts a slave silent for 1 s.
+            master_silence_ms: 1_500,
             epoch: 0,
             read_lease_ms: 200,
         }
@@ -130,6 +142,8 @@ pub struct Participant {
     /// Replies waiting for durability, in lsn order, each tied to the link it answers.
     after_persist: VecDeque<(u64, PeerId, AfterPersist)>,
     reconnect_delay_ms: u64,
+    /// State of the jitter generator (splitmix64), seeded from the config.
+    jitter_state: u64,
     outcome_timer_armed: bool,
     violations: u64,
     actions: VecDeque<Action>,
@@ -157,6 +171,7 @@ impl Participant {
     pub fn recover(config: ParticipantConfig, recovered_seq: u64, history_id: u64) -> Participant {
         let mut p = Participant {
             reconnect_delay_ms: config.reconnect_min_ms,
+            jitter_state: config.jitter_seed,
             config,
             link: LinkState::Connecting,
             position: recovered_seq,
@@ -299,6 +314,7 @@ impl Participant {
             Event::TimerFired { timer } => self.on_timer(now_ms, timer),
             Event::ClientWrites { .. }
             | Event::SnapshotSent { .. }
+            | Event::SnapshotProgress { .. }
             | Event::SyncSetRecorded { .. } => {
                 warn!("participant ignores master-side event {event:?}");
             }
@@ -358,11 +374,29 @@ impl Participant {
         self.caught_up_durably = false;
         self.snapshot_in_progress = None;
         self.link_history = None;
+        let delay = self.jittered(self.reconnect_delay_ms);
         self.actions.push_back(Action::SetTimer {
             timer: TimerId::Reconnect,
-            at_ms: now_ms + self.reconnect_delay_ms,
+            at_ms: now_ms + delay,
         });
         self.reconnect_delay_ms = (self.reconnect_delay_ms * 2).min(self.config.reconnect_max_ms);
+    }
+
+    /// A delay between half of `delay_ms` and all of it ("equal jitter"): spread
+    /// enough that slaves which lost their master at once redial apart, never
+    /// longer than the documented bound.
+    fn jittered(&mut self, delay_ms: u64) -> u64 {
+        let half = delay_ms / 2;
+        delay_ms - half + self.next_random() % (half + 1)
+    }
+
+    /// splitmix64: tiny, and good enough to spread retries.
+    fn next_random(&mut self) -> u64 {
+        self.jitter_state = self.jitter_state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.jitter_state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
     }
 
     /// The master broke the protocol: drop the link and resync from scratch.

@@ -800,6 +800,14 @@ impl Sim {
                     );
                     self.run_master_actions()?;
                 } else {
+                    // The simulated network never pushes back: every chunk drains.
+                    self.coord.handle(
+                        self.now,
+                        Event::SnapshotProgress {
+                            peer: Link::peer(link),
+                        },
+                    );
+                    self.run_master_actions()?;
                     let next = self.now + self.rng.random_range(0..=3);
                     self.schedule(next, Ev::SnapshotStep { link });
                 }
@@ -913,6 +921,7 @@ impl Sim {
                         may_discard_data: true,
                         reconnect_min_ms: 10,
                         reconnect_max_ms: 500,
+                        jitter_seed: self.rng.random(),
                         outcome_query_after_ms: 200,
                         // Longer than any delay spike: silence means a lost master.
                         master_silence_ms: 2_000,

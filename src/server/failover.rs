@@ -378,6 +378,8 @@ impl Server {
                 may_discard_data: may_discard,
                 epoch: leader.epoch,
                 read_lease_ms: self.read_lease_ms,
+                // Slaves that lost their master together redial apart.
+                jitter_seed: rand::random(),
                 ..ParticipantConfig::default()
             },
             self.core.commit_seq,

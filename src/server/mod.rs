@@ -71,6 +71,13 @@ const PORT_ZERO_ATTEMPTS: usize = 32;
 const ACCEPT_RETRY_MS: u64 = 50;
 /// Replication links a master accepts (each may hold a snapshot copy and large buffers).
 const MAX_PEER_LINKS: usize = 64;
+/// A slave's dial to its master that is still unanswered after this is
+/// abandoned and reported failed, and the participant redials after its
+/// backoff. Without it a SYN dropped by a partition waits for the kernel's
+/// retransmissions (1, 3, 7, 15 s ...), so a slave rejoined seconds after the
+/// heal; a fresh SYN every ~second finds a healed path at once. A TCP
+/// handshake needs one round trip: 500 ms is far beyond any LAN or region.
+const MASTER_CONNECT_TIMEOUT_MS: u64 = 500;
 /// Rounds of "submit writes, deliver replies, resume clients" per loop
 /// iteration; each round consumes client input, this only bounds the loop.
 const MAX_SETTLE_ROUNDS: usize = 1024;
@@ -347,6 +354,9 @@ pub struct Server {
     replication_changed: bool,
     /// Failed attempts to reach the master since the last success.
     connect_failures: u64,
+    /// The slave's dial in progress and when it is given up
+    /// ([`MASTER_CONNECT_TIMEOUT_MS`]).
+    master_dial: Option<(PeerId, u64)>,
     /// The last settle stopped at its round bound with work left.
     work_left: bool,
     /// Keys have deadlines: wake within this for the expiry sweep.
@@ -475,6 +485,8 @@ impl Server {
                         node_id: wal.node_id(),
                         may_discard_data: config.resync_discard_data,
                         read_lease_ms: config.slave_read_lease_ms,
+                        // Slaves that lost their master together redial apart.
+                        jitter_seed: rand::random(),
                         ..ParticipantConfig::default()
                     },
                     replay.seq,
@@ -520,6 +532,7 @@ impl Server {
             dirty_peers: Vec::new(),
             replication_changed: true,
             connect_failures: 0,
+            master_dial: None,
             work_left: false,
             expiry_wake: None,
             accept_paused: false,
@@ -610,6 +623,9 @@ impl Server {
             if !self.links.is_empty() {
                 next = Some(next.map_or(self.next_sweep_ms, |t| t.min(self.next_sweep_ms)));
             }
+            if let Some((_, at)) = self.master_dial {
+                next = Some(next.map_or(at, |t| t.min(at)));
+            }
             let mut timeout = next.map(|at| {
                 // Round up so a timer is never polled for just before it is due.
                 Duration::from_millis(at.saturating_sub(self.now_ms()) + 1)
@@ -683,6 +699,8 @@ impl Server {
                 udp.on_readable(&mut self.core);
             }
             let now = self.now_ms();
+            // After this turn's events: a dial answered meanwhile counts as answered.
+            self.give_up_slow_dial(now);
             while let Some(timer) = self.timers.pop_expired(now) {
                 self.role.handle(now, Event::TimerFired { timer });
                 self.replication_changed = true;
@@ -917,6 +935,7 @@ impl Server {
             match link.io.stream.peer_addr() {
                 Ok(_) => {
                     link.connecting = false;
+                    self.master_dial = None;
                     self.connect_failures = 0;
                     info!("connected to master {}", link.addr);
                     self.feed(Event::Connected { peer: id });
@@ -967,9 +986,15 @@ impl Server {
             return;
         }
         let id = link.id;
+        let streaming = link.streaming_snapshot();
+        let written = link.io.bytes_written();
         let flushed = link.flush(&self.core.store);
         if std::mem::take(&mut link.flush_yielded) && !self.deferred_flushes.contains(&key) {
             self.deferred_flushes.push(key);
+        }
+        if streaming && link.io.bytes_written() > written {
+            // The slave is draining its snapshot (it sends nothing meanwhile).
+            self.feed(Event::SnapshotProgress { peer: id });
         }
         match flushed {
             Ok(Some(at_seq)) => self.feed(Event::SnapshotSent { peer: id, at_seq }),
@@ -1004,7 +1029,10 @@ impl Server {
         // Writes and their durability do not change who is in sync; refreshing
         // the STATS lines for them would format text on every write. Messages,
         // links and timers (heartbeats every 100 ms) keep the lines current.
-        if !matches!(event, Event::ClientWrites { .. } | Event::Persisted { .. }) {
+        if !matches!(
+            event,
+            Event::ClientWrites { .. } | Event::Persisted { .. } | Event::SnapshotProgress { .. }
+        ) {
             self.replication_changed = true;
         }
         let now = self.now_ms();
@@ -1147,6 +1175,11 @@ impl Server {
                 if let Some(&key) = self.peers.get(&peer) {
                     // Flush what was queued (e.g. a refusal) before closing.
                     self.flush_peer(key);
+                    if let Some(Link::Peer(link)) = self.links.get(key)
+                        && let Some(summary) = link.snapshot_summary()
+                    {
+                        info!("{}: dropping the {summary}", link.addr);
+                    }
                     self.drop_peer(key);
                     info!("replication link {} closed by replication", peer.0);
                     // The link is gone for the state machine too: it forgets the slave.
@@ -1268,6 +1301,36 @@ impl Server {
         }
         entry.insert(Link::Peer(link));
         self.peers.insert(id, key);
+        self.master_dial = Some((id, self.now_ms() + MASTER_CONNECT_TIMEOUT_MS));
+    }
+
+    /// Abandon the dial to the master if it is still unanswered past its
+    /// deadline, and report it failed: the participant redials after its backoff.
+    fn give_up_slow_dial(&mut self, now: u64) {
+        let Some((id, deadline)) = self.master_dial else {
+            return;
+        };
+        if now < deadline {
+            return;
+        }
+        self.master_dial = None;
+        let Some(&key) = self.peers.get(&id) else {
+            return; // failed or closed already
+        };
+        let Some(Link::Peer(link)) = self.links.get(key) else {
+            return;
+        };
+        if !link.connecting {
+            return;
+        }
+        let addr = link.addr;
+        let e = io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {MASTER_CONNECT_TIMEOUT_MS} ms"),
+        );
+        self.master_unreachable(addr, &e);
+        self.drop_peer(key);
+        self.feed(Event::ConnectFailed);
     }
 
     fn apply(&mut self, seq: u64, ops: &[crate::protocol::peer::WriteOp], replies: &[ClientRef]) {

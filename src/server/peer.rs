@@ -100,13 +100,16 @@ impl std::fmt::Display for LinkError {
 struct SnapshotStream {
     at_seq: u64,
     copy: ShardCopy,
+    /// The link's `bytes_written` when the stream began.
+    written_at_start: u64,
 }
 
 impl SnapshotStream {
-    fn new(at_seq: u64) -> SnapshotStream {
+    fn new(at_seq: u64, written_at_start: u64) -> SnapshotStream {
         SnapshotStream {
             at_seq,
             copy: ShardCopy::new(),
+            written_at_start,
         }
     }
 
@@ -416,7 +419,27 @@ impl PeerLink {
     /// Start streaming a copy of the store as it is now (copied lazily: call
     /// [`PeerLink::before_write`] before every write from here on).
     pub fn start_snapshot(&mut self, at_seq: u64) {
-        self.snapshot = Some(SnapshotStream::new(at_seq));
+        self.snapshot = Some(SnapshotStream::new(at_seq, self.io.bytes_written()));
+    }
+
+    /// Whether a snapshot is being streamed (its last chunk not queued yet).
+    pub fn streaming_snapshot(&self) -> bool {
+        self.snapshot.is_some()
+    }
+
+    /// What a snapshot in progress has cost so far, for the log line of a
+    /// link dropped while streaming one.
+    pub fn snapshot_summary(&self) -> Option<String> {
+        let snapshot = self.snapshot.as_ref()?;
+        Some(format!(
+            "snapshot at seq {}: {} entries copied, {} bytes sent, {} bytes unsent, \
+             {} bytes of copy released",
+            snapshot.at_seq,
+            snapshot.copy.entries(),
+            self.io.bytes_written() - snapshot.written_at_start,
+            self.io.pending_output(),
+            snapshot.copy.held_bytes()
+        ))
     }
 
     /// `key` is about to change in `store`: preserve what the snapshot must send.
@@ -449,7 +472,7 @@ mod tests {
                 i + 1,
             );
         }
-        let mut stream = SnapshotStream::new(5000);
+        let mut stream = SnapshotStream::new(5000, 0);
         let mut seen = Store::new();
         let mut chunks = 0;
         loop {
@@ -491,7 +514,7 @@ mod tests {
             .iter()
             .map(|b| (b.key().to_vec(), b.value().to_vec(), b.version()))
             .collect();
-        let mut stream = SnapshotStream::new(1);
+        let mut stream = SnapshotStream::new(1, 0);
         let mut seen = Store::new();
         let mut round = 0u64;
         loop {
@@ -536,7 +559,7 @@ mod tests {
     #[test]
     fn empty_store_is_one_last_chunk() {
         let store = Store::new();
-        let mut stream = SnapshotStream::new(7);
+        let mut stream = SnapshotStream::new(7, 0);
         assert_eq!(
             stream.next_chunk(&store),
             PeerMessage::SnapshotChunk {

@@ -51,6 +51,8 @@ pub struct Framed {
     charged: usize,
     /// Bytes read since the stream opened.
     bytes_read: u64,
+    /// Bytes written since the stream opened.
+    bytes_written: u64,
     /// Frames consumed since the stream opened.
     frames_consumed: u64,
     /// What the periodic sweep last saw of this stream (timeouts).
@@ -72,6 +74,7 @@ impl Framed {
             budget: None,
             charged: 0,
             bytes_read: 0,
+            bytes_written: 0,
             frames_consumed: 0,
             watch: Watch::default(),
         }
@@ -123,6 +126,11 @@ impl Framed {
     /// Bytes read since the stream opened.
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read
+    }
+
+    /// Bytes written since the stream opened (whether the other end drains).
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
     }
 
     /// Bytes queued and not yet written.
@@ -208,7 +216,10 @@ impl Framed {
         while self.out_start < self.output.len() {
             match self.stream.write(&self.output[self.out_start..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.out_start += n,
+                Ok(n) => {
+                    self.out_start += n;
+                    self.bytes_written += n as u64;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // A reader that never quite catches up must not keep every byte
                     // ever sent: drop the sent prefix once it is the larger part.

@@ -155,6 +155,11 @@ impl ShardCopy {
         self.scan == SHARDS && self.pending() == 0
     }
 
+    /// Bytes of memory the copy holds (what dropping it releases).
+    pub fn held_bytes(&self) -> usize {
+        self.bytes.capacity()
+    }
+
     /// Entries copied so far.
     pub fn entries(&self) -> u64 {
         self.entries

@@ -438,3 +438,97 @@ pub fn read_response(stream: &mut std::net::TcpStream) -> dkvs::protocol::Respon
     let frame = decode_datagram(&buf, usize::MAX).expect("frame");
     Response::from_frame(&frame).expect("response")
 }
+
+/// The user a partitioned server runs as (see [`ServerProcess::start_as_user`]),
+/// so that a firewall rule can single out its packets (`-m owner --uid-owner`).
+pub const PARTITIONED_UID: u32 = 65534;
+
+/// An iptables rule, removed when dropped (even on panic).
+pub struct FirewallRule {
+    table: &'static str,
+    spec: Vec<String>,
+}
+
+impl FirewallRule {
+    /// Drop the TCP packets the partitioned user's processes send to `port`.
+    /// The other direction still passes: the server at `port` still reaches
+    /// them, and its close of a connection reaches them too.
+    pub fn drop_to_port(port: u16) -> FirewallRule {
+        let uid = PARTITIONED_UID.to_string();
+        let port = port.to_string();
+        FirewallRule::insert(
+            "filter",
+            &[
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-m",
+                "owner",
+                "--uid-owner",
+                &uid,
+                "--dport",
+                &port,
+                "-j",
+                "DROP",
+            ],
+        )
+    }
+
+    /// Drop every packet, both ways, of the TCP connections the partitioned
+    /// user's processes open to `port` (marked on their first packet after the
+    /// rules are in): nothing of a link in place passes, not even a close, as
+    /// in a real partition. Returns both rules; drop them to heal.
+    pub fn silence_connections_to_port(port: u16) -> Vec<FirewallRule> {
+        let uid = PARTITIONED_UID.to_string();
+        let port = port.to_string();
+        // The drop goes in first, so no marked packet slips through between the two.
+        let drop = FirewallRule::insert(
+            "filter",
+            &[
+                "OUTPUT", "-p", "tcp", "-m", "connmark", "--mark", "0x5e1", "-j", "DROP",
+            ],
+        );
+        let mark = FirewallRule::insert(
+            "mangle",
+            &[
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-m",
+                "owner",
+                "--uid-owner",
+                &uid,
+                "--dport",
+                &port,
+                "-j",
+                "CONNMARK",
+                "--set-mark",
+                "0x5e1",
+            ],
+        );
+        vec![mark, drop]
+    }
+
+    fn insert(table: &'static str, spec: &[&str]) -> FirewallRule {
+        let spec: Vec<String> = spec.iter().map(|s| s.to_string()).collect();
+        let status = Command::new("iptables")
+            .args(["-w", "-t", table, "-I"])
+            .args(&spec)
+            .status()
+            .expect("run iptables (apt-get install iptables; the test needs root)");
+        assert!(
+            status.success(),
+            "iptables -t {table} -I {spec:?} failed (root needed)"
+        );
+        FirewallRule { table, spec }
+    }
+}
+
+impl Drop for FirewallRule {
+    fn drop(&mut self) {
+        let _ = Command::new("iptables")
+            .args(["-w", "-t", self.table, "-D"])
+            .args(&self.spec)
+            .status();
+    }
+}

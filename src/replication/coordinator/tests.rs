@@ -1559,3 +1559,116 @@ fn a_slave_back_after_its_probation_would_have_ended_rejoins_in_sync_and_is_forg
     }
     assert_eq!(c.lag_evictions(), 2);
 }
+
+/// A coordinator streaming a snapshot at seq 1 to slave 7, registered at time 0,
+/// with two more commits released after it began.
+fn streaming_to_7() -> Coordinator {
+    let mut c = with_slaves(&[]);
+    c.handle(0, writes(1, &["a"]));
+    c.handle(0, Event::Persisted { lsn: 1 });
+    c.handle(0, register(7, 5)); // ahead of the master: snapshot at 1
+    assert!(drain(&mut c).contains(&Action::StartSnapshot {
+        peer: PeerId(7),
+        at_seq: 1
+    }));
+    c.handle(0, writes(2, &["b"]));
+    c.handle(0, writes(3, &["c"]));
+    c.handle(0, Event::Persisted { lsn: 3 });
+    drain(&mut c);
+    c
+}
+
+fn heartbeat_timer(c: &mut Coordinator, now_ms: u64) -> Vec<Action> {
+    c.handle(
+        now_ms,
+        Event::TimerFired {
+            timer: TimerId::Heartbeat,
+        },
+    );
+    drain(c)
+}
+
+#[test]
+fn a_snapshot_receiver_that_drains_is_kept_however_long_it_takes() {
+    let mut c = streaming_to_7();
+    let timeout = config().peer_timeout_ms;
+    // The link reports progress now and then; the slave itself says nothing.
+    for t in (1..=10).map(|i| i * timeout / 2) {
+        c.handle(t, Event::SnapshotProgress { peer: PeerId(7) });
+        let actions = heartbeat_timer(&mut c, t + timeout / 4);
+        assert!(
+            !actions.contains(&Action::Disconnect { peer: PeerId(7) }),
+            "{actions:?}"
+        );
+        assert!(
+            sends_to(&actions, 7).is_empty(),
+            "nothing may overtake the chunks: {actions:?}"
+        );
+    }
+    assert_eq!(
+        c.members().get(PeerId(7)).map(|s| s.state),
+        Some(SlaveState::Snapshotting { at_seq: 1 })
+    );
+}
+
+#[test]
+fn a_snapshot_receiver_that_drains_nothing_for_the_peer_timeout_is_evicted() {
+    let mut c = streaming_to_7();
+    let timeout = config().peer_timeout_ms;
+    c.handle(100, Event::SnapshotProgress { peer: PeerId(7) });
+    // Exactly the timeout since the last progress: not yet.
+    let actions = heartbeat_timer(&mut c, 100 + timeout);
+    assert!(!actions.contains(&Action::Disconnect { peer: PeerId(7) }));
+    let actions = heartbeat_timer(&mut c, 100 + timeout + 1);
+    assert!(
+        actions.contains(&Action::Disconnect { peer: PeerId(7) }),
+        "{actions:?}"
+    );
+    let info = c
+        .members()
+        .get(PeerId(7))
+        .expect("listed until its link is gone");
+    assert_eq!(info.state, SlaveState::Evicted);
+    let reason = info.evicted_because.clone().unwrap_or_default();
+    assert!(
+        reason.contains("snapshot at seq 1")
+            && reason.contains(&format!("{} ms", timeout + 1))
+            && reason.contains("2 transactions behind"),
+        "{reason}"
+    );
+    // The log is no longer pinned for it, and the heartbeat timer goes on.
+    assert!(actions.contains(&Action::SetTimer {
+        timer: TimerId::Heartbeat,
+        at_ms: 100 + timeout + 1 + config().heartbeat_interval_ms
+    }));
+    c.handle(1_200, Event::PeerLost { peer: PeerId(7) });
+    assert!(c.members().get(PeerId(7)).is_none());
+    // Progress reported late for the link that is gone changes nothing.
+    c.handle(1_201, Event::SnapshotProgress { peer: PeerId(7) });
+    assert!(drain(&mut c).is_empty());
+}
+
+#[test]
+fn snapshot_progress_counts_only_while_the_snapshot_streams() {
+    let mut c = streaming_to_7();
+    c.handle(
+        10,
+        Event::SnapshotSent {
+            peer: PeerId(7),
+            at_seq: 1,
+        },
+    );
+    drain(&mut c);
+    assert_eq!(
+        c.members().get(PeerId(7)).map(|s| s.state),
+        Some(SlaveState::Tailing { marker: 3 })
+    );
+    // Bytes of the last chunks still draining are not the tailing slave's
+    // answer: only its own messages keep it, as for any tailing slave.
+    c.handle(900, Event::SnapshotProgress { peer: PeerId(7) });
+    let actions = heartbeat_timer(&mut c, 10 + config().peer_timeout_ms + 1);
+    assert!(
+        actions.contains(&Action::Disconnect { peer: PeerId(7) }),
+        "{actions:?}"
+    );
+}

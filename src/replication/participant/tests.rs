@@ -96,6 +96,42 @@ fn following(seq: u64) -> Participant {
     p
 }
 
+/// The deadline of the reconnect timer among `actions`, if one is set.
+fn reconnect_at(actions: &[Action]) -> Option<u64> {
+    actions.iter().find_map(|a| match a {
+        Action::SetTimer {
+            timer: TimerId::Reconnect,
+            at_ms,
+        } => Some(*at_ms),
+        _ => None,
+    })
+}
+
+/// The delays a slave whose dials all fail waits before each of its first `n`
+/// redials, starting with the loss of its link at time 0.
+fn failing_redial_delays(config: ParticipantConfig, n: usize) -> Vec<u64> {
+    let mut p = Participant::new(config, 0);
+    drain(&mut p);
+    let mut now = 0;
+    p.handle(now, Event::ConnectFailed);
+    let mut delays = Vec::new();
+    for _ in 0..n {
+        let at = reconnect_at(&drain(&mut p)).expect("a reconnect timer after each failure");
+        delays.push(at - now);
+        now = at;
+        p.handle(
+            now,
+            Event::TimerFired {
+                timer: TimerId::Reconnect,
+            },
+        );
+        assert_eq!(drain(&mut p), vec![Action::Connect]);
+        assert_eq!(p.link(), LinkState::Connecting);
+        p.handle(now, Event::ConnectFailed);
+    }
+    delays
+}
+
 /// What the slave registers with on its next link.
 fn reregister(p: &mut Participant, now_ms: u64, peer: PeerId) -> PeerMessage {
     p.handle(now_ms, Event::PeerLost { peer: M });
@@ -489,28 +525,25 @@ fn losing_the_master_reconnects_with_backoff_and_drops_in_doubt_txns_on_register
         }),
     );
     p.handle(0, Event::PeerLost { peer: M });
-    let actions = drain(&mut p);
-    assert!(actions.contains(&Action::SetTimer {
-        timer: TimerId::Reconnect,
-        at_ms: 50
-    }));
+    // The first delay is 50 ms, jittered down to no less than half of it.
+    let first = reconnect_at(&drain(&mut p)).expect("a reconnect timer");
+    assert!((25..=50).contains(&first), "{first}");
     // The vote of the dead link is never sent.
     p.handle(1, Event::Persisted { lsn: 1 });
     assert!(sends(&drain(&mut p)).is_empty());
     p.handle(
-        50,
+        first,
         Event::TimerFired {
             timer: TimerId::Reconnect,
         },
     );
     assert_eq!(drain(&mut p), vec![Action::Connect]);
     p.handle(51, Event::ConnectFailed);
-    assert!(drain(&mut p).contains(&Action::SetTimer {
-        timer: TimerId::Reconnect,
-        at_ms: 151
-    }));
+    // Then 100 ms, jittered.
+    let second = reconnect_at(&drain(&mut p)).expect("a reconnect timer");
+    assert!((51 + 50..=51 + 100).contains(&second), "{second}");
     p.handle(
-        151,
+        second,
         Event::TimerFired {
             timer: TimerId::Reconnect,
         },
@@ -919,4 +952,96 @@ fn a_slave_serving_stale_reads_asks_for_no_lease() {
     ));
     p.handle(6, grant(5, 200));
     assert_eq!(p.read_lease_until(), None);
+}
+
+#[test]
+fn redial_delays_double_with_jitter_up_to_the_cap() {
+    let config = config();
+    let (min, max) = (config.reconnect_min_ms, config.reconnect_max_ms);
+    let delays = failing_redial_delays(config, 40);
+    let mut base = min;
+    for (i, &delay) in delays.iter().enumerate() {
+        // Between half the nominal delay and all of it: never past the cap.
+        assert!(
+            (base - base / 2..=base).contains(&delay),
+            "delay {i} is {delay} ms, nominal {base} ms: {delays:?}"
+        );
+        base = (base * 2).min(max);
+    }
+    // Once at the cap, the delays still vary (jitter), within [max/2, max].
+    let capped: std::collections::BTreeSet<u64> = delays[10..].iter().copied().collect();
+    assert!(capped.len() > 5, "no jitter at the cap: {capped:?}");
+}
+
+#[test]
+fn redial_jitter_replays_from_its_seed() {
+    let seeded = |jitter_seed| ParticipantConfig {
+        jitter_seed,
+        ..config()
+    };
+    let a = failing_redial_delays(seeded(1), 20);
+    assert_eq!(
+        a,
+        failing_redial_delays(seeded(1), 20),
+        "same seed, same delays"
+    );
+    assert_ne!(
+        a,
+        failing_redial_delays(seeded(2), 20),
+        "another seed, others"
+    );
+}
+
+#[test]
+fn a_catch_up_resets_the_redial_delay() {
+    let mut p = following(0);
+    // Lose the link and fail to redial until the delay is at its cap.
+    let mut now = 0;
+    p.handle(now, Event::PeerLost { peer: M });
+    for _ in 0..10 {
+        now = reconnect_at(&drain(&mut p)).expect("a reconnect timer");
+        p.handle(
+            now,
+            Event::TimerFired {
+                timer: TimerId::Reconnect,
+            },
+        );
+        p.handle(now, Event::ConnectFailed);
+    }
+    let capped = reconnect_at(&drain(&mut p)).expect("a reconnect timer") - now;
+    assert!(capped >= config().reconnect_max_ms / 2, "{capped}");
+    // A link that registers and catches up puts the next loss back at the minimum.
+    p.handle(
+        now + capped,
+        Event::TimerFired {
+            timer: TimerId::Reconnect,
+        },
+    );
+    let peer = PeerId(6);
+    now += capped;
+    p.handle(now, Event::Connected { peer });
+    p.handle(
+        now,
+        Event::Message {
+            peer,
+            msg: PeerMessage::Registered {
+                master_seq: 0,
+                history_id: H,
+                catch_up: CatchUp::Log { from_seq: 0 },
+                epoch: 0,
+            },
+        },
+    );
+    p.handle(
+        now,
+        Event::Message {
+            peer,
+            msg: PeerMessage::CaughtUp { seq: 0 },
+        },
+    );
+    assert_eq!(p.link(), LinkState::Following(peer));
+    drain(&mut p);
+    p.handle(now, Event::PeerLost { peer });
+    let delay = reconnect_at(&drain(&mut p)).expect("a reconnect timer") - now;
+    assert!(delay <= config().reconnect_min_ms, "{delay}");
 }
