@@ -28,7 +28,7 @@ mod sync_set;
 mod sim;
 
 pub use coordinator::{Coordinator, CoordinatorConfig, TxnState};
-pub use log::CommitLog;
+pub use log::{CommitLog, PIN_FLOOR_BYTES, PIN_SLACK};
 pub use membership::{Membership, SlaveInfo, SlaveState};
 pub use participant::{LinkState, Participant, ParticipantConfig};
 pub use sync_set::RecordedSet;
@@ -62,6 +62,9 @@ pub enum TimerId {
     /// Slave: check that the master is still heard from (it heartbeats), so a
     /// master that stopped answering with its link open is noticed.
     MasterSilence,
+    /// Master: a slave's snapshot was outrun by the log; send it a new one
+    /// once the backoff is over (heartbeating it meanwhile).
+    SnapshotRetry(PeerId),
 }
 
 /// One client write handed to the coordinator, with the handle its reply goes to.
@@ -194,6 +197,16 @@ pub enum Event {
         peer: PeerId,
         /// The snapshot's sequence number, echoed.
         at_seq: u64,
+    },
+    /// Master: how far the snapshot started by [`Action::StartSnapshot`] has
+    /// been streamed to the peer's link (the write throttle follows it).
+    SnapshotProgress {
+        /// The link.
+        peer: PeerId,
+        /// The snapshot's sequence number, echoed.
+        at_seq: u64,
+        /// Thousandths of the store streamed (0 to 1000).
+        done_per_mille: u64,
     },
 }
 

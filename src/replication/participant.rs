@@ -280,6 +280,7 @@ impl Participant {
             Event::TimerFired { timer } => self.on_timer(now_ms, timer),
             Event::ClientWrites { .. }
             | Event::SnapshotSent { .. }
+            | Event::SnapshotProgress { .. }
             | Event::SyncSetRecorded { .. } => {
                 warn!("participant ignores master-side event {event:?}");
             }
@@ -682,7 +683,7 @@ impl Participant {
                 self.actions.push_back(Action::Disconnect { peer });
                 self.link_down(now_ms);
             }
-            TimerId::Txn(_) | TimerId::Heartbeat => {}
+            TimerId::Txn(_) | TimerId::Heartbeat | TimerId::SnapshotRetry(_) => {}
         }
     }
 }

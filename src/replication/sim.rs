@@ -156,7 +156,8 @@ struct Link {
     last_at: [u64; 2],
     queue: [VecDeque<Vec<u8>>; 2],
     /// Snapshot chunks still to stream, and the snapshot's sequence number.
-    snapshot: Option<(u64, VecDeque<Vec<SnapshotEntry>>)>,
+    /// A snapshot being streamed: its seq, the chunks left, and how many it had.
+    snapshot: Option<(u64, VecDeque<Vec<SnapshotEntry>>, usize)>,
 }
 
 impl Link {
@@ -247,6 +248,8 @@ struct RunStats {
     stalls: u64,
     master_restarts: u64,
     master_crashes: u64,
+    /// Client batches the write throttle held back for a snapshot.
+    held_batches: u64,
 }
 
 fn digest(store: &Store) -> u64 {
@@ -359,6 +362,11 @@ impl Sim {
             epoch: 0,
             // Half the runs keep the in-sync set recorded, as with failover through etcd.
             record_sync_set: rng.random_bool(0.5),
+            // Scaled to the simulated milliseconds, so that restarted snapshots
+            // still finish within the settling time.
+            write_hold_max_ms: rng.random_range(0..=30),
+            snapshot_retry_min_ms: rng.random_range(1..=40),
+            snapshot_retry_max_ms: rng.random_range(40..=300),
         };
         let history_id = rng.random_range(1..=u64::MAX);
         let mut digests = BTreeMap::new();
@@ -676,12 +684,13 @@ impl Sim {
                 if self.links[link].broken {
                     return Ok(());
                 }
-                let Some((at_seq, chunks)) = &mut self.links[link].snapshot else {
+                let Some((at_seq, chunks, total)) = &mut self.links[link].snapshot else {
                     return Ok(());
                 };
                 let at_seq = *at_seq;
                 let entries = chunks.pop_front().unwrap_or_default();
                 let last = chunks.is_empty();
+                let done_per_mille = ((*total - chunks.len()) * 1000 / (*total).max(1)) as u64;
                 if last {
                     self.links[link].snapshot = None;
                 }
@@ -704,6 +713,16 @@ impl Sim {
                     );
                     self.run_master_actions()?;
                 } else {
+                    // The write throttle follows the stream, as the reactor reports it.
+                    self.coord.handle(
+                        self.now,
+                        Event::SnapshotProgress {
+                            peer: Link::peer(link),
+                            at_seq,
+                            done_per_mille,
+                        },
+                    );
+                    self.run_master_actions()?;
                     let next = self.now + self.rng.random_range(0..=3);
                     self.schedule(next, Ev::SnapshotStep { link });
                 }
@@ -728,6 +747,13 @@ impl Sim {
                 }
                 if self.now < self.master_down_until {
                     let next = self.master_down_until;
+                    self.schedule(next, Ev::ClientBatch);
+                    return Ok(());
+                }
+                if let Some(until) = self.coord.write_hold(self.now) {
+                    // The reactor holds its batch back for a snapshot: so do we.
+                    self.stats.held_batches += 1;
+                    let next = until.min(self.now + self.rng.random_range(1..=5));
                     self.schedule(next, Ev::ClientBatch);
                     return Ok(());
                 }
@@ -1131,7 +1157,8 @@ impl Sim {
                         chunks.push_back(chunk);
                     }
                     if !self.links[link].broken {
-                        self.links[link].snapshot = Some((at_seq, chunks));
+                        let total = chunks.len();
+                        self.links[link].snapshot = Some((at_seq, chunks, total));
                         self.schedule(self.now, Ev::SnapshotStep { link });
                     }
                 }
@@ -1410,6 +1437,7 @@ fn run_seeds(seeds: &[u64], trace: bool) -> Result<RunStats, (u64, String, Vec<S
         total.stalls += s.stalls;
         total.master_restarts += s.master_restarts;
         total.master_crashes += s.master_crashes;
+        total.held_batches += s.held_batches;
     }
     Ok(total)
 }
@@ -1446,6 +1474,7 @@ fn simulation_keeps_the_replication_invariants() {
                 total.stalls += s.stalls;
                 total.master_restarts += s.master_restarts;
                 total.master_crashes += s.master_crashes;
+                total.held_batches += s.held_batches;
             }
             Err((seed, e, lines)) => {
                 let keep = env_u64("DKVS_SIM_TRACE_LINES").unwrap_or(400) as usize;

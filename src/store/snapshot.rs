@@ -155,6 +155,12 @@ impl ShardCopy {
         self.scan == SHARDS && self.pending() == 0
     }
 
+    /// Thousandths of the shards the scan has copied (shards hold about equal
+    /// parts of the keys: they are picked by hash).
+    pub fn scanned_per_mille(&self) -> u64 {
+        (self.scan * 1000 / SHARDS) as u64
+    }
+
     /// Entries copied so far.
     pub fn entries(&self) -> u64 {
         self.entries
