@@ -195,7 +195,8 @@ struct Link {
     broken: bool,
     queue: [VecDeque<PeerMessage>; 2],
     last_at: [u64; 2],
-    snapshot: Option<(u64, VecDeque<Vec<SnapshotEntry>>)>,
+    /// A snapshot streaming: its seq, the chunks left, and how many there were.
+    snapshot: Option<(u64, VecDeque<Vec<SnapshotEntry>>, usize)>,
 }
 
 /// A record as the disk holds it; a checkpoint carries the store it persists.
@@ -794,12 +795,13 @@ impl Sim {
                 if self.links[link].broken || !self.nodes[node].peers.contains(&link) {
                     return Ok(());
                 }
-                let Some((at_seq, chunks)) = &mut self.links[link].snapshot else {
+                let Some((at_seq, chunks, total)) = &mut self.links[link].snapshot else {
                     return Ok(());
                 };
                 let at_seq = *at_seq;
                 let entries = chunks.pop_front().unwrap_or_default();
                 let last = chunks.is_empty();
+                let done_per_mille = ((*total - chunks.len()) * 1000 / (*total).max(1)) as u64;
                 if last {
                     self.links[link].snapshot = None;
                 }
@@ -827,6 +829,8 @@ impl Sim {
                         node,
                         Event::SnapshotProgress {
                             peer: PeerId(link as u64),
+                            at_seq,
+                            done_per_mille,
                         },
                     );
                     let next = self.now + self.rng.random_range(0..=3);
@@ -1591,7 +1595,8 @@ impl Sim {
                     chunks.push_back(chunk);
                 }
                 if self.nodes[node].peers.contains(&link) && !self.links[link].broken {
-                    self.links[link].snapshot = Some((at_seq, chunks));
+                    let total = chunks.len();
+                    self.links[link].snapshot = Some((at_seq, chunks, total));
                     self.schedule(self.now, Ev::SnapshotStep { link });
                 }
             }

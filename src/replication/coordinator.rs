@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use log::{debug, info, warn};
 
-use super::log::CommitLog;
+use super::log::{CommitLog, PIN_FULL};
 use super::membership::{Membership, SlaveState};
 use super::sync_set::RecordedSet;
 use super::{
@@ -21,6 +21,46 @@ use crate::protocol::peer::PEER_PROTOCOL_VERSION;
 
 /// REGISTERs a coordinator keeps waiting at most (one per link; more are refused).
 const MAX_HELD_REGISTERS: usize = 64;
+
+// Snapshots finish under sustained writes (docs/PROTOCOL.md §9.5).
+//
+// A slave that needs a snapshot gets the store as of `at_seq`, streamed a
+// bounded part per reactor turn, then every commit released meanwhile from
+// the commit log. Writes go on while it streams, so three things together
+// make sure the log still holds those commits when the last chunk is queued:
+//
+// 1. The log is pinned at `at_seq` (`pin_log`): it keeps every later commit
+//    past its bounds, up to `PIN_SLACK` times them and at least
+//    `PIN_FLOOR_BYTES` (64 MiB), the memory a joining slave may cost.
+// 2. Past a quarter of that the writes are paced to the snapshot's progress
+//    (`write_hold`): the log may fill to 1/4 + 1/2 x (fraction streamed) of
+//    its pinned bounds, so it reaches 3/4 only as the stream ends (the last
+//    quarter is room for the batch admitted last). A batch that would start
+//    beyond that waits in the reactor, whose clients then stop being read
+//    (the batch is bounded), for the stream to move on, but at most
+//    `write_hold_max_ms` (doubled after each restart, at most 4 times): a
+//    write is delayed, never refused. A stream that made no progress for
+//    `SNAPSHOT_STALL_MS` (a slave not reading) throttles nothing: the pin
+//    gives way instead and the master's writes go on at full speed.
+// 3. If the log wrapped anyway (a stalled or very slow slave, or writes
+//    faster than the hold bound lets the throttle slow them), the snapshot
+//    is restarted after a backoff (`snapshot_retry_min_ms`, doubling to
+//    `snapshot_retry_max_ms`), during which the slave is heartbeaten, so
+//    that a slave that cannot keep up does not keep the master streaming
+//    snapshots back to back.
+
+/// A snapshot stream that reported no progress for this long throttles no
+/// writes: its slave is not reading. Long enough for a slave that is only
+/// descheduled or busy installing a chunk on a loaded machine.
+const SNAPSHOT_STALL_MS: u64 = 3_000;
+/// Restarts after which the hold bound stops doubling (4 x `write_hold_max_ms`).
+const HOLD_DOUBLINGS: u32 = 2;
+/// Milliseconds a slave is given per MiB queued ahead of its next heartbeat
+/// once its snapshot is sent (it reads at least 4 MiB/s), before its silence
+/// counts: it cannot answer before it has read the backlog.
+const BACKLOG_DRAIN_MS_PER_MIB: u64 = 250;
+/// Bytes of snapshot chunks that may still be queued when the last one is.
+const SNAPSHOT_WINDOW_BYTES: u64 = 1 << 20;
 
 /// Knobs of the coordinator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +101,13 @@ pub struct CoordinatorConfig {
     pub first_probation_ms: u64,
     /// The longest probation.
     pub max_probation_ms: u64,
+    /// Longest a batch of writes waits for a snapshot to progress before it
+    /// starts anyway (see the policy above `SNAPSHOT_STALL_MS`).
+    pub write_hold_max_ms: u64,
+    /// Backoff before the first restart of a snapshot the log outran.
+    pub snapshot_retry_min_ms: u64,
+    /// Longest backoff between restarts of a slave's snapshot.
+    pub snapshot_retry_max_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -79,6 +126,9 @@ impl Default for CoordinatorConfig {
             max_slave_lag_ms: 200,
             first_probation_ms: 1_000,
             max_probation_ms: 30_000,
+            write_hold_max_ms: 50,
+            snapshot_retry_min_ms: 500,
+            snapshot_retry_max_ms: 8_000,
         }
     }
 }
@@ -273,6 +323,21 @@ struct LagRecord {
 /// A slave not evicted for lagging this long starts again from the first probation.
 const LAG_MEMORY_MS: u64 = 60_000;
 
+/// A slave catching up by snapshot: how its stream goes, and its restarts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SnapshotTrack {
+    /// The snapshot being streamed (or, in a backoff, the last one sent).
+    at_seq: u64,
+    /// Thousandths of it streamed, as last reported.
+    done_per_mille: u64,
+    /// When the stream started or last moved on.
+    progress_at_ms: u64,
+    /// Snapshots of this slave the log outran so far.
+    restarts: u32,
+    /// In a backoff: when the next snapshot starts.
+    retry_at_ms: Option<u64>,
+}
+
 /// The 2PC coordinator of the master.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -311,6 +376,14 @@ pub struct Coordinator {
     lag_records: BTreeMap<String, LagRecord>,
     /// Evictions for lagging since start (STATS).
     lag_evictions: u64,
+    /// Slaves catching up by snapshot (see the policy above `SNAPSHOT_STALL_MS`).
+    snapshots: BTreeMap<PeerId, SnapshotTrack>,
+    /// Since when a batch of writes waits for a snapshot (`write_hold`).
+    hold_since_ms: Option<u64>,
+    /// Milliseconds batches of writes waited for snapshots, finished holds only.
+    write_throttle_ms: u64,
+    /// Snapshots the log outran and that had to be sent again.
+    snapshot_restarts: u64,
     actions: VecDeque<Action>,
 }
 
@@ -357,6 +430,10 @@ impl Coordinator {
             },
             lag_records: BTreeMap::new(),
             lag_evictions: 0,
+            snapshots: BTreeMap::new(),
+            hold_since_ms: None,
+            write_throttle_ms: 0,
+            snapshot_restarts: 0,
             actions: VecDeque::new(),
             config,
         };
@@ -499,7 +576,11 @@ impl Coordinator {
             }
             Event::TimerFired { timer } => self.on_timer(now_ms, timer),
             Event::SnapshotSent { peer, at_seq } => self.on_snapshot_sent(now_ms, peer, at_seq),
-            Event::SnapshotProgress { peer } => self.on_snapshot_progress(now_ms, peer),
+            Event::SnapshotProgress {
+                peer,
+                at_seq,
+                done_per_mille,
+            } => self.on_snapshot_progress(now_ms, peer, at_seq, done_per_mille),
             Event::SyncSetRecorded { version } => {
                 for peer in self.sync_set.recorded_as(version) {
                     info!("removal of slave {peer:?} from the in-sync set is recorded");
@@ -919,7 +1000,7 @@ impl Coordinator {
             );
         }
         self.send_registered(peer, CatchUp::Snapshot { at_seq: master_seq });
-        self.start_snapshot(peer);
+        self.start_snapshot(now_ms, peer);
     }
 
     /// Answer a REGISTER: our released seq and history, and what follows.
@@ -935,26 +1016,100 @@ impl Coordinator {
         );
     }
 
-    fn start_snapshot(&mut self, peer: PeerId) {
+    fn start_snapshot(&mut self, now_ms: u64, peer: PeerId) {
         let at_seq = self.released_seq;
         self.members
             .set_state(peer, SlaveState::Snapshotting { at_seq });
+        let restarts = self.snapshots.get(&peer).map_or(0, |t| t.restarts);
+        self.snapshots.insert(
+            peer,
+            SnapshotTrack {
+                at_seq,
+                done_per_mille: 0,
+                progress_at_ms: now_ms,
+                restarts,
+                retry_at_ms: None,
+            },
+        );
         self.actions
             .push_back(Action::StartSnapshot { peer, at_seq });
         self.pin_log();
     }
 
-    /// Keep the commits every snapshot in flight will need after it.
+    /// Keep the commits every snapshot in flight will need after it (one
+    /// waiting out a backoff needs none: its next one starts at a later seq).
     fn pin_log(&mut self) {
+        let members = &self.members;
+        // Forget slaves that no longer catch up by snapshot (evicted, lost, in sync).
+        self.snapshots.retain(|peer, _| {
+            matches!(
+                members.get(*peer).map(|s| s.state),
+                Some(SlaveState::Snapshotting { .. })
+            )
+        });
         let oldest = self
-            .members
-            .iter()
-            .filter_map(|(_, info)| match info.state {
-                SlaveState::Snapshotting { at_seq } => Some(at_seq),
-                _ => None,
-            })
+            .snapshots
+            .values()
+            .filter(|t| t.retry_at_ms.is_none())
+            .map(|t| t.at_seq)
             .min();
         self.log.pin(oldest);
+    }
+
+    /// Whether the batch of client writes waiting in the reactor must wait
+    /// longer for a snapshot to progress: `Some(ms)` asks again by then (or at
+    /// the next event), `None` lets it start now. See the policy above
+    /// `SNAPSHOT_STALL_MS`: the log may fill to 1/4 + 1/2 x (fraction
+    /// streamed) of its pinned bounds, and no batch waits more than the hold
+    /// bound.
+    pub fn write_hold(&mut self, now_ms: u64) -> Option<u64> {
+        if let Some((allowed, hold_max_ms)) = self.write_allowance(now_ms)
+            && self.log.pin_fill() >= allowed
+        {
+            let since = *self.hold_since_ms.get_or_insert(now_ms);
+            let until = since.saturating_add(hold_max_ms);
+            if now_ms < until {
+                return Some(until);
+            }
+        }
+        if let Some(since) = self.hold_since_ms.take() {
+            self.write_throttle_ms += now_ms.saturating_sub(since);
+        }
+        None
+    }
+
+    /// How full the pinned log may get now (thousandths of its pinned
+    /// bounds) and how long a batch may be held, while some snapshot
+    /// streams, makes progress and is still covered by the log.
+    fn write_allowance(&self, now_ms: u64) -> Option<(u64, u64)> {
+        if !self.log.pin_holds() {
+            // Nothing pinned, or the log wrapped already: that snapshot is
+            // sent again anyway, and holding writes would not save it.
+            return None;
+        }
+        let live = self.snapshots.values().filter(|t| {
+            t.retry_at_ms.is_none() && now_ms.saturating_sub(t.progress_at_ms) < SNAPSHOT_STALL_MS
+        });
+        let (done, restarts) = live.fold(None, |acc: Option<(u64, u32)>, t| {
+            let (done, restarts) = acc.unwrap_or((PIN_FULL, 0));
+            Some((done.min(t.done_per_mille), restarts.max(t.restarts)))
+        })?;
+        let allowed = PIN_FULL / 4 + done.min(PIN_FULL) / 2;
+        let hold_max_ms = self
+            .config
+            .write_hold_max_ms
+            .saturating_mul(1 << restarts.min(HOLD_DOUBLINGS));
+        Some((allowed, hold_max_ms))
+    }
+
+    /// Milliseconds batches of writes have waited for snapshots, the current hold included.
+    pub fn write_throttle_ms(&self, now_ms: u64) -> u64 {
+        self.write_throttle_ms + self.hold_since_ms.map_or(0, |s| now_ms.saturating_sub(s))
+    }
+
+    /// Snapshots the log outran, each sent again after a backoff.
+    pub fn snapshot_restarts(&self) -> u64 {
+        self.snapshot_restarts
     }
 
     /// Send every commit in `(after, released]` and the end-of-backlog marker.
@@ -985,22 +1140,44 @@ impl Coordinator {
         // The slave is silent while a snapshot streams to it; that is not a stall.
         self.members.heard_from(peer, now_ms);
         if self.log.covers(at_seq) {
+            self.snapshots.remove(&peer);
+            // Nor is the time it takes to read the rest of the stream and the
+            // backlog (up to the pinned log's bounds), which its answer to the
+            // next heartbeat queues behind.
+            let queued = self.log.bytes() as u64 + SNAPSHOT_WINDOW_BYTES;
+            let grace_ms = queued.div_ceil(1 << 20) * BACKLOG_DRAIN_MS_PER_MIB;
+            self.members
+                .heard_from(peer, now_ms.saturating_add(grace_ms));
             self.send_backlog(peer, at_seq);
         } else {
-            // The log wrapped while the snapshot streamed (even with the pin's
-            // slack): the commits since are gone from memory, so only a newer
-            // snapshot can bridge the gap.
-            info!("log wrapped during snapshot to {peer:?}; sending a newer one");
-            self.start_snapshot(peer);
+            // The log wrapped while the snapshot streamed, even pinned and
+            // with writes throttled (the slave stalled, or writes outran the
+            // hold bound): only a newer snapshot can bridge the gap. Not at
+            // once: one that failed is likely to fail again right away, and
+            // streaming snapshots back to back costs the master for nothing.
+            self.snapshot_restarts += 1;
+            let (retry_min, retry_max) = (
+                self.config.snapshot_retry_min_ms,
+                self.config.snapshot_retry_max_ms,
+            );
+            let Some(track) = self.snapshots.get_mut(&peer) else {
+                // Every snapshotting slave is tracked; start afresh if not.
+                self.start_snapshot(now_ms, peer);
+                return;
+            };
+            track.restarts = track.restarts.saturating_add(1);
+            let backoff_ms = retry_min
+                .saturating_mul(1 << (track.restarts - 1).min(16))
+                .min(retry_max);
+            let retry_at_ms = now_ms.saturating_add(backoff_ms);
+            track.retry_at_ms = Some(retry_at_ms);
+            info!(
+                "log wrapped during snapshot {} to {peer:?}; sending a newer one in {backoff_ms} ms",
+                track.restarts
+            );
+            self.retry_snapshot_later(now_ms, peer, retry_at_ms);
         }
         self.pin_log();
-    }
-
-    /// The snapshot to `peer` is being drained: the slave reads, however slowly.
-    fn on_snapshot_progress(&mut self, now_ms: u64, peer: PeerId) {
-        if let Some(SlaveState::Snapshotting { .. }) = self.members.get(peer).map(|s| s.state) {
-            self.members.heard_from(peer, now_ms);
-        }
     }
 
     /// Evict every slave whose snapshot drained nothing for the peer timeout:
@@ -1029,6 +1206,58 @@ impl Coordinator {
                 self.released_seq
             );
             self.evict(now_ms, peer, &reason);
+        }
+    }
+
+    /// In a snapshot backoff: heartbeat the slave (it hears nothing else, and
+    /// would give up on a silent master) and come back at the next heartbeat
+    /// or when the backoff ends.
+    fn retry_snapshot_later(&mut self, now_ms: u64, peer: PeerId, retry_at_ms: u64) {
+        let seq = self.released_seq;
+        self.send(
+            peer,
+            PeerMessage::Heartbeat {
+                seq,
+                stamp: 0,
+                lease_ms: 0,
+                poll: true,
+            },
+        );
+        let next = now_ms
+            .saturating_add(self.config.heartbeat_interval_ms.max(1))
+            .min(retry_at_ms);
+        self.actions.push_back(Action::SetTimer {
+            timer: TimerId::SnapshotRetry(peer),
+            at_ms: next,
+        });
+    }
+
+    fn on_snapshot_retry(&mut self, now_ms: u64, peer: PeerId) {
+        self.pin_log(); // forgets slaves gone since
+        let Some(retry_at_ms) = self.snapshots.get(&peer).and_then(|t| t.retry_at_ms) else {
+            return; // stale: the slave left, or its snapshot started again
+        };
+        if now_ms >= retry_at_ms {
+            self.start_snapshot(now_ms, peer);
+        } else {
+            self.retry_snapshot_later(now_ms, peer, retry_at_ms);
+        }
+    }
+
+    /// The snapshot to `peer` drained (the reactor reports only then): the
+    /// slave reads, however slowly, and the stream moved on by `done`.
+    fn on_snapshot_progress(&mut self, now_ms: u64, peer: PeerId, at_seq: u64, done: u64) {
+        if let Some(SlaveState::Snapshotting { .. }) = self.members.get(peer).map(|s| s.state) {
+            // It sends nothing meanwhile: this is what hearing from it means.
+            self.members.heard_from(peer, now_ms);
+        }
+        if let Some(track) = self.snapshots.get_mut(&peer)
+            && track.at_seq == at_seq
+            && track.retry_at_ms.is_none()
+            && done > track.done_per_mille
+        {
+            track.done_per_mille = done.min(PIN_FULL);
+            track.progress_at_ms = now_ms;
         }
     }
 
@@ -1383,6 +1612,7 @@ impl Coordinator {
                 });
             }
             TimerId::ReadFence => self.release(now_ms),
+            TimerId::SnapshotRetry(peer) => self.on_snapshot_retry(now_ms, peer),
             TimerId::Reconnect | TimerId::OutcomeCheck | TimerId::MasterSilence => {}
         }
     }

@@ -26,12 +26,20 @@ pub struct CommitLog {
 }
 
 /// How far past its bounds the log may grow to keep a pinned range.
-const PIN_SLACK: usize = 4;
-/// Bytes a pinned range may always hold, however small the bounds: a snapshot
-/// is streamed over many loop iterations (a bounded part per turn), and with a
-/// tiny `--repl-backlog-mb` any write in between would otherwise force a new
-/// snapshot, forever under load.
-const PIN_FLOOR_BYTES: usize = 8 << 20;
+pub const PIN_SLACK: usize = 4;
+/// Bytes a pinned range may always hold, however small the bounds. A snapshot
+/// is streamed over many loop iterations (a bounded part per turn) and every
+/// commit released meanwhile must still be in the log when its last chunk is
+/// queued. 64 MiB is about 350,000 writes of 16 B keys and 100 B values (the
+/// SPEC's workload): the several seconds a 1M-key store (about 130 MB of
+/// entries) takes to stream, at the master's full write rate. It is the
+/// memory a master may spend beyond `--repl-backlog-mb` for a joining slave;
+/// past a quarter of it the coordinator throttles writes to the snapshot's
+/// progress instead (`Coordinator::write_hold`), so a snapshot finishes
+/// whatever the write load, and the log gives way only if the snapshot stalls.
+pub const PIN_FLOOR_BYTES: usize = 64 << 20;
+/// How full a pinned log is, in thousandths of its pinned bounds.
+pub const PIN_FULL: u64 = 1000;
 
 /// Bytes a transaction holds in the log, for the byte bound.
 fn ops_bytes(ops: &Ops) -> usize {
@@ -90,12 +98,8 @@ impl CommitLog {
             let Some(&(oldest, _)) = self.entries.front() else {
                 break;
             };
-            let within_slack = self.entries.len() <= self.capacity.saturating_mul(PIN_SLACK)
-                && self.bytes
-                    <= self
-                        .max_bytes
-                        .saturating_mul(PIN_SLACK)
-                        .max(PIN_FLOOR_BYTES);
+            let within_slack =
+                self.entries.len() <= self.pin_max_len() && self.bytes <= self.pin_max_bytes();
             if self.pin.is_some_and(|pin| oldest > pin) && within_slack {
                 break;
             }
@@ -110,6 +114,43 @@ impl CommitLog {
     /// Keep the commits after `seq` past the bounds (within a slack), or stop keeping them.
     pub fn pin(&mut self, seq: Option<u64>) {
         self.pin = seq;
+    }
+
+    /// Bytes (keys, values and 64 per write) the log holds.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Most bytes a pinned log holds before the pin gives way.
+    pub fn pin_max_bytes(&self) -> usize {
+        self.max_bytes
+            .saturating_mul(PIN_SLACK)
+            .max(PIN_FLOOR_BYTES)
+    }
+
+    /// Most transactions a pinned log holds before the pin gives way.
+    fn pin_max_len(&self) -> usize {
+        self.capacity.saturating_mul(PIN_SLACK)
+    }
+
+    /// Whether a pin is set and still holds: every commit after it is kept.
+    /// A pin that gave way (the log wrapped past it) stays broken until moved.
+    pub fn pin_holds(&self) -> bool {
+        self.pin.is_some_and(|pin| self.covers(pin))
+    }
+
+    /// How full the log is against its pinned bounds, in thousandths
+    /// ([`PIN_FULL`] and beyond: the pin gives way at the next commit), by
+    /// whichever of the count and the byte bound is closer.
+    pub fn pin_fill(&self) -> u64 {
+        let per_mille = |used: usize, max: usize| -> u64 {
+            if max == 0 {
+                return PIN_FULL;
+            }
+            (used as u128 * PIN_FULL as u128 / max as u128).min(u64::MAX as u128) as u64
+        };
+        per_mille(self.entries.len(), self.pin_max_len())
+            .max(per_mille(self.bytes, self.pin_max_bytes()))
     }
 
     /// Forget everything and cover only what comes after `seq` (a commit not kept).
@@ -221,6 +262,64 @@ mod tests {
         log.pin(None);
         log.push(51, vec![op(1000)].into());
         assert!(log.is_empty(), "unpinned, the zero-byte bound holds");
+    }
+
+    #[test]
+    fn a_pin_reports_how_full_the_log_is_and_whether_it_holds() {
+        let mut log = CommitLog::new(2, 0);
+        assert!(!log.pin_holds(), "no pin");
+        log.push(1, ops());
+        log.pin(Some(1));
+        assert!(log.pin_holds());
+        assert_eq!(
+            log.pin_fill(),
+            125,
+            "1 of the pinned 8 entries (empty ops: no bytes)"
+        );
+        for seq in 2..=5 {
+            log.push(seq, ops());
+        }
+        assert_eq!(
+            log.pin_fill(),
+            500,
+            "4 of the pinned 8 (seq 1 itself is not kept)"
+        );
+        for seq in 6..=9 {
+            log.push(seq, ops());
+        }
+        assert_eq!(log.pin_fill(), PIN_FULL);
+        assert!(log.pin_holds(), "full, not past it");
+        log.push(10, ops());
+        assert!(!log.pin_holds(), "past the slack the pin gave way");
+        log.pin(Some(10));
+        assert!(log.pin_holds(), "moved to the present, it holds again");
+    }
+
+    #[test]
+    fn a_pin_keeps_64_mib_however_small_the_byte_bound() {
+        // Zeroed values are never touched: no memory is actually used.
+        let op = |len| crate::protocol::peer::WriteOp {
+            kind: crate::protocol::peer::OpKind::Put,
+            key: b"k".to_vec(),
+            value: vec![0; len],
+        };
+        let mut log = CommitLog::new(1000, 0).with_max_bytes(1 << 20);
+        assert_eq!(log.pin_max_bytes(), PIN_FLOOR_BYTES);
+        log.pin(Some(0));
+        for seq in 1..=63 {
+            log.push(seq, vec![op(1 << 20)].into());
+        }
+        assert!(log.pin_holds(), "63 MiB after the pin are kept");
+        assert!(
+            (984..PIN_FULL).contains(&log.pin_fill()),
+            "{}",
+            log.pin_fill()
+        );
+        log.push(64, vec![op(1 << 20)].into());
+        assert!(!log.pin_holds(), "past 64 MiB the pin gives way");
+        assert!(log.bytes() <= PIN_FLOOR_BYTES);
+        let big = CommitLog::new(1000, 0).with_max_bytes(64 << 20);
+        assert_eq!(big.pin_max_bytes(), PIN_SLACK << 26, "4 x a large bound");
     }
 
     #[test]

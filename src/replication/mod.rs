@@ -28,7 +28,7 @@ mod sync_set;
 mod sim;
 
 pub use coordinator::{Coordinator, CoordinatorConfig, TxnState};
-pub use log::CommitLog;
+pub use log::{CommitLog, PIN_FLOOR_BYTES, PIN_SLACK};
 pub use membership::{Membership, SlaveInfo, SlaveState};
 pub use participant::{LinkState, Participant, ParticipantConfig};
 pub use sync_set::RecordedSet;
@@ -65,6 +65,9 @@ pub enum TimerId {
     /// Master: the read lease of a slave that left has run out; releases
     /// held back until then may go on.
     ReadFence,
+    /// Master: a slave's snapshot was outrun by the log; send it a new one
+    /// once the backoff is over (heartbeating it meanwhile).
+    SnapshotRetry(PeerId),
 }
 
 /// One client write handed to the coordinator, with the handle its reply goes to.
@@ -190,14 +193,6 @@ pub enum Event {
         /// The version echoed.
         version: u64,
     },
-    /// Master: the link of `peer`, streaming a snapshot, wrote some of it to
-    /// its socket. A slave sends nothing while it receives a snapshot, so this
-    /// is how the master tells a slow receiver from one that drains nothing
-    /// (stopped, or cut off), which it evicts after `peer_timeout_ms`.
-    SnapshotProgress {
-        /// The link.
-        peer: PeerId,
-    },
     /// Master: the reactor has queued the last chunk of the snapshot started by
     /// [`Action::StartSnapshot`] on the peer's link.
     SnapshotSent {
@@ -205,6 +200,20 @@ pub enum Event {
         peer: PeerId,
         /// The snapshot's sequence number, echoed.
         at_seq: u64,
+    },
+    /// Master: the link of `peer`, streaming the snapshot started by
+    /// [`Action::StartSnapshot`], wrote some of it to its socket, and this far
+    /// it has been streamed. A slave sends nothing while it receives a
+    /// snapshot, so this is how the master tells a slow receiver from one that
+    /// drains nothing (stopped, or cut off), which it evicts after
+    /// `peer_timeout_ms`; and the write throttle follows the progress.
+    SnapshotProgress {
+        /// The link.
+        peer: PeerId,
+        /// The snapshot's sequence number, echoed.
+        at_seq: u64,
+        /// Thousandths of the store streamed (0 to 1000).
+        done_per_mille: u64,
     },
 }
 

@@ -763,7 +763,10 @@ impl Participant {
                 self.actions.push_back(Action::Disconnect { peer });
                 self.link_down(now_ms);
             }
-            TimerId::Txn(_) | TimerId::Heartbeat | TimerId::ReadFence => {}
+            TimerId::Txn(_)
+            | TimerId::Heartbeat
+            | TimerId::ReadFence
+            | TimerId::SnapshotRetry(_) => {}
         }
     }
 }

@@ -156,7 +156,8 @@ struct Link {
     last_at: [u64; 2],
     queue: [VecDeque<Vec<u8>>; 2],
     /// Snapshot chunks still to stream, and the snapshot's sequence number.
-    snapshot: Option<(u64, VecDeque<Vec<SnapshotEntry>>)>,
+    /// A snapshot being streamed: its seq, the chunks left, and how many it had.
+    snapshot: Option<(u64, VecDeque<Vec<SnapshotEntry>>, usize)>,
 }
 
 impl Link {
@@ -258,6 +259,8 @@ struct RunStats {
     lease_checks: u64,
     /// The oldest acknowledged write a slave within its lease missed (ms).
     worst_staleness_ms: u64,
+    /// Client batches the write throttle held back for a snapshot.
+    held_batches: u64,
 }
 
 impl RunStats {
@@ -272,6 +275,7 @@ impl RunStats {
         self.master_crashes += s.master_crashes;
         self.lease_checks += s.lease_checks;
         self.worst_staleness_ms = self.worst_staleness_ms.max(s.worst_staleness_ms);
+        self.held_batches += s.held_batches;
     }
 }
 
@@ -393,6 +397,11 @@ impl Sim {
             // Short enough to end within the settling time.
             first_probation_ms: rng.random_range(20..=200),
             max_probation_ms: 400,
+            // Scaled to the simulated milliseconds, so that restarted snapshots
+            // still finish within the settling time.
+            write_hold_max_ms: rng.random_range(0..=30),
+            snapshot_retry_min_ms: rng.random_range(1..=40),
+            snapshot_retry_max_ms: rng.random_range(40..=300),
         };
         // Sometimes longer than the master grants (it caps a lease at the 2PC timeout).
         let read_lease_ms = rng.random_range(5..=300);
@@ -772,12 +781,13 @@ impl Sim {
                 if self.links[link].broken {
                     return Ok(());
                 }
-                let Some((at_seq, chunks)) = &mut self.links[link].snapshot else {
+                let Some((at_seq, chunks, total)) = &mut self.links[link].snapshot else {
                     return Ok(());
                 };
                 let at_seq = *at_seq;
                 let entries = chunks.pop_front().unwrap_or_default();
                 let last = chunks.is_empty();
+                let done_per_mille = ((*total - chunks.len()) * 1000 / (*total).max(1)) as u64;
                 if last {
                     self.links[link].snapshot = None;
                 }
@@ -800,11 +810,13 @@ impl Sim {
                     );
                     self.run_master_actions()?;
                 } else {
-                    // The simulated network never pushes back: every chunk drains.
+                    // The write throttle follows the stream, as the reactor reports it.
                     self.coord.handle(
                         self.now,
                         Event::SnapshotProgress {
                             peer: Link::peer(link),
+                            at_seq,
+                            done_per_mille,
                         },
                     );
                     self.run_master_actions()?;
@@ -832,6 +844,13 @@ impl Sim {
                 }
                 if self.now < self.master_down_until {
                     let next = self.master_down_until;
+                    self.schedule(next, Ev::ClientBatch);
+                    return Ok(());
+                }
+                if let Some(until) = self.coord.write_hold(self.now) {
+                    // The reactor holds its batch back for a snapshot: so do we.
+                    self.stats.held_batches += 1;
+                    let next = until.min(self.now + self.rng.random_range(1..=5));
                     self.schedule(next, Ev::ClientBatch);
                     return Ok(());
                 }
@@ -1238,7 +1257,8 @@ impl Sim {
                         chunks.push_back(chunk);
                     }
                     if !self.links[link].broken {
-                        self.links[link].snapshot = Some((at_seq, chunks));
+                        let total = chunks.len();
+                        self.links[link].snapshot = Some((at_seq, chunks, total));
                         self.schedule(self.now, Ev::SnapshotStep { link });
                     }
                 }

@@ -245,6 +245,15 @@ impl Role {
         }
     }
 
+    /// A master holding this turn's batch of writes back for a snapshot
+    /// (`Coordinator::write_hold`): until when, at the latest.
+    fn write_hold(&mut self, now_ms: u64) -> Option<u64> {
+        match self {
+            Role::Master(c) => c.write_hold(now_ms),
+            Role::Slave { .. } | Role::Standby(_) => None,
+        }
+    }
+
     /// The history the store's position belongs to.
     fn history_id(&self) -> u64 {
         match self {
@@ -255,7 +264,7 @@ impl Role {
     }
 
     /// The replication lines of STATS.
-    fn describe(&self, master_text: &str) -> String {
+    fn describe(&self, master_text: &str, now_ms: u64) -> String {
         let mut text = String::new();
         match self {
             Role::Master(c) => {
@@ -266,6 +275,11 @@ impl Role {
                 text.push_str(&format!("slaves_in_sync {}\n", members.in_sync_count()));
                 text.push_str(&format!("transactions_in_flight {}\n", c.in_flight()));
                 text.push_str(&format!("lag_evictions {}\n", c.lag_evictions()));
+                text.push_str(&format!("snapshot_restarts {}\n", c.snapshot_restarts()));
+                text.push_str(&format!(
+                    "write_throttle_ms {}\n",
+                    c.write_throttle_ms(now_ms)
+                ));
                 for (i, (_, slave)) in members.iter().enumerate() {
                     // The address is the slave's own choice: escaped, it cannot forge lines.
                     text.push_str(&format!(
@@ -380,6 +394,9 @@ pub struct Server {
     deferred_reads: Vec<usize>,
     /// Replication links that stopped streaming a snapshot at their budget.
     deferred_flushes: Vec<usize>,
+    /// The batch of writes is held back for a snapshot until this time at
+    /// the latest (`Coordinator::write_hold`); asked again every turn.
+    write_hold_until: Option<u64>,
     /// Failover through etcd, when configured.
     failover: Option<Failover>,
     /// The coordinator's knobs, for a master created by a promotion.
@@ -544,6 +561,7 @@ impl Server {
             deferred_clients: Vec::new(),
             deferred_reads: Vec::new(),
             deferred_flushes: Vec::new(),
+            write_hold_until: None,
             failover,
             coordinator_config,
             resync_discard_data: config.resync_discard_data,
@@ -624,6 +642,9 @@ impl Server {
                 next = Some(next.map_or(self.next_sweep_ms, |t| t.min(self.next_sweep_ms)));
             }
             if let Some((_, at)) = self.master_dial {
+                next = Some(next.map_or(at, |t| t.min(at)));
+            }
+            if let Some(at) = self.write_hold_until {
                 next = Some(next.map_or(at, |t| t.min(at)));
             }
             let mut timeout = next.map(|at| {
@@ -992,13 +1013,23 @@ impl Server {
         if std::mem::take(&mut link.flush_yielded) && !self.deferred_flushes.contains(&key) {
             self.deferred_flushes.push(key);
         }
-        if streaming && link.io.bytes_written() > written {
-            // The slave is draining its snapshot (it sends nothing meanwhile).
-            self.feed(Event::SnapshotProgress { peer: id });
-        }
+        // Reported only when the slave drained something: that is hearing
+        // from it (it sends nothing meanwhile), and the write throttle paces
+        // writes to the stream's progress.
+        let progress = link
+            .snapshot_progress()
+            .filter(|_| streaming && link.io.bytes_written() > written);
         match flushed {
             Ok(Some(at_seq)) => self.feed(Event::SnapshotSent { peer: id, at_seq }),
-            Ok(None) => {}
+            Ok(None) => {
+                if let Some((at_seq, done_per_mille)) = progress {
+                    self.feed(Event::SnapshotProgress {
+                        peer: id,
+                        at_seq,
+                        done_per_mille,
+                    });
+                }
+            }
             Err(e) => self.lose_peer(key, &e.to_string()),
         }
     }
@@ -1047,7 +1078,12 @@ impl Server {
     fn settle(&mut self) -> bool {
         let mut work_left = true;
         for _ in 0..MAX_SETTLE_ROUNDS {
+            self.write_hold_until = None;
             if !self.core.batch.is_empty() {
+                let now = self.now_ms();
+                self.write_hold_until = self.role.write_hold(now);
+            }
+            if !self.core.batch.is_empty() && self.write_hold_until.is_none() {
                 let writes = self.core.take_batch();
                 self.feed(Event::ClientWrites { writes });
                 let waiters = std::mem::take(&mut self.core.batch_waiters);
@@ -1072,11 +1108,13 @@ impl Server {
             }
             // A resumed connection may have become a peer link and fed the role.
             self.run_actions();
-            if self.core.batch.is_empty()
+            // A batch held back for a snapshot is no work until the hold ends.
+            let held = self.write_hold_until.is_some();
+            if (self.core.batch.is_empty() || held)
                 && self.touched.is_empty()
                 && self.dirty_peers.is_empty()
                 && self.completions.is_empty()
-                && !self.core.udp_waiting
+                && (!self.core.udp_waiting || held)
             {
                 work_left = false;
                 break;
@@ -1107,7 +1145,8 @@ impl Server {
                 Mode::Master => String::new(),
                 Mode::Slave { master } => master.clone(),
             };
-            self.core.stats.replication = self.role.describe(&master);
+            let now = self.now_ms();
+            self.core.stats.replication = self.role.describe(&master, now);
             if let Some(f) = &self.failover {
                 let now = self.now_ms();
                 self.core.stats.replication.push_str(&f.describe(now));
@@ -1470,14 +1509,17 @@ pub const MAX_MASTER_FRAME_PAYLOAD: usize =
 
 /// Largest unsent output a replication link may hold before it is dropped.
 /// The largest legitimate burst is the backlog a slave is sent at once after a
-/// snapshot: up to 4 times `--repl-backlog-mb` of keys and values, counted
-/// twice for the encoding of small writes, plus a snapshot window and two
-/// largest frames (a PREPARE queued behind a LOG_ENTRY).
+/// snapshot: what the pinned commit log holds, up to 4 times
+/// `--repl-backlog-mb` and at least 64 MiB of keys and values, counted twice
+/// for the encoding of small writes, plus a snapshot window and two largest
+/// frames (a PREPARE queued behind a LOG_ENTRY).
 fn peer_output_limit(config: &Config) -> usize {
     let largest_frame = handler::MAX_BATCH_BYTES + 2 * config.max_value_bytes + (8 << 20);
     config
         .repl_backlog_bytes
-        .saturating_mul(8)
+        .saturating_mul(crate::replication::PIN_SLACK)
+        .max(crate::replication::PIN_FLOOR_BYTES)
+        .saturating_mul(2)
         .saturating_add(2 * largest_frame)
         .saturating_add(peer::SNAPSHOT_LOW_WATER_BYTES)
 }

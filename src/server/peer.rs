@@ -442,6 +442,13 @@ impl PeerLink {
         ))
     }
 
+    /// The snapshot being streamed, if any: its sequence number and the
+    /// thousandths of the store copied into the stream so far.
+    pub fn snapshot_progress(&self) -> Option<(u64, u64)> {
+        let s = self.snapshot.as_ref()?;
+        Some((s.at_seq, s.copy.scanned_per_mille()))
+    }
+
     /// `key` is about to change in `store`: preserve what the snapshot must send.
     pub fn before_write(&mut self, store: &Store, key: &[u8]) {
         if let Some(snapshot) = self.snapshot.as_mut() {

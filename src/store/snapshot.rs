@@ -160,6 +160,12 @@ impl ShardCopy {
         self.bytes.capacity()
     }
 
+    /// Thousandths of the shards the scan has copied (shards hold about equal
+    /// parts of the keys: they are picked by hash).
+    pub fn scanned_per_mille(&self) -> u64 {
+        (self.scan * 1000 / SHARDS) as u64
+    }
+
     /// Entries copied so far.
     pub fn entries(&self) -> u64 {
         self.entries

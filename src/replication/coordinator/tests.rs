@@ -549,22 +549,44 @@ fn an_uncovered_slave_gets_a_snapshot_and_nothing_overtakes_it() {
     ));
 }
 
+/// The retry timer of `peer`'s snapshot, if `actions` arm it.
+fn retry_timer(actions: &[Action], peer: u64) -> Option<u64> {
+    actions.iter().find_map(|a| match a {
+        Action::SetTimer {
+            timer: TimerId::SnapshotRetry(p),
+            at_ms,
+        } if *p == PeerId(peer) => Some(*at_ms),
+        _ => None,
+    })
+}
+
+fn starts_snapshot(actions: &[Action]) -> Option<u64> {
+    actions.iter().find_map(|a| match a {
+        Action::StartSnapshot { at_seq, .. } => Some(*at_seq),
+        _ => None,
+    })
+}
+
+/// Commit `n` one-write transactions at `now` (no slave votes on them).
+fn commit_writes(c: &mut Coordinator, now: u64, n: u64) {
+    for i in 0..n {
+        c.handle(now, writes(1000 + i, &["a"]));
+    }
+    let lsn = c.last_lsn;
+    c.handle(now, Event::Persisted { lsn });
+    drain(c);
+}
+
 #[test]
-fn a_snapshot_outrun_by_the_log_is_restarted() {
+fn a_snapshot_outrun_by_the_log_is_restarted_after_a_backoff() {
     let mut c = with_slaves(&[]);
     c.handle(0, writes(1, &["a"]));
     c.handle(0, Event::Persisted { lsn: 1 });
     c.handle(0, register(7, 5)); // ahead of the master: snapshot
-    assert!(drain(&mut c).contains(&Action::StartSnapshot {
-        peer: PeerId(7),
-        at_seq: 1
-    }));
+    assert_eq!(starts_snapshot(&drain(&mut c)), Some(1));
     // More commits than even the pinned log keeps (4 x its capacity of 4).
-    for i in 0..20 {
-        c.handle(1, writes(10 + i, &["a"]));
-    }
-    c.handle(1, Event::Persisted { lsn: 21 });
-    drain(&mut c);
+    commit_writes(&mut c, 1, 20);
+    assert_eq!(c.commit_seq(), 21);
     c.handle(
         2,
         Event::SnapshotSent {
@@ -572,10 +594,245 @@ fn a_snapshot_outrun_by_the_log_is_restarted() {
             at_seq: 1,
         },
     );
-    assert!(drain(&mut c).contains(&Action::StartSnapshot {
+    let actions = drain(&mut c);
+    assert_eq!(starts_snapshot(&actions), None, "not at once: {actions:?}");
+    assert_eq!(c.snapshot_restarts(), 1);
+    // The slave hears heartbeats while it waits (it would give up on a silent master).
+    assert_eq!(
+        sends_to(&actions, 7),
+        vec![PeerMessage::Heartbeat {
+            seq: 21,
+            stamp: 0,
+            lease_ms: 0,
+            poll: true,
+        }]
+    );
+    assert_eq!(retry_timer(&actions, 7), Some(102), "next heartbeat");
+    // Commits meanwhile are not pinned for the waiting slave.
+    commit_writes(&mut c, 50, 20);
+    c.handle(
+        102,
+        Event::TimerFired {
+            timer: TimerId::SnapshotRetry(PeerId(7)),
+        },
+    );
+    let actions = drain(&mut c);
+    assert_eq!(starts_snapshot(&actions), None);
+    assert_eq!(
+        sends_to(&actions, 7),
+        vec![PeerMessage::Heartbeat {
+            seq: 41,
+            stamp: 0,
+            lease_ms: 0,
+            poll: true,
+        }]
+    );
+    assert_eq!(retry_timer(&actions, 7), Some(202));
+    // The backoff (500 ms) is over: a snapshot of the present.
+    c.handle(
+        502,
+        Event::TimerFired {
+            timer: TimerId::SnapshotRetry(PeerId(7)),
+        },
+    );
+    assert_eq!(starts_snapshot(&drain(&mut c)), Some(41));
+    // Outrun again: the backoff doubles.
+    commit_writes(&mut c, 503, 20);
+    c.handle(
+        600,
+        Event::SnapshotSent {
+            peer: PeerId(7),
+            at_seq: 41,
+        },
+    );
+    let actions = drain(&mut c);
+    assert_eq!(starts_snapshot(&actions), None);
+    assert_eq!(c.snapshot_restarts(), 2);
+    c.handle(
+        1_599,
+        Event::TimerFired {
+            timer: TimerId::SnapshotRetry(PeerId(7)),
+        },
+    );
+    assert_eq!(starts_snapshot(&drain(&mut c)), None, "1000 ms backoff");
+    c.handle(
+        1_600,
+        Event::TimerFired {
+            timer: TimerId::SnapshotRetry(PeerId(7)),
+        },
+    );
+    assert_eq!(starts_snapshot(&drain(&mut c)), Some(61));
+    // A third snapshot the log covers finishes the catch-up.
+    commit_writes(&mut c, 1_601, 3);
+    c.handle(
+        1_700,
+        Event::SnapshotSent {
+            peer: PeerId(7),
+            at_seq: 61,
+        },
+    );
+    let sent = sends_to(&drain(&mut c), 7);
+    assert_eq!(sent.last(), Some(&PeerMessage::CaughtUp { seq: 64 }));
+    assert_eq!(c.snapshot_restarts(), 2);
+}
+
+#[test]
+fn a_slave_that_leaves_during_the_backoff_gets_no_snapshot() {
+    let mut c = with_slaves(&[]);
+    c.handle(0, writes(1, &["a"]));
+    c.handle(0, Event::Persisted { lsn: 1 });
+    c.handle(0, register(7, 5));
+    drain(&mut c);
+    commit_writes(&mut c, 1, 20);
+    c.handle(
+        2,
+        Event::SnapshotSent {
+            peer: PeerId(7),
+            at_seq: 1,
+        },
+    );
+    drain(&mut c);
+    c.handle(3, Event::PeerLost { peer: PeerId(7) });
+    drain(&mut c);
+    c.handle(
+        600,
+        Event::TimerFired {
+            timer: TimerId::SnapshotRetry(PeerId(7)),
+        },
+    );
+    let actions = drain(&mut c);
+    assert!(actions.is_empty(), "{actions:?}");
+}
+
+#[test]
+fn a_sent_snapshot_gives_the_slave_time_to_read_the_backlog() {
+    let mut c = with_slaves(&[]);
+    c.handle(0, writes(1, &["a"]));
+    c.handle(0, Event::Persisted { lsn: 1 });
+    c.handle(0, register(7, 5));
+    drain(&mut c);
+    commit_writes(&mut c, 1, 3);
+    c.handle(
+        10,
+        Event::SnapshotSent {
+            peer: PeerId(7),
+            at_seq: 1,
+        },
+    );
+    drain(&mut c);
+    // Up to 1 MiB of chunks and a tiny backlog ahead of its answer: 2 x 250 ms.
+    assert_eq!(
+        c.members().get(PeerId(7)).map(|s| s.last_heard_ms),
+        Some(510)
+    );
+}
+
+/// A coordinator streaming a snapshot at seq 1 to slave 7, with a log of
+/// capacity 4 (pinned: 16 transactions; 4 of them are a quarter).
+fn snapshotting() -> Coordinator {
+    let mut c = with_slaves(&[]);
+    c.handle(0, writes(1, &["a"]));
+    c.handle(0, Event::Persisted { lsn: 1 });
+    c.handle(0, register(7, 5));
+    assert_eq!(starts_snapshot(&drain(&mut c)), Some(1));
+    c
+}
+
+fn progress(done_per_mille: u64) -> Event {
+    Event::SnapshotProgress {
         peer: PeerId(7),
-        at_seq: 21
-    }));
+        at_seq: 1,
+        done_per_mille,
+    }
+}
+
+#[test]
+fn writes_are_held_back_for_a_snapshot_past_a_quarter_of_the_pinned_log() {
+    let mut c = snapshotting();
+    assert_eq!(c.write_hold(1), None, "an empty log holds nothing back");
+    commit_writes(&mut c, 1, 3);
+    assert_eq!(c.write_hold(1), None, "3 of 16: below a quarter");
+    commit_writes(&mut c, 1, 1);
+    assert_eq!(
+        c.write_hold(2),
+        Some(52),
+        "a quarter: held for 50 ms at most"
+    );
+    assert_eq!(c.write_hold(30), Some(52), "the hold keeps its start");
+    assert_eq!(c.write_throttle_ms(30), 28);
+    assert_eq!(c.write_hold(52), None, "the hold bound lets the batch go");
+    assert_eq!(c.write_throttle_ms(60), 50);
+    // Progress raises the allowance: half streamed, half the pinned log.
+    c.handle(60, progress(500));
+    assert_eq!(c.write_hold(60), None, "4 of 8 allowed");
+    commit_writes(&mut c, 60, 4);
+    assert_eq!(c.write_hold(61), Some(111), "8 of 8 allowed");
+    c.handle(70, progress(750));
+    assert_eq!(c.write_hold(70), None, "8 of 10 allowed");
+    assert_eq!(c.write_throttle_ms(70), 59);
+    // Progress never moves back, and a report for another snapshot is ignored.
+    c.handle(71, progress(100));
+    c.handle(
+        71,
+        Event::SnapshotProgress {
+            peer: PeerId(7),
+            at_seq: 99,
+            done_per_mille: 0,
+        },
+    );
+    assert_eq!(c.write_hold(71), None);
+}
+
+#[test]
+fn a_stalled_snapshot_or_a_broken_pin_holds_no_writes() {
+    let mut c = snapshotting();
+    commit_writes(&mut c, 1, 6);
+    assert!(c.write_hold(10).is_some());
+    assert_eq!(c.write_hold(60), None);
+    assert!(
+        c.write_hold(2_999).is_some(),
+        "started at 0: not stalled yet"
+    );
+    assert_eq!(c.write_hold(3_049), None);
+    // No progress for 3 s: the slave is not reading; writes go on.
+    assert_eq!(c.write_hold(3_050), None);
+    c.handle(3_100, progress(10));
+    assert!(c.write_hold(3_100).is_some(), "streaming again");
+    // Past the pinned bounds the log wrapped: the snapshot is lost anyway.
+    commit_writes(&mut c, 3_101, 11);
+    assert!(!c.log.pin_holds());
+    assert_eq!(c.write_hold(3_102), None);
+}
+
+#[test]
+fn the_hold_bound_doubles_with_each_restart_up_to_four_times() {
+    let mut c = snapshotting();
+    let mut now = 1;
+    let mut at_seq = 1;
+    for (restart, hold_ms) in [(0, 50), (1, 100), (2, 200), (3, 200)] {
+        assert_eq!(c.snapshot_restarts(), restart);
+        commit_writes(&mut c, now, 4);
+        assert_eq!(c.write_hold(now), Some(now + hold_ms), "restart {restart}");
+        assert_eq!(c.write_hold(now + hold_ms), None);
+        // Outrun the snapshot, then let the backoff run out.
+        commit_writes(&mut c, now, 20);
+        c.handle(
+            now,
+            Event::SnapshotSent {
+                peer: PeerId(7),
+                at_seq,
+            },
+        );
+        drain(&mut c);
+        now += 10_000;
+        c.handle(
+            now,
+            Event::TimerFired {
+                timer: TimerId::SnapshotRetry(PeerId(7)),
+            },
+        );
+        at_seq = starts_snapshot(&drain(&mut c)).expect("a new snapshot");
+    }
 }
 
 #[test]
@@ -1594,7 +1851,14 @@ fn a_snapshot_receiver_that_drains_is_kept_however_long_it_takes() {
     let timeout = config().peer_timeout_ms;
     // The link reports progress now and then; the slave itself says nothing.
     for t in (1..=10).map(|i| i * timeout / 2) {
-        c.handle(t, Event::SnapshotProgress { peer: PeerId(7) });
+        c.handle(
+            t,
+            Event::SnapshotProgress {
+                peer: PeerId(7),
+                at_seq: 1,
+                done_per_mille: 500,
+            },
+        );
         let actions = heartbeat_timer(&mut c, t + timeout / 4);
         assert!(
             !actions.contains(&Action::Disconnect { peer: PeerId(7) }),
@@ -1615,7 +1879,14 @@ fn a_snapshot_receiver_that_drains_is_kept_however_long_it_takes() {
 fn a_snapshot_receiver_that_drains_nothing_for_the_peer_timeout_is_evicted() {
     let mut c = streaming_to_7();
     let timeout = config().peer_timeout_ms;
-    c.handle(100, Event::SnapshotProgress { peer: PeerId(7) });
+    c.handle(
+        100,
+        Event::SnapshotProgress {
+            peer: PeerId(7),
+            at_seq: 1,
+            done_per_mille: 500,
+        },
+    );
     // Exactly the timeout since the last progress: not yet.
     let actions = heartbeat_timer(&mut c, 100 + timeout);
     assert!(!actions.contains(&Action::Disconnect { peer: PeerId(7) }));
@@ -1644,7 +1915,14 @@ fn a_snapshot_receiver_that_drains_nothing_for_the_peer_timeout_is_evicted() {
     c.handle(1_200, Event::PeerLost { peer: PeerId(7) });
     assert!(c.members().get(PeerId(7)).is_none());
     // Progress reported late for the link that is gone changes nothing.
-    c.handle(1_201, Event::SnapshotProgress { peer: PeerId(7) });
+    c.handle(
+        1_201,
+        Event::SnapshotProgress {
+            peer: PeerId(7),
+            at_seq: 1,
+            done_per_mille: 500,
+        },
+    );
     assert!(drain(&mut c).is_empty());
 }
 
@@ -1665,8 +1943,17 @@ fn snapshot_progress_counts_only_while_the_snapshot_streams() {
     );
     // Bytes of the last chunks still draining are not the tailing slave's
     // answer: only its own messages keep it, as for any tailing slave.
-    c.handle(900, Event::SnapshotProgress { peer: PeerId(7) });
-    let actions = heartbeat_timer(&mut c, 10 + config().peer_timeout_ms + 1);
+    // (It is granted time to read the backlog queued behind the snapshot,
+    // well under a second here, before its silence counts.)
+    c.handle(
+        1_510,
+        Event::SnapshotProgress {
+            peer: PeerId(7),
+            at_seq: 1,
+            done_per_mille: 500,
+        },
+    );
+    let actions = heartbeat_timer(&mut c, 2_010);
     assert!(
         actions.contains(&Action::Disconnect { peer: PeerId(7) }),
         "{actions:?}"
