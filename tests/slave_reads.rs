@@ -258,3 +258,49 @@ fn a_slave_that_keeps_the_others_waiting_is_evicted_as_lagging() {
             .is_some_and(|s| s.state == "in-sync")
     });
 }
+
+/// One RESP command over a fresh connection; the raw reply.
+fn resp(server: &ServerProcess, args: &[&str]) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut out = format!("*{}\r\n", args.len());
+    for a in args {
+        out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    stream.write_all(out.as_bytes()).expect("send");
+    let mut buf = [0u8; 512];
+    let n = std::io::Read::read(&mut stream, &mut buf).expect("reply");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Without its master a slave refuses reads in both protocols, as a Redis
+/// replica with `replica-serve-stale-data no` does; `--serve-stale-reads`
+/// keeps serving them.
+#[test]
+fn without_its_master_a_slave_refuses_reads_unless_it_serves_stale_ones() {
+    let mut master = ServerProcess::start(&[]);
+    let strict = ServerProcess::start_slave(&master, &[]);
+    let stale = ServerProcess::start_slave(&master, &["--serve-stale-reads"]);
+    wait_in_sync(&master, 2);
+    master.client(Transport::Tcp).put(b"k", b"v").expect("put");
+    wait_until("the strict slave serves the write", SYNC_LIMIT, || {
+        resp(&strict, &["GET", "k"]) == "$1\r\nv\r\n"
+    });
+    master.kill9();
+    wait_until("the strict slave refuses reads", SYNC_LIMIT, || {
+        resp(&strict, &["GET", "k"])
+            == "-MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.\r\n"
+    });
+    assert!(strict.stats().num("reads_refused") >= 1);
+    // PING and INFO still answer.
+    assert_eq!(resp(&strict, &["PING"]), "+PONG\r\n");
+    assert!(resp(&strict, &["INFO", "replication"]).contains("role:slave"));
+    assert_eq!(resp(&stale, &["GET", "k"]), "$1\r\nv\r\n");
+    let served = stale
+        .own_reads_client(Transport::Udp)
+        .get(b"k")
+        .expect("a stale-reads slave serves reads without its master");
+    assert_eq!(served.map(|v| v.value), Some(b"v".to_vec()));
+}
