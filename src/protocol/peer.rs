@@ -566,6 +566,16 @@ impl PeerMessage {
         }
     }
 
+    /// The master's periodic heartbeat to a slave, which the slave answers.
+    pub fn poll(seq: u64) -> PeerMessage {
+        PeerMessage::Heartbeat {
+            seq,
+            stamp: 0,
+            lease_ms: 0,
+            poll: true,
+        }
+    }
+
     /// The sequence number carried in the header's version field.
     pub fn header_seq(&self) -> u64 {
         match self {

@@ -1214,15 +1214,7 @@ impl Coordinator {
     /// or when the backoff ends.
     fn retry_snapshot_later(&mut self, now_ms: u64, peer: PeerId, retry_at_ms: u64) {
         let seq = self.released_seq;
-        self.send(
-            peer,
-            PeerMessage::Heartbeat {
-                seq,
-                stamp: 0,
-                lease_ms: 0,
-                poll: true,
-            },
-        );
+        self.send(peer, PeerMessage::poll(seq));
         let next = now_ms
             .saturating_add(self.config.heartbeat_interval_ms.max(1))
             .min(retry_at_ms);
@@ -1590,15 +1582,7 @@ impl Coordinator {
                 }
                 let seq = self.released_seq;
                 for peer in live {
-                    self.send(
-                        peer,
-                        PeerMessage::Heartbeat {
-                            seq,
-                            stamp: 0,
-                            lease_ms: 0,
-                            poll: true,
-                        },
-                    );
+                    self.send(peer, PeerMessage::poll(seq));
                 }
                 self.end_probations(now_ms);
                 let reason = format!("silent for {} ms", self.config.peer_timeout_ms);

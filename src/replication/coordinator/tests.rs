@@ -598,15 +598,7 @@ fn a_snapshot_outrun_by_the_log_is_restarted_after_a_backoff() {
     assert_eq!(starts_snapshot(&actions), None, "not at once: {actions:?}");
     assert_eq!(c.snapshot_restarts(), 1);
     // The slave hears heartbeats while it waits (it would give up on a silent master).
-    assert_eq!(
-        sends_to(&actions, 7),
-        vec![PeerMessage::Heartbeat {
-            seq: 21,
-            stamp: 0,
-            lease_ms: 0,
-            poll: true,
-        }]
-    );
+    assert_eq!(sends_to(&actions, 7), vec![PeerMessage::poll(21)]);
     assert_eq!(retry_timer(&actions, 7), Some(102), "next heartbeat");
     // Commits meanwhile are not pinned for the waiting slave.
     commit_writes(&mut c, 50, 20);
@@ -618,15 +610,7 @@ fn a_snapshot_outrun_by_the_log_is_restarted_after_a_backoff() {
     );
     let actions = drain(&mut c);
     assert_eq!(starts_snapshot(&actions), None);
-    assert_eq!(
-        sends_to(&actions, 7),
-        vec![PeerMessage::Heartbeat {
-            seq: 41,
-            stamp: 0,
-            lease_ms: 0,
-            poll: true,
-        }]
-    );
+    assert_eq!(sends_to(&actions, 7), vec![PeerMessage::poll(41)]);
     assert_eq!(retry_timer(&actions, 7), Some(202));
     // The backoff (500 ms) is over: a snapshot of the present.
     c.handle(
@@ -925,15 +909,7 @@ fn heartbeats_go_out_and_silent_slaves_are_evicted() {
         },
     );
     let actions = drain(&mut c);
-    assert_eq!(
-        sends_to(&actions, 1),
-        vec![PeerMessage::Heartbeat {
-            seq: 0,
-            stamp: 0,
-            lease_ms: 0,
-            poll: true,
-        }]
-    );
+    assert_eq!(sends_to(&actions, 1), vec![PeerMessage::poll(0)]);
     assert!(actions.contains(&Action::Disconnect { peer: PeerId(2) }));
     assert!(actions.contains(&Action::SetTimer {
         timer: TimerId::Heartbeat,

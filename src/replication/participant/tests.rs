@@ -20,16 +20,6 @@ fn from_master(msg: PeerMessage) -> Event {
     Event::Message { peer: M, msg }
 }
 
-/// The master's periodic heartbeat, which the slave must answer.
-fn poll(seq: u64) -> PeerMessage {
-    PeerMessage::Heartbeat {
-        seq,
-        stamp: 0,
-        lease_ms: 0,
-        poll: true,
-    }
-}
-
 fn sends(actions: &[Action]) -> Vec<PeerMessage> {
     actions
         .iter()
@@ -597,7 +587,7 @@ fn a_long_doubt_triggers_an_outcome_query() {
 #[test]
 fn heartbeats_are_answered_with_the_position() {
     let mut p = following(4);
-    p.handle(0, from_master(poll(9)));
+    p.handle(0, from_master(PeerMessage::poll(9)));
     assert_eq!(
         sends(&drain(&mut p)),
         vec![PeerMessage::Heartbeat {
@@ -750,7 +740,7 @@ fn a_silent_master_is_dropped_and_redialed() {
     let mut p = following(0);
     let silence = config().master_silence_ms;
     // A heartbeat halfway keeps the link: the timer moves to the new deadline.
-    p.handle(silence / 2, from_master(poll(0)));
+    p.handle(silence / 2, from_master(PeerMessage::poll(0)));
     drain(&mut p);
     p.handle(
         silence,
@@ -822,7 +812,7 @@ fn without_consent_a_slave_keeps_its_data_against_another_history() {
     p.handle(0, Event::Connected { peer: M });
     p.handle(0, registered(H2, CatchUp::Diverged));
     assert_eq!(p.link(), LinkState::Diverged(M));
-    p.handle(1, from_master(poll(3)));
+    p.handle(1, from_master(PeerMessage::poll(3)));
     assert_eq!(
         sends(&drain(&mut p)),
         vec![
@@ -878,7 +868,7 @@ fn grant(stamp: u64, lease_ms: u32) -> Event {
 fn a_lease_runs_from_the_stamp_it_answers_not_from_its_arrival() {
     let mut p = following(0);
     assert_eq!(p.read_lease_until(), None, "no lease before a grant");
-    p.handle(100, from_master(poll(0)));
+    p.handle(100, from_master(PeerMessage::poll(0)));
     let answer = sends(&drain(&mut p));
     assert_eq!(
         answer,
@@ -945,7 +935,7 @@ fn a_slave_serving_stale_reads_asks_for_no_lease() {
     p.handle(0, registered(H, CatchUp::Log { from_seq: 0 }));
     p.handle(0, from_master(PeerMessage::CaughtUp { seq: 0 }));
     drain(&mut p);
-    p.handle(5, from_master(poll(0)));
+    p.handle(5, from_master(PeerMessage::poll(0)));
     assert!(matches!(
         sends(&drain(&mut p))[..],
         [PeerMessage::Heartbeat { lease_ms: 0, .. }]
