@@ -191,6 +191,8 @@ struct KeyWrites {
     acked_from: Vec<(Nanos, u64)>,
     /// Invoke times of DELETEs with unknown outcome that no read pinned down.
     unknown_deletes: Vec<Nanos>,
+    /// Acknowledged writes as (completion, version), by completion.
+    acked_by_complete: Vec<(Nanos, u64)>,
 }
 
 impl KeyWrites {
@@ -241,7 +243,14 @@ impl KeyWrites {
             }
             acked_from[i] = best;
         }
+        let mut acked_by_complete: Vec<(Nanos, u64)> = writes
+            .iter()
+            .filter(|w| w.acked)
+            .map(|w| (w.complete, w.version))
+            .collect();
+        acked_by_complete.sort_unstable();
         KeyWrites {
+            acked_by_complete,
             by_version: writes,
             versions,
             absent,
@@ -272,6 +281,12 @@ impl KeyWrites {
 
     /// The earliest acknowledged write with a version above `position`:
     /// (acknowledged at, version).
+    /// The first acknowledgement of a write after time `t`: (when, version).
+    fn first_ack_after_time(&self, t: Nanos) -> Option<(Nanos, u64)> {
+        let n = self.acked_by_complete.partition_point(|&(c, _)| c <= t);
+        self.acked_by_complete.get(n).copied()
+    }
+
     fn first_acked_after(&self, position: u64) -> Option<(Nanos, u64)> {
         let n = self.by_version.partition_point(|w| w.version <= position);
         self.acked_from
@@ -632,7 +647,25 @@ fn check_reads(
         positions[i] = position;
         if !at_master {
             // How long ago a newer state of the key had been acknowledged.
-            if let Some((acked_at, missed)) = kw.first_acked_after(last)
+            let mut newer = kw.first_acked_after(last);
+            if read.version.is_none()
+                && let Some(deleted) = kw
+                    .unknown_deletes
+                    .iter()
+                    .copied()
+                    .filter(|&t| t < read.op.complete)
+                    .max()
+            {
+                // A DELETE of unknown outcome invoked before the read ended may
+                // be what it saw (applied at its invocation at the earliest):
+                // then only writes acknowledged after that are newer. The
+                // kinder of the two explanations is taken, as for the history.
+                newer = match kw.first_ack_after_time(deleted) {
+                    None => None,
+                    Some(alt) => Some(newer.map_or(alt, |n| if alt.0 > n.0 { alt } else { n })),
+                };
+            }
+            if let Some((acked_at, missed)) = newer
                 && acked_at < read.op.invoke
             {
                 let nanos = read.op.invoke - acked_at;
@@ -1073,6 +1106,33 @@ mod tests {
         h.put(1, "a", (0, 10), 10)
             .get_at(S0, 1, (500, 501), Some(("a", 10)));
         assert!(check(&h.ops).worst_staleness.is_empty());
+    }
+
+    #[test]
+    fn an_absent_slave_read_an_unknown_delete_explains_is_measured_from_that_delete() {
+        // Deleted (acknowledged), put again, then a DELETE whose answer never
+        // came: an absent read long after may show that last DELETE, so it
+        // is not stale, though the older deletion alone would make it so.
+        let mut h = H::new();
+        h.put(1, "a", (0, 1), 10)
+            .delete(1, (2, 3), 11)
+            .put(1, "b", (4, 5), 12)
+            .op(
+                Node::Master,
+                1,
+                Request::Delete,
+                (6, 7),
+                Outcome::Unknown("closed".into()),
+            )
+            .get_at(S0, 1, (1_000, 1_001), None);
+        let out = check(&h.ops);
+        assert!(out.violations.is_empty(), "{:?}", out.violations);
+        assert!(out.worst_staleness.is_empty(), "{:?}", out.worst_staleness);
+        // A write acknowledged after that DELETE makes the absence stale again.
+        h.put(1, "c", (8, 9), 13)
+            .get_at(S0, 1, (1_500, 1_501), None);
+        let out = check(&h.ops);
+        assert_eq!(out.worst_staleness[&S0].nanos, (1_500 - 9) * MS);
     }
 
     #[test]
