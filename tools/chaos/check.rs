@@ -189,14 +189,20 @@ struct KeyWrites {
     /// Per index of `by_version`: the earliest acknowledgement among the
     /// acknowledged writes at that index or after.
     acked_from: Vec<(Nanos, u64)>,
-    /// Invoke times of DELETEs with unknown outcome that no read pinned down.
-    unknown_deletes: Vec<Nanos>,
-    /// Acknowledged writes as (completion, version), by completion.
-    acked_by_complete: Vec<(Nanos, u64)>,
+    /// DELETEs with unknown outcome that no read pinned down: (invoke, when
+    /// the client saw the failure), the span it may have been applied in.
+    unknown_deletes: Vec<(Nanos, Nanos)>,
+    /// Acknowledged writes by invocation: (invoke, the earliest
+    /// acknowledgement (time, version) among this and every later-invoked one).
+    acked_by_invoke: Vec<(Nanos, (Nanos, u64))>,
 }
 
 impl KeyWrites {
-    fn new(mut writes: Vec<Write>, present_seen: &[u64], unknown_deletes: Vec<Nanos>) -> KeyWrites {
+    fn new(
+        mut writes: Vec<Write>,
+        present_seen: &[u64],
+        unknown_deletes: Vec<(Nanos, Nanos)>,
+    ) -> KeyWrites {
         writes.sort_by_key(|w| (w.version, w.invoke));
         let mut versions: Vec<u64> = writes.iter().map(|w| w.version).collect();
         versions.dedup();
@@ -243,14 +249,21 @@ impl KeyWrites {
             }
             acked_from[i] = best;
         }
-        let mut acked_by_complete: Vec<(Nanos, u64)> = writes
+        let mut acked_by_invoke: Vec<(Nanos, (Nanos, u64))> = writes
             .iter()
             .filter(|w| w.acked)
-            .map(|w| (w.complete, w.version))
+            .map(|w| (w.invoke, (w.complete, w.version)))
             .collect();
-        acked_by_complete.sort_unstable();
+        acked_by_invoke.sort_unstable();
+        let mut earliest = (UNBOUNDED, 0);
+        for entry in acked_by_invoke.iter_mut().rev() {
+            if entry.1.0 < earliest.0 {
+                earliest = entry.1;
+            }
+            entry.1 = earliest;
+        }
         KeyWrites {
-            acked_by_complete,
+            acked_by_invoke,
             by_version: writes,
             versions,
             absent,
@@ -281,10 +294,11 @@ impl KeyWrites {
 
     /// The earliest acknowledged write with a version above `position`:
     /// (acknowledged at, version).
-    /// The first acknowledgement of a write after time `t`: (when, version).
-    fn first_ack_after_time(&self, t: Nanos) -> Option<(Nanos, u64)> {
-        let n = self.acked_by_complete.partition_point(|&(c, _)| c <= t);
-        self.acked_by_complete.get(n).copied()
+    /// The earliest acknowledgement (when, version) of a write invoked after
+    /// time `t`: such a write was applied after anything applied before `t`.
+    fn first_ack_of_write_invoked_after(&self, t: Nanos) -> Option<(Nanos, u64)> {
+        let n = self.acked_by_invoke.partition_point(|&(i, _)| i <= t);
+        self.acked_by_invoke.get(n).map(|&(_, ack)| ack)
     }
 
     fn first_acked_after(&self, position: u64) -> Option<(Nanos, u64)> {
@@ -439,7 +453,7 @@ pub fn check(ops: &[Op]) -> CheckOutcome {
 
     // Per key: the writes with known versions, and the reads.
     let mut writes: BTreeMap<u32, Vec<Write>> = BTreeMap::new();
-    let mut unknown_deletes: BTreeMap<u32, Vec<Nanos>> = BTreeMap::new();
+    let mut unknown_deletes: BTreeMap<u32, Vec<(Nanos, Nanos)>> = BTreeMap::new();
     let mut reads: BTreeMap<(u32, Node), Vec<Read<'_>>> = BTreeMap::new();
     for (i, op) in ops.iter().enumerate() {
         let delete = op.request == Request::Delete;
@@ -462,7 +476,10 @@ pub fn check(ops: &[Op]) -> CheckOutcome {
                     .entry(op.key)
                     .or_default()
                     .push(write(v, false, UNBOUNDED)),
-                None if delete => unknown_deletes.entry(op.key).or_default().push(op.invoke),
+                None if delete => unknown_deletes
+                    .entry(op.key)
+                    .or_default()
+                    .push((op.invoke, op.complete)),
                 None => {}
             },
             (Outcome::Found { version, .. }, _) => {
@@ -618,7 +635,11 @@ fn check_reads(
             }
             None => match kw.lowest_absent(lo, ceiling) {
                 Some(position) => (position, kw.last_absent_until(ceiling).1),
-                None if kw.unknown_deletes.iter().any(|&t| t < read.op.complete) => {
+                None if kw
+                    .unknown_deletes
+                    .iter()
+                    .any(|&(t, _)| t < read.op.complete) =>
+                {
                     // A DELETE that may have been applied explains it; where it
                     // would sit is unknown, so nothing follows for later reads.
                     out.lenient_absent_reads += 1;
@@ -652,17 +673,19 @@ fn check_reads(
                 && let Some(deleted) = kw
                     .unknown_deletes
                     .iter()
-                    .copied()
-                    .filter(|&t| t < read.op.complete)
+                    .filter(|&&(t, _)| t < read.op.complete)
+                    .map(|&(_, failed)| failed.min(read.op.complete))
                     .max()
             {
                 // A DELETE of unknown outcome invoked before the read ended may
-                // be what it saw (applied at its invocation at the earliest):
-                // then only writes acknowledged after that are newer. The
-                // kinder of the two explanations is taken, as for the history.
-                newer = match kw.first_ack_after_time(deleted) {
-                    None => None,
-                    Some(alt) => Some(newer.map_or(alt, |n| if alt.0 > n.0 { alt } else { n })),
+                // be what it saw, applied as late as the client saw it fail (or
+                // the read ended): only a write invoked after that is surely
+                // newer. The kinder of the two explanations is taken, as for
+                // the history.
+                newer = match (newer, kw.first_ack_of_write_invoked_after(deleted)) {
+                    (Some(n), Some(alt)) => Some(if alt.0 > n.0 { alt } else { n }),
+                    // Either explanation leaves nothing newer: not stale.
+                    _ => None,
                 };
             }
             if let Some((acked_at, missed)) = newer
@@ -1133,6 +1156,26 @@ mod tests {
             .get_at(S0, 1, (1_500, 1_501), None);
         let out = check(&h.ops);
         assert_eq!(out.worst_staleness[&S0].nanos, (1_500 - 9) * MS);
+    }
+
+    #[test]
+    fn an_old_unknown_delete_does_not_make_a_current_absence_stale() {
+        // The DELETE whose answer never came is long past; a later one was
+        // acknowledged, and the absent read shows that one: not stale.
+        let mut h = H::new();
+        h.op(
+            Node::Master,
+            1,
+            Request::Delete,
+            (0, 1),
+            Outcome::Unknown("closed".into()),
+        )
+        .put(1, "a", (2, 3), 10)
+        .delete(1, (4, 5), 11)
+        .get_at(S0, 1, (1_000, 1_001), None);
+        let out = check(&h.ops);
+        assert!(out.violations.is_empty(), "{:?}", out.violations);
+        assert!(out.worst_staleness.is_empty(), "{:?}", out.worst_staleness);
     }
 
     #[test]

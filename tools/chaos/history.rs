@@ -117,3 +117,103 @@ pub struct Op {
     /// What came back.
     pub outcome: Outcome,
 }
+
+/// Read one line of a history file written by `--history` (the format of
+/// `report::write_history`), to check a history again (`--check-history`).
+pub fn parse_op(line: &str) -> Result<Op, String> {
+    let bad = |what: &str| format!("{what} in history line {line:?}");
+    let (left, outcome) = line.split_once(" -> ").ok_or_else(|| bad("no ' -> '"))?;
+    let mut parts = left.splitn(6, ' ');
+    let mut time = || -> Result<Nanos, String> {
+        let ms: f64 = parts
+            .next()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| bad("bad time"))?;
+        Ok((ms * 1e6).round() as Nanos)
+    };
+    let invoke = time()?;
+    let complete = time()?;
+    let node = match parts.next() {
+        Some("master") => Node::Master,
+        Some(n) => Node::Slave(
+            n.strip_prefix("slave")
+                .and_then(|i| i.parse().ok())
+                .ok_or_else(|| bad("bad node"))?,
+        ),
+        None => return Err(bad("no node")),
+    };
+    let client = parts
+        .next()
+        .and_then(|c| c.strip_prefix('c')?.parse().ok())
+        .ok_or_else(|| bad("bad client"))?;
+    let key = parts
+        .next()
+        .and_then(|k| k.strip_prefix('k')?.parse().ok())
+        .ok_or_else(|| bad("bad key"))?;
+    let request = match parts.next().ok_or_else(|| bad("no request"))? {
+        "GET" => Request::Get,
+        "DELETE" => Request::Delete,
+        r => match r.split_once(' ') {
+            Some(("PUT", v)) => Request::Put(v.as_bytes().to_vec()),
+            Some(("UPDATE", v)) => Request::Update(v.as_bytes().to_vec()),
+            _ => return Err(bad("bad request")),
+        },
+    };
+    let version = |v: &str| -> Result<u64, String> {
+        v.strip_prefix('v')
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad("bad version"))
+    };
+    let outcome = match outcome.split_once(' ') {
+        None if outcome == "not-found" => Outcome::NotFound,
+        Some(("written", v)) => Outcome::Written(version(v)?),
+        Some(("found", rest)) => {
+            let (value, v) = rest.rsplit_once(' ').ok_or_else(|| bad("bad found"))?;
+            Outcome::Found {
+                value: value.as_bytes().to_vec(),
+                version: version(v)?,
+            }
+        }
+        Some(("refused", why)) => Outcome::Refused(why.to_string()),
+        Some(("failed", why)) => Outcome::Failed(why.to_string()),
+        Some(("unknown", why)) => Outcome::Unknown(why.to_string()),
+        _ => return Err(bad("bad outcome")),
+    };
+    Ok(Op {
+        client,
+        node,
+        key,
+        request,
+        invoke,
+        complete,
+        outcome,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_lines_parse_back() {
+        let op = parse_op("785651.021 785652.709 master c3 k18 PUT c3-170007 -> written v371999")
+            .expect("parses");
+        assert_eq!(op.node, Node::Master);
+        assert_eq!((op.client, op.key), (3, 18));
+        assert_eq!(op.request, Request::Put(b"c3-170007".to_vec()));
+        assert_eq!(op.outcome, Outcome::Written(371_999));
+        assert_eq!(op.invoke, 785_651_021_000);
+        let op = parse_op("1.5 2.5 slave1 c5 k07 GET -> found c0-1 v9").expect("parses");
+        assert_eq!(op.node, Node::Slave(1));
+        assert_eq!(
+            op.outcome,
+            Outcome::Found {
+                value: b"c0-1".to_vec(),
+                version: 9
+            }
+        );
+        let op = parse_op("3 4 master c1 k00 DELETE -> unknown closed").expect("parses");
+        assert_eq!(op.outcome, Outcome::Unknown("closed".into()));
+        assert!(parse_op("3 4 master c1 k00 FROB -> not-found").is_err());
+    }
+}

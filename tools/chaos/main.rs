@@ -114,6 +114,10 @@ struct Args {
     /// run with `--serve-stale-reads`, which serve stale reads by design).
     #[arg(long)]
     ignore_staleness: bool,
+    /// Check a history file written by an earlier run (`--history`) again,
+    /// with this build's checker, instead of running servers.
+    #[arg(long, value_name = "FILE")]
+    check_history: Option<PathBuf>,
     /// Write the recorded history to this file (one op per line), to read
     /// after a violation. Without it, a failed run writes `history.txt` in the kept temp dir.
     #[arg(long)]
@@ -152,6 +156,16 @@ fn main() -> ExitCode {
         simplelog::ColorChoice::Never,
     )
     .unwrap_or_else(|e| eprintln!("dkvs-chaos: no logger: {e}"));
+    if let Some(path) = &args.check_history {
+        return match recheck(path, &args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("dkvs-chaos: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     cluster::catch_interrupts();
     match run(&args) {
         Ok(true) => ExitCode::SUCCESS,
@@ -161,6 +175,42 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Check a recorded history again; prints the checker's figures.
+fn recheck(path: &std::path::Path, args: &Args) -> Result<bool, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let ops = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(history::parse_op)
+        .collect::<Result<Vec<_>, _>>()?;
+    let outcome = check::check(&ops);
+    let bound = Duration::from_millis(args.max_staleness_ms);
+    println!(
+        "{}: {} operations, {} checked, {} acknowledged writes, {} lost",
+        path.display(),
+        ops.len(),
+        outcome.ops_checked,
+        outcome.acked_writes,
+        outcome.lost_writes
+    );
+    let mut stale = false;
+    for (node, worst) in &outcome.worst_staleness {
+        let over = Duration::from_nanos(worst.nanos) > bound;
+        stale |= over && !args.ignore_staleness;
+        println!(
+            "{node}: worst staleness {} ms (key {}){}",
+            worst.nanos / 1_000_000,
+            worst.key,
+            if over { ", over the bound" } else { "" }
+        );
+    }
+    for v in &outcome.violations {
+        println!("violation: {v:?}");
+    }
+    Ok(outcome.violations.is_empty() && outcome.lost_writes == 0 && !stale)
 }
 
 /// The server binary: the flag, or `dkvs-server` next to this executable.
