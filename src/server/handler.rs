@@ -1021,4 +1021,37 @@ mod tests {
         assert_eq!(out[3], Status::Redirect as u8);
         assert_eq!(out[24 + 3 + 3], Status::Redirect as u8);
     }
+
+    #[test]
+    fn auth_answers_ok_or_auth_failed_and_counts_failures() {
+        let mut core = Core::new(1 << 20, Mode::Master);
+        let mut out = Vec::new();
+        // No password: nothing needs AUTH, and AUTH itself fails.
+        assert!(!core.needs_auth(false, Opcode::Get));
+        assert!(!core.authenticate(b"x", 1, &mut out));
+        assert_eq!(out[3], Status::AuthFailed as u8);
+        assert_eq!(&out[24..], NO_PASSWORD_MESSAGE.as_bytes());
+        core.password = Some(Password::from_file_contents(b"pw\n").expect("password"));
+        assert!(core.needs_auth(false, Opcode::Get));
+        assert!(core.needs_auth(false, Opcode::Stats));
+        assert!(!core.needs_auth(false, Opcode::Ping));
+        assert!(!core.needs_auth(false, Opcode::Auth));
+        assert!(!core.needs_auth(true, Opcode::Put));
+        out.clear();
+        assert!(!core.authenticate(b"wrong", 2, &mut out));
+        assert_eq!((out[2], out[3]), (0x8B, Status::AuthFailed as u8));
+        assert_eq!(&out[24..], WRONG_PASSWORD_MESSAGE.as_bytes());
+        out.clear();
+        assert!(core.authenticate(b"pw", 3, &mut out));
+        assert_eq!((out[2], out[3], out.len()), (0x8B, Status::Ok as u8, 24));
+        assert_eq!(core.stats.auth_failures, 2);
+        out.clear();
+        core.refuse_unauthenticated(Opcode::Get, 4, &mut out);
+        assert_eq!((out[2], out[3]), (0x81, Status::NoAuth as u8));
+        assert_eq!(&out[24..], NOAUTH_MESSAGE.as_bytes());
+        out.clear();
+        // What reaches the core without a connection (UDP) cannot authenticate.
+        core.execute(Request::Auth { password: b"pw" }, 5, TARGET, &mut out);
+        assert_eq!(out[3], Status::NoAuth as u8);
+    }
 }

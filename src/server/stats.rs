@@ -146,6 +146,7 @@ impl Stats {
             Opcode::PutExpiring,
             Opcode::Expire,
             Opcode::Ttl,
+            Opcode::Auth,
         ] {
             line(
                 &format!("ops_{}", op.name()),
