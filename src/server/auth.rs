@@ -103,13 +103,16 @@ pub fn resp_allowed_before_auth(name: &str) -> bool {
     matches!(name, "auth" | "hello" | "quit")
 }
 
+/// Protected mode: whether it applies to a server bound to `bound` with
+/// `password_set`, when enabled: bound to a non-loopback address without a password.
+pub fn protected_mode_applies(enabled: bool, bound: IpAddr, password_set: bool) -> bool {
+    enabled && !password_set && !bound.to_canonical().is_loopback()
+}
+
 /// Protected mode: whether a client from `peer` is refused by a server bound
 /// to `bound` with `password_set`, when protected mode is `enabled`.
 pub fn protected_refusal(enabled: bool, bound: IpAddr, password_set: bool, peer: IpAddr) -> bool {
-    enabled
-        && !password_set
-        && !bound.to_canonical().is_loopback()
-        && !peer.to_canonical().is_loopback()
+    protected_mode_applies(enabled, bound, password_set) && !peer.to_canonical().is_loopback()
 }
 
 /// How often one refused source is logged.

@@ -848,6 +848,11 @@ impl Core {
         encode_response(out, op as u8, Status::NoAuth, request_id, 0, message);
     }
 
+    /// Protected mode: whether a client from `peer` is refused.
+    pub fn protected_mode_refuses(&self, peer: std::net::IpAddr) -> bool {
+        self.protected && !peer.to_canonical().is_loopback()
+    }
+
     /// Append the protected-mode refusal of a client's first request.
     pub fn deny(&mut self, op_byte: u8, request_id: u32, out: &mut Vec<u8>) {
         let op = if Opcode::from_u8(op_byte).is_some() {

@@ -534,11 +534,10 @@ impl Server {
         core.fsync_policy = config.fsync.name();
         core.tcp_port = addr.port();
         core.password = config.password.clone();
-        core.protected = auth::protected_refusal(
+        core.protected = auth::protected_mode_applies(
             config.protected_mode,
             addr.ip(),
             config.password.is_some(),
-            std::net::Ipv4Addr::UNSPECIFIED.into(),
         );
         let failover = config
             .failover
@@ -863,7 +862,7 @@ impl Server {
             let conn_id = self.next_conn_id;
             self.next_conn_id += 1;
             let mut connection = Connection::new(stream, peer, key, conn_id);
-            if self.core.protected && !peer.ip().to_canonical().is_loopback() {
+            if self.core.protected_mode_refuses(peer.ip()) {
                 // Answered DENIED on its first request, then closed. A peer
                 // handshake is still handed to replication, which has its own rule.
                 connection.denied = true;

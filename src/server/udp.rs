@@ -300,7 +300,7 @@ impl UdpService {
         // The caller checked that a header is there.
         let request_id = BigEndian::read_u32(&bytes[4..8]);
         let op_byte = bytes[2];
-        if core.protected && !from.ip().to_canonical().is_loopback() {
+        if core.protected_mode_refuses(from.ip()) {
             core.stats.protected_mode_refusals += 1;
             if core.denied_log.should_log(from.ip(), Instant::now()) {
                 warn!("protected mode: refused UDP requests from {}", from.ip());
