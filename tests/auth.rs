@@ -336,6 +336,39 @@ fn a_slave_replicates_from_a_master_with_a_password() {
     );
 }
 
+#[test]
+fn dkvs_load_password_file_authenticates_every_connection() {
+    // Through a slave: its redirected writes open links to the master, which authenticate too.
+    let file = PasswordFile::new(&format!("{PASSWORD}\n"), 0o600);
+    let master = start_with_password(&file, &[]);
+    let path = file.arg();
+    let slave = ServerProcess::start_slave(&master, &["--requirepass-file", &path]);
+    wait_until("the slave is in sync", Duration::from_secs(20), || {
+        stats_with_password(master.port).num("slaves_in_sync") == 1
+    });
+    for (port, protocol) in [(slave.port, "dkvs"), (master.port, "resp")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_dkvs-load"))
+            .args(["--port", &port.to_string(), "--protocol", protocol])
+            .args(["--ops", "500", "-c", "3", "--get-ratio", "0.5", "-q"])
+            .args(["--password-file", &path])
+            .output()
+            .expect("run dkvs-load");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{protocol}: {text}");
+        assert!(text.contains("errors      0"), "{protocol}: {text}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_dkvs-load"))
+        .args(["--port", &master.port.to_string(), "--ops", "10", "-q"])
+        .args(["--password-file", "/dev/null"])
+        .output()
+        .expect("run dkvs-load");
+    assert!(!out.status.success());
+    // Three connections on the master, three on the slave and their three master links.
+    let stats = stats_with_password(master.port);
+    assert!(stats.num("ops_auth") >= 6, "{}", stats.num("ops_auth"));
+}
+
 // ---- RESP ----
 
 fn tool(var: &str, name: &str, install: &str) -> PathBuf {
