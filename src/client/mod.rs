@@ -63,8 +63,10 @@ impl ClientPassword {
     /// The password held by a file: its contents with one trailing line end
     /// (`\n` or `\r\n`) removed, as `dkvs-server --requirepass-file` reads it.
     pub fn from_file_contents(bytes: &[u8]) -> Result<ClientPassword, String> {
-        let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
-        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        let bytes = bytes
+            .strip_suffix(b"\r\n")
+            .or_else(|| bytes.strip_suffix(b"\n"))
+            .unwrap_or(bytes);
         if bytes.is_empty() {
             return Err("the password file is empty".into());
         }

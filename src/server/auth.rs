@@ -66,8 +66,10 @@ impl Password {
     /// The password held by a `--requirepass-file`: its contents with one
     /// trailing line end (`\n` or `\r\n`) removed. Empty is an error.
     pub fn from_file_contents(bytes: &[u8]) -> Result<Password, String> {
-        let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
-        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        let bytes = bytes
+            .strip_suffix(b"\r\n")
+            .or_else(|| bytes.strip_suffix(b"\n"))
+            .unwrap_or(bytes);
         if bytes.is_empty() {
             return Err("the password file is empty".into());
         }
