@@ -340,7 +340,11 @@ fn a_slave_replicates_from_a_master_with_a_password() {
 fn dkvs_load_password_file_authenticates_every_connection() {
     // Through a slave: its redirected writes open links to the master, which authenticate too.
     let file = PasswordFile::new(&format!("{PASSWORD}\n"), 0o600);
-    let master = start_with_password(&file, &[]);
+    // Generous timeouts: a loaded machine must not evict the slave or time requests out.
+    let master = start_with_password(
+        &file,
+        &["--tpc-timeout-ms", "10000", "--max-slave-lag-ms", "0"],
+    );
     let path = file.arg();
     let slave = ServerProcess::start_slave(&master, &["--requirepass-file", &path]);
     wait_until("the slave is in sync", Duration::from_secs(20), || {
@@ -350,12 +354,14 @@ fn dkvs_load_password_file_authenticates_every_connection() {
         let out = Command::new(env!("CARGO_BIN_EXE_dkvs-load"))
             .args(["--port", &port.to_string(), "--protocol", protocol])
             .args(["--ops", "500", "-c", "3", "--get-ratio", "0.5", "-q"])
+            .args(["--timeout-ms", "20000"])
             .args(["--password-file", &path])
             .output()
             .expect("run dkvs-load");
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{protocol}: {text}");
+        assert!(!text.contains("AUTH"), "{protocol}: {text}");
         assert!(text.contains("errors      0"), "{protocol}: {text}");
     }
     let out = Command::new(env!("CARGO_BIN_EXE_dkvs-load"))
