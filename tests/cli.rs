@@ -195,6 +195,7 @@ fn help_explains_the_flags() {
         "ping",
         "stats",
         "--op",
+        "--password-file",
         "Exit status",
     ];
     assert_help_mentions("dkvs-client", &client_words);
@@ -211,6 +212,8 @@ fn help_explains_the_flags() {
         "--tpc-timeout-ms",
         "--min-slaves",
         "--repl-backlog-mb",
+        "--requirepass-file",
+        "--protected-mode",
     ];
     assert_help_mentions("dkvs-server", &server_words);
 }

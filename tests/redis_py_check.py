@@ -3,6 +3,7 @@
 Usage:
   redis_py_check.py commands PORT PROTOCOL      every command, errors, binary values, a 10,000-command pipeline
   redis_py_check.py replicated MASTER SLAVE...  a write at the master is read at every slave
+  redis_py_check.py auth PORT PROTOCOL PASSWORD  a server with --requirepass-file: AUTH, NOAUTH, WRONGPASS
 
 PROTOCOL is 3 (redis-py's default: HELLO 3) or 2. Exits non-zero with a message on the first failure.
 """
@@ -213,10 +214,37 @@ def replicated(master_port, slave_ports):
             time.sleep(0.01)
 
 
+def auth(port, protocol, password):
+    # redis-py sends AUTH (RESP2) or HELLO 3 AUTH default PASSWORD (RESP3) first.
+    r = redis.Redis(host="127.0.0.1", port=port, protocol=protocol, password=password, socket_timeout=30)
+    expect("ping", r.ping(), True)
+    expect("set", r.set("auth:k", b"v"), True)
+    expect("get", r.get("auth:k"), b"v")
+    r = redis.Redis(host="127.0.0.1", port=port, protocol=protocol, username="default",
+                    password=password, socket_timeout=30)
+    expect("get as default", r.get("auth:k"), b"v")
+    wrong = redis.Redis(host="127.0.0.1", port=port, protocol=protocol, password=password + "x",
+                        socket_timeout=30)
+    expect_error("wrong password", wrong.ping, "invalid username-password pair",
+                 redis.AuthenticationError)
+    if protocol == 2:
+        # Without a password, commands get NOAUTH (RESP3's HELLO 3 itself is refused).
+        anonymous = redis.Redis(host="127.0.0.1", port=port, protocol=2, socket_timeout=30)
+        expect_error("no password", lambda: anonymous.get("auth:k"), "Authentication required",
+                     redis.AuthenticationError)
+    else:
+        anonymous = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
+        expect_error("no password, HELLO 3", anonymous.ping,
+                     "HELLO must be called with the client already authenticated",
+                     redis.AuthenticationError)
+
+
 def main():
     mode = sys.argv[1]
     if mode == "commands":
         commands(int(sys.argv[2]), int(sys.argv[3]))
+    elif mode == "auth":
+        auth(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
     elif mode == "replicated":
         replicated(int(sys.argv[2]), [int(p) for p in sys.argv[3:]])
     else:

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use dkvs::client::{Cas, Client, ClientConfig, ClientError, Transport, TxnOutcome};
+use dkvs::client::{Cas, Client, ClientConfig, ClientError, ClientPassword, Transport, TxnOutcome};
 use dkvs::protocol::txn::{Check, Condition, MAX_TXN_CONDITIONS, MAX_TXN_WRITES, Txn, TxnWrite};
 use dkvs::protocol::{EXPECT_ABSENT, Opcode};
 
@@ -54,6 +54,12 @@ struct Args {
     /// Time allowed for the request, retries included, in milliseconds.
     #[arg(long = "timeout-ms", default_value_t = 5000)]
     timeout_ms: u64,
+    /// File holding the server's password (`dkvs-server --requirepass-file`;
+    /// one trailing newline is dropped): the connection sends AUTH first. A
+    /// file, not a flag value, so that the password never shows in `ps`.
+    /// Over UDP a server with a password answers only PING.
+    #[arg(long = "password-file", value_name = "PATH")]
+    password_file: Option<std::path::PathBuf>,
     /// Original form: operation 0 update, 1 get, 2 delete, 3 put.
     #[arg(short = 'o', long = "op", value_parser = clap::value_parser!(u8).range(0..=3),
           requires = "key")]
@@ -166,7 +172,21 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let password = match &args.password_file {
+        None => None,
+        Some(path) => match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| ClientPassword::from_file_contents(&bytes))
+        {
+            Ok(password) => Some(password),
+            Err(e) => {
+                eprintln!("dkvs-client: --password-file {}: {e}", path.display());
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+    };
     let config = ClientConfig {
+        password,
         transport: if args.udp {
             Transport::Udp
         } else {

@@ -159,6 +159,17 @@ struct Args {
     /// passes. Without it, replication links are accepted from loopback only.
     #[arg(long = "cluster-secret-file")]
     cluster_secret_file: Option<std::path::PathBuf>,
+    /// File holding the client password (one trailing newline is dropped).
+    /// Clients must then authenticate (binary AUTH, RESP AUTH or HELLO … AUTH)
+    /// before anything but PING; over UDP only PING is served. Replication
+    /// links are not affected (see --cluster-secret-file).
+    #[arg(long = "requirepass-file")]
+    requirepass_file: Option<std::path::PathBuf>,
+    /// Protected mode: bound to a non-loopback address without
+    /// --requirepass-file, refuse clients that connect from non-loopback
+    /// addresses (RESP `-DENIED`, binary status DENIED), as Redis does.
+    #[arg(long = "protected-mode", default_value = "yes", value_parser = ["yes", "no"])]
+    protected_mode: String,
     /// TTL of the master's lease in etcd: a dead master is replaced about this
     /// long after it stopped renewing it. etcd counts in whole seconds (and at
     /// least its minimum, 2 s by default).
@@ -181,6 +192,26 @@ fn parse_cluster(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// The password in `path`; warns (never logs it) when others may read the file.
+fn read_password(path: &std::path::Path) -> Result<dkvs::server::auth::Password, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            log::warn!(
+                "--requirepass-file {}: readable or writable by group or others (mode {:o}); \
+                 chmod 600 it",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            );
+        }
+    }
+    dkvs::server::auth::Password::from_file_contents(&bytes)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Err(e) = logging::init(args.log, args.logfile.as_deref()) {
@@ -197,6 +228,17 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("dkvs-server: --cluster-secret-file {}: {e}", path.display());
                 return ExitCode::from(1);
+            }
+        },
+    };
+    let password = match &args.requirepass_file {
+        None => None,
+        Some(path) => match read_password(path) {
+            Ok(password) => Some(password),
+            Err(e) => {
+                eprintln!("dkvs-server: --requirepass-file {}: {e}", path.display());
+                // As clap does for any other bad flag.
+                return ExitCode::from(2);
             }
         },
     };
@@ -229,6 +271,8 @@ fn main() -> ExitCode {
         resync_discard_data: args.resync_discard_data,
         resp: args.resp == "on",
         cluster_secret,
+        password,
+        protected_mode: args.protected_mode == "yes",
         failover: args.cluster.map(|cluster| FailoverConfig {
             endpoints: args.etcd,
             cluster,

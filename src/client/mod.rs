@@ -43,6 +43,35 @@ pub struct ClientConfig {
     /// Over UDP, send a request again over TCP when it or its reply does not
     /// fit (a `USE_TCP` answer, or a request too large for a datagram).
     pub tcp_fallback: bool,
+    /// The server's password (`--requirepass-file`): every TCP connection,
+    /// redirect targets and reconnections included, sends AUTH with it first.
+    /// UDP cannot authenticate: a server with a password serves UDP PING only.
+    pub password: Option<ClientPassword>,
+}
+
+/// A password for AUTH; `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientPassword(pub Vec<u8>);
+
+impl fmt::Debug for ClientPassword {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientPassword(..)")
+    }
+}
+
+impl ClientPassword {
+    /// The password held by a file: its contents with one trailing line end
+    /// (`\n` or `\r\n`) removed, as `dkvs-server --requirepass-file` reads it.
+    pub fn from_file_contents(bytes: &[u8]) -> Result<ClientPassword, String> {
+        let bytes = bytes
+            .strip_suffix(b"\r\n")
+            .or_else(|| bytes.strip_suffix(b"\n"))
+            .unwrap_or(bytes);
+        if bytes.is_empty() {
+            return Err("the password file is empty".into());
+        }
+        Ok(ClientPassword(bytes.to_vec()))
+    }
 }
 
 impl Default for ClientConfig {
@@ -54,6 +83,7 @@ impl Default for ClientConfig {
             max_reply_value_bytes: DEFAULT_MAX_REPLY_VALUE_BYTES,
             max_redirects: 3,
             tcp_fallback: true,
+            password: None,
         }
     }
 }
@@ -283,7 +313,7 @@ impl Client {
     /// Connect to a resolved address.
     pub fn connect_addr(server: SocketAddr, config: ClientConfig) -> Result<Client, ClientError> {
         let link = open_link(server, &config)?;
-        Ok(Client {
+        let mut client = Client {
             link,
             config,
             server,
@@ -295,7 +325,27 @@ impl Client {
             master: None,
             tcp: None,
             broken: false,
-        })
+        };
+        client.authenticate()?;
+        Ok(client)
+    }
+
+    /// Send AUTH with the configured password on a fresh TCP connection.
+    fn authenticate(&mut self) -> Result<(), ClientError> {
+        let Some(password) = self.config.password.clone() else {
+            return Ok(());
+        };
+        if !matches!(self.link, Link::Tcp(_)) {
+            return Ok(());
+        }
+        let reply = self.request_here(Opcode::Auth, 0, &[], &password.0)?;
+        match reply.status {
+            Ok(Status::Ok) => Ok(()),
+            status => Err(ClientError::Server {
+                status,
+                message: reply.message(),
+            }),
+        }
     }
 
     /// The server's address.
@@ -576,6 +626,7 @@ impl Client {
         if self.broken {
             self.link = open_link(self.server, &self.config)?;
             self.broken = false;
+            self.authenticate()?;
         }
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);

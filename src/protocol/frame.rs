@@ -52,6 +52,8 @@ pub enum Opcode {
     Expire = 0x09,
     /// Read a key's deadline: 8 bytes, 0 when it has none.
     Ttl = 0x0A,
+    /// Authenticate the connection: empty key, the password as value.
+    Auth = 0x0B,
 }
 
 impl Opcode {
@@ -68,6 +70,7 @@ impl Opcode {
             0x08 => Opcode::PutExpiring,
             0x09 => Opcode::Expire,
             0x0A => Opcode::Ttl,
+            0x0B => Opcode::Auth,
             _ => return None,
         })
     }
@@ -98,6 +101,7 @@ impl Opcode {
             Opcode::PutExpiring => "putex",
             Opcode::Expire => "expire",
             Opcode::Ttl => "ttl",
+            Opcode::Auth => "auth",
         }
     }
 }
@@ -133,6 +137,14 @@ pub enum Status {
     /// A compare-and-set or TXN condition did not hold: nothing was applied.
     /// The version field carries the key's current version (0: absent).
     VersionMismatch = 12,
+    /// The server has a password and this connection has not sent a
+    /// successful AUTH yet (or the request came over UDP, which cannot).
+    NoAuth = 13,
+    /// AUTH with a wrong password, or while the server has none.
+    AuthFailed = 14,
+    /// Protected mode: a server bound to a non-loopback address without a
+    /// password refuses clients from non-loopback addresses.
+    Denied = 15,
 }
 
 impl Status {
@@ -152,6 +164,9 @@ impl Status {
             10 => Status::ServerError,
             11 => Status::Aborted,
             12 => Status::VersionMismatch,
+            13 => Status::NoAuth,
+            14 => Status::AuthFailed,
+            15 => Status::Denied,
             _ => return None,
         })
     }
@@ -172,6 +187,9 @@ impl Status {
             Status::ServerError => "SERVER_ERROR",
             Status::Aborted => "ABORTED",
             Status::VersionMismatch => "VERSION_MISMATCH",
+            Status::NoAuth => "NOAUTH",
+            Status::AuthFailed => "AUTH_FAILED",
+            Status::Denied => "DENIED",
         }
     }
 }

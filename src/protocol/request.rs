@@ -72,6 +72,11 @@ pub enum Request<'a> {
         /// Key to read.
         key: &'a [u8],
     },
+    /// Authenticate the connection (`--requirepass-file`).
+    Auth {
+        /// The password as sent.
+        password: &'a [u8],
+    },
 }
 
 impl<'a> Request<'a> {
@@ -83,7 +88,10 @@ impl<'a> Request<'a> {
         }
         let op = Opcode::from_u8(byte).ok_or(ProtocolError::UnknownOpcode(byte))?;
         let (key, value) = (frame.key, frame.value);
-        let needs_key = !matches!(op, Opcode::Ping | Opcode::Stats | Opcode::Txn);
+        let needs_key = !matches!(
+            op,
+            Opcode::Ping | Opcode::Stats | Opcode::Txn | Opcode::Auth
+        );
         if needs_key && key.is_empty() {
             return Err(ProtocolError::EmptyKey);
         }
@@ -92,7 +100,12 @@ impl<'a> Request<'a> {
         }
         let takes_value = matches!(
             op,
-            Opcode::Put | Opcode::Update | Opcode::Txn | Opcode::PutExpiring | Opcode::Expire
+            Opcode::Put
+                | Opcode::Update
+                | Opcode::Txn
+                | Opcode::PutExpiring
+                | Opcode::Expire
+                | Opcode::Auth
         );
         if !takes_value && !value.is_empty() {
             return Err(ProtocolError::UnexpectedValue);
@@ -142,6 +155,7 @@ impl<'a> Request<'a> {
                 expect,
             },
             Opcode::Ttl => Request::Ttl { key },
+            Opcode::Auth => Request::Auth { password: value },
         })
     }
 
@@ -158,6 +172,7 @@ impl<'a> Request<'a> {
             Request::PutExpiring { .. } => Opcode::PutExpiring,
             Request::Expire { .. } => Opcode::Expire,
             Request::Ttl { .. } => Opcode::Ttl,
+            Request::Auth { .. } => Opcode::Auth,
         }
     }
 }

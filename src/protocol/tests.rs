@@ -275,7 +275,8 @@ fn status_and_opcode_bytes_round_trip() {
         }
     }
     assert_eq!(Status::from_u8(11), Some(Status::Aborted));
-    assert_eq!(Status::from_u8(13), None);
+    assert_eq!(Status::from_u8(16), None);
+    assert_eq!(Opcode::from_u8(0x0C), None);
 }
 
 #[test]
@@ -456,4 +457,45 @@ fn putex_expire_and_ttl_are_validated() {
         Err(ProtocolError::UnexpectedValue)
     );
     assert_eq!(decoded(Opcode::Ttl, b"", b""), Err(ProtocolError::EmptyKey));
+}
+
+#[test]
+fn auth_is_opcode_0x0b_with_the_password_as_value_and_no_key() {
+    assert_eq!(Opcode::from_u8(0x0B), Some(Opcode::Auth));
+    assert_eq!(Opcode::Auth.name(), "auth");
+    assert!(!Opcode::Auth.is_write());
+    for (byte, status, name) in [
+        (13, Status::NoAuth, "NOAUTH"),
+        (14, Status::AuthFailed, "AUTH_FAILED"),
+        (15, Status::Denied, "DENIED"),
+    ] {
+        assert_eq!(Status::from_u8(byte), Some(status));
+        assert_eq!(status.name(), name);
+    }
+    let bytes = request_bytes(Opcode::Auth, 9, b"", b"pw");
+    assert_eq!(
+        bytes,
+        [
+            0xDB, 1, 0x0B, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, b'p',
+            b'w'
+        ]
+    );
+    let frame = decode_datagram(&bytes, MAX).expect("frame");
+    assert_eq!(
+        Request::from_frame(&frame),
+        Ok(Request::Auth { password: b"pw" })
+    );
+    // An empty password is a request too (it fails like any wrong one).
+    let bytes = request_bytes(Opcode::Auth, 9, b"", b"");
+    let frame = decode_datagram(&bytes, MAX).expect("frame");
+    assert_eq!(
+        Request::from_frame(&frame),
+        Ok(Request::Auth { password: b"" })
+    );
+    let bytes = request_bytes(Opcode::Auth, 9, b"user", b"pw");
+    let frame = decode_datagram(&bytes, MAX).expect("frame");
+    assert_eq!(
+        Request::from_frame(&frame),
+        Err(ProtocolError::UnexpectedKey)
+    );
 }

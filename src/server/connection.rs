@@ -67,6 +67,11 @@ pub struct Connection {
     pub(super) resp: Option<Box<RespConnection>>,
     /// The first byte has been seen (the protocol is decided).
     decided: bool,
+    /// A successful AUTH was sent (binary or RESP); meaningful only with a password.
+    pub(super) authenticated: bool,
+    /// Protected mode refuses this client: its first request is answered
+    /// `DENIED` (RESP `-DENIED`), then the connection closes.
+    pub(super) denied: bool,
 }
 
 impl Connection {
@@ -85,6 +90,8 @@ impl Connection {
             yielded: false,
             resp: None,
             decided: false,
+            authenticated: false,
+            denied: false,
         }
     }
 
@@ -223,6 +230,12 @@ impl Connection {
                         return Stop::Peer;
                     }
                     self.fresh = false;
+                    if self.denied {
+                        core.deny(frame.header.opcode, id, output);
+                        self.io.consume(used);
+                        self.closing = true;
+                        return Stop::Closing;
+                    }
                     let request = Request::from_frame(&frame);
                     let is_write = matches!(&request, Ok(r) if r.opcode().is_write());
                     // Replies go out in request order, and a read must see the
@@ -237,6 +250,13 @@ impl Connection {
                         return Stop::Waiting;
                     }
                     match request {
+                        Ok(Request::Auth { password }) => {
+                            // A failed AUTH leaves an authenticated connection so, as Redis.
+                            self.authenticated |= core.authenticate(password, id, output);
+                        }
+                        Ok(request) if core.needs_auth(self.authenticated, request.opcode()) => {
+                            core.refuse_unauthenticated(request.opcode(), id, output);
+                        }
                         Ok(request) => {
                             let target = ReplyTarget::Tcp {
                                 key: self.key,

@@ -17,6 +17,9 @@ use crate::protocol::{EXPECT_ABSENT, Opcode, ProtocolError, Request, Status, enc
 use crate::replication::{ClientRef, ClientWrite};
 use crate::store::Store;
 
+use super::auth::{
+    self, DeniedLog, NO_PASSWORD_MESSAGE, NOAUTH_MESSAGE, Password, WRONG_PASSWORD_MESSAGE,
+};
 use super::stats::Stats;
 
 /// Largest encoded size of one transaction's writes; more writes wait for
@@ -323,6 +326,13 @@ pub struct Core {
     pub tcp_port: u16,
     /// The shard the expiry sweep looks at next.
     pub(super) sweep_cursor: usize,
+    /// `--requirepass-file`: clients must AUTH before anything but PING.
+    pub password: Option<Password>,
+    /// Protected mode applies: bound to a non-loopback address, no password,
+    /// not turned off. Clients from non-loopback addresses are refused.
+    pub protected: bool,
+    /// Rate limit of the protected-mode log.
+    pub denied_log: DeniedLog,
 }
 
 impl Core {
@@ -359,6 +369,9 @@ impl Core {
             resp_commands: 0,
             tcp_port: 0,
             sweep_cursor: 0,
+            password: None,
+            protected: false,
+            denied_log: DeniedLog::default(),
         }
     }
 
@@ -602,6 +615,13 @@ impl Core {
                 }
                 return Outcome::Answered;
             }
+            Request::Auth { .. } => {
+                // A connection authenticates in `Connection` (it holds the
+                // state); what reaches here has no connection: UDP.
+                let message = auth::NOAUTH_UDP_MESSAGE.as_bytes();
+                encode_response(out, op, Status::NoAuth, request_id, 0, message);
+                return Outcome::Answered;
+            }
             Request::Ping => {
                 encode_response(out, op, Status::Ok, request_id, self.commit_seq, b"PONG");
                 return Outcome::Answered;
@@ -790,6 +810,60 @@ impl Core {
         Outcome::Pending(self.submit(ops, target, request_id, op, None))
     }
 
+    /// Answer a binary AUTH with `password`; say whether it authenticated.
+    /// A wrong password, or AUTH while the server has none, is `AUTH_FAILED`
+    /// and counts in `auth_failures`.
+    pub fn authenticate(&mut self, password: &[u8], request_id: u32, out: &mut Vec<u8>) -> bool {
+        let op = Opcode::Auth as u8;
+        self.stats.count(Opcode::Auth);
+        let refusal = match &self.password {
+            Some(p) if p.matches(password) => None,
+            Some(_) => Some(WRONG_PASSWORD_MESSAGE),
+            None => Some(NO_PASSWORD_MESSAGE),
+        };
+        match refusal {
+            None => {
+                encode_response(out, op, Status::Ok, request_id, 0, &[]);
+                true
+            }
+            Some(message) => {
+                self.stats.auth_failures += 1;
+                let status = Status::AuthFailed;
+                encode_response(out, op, status, request_id, 0, message.as_bytes());
+                false
+            }
+        }
+    }
+
+    /// Whether a request with `op` must be refused `NOAUTH` on a connection
+    /// that has (`authenticated`) or has not authenticated.
+    pub fn needs_auth(&self, authenticated: bool, op: Opcode) -> bool {
+        self.password.is_some() && !authenticated && !auth::allowed_before_auth(op)
+    }
+
+    /// Append the `NOAUTH` response (TCP's message) to a request.
+    pub fn refuse_unauthenticated(&mut self, op: Opcode, request_id: u32, out: &mut Vec<u8>) {
+        self.stats.auth_required += 1;
+        let message = NOAUTH_MESSAGE.as_bytes();
+        encode_response(out, op as u8, Status::NoAuth, request_id, 0, message);
+    }
+
+    /// Protected mode: whether a client from `peer` is refused.
+    pub fn protected_mode_refuses(&self, peer: std::net::IpAddr) -> bool {
+        self.protected && !peer.to_canonical().is_loopback()
+    }
+
+    /// Append the protected-mode refusal of a client's first request.
+    pub fn deny(&mut self, op_byte: u8, request_id: u32, out: &mut Vec<u8>) {
+        let op = if Opcode::from_u8(op_byte).is_some() {
+            op_byte
+        } else {
+            0
+        };
+        let message = auth::DENIED_MESSAGE.as_bytes();
+        encode_response(out, op, Status::Denied, request_id, 0, message);
+    }
+
     /// Append the error response for a request that could not be served.
     pub fn reject(&mut self, op_byte: u8, request_id: u32, err: &ProtocolError, out: &mut Vec<u8>) {
         self.stats.protocol_errors += 1;
@@ -951,5 +1025,38 @@ mod tests {
         core.execute(Request::Txn(Txn::default()), 2, TARGET, &mut out);
         assert_eq!(out[3], Status::Redirect as u8);
         assert_eq!(out[24 + 3 + 3], Status::Redirect as u8);
+    }
+
+    #[test]
+    fn auth_answers_ok_or_auth_failed_and_counts_failures() {
+        let mut core = Core::new(1 << 20, Mode::Master);
+        let mut out = Vec::new();
+        // No password: nothing needs AUTH, and AUTH itself fails.
+        assert!(!core.needs_auth(false, Opcode::Get));
+        assert!(!core.authenticate(b"x", 1, &mut out));
+        assert_eq!(out[3], Status::AuthFailed as u8);
+        assert_eq!(&out[24..], NO_PASSWORD_MESSAGE.as_bytes());
+        core.password = Some(Password::from_file_contents(b"pw\n").expect("password"));
+        assert!(core.needs_auth(false, Opcode::Get));
+        assert!(core.needs_auth(false, Opcode::Stats));
+        assert!(!core.needs_auth(false, Opcode::Ping));
+        assert!(!core.needs_auth(false, Opcode::Auth));
+        assert!(!core.needs_auth(true, Opcode::Put));
+        out.clear();
+        assert!(!core.authenticate(b"wrong", 2, &mut out));
+        assert_eq!((out[2], out[3]), (0x8B, Status::AuthFailed as u8));
+        assert_eq!(&out[24..], WRONG_PASSWORD_MESSAGE.as_bytes());
+        out.clear();
+        assert!(core.authenticate(b"pw", 3, &mut out));
+        assert_eq!((out[2], out[3], out.len()), (0x8B, Status::Ok as u8, 24));
+        assert_eq!(core.stats.auth_failures, 2);
+        out.clear();
+        core.refuse_unauthenticated(Opcode::Get, 4, &mut out);
+        assert_eq!((out[2], out[3]), (0x81, Status::NoAuth as u8));
+        assert_eq!(&out[24..], NOAUTH_MESSAGE.as_bytes());
+        out.clear();
+        // What reaches the core without a connection (UDP) cannot authenticate.
+        core.execute(Request::Auth { password: b"pw" }, 5, TARGET, &mut out);
+        assert_eq!(out[3], Status::NoAuth as u8);
     }
 }

@@ -6,6 +6,7 @@
 //! executes the actions it returns. All client writes that arrive in one loop
 //! iteration become one transaction (group commit).
 
+pub mod auth;
 mod connection;
 mod expiry;
 mod failover;
@@ -134,6 +135,11 @@ pub struct Config {
     /// The secret replication links prove with (`--cluster-secret-file`);
     /// without one, only loopback peers are accepted.
     pub cluster_secret: Option<crate::protocol::peer_auth::Secret>,
+    /// `--requirepass-file`: clients must AUTH before anything but PING.
+    pub password: Option<auth::Password>,
+    /// `--protected-mode` (on by default): bound to a non-loopback address
+    /// without a password, refuse clients from non-loopback addresses.
+    pub protected_mode: bool,
 }
 
 impl Config {
@@ -527,6 +533,12 @@ impl Server {
         core.resp_enabled = config.resp;
         core.fsync_policy = config.fsync.name();
         core.tcp_port = addr.port();
+        core.password = config.password.clone();
+        core.protected = auth::protected_mode_applies(
+            config.protected_mode,
+            addr.ip(),
+            config.password.is_some(),
+        );
         let failover = config
             .failover
             .as_ref()
@@ -568,6 +580,13 @@ impl Server {
             read_lease_ms: config.slave_read_lease_ms,
             cluster_secret: config.cluster_secret.clone(),
         };
+        if server.core.protected {
+            warn!(
+                "protected mode: bound to {} without --requirepass-file; clients from \
+                 non-loopback addresses are refused (--protected-mode no turns this off)",
+                server.addr.ip()
+            );
+        }
         if server.cluster_secret.is_none() && !server.addr.ip().is_loopback() {
             warn!(
                 "no --cluster-secret-file: replication links are accepted from loopback \
@@ -843,6 +862,15 @@ impl Server {
             let conn_id = self.next_conn_id;
             self.next_conn_id += 1;
             let mut connection = Connection::new(stream, peer, key, conn_id);
+            if self.core.protected_mode_refuses(peer.ip()) {
+                // Answered DENIED on its first request, then closed. A peer
+                // handshake is still handed to replication, which has its own rule.
+                connection.denied = true;
+                self.core.stats.protected_mode_refusals += 1;
+                if self.core.denied_log.should_log(peer.ip(), self.clock) {
+                    warn!("protected mode: refused a client from {}", peer.ip());
+                }
+            }
             connection
                 .io
                 .set_budget(Rc::clone(&self.core.stats.input_budget));

@@ -241,6 +241,8 @@ fn exec(state: &mut MultiState, conn: &mut Conn<'_>) -> Intercept {
                     target: conn.target,
                     out: &mut out,
                     in_exec: true,
+                    // Queued commands passed the AUTH check: the connection is authenticated.
+                    authenticated: &mut true,
                 };
                 session.run(spec, &args)
             }

@@ -20,6 +20,7 @@ use crate::protocol::resp::{
 };
 use crate::store::SHARDS;
 
+use super::auth;
 use super::connection::{Connection, MAX_PENDING_WRITES, OUTPUT_HIGH_WATER_BYTES, Stop};
 use super::handler::{Core, Latest, Mode, ReplyTarget, RespPending, RespWriteReply, Settled};
 use super::multi::{Conn, Intercept, MultiState, intercept};
@@ -44,6 +45,13 @@ pub struct RespConnection {
     id: u64,
     /// WATCH and MULTI.
     multi: MultiState,
+}
+
+/// RESP errors are `-` + text + CRLF in RESP2 and RESP3 alike.
+fn error_line(out: &mut Vec<u8>, text: &str) {
+    out.push(b'-');
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 impl RespConnection {
@@ -200,6 +208,13 @@ impl Connection {
     /// replies back up, or a command must wait; say which.
     pub(super) fn answer_resp(&mut self, core: &mut Core) -> Stop {
         let max_bulk = core.max_value_bytes.max(MAX_KEY_BYTES);
+        if self.denied {
+            // Redis writes this on accept; dkvs on the first bytes, once it
+            // knows the client speaks RESP.
+            error_line(&mut self.io.output, auth::RESP_DENIED);
+            self.closing = true;
+            return Stop::Closing;
+        }
         while self.io.pending_output() < OUTPUT_HIGH_WATER_BYTES {
             let Some(state) = self.resp.as_deref_mut() else {
                 return Stop::Closing;
@@ -242,6 +257,20 @@ impl Connection {
                 return Stop::Closing;
             }
             let spec = lookup(args[0]);
+            if let Some(spec) = spec
+                && core.password.is_some()
+                && !self.authenticated
+                && !auth::resp_allowed_before_auth(spec.name)
+            {
+                // Before AUTH nothing is pending: the reply goes out in order.
+                if !self.pending.is_empty() {
+                    return Stop::Waiting;
+                }
+                core.stats.auth_required += 1;
+                encoder.error(output, auth::RESP_NOAUTH);
+                self.io.consume(used);
+                continue;
+            }
             let class = spec.map_or(Class::Free, |s| s.class);
             let may_wait = !self.pending.is_empty();
             match class {
@@ -291,6 +320,7 @@ impl Connection {
                 target,
                 out,
                 in_exec: false,
+                authenticated: &mut self.authenticated,
             };
             let exec = match spec {
                 Some(spec) => session.run(spec, &args),
@@ -339,6 +369,8 @@ pub(super) struct Session<'a> {
     /// Running a queued command of EXEC: every key it touches was settled when
     /// EXEC started, so reads see the store plus this EXEC's earlier writes.
     pub(super) in_exec: bool,
+    /// The connection has sent a successful AUTH (or HELLO … AUTH).
+    pub(super) authenticated: &'a mut bool,
 }
 
 /// [`Session::read`], borrowing only the core (so the output stays writable).
@@ -1086,17 +1118,38 @@ impl Session<'_> {
     }
 
     fn auth(&mut self, args: &[&[u8]]) -> Exec {
-        // No password exists yet: Redis's answers without requirepass, where the
-        // default user has no password and takes any.
         match args {
-            [_password] => self.error(
-                "ERR AUTH <password> called without any password configured for the default \
-                 user. Are you sure your configuration is correct?",
-            ),
-            [user, _password] if user == b"default" => self.ok(),
-            [_, _] => self.error("WRONGPASS invalid username-password pair or user is disabled."),
+            [_] if self.core.password.is_none() => self.error(auth::RESP_NO_PASSWORD),
+            [password] => self.check_password(b"default", password),
+            [user, password] => self.check_password(user, password),
             _ => self.error(SYNTAX),
         }
+    }
+
+    /// AUTH as `user` (only `default` exists): OK, or WRONGPASS. Without a
+    /// password configured, `default` takes any password, as in Redis. A
+    /// failure leaves an authenticated connection authenticated, as Redis.
+    fn check_password(&mut self, user: &[u8], password: &[u8]) -> Exec {
+        if self.password_ok(user, password) {
+            *self.authenticated = true;
+            self.ok()
+        } else {
+            self.error(auth::RESP_WRONGPASS)
+        }
+    }
+
+    /// Whether `user`/`password` authenticate (counting failures).
+    fn password_ok(&mut self, user: &[u8], password: &[u8]) -> bool {
+        let ok = user == b"default"
+            && self
+                .core
+                .password
+                .as_ref()
+                .is_none_or(|p| p.matches(password));
+        if !ok {
+            self.core.stats.auth_failures += 1;
+        }
+        ok
     }
 
     fn wait(&mut self, args: &[&[u8]]) -> Exec {
@@ -1330,15 +1383,15 @@ impl Session<'_> {
         }
         let mut i = 2;
         let mut new_name = None;
+        let mut authenticates = false;
         while i < args.len() {
             let option = upper(args[i]);
             match option.as_slice() {
                 b"AUTH" if i + 2 < args.len() => {
-                    if args[i + 1] != b"default" {
-                        return self.error(
-                            "WRONGPASS invalid username-password pair or user is disabled.",
-                        );
+                    if !self.password_ok(args[i + 1], args[i + 2]) {
+                        return self.error(auth::RESP_WRONGPASS);
                     }
+                    authenticates = true;
                     i += 3;
                 }
                 b"SETNAME" if i + 1 < args.len() => {
@@ -1353,6 +1406,11 @@ impl Session<'_> {
                 }
             }
         }
+        if self.core.password.is_some() && !*self.authenticated && !authenticates {
+            self.core.stats.auth_required += 1;
+            return self.error(auth::RESP_NOAUTH_HELLO);
+        }
+        *self.authenticated |= authenticates;
         if let Some(name) = new_name
             && let Err(e) = self.set_name(name)
         {

@@ -9,7 +9,7 @@ use crate::store::Store;
 
 use super::limits::InputBudget;
 
-/// Counter slots per opcode byte (client opcodes are 0x01..=0x0A).
+/// Counter slots per opcode byte (client opcodes are 0x01..=0x0B).
 const OP_SLOTS: usize = 16;
 
 /// Default server-wide budget for bytes held in partial frames.
@@ -23,6 +23,12 @@ pub struct Stats {
     ops: [u64; OP_SLOTS],
     /// Requests rejected for a protocol error.
     pub protocol_errors: u64,
+    /// AUTH (binary or RESP, HELLO's included) with a wrong password.
+    pub auth_failures: u64,
+    /// Requests refused `NOAUTH` (binary or RESP).
+    pub auth_required: u64,
+    /// Clients refused by protected mode (TCP connections and UDP datagrams).
+    pub protected_mode_refusals: u64,
     /// TCP connections accepted since start.
     pub connections_accepted: u64,
     /// TCP connections open now.
@@ -72,6 +78,9 @@ impl Default for Stats {
             started: Instant::now(),
             ops: [0; OP_SLOTS],
             protocol_errors: 0,
+            auth_failures: 0,
+            auth_required: 0,
+            protected_mode_refusals: 0,
             connections_accepted: 0,
             connections_open: 0,
             udp_datagrams: 0,
@@ -137,6 +146,7 @@ impl Stats {
             Opcode::PutExpiring,
             Opcode::Expire,
             Opcode::Ttl,
+            Opcode::Auth,
         ] {
             line(
                 &format!("ops_{}", op.name()),
@@ -144,6 +154,9 @@ impl Stats {
             );
         }
         line("protocol_errors", &self.protocol_errors);
+        line("auth_failures", &self.auth_failures);
+        line("auth_required", &self.auth_required);
+        line("protected_mode_refusals", &self.protected_mode_refusals);
         line("connections_accepted", &self.connections_accepted);
         line("connections_open", &self.connections_open);
         line("udp_datagrams", &self.udp_datagrams);

@@ -13,14 +13,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use byteorder::{BigEndian, ByteOrder};
-use log::debug;
+use log::{debug, warn};
 use mio::net::UdpSocket;
 
 use crate::protocol::{
-    HEADER_LEN, MAGIC, MAX_UDP_FRAME_BYTES, ProtocolError, RESPONSE_FLAG, Request, Status,
-    decode_datagram,
+    HEADER_LEN, MAGIC, MAX_UDP_FRAME_BYTES, Opcode, ProtocolError, RESPONSE_FLAG, Request, Status,
+    decode_datagram, encode_response,
 };
 
+use super::auth;
 use super::handler::{Core, Outcome, ReplyTarget};
 use super::limits::{RateLimiter, UdpLimitScope, amplification_limit};
 
@@ -299,6 +300,17 @@ impl UdpService {
         // The caller checked that a header is there.
         let request_id = BigEndian::read_u32(&bytes[4..8]);
         let op_byte = bytes[2];
+        if core.protected_mode_refuses(from.ip()) {
+            core.stats.protected_mode_refusals += 1;
+            if core.denied_log.should_log(from.ip(), Instant::now()) {
+                warn!("protected mode: refused UDP requests from {}", from.ip());
+            }
+            core.deny(op_byte, request_id, &mut self.reply);
+            if fit_reply(core, &mut self.reply, max_reply) {
+                core.stats.udp_replies_limited += 1;
+            }
+            return;
+        }
         let request = if len > MAX_UDP_FRAME_BYTES {
             // Only possible over IPv6: the buffer is one byte larger than a frame may be.
             Err(ProtocolError::DatagramTooLarge(len))
@@ -316,6 +328,17 @@ impl UdpService {
                 return;
             }
         };
+        if core.password.is_some() && request.opcode() != Opcode::Ping {
+            // No connection to authenticate: with a password, UDP serves PING only.
+            core.stats.auth_required += 1;
+            let message = auth::NOAUTH_UDP_MESSAGE.as_bytes();
+            let op = request.opcode() as u8;
+            encode_response(&mut self.reply, op, Status::NoAuth, request_id, 0, message);
+            if fit_reply(core, &mut self.reply, max_reply) {
+                core.stats.udp_replies_limited += 1;
+            }
+            return;
+        }
         let is_write = request.opcode().is_write();
         let fingerprint = if is_write { fingerprint(bytes) } else { 0 };
         if is_write && let Some(known) = self.cache.get((from, request_id), fingerprint) {

@@ -42,6 +42,11 @@ pub struct Args {
     /// Server port [default: 9099 for dkvs, 6379 for resp].
     #[arg(long)]
     pub port: Option<u16>,
+    /// File holding the server's password (dkvs `--requirepass-file`, Redis
+    /// `requirepass`; one trailing newline dropped): every TCP connection,
+    /// reconnections and redirect targets included, sends AUTH first.
+    #[arg(long, value_name = "PATH")]
+    pub password_file: Option<std::path::PathBuf>,
     /// Connections (UDP sockets with --udp), spread over --threads reactors.
     #[arg(short = 'c', long, default_value_t = 50)]
     pub connections: usize,
@@ -120,6 +125,8 @@ pub struct Args {
 pub struct Config {
     /// Server host.
     pub host: String,
+    /// The password every TCP connection sends AUTH with (`--password-file`).
+    pub password: Option<::dkvs::client::ClientPassword>,
     /// Server port.
     pub port: u16,
     /// Wire protocol.
@@ -229,6 +236,18 @@ impl Args {
         if self.value_size > u32::MAX as usize {
             return Err(format!("--value-size {} is too large", self.value_size));
         }
+        let password = match &self.password_file {
+            None => None,
+            Some(_) if self.udp => {
+                return Err("--password-file needs TCP: UDP cannot authenticate".to_string());
+            }
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| ::dkvs::client::ClientPassword::from_file_contents(&bytes))
+                    .map_err(|e| format!("--password-file {}: {e}", path.display()))?,
+            ),
+        };
         if self.udp && self.protocol == Protocol::Resp {
             return Err("--udp works with --protocol dkvs only (Redis speaks TCP)".to_string());
         }
@@ -297,6 +316,7 @@ impl Args {
             resp_wait: self.resp_wait,
             txn_keys: self.txn_keys,
             follow_redirects: !self.no_follow_redirects,
+            password,
             json: self.json,
             seed: self.seed.unwrap_or_else(rand::random),
             quiet: self.quiet,
@@ -422,5 +442,22 @@ mod tests {
                 panic!("{args:?} rejected: {e}");
             }
         }
+    }
+
+    #[test]
+    fn a_password_file_is_read_and_needs_tcp() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "s3cret\n").expect("write");
+        let path = path.display().to_string();
+        let cfg = config(&["--password-file", &path]).expect("valid");
+        let password = cfg.password.expect("password");
+        assert_eq!(password.0, b"s3cret");
+        assert_eq!(format!("{password:?}"), "ClientPassword(..)");
+        let err = config(&["--password-file", &path, "--udp"]).unwrap_err();
+        assert!(err.contains("UDP cannot authenticate"), "{err}");
+        let err = config(&["--password-file", "/nonexistent/pw"]).unwrap_err();
+        assert!(err.contains("--password-file /nonexistent/pw"), "{err}");
+        assert!(config(&[]).expect("valid").password.is_none());
     }
 }

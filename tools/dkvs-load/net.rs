@@ -9,6 +9,7 @@ use ::dkvs::protocol::{Decoded, Opcode, RESPONSE_FLAG, Status, decode, encode_re
 
 use crate::cli::{Config, Protocol};
 use crate::dkvs::MAX_RESPONSE_VALUE_BYTES;
+use crate::reactor::auth_request;
 use crate::resp::{self, Reply};
 
 /// A connected, still blocking socket, handed to a reactor thread.
@@ -52,6 +53,9 @@ pub fn open(cfg: &Config, addr: SocketAddr) -> Result<Vec<Socket>, String> {
             stream
                 .set_nodelay(true)
                 .map_err(|e| format!("cannot set TCP_NODELAY on {addr}: {e}"))?;
+            if cfg.password.is_some() {
+                authenticate(&mut stream, addr, cfg)?;
+            }
             if i == 0 {
                 probe_tcp(&mut stream, addr, cfg.protocol, cfg.timeout)?;
             }
@@ -120,6 +124,57 @@ fn check_pong(header_opcode: u8, status: u8, value: &[u8], addr: SocketAddr) -> 
         ));
     }
     Ok(())
+}
+
+/// Send AUTH (`--password-file`) on a new blocking connection and check the answer.
+fn authenticate(stream: &mut TcpStream, addr: SocketAddr, cfg: &Config) -> Result<(), String> {
+    let io_err = |e: io::Error| format!("AUTH to {addr} failed: {e}");
+    stream.set_read_timeout(Some(cfg.timeout)).map_err(io_err)?;
+    stream
+        .set_write_timeout(Some(cfg.timeout))
+        .map_err(io_err)?;
+    stream.write_all(&auth_request(cfg)).map_err(io_err)?;
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    // Bounded: every read adds bytes or fails by the timeout, and a reply is short.
+    while buf.len() < 64 * 1024 {
+        let n = match stream.read(&mut chunk) {
+            Ok(0) => return Err(format!("{addr} closed the connection on AUTH")),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err(e)),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        match cfg.protocol {
+            Protocol::Dkvs => match decode(&buf, MAX_RESPONSE_VALUE_BYTES) {
+                Ok(Decoded::Frame(frame, _)) if frame.header.status == Status::Ok as u8 => {
+                    return Ok(());
+                }
+                Ok(Decoded::Frame(frame, _)) => {
+                    return Err(format!(
+                        "{addr} refused AUTH: {}: {}",
+                        crate::dkvs::status_name(frame.header.status),
+                        String::from_utf8_lossy(frame.value)
+                    ));
+                }
+                Ok(Decoded::Incomplete(_)) => {}
+                Err(e) => return Err(format!("{addr} answered AUTH with a bad frame ({e})")),
+            },
+            Protocol::Resp => match resp::parse(&buf) {
+                Ok(Some((Reply::Simple(b"OK"), _))) => return Ok(()),
+                Ok(Some((Reply::Error(msg), _))) => {
+                    return Err(format!(
+                        "{addr} refused AUTH: {}",
+                        String::from_utf8_lossy(msg)
+                    ));
+                }
+                Ok(Some((other, _))) => return Err(format!("{addr} answered AUTH with {other:?}")),
+                Ok(None) => {}
+                Err(e) => return Err(format!("{addr} answered AUTH with bad RESP ({e})")),
+            },
+        }
+    }
+    Err(format!("{addr} sent no valid AUTH reply"))
 }
 
 fn probe_tcp(

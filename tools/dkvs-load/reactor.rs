@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ::dkvs::protocol::{
-    Decoded, MAX_UDP_FRAME_BYTES, RESPONSE_FLAG, Status, decode, decode_datagram,
+    Decoded, MAX_UDP_FRAME_BYTES, Opcode, RESPONSE_FLAG, Status, decode, decode_datagram,
 };
 use mio::net::{TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
@@ -256,6 +256,8 @@ enum ConnError {
     Io(io::Error),
     Closed,
     Protocol,
+    /// The server refused the connection's AUTH (`--password-file`): its answer.
+    Auth(String),
 }
 
 struct TcpConn {
@@ -274,6 +276,8 @@ struct TcpConn {
     redirect_to: Vec<u8>,
     /// The redirect target that could not be reached (a later, different one is followed).
     broken_target: Vec<u8>,
+    /// An AUTH was queued first on this connection and its reply has not come yet.
+    auth_pending: bool,
 }
 
 /// A connection's second socket, to the master a slave redirected its writes to.
@@ -300,6 +304,17 @@ impl TcpConn {
             redirected: VecDeque::new(),
             redirect_to: Vec::new(),
             broken_target: Vec::new(),
+            auth_pending: false,
+        }
+    }
+
+    /// On a new connection, send `auth` (an encoded AUTH, empty for none)
+    /// before anything queued; its reply is checked and not counted.
+    fn start_auth(&mut self, auth: &[u8]) {
+        if !auth.is_empty() {
+            self.out
+                .splice(self.out_pos..self.out_pos, auth.iter().copied());
+            self.auth_pending = true;
         }
     }
 
@@ -397,6 +412,19 @@ impl TcpConn {
         let mut pos = 0;
         loop {
             match decode(&self.inbuf[pos..self.in_len], MAX_RESPONSE_VALUE_BYTES) {
+                Ok(Decoded::Frame(frame, used)) if self.auth_pending => {
+                    self.auth_pending = false;
+                    if frame.header.opcode != Opcode::Auth as u8 | RESPONSE_FLAG
+                        || frame.header.status != Status::Ok as u8
+                    {
+                        return Err(ConnError::Auth(format!(
+                            "{}: {}",
+                            dkvs::status_name(frame.header.status),
+                            String::from_utf8_lossy(frame.value)
+                        )));
+                    }
+                    pos += used;
+                }
                 Ok(Decoded::Frame(frame, used)) => {
                     let Some(req) = self.inflight.pop_front() else {
                         return Err(ConnError::Protocol);
@@ -451,6 +479,16 @@ impl TcpConn {
                 Err(_) => return Err(ConnError::Protocol),
             };
             pos += used;
+            if self.auth_pending {
+                self.auth_pending = false;
+                match reply {
+                    Reply::Simple(b"OK") => continue,
+                    Reply::Error(msg) => {
+                        return Err(ConnError::Auth(String::from_utf8_lossy(msg).into_owned()));
+                    }
+                    _ => return Err(ConnError::Protocol),
+                }
+            }
             let Some(req) = self.inflight.front_mut() else {
                 return Err(ConnError::Protocol);
             };
@@ -766,6 +804,8 @@ pub struct Worker {
     last_conn_error: String,
     /// Send redirected writes to the master (dkvs protocol without `--no-follow-redirects`).
     follow: bool,
+    /// The AUTH every new TCP connection sends first (`--password-file`); empty: none.
+    auth: Vec<u8>,
     /// The last redirect target resolved, and to what; every slave of a run names the same
     /// master, so each worker resolves it once (unparsable or unresolvable included).
     redirect_cache: Option<(Vec<u8>, Result<SocketAddr, String>)>,
@@ -782,6 +822,7 @@ impl Worker {
     ) -> io::Result<Worker> {
         let poll = Poll::new()?;
         let now = Instant::now();
+        let auth = auth_request(cfg);
         let mut tcp = Vec::new();
         let mut udp = Vec::new();
         for socket in sockets {
@@ -797,6 +838,7 @@ impl Worker {
                         token,
                         Interest::READABLE | Interest::WRITABLE,
                     )?;
+                    // Authenticated already, by `net::open`.
                     tcp.push(TcpConn::new(Some(stream), TcpState::Up, cfg.pipeline));
                 }
                 Socket::Udp(socket) => {
@@ -852,6 +894,7 @@ impl Worker {
             stats: Stats::new(),
             last_conn_error: "none".to_string(),
             follow: cfg.follow_redirects && cfg.protocol == Protocol::Dkvs,
+            auth,
             redirect_cache: None,
         })
     }
@@ -1089,11 +1132,15 @@ impl Worker {
             Ok(stream)
         });
         self.masters[i] = match opened {
-            Ok(stream) => MasterLink::Open(Box::new(TcpConn::new(
-                Some(stream),
-                TcpState::Connecting { since: now },
-                self.pipeline,
-            ))),
+            Ok(stream) => {
+                let mut conn = TcpConn::new(
+                    Some(stream),
+                    TcpState::Connecting { since: now },
+                    self.pipeline,
+                );
+                conn.start_auth(&self.auth);
+                MasterLink::Open(Box::new(conn))
+            }
             Err(msg) => {
                 self.last_conn_error.clone_from(&msg);
                 self.stats.redirect_failed(|| msg);
@@ -1133,6 +1180,7 @@ impl Worker {
                 ConnError::Io(e) => format!("{} ({e})", net::describe(e, self.timeout)),
                 ConnError::Closed => "connection closed".to_string(),
                 ConnError::Protocol => "unexpected response".to_string(),
+                ConnError::Auth(why) => format!("AUTH refused: {why}"),
             };
             let msg = format!("cannot connect to master {named} named by a redirect: {why}");
             self.last_conn_error.clone_from(&msg);
@@ -1156,6 +1204,10 @@ impl Worker {
             ConnError::Protocol => {
                 self.stats.errors.protocol += 1;
                 self.last_conn_error = "unparsable or mismatched response from master".to_string();
+            }
+            ConnError::Auth(why) => {
+                self.stats.errors.connection += 1;
+                self.last_conn_error = format!("master refused AUTH: {why}");
             }
         }
         count_fail(&mut self.stats, Fail::Lost, lost);
@@ -1272,6 +1324,11 @@ impl Worker {
                 count_fail(&mut self.stats, Fail::Lost, lost);
                 self.last_conn_error = "unparsable or mismatched response".to_string();
             }
+            ConnError::Auth(why) => {
+                self.stats.errors.connection += 1;
+                count_fail(&mut self.stats, Fail::Lost, lost);
+                self.last_conn_error = format!("AUTH refused: {why}");
+            }
         }
         self.close_tcp(i, now);
     }
@@ -1383,6 +1440,7 @@ impl Worker {
         let conn = &mut self.tcp[i];
         conn.stream = Some(stream);
         conn.state = TcpState::Connecting { since: now };
+        conn.start_auth(&self.auth);
     }
 
     /// Requests sent and not yet finished; counted only while draining, so not kept as a field.
@@ -1425,6 +1483,22 @@ impl Worker {
             }
         }
     }
+}
+
+/// The AUTH request a new connection sends first, encoded for the run's
+/// protocol; empty without `--password-file`.
+pub fn auth_request(cfg: &Config) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Some(password) = &cfg.password {
+        match cfg.protocol {
+            // Request id 0: the run's own requests count from 1.
+            Protocol::Dkvs => {
+                ::dkvs::protocol::encode_request(&mut out, Opcode::Auth, 0, &[], &password.0)
+            }
+            Protocol::Resp => resp::encode_auth(&mut out, &password.0),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

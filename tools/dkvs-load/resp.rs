@@ -93,6 +93,13 @@ impl RespEncoder {
     }
 }
 
+/// `AUTH password` as a RESP array.
+pub fn encode_auth(out: &mut Vec<u8>, password: &[u8]) {
+    out.extend_from_slice(format!("*2\r\n$4\r\nAUTH\r\n${}\r\n", password.len()).as_bytes());
+    out.extend_from_slice(password);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// One RESP2 reply, borrowed from the read buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reply<'a> {
