@@ -12,7 +12,7 @@
 
 use dkvs::protocol::{
     Decoded, HEADER_LEN, Header, ProtocolError, RESPONSE_FLAG, Request, Response, Status, decode,
-    decode_datagram, encode, encode_request, encode_response,
+    decode_datagram, encode, encode_request_expecting, encode_response,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -111,13 +111,17 @@ fn check_typed(f: &dkvs::protocol::Frame<'_>) {
     assert!(as_request.is_err() || as_response.is_err());
     if let Ok(req) = as_request {
         assert_eq!(req.opcode() as u8, f.header.opcode);
-        let (key, value): (&[u8], &[u8]) = match req {
-            Request::Get { key } | Request::Delete { key } => (key, &[]),
-            Request::Put { key, value } | Request::Update { key, value } => (key, value),
-            Request::Ping | Request::Stats => (&[], &[]),
-        };
+        // Every request is its opcode, version (the expected version), key
+        // and value; built again from those, it validates the same.
         let mut bytes = Vec::new();
-        encode_request(&mut bytes, req.opcode(), f.header.request_id, key, value);
+        encode_request_expecting(
+            &mut bytes,
+            req.opcode(),
+            f.header.request_id,
+            f.header.version,
+            f.key,
+            f.value,
+        );
         let Ok(Decoded::Frame(g, used)) = decode(&bytes, usize::MAX) else {
             panic!("re-encoded request does not decode");
         };

@@ -62,10 +62,13 @@ fn assemble(data: &[u8]) -> Vec<u8> {
 }
 
 /// The store's entries, sorted, to compare stores.
-fn contents(store: &Store) -> Vec<(Vec<u8>, Vec<u8>, u64)> {
+fn contents(store: &Store) -> Vec<(Vec<u8>, Vec<u8>, u64, u64)> {
     let mut all: Vec<_> = store
         .iter()
-        .map(|b| (b.key().to_vec(), b.value().to_vec(), b.version()))
+        .map(|b| {
+            let deadline = b.deadline().unwrap_or(0);
+            (b.key().to_vec(), b.value().to_vec(), b.version(), deadline)
+        })
         .collect();
     all.sort();
     all
@@ -82,8 +85,8 @@ fn check(bytes: &[u8]) {
 
     let mut again = header.encode().to_vec();
     let mut block = Vec::new();
-    for (key, value, version) in contents(&store) {
-        encode_entry(&mut block, &key, &value, version);
+    for (key, value, version, deadline) in contents(&store) {
+        encode_entry(&mut block, &key, &value, version, deadline);
     }
     if !block.is_empty() {
         write_block(&mut again, &block).unwrap();
