@@ -1479,7 +1479,11 @@ impl Coordinator {
         let record = self
             .lag_records
             .get(&lag_key(info.node_id, &info.client_addr))?;
-        if now_ms.saturating_sub(record.last_ms) > LAG_MEMORY_MS {
+        // Away longer than a first probation (cut off or stopped, not slow:
+        // a slow slave is back within moments of its eviction): no probation,
+        // however often it lagged before.
+        let away_ms = now_ms.saturating_sub(record.last_ms);
+        if away_ms > LAG_MEMORY_MS || away_ms >= self.config.first_probation_ms {
             return None;
         }
         let shift = record.evictions.saturating_sub(1).min(16);

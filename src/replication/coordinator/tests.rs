@@ -1935,3 +1935,52 @@ fn snapshot_progress_counts_only_while_the_snapshot_streams() {
         "{actions:?}"
     );
 }
+
+#[test]
+fn a_slave_away_longer_than_a_first_probation_skips_an_escalated_one() {
+    let mut c = with_slaves_config(lag_config(), &[1, 2]);
+    // Two lag evictions, each followed by a quick return: the second probation is 800 ms.
+    for (round, link) in [(0u64, 1u64), (1, 3)] {
+        let t = round * 1_000;
+        let seq = round + 1;
+        c.handle(t, writes(10 + round * 10, &["a"]));
+        c.handle(t + 1, yes(2, seq));
+        c.handle(
+            t + 51,
+            Event::TimerFired {
+                timer: TimerId::Txn(seq),
+            },
+        );
+        c.handle(t + 52, Event::PeerLost { peer: PeerId(link) });
+        c.handle(t + 53, Event::Persisted { lsn: seq });
+        c.handle(t + 60, reregister(link + 2, 1));
+        c.handle(t + 60, msg(link + 2, PeerMessage::CaughtUp { seq }));
+        c.handle(
+            t + 999,
+            Event::TimerFired {
+                timer: TimerId::Heartbeat,
+            },
+        );
+        drain(&mut c);
+    }
+    // A third lag eviction (a partition begins), then back 500 ms later: more
+    // than the first probation (400 ms), so in sync at once, not 1.6 s later.
+    c.handle(2_000, writes(30, &["a"]));
+    c.handle(2_001, yes(2, 3));
+    c.handle(
+        2_051,
+        Event::TimerFired {
+            timer: TimerId::Txn(3),
+        },
+    );
+    c.handle(2_052, Event::PeerLost { peer: PeerId(5) });
+    c.handle(2_053, Event::Persisted { lsn: 3 });
+    c.handle(2_551, reregister(7, 1));
+    c.handle(2_551, msg(7, PeerMessage::CaughtUp { seq: 3 }));
+    drain(&mut c);
+    assert!(matches!(
+        c.members().get(PeerId(7)).map(|s| s.state),
+        Some(SlaveState::InSync { .. })
+    ));
+    assert_eq!(c.lag_evictions(), 3);
+}
