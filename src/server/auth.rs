@@ -66,17 +66,13 @@ impl Password {
     /// The password held by a `--requirepass-file`: its contents with one
     /// trailing line end (`\n` or `\r\n`) removed. Empty is an error.
     pub fn from_file_contents(bytes: &[u8]) -> Result<Password, String> {
-        let bytes = bytes
-            .strip_suffix(b"\r\n")
-            .or_else(|| bytes.strip_suffix(b"\n"))
-            .unwrap_or(bytes);
-        if bytes.is_empty() {
-            return Err("the password file is empty".into());
-        }
+        // Read as the client library reads its `--password-file`, so both agree.
+        let crate::client::ClientPassword(bytes) =
+            crate::client::ClientPassword::from_file_contents(bytes)?;
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)
             .map_err(|e| format!("no randomness for the password key: {e}"))?;
-        let tag = mac(&key, bytes).finalize().into_bytes().into();
+        let tag = mac(&key, &bytes).finalize().into_bytes().into();
         Ok(Password { key, tag })
     }
 
