@@ -21,6 +21,7 @@ use super::auth::{
     self, DeniedLog, NO_PASSWORD_MESSAGE, NOAUTH_MESSAGE, Password, WRONG_PASSWORD_MESSAGE,
 };
 use super::stats::Stats;
+use super::waiting::WaitingTable;
 
 /// Largest encoded size of one transaction's writes; more writes wait for
 /// the next one, so that a PREPARE stays well inside a peer frame.
@@ -300,10 +301,8 @@ pub struct Core {
     pub read_refusal: Option<String>,
     /// Whether a slave's reads are within its read lease.
     pub read_gate: ReadGate,
-    /// Reply routes of writes handed to the coordinator and not yet answered
-    /// (foldhash: one insert and one remove per write, SipHash showed in profiles).
-    pub waiting: HashMap<ClientRef, Waiting, foldhash::fast::RandomState>,
-    next_client_ref: u64,
+    /// Reply routes of writes handed to the coordinator and not yet answered.
+    pub waiting: WaitingTable,
     /// Answer the Redis protocol on TCP connections whose first byte says so.
     pub resp_enabled: bool,
     /// The write-ahead log's `--fsync` policy, for INFO and CONFIG GET.
@@ -357,8 +356,7 @@ impl Core {
             batch_waiters: Vec::new(),
             udp_waiting: false,
             udp_retry: false,
-            waiting: HashMap::default(),
-            next_client_ref: 1,
+            waiting: WaitingTable::default(),
             resp_enabled: true,
             fsync_policy: "always",
             replication: ReplicationInfo::default(),
@@ -385,8 +383,14 @@ impl Core {
         op: u8,
         resp: Option<RespPending>,
     ) -> ClientRef {
-        let client = ClientRef(self.next_client_ref);
-        self.next_client_ref += 1;
+        let client = self.waiting.insert(Waiting {
+            target,
+            request_id,
+            op,
+            resp,
+            remaining: 0,
+            version: 0,
+        });
         let mut count = 0u32;
         for write in ops {
             count += 1;
@@ -400,17 +404,9 @@ impl Core {
             // Every op of a command carries the same handle; its reply waits for all.
             self.batch.push(ClientWrite { client, op: write });
         }
-        self.waiting.insert(
-            client,
-            Waiting {
-                target,
-                request_id,
-                op,
-                resp,
-                remaining: count,
-                version: 0,
-            },
-        );
+        if let Some(waiting) = self.waiting.get_mut(client) {
+            waiting.remaining = count;
+        }
         client
     }
 
@@ -431,10 +427,8 @@ impl Core {
         let pending_key = self
             .last_write
             .get(&hash)
-            .is_some_and(|c| self.waiting.contains_key(c));
-        let pending_clear = self
-            .last_clear
-            .is_some_and(|c| self.waiting.contains_key(&c));
+            .is_some_and(|&c| self.waiting.contains(c));
+        let pending_clear = self.last_clear.is_some_and(|c| self.waiting.contains(c));
         pending_key || pending_clear
     }
 
@@ -475,7 +469,7 @@ impl Core {
         BatchMark {
             len: self.batch.len(),
             bytes: self.batch_bytes,
-            next_client_ref: self.next_client_ref,
+            next_client_ref: self.waiting.mark(),
         }
     }
 
@@ -484,7 +478,7 @@ impl Core {
     pub fn rollback(&mut self, mark: BatchMark) {
         self.batch.truncate(mark.len);
         self.batch_bytes = mark.bytes;
-        self.waiting.retain(|c, _| c.0 < mark.next_client_ref);
+        self.waiting.forget_since(mark.next_client_ref);
     }
 
     /// The outcome of one write of `client` is known: the reply, once all its
@@ -496,7 +490,7 @@ impl Core {
         version: u64,
         message: &'m [u8],
     ) -> Option<(ReplyTarget, Completion<'m>)> {
-        let waiting = self.waiting.get_mut(&client)?;
+        let waiting = self.waiting.get_mut(client)?;
         let applied = matches!(status, Status::Ok | Status::NotFound);
         if applied {
             if let Some(resp) = waiting.resp.as_mut() {
@@ -513,7 +507,7 @@ impl Core {
                 }
             }
         }
-        let waiting = self.waiting.remove(&client)?;
+        let waiting = self.waiting.remove(client)?;
         if self.waiting.is_empty() {
             // Nothing is pending: every recorded write is applied.
             self.last_write.clear();
@@ -554,7 +548,7 @@ impl Core {
         if self.last_write.len() > 4 * self.waiting.len() + 4096 {
             // Bound the map under constant load: forget writes already applied.
             let waiting = &self.waiting;
-            self.last_write.retain(|_, c| waiting.contains_key(c));
+            self.last_write.retain(|_, c| waiting.contains(*c));
         }
         std::mem::take(&mut self.batch)
     }

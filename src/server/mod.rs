@@ -19,6 +19,7 @@ mod stats;
 mod stream;
 mod timers;
 mod udp;
+mod waiting;
 
 /// The master's limit on a slave's frames, for the peer decoder's fuzz target (fuzz/).
 pub use peer::MAX_SLAVE_FRAME_PAYLOAD;
@@ -1405,6 +1406,7 @@ impl Server {
             seq > self.core.commit_seq,
             "commits apply in sequence order"
         );
+        self.core.store.warm(ops.iter().map(|op| op.key.as_slice()));
         for (i, op) in ops.iter().enumerate() {
             let Some(write) = crate::wal::replay::store_write(op) else {
                 self.wal.before_clear(&self.core.store);

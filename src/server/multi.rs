@@ -97,9 +97,19 @@ pub fn intercept(
     args: &[&[u8]],
     spec: Option<&'static Spec>,
 ) -> Intercept {
-    let name = args[0].to_ascii_lowercase();
+    // Every command passes here: lower-case its name on the stack, not the heap
+    // (a longer name is none of these).
+    let mut buf = [0u8; 8];
+    let name = match buf.get_mut(..args[0].len()) {
+        Some(lower) => {
+            lower.copy_from_slice(args[0]);
+            lower.make_ascii_lowercase();
+            &*lower
+        }
+        None => b"",
+    };
     let in_multi = state.queued.is_some();
-    match name.as_slice() {
+    match name {
         b"multi" if args.len() != 1 => {
             conn.error("ERR wrong number of arguments for 'multi' command")
         }
