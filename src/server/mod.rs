@@ -1407,6 +1407,7 @@ impl Server {
             "commits apply in sequence order"
         );
         self.core.store.warm(ops.iter().map(|op| op.key.as_slice()));
+        self.core.waiting.warm(replies);
         for (i, op) in ops.iter().enumerate() {
             let Some(write) = crate::wal::replay::store_write(op) else {
                 self.wal.before_clear(&self.core.store);

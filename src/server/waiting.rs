@@ -80,6 +80,14 @@ impl<T> WaitingTable<T> {
         self.slots.try_remove(index).map(|(_, _, entry)| entry)
     }
 
+    /// Read the slots of `handles` ahead of answering them, so that their
+    /// cache misses overlap (as [`crate::store::Store::warm`] does for keys).
+    pub fn warm(&self, handles: &[ClientRef]) {
+        for &handle in handles {
+            std::hint::black_box(self.contains(handle));
+        }
+    }
+
     /// How many writes are waiting.
     pub fn len(&self) -> usize {
         self.slots.len()
