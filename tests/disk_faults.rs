@@ -39,7 +39,7 @@ fn write_until_refused(server: &ServerProcess) -> (HashMap<Vec<u8>, u64>, Client
 }
 
 fn refused_after(server: &ServerProcess) -> String {
-    // The failing write itself may hang (its fate is unknown); later ones are refused.
+    // The write in flight when the log failed lost its connection; later ones are refused.
     let mut c = quick_client(server);
     match c.put(b"later", b"v") {
         Err(e) => e.to_string(),
@@ -64,7 +64,39 @@ fn a_failed_fsync_stops_acknowledging_and_is_never_retried() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().display().to_string();
     let server = ServerProcess::start_env(&["-d", &d], &[("DKVS_FAULT", "fsync@20")]);
-    let (acked, _) = write_until_refused(&server);
+    // A patient client: the write in flight when the sync failed must end
+    // promptly with a closed connection (its outcome is unknown), not time out.
+    let mut c = Client::connect(
+        "127.0.0.1",
+        server.port,
+        ClientConfig {
+            transport: Transport::Tcp,
+            timeout: Duration::from_secs(20),
+            ..ClientConfig::default()
+        },
+    )
+    .expect("connect");
+    let mut acked = HashMap::new();
+    let mut failed = None;
+    for i in 0..200 {
+        let key = format!("k{i}").into_bytes();
+        let started = std::time::Instant::now();
+        match c.put(&key, b"v") {
+            Ok(v) => {
+                acked.insert(key, v);
+            }
+            Err(e) => {
+                failed = Some((e, started.elapsed()));
+                break;
+            }
+        }
+    }
+    let (error, took) = failed.expect("the injected fault never fired");
+    assert!(
+        matches!(error, ClientError::Closed | ClientError::Io(_)),
+        "the write in flight ends with its connection closed: {error}"
+    );
+    assert!(took < Duration::from_secs(10), "it ended after {took:?}");
     assert!(acked.len() >= 15, "{} writes before the fault", acked.len());
     let why = refused_after(&server);
     assert!(why.contains("write-ahead log failed"), "{why}");

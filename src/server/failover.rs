@@ -424,21 +424,12 @@ impl Server {
         // Their outcome is not known here, and no status says "unknown"
         // (UNAVAILABLE means "not applied"): the connection closes, as if this
         // server had died, and a UDP client hears nothing and retries.
-        let mut close = Vec::new();
-        for client in clients {
-            if let Some((ReplyTarget::Tcp { key, conn_id }, _)) =
-                self.core.finish(client, Status::Unavailable, 0, &[])
-            {
-                close.push((key, conn_id));
-            }
-        }
-        for (key, conn_id) in close {
-            if let Some(super::Link::Client(connection)) = self.links.get(key)
-                && connection.conn_id() == conn_id
-            {
-                self.close_client(key);
-            }
-        }
+        let targets: Vec<ReplyTarget> = clients
+            .into_iter()
+            .filter_map(|client| self.core.finish(client, Status::Unavailable, 0, &[]))
+            .map(|(target, _)| target)
+            .collect();
+        self.close_writers(targets);
         self.drop_all_peers();
         self.role = Role::Standby(Box::new(Standby {
             history_id,

@@ -1154,6 +1154,23 @@ impl Server {
         {
             self.core.write_refusal = Some(format!("write-ahead log failed: {why}"));
             self.replication_changed = true;
+            // The writes in flight wait for a sync that will never come, and
+            // whether their records reached the disk is unknown: close their
+            // connections, as if this server had died, rather than let them hang.
+            let targets: Vec<ReplyTarget> = self
+                .core
+                .waiting
+                .take_all()
+                .into_iter()
+                .map(|w| w.target)
+                .collect();
+            if !targets.is_empty() {
+                warn!(
+                    "closing the connections of {} writes in flight: their outcome is unknown",
+                    targets.len()
+                );
+            }
+            self.close_writers(targets);
         }
         self.forget_led_epoch_once_following();
         self.core.read_gate = self.read_gate();
@@ -1470,6 +1487,20 @@ impl Server {
             );
             self.core.store = store;
             self.core.commit_seq = at_seq;
+        }
+    }
+
+    /// Close the TCP connections of writes whose outcome this server cannot
+    /// tell (no status says "unknown": UNAVAILABLE means "not applied"). A
+    /// UDP client hears nothing and retries.
+    fn close_writers(&mut self, targets: impl IntoIterator<Item = ReplyTarget>) {
+        for target in targets {
+            if let ReplyTarget::Tcp { key, conn_id } = target
+                && let Some(Link::Client(connection)) = self.links.get(key)
+                && connection.conn_id() == conn_id
+            {
+                self.close_client(key);
+            }
         }
     }
 

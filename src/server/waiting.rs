@@ -88,6 +88,14 @@ impl<T> WaitingTable<T> {
         }
     }
 
+    /// Take every entry out (their writes will never be answered).
+    pub fn take_all(&mut self) -> Vec<T> {
+        std::mem::take(&mut self.slots)
+            .into_iter()
+            .map(|(_, (_, _, entry))| entry)
+            .collect()
+    }
+
     /// How many writes are waiting.
     pub fn len(&self) -> usize {
         self.slots.len()
@@ -165,6 +173,8 @@ mod tests {
         let z = t.insert("z");
         assert!(t.contains(z) && z != x && z != y);
         assert!(!t.contains(x) && !t.contains(y));
+        assert_eq!(t.take_all(), vec!["kept", "z"]);
+        assert!(t.is_empty() && !t.contains(before));
         assert_eq!(t.len(), 2);
     }
 }
