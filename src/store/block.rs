@@ -3,8 +3,15 @@
 //! 40, and one allocation per key instead of two. This is what keeps a million
 //! small keys within the memory target; a deadline costs its 8 bytes, and only
 //! keys that have one pay them.
+//!
+//! Blocks come from the system allocator (glibc's malloc), whatever the
+//! program's global allocator is: they live long, one per key, and malloc's
+//! 8-byte header and 16-byte steps waste less on them than the size classes of
+//! allocators built for churn (with mimalloc, a million 16-byte keys with
+//! 100-byte values took 203 MB instead of 166). The short-lived buffers of the
+//! request path are what the global allocator is chosen for.
 
-use std::alloc::{Layout, alloc, dealloc, handle_alloc_error};
+use std::alloc::{GlobalAlloc, Layout, System, handle_alloc_error};
 use std::ptr::{NonNull, copy_nonoverlapping};
 
 /// Bytes before the key (or the deadline): version u64, value length u32, key length u16.
@@ -46,7 +53,7 @@ impl Block {
         let body = body_at(deadline.is_some());
         let stored_len = value_len | if deadline.is_some() { DEADLINE_FLAG } else { 0 };
         // SAFETY: the layout's size is at least HEADER_BYTES, so not zero.
-        let raw = unsafe { alloc(layout) };
+        let raw = unsafe { System.alloc(layout) };
         let Some(ptr) = NonNull::new(raw) else {
             handle_alloc_error(layout)
         };
@@ -196,10 +203,10 @@ impl Block {
 impl Drop for Block {
     fn drop(&mut self) {
         let layout = layout_for(self.key_len(), self.value_len(), self.has_deadline());
-        // SAFETY: the pointer came from `alloc` with this same layout (the lengths
-        // and the deadline flag in the header never change after `with_deadline`),
-        // and is freed only here, once.
-        unsafe { dealloc(self.0.as_ptr(), layout) }
+        // SAFETY: the pointer came from `System.alloc` with this same layout (the
+        // lengths and the deadline flag in the header never change after
+        // `with_deadline`), and is freed only here, once, by the same allocator.
+        unsafe { System.dealloc(self.0.as_ptr(), layout) }
     }
 }
 
