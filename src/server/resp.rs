@@ -293,7 +293,9 @@ impl Connection {
                 }
                 Class::Write if core.forwards_writes() && core.forward.at_cap(self.conn_id) => {
                     // Backpressure: read no more of this client until replies come.
-                    core.forward.waiters.push(self.key);
+                    if !core.forward.waiters.contains(&self.key) {
+                        core.forward.waiters.push(self.key);
+                    }
                     return Stop::Waiting;
                 }
                 _ => {}
