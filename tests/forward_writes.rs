@@ -549,3 +549,31 @@ fn help_describes_forward_writes() {
     assert!(help.contains("--forward-writes"), "{help}");
     assert!(help.contains("--masterauth-file"), "{help}");
 }
+
+#[test]
+fn a_silent_master_fails_forwarded_writes_after_the_reply_timeout() {
+    let mut master = ServerProcess::start(&[]);
+    let slave = ServerProcess::start_slave(&master, &["--forward-writes", "--serve-stale-reads"]);
+    wait_until("the slave follows", Duration::from_secs(60), || {
+        cli(slave.port, &["INFO", "replication"]).contains("master_link_status:up")
+    });
+    let mut raw = Raw::connect(slave.port);
+    assert_eq!(raw.call(&[b"SET", b"k", b"before"]), b"+OK\r\n");
+    // Stopped, as a master behind a partition: the link stays open and silent.
+    master.stop();
+    let started = Instant::now();
+    raw.send(&command(&[b"SET", b"k", b"during"]));
+    raw.send(&command(&[b"GET", b"k"]));
+    assert_eq!(
+        String::from_utf8_lossy(&raw.reply()),
+        "-ERR forwarded write outcome unknown: link to master lost".to_string() + "\r\n"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(15),
+        "given up after the 5 s reply timeout, not before and not never: {waited:?}"
+    );
+    // The read behind it is served, from what this slave holds.
+    assert_eq!(raw.reply(), b"$6\r\nbefore\r\n");
+    master.resume();
+}

@@ -38,6 +38,10 @@ pub const RYW_WAIT_MS: u64 = 1000;
 pub const REDIAL_AFTER_MS: u64 = 250;
 /// A dial unanswered for this long fails (as the replication link's).
 pub const CONNECT_TIMEOUT_MS: u64 = 500;
+/// A link owing replies that brings none for this long is dropped (a master
+/// cut off by a partition, or stopped): its writes get "outcome unknown".
+/// A master answers every write within its 2PC timeout, far less than this.
+pub const REPLY_TIMEOUT_MS: u64 = 5000;
 
 /// Where a forwarded command's reply goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,8 +123,11 @@ pub struct Forwarder {
     unsent: VecDeque<Expect>,
     /// What the replies on the link answer, oldest first.
     sent: VecDeque<Expect>,
-    /// Replies the master gave, in arrival order.
+    /// Since when replies are owed and none came (`None`: none owed).
+    silent_since: Option<Instant>,
+    /// Replies the master gave, in arrival order, and their bytes.
     held: VecDeque<Held>,
+    held_bytes: usize,
     /// Replies ready for their connections.
     ready: Vec<(Origin, Vec<u8>)>,
     /// Unanswered commands per connection id, and in all.
@@ -163,7 +170,9 @@ impl Forwarder {
             outbox: Vec::new(),
             unsent: VecDeque::new(),
             sent: VecDeque::new(),
+            silent_since: None,
             held: VecDeque::new(),
+            held_bytes: 0,
             ready: Vec::new(),
             per_conn: HashMap::new(),
             count: 0,
@@ -198,14 +207,16 @@ impl Forwarder {
     }
 
     /// The master this server follows now (`None`: none, e.g. a standby).
-    pub fn set_target(&mut self, target: Option<String>) {
-        self.target = target;
+    pub fn set_target(&mut self, target: Option<&str>) {
+        if self.target.as_deref() != target {
+            self.target = target.map(str::to_string);
+        }
     }
 
     /// Whether a connection must stop reading before its next write.
     pub fn at_cap(&self, conn_id: u64) -> bool {
         self.count >= MAX_FORWARDED
-            || self.bytes >= MAX_FORWARDED_BYTES
+            || self.bytes + self.held_bytes >= MAX_FORWARDED_BYTES
             || self.per_conn.get(&conn_id).copied().unwrap_or(0) >= MAX_FORWARDED_PER_CONNECTION
     }
 
@@ -283,13 +294,14 @@ impl Forwarder {
     }
 
     /// The link connected; returns the bytes to write first (the AUTH).
-    pub fn on_connected(&mut self) -> Vec<u8> {
+    pub fn on_connected(&mut self, now: Instant) -> Vec<u8> {
         self.stats.links_opened += 1;
         let mut out = Vec::new();
         match &self.password {
             Some(password) => {
                 encode_command(&mut out, &[&b"AUTH"[..], password]);
                 self.sent.push_back(Expect::Auth);
+                self.silent_since = Some(now);
                 self.phase = Phase::Authenticating;
             }
             None => self.phase = Phase::Up,
@@ -299,9 +311,12 @@ impl Forwarder {
 
     /// Bytes to write to the link now (empty before it is up): every queued
     /// command, then a ROLE for the read-your-writes position.
-    pub fn take_sendable(&mut self) -> Vec<u8> {
+    pub fn take_sendable(&mut self, now: Instant) -> Vec<u8> {
         if self.phase != Phase::Up || self.unsent.is_empty() {
             return Vec::new();
+        }
+        if self.sent.is_empty() {
+            self.silent_since = Some(now);
         }
         if std::mem::take(&mut self.seq_due) {
             encode_command(&mut self.outbox, &[b"ROLE"]);
@@ -318,6 +333,7 @@ impl Forwarder {
         let Some(expect) = self.sent.pop_front() else {
             return Err("the master sent a reply nobody asked for".into());
         };
+        self.silent_since = (!self.sent.is_empty()).then_some(now);
         match expect {
             Expect::Auth => {
                 if let Some(text) = error_text(reply) {
@@ -333,6 +349,7 @@ impl Forwarder {
                 self.bytes -= bytes;
                 let mut out = Vec::with_capacity(reply.len());
                 transcode(reply, origin.encoder.0, &mut out);
+                self.held_bytes += out.len();
                 self.held.push_back(Held {
                     origin,
                     reply: out,
@@ -362,6 +379,7 @@ impl Forwarder {
         // a link lost with commands on it refuses new ones for a moment.
         let idle = self.phase == Phase::Up && self.sent.is_empty() && self.unsent.is_empty();
         self.phase = Phase::Down;
+        self.silent_since = None;
         self.failure = why.to_string();
         if !idle {
             self.refuse_until = Some(now + Duration::from_millis(REDIAL_AFTER_MS));
@@ -417,14 +435,29 @@ impl Forwarder {
                 self.stats.ryw_timeouts += 1;
             }
             if let Some(held) = self.held.pop_front() {
+                self.held_bytes -= held.reply.len();
                 self.finish(held.origin, held.reply);
             }
         }
     }
 
-    /// When [`release`](Forwarder::release) must run at the latest.
+    /// Whether the link owes replies and brought none for [`REPLY_TIMEOUT_MS`].
+    pub fn silent_too_long(&self, now: Instant) -> bool {
+        self.silent_since
+            .is_some_and(|since| now >= since + Duration::from_millis(REPLY_TIMEOUT_MS))
+    }
+
+    /// When [`release`](Forwarder::release) or [`silent_too_long`](Forwarder::silent_too_long)
+    /// must be asked again at the latest.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.held.front().and_then(|h| h.deadline)
+        let silent = self
+            .silent_since
+            .map(|since| since + Duration::from_millis(REPLY_TIMEOUT_MS));
+        let held = self.held.front().and_then(|h| h.deadline);
+        match (silent, held) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Replies ready for their connections, in order.
@@ -450,7 +483,7 @@ mod tests {
     }
 
     fn up(f: &mut Forwarder) {
-        f.set_target(Some("127.0.0.1:9099".into()));
+        f.set_target(Some("127.0.0.1:9099"));
     }
 
     fn replies(f: &mut Forwarder) -> Vec<(u64, Vec<u8>)> {
@@ -471,12 +504,12 @@ mod tests {
             .expect("queued");
         assert!(f.wants_link(now));
         assert!(
-            f.take_sendable().is_empty(),
+            f.take_sendable(now).is_empty(),
             "nothing is sent before the link is up"
         );
         f.on_dialing();
-        assert!(f.on_connected().is_empty(), "no password: no AUTH");
-        let sent = f.take_sendable();
+        assert!(f.on_connected(now).is_empty(), "no password: no AUTH");
+        let sent = f.take_sendable(now);
         assert!(sent.ends_with(b"*1\r\n$4\r\nROLE\r\n"), "{sent:?}");
         f.on_reply(b"+OK\r\n", now).expect("expected");
         f.on_reply(b":7\r\n", now).expect("expected");
@@ -509,8 +542,8 @@ mod tests {
         f.enqueue(origin(1, 1), &[b"DEL", b"k"], now)
             .expect("queued");
         f.on_dialing();
-        f.on_connected();
-        f.take_sendable();
+        f.on_connected(now);
+        f.take_sendable(now);
         f.on_reply(b":1\r\n", now).expect("expected");
         f.on_reply(b"*3\r\n$6\r\nmaster\r\n:9\r\n*0\r\n", now)
             .expect("expected");
@@ -530,14 +563,14 @@ mod tests {
         f.enqueue(origin(1, 1), &[b"SET", b"a", b"1"], now)
             .expect("queued");
         f.on_dialing();
-        let auth = f.on_connected();
+        let auth = f.on_connected(now);
         assert_eq!(auth, b"*2\r\n$4\r\nAUTH\r\n$2\r\npw\r\n");
         assert!(
-            f.take_sendable().is_empty(),
+            f.take_sendable(now).is_empty(),
             "commands wait for the AUTH's answer"
         );
         f.on_reply(b"+OK\r\n", now).expect("auth");
-        f.take_sendable();
+        f.take_sendable(now);
         f.on_reply(b"+OK\r\n", now).expect("expected");
         f.enqueue(origin(1, 2), &[b"SET", b"b", b"2"], now)
             .expect("queued");
@@ -564,15 +597,38 @@ mod tests {
             .expect("queued");
         assert!(f.wants_link(later));
         f.on_dialing();
-        f.on_connected();
+        f.on_connected(now);
         f.on_reply(b"+OK\r\n", later).expect("auth");
-        f.take_sendable();
+        f.take_sendable(now);
         f.on_link_lost("reset again", later);
         assert_eq!(
             replies(&mut f),
             vec![(4, format!("-{OUTCOME_UNKNOWN}\r\n").into_bytes())]
         );
         assert_eq!((f.stats.outcome_unknown, f.stats.refused), (1, 2));
+    }
+
+    #[test]
+    fn a_silent_link_owing_replies_is_given_up() {
+        let now = Instant::now();
+        let mut f = Forwarder::new(true, None);
+        up(&mut f);
+        f.enqueue(origin(1, 1), &[b"SET", b"a", b"1"], now)
+            .expect("queued");
+        f.on_dialing();
+        f.on_connected(now);
+        assert!(!f.silent_too_long(now), "nothing owed yet");
+        f.take_sendable(now);
+        let timeout = Duration::from_millis(REPLY_TIMEOUT_MS);
+        assert_eq!(f.next_deadline(), Some(now + timeout));
+        // A reply restarts the clock; the ROLE is still owed.
+        let later = now + timeout / 2;
+        f.on_reply(b"+OK\r\n", later).expect("expected");
+        assert!(!f.silent_too_long(now + timeout));
+        assert!(f.silent_too_long(later + timeout));
+        f.on_reply(b"*3\r\n$6\r\nmaster\r\n:1\r\n*0\r\n", later)
+            .expect("expected");
+        assert!(!f.silent_too_long(later + 2 * timeout), "nothing owed");
     }
 
     #[test]
@@ -583,7 +639,7 @@ mod tests {
         f.enqueue(origin(1, 1), &[b"SET", b"a", b"1"], now)
             .expect("queued");
         f.on_dialing();
-        f.on_connected();
+        f.on_connected(now);
         let err = f.on_reply(b"-WRONGPASS invalid username-password pair\r\n", now);
         assert!(err.is_err_and(|e| e.contains("WRONGPASS")));
     }
@@ -601,8 +657,8 @@ mod tests {
         o.encoder = Encoder(RespVersion::Three);
         f.enqueue_block(o, &block, now).expect("queued");
         f.on_dialing();
-        f.on_connected();
-        let sent = f.take_sendable();
+        f.on_connected(now);
+        let sent = f.take_sendable(now);
         assert!(sent.starts_with(b"*1\r\n$5\r\nMULTI\r\n"));
         for reply in [&b"+OK\r\n"[..], b"+QUEUED\r\n", b"+QUEUED\r\n"] {
             f.on_reply(reply, now).expect("expected");

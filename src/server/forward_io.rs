@@ -12,7 +12,7 @@ use mio::net::TcpStream;
 
 use crate::protocol::resp_reply::reply_len;
 
-use super::forward::CONNECT_TIMEOUT_MS;
+use super::forward::{CONNECT_TIMEOUT_MS, REPLY_TIMEOUT_MS};
 use super::handler::Mode;
 use super::stream::{Filled, Framed};
 use super::{ForwardLink, Link, MAX_VALUE_BYTES_LIMIT, Role, Server, register_link};
@@ -46,13 +46,18 @@ impl Server {
         };
         self.core
             .forward
-            .set_target(target.map(|(_, text)| text.clone()));
+            .set_target(target.map(|(_, text)| text.as_str()));
         let target = target.map(|(addr, _)| addr);
         if let Some(key) = self.forward_link
             && let Some(Link::Forward(link)) = self.links.get(key)
             && Some(link.addr) != target
         {
             self.lose_forward("the master changed (failover) or this server is no longer a slave");
+        }
+        if self.core.forward.silent_too_long(now) {
+            self.lose_forward(&format!(
+                "no reply from the master within {REPLY_TIMEOUT_MS} ms"
+            ));
         }
         if self.forward_dial_deadline.is_some_and(|at| now >= at) {
             self.lose_forward(&format!(
@@ -65,7 +70,7 @@ impl Server {
         {
             self.dial_forward(addr, now);
         }
-        self.send_forwarded();
+        self.send_forwarded(now);
         self.core.forward.release(self.core.commit_seq, now);
         self.deliver_forwarded();
     }
@@ -102,7 +107,7 @@ impl Server {
     }
 
     /// Write what the forwarder has for the link (nothing before it is up).
-    fn send_forwarded(&mut self) {
+    fn send_forwarded(&mut self, now: Instant) {
         let Some(key) = self.forward_link else {
             return;
         };
@@ -112,7 +117,7 @@ impl Server {
         if link.connecting {
             return;
         }
-        let bytes = self.core.forward.take_sendable();
+        let bytes = self.core.forward.take_sendable(now);
         link.io.output.extend_from_slice(&bytes);
         if let Err(e) = link.io.flush() {
             self.lose_forward(&format!("write to the master failed: {e}"));
@@ -131,7 +136,7 @@ impl Server {
                     link.connecting = false;
                     self.forward_dial_deadline = None;
                     debug!("forwarding writes to the master {}", link.addr);
-                    let first = self.core.forward.on_connected();
+                    let first = self.core.forward.on_connected(now);
                     link.io.output.extend_from_slice(&first);
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {
