@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::etcd::EtcdProcess;
 use common::{ServerProcess, wait_until};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -576,4 +577,82 @@ fn a_silent_master_fails_forwarded_writes_after_the_reply_timeout() {
     // The read behind it is served, from what this slave holds.
     assert_eq!(raw.reply(), b"$6\r\nbefore\r\n");
     master.resume();
+}
+
+/// The port of the server that is master now and takes writes, waiting for one.
+fn writable_master(servers: &[&ServerProcess]) -> usize {
+    let mut found = 0;
+    wait_until(
+        "a master that takes writes",
+        Duration::from_secs(60),
+        || {
+            servers.iter().enumerate().any(|(i, s)| {
+                let master = cli(s.port, &["INFO", "replication"]).contains("role:master")
+                    && cli(s.port, &["SET", "probe", "x"]) == "OK\n";
+                if master {
+                    found = i;
+                }
+                master
+            })
+        },
+    );
+    found
+}
+
+#[test]
+fn after_a_failover_slaves_forward_to_the_new_leader() {
+    common::etcd::require_etcd();
+    let etcd = EtcdProcess::start();
+    let url = EtcdProcess::urls(std::slice::from_ref(&etcd)).join(",");
+    let mut servers: Vec<ServerProcess> = (0..3)
+        .map(|_| {
+            ServerProcess::start(&[
+                "--etcd",
+                &url,
+                "--cluster",
+                "forward",
+                "--lease-ttl-ms",
+                "2000",
+                "--forward-writes",
+                "--serve-stale-reads",
+            ])
+        })
+        .collect();
+    let all: Vec<&ServerProcess> = servers.iter().collect();
+    let first = writable_master(&all);
+    let slaves: Vec<usize> = (0..3).filter(|&i| i != first).collect();
+    for &i in &slaves {
+        wait_until("the slave forwards", Duration::from_secs(60), || {
+            cli(servers[i].port, &["SET", "before", "1"]) == "OK\n"
+        });
+        assert_eq!(cli(servers[i].port, &["GET", "before"]), "1\n");
+    }
+    assert_eq!(cli(servers[first].port, &["GET", "before"]), "1\n");
+    servers[first].kill9();
+    let rest: Vec<&ServerProcess> = slaves.iter().map(|&i| &servers[i]).collect();
+    let second = slaves[writable_master(&rest)];
+    let slave = slaves
+        .iter()
+        .copied()
+        .find(|&i| i != second)
+        .unwrap_or(second);
+    // The surviving slave follows the new leader and forwards there (writes
+    // during the election get MASTERDOWN or "outcome unknown", never a hang).
+    wait_until(
+        "the slave forwards to the new leader",
+        Duration::from_secs(60),
+        || {
+            let reply = cli(servers[slave].port, &["INCR", "after"]);
+            assert!(
+                reply.chars().next().is_some_and(|c| c.is_ascii_digit())
+                    || reply.starts_with("MASTERDOWN")
+                    || reply.starts_with("ERR forwarded write outcome unknown"),
+                "{reply}"
+            );
+            reply.chars().next().is_some_and(|c| c.is_ascii_digit())
+        },
+    );
+    let at_leader = cli(servers[second].port, &["GET", "after"]);
+    assert_eq!(cli(servers[slave].port, &["GET", "after"]), at_leader);
+    assert_eq!(cli(servers[second].port, &["GET", "before"]), "1\n");
 }
