@@ -367,6 +367,13 @@ fn multi_exec_with_writes_is_forwarded_whole_and_watch_is_refused() {
     assert_eq!(raw.call(&[b"MULTI"]), b"+OK\r\n");
     assert_eq!(raw.call(&[b"GET", b"t"]), b"+QUEUED\r\n");
     assert_eq!(raw.call(&[b"EXEC"]), b"*1\r\n$1\r\n2\r\n");
+    // A command that would change the shared link's state on the master: refused.
+    assert_eq!(raw.call(&[b"MULTI"]), b"+OK\r\n");
+    assert_eq!(raw.call(&[b"SET", b"t", b"8"]), b"+QUEUED\r\n");
+    assert_eq!(raw.call(&[b"HELLO", b"3"]), b"+QUEUED\r\n");
+    let refused = String::from_utf8_lossy(&raw.call(&[b"EXEC"])).into_owned();
+    assert!(refused.contains("('hello' does not)"), "{refused}");
+    assert_eq!(raw.call(&[b"GET", b"t"]), b"$1\r\n2\r\n");
     // WATCH could not guard a forwarded EXEC: refused, nothing written.
     assert_eq!(raw.call(&[b"WATCH", b"t"]), b"+OK\r\n");
     assert_eq!(raw.call(&[b"MULTI"]), b"+OK\r\n");

@@ -299,6 +299,20 @@ fn forward_exec(state: &mut MultiState, conn: &mut Conn<'_>) -> Intercept {
         );
         return Intercept::Answered;
     }
+    // HELLO, AUTH, CLIENT, SELECT, ... would run on the master against the
+    // link every client's writes share (HELLO 3 would change its protocol).
+    let stateful = queued.iter().find_map(|args| {
+        lookup(&args[0])
+            .filter(|spec| !spec.forwardable_in_exec())
+            .map(|spec| spec.name)
+    });
+    if let Some(name) = stateful {
+        conn.error(&format!(
+            "ERR dkvs: a slave forwards a transaction with writes to its master only if \
+             every queued command reads or writes data ('{name}' does not); nothing was written"
+        ));
+        return Intercept::Answered;
+    }
     let ReplyTarget::Tcp { key, conn_id } = conn.target else {
         conn.error("ERR dkvs: only a TCP connection forwards writes");
         return Intercept::Answered;

@@ -85,6 +85,13 @@ impl Spec {
     pub(super) fn is_write(&self) -> bool {
         self.class == Class::Write
     }
+
+    /// Whether the command only reads or writes data (or echoes): one that
+    /// may run inside a transaction forwarded to the master without touching
+    /// the state of the connection it runs on there (HELLO, AUTH, CLIENT, ...).
+    pub(super) fn forwardable_in_exec(&self) -> bool {
+        self.class != Class::Free || matches!(self.name, "ping" | "echo")
+    }
 }
 
 /// One supported command, as COMMAND describes it.
