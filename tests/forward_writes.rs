@@ -663,3 +663,38 @@ fn after_a_failover_slaves_forward_to_the_new_leader() {
     assert_eq!(cli(servers[slave].port, &["GET", "after"]), at_leader);
     assert_eq!(cli(servers[second].port, &["GET", "before"]), "1\n");
 }
+
+#[test]
+fn an_idle_link_the_master_closed_is_dialled_again_by_the_next_write() {
+    let master = ServerProcess::start(&["--timeout", "1"]);
+    let slave = ServerProcess::start_slave(&master, &["--forward-writes", "--serve-stale-reads"]);
+    wait_until("the slave follows", Duration::from_secs(60), || {
+        cli(slave.port, &["INFO", "replication"]).contains("master_link_status:up")
+    });
+    assert_eq!(cli(slave.port, &["SET", "k", "1"]), "OK\n");
+    // The master's idle timeout closes the forwarding link (not the replication link).
+    wait_until(
+        "the master closed the idle link",
+        Duration::from_secs(30),
+        || {
+            let stats = master
+                .client(dkvs::client::Transport::Tcp)
+                .stats()
+                .expect("stats");
+            stats.lines().any(|l| {
+                l.strip_prefix("connections_closed_idle ")
+                    .is_some_and(|n| n.trim() != "0")
+            })
+        },
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    // Not a failure of the master: the next write dials again at once.
+    assert_eq!(cli(slave.port, &["SET", "k", "2"]), "OK\n");
+    assert_eq!(cli(slave.port, &["GET", "k"]), "2\n");
+    let stats = slave
+        .client(dkvs::client::Transport::Tcp)
+        .stats()
+        .expect("stats");
+    assert!(stats.contains("forward_links_opened 2"), "{stats}");
+    assert!(stats.contains("forwarded_writes_refused 0"), "{stats}");
+}
