@@ -136,6 +136,11 @@ pub struct Forwarder {
     bytes: usize,
     /// A client command went into the outbox since the last ROLE.
     seq_due: bool,
+    /// A ROLE is sent and unanswered: the next waits for it. On the master a
+    /// read stops the connection's input until the writes before it are
+    /// answered, so a ROLE per flush would give every flush a 2PC round of its
+    /// own; one at a time lets the writes sent meanwhile share one.
+    seq_in_flight: bool,
     /// Until when new commands are refused, and why (the last failure).
     refuse_until: Option<Instant>,
     failure: String,
@@ -178,6 +183,7 @@ impl Forwarder {
             count: 0,
             bytes: 0,
             seq_due: false,
+            seq_in_flight: false,
             refuse_until: None,
             failure: String::new(),
             waiters: Vec::new(),
@@ -312,15 +318,17 @@ impl Forwarder {
     /// Bytes to write to the link now (empty before it is up): every queued
     /// command, then a ROLE for the read-your-writes position.
     pub fn take_sendable(&mut self, now: Instant) -> Vec<u8> {
+        if self.seq_due && !self.seq_in_flight {
+            encode_command(&mut self.outbox, &[b"ROLE"]);
+            self.unsent.push_back(Expect::Seq);
+            self.seq_due = false;
+            self.seq_in_flight = true;
+        }
         if self.phase != Phase::Up || self.unsent.is_empty() {
             return Vec::new();
         }
         if self.sent.is_empty() {
             self.silent_since = Some(now);
-        }
-        if std::mem::take(&mut self.seq_due) {
-            encode_command(&mut self.outbox, &[b"ROLE"]);
-            self.unsent.push_back(Expect::Seq);
         }
         self.sent.extend(self.unsent.drain(..));
         std::mem::take(&mut self.outbox)
@@ -358,7 +366,9 @@ impl Forwarder {
                 });
             }
             Expect::Seq => {
-                // An error (a master whose lease is not known valid) or a
+                self.seq_in_flight = false;
+                // Replies come in order: every command sent before this ROLE
+                // has answered, none sent after it has. An error (a master whose lease is not known valid) or a
                 // server that is no longer master gives no position: deliver.
                 let seq = master_offset(reply).unwrap_or(0);
                 let deadline = now + Duration::from_millis(RYW_WAIT_MS);
@@ -403,6 +413,7 @@ impl Forwarder {
         }
         self.outbox.clear();
         self.seq_due = false;
+        self.seq_in_flight = false;
         self.release(u64::MAX, now);
         for (origin, bytes, text) in failed {
             self.bytes -= bytes;
@@ -532,6 +543,41 @@ mod tests {
         );
         assert_eq!(f.in_flight(), 0);
         assert!(f.on_reply(b"+OK\r\n", now).is_err(), "nobody asked");
+    }
+
+    #[test]
+    fn one_role_at_a_time_covers_the_writes_sent_while_it_was_out() {
+        let now = Instant::now();
+        let mut f = Forwarder::new(true, None);
+        up(&mut f);
+        f.on_dialing();
+        f.on_connected(now);
+        f.enqueue(origin(1, 1), &[b"SET", b"a", b"1"], now)
+            .expect("queued");
+        let first = f.take_sendable(now);
+        assert!(first.ends_with(b"*1\r\n$4\r\nROLE\r\n"));
+        f.enqueue(origin(2, 2), &[b"SET", b"b", b"2"], now)
+            .expect("queued");
+        let second = f.take_sendable(now);
+        assert!(!second.ends_with(b"ROLE\r\n"), "a ROLE is out: none more");
+        f.on_reply(b"+OK\r\n", now).expect("a");
+        f.on_reply(b"*3\r\n$6\r\nmaster\r\n:5\r\n*0\r\n", now)
+            .expect("role");
+        f.on_reply(b"+OK\r\n", now).expect("b");
+        f.release(5, now);
+        assert_eq!(
+            replies(&mut f),
+            vec![(1, b"+OK\r\n".to_vec())],
+            "b waits for its ROLE"
+        );
+        // The answered ROLE lets the next one go, for b.
+        assert_eq!(f.take_sendable(now), b"*1\r\n$4\r\nROLE\r\n");
+        f.on_reply(b"*3\r\n$6\r\nmaster\r\n:6\r\n*0\r\n", now)
+            .expect("role");
+        f.release(5, now);
+        assert!(replies(&mut f).is_empty());
+        f.release(6, now);
+        assert_eq!(replies(&mut f), vec![(2, b"+OK\r\n".to_vec())]);
     }
 
     #[test]
