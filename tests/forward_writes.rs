@@ -556,6 +556,27 @@ fn help_describes_forward_writes() {
     let help = String::from_utf8_lossy(&output.stdout);
     assert!(help.contains("--forward-writes"), "{help}");
     assert!(help.contains("--masterauth-file"), "{help}");
+    // A password file that cannot be used is a bad flag: exit 2, before serving.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").expect("write");
+    let missing = dir.path().join("missing").display().to_string();
+    let empty = empty.display().to_string();
+    for args in [
+        vec!["--forward-writes", "--masterauth-file", missing.as_str()],
+        vec!["--forward-writes", "--masterauth-file", empty.as_str()],
+        vec!["--masterauth-file", empty.as_str()],
+    ] {
+        let output = Command::new(common::bin("dkvs-server"))
+            .args(["-p", "0", "-d"])
+            .arg(dir.path().join("data"))
+            .args(&args)
+            .output()
+            .expect("run dkvs-server");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("masterauth-file"), "{args:?}: {stderr}");
+    }
 }
 
 #[test]
