@@ -688,7 +688,20 @@ fn after_a_failover_slaves_forward_to_the_new_leader() {
 #[test]
 fn an_idle_link_the_master_closed_is_dialled_again_by_the_next_write() {
     let master = ServerProcess::start(&["--timeout", "1"]);
-    let slave = ServerProcess::start_slave(&master, &["--forward-writes", "--serve-stale-reads"]);
+    // A --masterauth-file the master does not need (it has no password) is no obstacle.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "unneeded\n").expect("write password");
+    let pass = pass.display().to_string();
+    let slave = ServerProcess::start_slave(
+        &master,
+        &[
+            "--forward-writes",
+            "--serve-stale-reads",
+            "--masterauth-file",
+            &pass,
+        ],
+    );
     wait_until("the slave follows", Duration::from_secs(60), || {
         cli(slave.port, &["INFO", "replication"]).contains("master_link_status:up")
     });

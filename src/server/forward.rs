@@ -161,6 +161,9 @@ fn masterdown(why: &str) -> String {
     format!("MASTERDOWN forwarded write not sent: {why}")
 }
 
+/// What a master without a password answers AUTH with (§11.7).
+const NO_PASSWORD_NEEDLE: &[u8] = b"called without any password configured";
+
 /// The reply to a command sent whose reply never came.
 pub const OUTCOME_UNKNOWN: &str = "ERR forwarded write outcome unknown: link to master lost";
 
@@ -344,7 +347,14 @@ impl Forwarder {
         self.silent_since = (!self.sent.is_empty()).then_some(now);
         match expect {
             Expect::Auth => {
-                if let Some(text) = error_text(reply) {
+                // A master without a password refuses AUTH <password> with
+                // this text, and serves the link all the same (as a Redis
+                // replica whose masterauth the master does not need goes on).
+                let unneeded = |text: &[u8]| {
+                    text.windows(NO_PASSWORD_NEEDLE.len())
+                        .any(|w| w == NO_PASSWORD_NEEDLE)
+                };
+                if let Some(text) = error_text(reply).filter(|t| !unneeded(t)) {
                     return Err(format!(
                         "the master refused AUTH (--masterauth-file): {}",
                         String::from_utf8_lossy(text)
@@ -688,6 +698,15 @@ mod tests {
         f.on_connected(now);
         let err = f.on_reply(b"-WRONGPASS invalid username-password pair\r\n", now);
         assert!(err.is_err_and(|e| e.contains("WRONGPASS")));
+        // A master that needs no password: the link goes on.
+        let mut f = Forwarder::new(true, Some(b"pw".to_vec()));
+        up(&mut f);
+        f.on_dialing();
+        f.on_connected(now);
+        let unneeded = b"-ERR AUTH <password> called without any password configured for the \
+              default user. Are you sure your configuration is correct?\r\n";
+        f.on_reply(unneeded, now).expect("served all the same");
+        assert_eq!(f.phase(), Phase::Up);
     }
 
     #[test]
