@@ -252,6 +252,11 @@ fn writes_at_a_forwarding_slave_get_the_masters_replies_and_land_everywhere() {
     }
     // redis-cli at the forwarding slave, read back there at once.
     assert_eq!(cli(slave.port, &["SET", "cli", "hello"]), "OK\n");
+    // WAIT goes to the master too: both slaves hold every acknowledged write.
+    assert_eq!(cli(slave.port, &["WAIT", "2", "0"]), "2\n");
+    assert!(
+        cli(plain.port, &["WAIT", "2", "0"]).starts_with("ERR WAIT cannot be used with replica")
+    );
     assert_eq!(cli(slave.port, &["GET", "cli"]), "hello\n");
     assert_eq!(cli(slave.port, &["INCR", "cli:n"]), "1\n");
     assert_eq!(cli(slave.port, &["GET", "cli:n"]), "1\n");
