@@ -747,14 +747,18 @@ mod tests {
         }
         assert!(f.at_cap(1));
         assert!(!f.at_cap(2), "another connection may still forward");
-        assert!(f.set_target_and_refuse_without_master());
-    }
-
-    impl Forwarder {
-        fn set_target_and_refuse_without_master(&mut self) -> bool {
-            self.set_target(None);
-            let refused = self.enqueue(origin(3, 9999), &[b"SET", b"k", b"v"], Instant::now());
-            refused.is_err_and(|e| e.contains("follows no master"))
+        // The total cap holds whoever asks.
+        for c in 2..=(MAX_FORWARDED / MAX_FORWARDED_PER_CONNECTION) as u64 {
+            for i in 0..MAX_FORWARDED_PER_CONNECTION as u64 {
+                f.enqueue(origin(c, c * 1000 + i), &[b"INCR", b"n"], now)
+                    .expect("queued");
+            }
         }
+        assert_eq!(f.in_flight(), MAX_FORWARDED);
+        assert!(f.at_cap(9999), "every connection waits at the total cap");
+        // Without a master nothing is queued at all.
+        f.set_target(None);
+        let refused = f.enqueue(origin(3, 99999), &[b"SET", b"k", b"v"], now);
+        assert!(refused.is_err_and(|e| e.contains("follows no master")));
     }
 }
