@@ -80,10 +80,7 @@ impl Server {
         let mut stream = match TcpStream::connect(addr) {
             Ok(stream) => stream,
             Err(e) => {
-                self.core
-                    .forward
-                    .on_link_lost(&format!("cannot reach the master {addr}: {e}"), now);
-                self.deliver_forwarded();
+                self.lose_forward(&format!("cannot reach the master {addr}: {e}"));
                 return;
             }
         };
@@ -91,10 +88,7 @@ impl Server {
         let entry = self.links.vacant_entry();
         let key = entry.key();
         if let Err(e) = register_link(&self.poll, &mut stream, key) {
-            self.core
-                .forward
-                .on_link_lost(&format!("cannot register the link to the master: {e}"), now);
-            self.deliver_forwarded();
+            self.lose_forward(&format!("cannot register the link to the master: {e}"));
             return;
         }
         entry.insert(Link::Forward(ForwardLink {
@@ -135,7 +129,9 @@ impl Server {
                 Ok(_) => {
                     link.connecting = false;
                     self.forward_dial_deadline = None;
-                    debug!("forwarding writes to the master {}", link.addr);
+                    if std::mem::take(&mut self.forward_failures) > 0 {
+                        info!("forwarding writes to the master {} again", link.addr);
+                    }
                     let first = self.core.forward.on_connected(now);
                     link.io.output.extend_from_slice(&first);
                 }
@@ -209,13 +205,22 @@ impl Server {
             let _ = self.poll.registry().deregister(&mut link.io.stream);
         }
         self.forward_dial_deadline = None;
-        if self.core.forward.in_flight() > 0 {
-            warn!(
-                "link for forwarded writes lost with {} in flight: {why}",
-                self.core.forward.in_flight()
-            );
+        let in_flight = self.core.forward.in_flight();
+        if in_flight == 0 {
+            debug!("link for forwarded writes closed: {why}");
         } else {
-            info!("link for forwarded writes closed: {why}");
+            // The first of a streak and every 50th: a master that stays down
+            // is tried every 250 ms while writes come, not logged as often.
+            self.forward_failures += 1;
+            if self.forward_failures % 50 == 1 {
+                warn!(
+                    "link for forwarded writes lost with {in_flight} in flight: {why} \
+                     (failure {} in a row)",
+                    self.forward_failures
+                );
+            } else {
+                debug!("link for forwarded writes lost with {in_flight} in flight: {why}");
+            }
         }
         self.core.forward.on_link_lost(why, Instant::now());
         self.deliver_forwarded();

@@ -435,6 +435,8 @@ pub struct Server {
     forward_dial_deadline: Option<Instant>,
     /// The forward link stopped reading at its budget: resumed next iteration.
     forward_deferred: bool,
+    /// Forward links lost with writes on them since the last that connected.
+    forward_failures: u64,
 }
 
 impl Server {
@@ -606,6 +608,7 @@ impl Server {
             forward_link: None,
             forward_dial_deadline: None,
             forward_deferred: false,
+            forward_failures: 0,
         };
         if server.core.protected {
             warn!(
