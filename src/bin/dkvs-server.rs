@@ -145,6 +145,20 @@ struct Args {
     /// Answer the Redis protocol (RESP2/RESP3) on the TCP port: on or off.
     #[arg(long = "resp", default_value = "on", value_parser = ["on", "off"])]
     resp: String,
+    /// Slave: forward RESP writes (SET, DEL, INCR, MSET, EXPIRE, FLUSHDB, a
+    /// MULTI/EXEC with writes, ...) to the master over one pipelined RESP
+    /// connection and answer each with the master's reply, once this slave
+    /// has applied the write (or after 1 s), instead of answering -READONLY.
+    /// A write whose link dropped before its reply answers "-ERR forwarded
+    /// write outcome unknown"; one never sent "-MASTERDOWN". Binary-protocol
+    /// writes are still answered REDIRECT. Does nothing on a master.
+    #[arg(long = "forward-writes")]
+    forward_writes: bool,
+    /// File holding the master's client password (its --requirepass-file;
+    /// one trailing newline is dropped), sent as AUTH on the link for
+    /// --forward-writes (as Redis's masterauth).
+    #[arg(long = "masterauth-file", requires = "forward_writes")]
+    masterauth_file: Option<std::path::PathBuf>,
     /// Fail over automatically through etcd at these endpoints (comma-separated
     /// http://host:port, etcd's v3 gateway). Every server of the cluster gets the
     /// same --etcd and --cluster and no -m: etcd elects the master, and a slave
@@ -248,6 +262,19 @@ fn main() -> ExitCode {
             }
         },
     };
+    let master_password = match &args.masterauth_file {
+        None => None,
+        Some(path) => match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| dkvs::client::ClientPassword::from_file_contents(&bytes))
+        {
+            Ok(dkvs::client::ClientPassword(bytes)) => Some(bytes),
+            Err(e) => {
+                eprintln!("dkvs-server: --masterauth-file {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+    };
     let config = Config {
         host: args.host,
         port: args.port,
@@ -276,6 +303,8 @@ fn main() -> ExitCode {
         snapshot_log_bytes: args.snapshot_log_mb << 20,
         resync_discard_data: args.resync_discard_data,
         resp: args.resp == "on",
+        forward_writes: args.forward_writes,
+        master_password,
         cluster_secret,
         password,
         protected_mode: args.protected_mode == "yes",

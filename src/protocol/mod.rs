@@ -8,6 +8,7 @@ pub mod peer;
 pub mod peer_auth;
 mod request;
 pub mod resp;
+pub mod resp_reply;
 pub mod txn;
 
 pub use error::ProtocolError;

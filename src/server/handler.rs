@@ -20,6 +20,7 @@ use crate::store::Store;
 use super::auth::{
     self, DeniedLog, NO_PASSWORD_MESSAGE, NOAUTH_MESSAGE, Password, WRONG_PASSWORD_MESSAGE,
 };
+use super::forward::Forwarder;
 use super::stats::Stats;
 use super::waiting::WaitingTable;
 
@@ -332,6 +333,8 @@ pub struct Core {
     pub protected: bool,
     /// Rate limit of the protected-mode log.
     pub denied_log: DeniedLog,
+    /// `--forward-writes`: a slave's RESP writes sent to its master.
+    pub forward: Forwarder,
 }
 
 impl Core {
@@ -370,7 +373,22 @@ impl Core {
             password: None,
             protected: false,
             denied_log: DeniedLog::default(),
+            forward: Forwarder::default(),
         }
+    }
+
+    /// A reply handle no write uses (a forwarded command's slot in its
+    /// connection's queue of replies).
+    pub fn new_client_ref(&mut self) -> ClientRef {
+        let client = ClientRef(self.next_client_ref);
+        self.next_client_ref += 1;
+        client
+    }
+
+    /// Whether RESP writes go to the master (a slave with `--forward-writes`)
+    /// instead of being answered `READONLY`.
+    pub fn forwards_writes(&self) -> bool {
+        self.forward.enabled && matches!(self.mode, Mode::Slave { .. })
     }
 
     /// Queue `ops` as one command's writes: they join the current batch together,
@@ -621,7 +639,10 @@ impl Core {
                 return Outcome::Answered;
             }
             Request::Stats => {
-                let text = self.stats.render(&self.store, self.commit_seq);
+                let mut text = self.stats.render(&self.store, self.commit_seq);
+                if self.forward.enabled {
+                    text.push_str(&self.forward.describe());
+                }
                 encode_response(
                     out,
                     op,

@@ -10,6 +10,8 @@ pub mod auth;
 mod connection;
 mod expiry;
 mod failover;
+mod forward;
+mod forward_io;
 mod handler;
 mod limits;
 mod multi;
@@ -131,6 +133,10 @@ pub struct Config {
     pub udp_rate_per_sec: u32,
     /// Answer the Redis protocol (RESP) on the TCP port too.
     pub resp: bool,
+    /// Slave: forward RESP writes to the master instead of answering READONLY.
+    pub forward_writes: bool,
+    /// `--masterauth-file`: the password a forwarding slave sends its master.
+    pub master_password: Option<Vec<u8>>,
     /// Failover through etcd; `None`: one fixed master (`-m` makes a slave).
     pub failover: Option<FailoverConfig>,
     /// The secret replication links prove with (`--cluster-secret-file`);
@@ -218,6 +224,17 @@ enum Link {
     Client(Connection),
     /// A replication link.
     Peer(PeerLink),
+    /// A slave's link to its master for forwarded writes (`--forward-writes`).
+    Forward(ForwardLink),
+}
+
+/// The RESP connection a slave forwards its clients' writes on.
+struct ForwardLink {
+    io: Framed,
+    /// The master dialled.
+    addr: SocketAddr,
+    /// The dial is not answered yet.
+    connecting: bool,
 }
 
 /// The replication state machine this server runs.
@@ -414,6 +431,13 @@ pub struct Server {
     read_lease_ms: u32,
     /// The cluster secret replication links authenticate with.
     cluster_secret: Option<crate::protocol::peer_auth::Secret>,
+    /// Slab key of the link forwarded writes go on, and when its dial is given up.
+    forward_link: Option<usize>,
+    forward_dial_deadline: Option<Instant>,
+    /// The forward link stopped reading at its budget: resumed next iteration.
+    forward_deferred: bool,
+    /// Forward links lost with writes on them since the last that connected.
+    forward_failures: u64,
 }
 
 impl Server {
@@ -532,6 +556,8 @@ impl Server {
             idle_ms: config.idle_timeout_ms,
         };
         core.resp_enabled = config.resp;
+        core.forward =
+            forward::Forwarder::new(config.forward_writes, config.master_password.clone());
         core.fsync_policy = config.fsync.name();
         core.tcp_port = addr.port();
         core.password = config.password.clone();
@@ -580,6 +606,10 @@ impl Server {
             resync_discard_data: config.resync_discard_data,
             read_lease_ms: config.slave_read_lease_ms,
             cluster_secret: config.cluster_secret.clone(),
+            forward_link: None,
+            forward_dial_deadline: None,
+            forward_deferred: false,
+            forward_failures: 0,
         };
         if server.core.protected {
             warn!(
@@ -671,6 +701,14 @@ impl Server {
                 // Round up so a timer is never polled for just before it is due.
                 Duration::from_millis(at.saturating_sub(self.now_ms()) + 1)
             });
+            let forward_due = [
+                self.forward_dial_deadline,
+                self.core.forward.next_deadline(),
+            ];
+            for at in forward_due.into_iter().flatten() {
+                let wait = at.saturating_duration_since(Instant::now()) + Duration::from_millis(1);
+                timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
+            }
             let deferred = !self.deferred_clients.is_empty()
                 || !self.deferred_reads.is_empty()
                 || !self.deferred_flushes.is_empty();
@@ -678,7 +716,7 @@ impl Server {
                 // Keys with deadlines: the sweep runs at least this often.
                 timeout = Some(timeout.map_or(wake, |t| t.min(wake)));
             }
-            if self.work_left || self.core.udp_retry || deferred {
+            if self.work_left || self.core.udp_retry || deferred || self.forward_deferred {
                 // Left-over work goes on at once.
                 timeout = Some(Duration::ZERO);
             } else if self.accept_paused {
@@ -734,6 +772,11 @@ impl Server {
             for key in std::mem::take(&mut self.deferred_flushes) {
                 self.flush_peer(key);
             }
+            if std::mem::take(&mut self.forward_deferred)
+                && let Some(key) = self.forward_link
+            {
+                self.drive_forward(key);
+            }
             if std::mem::take(&mut self.core.udp_retry)
                 && let Some(udp) = self.udp.as_mut()
             {
@@ -784,7 +827,7 @@ impl Server {
                         stalled_peers.push(key);
                     }
                 }
-                Link::Peer(_) => {}
+                Link::Peer(_) | Link::Forward(_) => {}
             }
         }
         for key in stalled_peers {
@@ -885,6 +928,7 @@ impl Server {
         match self.links.get(key) {
             Some(Link::Client(_)) => self.drive_client(key, true, read_closed),
             Some(Link::Peer(_)) => self.drive_peer(key, read_closed),
+            Some(Link::Forward(_)) => self.drive_forward(key),
             None => {}
         }
     }
@@ -1135,6 +1179,8 @@ impl Server {
             for key in touched {
                 self.drive_client(key, false, false);
             }
+            // Writes the clients forwarded go out; replies now applied come back.
+            self.pump_forward();
             // A resumed connection may have become a peer link and fed the role.
             self.run_actions();
             // A batch held back for a snapshot is no work until the hold ends.

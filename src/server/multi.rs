@@ -11,10 +11,12 @@
 //! the same EXEC, exactly as Redis runs them back to back.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use crate::protocol::resp::Encoder;
 use crate::replication::ClientRef;
 
+use super::forward::Origin;
 use super::handler::{Core, ReplyTarget, Settled};
 use super::resp::{Exec, Session, Spec, lookup};
 
@@ -214,6 +216,15 @@ fn exec(state: &mut MultiState, conn: &mut Conn<'_>) -> Intercept {
         conn.error("EXECABORT Transaction discarded because of previous errors.");
         return Intercept::Answered;
     }
+    if conn.core.forwards_writes()
+        && state
+            .queued
+            .iter()
+            .flatten()
+            .any(|args| lookup(&args[0]).is_some_and(|spec| spec.is_write()))
+    {
+        return forward_exec(state, conn);
+    }
     let queued = state.queued.as_deref().unwrap_or_default();
     // Everything the transaction reads must be settled first (then nothing can
     // change it before the commands below have run).
@@ -279,6 +290,57 @@ fn exec(state: &mut MultiState, conn: &mut Conn<'_>) -> Intercept {
     conn.answer(|enc, out| enc.array(out, slots.len()));
     for slot in slots {
         conn.reply(slot);
+    }
+    Intercept::Answered
+}
+
+/// EXEC at a slave with `--forward-writes` whose queue holds a write: the
+/// whole transaction (MULTI, the queued commands, EXEC) goes to the master as
+/// one forwarded command, and the client gets the master's EXEC reply.
+fn forward_exec(state: &mut MultiState, conn: &mut Conn<'_>) -> Intercept {
+    let watched = !state.watched.is_empty();
+    let queued = std::mem::take(state).queued.unwrap_or_default();
+    if watched {
+        // The versions WATCH read here may trail the master's: the master could
+        // not check them, and a WATCH sent with the EXEC would guard nothing.
+        conn.error(
+            "ERR dkvs: a slave cannot forward a WATCHed transaction to its master \
+             (it would not be guarded); send WATCH ... EXEC to the master",
+        );
+        return Intercept::Answered;
+    }
+    // HELLO, AUTH, CLIENT, SELECT, ... would run on the master against the
+    // link every client's writes share (HELLO 3 would change its protocol).
+    let stateful = queued.iter().find_map(|args| {
+        lookup(&args[0])
+            .filter(|spec| !spec.forwardable_in_exec())
+            .map(|spec| spec.name)
+    });
+    if let Some(name) = stateful {
+        conn.error(&format!(
+            "ERR dkvs: a slave forwards a transaction with writes to its master only if \
+             every queued command reads or writes data ('{name}' does not); nothing was written"
+        ));
+        return Intercept::Answered;
+    }
+    let ReplyTarget::Tcp { key, conn_id } = conn.target else {
+        conn.error("ERR dkvs: only a TCP connection forwards writes");
+        return Intercept::Answered;
+    };
+    let client = conn.core.new_client_ref();
+    let origin = Origin {
+        key,
+        conn_id,
+        client,
+        encoder: *conn.enc,
+    };
+    match conn
+        .core
+        .forward
+        .enqueue_block(origin, &queued, Instant::now())
+    {
+        Ok(()) => conn.reply(Slot::Pending(client)),
+        Err(text) => conn.error(&text),
     }
     Intercept::Answered
 }

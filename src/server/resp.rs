@@ -10,6 +10,7 @@
 //! applied, and replicate the result as a plain PUT.
 
 use std::fmt::Write as _;
+use std::time::Instant;
 
 use log::info;
 
@@ -22,6 +23,7 @@ use crate::store::SHARDS;
 
 use super::auth;
 use super::connection::{Connection, MAX_PENDING_WRITES, OUTPUT_HIGH_WATER_BYTES, Stop};
+use super::forward::Origin;
 use super::handler::{Core, Latest, Mode, ReplyTarget, RespPending, RespWriteReply, Settled};
 use super::multi::{Conn, Intercept, MultiState, intercept};
 
@@ -76,6 +78,20 @@ enum Class {
     Write,
     /// Touches no data: answered at once (parked behind pending replies).
     Free,
+}
+
+impl Spec {
+    /// Whether the command writes (a slave answers it `READONLY`, or forwards it).
+    pub(super) fn is_write(&self) -> bool {
+        self.class == Class::Write
+    }
+
+    /// Whether the command only reads or writes data (or echoes): one that
+    /// may run inside a transaction forwarded to the master without touching
+    /// the state of the connection it runs on there (HELLO, AUTH, CLIENT, ...).
+    pub(super) fn forwardable_in_exec(&self) -> bool {
+        self.class != Class::Free || matches!(self.name, "ping" | "echo")
+    }
 }
 
 /// One supported command, as COMMAND describes it.
@@ -280,6 +296,13 @@ impl Connection {
                 }
                 Class::Write if core.batch_full() => {
                     core.batch_waiters.push(self.key);
+                    return Stop::Waiting;
+                }
+                Class::Write if core.forwards_writes() && core.forward.at_cap(self.conn_id) => {
+                    // Backpressure: read no more of this client until replies come.
+                    if !core.forward.waiters.contains(&self.key) {
+                        core.forward.waiters.push(self.key);
+                    }
                     return Stop::Waiting;
                 }
                 _ => {}
@@ -489,12 +512,39 @@ impl Session<'_> {
         }
     }
 
+    /// Send a write to the master (`--forward-writes`): its reply comes in
+    /// this connection's order once the master answered (§11.8).
+    fn forward(&mut self, args: &[&[u8]]) -> Exec {
+        let ReplyTarget::Tcp { key, conn_id } = self.target else {
+            return self.error(READONLY);
+        };
+        let client = self.core.new_client_ref();
+        let origin = Origin {
+            key,
+            conn_id,
+            client,
+            encoder: *self.enc,
+        };
+        match self.core.forward.enqueue(origin, args, Instant::now()) {
+            Ok(()) => Exec::Pending(client),
+            Err(text) => self.error(&text),
+        }
+    }
+
     pub(super) fn run(&mut self, spec: &Spec, args: &[&[u8]]) -> Exec {
         let n = args.len() as i64;
         if (spec.arity > 0 && n != spec.arity) || (spec.arity < 0 && n < -spec.arity) {
             return self.wrong_arity(spec.name);
         }
+        if spec.name == "wait" && self.core.forwards_writes() && !self.in_exec {
+            // The writes this slave forwarded were acknowledged by the master:
+            // its count of in-sync slaves is the one that means something.
+            return self.forward(args);
+        }
         if spec.class == Class::Write && matches!(self.core.mode, Mode::Slave { .. }) {
+            if self.core.forwards_writes() && !self.in_exec {
+                return self.forward(args);
+            }
             return self.error(READONLY);
         }
         if spec.class == Class::Write
@@ -1529,6 +1579,14 @@ impl Session<'_> {
                     line("rejected_connections", &0);
                     line("expired_keys", &0);
                     line("evicted_keys", &0);
+                    if core.forward.enabled {
+                        let f = &core.forward.stats;
+                        line("forwarded_writes", &f.forwarded);
+                        line("forwarded_writes_in_flight", &core.forward.in_flight());
+                        line("forwarded_writes_refused", &f.refused);
+                        line("forwarded_writes_outcome_unknown", &f.outcome_unknown);
+                        line("forwarded_writes_ryw_timeouts", &f.ryw_timeouts);
+                    }
                 }
                 "replication" => {
                     if let Some((epoch, leader, sync_set)) = &core.replication.failover {
