@@ -380,9 +380,7 @@ impl Core {
     /// A reply handle no write uses (a forwarded command's slot in its
     /// connection's queue of replies).
     pub fn new_client_ref(&mut self) -> ClientRef {
-        let client = ClientRef(self.next_client_ref);
-        self.next_client_ref += 1;
-        client
+        self.waiting.handle_without_slot()
     }
 
     /// Whether RESP writes go to the master (a slave with `--forward-writes`)

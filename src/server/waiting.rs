@@ -52,6 +52,15 @@ impl<T> WaitingTable<T> {
         handle
     }
 
+    /// A handle unlike every other, that names no slot (for replies that wait
+    /// in a connection's queue for something else than a write here).
+    pub fn handle_without_slot(&mut self) -> ClientRef {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        // No slab grows to index u32::MAX: each slot holds a write in memory.
+        ClientRef(((seq & u64::from(u32::MAX)) << INDEX_BITS) | u64::from(u32::MAX))
+    }
+
     fn index(handle: ClientRef) -> usize {
         (handle.0 & u64::from(u32::MAX)) as usize
     }
@@ -173,8 +182,11 @@ mod tests {
         let z = t.insert("z");
         assert!(t.contains(z) && z != x && z != y);
         assert!(!t.contains(x) && !t.contains(y));
+        let other = t.handle_without_slot();
+        assert!(!t.contains(other) && other != z && other != before);
+        assert_eq!(t.remove(other), None);
+        assert_eq!(t.len(), 2);
         assert_eq!(t.take_all(), vec!["kept", "z"]);
         assert!(t.is_empty() && !t.contains(before));
-        assert_eq!(t.len(), 2);
     }
 }
