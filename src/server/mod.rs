@@ -8,6 +8,7 @@
 
 pub mod auth;
 mod connection;
+mod exec_view;
 mod expiry;
 mod failover;
 mod handler;
