@@ -998,3 +998,44 @@ fn watch_multi_exec_increments_lose_nothing_and_reach_the_slaves() {
         "{versions:?}"
     );
 }
+
+#[test]
+fn keys_past_their_deadline_are_not_counted_before_their_deletion_commits() {
+    const LIMIT: Duration = Duration::from_secs(20);
+    // Two in-sync slaves required and one frozen: the master cannot commit the
+    // deletion of the expired keys, so the master and the other slave hold them.
+    let master = ServerProcess::start(&["--fsync", "never", "--min-slaves", "2"]);
+    let follower =
+        ServerProcess::start_slave(&master, &["--fsync", "never", "--serve-stale-reads"]);
+    let mut frozen = ServerProcess::start_slave(&master, &["--fsync", "never"]);
+    wait_until("slaves in sync", LIMIT, || {
+        master.stats().num("slaves_in_sync") == 2
+    });
+    cli(master.port, &["SET", "plain", "1"]);
+    cli(master.port, &["SET", "t1", "v", "PX", "700"]);
+    cli(master.port, &["SET", "t2", "v", "PX", "700"]);
+    let target = master.stats().num("commit_seq");
+    wait_until("the follower caught up", LIMIT, || {
+        follower.stats().num("commit_seq") >= target
+    });
+    assert_eq!(cli(follower.port, &["DBSIZE"]), "3\n");
+    frozen.stop();
+    std::thread::sleep(Duration::from_millis(1_000));
+    for server in [&master, &follower] {
+        let port = server.port;
+        assert_eq!(cli(port, &["DBSIZE"]), "1\n", "server :{port}");
+        assert_eq!(cli(port, &["KEYS", "*"]), "plain\n", "server :{port}");
+        assert_eq!(
+            cli(port, &["SCAN", "0", "COUNT", "100000"]),
+            "0\nplain\n",
+            "server :{port}"
+        );
+        assert_eq!(cli(port, &["EXISTS", "t1", "t2"]), "0\n", "server :{port}");
+        let stats = server.stats();
+        assert_eq!(stats.num("keys"), 1, "server :{port}: {}", stats.text);
+        assert_eq!(stats.num("keys_held"), 3, "deletions not committed");
+        let info = cli(port, &["INFO", "keyspace"]);
+        assert!(info.contains("db0:keys=1,"), "server :{port}: {info}");
+    }
+    frozen.resume();
+}

@@ -1641,12 +1641,13 @@ impl Session<'_> {
                         }
                     }
                 }
-                "keyspace" if !core.store.is_empty() => {
+                // As DBSIZE: keys past their deadline do not count.
+                "keyspace" if core.store.live_len() > 0 => {
                     line(
                         "db0",
                         &format!(
                             "keys={},expires={},avg_ttl=0",
-                            core.store.len(),
+                            core.store.live_len(),
                             core.store.expiring()
                         ),
                     );
