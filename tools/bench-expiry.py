@@ -155,11 +155,11 @@ def main():
             at_ms = int(first * 1000) + args.ttl_ms if args.together else None
             sock = fill(timed_port, args.keys, args.ttl_ms, at_ms)
             last = time.time()
+            print(f"wrote {args.keys} keys into each ({last - first:.1f} s for the ones with a TTL)")
             if at_ms is not None:
                 if last * 1000 > at_ms - 1000:
                     sys.exit(f"filling took {last - first:.1f} s: raise --ttl-ms")
                 first = last = at_ms / 1000 - args.ttl_ms / 1000
-            print(f"wrote {args.keys} keys into each ({last - first:.1f} s for the ones with a TTL)")
             plain_kib = rss_kib(plain.pid) - base_plain
             timed_kib = rss_kib(timed.pid) - base_timed
             plain.kill()  # it would compete for the CPU with what is measured next
