@@ -439,14 +439,8 @@ impl Core {
     }
 
     /// The latest value of `key` on a master, counting writes not yet applied.
+    /// (Inside EXEC, commands read through `ExecView` instead.)
     pub fn latest(&self, key: &[u8]) -> Latest<'_> {
-        self.latest_with(key, false)
-    }
-
-    /// [`Core::latest`]; `settled_before_batch` says the caller knows that no
-    /// write of `key` outside the current batch is undecided (EXEC checked it),
-    /// so that a batch without a decisive write leaves the store's value.
-    pub fn latest_with(&self, key: &[u8], settled_before_batch: bool) -> Latest<'_> {
         if !self.undecided(key) {
             return Latest::Known(self.store.get(key).map(|(v, _)| v));
         }
@@ -463,9 +457,6 @@ impl Core {
                 // Its effect depends on what came before: let it be decided first.
                 OpKind::Update => return Latest::InFlight,
             }
-        }
-        if settled_before_batch {
-            return Latest::Known(self.store.get(key).map(|(v, _)| v));
         }
         Latest::InFlight
     }
