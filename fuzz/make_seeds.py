@@ -38,6 +38,18 @@ def pstr(s):
     return struct.pack(">H", len(s)) + s
 
 
+def txn(conditions, writes):
+    """A TXN payload (docs/PROTOCOL.md 4.3): (kind, version, key) conditions,
+    (kind, key, value) writes; kinds 4 and 5 carry their deadline in the value."""
+    out = struct.pack(">H", len(conditions))
+    for kind, version, key in conditions:
+        out += struct.pack(">BQH", kind, version, len(key)) + key
+    out += struct.pack(">H", len(writes))
+    for kind, key, value in writes:
+        out += struct.pack(">BHI", kind, len(key), len(value)) + key + value
+    return out
+
+
 def write(target, name, data):
     d = os.path.join(HERE, "corpus", target)
     os.makedirs(d, exist_ok=True)
@@ -50,6 +62,13 @@ def main():
     write("frame", "put", frame(0x02, b"key", b"value", request_id=7))
     write("frame", "ping_stats", frame(0x05) + frame(0x06, request_id=2))
     write("frame", "response_ok", frame(0x81, value=b"value", version=42))
+    write("txn", "example", txn([(1, 5, b"a")], [(1, b"a", b"1"), (2, b"b", b"")]))
+    write("txn", "every_kind", txn(
+        [(1, 7, b"a"), (2, 0, b"bb"), (3, 0, b"c")],
+        [(1, b"a", b"x"), (2, b"c", b""), (3, b"a", b"y"),
+         (4, b"d", struct.pack(">Q", 1700000000000) + b"v"),
+         (5, b"d", struct.pack(">Q", 1800000000000)), (5, b"a", struct.pack(">Q", 0))]))
+    write("txn", "empty", txn([], []))
     write("frame", "response_error", frame(0x82, value=b"bad key", status=5))
 
     some_ops = ops([(1, b"k1", b"v1"), (3, b"k2", b""), (4, b"", b"")])

@@ -328,3 +328,82 @@ fn compare_and_set_transactions_and_expiry_from_the_command_line() {
         code(&client(&server, &["get", "s"])) == 1
     });
 }
+
+#[test]
+fn txn_updates_and_deadlines_from_the_command_line() {
+    let server = ServerProcess::start(&[]);
+    let slave = ServerProcess::start_slave(&server, &[]);
+    assert_eq!(code(&client(&server, &["put", "u", "old"])), 0);
+    assert_eq!(
+        code(&client(&server, &["put", "--ttl-ms", "60000", "p", "v"])),
+        0
+    );
+    let ms = |server: &ServerProcess, key: &str| -> i64 {
+        let out = client(server, &["ttl", key]);
+        stdout(&out).trim().parse().unwrap_or(-2)
+    };
+    let out = client(
+        &server,
+        &[
+            "txn",
+            "if",
+            "u",
+            "exists",
+            "then",
+            "put",
+            "t",
+            "1",
+            "ttl-ms",
+            "60000",
+            "update",
+            "u",
+            "new",
+            "update",
+            "missing",
+            "x",
+            "expire",
+            "u",
+            "120000",
+            "persist",
+            "p",
+            "put",
+            "gone",
+            "1",
+            "expire-at-ms",
+            "1",
+        ],
+    );
+    let committed = version_of(&out);
+    let left = ms(&server, "t");
+    assert!(left > 50_000 && left <= 60_000, "{left}");
+    let left = ms(&server, "u");
+    assert!(left > 110_000 && left <= 120_000, "{left}");
+    assert_eq!(ms(&server, "p"), -1, "persisted");
+    assert_eq!(stdout(&client(&server, &["get", "u"])), "new\n");
+    assert_eq!(
+        code(&client(&server, &["get", "missing"])),
+        1,
+        "update of absent"
+    );
+    assert_eq!(
+        code(&client(&server, &["get", "gone"])),
+        1,
+        "deadline passed"
+    );
+    // The slave applied the same transaction.
+    common::wait_until(
+        "the slave applied the txn",
+        std::time::Duration::from_secs(20),
+        || stdout(&client(&slave, &["get", "-V", "u"])) == format!("new\nversion {committed}\n"),
+    );
+    let left = ms(&slave, "t");
+    assert!(left > 50_000 && left <= 60_000, "slave: {left}");
+    assert_eq!(ms(&slave, "p"), -1, "slave: persisted");
+    for bad in [
+        &["txn", "put", "k", "v", "ttl-ms"][..],
+        &["txn", "expire", "k", "0"],
+        &["txn", "persist"],
+    ] {
+        assert_eq!(code(&client(&server, bad)), 2, "{bad:?}");
+    }
+}

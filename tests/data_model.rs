@@ -361,13 +361,19 @@ fn expired_keys_vanish_on_the_master_and_every_slave() {
     // The master deletes them (a replicated transaction): the key counts fall everywhere.
     let expected_keys = 2; // stays, saved
     wait_until("the master deleted the expired keys", SYNC_LIMIT, || {
-        master.stats().num("keys") == expected_keys
+        master.stats().num("keys_held") == expected_keys
     });
     assert!(master.stats().num("expired_keys") > TIMED as u64);
     for server in std::iter::once(&master).chain(&slaves) {
         caught_up(server, &master);
         let stats = server.stats();
         assert_eq!(stats.num("keys"), expected_keys, "server :{}", server.port);
+        assert_eq!(
+            stats.num("keys_held"),
+            expected_keys,
+            "server :{}",
+            server.port
+        );
         assert_eq!(stats.num("keys_with_deadline"), 0);
         let mut client = server.client(Transport::Tcp);
         for key in [&b"timed7"[..], b"later"] {

@@ -480,6 +480,77 @@ const SAME_AS_REDIS_MULTI: &[&str] = &[
     "EXEC",
 ];
 
+/// Inside EXEC every command sees the writes of those before it, as Redis runs
+/// them one after the other: reads of every kind, and deadline changes of keys
+/// the same EXEC wrote. (KEYS and SCAN name one key: their order is the store's.)
+const SAME_AS_REDIS_EXEC_IN_ORDER: &[&str] = &[
+    "FLUSHALL",
+    "SET old o",
+    "SET gone g EX 100",
+    "MULTI",
+    "SET a hello",
+    "STRLEN a",
+    "TYPE a",
+    "EXISTS a nope",
+    "GET a",
+    "TTL a",
+    "PTTL a",
+    "EXPIRETIME a",
+    "EXPIRE a 100",
+    "TTL a",
+    "EXPIREAT a 99999999999",
+    "EXPIRETIME a",
+    "PEXPIRETIME a",
+    "PERSIST a",
+    "PERSIST a",
+    "TTL a",
+    "GETEX a EX 100",
+    "TTL a",
+    "GETEX a PERSIST",
+    "TTL a",
+    "SET a world KEEPTTL",
+    "TTL a",
+    "PEXPIRE a 200000",
+    "SET a again KEEPTTL",
+    "TTL a",
+    "SET a xx XX KEEPTTL GET",
+    "TTL a",
+    "DBSIZE",
+    "KEYS a",
+    "SCAN 0 MATCH a COUNT 100000",
+    "DEL old",
+    "TYPE old",
+    "STRLEN old",
+    "DBSIZE",
+    "KEYS o*",
+    "SCAN 0 MATCH old COUNT 100000",
+    "EXPIRE gone 300 GT",
+    "TTL gone",
+    "PERSIST gone",
+    "EXPIRE a -1",
+    "EXISTS a",
+    "TTL a",
+    "DBSIZE",
+    "GETEX a PERSIST",
+    "SET a back",
+    "EXPIRE a 100 NX",
+    "EXPIRE a 100 NX",
+    "DEL a a",
+    "FLUSHDB",
+    "DBSIZE",
+    "KEYS *",
+    "TYPE gone",
+    "SET c 1",
+    "DBSIZE",
+    "KEYS *",
+    "SCAN 0 COUNT 100000",
+    "EXEC",
+    "DBSIZE",
+    "KEYS *",
+    "TTL gone",
+    "GET c",
+];
+
 fn compare_with_redis(commands: &[&str], hello3: bool) {
     let redis = RedisServer::start();
     let dkvs = ServerProcess::start(&[]);
@@ -503,6 +574,11 @@ fn compare_with_redis(commands: &[&str], hello3: bool) {
 #[test]
 fn multi_exec_replies_are_redis_byte_for_byte() {
     compare_with_redis(SAME_AS_REDIS_MULTI, false);
+}
+
+#[test]
+fn exec_runs_its_commands_in_order_as_redis_byte_for_byte() {
+    compare_with_redis(SAME_AS_REDIS_EXEC_IN_ORDER, false);
 }
 
 #[test]
@@ -921,4 +997,45 @@ fn watch_multi_exec_increments_lose_nothing_and_reach_the_slaves() {
             .all(|v| v == &versions[0] && v.starts_with(b":")),
         "{versions:?}"
     );
+}
+
+#[test]
+fn keys_past_their_deadline_are_not_counted_before_their_deletion_commits() {
+    const LIMIT: Duration = Duration::from_secs(20);
+    // Two in-sync slaves required and one frozen: the master cannot commit the
+    // deletion of the expired keys, so the master and the other slave hold them.
+    let master = ServerProcess::start(&["--fsync", "never", "--min-slaves", "2"]);
+    let follower =
+        ServerProcess::start_slave(&master, &["--fsync", "never", "--serve-stale-reads"]);
+    let mut frozen = ServerProcess::start_slave(&master, &["--fsync", "never"]);
+    wait_until("slaves in sync", LIMIT, || {
+        master.stats().num("slaves_in_sync") == 2
+    });
+    cli(master.port, &["SET", "plain", "1"]);
+    cli(master.port, &["SET", "t1", "v", "PX", "700"]);
+    cli(master.port, &["SET", "t2", "v", "PX", "700"]);
+    let target = master.stats().num("commit_seq");
+    wait_until("the follower caught up", LIMIT, || {
+        follower.stats().num("commit_seq") >= target
+    });
+    assert_eq!(cli(follower.port, &["DBSIZE"]), "3\n");
+    frozen.stop();
+    std::thread::sleep(Duration::from_millis(1_000));
+    for server in [&master, &follower] {
+        let port = server.port;
+        assert_eq!(cli(port, &["DBSIZE"]), "1\n", "server :{port}");
+        assert_eq!(cli(port, &["KEYS", "*"]), "plain\n", "server :{port}");
+        assert_eq!(
+            cli(port, &["SCAN", "0", "COUNT", "100000"]),
+            "0\nplain\n",
+            "server :{port}"
+        );
+        assert_eq!(cli(port, &["EXISTS", "t1", "t2"]), "0\n", "server :{port}");
+        let stats = server.stats();
+        assert_eq!(stats.num("keys"), 1, "server :{port}: {}", stats.text);
+        assert_eq!(stats.num("keys_held"), 3, "deletions not committed");
+        let info = cli(port, &["INFO", "keyspace"]);
+        assert!(info.contains("db0:keys=1,"), "server :{port}: {info}");
+    }
+    frozen.resume();
 }

@@ -9,7 +9,12 @@ lets every deadline pass and reports how long the master took to delete them
 all (replicated DELETE transactions) and the longest reactor turn meanwhile
 (STATS longest_turn_us, reset with CONFIG RESETSTAT before the deadline).
 
-    tools/bench-expiry.py [--keys N] [--ttl-ms MS]
+With --together every key gets the same absolute deadline (SET ... PXAT), so
+all of them expire in the same millisecond: the sweep's worst case. While the
+keys are deleted, a sampler resets the statistics every --sample-ms and reads
+longest_turn_us back, and prints p50/p99/max of those per-window maxima.
+
+    tools/bench-expiry.py [--keys N] [--ttl-ms MS] [--together] [--sample-ms MS]
 """
 
 import argparse
@@ -22,7 +27,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVER = os.path.join(ROOT, "target", "release", "dkvs-server")
+# DKVS_BIN_DIR points at other builds (e.g. of an older commit, to compare).
+BIN_DIR = os.environ.get("DKVS_BIN_DIR", os.path.join(ROOT, "target", "release"))
+SERVER = os.path.join(BIN_DIR, "dkvs-server")
 CHUNK = 5000
 
 
@@ -91,10 +98,13 @@ def rss_kib(pid):
         return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
 
 
-def fill(port, keys, ttl_ms):
+def fill(port, keys, ttl_ms, at_ms=None):
     sock = socket.create_connection(("127.0.0.1", port))
     value = b"v" * 100
-    deadline_extra = [] if ttl_ms is None else ["PX", ttl_ms]
+    if at_ms is not None:
+        deadline_extra = ["PXAT", at_ms]
+    else:
+        deadline_extra = [] if ttl_ms is None else ["PX", ttl_ms]
     for start in range(0, keys, CHUNK):
         batch = b"".join(
             command("SET", b"key:%012d" % i, value, *deadline_extra)
@@ -105,29 +115,35 @@ def fill(port, keys, ttl_ms):
     return sock
 
 
-def dkvs_stat(port, name):
-    """A STATS line over the binary protocol would need the client; INFO has what we need."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    info = call(sock, "INFO", "keyspace")
-    sock.close()
-    match = re.search(r"keys=(\d+)", info)
-    return int(match.group(1)) if match else 0
-
-
 def stat(port, name):
     out = subprocess.run(
-        [os.path.join(ROOT, "target", "release", "dkvs-client"), "-p", str(port), "stats"],
+        [os.path.join(BIN_DIR, "dkvs-client"), "-p", str(port), "stats"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    return int(re.search(rf"^{name} (\d+)", out, re.M).group(1))
+    match = re.search(rf"^{name} (\d+)", out, re.M)
+    return int(match.group(1)) if match else None
+
+
+def keys_held(port):
+    """Keys still in memory: STATS keys_held where the server has it (keys
+    past their deadline no longer count in `keys` or INFO), else `keys`."""
+    held = stat(port, "keys_held")
+    return stat(port, "keys") if held is None else held
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keys", type=int, default=1_000_000)
     parser.add_argument("--ttl-ms", type=int, default=60_000)
+    parser.add_argument("--together", action="store_true", help="one deadline for every key (PXAT)")
+    parser.add_argument("--sample-ms", type=int, default=100)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         plain, plain_port = start(os.path.join(work, "plain"))
@@ -136,9 +152,14 @@ def main():
             base_plain, base_timed = rss_kib(plain.pid), rss_kib(timed.pid)
             fill(plain_port, args.keys, None).close()
             first = time.time()
-            sock = fill(timed_port, args.keys, args.ttl_ms)
+            at_ms = int(first * 1000) + args.ttl_ms if args.together else None
+            sock = fill(timed_port, args.keys, args.ttl_ms, at_ms)
             last = time.time()
             print(f"wrote {args.keys} keys into each ({last - first:.1f} s for the ones with a TTL)")
+            if at_ms is not None:
+                if last * 1000 > at_ms - 1000:
+                    sys.exit(f"filling took {last - first:.1f} s: raise --ttl-ms")
+                first = last = at_ms / 1000 - args.ttl_ms / 1000
             plain_kib = rss_kib(plain.pid) - base_plain
             timed_kib = rss_kib(timed.pid) - base_timed
             plain.kill()  # it would compete for the CPU with what is measured next
@@ -150,10 +171,18 @@ def main():
             # Before any deadline: the idle turns (and a snapshot of the log, if one runs).
             print(f"longest reactor turn before the first deadline: {stat(timed_port, 'longest_turn_us')} us")
             call(sock, "CONFIG", "RESETSTAT")
-            time.sleep(max(0.0, last + args.ttl_ms / 1000 - time.time()))
+            time.sleep(max(0.0, first + args.ttl_ms / 1000 - time.time() - 0.05))
+            longest = stat(timed_port, "longest_turn_us")
+            call(sock, "CONFIG", "RESETSTAT")
             limit = time.time() + 600
-            while dkvs_stat(timed_port, "keys") > 0 and time.time() < limit:
-                time.sleep(0.05)
+            windows = []
+            while time.time() < limit:
+                time.sleep(args.sample_ms / 1000)
+                windows.append(stat(timed_port, "longest_turn_us"))
+                longest = max(longest, windows[-1])
+                call(sock, "CONFIG", "RESETSTAT")
+                if keys_held(timed_port) == 0:
+                    break
             done = time.time()
             print(
                 f"deadlines passed over {last - first:.1f} s; the master had deleted all "
@@ -161,9 +190,11 @@ def main():
             )
             print(
                 f"from the first deadline to the last deletion: longest reactor turn "
-                f"{stat(timed_port, 'longest_turn_us')} us, longest sweep step "
-                f"{stat(timed_port, 'longest_sweep_us')} us"
+                f"{longest} us; per {args.sample_ms} ms window ({len(windows)} windows) the "
+                f"longest turn was p50 {percentile(windows, 0.5)} us, p99 "
+                f"{percentile(windows, 0.99)} us, max {max(windows)} us"
             )
+            print(f"load average: {os.getloadavg()}")
             print("(a turn is wall time between two polls: on a busy 2-core machine it includes preemption)")
         finally:
             plain.kill()

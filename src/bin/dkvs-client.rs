@@ -152,9 +152,11 @@ enum Command {
     /// Atomic multi-key transaction: conditions, then writes, all or nothing.
     ///
     /// `txn [if KEY version N | if KEY absent | if KEY exists]... then
-    /// [put KEY VALUE | delete KEY]...` (`then` may be left out when there is
-    /// no condition). Prints `OK version N`, or names the first condition that
-    /// failed and exits 4 with nothing written.
+    /// [put KEY VALUE [ttl-ms MS | expire-at-ms UNIX_MS] | update KEY VALUE |
+    ///  delete KEY | expire KEY MS | expire-at KEY UNIX_MS | persist KEY]...`
+    /// (`then` may be left out when there is no condition). Prints
+    /// `OK version N`, or names the first condition that failed and exits 4
+    /// with nothing written.
     #[command(verbatim_doc_comment)]
     Txn {
         /// The conditions and writes, as above.
@@ -293,20 +295,84 @@ fn check_key(key: &str) -> Result<&[u8], ClientError> {
     Ok(key.as_bytes())
 }
 
+/// One write of a transaction as typed (owned).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum WordWrite {
+    /// `put KEY VALUE [ttl-ms MS | expire-at-ms UNIX_MS]`.
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        deadline_ms: Option<u64>,
+    },
+    /// `update KEY VALUE`.
+    Update { key: Vec<u8>, value: Vec<u8> },
+    /// `delete KEY`.
+    Delete { key: Vec<u8> },
+    /// `expire KEY MS`, `expire-at KEY UNIX_MS` (`Some`), `persist KEY` (`None`).
+    Expire {
+        key: Vec<u8>,
+        deadline_ms: Option<u64>,
+    },
+}
+
+impl WordWrite {
+    fn as_write(&self) -> TxnWrite<'_> {
+        match self {
+            WordWrite::Put {
+                key,
+                value,
+                deadline_ms: None,
+            } => TxnWrite::Put { key, value },
+            WordWrite::Put {
+                key,
+                value,
+                deadline_ms: Some(deadline_ms),
+            } => TxnWrite::PutExpiring {
+                key,
+                value,
+                deadline_ms: *deadline_ms,
+            },
+            WordWrite::Update { key, value } => TxnWrite::Update { key, value },
+            WordWrite::Delete { key } => TxnWrite::Delete { key },
+            WordWrite::Expire { key, deadline_ms } => TxnWrite::Expire {
+                key,
+                deadline_ms: *deadline_ms,
+            },
+        }
+    }
+}
+
 /// A transaction as typed: owned conditions and writes.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct TxnWords {
     conditions: Vec<(Vec<u8>, Check)>,
-    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    writes: Vec<WordWrite>,
 }
 
-/// Parse `if KEY version N | absent | exists ... then put KEY VALUE | delete KEY ...`.
-fn parse_txn(words: &[String]) -> Result<TxnWords, ClientError> {
-    let usage = |why: String| {
-        ClientError::InvalidRequest(format!(
-            "txn: {why} (syntax: txn [if KEY version N | if KEY absent | if KEY exists]... \
-             then [put KEY VALUE | delete KEY]...)"
-        ))
+/// The txn syntax, for usage errors.
+const TXN_SYNTAX: &str = "txn [if KEY version N | if KEY absent | if KEY exists]... then \
+     [put KEY VALUE [ttl-ms MS | expire-at-ms UNIX_MS] | update KEY VALUE | delete KEY | \
+     expire KEY MS | expire-at KEY UNIX_MS | persist KEY]...";
+
+/// Parse `if KEY version N | absent | exists ... then put KEY VALUE | delete KEY ...`;
+/// relative times (`ttl-ms`, `expire KEY MS`) count from `now_ms` (unix ms).
+fn parse_txn(words: &[String], now_ms: u64) -> Result<TxnWords, ClientError> {
+    let usage =
+        |why: String| ClientError::InvalidRequest(format!("txn: {why} (syntax: {TXN_SYNTAX})"));
+    // A deadline: MS from now (relative) or a unix time, neither 0 nor overflowing.
+    let deadline = |word: &str, relative: bool| -> Result<u64, ClientError> {
+        let n = word
+            .parse::<u64>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| usage(format!("bad time '{word}' (milliseconds, above 0)")))?;
+        if relative {
+            now_ms
+                .checked_add(n)
+                .ok_or_else(|| usage(format!("time '{word}' overflows")))
+        } else {
+            Ok(n)
+        }
     };
     let mut txn = TxnWords::default();
     let mut rest = words;
@@ -343,20 +409,59 @@ fn parse_txn(words: &[String]) -> Result<TxnWords, ClientError> {
         }
     }
     while let Some(word) = rest.first() {
-        match word.as_str() {
-            "put" if rest.len() >= 3 => {
+        let (write, used) = match (word.as_str(), rest.len()) {
+            ("put", 3..) => {
+                let key = check_key(&rest[1])?.to_vec();
                 let value = value_bytes(&rest[2])?;
-                txn.writes
-                    .push((check_key(&rest[1])?.to_vec(), Some(value)));
-                rest = &rest[3..];
+                let option = rest.get(3).map(String::as_str);
+                let (deadline_ms, used) = match (option, rest.get(4)) {
+                    (Some("ttl-ms"), Some(n)) => (Some(deadline(n, true)?), 5),
+                    (Some("expire-at-ms"), Some(n)) => (Some(deadline(n, false)?), 5),
+                    (Some("ttl-ms" | "expire-at-ms"), None) => {
+                        return Err(usage(format!("'{}' needs a time", rest[3])));
+                    }
+                    _ => (None, 3),
+                };
+                let put = WordWrite::Put {
+                    key,
+                    value,
+                    deadline_ms,
+                };
+                (put, used)
             }
-            "delete" if rest.len() >= 2 => {
-                txn.writes.push((check_key(&rest[1])?.to_vec(), None));
-                rest = &rest[2..];
+            ("update", 3..) => {
+                let key = check_key(&rest[1])?.to_vec();
+                let value = value_bytes(&rest[2])?;
+                (WordWrite::Update { key, value }, 3)
             }
-            "put" | "delete" => return Err(usage(format!("'{word}' is missing its arguments"))),
-            other => return Err(usage(format!("expected 'put' or 'delete', got '{other}'"))),
-        }
+            ("delete", 2..) => {
+                let key = check_key(&rest[1])?.to_vec();
+                (WordWrite::Delete { key }, 2)
+            }
+            ("expire" | "expire-at", 3..) => {
+                let key = check_key(&rest[1])?.to_vec();
+                let deadline_ms = Some(deadline(&rest[2], word == "expire")?);
+                (WordWrite::Expire { key, deadline_ms }, 3)
+            }
+            ("persist", 2..) => {
+                let key = check_key(&rest[1])?.to_vec();
+                let persist = WordWrite::Expire {
+                    key,
+                    deadline_ms: None,
+                };
+                (persist, 2)
+            }
+            ("put" | "update" | "delete" | "expire" | "expire-at" | "persist", _) => {
+                return Err(usage(format!("'{word}' is missing its arguments")));
+            }
+            (other, _) => {
+                return Err(usage(format!(
+                    "expected put, update, delete, expire, expire-at or persist, got '{other}'"
+                )));
+            }
+        };
+        txn.writes.push(write);
+        rest = &rest[used..];
     }
     if txn.conditions.len() > MAX_TXN_CONDITIONS || txn.writes.len() > MAX_TXN_WRITES {
         return Err(usage(format!(
@@ -399,7 +504,7 @@ fn run(
         Command::Ping | Command::Stats | Command::Txn { .. } => (&[][..], Vec::new()),
     };
     let txn_words = match &command {
-        Command::Txn { words } => Some(parse_txn(words)?),
+        Command::Txn { words } => Some(parse_txn(words, unix_ms())?),
         _ => None,
     };
     let expect = match &command {
@@ -507,14 +612,7 @@ fn run(
                     .iter()
                     .map(|(key, check)| Condition { key, check: *check })
                     .collect(),
-                writes: words
-                    .writes
-                    .iter()
-                    .map(|(key, value)| match value {
-                        Some(value) => TxnWrite::Put { key, value },
-                        None => TxnWrite::Delete { key },
-                    })
-                    .collect(),
+                writes: words.writes.iter().map(WordWrite::as_write).collect(),
             };
             match client.txn(&txn)? {
                 TxnOutcome::Committed(version) => {
@@ -553,9 +651,10 @@ mod tests {
 
     #[test]
     fn txn_syntax_parses() {
-        let txn = parse_txn(&words(
-            "if a version 5 if b absent if c exists then put a 1 delete c",
-        ))
+        let txn = parse_txn(
+            &words("if a version 5 if b absent if c exists then put a 1 delete c"),
+            0,
+        )
         .expect("parses");
         assert_eq!(
             txn.conditions,
@@ -567,10 +666,66 @@ mod tests {
         );
         assert_eq!(
             txn.writes,
-            vec![(b"a".to_vec(), Some(b"1".to_vec())), (b"c".to_vec(), None)]
+            vec![
+                WordWrite::Put {
+                    key: b"a".to_vec(),
+                    value: b"1".to_vec(),
+                    deadline_ms: None
+                },
+                WordWrite::Delete { key: b"c".to_vec() }
+            ]
         );
-        let plain = parse_txn(&words("put x 1 put y 2")).expect("no conditions");
+        let plain = parse_txn(&words("put x 1 put y 2"), 0).expect("no conditions");
         assert_eq!(plain.writes.len(), 2);
+    }
+
+    #[test]
+    fn txn_update_and_deadline_words_parse() {
+        let txn = parse_txn(
+            &words(
+                "put a 1 ttl-ms 500 put b 2 expire-at-ms 9000 put ttl-ms 3 update c 4 \
+                 expire d 100 expire-at e 7000 persist f",
+            ),
+            1_000,
+        )
+        .expect("parses");
+        let writes: Vec<TxnWrite<'_>> = txn.writes.iter().map(WordWrite::as_write).collect();
+        assert_eq!(
+            writes,
+            vec![
+                TxnWrite::PutExpiring {
+                    key: b"a",
+                    value: b"1",
+                    deadline_ms: 1_500
+                },
+                TxnWrite::PutExpiring {
+                    key: b"b",
+                    value: b"2",
+                    deadline_ms: 9_000
+                },
+                // A key named like an option is just a key.
+                TxnWrite::Put {
+                    key: b"ttl-ms",
+                    value: b"3"
+                },
+                TxnWrite::Update {
+                    key: b"c",
+                    value: b"4"
+                },
+                TxnWrite::Expire {
+                    key: b"d",
+                    deadline_ms: Some(1_100)
+                },
+                TxnWrite::Expire {
+                    key: b"e",
+                    deadline_ms: Some(7_000)
+                },
+                TxnWrite::Expire {
+                    key: b"f",
+                    deadline_ms: None
+                },
+            ]
+        );
     }
 
     #[test]
@@ -584,9 +739,22 @@ mod tests {
             "if a absent put a 1",
             "then put a",
             "then frob a",
+            "put a 1 ttl-ms",
+            "put a 1 ttl-ms 0",
+            "put a 1 ttl-ms x",
+            "put a 1 expire-at-ms -5",
+            "put a 1 ttl-ms 18446744073709551615",
+            "update a",
+            "expire a",
+            "expire a 0",
+            "expire-at a soon",
+            "persist",
         ] {
             assert!(
-                matches!(parse_txn(&words(bad)), Err(ClientError::InvalidRequest(_))),
+                matches!(
+                    parse_txn(&words(bad), 1),
+                    Err(ClientError::InvalidRequest(_))
+                ),
                 "{bad}"
             );
         }

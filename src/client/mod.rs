@@ -458,6 +458,8 @@ impl Client {
     }
 
     /// Check `txn`'s conditions and apply its writes as one transaction on the master.
+    /// The writes may be any [`TxnWrite`](crate::protocol::txn::TxnWrite): PUT,
+    /// DELETE, UPDATE, PUT with a deadline, EXPIRE or PERSIST (docs/PROTOCOL.md §4.3).
     pub fn txn(&mut self, txn: &Txn<'_>) -> Result<TxnOutcome, ClientError> {
         txn.check_limits()
             .map_err(|e| ClientError::InvalidRequest(e.to_string()))?;

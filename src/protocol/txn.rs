@@ -19,6 +19,8 @@ pub const MAX_TXN_WRITES: usize = 256;
 const CONDITION_HEAD: usize = 1 + 8 + 2;
 /// Fixed bytes of one write before its key: kind, key length, value length.
 const WRITE_HEAD: usize = 1 + 2 + 4;
+/// Bytes of the deadline that starts the value of a PUT_EXPIRING or EXPIRE write.
+const DEADLINE_BYTES: usize = 8;
 
 /// What a condition asks of its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,13 +77,51 @@ pub enum TxnWrite<'a> {
         /// Key removed.
         key: &'a [u8],
     },
+    /// Replace only if present (its deadline goes, as a PUT's does).
+    Update {
+        /// Key written.
+        key: &'a [u8],
+        /// New value.
+        value: &'a [u8],
+    },
+    /// Create or replace, expiring at an absolute deadline.
+    PutExpiring {
+        /// Key written.
+        key: &'a [u8],
+        /// New value.
+        value: &'a [u8],
+        /// Unix ms from which the key reads as absent (not 0).
+        deadline_ms: u64,
+    },
+    /// Set the deadline of a key if present; `None` removes it (PERSIST).
+    Expire {
+        /// Key whose deadline changes.
+        key: &'a [u8],
+        /// The new deadline, unix ms.
+        deadline_ms: Option<u64>,
+    },
 }
 
 impl<'a> TxnWrite<'a> {
     /// The key the write changes.
     pub fn key(&self) -> &'a [u8] {
         match self {
-            TxnWrite::Put { key, .. } | TxnWrite::Delete { key } => key,
+            TxnWrite::Put { key, .. }
+            | TxnWrite::Delete { key }
+            | TxnWrite::Update { key, .. }
+            | TxnWrite::PutExpiring { key, .. }
+            | TxnWrite::Expire { key, .. } => key,
+        }
+    }
+
+    /// The wire byte of the write's kind.
+    fn kind(&self) -> u8 {
+        match self {
+            TxnWrite::Put { .. } => 1,
+            TxnWrite::Delete { .. } => 2,
+            TxnWrite::Update { .. } => 3,
+            TxnWrite::PutExpiring { .. } => 4,
+            TxnWrite::Expire { .. } => 5,
         }
     }
 }
@@ -116,6 +156,16 @@ pub enum TxnError {
     DeleteWithValue,
     /// A version condition on version 0, which no key ever carries.
     ZeroVersion,
+    /// A PUT_EXPIRING whose value is shorter than its 8-byte deadline, or an
+    /// EXPIRE whose value is not exactly the 8-byte deadline.
+    BadDeadlineLength {
+        /// The write's kind byte.
+        kind: u8,
+        /// Bytes of its value.
+        len: usize,
+    },
+    /// A PUT_EXPIRING with deadline 0 (no deadline: use PUT).
+    ZeroDeadline,
     /// A write's value exceeds the server's value limit.
     ValueTooLarge {
         /// Bytes of the value.
@@ -143,6 +193,13 @@ impl fmt::Display for TxnError {
             TxnError::DeleteWithValue => write!(f, "txn delete carries a value"),
             TxnError::ZeroVersion => {
                 write!(f, "txn version condition on version 0 (use kind 2, absent)")
+            }
+            TxnError::BadDeadlineLength { kind, len } => write!(
+                f,
+                "txn write kind {kind} needs an 8-byte deadline first, its value has {len} bytes"
+            ),
+            TxnError::ZeroDeadline => {
+                write!(f, "txn put with deadline 0 (use kind 1, put)")
             }
             TxnError::ValueTooLarge { len, max } => {
                 write!(
@@ -232,9 +289,14 @@ pub fn decode_txn(payload: &[u8], max_value_bytes: usize) -> Result<Txn<'_>, Txn
         if key_len == 0 {
             return Err(TxnError::EmptyKey);
         }
-        if value_len > max_value_bytes {
+        // The deadline a PUT_EXPIRING carries is not part of the stored value.
+        let stored_len = match kind {
+            4 => value_len.saturating_sub(DEADLINE_BYTES),
+            _ => value_len,
+        };
+        if stored_len > max_value_bytes {
             return Err(TxnError::ValueTooLarge {
-                len: value_len,
+                len: stored_len,
                 max: max_value_bytes,
             });
         }
@@ -244,6 +306,35 @@ pub fn decode_txn(payload: &[u8], max_value_bytes: usize) -> Result<Txn<'_>, Txn
             1 => TxnWrite::Put { key, value },
             2 if value.is_empty() => TxnWrite::Delete { key },
             2 => return Err(TxnError::DeleteWithValue),
+            3 => TxnWrite::Update { key, value },
+            4 if value.len() < DEADLINE_BYTES => {
+                return Err(TxnError::BadDeadlineLength {
+                    kind,
+                    len: value_len,
+                });
+            }
+            4 => {
+                let (deadline, value) = value.split_at(DEADLINE_BYTES);
+                let deadline_ms = BigEndian::read_u64(deadline);
+                if deadline_ms == 0 {
+                    return Err(TxnError::ZeroDeadline);
+                }
+                TxnWrite::PutExpiring {
+                    key,
+                    value,
+                    deadline_ms,
+                }
+            }
+            5 if value.len() != DEADLINE_BYTES => {
+                return Err(TxnError::BadDeadlineLength {
+                    kind,
+                    len: value_len,
+                });
+            }
+            5 => TxnWrite::Expire {
+                key,
+                deadline_ms: Some(BigEndian::read_u64(value)).filter(|&d| d != 0),
+            },
             other => return Err(TxnError::BadWriteKind(other)),
         });
     }
@@ -272,14 +363,26 @@ impl Txn<'_> {
         }
         out.extend_from_slice(&(self.writes.len() as u16).to_be_bytes());
         for w in &self.writes {
-            let (kind, key, value): (u8, &[u8], &[u8]) = match w {
-                TxnWrite::Put { key, value } => (1, key, value),
-                TxnWrite::Delete { key } => (2, key, &[]),
+            let (key, deadline, value): (&[u8], Option<u64>, &[u8]) = match *w {
+                TxnWrite::Put { key, value } | TxnWrite::Update { key, value } => {
+                    (key, None, value)
+                }
+                TxnWrite::Delete { key } => (key, None, &[]),
+                TxnWrite::PutExpiring {
+                    key,
+                    value,
+                    deadline_ms,
+                } => (key, Some(deadline_ms), value),
+                TxnWrite::Expire { key, deadline_ms } => (key, Some(deadline_ms.unwrap_or(0)), &[]),
             };
-            out.push(kind);
+            let value_len = value.len() + deadline.map_or(0, |_| DEADLINE_BYTES);
+            out.push(w.kind());
             out.extend_from_slice(&(key.len() as u16).to_be_bytes());
-            out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            out.extend_from_slice(&(value_len as u32).to_be_bytes());
             out.extend_from_slice(key);
+            if let Some(deadline) = deadline {
+                out.extend_from_slice(&deadline.to_be_bytes());
+            }
             out.extend_from_slice(value);
         }
     }
@@ -304,6 +407,19 @@ impl Txn<'_> {
         }
         if self.conditions.iter().any(|c| c.check == Check::Version(0)) {
             return Err(TxnError::ZeroVersion);
+        }
+        let zero_deadline = |w: &TxnWrite<'_>| {
+            matches!(
+                w,
+                TxnWrite::PutExpiring { deadline_ms: 0, .. }
+                    | TxnWrite::Expire {
+                        deadline_ms: Some(0),
+                        ..
+                    }
+            )
+        };
+        if self.writes.iter().any(zero_deadline) {
+            return Err(TxnError::ZeroDeadline);
         }
         Ok(())
     }
@@ -465,8 +581,8 @@ mod tests {
             out
         };
         assert_eq!(
-            decode_txn(&write(3, b""), MAX),
-            Err(TxnError::BadWriteKind(3))
+            decode_txn(&write(9, b""), MAX),
+            Err(TxnError::BadWriteKind(9))
         );
         assert_eq!(
             decode_txn(&write(2, b"x"), MAX),
@@ -478,6 +594,128 @@ mod tests {
         );
         let no_key = [0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0];
         assert_eq!(decode_txn(&no_key, MAX), Err(TxnError::EmptyKey));
+    }
+
+    /// One write of each new kind (3, 4, 5), as documented in PROTOCOL.md §4.3.
+    #[test]
+    fn update_and_deadline_writes_are_laid_out_as_documented() {
+        let txn = Txn {
+            conditions: vec![],
+            writes: vec![
+                TxnWrite::Update {
+                    key: b"k",
+                    value: b"v",
+                },
+                TxnWrite::PutExpiring {
+                    key: b"k",
+                    value: b"v",
+                    deadline_ms: 0x0102,
+                },
+                TxnWrite::Expire {
+                    key: b"k",
+                    deadline_ms: Some(0x0304),
+                },
+                TxnWrite::Expire {
+                    key: b"k",
+                    deadline_ms: None,
+                },
+            ],
+        };
+        let documented = "00 00 00 04 \
+                          03 00 01 00 00 00 01 6B 76 \
+                          04 00 01 00 00 00 09 6B 00 00 00 00 00 00 01 02 76 \
+                          05 00 01 00 00 00 08 6B 00 00 00 00 00 00 03 04 \
+                          05 00 01 00 00 00 08 6B 00 00 00 00 00 00 00 00";
+        let documented: Vec<u8> = documented
+            .split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+            .collect();
+        assert_eq!(bytes(&txn), documented);
+        assert_eq!(decode_txn(&documented, MAX), Ok(txn.clone()));
+        for len in 0..documented.len() {
+            assert!(
+                matches!(
+                    decode_txn(&documented[..len], MAX),
+                    Err(TxnError::Truncated(_))
+                ),
+                "cut at {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn deadline_writes_refuse_bad_deadlines() {
+        let write = |kind: u8, value: &[u8]| {
+            let mut out = vec![0, 0, 0, 1, kind, 0, 1];
+            out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            out.push(b'k');
+            out.extend_from_slice(value);
+            out
+        };
+        // PUT_EXPIRING: at least the deadline, not 0; the limit is on the value after it.
+        assert_eq!(
+            decode_txn(&write(4, &[0; 7]), MAX),
+            Err(TxnError::BadDeadlineLength { kind: 4, len: 7 })
+        );
+        assert_eq!(
+            decode_txn(&write(4, &[0; 9]), MAX),
+            Err(TxnError::ZeroDeadline)
+        );
+        let mut at_one = 1u64.to_be_bytes().to_vec();
+        at_one.extend_from_slice(b"ab");
+        assert!(decode_txn(&write(4, &at_one), 2).is_ok());
+        assert_eq!(
+            decode_txn(&write(4, &at_one), 1),
+            Err(TxnError::ValueTooLarge { len: 2, max: 1 })
+        );
+        // An empty value after the deadline is a value like any other.
+        assert_eq!(
+            decode_txn(&write(4, &1u64.to_be_bytes()), MAX).map(|t| t.writes),
+            Ok(vec![TxnWrite::PutExpiring {
+                key: b"k",
+                value: b"",
+                deadline_ms: 1
+            }])
+        );
+        // EXPIRE: exactly the deadline; 0 removes it.
+        for len in [0, 7, 9] {
+            assert_eq!(
+                decode_txn(&write(5, &vec![0; len]), MAX),
+                Err(TxnError::BadDeadlineLength { kind: 5, len })
+            );
+        }
+        assert_eq!(
+            decode_txn(&write(5, &[0; 8]), MAX).map(|t| t.writes),
+            Ok(vec![TxnWrite::Expire {
+                key: b"k",
+                deadline_ms: None
+            }])
+        );
+        // UPDATE takes any value within the limit, the empty one too.
+        assert!(decode_txn(&write(3, b""), MAX).is_ok());
+        assert_eq!(
+            decode_txn(&write(3, b"abc"), 2),
+            Err(TxnError::ValueTooLarge { len: 3, max: 2 })
+        );
+        assert_eq!(
+            decode_txn(&write(6, b""), MAX),
+            Err(TxnError::BadWriteKind(6))
+        );
+        let zero = Txn {
+            conditions: vec![],
+            writes: vec![TxnWrite::PutExpiring {
+                key: b"k",
+                value: b"",
+                deadline_ms: 0,
+            }],
+        };
+        assert_eq!(zero.check_limits(), Err(TxnError::ZeroDeadline));
+        for e in [
+            TxnError::BadDeadlineLength { kind: 5, len: 3 },
+            TxnError::ZeroDeadline,
+        ] {
+            assert!(e.to_string().starts_with("txn "), "{e}");
+        }
     }
 
     #[test]

@@ -449,14 +449,8 @@ impl Core {
     }
 
     /// The latest value of `key` on a master, counting writes not yet applied.
+    /// (Inside EXEC, commands read through `ExecView` instead.)
     pub fn latest(&self, key: &[u8]) -> Latest<'_> {
-        self.latest_with(key, false)
-    }
-
-    /// [`Core::latest`]; `settled_before_batch` says the caller knows that no
-    /// write of `key` outside the current batch is undecided (EXEC checked it),
-    /// so that a batch without a decisive write leaves the store's value.
-    pub fn latest_with(&self, key: &[u8], settled_before_batch: bool) -> Latest<'_> {
         if !self.undecided(key) {
             return Latest::Known(self.store.get(key).map(|(v, _)| v));
         }
@@ -473,9 +467,6 @@ impl Core {
                 // Its effect depends on what came before: let it be decided first.
                 OpKind::Update => return Latest::InFlight,
             }
-        }
-        if settled_before_batch {
-            return Latest::Known(self.store.get(key).map(|(v, _)| v));
         }
         Latest::InFlight
     }
@@ -804,22 +795,53 @@ impl Core {
             encode_response(out, op, Status::Ok, request_id, 0, &[]);
             return Outcome::Answered;
         }
-        let ops: Vec<WriteOp> = txn
-            .writes
-            .iter()
-            .map(|w| match *w {
+        let now = self.store.now_ms();
+        let delete = |key: &[u8]| WriteOp {
+            kind: OpKind::Delete,
+            key: key.to_vec(),
+            value: Vec::new(),
+        };
+        let mut ops: Vec<WriteOp> = Vec::with_capacity(txn.writes.len());
+        for (i, w) in txn.writes.iter().enumerate() {
+            let key = w.key();
+            // UPDATE and EXPIRE apply to the key as held; one the master still
+            // holds past its deadline must stay absent, not come back. Its
+            // deletion does that (and is what expiry would replicate anyway),
+            // unless an earlier write of this TXN made the key anew.
+            let revives = matches!(w, TxnWrite::Update { .. } | TxnWrite::Expire { .. })
+                && !txn.writes[..i].iter().any(|earlier| earlier.key() == key)
+                && self.expired_but_held(key);
+            if revives && self.settled_version(key) == Settled::Undecided {
+                return Outcome::WaitKey;
+            }
+            ops.push(match *w {
+                _ if revives => delete(key),
                 TxnWrite::Put { key, value } => WriteOp {
                     kind: OpKind::Put,
                     key: key.to_vec(),
                     value: value.to_vec(),
                 },
-                TxnWrite::Delete { key } => WriteOp {
-                    kind: OpKind::Delete,
+                TxnWrite::Update { key, value } => WriteOp {
+                    kind: OpKind::Update,
                     key: key.to_vec(),
-                    value: Vec::new(),
+                    value: value.to_vec(),
                 },
-            })
-            .collect();
+                TxnWrite::Delete { key } => delete(key),
+                // A deadline already past leaves the key absent: a deletion says
+                // so on every replica (and no later write of the TXN can revive it).
+                TxnWrite::PutExpiring { deadline_ms, .. }
+                | TxnWrite::Expire {
+                    deadline_ms: Some(deadline_ms),
+                    ..
+                } if deadline_ms <= now => delete(key),
+                TxnWrite::PutExpiring {
+                    key,
+                    value,
+                    deadline_ms,
+                } => WriteOp::put_expiring(key, value, deadline_ms),
+                TxnWrite::Expire { key, deadline_ms } => WriteOp::expire(key, deadline_ms),
+            });
+        }
         Outcome::Pending(self.submit(ops, target, request_id, op, None))
     }
 
@@ -1021,6 +1043,79 @@ mod tests {
         // ...and, until it is decided, a compare-and-set on the key waits for it.
         assert_eq!(
             core.execute(put(b"k", EXPECT_ABSENT), 2, TARGET, &mut out),
+            Outcome::WaitKey
+        );
+    }
+
+    #[test]
+    fn txn_update_and_deadline_writes_never_revive_an_expired_key() {
+        let mut core = Core::new(1 << 20, Mode::Master);
+        core.store.set(b"live", b"v", 1);
+        core.store.set(b"dead", b"v", 2);
+        core.store.set_deadline(b"dead", Some(100));
+        core.store.set_now_ms(100);
+        let txn = Txn {
+            conditions: Vec::new(),
+            writes: vec![
+                TxnWrite::Update {
+                    key: b"live",
+                    value: b"u",
+                },
+                TxnWrite::Expire {
+                    key: b"live",
+                    deadline_ms: Some(5_000),
+                },
+                // Held past its deadline: deleted, not updated.
+                TxnWrite::Update {
+                    key: b"dead",
+                    value: b"u",
+                },
+                TxnWrite::PutExpiring {
+                    key: b"new",
+                    value: b"n",
+                    deadline_ms: 6_000,
+                },
+                // A deadline already past: the key is absent, so deleted.
+                TxnWrite::PutExpiring {
+                    key: b"past",
+                    value: b"p",
+                    deadline_ms: 50,
+                },
+                TxnWrite::Expire {
+                    key: b"new",
+                    deadline_ms: None,
+                },
+            ],
+        };
+        let mut out = Vec::new();
+        let outcome = core.execute(Request::Txn(txn), 7, TARGET, &mut out);
+        assert!(matches!(outcome, Outcome::Pending(_)), "{outcome:?}");
+        let ops: Vec<(OpKind, &[u8], u64)> = core
+            .batch
+            .iter()
+            .map(|w| (w.op.kind, &w.op.key[..], w.op.deadline_ms()))
+            .collect();
+        assert_eq!(
+            ops,
+            vec![
+                (OpKind::Update, &b"live"[..], 0),
+                (OpKind::Expire, b"live", 5_000),
+                (OpKind::Delete, b"dead", 0),
+                (OpKind::PutExpiring, b"new", 6_000),
+                (OpKind::Delete, b"past", 0),
+                (OpKind::Expire, b"new", 0),
+            ]
+        );
+        // While the deletion of an expired key is undecided, a TXN updating it waits.
+        let again = Txn {
+            conditions: Vec::new(),
+            writes: vec![TxnWrite::Expire {
+                key: b"dead",
+                deadline_ms: Some(9_000),
+            }],
+        };
+        assert_eq!(
+            core.execute(Request::Txn(again), 8, TARGET, &mut out),
             Outcome::WaitKey
         );
     }

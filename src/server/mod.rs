@@ -8,6 +8,7 @@
 
 pub mod auth;
 mod connection;
+mod exec_view;
 mod expiry;
 mod failover;
 mod forward;
@@ -741,6 +742,10 @@ impl Server {
             // before it could acknowledge anything.
             let now = self.now_ms();
             self.election_tick(now);
+            // Deadlines are compared with the clock of this turn, not of the last
+            // one: an idle slave may have slept through a deadline, and must not
+            // show (or count) the key after it.
+            self.core.store.set_now_ms(expiry::unix_ms());
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(),

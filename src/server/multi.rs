@@ -8,7 +8,9 @@
 //! has a write still undecided, and waits until none has. Nothing else runs
 //! between that check and the queued commands (one thread), so each command
 //! computes against the store plus the writes of the commands before it in
-//! the same EXEC, exactly as Redis runs them back to back.
+//! the same EXEC ([`ExecView`]), exactly as Redis runs them back to back:
+//! reads (GET, STRLEN, TYPE, TTL, KEYS, SCAN, DBSIZE, ...) see those writes,
+//! and EXPIRE, PERSIST, GETEX or SET KEEPTTL of a key SET before them work.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -16,6 +18,7 @@ use std::time::Instant;
 use crate::protocol::resp::Encoder;
 use crate::replication::ClientRef;
 
+use super::exec_view::ExecView;
 use super::forward::Origin;
 use super::handler::{Core, ReplyTarget, Settled};
 use super::resp::{Exec, Session, Spec, lookup};
@@ -248,6 +251,7 @@ fn exec(state: &mut MultiState, conn: &mut Conn<'_>) -> Intercept {
         return Intercept::Answered;
     }
     let mark = conn.core.batch_mark();
+    let mut view = ExecView::new(conn.core.batch.len());
     let mut slots = Vec::with_capacity(queued.len());
     for args in &queued {
         let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
@@ -261,7 +265,7 @@ fn exec(state: &mut MultiState, conn: &mut Conn<'_>) -> Intercept {
                     id: conn.id,
                     target: conn.target,
                     out: &mut out,
-                    in_exec: true,
+                    exec: Some(&view),
                     // Queued commands passed the AUTH check: the connection is authenticated.
                     authenticated: &mut true,
                 };
@@ -270,6 +274,8 @@ fn exec(state: &mut MultiState, conn: &mut Conn<'_>) -> Intercept {
             None => Exec::Done,
         };
         conn.core.resp_commands += 1;
+        // The next command sees this one's writes.
+        view.fold(conn.core);
         match exec {
             Exec::Done | Exec::Close => slots.push(Slot::Ready(out)),
             Exec::Pending(client) => slots.push(Slot::Pending(client)),

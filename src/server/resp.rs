@@ -23,6 +23,7 @@ use crate::store::SHARDS;
 
 use super::auth;
 use super::connection::{Connection, MAX_PENDING_WRITES, OUTPUT_HIGH_WATER_BYTES, Stop};
+use super::exec_view::ExecView;
 use super::forward::Origin;
 use super::handler::{Core, Latest, Mode, ReplyTarget, RespPending, RespWriteReply, Settled};
 use super::multi::{Conn, Intercept, MultiState, intercept};
@@ -342,7 +343,7 @@ impl Connection {
                 id: *id,
                 target,
                 out,
-                in_exec: false,
+                exec: None,
                 authenticated: &mut self.authenticated,
             };
             let exec = match spec {
@@ -389,19 +390,19 @@ pub(super) struct Session<'a> {
     pub(super) id: u64,
     pub(super) target: ReplyTarget,
     pub(super) out: &'a mut Vec<u8>,
-    /// Running a queued command of EXEC: every key it touches was settled when
-    /// EXEC started, so reads see the store plus this EXEC's earlier writes.
-    pub(super) in_exec: bool,
+    /// Running a queued command of EXEC: every key it names was settled when
+    /// EXEC started, so it sees the store plus this EXEC's earlier writes.
+    pub(super) exec: Option<&'a ExecView>,
     /// The connection has sent a successful AUTH (or HELLO … AUTH).
     pub(super) authenticated: &'a mut bool,
 }
 
 /// [`Session::read`], borrowing only the core (so the output stays writable).
-fn read_in<'c>(core: &'c Core, key: &[u8], in_exec: bool) -> Option<&'c [u8]> {
-    if in_exec && let Latest::Known(value) = core.latest_with(key, true) {
-        return value;
+fn read_in<'c>(core: &'c Core, key: &[u8], exec: Option<&ExecView>) -> Option<&'c [u8]> {
+    match exec {
+        Some(view) => view.get(core, key).map(|(v, _)| v),
+        None => core.store.get(key).map(|(v, _)| v),
     }
-    core.store.get(key).map(|(v, _)| v)
 }
 
 fn upper(arg: &[u8]) -> Vec<u8> {
@@ -536,13 +537,13 @@ impl Session<'_> {
         if (spec.arity > 0 && n != spec.arity) || (spec.arity < 0 && n < -spec.arity) {
             return self.wrong_arity(spec.name);
         }
-        if spec.name == "wait" && self.core.forwards_writes() && !self.in_exec {
+        if spec.name == "wait" && self.core.forwards_writes() && self.exec.is_none() {
             // The writes this slave forwarded were acknowledged by the master:
             // its count of in-sync slaves is the one that means something.
             return self.forward(args);
         }
         if spec.class == Class::Write && matches!(self.core.mode, Mode::Slave { .. }) {
-            if self.core.forwards_writes() && !self.in_exec {
+            if self.core.forwards_writes() && self.exec.is_none() {
                 return self.forward(args);
             }
             return self.error(READONLY);
@@ -607,7 +608,7 @@ impl Session<'_> {
             "mget" => {
                 self.enc.array(self.out, args.len() - 1);
                 for key in &args[1..] {
-                    let value = read_in(self.core, key, self.in_exec);
+                    let value = read_in(self.core, key, self.exec);
                     self.enc.opt_bulk(self.out, value);
                 }
                 Exec::Done
@@ -615,9 +616,14 @@ impl Session<'_> {
             "del" => {
                 // An expired key still held is already absent: DEL does not count it
                 // (the master's expiry deletes it).
+                // Inside EXEC the view decides (a key SET earlier in it exists).
                 let ops: Vec<WriteOp> = args[1..]
                     .iter()
-                    .filter(|k| self.key_error(k).is_none() && !self.core.expired_but_held(k))
+                    .filter(|k| self.key_error(k).is_none())
+                    .filter(|k| match self.exec {
+                        Some(view) => view.get(self.core, k).is_some(),
+                        None => !self.core.expired_but_held(k),
+                    })
                     .map(|k| WriteOp {
                         kind: OpKind::Delete,
                         key: k.to_vec(),
@@ -649,11 +655,11 @@ impl Session<'_> {
             ),
             "append" => self.append(args[1], args[2]),
             "strlen" => {
-                let len = self.core.store.get(args[1]).map_or(0, |(v, _)| v.len());
+                let len = self.read(args[1]).map_or(0, <[u8]>::len);
                 self.int(len as i64)
             }
             "type" => {
-                let kind = if self.core.store.get(args[1]).is_some() {
+                let kind = if self.read(args[1]).is_some() {
                     "string"
                 } else {
                     "none"
@@ -661,13 +667,27 @@ impl Session<'_> {
                 self.enc.simple(self.out, kind);
                 Exec::Done
             }
-            "dbsize" => self.int(self.core.store.len() as i64),
+            "dbsize" => {
+                // Keys past their deadline do not count, deleted or not yet.
+                let len = match self.exec {
+                    Some(view) => view.len(self.core),
+                    None => self.core.store.live_len(),
+                };
+                self.int(len as i64)
+            }
             "keys" => {
-                let keys: Vec<&[u8]> = self
-                    .core
-                    .store
+                let store = &self.core.store;
+                let exec = self.exec;
+                let held = store
                     .iter()
+                    .filter(|b| !store.is_expired(b))
                     .map(|b| b.key())
+                    .filter(|k| exec.is_none_or(|view| !view.overrides(k)));
+                let written = exec
+                    .into_iter()
+                    .flat_map(|view| view.present_keys(self.core));
+                let keys: Vec<&[u8]> = held
+                    .chain(written)
                     .filter(|k| glob_match(args[1], k))
                     .collect();
                 self.enc.array(self.out, keys.len());
@@ -725,6 +745,8 @@ impl Session<'_> {
                 self.int(n)
             }
             "dkvs.version" => {
+                // Inside EXEC a key written earlier in it has no version until
+                // the commit gives it one: this answers the settled version.
                 match self.core.store.get(args[1]) {
                     Some((_, version)) => self.enc.int(self.out, version as i64),
                     None => self.enc.null(self.out),
@@ -739,7 +761,7 @@ impl Session<'_> {
     }
 
     fn get(&mut self, key: &[u8]) -> Exec {
-        let value = read_in(self.core, key, self.in_exec);
+        let value = read_in(self.core, key, self.exec);
         self.enc.opt_bulk(self.out, value);
         Exec::Done
     }
@@ -747,14 +769,36 @@ impl Session<'_> {
     /// The latest value of `key` for a read-modify-write command; inside EXEC,
     /// counting the writes of the commands before it.
     fn latest(&self, key: &[u8]) -> Latest<'_> {
-        self.core.latest_with(key, self.in_exec)
+        match self.exec {
+            Some(view) => Latest::Known(view.get(self.core, key).map(|(v, _)| v)),
+            None => self.core.latest(key),
+        }
+    }
+
+    /// The value and deadline of `key` for a command that reads or changes its
+    /// deadline: inside EXEC as the view has it; elsewhere its settled state
+    /// (`None`: a write of it is undecided, wait for it).
+    fn current(&self, key: &[u8]) -> Option<Option<(&[u8], Option<u64>)>> {
+        if let Some(view) = self.exec {
+            return Some(view.get(self.core, key));
+        }
+        match self.core.settled_version(key) {
+            Settled::Undecided => None,
+            Settled::Version(None) => Some(None),
+            Settled::Version(Some(_)) => Some(
+                self.core
+                    .store
+                    .get(key)
+                    .map(|(v, _)| (v, self.core.store.deadline(key))),
+            ),
+        }
     }
 
     /// The value a read sees: the store's, or inside EXEC also the writes of
     /// the commands before it (all in the current batch, none undecided
     /// elsewhere: EXEC checked).
     fn read(&self, key: &[u8]) -> Option<&[u8]> {
-        read_in(self.core, key, self.in_exec)
+        read_in(self.core, key, self.exec)
     }
 
     fn set(&mut self, args: &[&[u8]]) -> Exec {
@@ -826,10 +870,9 @@ impl Session<'_> {
             Expiry::None => None,
             Expiry::At(at) => Some(at),
             // The deadline the key has now, read from settled state.
-            Expiry::Keep => match self.core.settled_version(key) {
-                Settled::Undecided => return Exec::WaitKey,
-                Settled::Version(None) => None,
-                Settled::Version(Some(_)) => self.core.store.deadline(key),
+            Expiry::Keep => match self.current(key) {
+                None => return Exec::WaitKey,
+                Some(current) => current.and_then(|(_, deadline)| deadline),
             },
         };
         match (mode, style) {
@@ -842,7 +885,9 @@ impl Session<'_> {
             // An expired key the master still holds is absent to SET XX: the
             // read-modify-write path below sees it so; an UPDATE would revive it.
             (SetMode::IfPresent, SetReply::OkOrNull)
-                if deadline.is_none() && !self.in_exec && !self.core.expired_but_held(key) =>
+                if deadline.is_none()
+                    && self.exec.is_none()
+                    && !self.core.expired_but_held(key) =>
             {
                 // UPDATE is conditional on every replica alike: no read needed.
                 let update = WriteOp {
@@ -903,10 +948,18 @@ impl Session<'_> {
     /// TTL, PTTL, EXPIRETIME, PEXPIRETIME: -2 absent, -1 no deadline, else the
     /// time left (TTL rounds to the nearest second, as Redis) or the deadline.
     fn ttl_reply(&self, key: &[u8], name: &str) -> i64 {
-        if self.core.store.get(key).is_none() {
+        let current = match self.exec {
+            Some(view) => view.get(self.core, key),
+            None => self
+                .core
+                .store
+                .get(key)
+                .map(|(v, _)| (v, self.core.store.deadline(key))),
+        };
+        let Some((_, deadline)) = current else {
             return -2;
-        }
-        let Some(at) = self.core.store.deadline(key) else {
+        };
+        let Some(at) = deadline else {
             return -1;
         };
         let left = at.saturating_sub(self.core.store.now_ms());
@@ -949,12 +1002,11 @@ impl Session<'_> {
             let name = text(&name);
             return self.error(&format!("ERR invalid expire time in '{name}' command"));
         };
-        match self.core.settled_version(key) {
-            Settled::Undecided => return Exec::WaitKey,
-            Settled::Version(None) => return self.int(0),
-            Settled::Version(Some(_)) => {}
-        }
-        let current = self.core.store.deadline(key);
+        let current = match self.current(key) {
+            None => return Exec::WaitKey,
+            Some(None) => return self.int(0),
+            Some(Some((_, deadline))) => deadline,
+        };
         // No deadline counts as infinite for GT and LT, as in Redis.
         let allowed = match condition.as_deref() {
             Some(b"NX") => current.is_none(),
@@ -981,13 +1033,10 @@ impl Session<'_> {
 
     /// PERSIST: 1 if a deadline was removed.
     fn persist(&mut self, key: &[u8]) -> Exec {
-        match self.core.settled_version(key) {
-            Settled::Undecided => return Exec::WaitKey,
-            Settled::Version(None) => return self.int(0),
-            Settled::Version(Some(_)) => {}
-        }
-        if self.core.store.deadline(key).is_none() {
-            return self.int(0);
+        match self.current(key) {
+            None => return Exec::WaitKey,
+            Some(None | Some((_, None))) => return self.int(0),
+            Some(Some((_, Some(_)))) => {}
         }
         self.submit(
             std::iter::once(WriteOp::expire(key, None)),
@@ -1020,16 +1069,16 @@ impl Session<'_> {
             }
             _ => return self.error(SYNTAX),
         };
-        let value = match self.core.settled_version(key) {
-            Settled::Undecided => return Exec::WaitKey,
-            Settled::Version(None) => None,
-            Settled::Version(Some(_)) => self.core.store.get(key).map(|(v, _)| v.to_vec()),
+        let (value, current) = match self.current(key) {
+            None => return Exec::WaitKey,
+            Some(None) => (None, None),
+            Some(Some((value, deadline))) => (Some(value.to_vec()), deadline),
         };
         let (Some(value), Some(deadline)) = (value.as_deref(), change) else {
             self.enc.opt_bulk(self.out, value.as_deref());
             return Exec::Done;
         };
-        if deadline.is_none() && self.core.store.deadline(key).is_none() {
+        if deadline.is_none() && current.is_none() {
             self.enc.bulk(self.out, value);
             return Exec::Done;
         }
@@ -1145,17 +1194,33 @@ impl Session<'_> {
         }
         // The cursor is a shard index: whole shards are visited until COUNT keys
         // were examined, so the work per call is bounded by COUNT plus one shard.
-        let mut shard = cursor.min(SHARDS as u64) as usize;
+        let first = cursor.min(SHARDS as u64) as usize;
+        let mut shard = first;
         let mut examined = 0u64;
         let mut keys: Vec<&[u8]> = Vec::new();
+        let store = &self.core.store;
+        let exec = self.exec;
+        let wanted = |k: &[u8]| strings && pattern.is_none_or(|p| glob_match(p, k));
         while shard < SHARDS && examined < count {
-            for block in self.core.store.iter_shard(shard) {
+            for block in store.iter_shard(shard) {
                 examined += 1;
-                if strings && pattern.is_none_or(|p| glob_match(p, block.key())) {
+                // Past its deadline a key is absent, deleted or not yet; inside
+                // EXEC the view decides the keys its writes named.
+                let shown = !store.is_expired(block)
+                    && exec.is_none_or(|view| !view.overrides(block.key()));
+                if shown && wanted(block.key()) {
                     keys.push(block.key());
                 }
             }
             shard += 1;
+        }
+        if let Some(view) = exec {
+            // Keys this EXEC wrote, in the shards this call visited.
+            let visited = first..shard;
+            keys.extend(
+                view.present_keys(self.core)
+                    .filter(|k| visited.contains(&store.shard_of(k)) && wanted(k)),
+            );
         }
         let next = if shard >= SHARDS { 0 } else { shard };
         self.enc.array(self.out, 2);
@@ -1634,12 +1699,13 @@ impl Session<'_> {
                         }
                     }
                 }
-                "keyspace" if !core.store.is_empty() => {
+                // As DBSIZE: keys past their deadline do not count.
+                "keyspace" if core.store.live_len() > 0 => {
                     line(
                         "db0",
                         &format!(
                             "keys={},expires={},avg_ttl=0",
-                            core.store.len(),
+                            core.store.live_len(),
                             core.store.expiring()
                         ),
                     );

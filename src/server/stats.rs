@@ -132,7 +132,9 @@ impl Stats {
         };
         line("version", &env!("CARGO_PKG_VERSION"));
         line("uptime_s", &self.started.elapsed().as_secs());
-        line("keys", &store.len());
+        // What users read as the number of keys: those that exist, leaving out
+        // any whose deadline passed and whose deletion is not applied yet.
+        line("keys", &store.live_len());
         line("data_bytes", &store.data_bytes());
         line("commit_seq", &commit_seq);
         for op in [
@@ -171,6 +173,7 @@ impl Stats {
         line("connections_refused", &self.connections_refused);
         line("longest_turn_us", &self.longest_turn_us);
         line("keys_with_deadline", &store.expiring());
+        line("keys_held", &store.len());
         line("expired_keys", &self.expired_keys);
         line("longest_sweep_us", &self.longest_sweep_us);
         line("connections_closed_idle", &self.connections_closed_idle);

@@ -7,6 +7,7 @@
 mod block;
 pub mod snapshot;
 
+use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 
 use foldhash::fast::RandomState;
@@ -83,8 +84,16 @@ pub struct Store {
     expiring_per_shard: Vec<u32>,
     /// Keys that have a deadline, all shards together.
     expiring: usize,
+    /// How many held keys have each deadline still ahead (`> now_ms`). As the
+    /// clock passes one, its keys move to `expired_held`, so that the number
+    /// of keys that exist (DBSIZE, STATS) is exact without a scan, even while
+    /// a mass expiry's deletions are still being replicated. About 20 bytes
+    /// per distinct deadline.
+    deadlines: BTreeMap<u64, u32>,
+    /// Held keys whose deadline is at or before `now_ms`: they read as absent.
+    expired_held: usize,
     /// The wall clock (unix ms) reads compare deadlines with; set by the
-    /// server each turn. 0 (the default) expires nothing.
+    /// server each turn, never moved back. 0 (the default) expires nothing.
     now_ms: u64,
     hasher: RandomState,
     len: usize,
@@ -98,6 +107,8 @@ impl Default for Store {
             shards: (0..SHARDS).map(|_| HashTable::new()).collect(),
             expiring_per_shard: vec![0; SHARDS],
             expiring: 0,
+            deadlines: BTreeMap::new(),
+            expired_held: 0,
             now_ms: 0,
             hasher: RandomState::default(),
             len: 0,
@@ -170,9 +181,68 @@ impl Store {
         self.shards[Store::shard_index(hash)].find(hash, |b| b.key() == key)
     }
 
-    /// Set the clock reads compare deadlines with (unix ms).
+    /// Set the clock reads compare deadlines with (unix ms). It never moves
+    /// back (a wall-clock step back must not revive a key already read as
+    /// expired), and the keys whose deadline it passes stop counting as existing.
     pub fn set_now_ms(&mut self, now_ms: u64) {
-        self.now_ms = now_ms;
+        self.now_ms = self.now_ms.max(now_ms);
+        while let Some(entry) = self.deadlines.first_entry()
+            && *entry.key() <= self.now_ms
+        {
+            self.expired_held += entry.remove() as usize;
+        }
+    }
+
+    /// Account for a held key of `shard` whose deadline goes from `old` to
+    /// `new` (`None`: none; both `None` for a key without one).
+    fn retrack(&mut self, shard: usize, old: Option<u64>, new: Option<u64>) {
+        if old == new {
+            return;
+        }
+        if let Some(d) = old {
+            if d <= self.now_ms {
+                self.expired_held -= 1;
+            } else if let std::collections::btree_map::Entry::Occupied(mut e) =
+                self.deadlines.entry(d)
+            {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            } else {
+                debug_assert!(false, "deadline {d} held but not counted");
+            }
+        }
+        if let Some(d) = new {
+            if d <= self.now_ms {
+                self.expired_held += 1;
+            } else {
+                *self.deadlines.entry(d).or_insert(0) += 1;
+            }
+        }
+        match (old.is_some(), new.is_some()) {
+            (true, false) => {
+                self.expiring -= 1;
+                self.expiring_per_shard[shard] -= 1;
+            }
+            (false, true) => {
+                self.expiring += 1;
+                self.expiring_per_shard[shard] += 1;
+            }
+            _ => {}
+        }
+    }
+
+    /// Keys that exist: those held, less those whose deadline has passed
+    /// (still held until the master's deletion of them is applied).
+    pub fn live_len(&self) -> usize {
+        debug_assert!(self.expired_held <= self.len);
+        self.len - self.expired_held
+    }
+
+    /// Whether `block` reads as absent because its deadline has passed.
+    pub fn is_expired(&self, block: &Block) -> bool {
+        block.deadline().is_some_and(|d| d <= self.now_ms)
     }
 
     /// The clock reads compare deadlines with (unix ms).
@@ -198,22 +268,17 @@ impl Store {
         let Some(block) = self.shards[shard].find_mut(hash, |b| b.key() == key) else {
             return;
         };
-        match (block.has_deadline(), deadline_ms) {
+        let old = block.deadline();
+        match (old.is_some(), deadline_ms) {
             (true, Some(d)) => {
                 block.set_deadline(d);
             }
             (false, None) => {}
-            (had, _) => {
+            _ => {
                 *block = Block::with_deadline(key, block.value(), block.version(), deadline_ms);
-                if had {
-                    self.expiring -= 1;
-                    self.expiring_per_shard[shard] -= 1;
-                } else {
-                    self.expiring += 1;
-                    self.expiring_per_shard[shard] += 1;
-                }
             }
         }
+        self.retrack(shard, old, deadline_ms);
     }
 
     /// Keys of one shard whose deadline is at or before `now_ms` (the sweep).
@@ -274,13 +339,11 @@ impl Store {
                     Some(block) => {
                         self.data_bytes = self.data_bytes - block.value().len() + value.len();
                         // An UPDATE leaves no deadline (as Redis's SET XX).
-                        if block.has_deadline() {
-                            self.expiring -= 1;
-                            self.expiring_per_shard[shard] -= 1;
-                            *block = Block::new(key, value, version);
-                        } else if !block.overwrite(value, version) {
+                        let old = block.deadline();
+                        if old.is_some() || !block.overwrite(value, version) {
                             *block = Block::new(key, value, version);
                         }
+                        self.retrack(shard, old, None);
                         Applied::Changed(version)
                     }
                     None => Applied::NotFound,
@@ -294,10 +357,7 @@ impl Store {
                         let (block, _) = entry.remove();
                         self.len -= 1;
                         self.data_bytes -= key.len() + block.value().len();
-                        if block.has_deadline() {
-                            self.expiring -= 1;
-                            self.expiring_per_shard[shard] -= 1;
-                        }
+                        self.retrack(shard, block.deadline(), None);
                         Applied::Changed(version)
                     }
                     Err(_) => Applied::NotFound,
@@ -320,9 +380,10 @@ impl Store {
             TableEntry::Occupied(mut entry) => {
                 let block = entry.get_mut();
                 self.data_bytes = self.data_bytes - block.value().len() + value.len();
-                let had = block.has_deadline();
+                let old = block.deadline();
                 // In place only when the block keeps its shape (length, room for a deadline).
-                let in_place = had == deadline.is_some() && block.overwrite(value, version);
+                let in_place =
+                    old.is_some() == deadline.is_some() && block.overwrite(value, version);
                 if in_place {
                     if let Some(d) = deadline {
                         block.set_deadline(d);
@@ -330,31 +391,17 @@ impl Store {
                 } else {
                     *block = Block::with_deadline(key, value, version, deadline);
                 }
-                match (had, deadline.is_some()) {
-                    (true, false) => {
-                        self.expiring -= 1;
-                        self.expiring_per_shard[shard] -= 1;
-                    }
-                    (false, true) => {
-                        self.expiring += 1;
-                        self.expiring_per_shard[shard] += 1;
-                    }
-                    _ => {}
-                }
+                self.retrack(shard, old, deadline);
             }
             TableEntry::Vacant(entry) => {
                 self.len += 1;
                 self.data_bytes += key.len() + value.len();
-                if deadline.is_some() {
-                    self.expiring += 1;
-                    self.expiring_per_shard[shard] += 1;
-                }
                 entry.insert(Block::with_deadline(key, value, version, deadline));
+                self.retrack(shard, None, deadline);
             }
         }
     }
 
-    /// Number of keys.
     /// Remove every entry (FLUSHDB), giving the memory back; keys keep their
     /// shards, so a SCAN cursor (a shard index) stays meaningful.
     pub fn clear(&mut self) {
@@ -363,10 +410,14 @@ impl Store {
         }
         self.expiring_per_shard.fill(0);
         self.expiring = 0;
+        self.deadlines.clear();
+        self.expired_held = 0;
         self.len = 0;
         self.data_bytes = 0;
     }
 
+    /// Keys held, including those whose deadline has passed but whose
+    /// deletion is not applied yet ([`Store::live_len`] leaves them out).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -506,6 +557,50 @@ mod tests {
         store.apply(put, 20);
         store.clear();
         assert_eq!(store.expiring(), 0);
+    }
+
+    #[test]
+    fn keys_past_their_deadline_stop_counting_before_they_are_deleted() {
+        let mut store = Store::new();
+        store.set_now_ms(100);
+        store.set(b"plain", b"p", 1);
+        for (i, deadline) in [150u64, 200, 200, 300].into_iter().enumerate() {
+            let key = format!("k{i}");
+            let put = Write::PutExpiring {
+                key: key.as_bytes(),
+                value: b"v",
+                deadline_ms: deadline,
+            };
+            store.apply(put, 2 + i as u64);
+        }
+        assert_eq!((store.len(), store.live_len()), (5, 5));
+        store.set_now_ms(200);
+        assert_eq!((store.len(), store.live_len()), (5, 2));
+        // The clock never moves back: an expired key stays expired.
+        store.set_now_ms(120);
+        assert_eq!((store.now_ms(), store.live_len()), (200, 2));
+        // Deleting an expired key, or giving it a new deadline, counts once.
+        store.apply(Write::Delete { key: b"k0" }, 10);
+        assert_eq!((store.len(), store.live_len()), (4, 2));
+        store.set_deadline(b"k1", Some(400));
+        assert_eq!(store.live_len(), 3);
+        store.set_deadline(b"k3", None);
+        store.apply(
+            Write::Update {
+                key: b"k1",
+                value: b"u",
+            },
+            11,
+        );
+        store.set_until(b"k2", b"w", 12, Some(150));
+        store.set_now_ms(1_000);
+        assert_eq!((store.len(), store.live_len()), (4, 3));
+        store.set_until(b"k2", b"w", 13, None);
+        assert_eq!((store.live_len(), store.expiring()), (4, 0));
+        store.set_until(b"k2", b"w", 14, Some(2_000));
+        store.clear();
+        store.set_now_ms(3_000);
+        assert_eq!((store.len(), store.live_len()), (0, 0));
     }
 
     #[test]
