@@ -5,11 +5,12 @@
 //! so the same deterministic code decides NOT_FOUND on every replica.
 
 mod block;
+#[cfg(test)]
+mod proptests;
 pub mod snapshot;
 
 use std::hash::BuildHasher;
 
-use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as TableEntry;
 
@@ -65,6 +66,9 @@ pub enum Applied {
     NotFound,
 }
 
+/// The hash of client-chosen keys (placeholder until measured).
+pub type KeyHasher = foldhash::fast::RandomState;
+
 /// Number of shards the map is split into (a power of two). Many small shards
 /// keep the copy a snapshot makes before a write small (about 45 µs per shard
 /// at a million keys), at the same memory as one table.
@@ -76,7 +80,7 @@ pub const SHARDS: usize = 4096;
 /// foldhash of the key (fast, and not predictable by a client). The map is
 /// split into [`SHARDS`] tables so that a snapshot can be copied a shard at a
 /// time, between turns of the reactor, instead of in one long pause.
-pub struct Store {
+pub struct Store<S = KeyHasher> {
     shards: Vec<HashTable<Block>>,
     /// Per shard, the keys that have a deadline (it lives in their block, see
     /// [`Block`]): the sweep skips shards where this is 0.
@@ -86,27 +90,27 @@ pub struct Store {
     /// The wall clock (unix ms) reads compare deadlines with; set by the
     /// server each turn. 0 (the default) expires nothing.
     now_ms: u64,
-    hasher: RandomState,
+    hasher: S,
     len: usize,
     /// Sum of key and value bytes, for STATS.
     data_bytes: usize,
 }
 
-impl Default for Store {
-    fn default() -> Store {
+impl<S: BuildHasher + Default> Default for Store<S> {
+    fn default() -> Store<S> {
         Store {
             shards: (0..SHARDS).map(|_| HashTable::new()).collect(),
             expiring_per_shard: vec![0; SHARDS],
             expiring: 0,
             now_ms: 0,
-            hasher: RandomState::default(),
+            hasher: S::default(),
             len: 0,
             data_bytes: 0,
         }
     }
 }
 
-impl std::fmt::Debug for Store {
+impl<S> std::fmt::Debug for Store<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("keys", &self.len)
@@ -120,7 +124,9 @@ impl Store {
     pub fn new() -> Store {
         Store::default()
     }
+}
 
+impl<S: BuildHasher> Store<S> {
     fn hash(&self, key: &[u8]) -> u64 {
         self.hasher.hash_one(key)
     }
@@ -134,7 +140,7 @@ impl Store {
 
     /// The shard `key` lives in.
     pub fn shard_of(&self, key: &[u8]) -> usize {
-        Store::shard_index(self.hash(key))
+        Self::shard_index(self.hash(key))
     }
 
     /// The value and version of `key`; a key whose deadline has passed reads as
@@ -154,7 +160,7 @@ impl Store {
 
     fn block(&self, key: &[u8]) -> Option<&Block> {
         let hash = self.hash(key);
-        self.shards[Store::shard_index(hash)].find(hash, |b| b.key() == key)
+        self.shards[Self::shard_index(hash)].find(hash, |b| b.key() == key)
     }
 
     /// Set the clock reads compare deadlines with (unix ms).
@@ -181,7 +187,7 @@ impl Store {
     /// A block gains or loses room for a deadline by being allocated anew.
     pub fn set_deadline(&mut self, key: &[u8], deadline_ms: Option<u64>) {
         let hash = self.hash(key);
-        let shard = Store::shard_index(hash);
+        let shard = Self::shard_index(hash);
         let Some(block) = self.shards[shard].find_mut(hash, |b| b.key() == key) else {
             return;
         };
@@ -245,7 +251,7 @@ impl Store {
             }
             Write::Expire { key, deadline_ms } => {
                 let hash = self.hash(key);
-                match self.shards[Store::shard_index(hash)].find_mut(hash, |b| b.key() == key) {
+                match self.shards[Self::shard_index(hash)].find_mut(hash, |b| b.key() == key) {
                     Some(block) => {
                         block.set_version(version);
                         self.set_deadline(key, deadline_ms);
@@ -256,7 +262,7 @@ impl Store {
             }
             Write::Update { key, value } => {
                 let hash = self.hash(key);
-                let shard = Store::shard_index(hash);
+                let shard = Self::shard_index(hash);
                 match self.shards[shard].find_mut(hash, |b| b.key() == key) {
                     Some(block) => {
                         self.data_bytes = self.data_bytes - block.value().len() + value.len();
@@ -275,7 +281,7 @@ impl Store {
             }
             Write::Delete { key } => {
                 let hash = self.hash(key);
-                let shard = Store::shard_index(hash);
+                let shard = Self::shard_index(hash);
                 match self.shards[shard].find_entry(hash, |b| b.key() == key) {
                     Ok(entry) => {
                         let (block, _) = entry.remove();
@@ -301,7 +307,7 @@ impl Store {
     /// Create or replace `key`, leaving it with `deadline` (unix ms; `None`: none).
     pub fn set_until(&mut self, key: &[u8], value: &[u8], version: u64, deadline: Option<u64>) {
         let hash = self.hash(key);
-        let shard = Store::shard_index(hash);
+        let shard = Self::shard_index(hash);
         let hasher = &self.hasher;
         match self.shards[shard].entry(hash, |b| b.key() == key, |b| hasher.hash_one(b.key())) {
             TableEntry::Occupied(mut entry) => {
