@@ -333,6 +333,31 @@ pub struct Core {
     pub protected: bool,
     /// Rate limit of the protected-mode log.
     pub denied_log: DeniedLog,
+    /// Flags CONFIG GET reports that nothing else in here needs.
+    pub reported: ReportedConfig,
+}
+
+/// Flags as given, for CONFIG GET (RESP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportedConfig {
+    /// `--protected-mode` (whether or not it applies to the bound address,
+    /// as Redis's `protected-mode` reports the setting).
+    pub protected_mode: bool,
+    /// `--max-connections`.
+    pub max_connections: usize,
+    /// `--timeout`, seconds.
+    pub idle_timeout_s: u64,
+}
+
+impl Default for ReportedConfig {
+    fn default() -> ReportedConfig {
+        // The flags' defaults.
+        ReportedConfig {
+            protected_mode: true,
+            max_connections: 10_000,
+            idle_timeout_s: 0,
+        }
+    }
 }
 
 impl Core {
@@ -372,6 +397,7 @@ impl Core {
             password: None,
             protected: false,
             denied_log: DeniedLog::default(),
+            reported: ReportedConfig::default(),
         }
     }
 

@@ -563,6 +563,11 @@ impl Server {
         core.fsync_policy = config.fsync.name();
         core.tcp_port = addr.port();
         core.password = config.password.clone();
+        core.reported = handler::ReportedConfig {
+            protected_mode: config.protected_mode,
+            max_connections: config.max_connections,
+            idle_timeout_s: config.idle_timeout_ms / 1000,
+        };
         core.protected = auth::protected_mode_applies(
             config.protected_mode,
             addr.ip(),
