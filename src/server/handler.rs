@@ -316,7 +316,9 @@ pub struct Core {
     last_write: HashMap<u64, ClientRef, foldhash::fast::RandomState>,
     /// The last FLUSHDB handed out and maybe not yet applied.
     last_clear: Option<ClientRef>,
-    key_hasher: foldhash::fast::RandomState,
+    /// Hashes client keys for `last_write`: the store's keyed hash, since two
+    /// keys that collide here would share one pending-write entry.
+    key_hasher: crate::store::KeyHasher,
     /// Connections waiting for a transaction in flight to be decided before a
     /// read-modify-write command can read its key; resumed on the next reply.
     pub key_waiters: Vec<usize>,
@@ -389,7 +391,7 @@ impl Core {
             replication: ReplicationInfo::default(),
             last_write: HashMap::default(),
             last_clear: None,
-            key_hasher: foldhash::fast::RandomState::default(),
+            key_hasher: crate::store::KeyHasher::default(),
             key_waiters: Vec::new(),
             resp_commands: 0,
             tcp_port: 0,

@@ -66,8 +66,14 @@ pub enum Applied {
     NotFound,
 }
 
-/// The hash of client-chosen keys (placeholder until measured).
-pub type KeyHasher = foldhash::fast::RandomState;
+/// The hash of client-chosen keys: SipHash-1-3 under a random 128-bit key per
+/// store (std's `RandomState`), a keyed PRF designed for exactly this, so
+/// that a client cannot learn or build keys that collide in the tables
+/// (HashDoS) however long it probes a running server. foldhash, used before,
+/// is faster but its documentation advises against it where an attacker can
+/// probe a long-running process; ahash is keyed but not a PRF. The cost at
+/// 1M keys, measured by `benches/store.rs`, is in docs/SECURITY.md.
+pub type KeyHasher = std::hash::RandomState;
 
 /// Number of shards the map is split into (a power of two). Many small shards
 /// keep the copy a snapshot makes before a write small (about 45 µs per shard
@@ -76,8 +82,8 @@ pub const SHARDS: usize = 4096;
 
 /// The key-value map with per-key versions.
 ///
-/// Entries are [`Block`]s in `hashbrown` tables keyed by a randomly seeded
-/// foldhash of the key (fast, and not predictable by a client). The map is
+/// Entries are [`Block`]s in `hashbrown` tables keyed by a [`KeyHasher`]
+/// hash of the key (keyed at random: not predictable by a client). The map is
 /// split into [`SHARDS`] tables so that a snapshot can be copied a shard at a
 /// time, between turns of the reactor, instead of in one long pause.
 pub struct Store<S = KeyHasher> {
