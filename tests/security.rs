@@ -591,6 +591,18 @@ fn numeric_flags_are_bounded() {
         &["--udp-rate-limit", "10000001"],
         &["--udp-limits", "sometimes"],
         &["--partial-frame-budget-mb", "0"],
+        &["--qport", "0", "-m", "127.0.0.1"],
+        &["--snapshot-log-mb", "1048577"],
+        &[
+            "--lease-ttl-ms",
+            "60001",
+            "--etcd",
+            "http://127.0.0.1:1",
+            "--cluster",
+            "c",
+        ],
+        &["--slave-read-lease-ms", "9"],
+        &["--max-slave-lag-ms", "60001"],
     ] {
         let mut child = Command::new(bin("dkvs-server"))
             .args(["-p", "0"])

@@ -41,12 +41,13 @@ struct Args {
     /// for a leader). 0.0.0.0 and :: are refused.
     #[arg(long = "announce-addr", value_parser = AnnounceAddr::parse)]
     announce_addr: Option<AnnounceAddr>,
-    /// The master's port.
+    /// The master's port (1 to 65535).
     #[arg(
         short = 'q',
         long = "qport",
         default_value_t = 9099,
-        requires = "mhost"
+        requires = "mhost",
+        value_parser = clap::value_parser!(u16).range(1..)
     )]
     qport: u16,
     /// Master: milliseconds a slave has to vote or acknowledge before it is evicted (1 to 60000).
