@@ -810,3 +810,47 @@ fn a_slave_bound_to_every_address_announces_its_end_of_the_link() {
     let stats = master.stats();
     assert!(!stats.text.contains("0.0.0.0"), "{}", stats.text);
 }
+
+#[test]
+fn a_master_restarted_without_its_data_shows_no_stale_applied_for_its_slaves() {
+    // Issue 10 item 12: the slave's position in the master's earlier history
+    // stayed in STATS as its `applied` (with lag 0) after the restart.
+    let mut master = ServerProcess::start(&[]);
+    let slave = ServerProcess::start_slave(&master, &[]);
+    wait_until("the slave in sync", Duration::from_secs(30), || {
+        master.stats().num("slaves_in_sync") == 1
+    });
+    let mut client = master.client(Transport::Tcp);
+    for i in 0..5u8 {
+        client.put(&[b'k', i], b"v").expect("write");
+    }
+    drop(client);
+    wait_until("the slave applied 5", Duration::from_secs(10), || {
+        master
+            .stats()
+            .slave(&slave.addr())
+            .is_some_and(|s| s.applied == 5)
+    });
+    master.restart_with(false);
+    assert_eq!(
+        master.port,
+        slave
+            .stats()
+            .get("master")
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0),
+        "the master came back on its port"
+    );
+    // The slave holds data of another history: kept, shown diverged, at 0 of ours.
+    wait_until(
+        "the slave registered again",
+        Duration::from_secs(20),
+        || master.stats().slave(&slave.addr()).is_some(),
+    );
+    let stats = master.stats();
+    let line = stats.slave(&slave.addr()).expect("listed");
+    assert_eq!(line.state, "diverged", "{}", stats.text);
+    assert_eq!(line.applied, 0, "{}", stats.text);
+}
