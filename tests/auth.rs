@@ -512,6 +512,92 @@ fn resp_auth_replies_are_redis_7s_byte_for_byte() {
     assert_eq!(stats.num("auth_failures"), 5);
 }
 
+/// Send each inline command on one connection and take everything that
+/// arrives for it (a reply may span many lines) until the line goes quiet.
+fn resp_replies(port: u16, commands: &[&str]) -> Vec<String> {
+    let mut stream = connect(([127, 0, 0, 1], port).into());
+    stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    commands
+        .iter()
+        .map(|command| {
+            stream
+                .write_all(format!("{command}\r\n").as_bytes())
+                .expect("write");
+            let mut reply = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Bounded: a reply here is a few hundred bytes at most.
+            for _ in 0..64 {
+                match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => reply.extend_from_slice(&buf[..n]),
+                    Err(_) if !reply.is_empty() => break,
+                    Err(e) => panic!("{command}: no reply: {e}"),
+                }
+            }
+            String::from_utf8_lossy(&reply).into_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn config_get_requirepass_and_protected_mode_answer_as_redis_7() {
+    let file = PasswordFile::new(&format!("{PASSWORD}\n"), 0o600);
+    let dkvs = start_with_password(&file, &[]);
+    let redis = RedisServer::start(PASSWORD);
+    let auth = format!("AUTH \"{PASSWORD}\"");
+    // Byte for byte as Redis, but for the password's value.
+    let same = [
+        "CONFIG GET requirepass",
+        &auth,
+        "CONFIG GET protected-mode",
+        "CONFIG GET PROTECTED-MODE",
+        "CONFIG GET nosuch",
+        "HELLO 3",
+        "CONFIG GET protected-mode",
+    ];
+    let want = resp_replies(redis.port, &same);
+    let got = resp_replies(dkvs.port, &same);
+    assert_eq!(got[..5], want[..5]);
+    assert_eq!(got[6], want[6]);
+    assert_eq!(want[0], "-NOAUTH Authentication required.\r\n");
+    // Redis gives the password away to an authenticated client; dkvs keeps only
+    // a keyed hash of it, so it shows a fixed text, never empty (empty = none).
+    let hidden = "<set: dkvs keeps only a keyed hash of it>";
+    let got = resp_replies(dkvs.port, &[&auth, "CONFIG GET requirepass"]);
+    assert_eq!(
+        got[1],
+        format!(
+            "*2\r\n$11\r\nrequirepass\r\n${}\r\n{hidden}\r\n",
+            hidden.len()
+        )
+    );
+    assert!(!got[1].contains(PASSWORD));
+    // Without a password, and with protected mode off: Redis 7.0.15's bytes.
+    let open = ServerProcess::start(&["--protected-mode", "no"]);
+    assert_eq!(
+        resp_replies(
+            open.port,
+            &[
+                "CONFIG GET requirepass",
+                "CONFIG GET protected-mode",
+                "CONFIG GET REQUIREPASS"
+            ]
+        ),
+        [
+            "*2\r\n$11\r\nrequirepass\r\n$0\r\n\r\n",
+            "*2\r\n$14\r\nprotected-mode\r\n$2\r\nno\r\n",
+            "*2\r\n$11\r\nREQUIREPASS\r\n$0\r\n\r\n",
+        ]
+    );
+    let default = ServerProcess::start(&[]);
+    assert_eq!(
+        resp_replies(default.port, &["CONFIG GET protected-mode"]),
+        ["*2\r\n$14\r\nprotected-mode\r\n$3\r\nyes\r\n"]
+    );
+}
+
 #[test]
 fn redis_cli_and_redis_py_authenticate() {
     let file = PasswordFile::new(&format!("{PASSWORD}\n"), 0o600);

@@ -591,6 +591,18 @@ fn numeric_flags_are_bounded() {
         &["--udp-rate-limit", "10000001"],
         &["--udp-limits", "sometimes"],
         &["--partial-frame-budget-mb", "0"],
+        &["--qport", "0", "-m", "127.0.0.1"],
+        &["--snapshot-log-mb", "1048577"],
+        &[
+            "--lease-ttl-ms",
+            "60001",
+            "--etcd",
+            "http://127.0.0.1:1",
+            "--cluster",
+            "c",
+        ],
+        &["--slave-read-lease-ms", "9"],
+        &["--max-slave-lag-ms", "60001"],
     ] {
         let mut child = Command::new(bin("dkvs-server"))
             .args(["-p", "0"])
@@ -700,4 +712,145 @@ fn a_short_or_missing_cluster_secret_file_stops_the_server_with_a_reason() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(why), "{stderr}");
     }
+}
+
+/// Run `dkvs-server -p 0 ARGS` expecting it to refuse its flags: exit 2 and
+/// standard error containing each of `needles`.
+fn assert_flag_refused(args: &[&str], needles: &[&str]) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(bin("dkvs-server"))
+        .args(["-p", "0", "-d"])
+        .arg(dir.path().join("data"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run dkvs-server");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn an_announced_address_must_name_one_host_and_port() {
+    for (addr, why) in [
+        ("0.0.0.0:9100", "unspecified"),
+        ("[::]:9100", "unspecified"),
+        ("10.0.0.7", "no port"),
+        ("10.0.0.7:0", "port 0"),
+        ("10.0.0.7:70000", "not a port"),
+        ("::1:9100", "brackets"),
+        ("x\nrole slave:9100", "not a host name"),
+    ] {
+        assert_flag_refused(
+            &["-m", "127.0.0.1", "-q", "1", "--announce-addr", addr],
+            &["--announce-addr", why],
+        );
+    }
+    // Nodes read a leader's address from etcd without a DNS lookup.
+    assert_flag_refused(
+        &[
+            "--etcd",
+            "http://127.0.0.1:1",
+            "--cluster",
+            "c",
+            "--announce-addr",
+            "db.example:9100",
+        ],
+        &["--announce-addr", "IP address"],
+    );
+}
+
+#[test]
+fn two_slaves_announcing_one_address_are_told_apart_by_node_id() {
+    // Issue 10 item 4: two slaves both announcing the same address (as two
+    // hosts started with `-s 0.0.0.0 -p 9100` did) evicted each other forever.
+    let master = ServerProcess::start(&[]);
+    let same = ["--announce-addr", "10.9.9.9:9100"];
+    let a = ServerProcess::start_slave(&master, &same);
+    let b = ServerProcess::start_slave(&master, &same);
+    wait_until("both slaves in sync", Duration::from_secs(30), || {
+        master.stats().num("slaves_in_sync") == 2
+    });
+    master
+        .client(Transport::Tcp)
+        .put(b"k", b"v")
+        .expect("a write both vote on");
+    // Long enough for many rounds of the old re-registration loop (40 a second).
+    std::thread::sleep(Duration::from_millis(1500));
+    let stats = master.stats();
+    assert_eq!(stats.num("slaves"), 2, "{}", stats.text);
+    assert_eq!(stats.num("slaves_in_sync"), 2, "{}", stats.text);
+    for line in stats.slaves() {
+        assert_eq!(line.addr, "10.9.9.9:9100", "{}", stats.text);
+        assert_eq!(line.state, "in-sync", "{}", stats.text);
+    }
+    for slave in [&a, &b] {
+        let value = slave
+            .own_reads_client(Transport::Tcp)
+            .get(b"k")
+            .expect("read");
+        assert_eq!(value.map(|v| v.value), Some(b"v".to_vec()));
+    }
+}
+
+#[test]
+fn a_slave_bound_to_every_address_announces_its_end_of_the_link() {
+    let master = ServerProcess::start(&[]);
+    let slave = ServerProcess::start_slave(&master, &["-s", "0.0.0.0"]);
+    // The link to 127.0.0.1 starts from 127.0.0.1: that, with the slave's port.
+    let expected = format!("127.0.0.1:{}", slave.port);
+    wait_until("the slave in sync", Duration::from_secs(30), || {
+        master
+            .stats()
+            .slave(&expected)
+            .is_some_and(|s| s.state == "in-sync")
+    });
+    let stats = master.stats();
+    assert!(!stats.text.contains("0.0.0.0"), "{}", stats.text);
+}
+
+#[test]
+fn a_master_restarted_without_its_data_shows_no_stale_applied_for_its_slaves() {
+    // Issue 10 item 12: the slave's position in the master's earlier history
+    // stayed in STATS as its `applied` (with lag 0) after the restart.
+    let mut master = ServerProcess::start(&[]);
+    let slave = ServerProcess::start_slave(&master, &[]);
+    wait_until("the slave in sync", Duration::from_secs(30), || {
+        master.stats().num("slaves_in_sync") == 1
+    });
+    let mut client = master.client(Transport::Tcp);
+    for i in 0..5u8 {
+        client.put(&[b'k', i], b"v").expect("write");
+    }
+    drop(client);
+    wait_until("the slave applied 5", Duration::from_secs(10), || {
+        master
+            .stats()
+            .slave(&slave.addr())
+            .is_some_and(|s| s.applied == 5)
+    });
+    master.restart_with(false);
+    assert_eq!(
+        master.port,
+        slave
+            .stats()
+            .get("master")
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0),
+        "the master came back on its port"
+    );
+    // The slave holds data of another history: kept, shown diverged, at 0 of ours.
+    wait_until(
+        "the slave registered again",
+        Duration::from_secs(20),
+        || master.stats().slave(&slave.addr()).is_some(),
+    );
+    let stats = master.stats();
+    let line = stats.slave(&slave.addr()).expect("listed");
+    assert_eq!(line.state, "diverged", "{}", stats.text);
+    assert_eq!(line.applied, 0, "{}", stats.text);
 }

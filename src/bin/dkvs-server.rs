@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use dkvs::logging::{self, LogLevel};
 use dkvs::protocol::DEFAULT_MAX_VALUE_BYTES;
+use dkvs::server::announce::AnnounceAddr;
 use dkvs::server::{
     Config, DEFAULT_INPUT_BUDGET_BYTES, FailoverConfig, MAX_VALUE_BYTES_LIMIT, Server,
     UdpLimitScope,
@@ -39,12 +40,20 @@ struct Args {
     /// Run as a slave of the master at HOST (registers with it and follows its writes).
     #[arg(short = 'm', long = "mhost")]
     mhost: Option<String>,
-    /// The master's port.
+    /// Address other nodes and clients reach this server by (HOST:PORT, IPv6
+    /// in brackets): what a slave announces to its master, and what a leader
+    /// records in etcd (there an IP address). Default: the bound address, or
+    /// when bound to 0.0.0.0/:: this end of the link to the master (to etcd
+    /// for a leader). 0.0.0.0 and :: are refused.
+    #[arg(long = "announce-addr", value_parser = AnnounceAddr::parse)]
+    announce_addr: Option<AnnounceAddr>,
+    /// The master's port (1 to 65535).
     #[arg(
         short = 'q',
         long = "qport",
         default_value_t = 9099,
-        requires = "mhost"
+        requires = "mhost",
+        value_parser = clap::value_parser!(u16).range(1..)
     )]
     qport: u16,
     /// Master: milliseconds a slave has to vote or acknowledge before it is evicted (1 to 60000).
@@ -234,9 +243,25 @@ fn read_password(path: &std::path::Path) -> Result<dkvs::server::auth::Password,
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(addr) = &args.announce_addr
+        && !args.etcd.is_empty()
+        && addr.socket_addr().is_none()
+    {
+        // Nodes read the leader's address from etcd without a DNS lookup.
+        eprintln!(
+            "error: invalid value '{addr}' for '--announce-addr <ANNOUNCE_ADDR>': \
+             with --etcd the announced host must be an IP address"
+        );
+        return ExitCode::from(2);
+    }
     if let Err(e) = logging::init(args.log, args.logfile.as_deref()) {
         eprintln!("dkvs-server: {e}");
         return ExitCode::from(1);
+    }
+    if args.announce_addr.is_some() && args.mhost.is_none() && args.etcd.is_empty() {
+        log::warn!(
+            "--announce-addr has no effect on a master without --etcd: it announces nothing"
+        );
     }
     let cluster_secret = match &args.cluster_secret_file {
         None => None,
@@ -308,6 +333,7 @@ fn main() -> ExitCode {
         cluster_secret,
         password,
         protected_mode: args.protected_mode == "yes",
+        announce_addr: args.announce_addr,
         failover: args.cluster.map(|cluster| FailoverConfig {
             endpoints: args.etcd,
             cluster,

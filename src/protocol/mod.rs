@@ -21,4 +21,6 @@ pub use peer::{PeerError, PeerMessage};
 pub use request::{Request, Response};
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;

@@ -746,6 +746,79 @@ mod tests {
         }
     }
 
+    use proptest::strategy::Strategy as _;
+
+    /// Encode `args` as one command: a multibulk array, or when every
+    /// argument is a plain word and `inline` is set, an inline line.
+    fn encode_command(args: &[Vec<u8>], inline: bool, out: &mut Vec<u8>) {
+        let plain = |a: &Vec<u8>| !a.is_empty() && a.iter().all(u8::is_ascii_alphanumeric);
+        // An inline command's first byte must tell RESP from the binary protocol.
+        if inline && args.iter().all(plain) && args[0][0].is_ascii_alphabetic() {
+            out.extend_from_slice(&args.join(&b' '));
+            out.extend_from_slice(b"\r\n");
+            return;
+        }
+        out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 64,
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Generated commands (binary-safe multibulk, and inline where the
+        /// arguments allow), split into two reads at every byte boundary and
+        /// into random chunks, parse the same.
+        #[test]
+        fn generated_streams_split_at_every_boundary_parse_the_same(
+            commands in proptest::collection::vec(
+                (
+                    proptest::collection::vec(
+                        proptest::prop_oneof![
+                            proptest::collection::vec(proptest::prelude::any::<u8>(), 0..12),
+                            "[a-z][a-z0-9]{0,6}".prop_map(String::into_bytes),
+                        ],
+                        1..4,
+                    ),
+                    proptest::prelude::any::<bool>(),
+                ),
+                1..5,
+            ),
+            raw_cuts in proptest::collection::vec(proptest::prelude::any::<usize>(), 0..6),
+        ) {
+            let mut stream = Vec::new();
+            for (args, inline) in &commands {
+                encode_command(args, *inline, &mut stream);
+            }
+            let expected: Vec<Vec<Vec<u8>>> = commands.iter().map(|(args, _)| args.clone()).collect();
+            for cut in 0..=stream.len() {
+                proptest::prop_assert_eq!(
+                    &parse_all(&[&stream[..cut], &stream[cut..]]),
+                    &expected,
+                    "cut {}",
+                    cut
+                );
+            }
+            let mut cuts: Vec<usize> = raw_cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut chunks: Vec<&[u8]> = Vec::new();
+            let mut from = 0;
+            for cut in cuts {
+                chunks.push(&stream[from..cut]);
+                from = cut;
+            }
+            chunks.push(&stream[from..]);
+            proptest::prop_assert_eq!(&parse_all(&chunks), &expected);
+        }
+    }
+
     #[test]
     fn integers_are_strict() {
         assert_eq!(parse_i64(b"0"), Some(0));

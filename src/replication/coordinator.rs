@@ -957,9 +957,6 @@ impl Coordinator {
         info!(
             "slave {client_addr} (node {node_id:016x}) registered on {peer:?} at {last_applied_seq} of history {history_id:#018x}"
         );
-        self.members
-            .add(peer, client_addr, node_id, last_applied_seq, now_ms);
-        self.keep_log = true;
         let master_seq = self.released_seq;
         let own_history = self.config.history_id;
         // A position means something only within the history it was reached in:
@@ -968,6 +965,14 @@ impl Coordinator {
         // with no history is the empty store, which every history starts from.
         let same_history = (history_id == own_history && own_history != 0)
             || (history_id == 0 && last_applied_seq == 0);
+        // STATS `applied` is a position in our history, and only ever rises
+        // (Membership::applied): a slave of another history at 500 would show
+        // 500 and lag 0 until we passed 500 (issue 10 item 12, after a master
+        // restarted without its data). It has applied none of ours yet.
+        let applied_seq = if same_history { last_applied_seq } else { 0 };
+        self.members
+            .add(peer, client_addr, node_id, applied_seq, now_ms);
+        self.keep_log = true;
         if same_history && last_applied_seq <= master_seq && self.log.covers(last_applied_seq) {
             self.send_registered(
                 peer,

@@ -241,6 +241,17 @@ impl Participant {
         self.position
     }
 
+    /// The client address announced in the next REGISTER.
+    pub fn client_addr(&self) -> &str {
+        &self.config.client_addr
+    }
+
+    /// Announce `addr` from the next REGISTER on (a slave bound to an
+    /// unspecified address learns its own from the link to the master).
+    pub fn set_client_addr(&mut self, addr: String) {
+        self.config.client_addr = addr;
+    }
+
     /// The history id of the master this slave last caught up from (0: none yet).
     pub fn history_id(&self) -> u64 {
         self.history_id

@@ -43,6 +43,8 @@ pub struct Failover {
     pub(super) leader: Option<LeaderRecord>,
     /// The epoch this node last led in, as its data directory records it.
     led_epoch: Option<u64>,
+    /// The address this node records in etcd when it leads (announced).
+    pub(super) addr: String,
 }
 
 impl Failover {
@@ -50,7 +52,7 @@ impl Failover {
     pub fn start(
         config: &FailoverConfig,
         node_id: u64,
-        addr: SocketAddr,
+        addr: String,
         waker: Arc<Waker>,
         led_epoch: Option<u64>,
         now_ms: u64,
@@ -62,7 +64,7 @@ impl Failover {
         let election = Election::new(
             ElectionConfig {
                 node_id,
-                addr: addr.to_string(),
+                addr: addr.clone(),
                 lease_ttl_ms: config.lease_ttl_ms,
             },
             now_ms,
@@ -73,6 +75,7 @@ impl Failover {
             epoch: 0,
             leader: None,
             led_epoch,
+            addr,
         }
     }
 
@@ -303,7 +306,7 @@ impl Server {
             f.leader = Some(LeaderRecord {
                 epoch,
                 node_id: self.wal.node_id(),
-                addr: self.addr.to_string(),
+                addr: f.addr.clone(),
             });
         }
     }
@@ -373,7 +376,10 @@ impl Server {
         }
         let mut participant = Participant::recover(
             ParticipantConfig {
-                client_addr: self.addr.to_string(),
+                client_addr: self.failover.as_ref().map_or_else(
+                    || super::announced(&self.announce, self.addr),
+                    |f| f.addr.clone(),
+                ),
                 node_id: self.wal.node_id(),
                 may_discard_data: may_discard,
                 epoch: leader.epoch,

@@ -316,7 +316,9 @@ pub struct Core {
     last_write: HashMap<u64, ClientRef, foldhash::fast::RandomState>,
     /// The last FLUSHDB handed out and maybe not yet applied.
     last_clear: Option<ClientRef>,
-    key_hasher: foldhash::fast::RandomState,
+    /// Hashes client keys for `last_write`: the store's keyed hash, since two
+    /// keys that collide here would share one pending-write entry.
+    key_hasher: crate::store::KeyHasher,
     /// Connections waiting for a transaction in flight to be decided before a
     /// read-modify-write command can read its key; resumed on the next reply.
     pub key_waiters: Vec<usize>,
@@ -335,6 +337,31 @@ pub struct Core {
     pub denied_log: DeniedLog,
     /// `--forward-writes`: a slave's RESP writes sent to its master.
     pub forward: Forwarder,
+    /// Flags CONFIG GET reports that nothing else in here needs.
+    pub reported: ReportedConfig,
+}
+
+/// Flags as given, for CONFIG GET (RESP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportedConfig {
+    /// `--protected-mode` (whether or not it applies to the bound address,
+    /// as Redis's `protected-mode` reports the setting).
+    pub protected_mode: bool,
+    /// `--max-connections`.
+    pub max_connections: usize,
+    /// `--timeout`, seconds.
+    pub idle_timeout_s: u64,
+}
+
+impl Default for ReportedConfig {
+    fn default() -> ReportedConfig {
+        // The flags' defaults.
+        ReportedConfig {
+            protected_mode: true,
+            max_connections: 10_000,
+            idle_timeout_s: 0,
+        }
+    }
 }
 
 impl Core {
@@ -365,7 +392,7 @@ impl Core {
             replication: ReplicationInfo::default(),
             last_write: HashMap::default(),
             last_clear: None,
-            key_hasher: foldhash::fast::RandomState::default(),
+            key_hasher: crate::store::KeyHasher::default(),
             key_waiters: Vec::new(),
             resp_commands: 0,
             tcp_port: 0,
@@ -374,6 +401,7 @@ impl Core {
             protected: false,
             denied_log: DeniedLog::default(),
             forward: Forwarder::default(),
+            reported: ReportedConfig::default(),
         }
     }
 

@@ -6,6 +6,7 @@
 //! executes the actions it returns. All client writes that arrive in one loop
 //! iteration become one transaction (group commit).
 
+pub mod announce;
 pub mod auth;
 mod connection;
 mod exec_view;
@@ -148,6 +149,9 @@ pub struct Config {
     /// `--protected-mode` (on by default): bound to a non-loopback address
     /// without a password, refuse clients from non-loopback addresses.
     pub protected_mode: bool,
+    /// `--announce-addr`: the address announced to the master in REGISTER and
+    /// recorded in etcd as leader, instead of the bound one.
+    pub announce_addr: Option<announce::AnnounceAddr>,
 }
 
 impl Config {
@@ -439,6 +443,30 @@ pub struct Server {
     forward_deferred: bool,
     /// Forward links lost with writes on them since the last that connected.
     forward_failures: u64,
+    /// The client address this node announces to its master (and to etcd).
+    announce: Announce,
+}
+
+/// What this node tells others to connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Announce {
+    /// `--announce-addr`, or the bound address when it names one host.
+    Fixed(String),
+    /// Bound to `0.0.0.0` or `::` without `--announce-addr`: the local address
+    /// of the link to the master, with the bound port, learnt when the link
+    /// connects. It is the address the master's host already reaches this one
+    /// by, where the bound address would tell it nothing.
+    LinkLocal,
+}
+
+impl Announce {
+    fn new(config: &Config, bound: SocketAddr) -> Announce {
+        match &config.announce_addr {
+            Some(addr) => Announce::Fixed(addr.to_string()),
+            None if bound.ip().is_unspecified() => Announce::LinkLocal,
+            None => Announce::Fixed(bound.to_string()),
+        }
+    }
 }
 
 impl Server {
@@ -488,6 +516,7 @@ impl Server {
             log_max_bytes: config.repl_backlog_bytes,
             ..CoordinatorConfig::default()
         };
+        let announce = Announce::new(config, addr);
         let (role, mode) = match &config.master {
             _ if config.failover.is_some() => {
                 // The election decides: lead, or follow whom etcd names.
@@ -530,7 +559,7 @@ impl Server {
                 let master_addr = resolve(host, *port)?;
                 let participant = Participant::recover(
                     ParticipantConfig {
-                        client_addr: addr.to_string(),
+                        client_addr: announced(&announce, addr),
                         node_id: wal.node_id(),
                         may_discard_data: config.resync_discard_data,
                         read_lease_ms: config.slave_read_lease_ms,
@@ -562,15 +591,23 @@ impl Server {
         core.fsync_policy = config.fsync.name();
         core.tcp_port = addr.port();
         core.password = config.password.clone();
+        core.reported = handler::ReportedConfig {
+            protected_mode: config.protected_mode,
+            max_connections: config.max_connections,
+            idle_timeout_s: config.idle_timeout_ms / 1000,
+        };
         core.protected = auth::protected_mode_applies(
             config.protected_mode,
             addr.ip(),
             config.password.is_some(),
         );
-        let failover = config
-            .failover
-            .as_ref()
-            .map(|f| Failover::start(f, wal.node_id(), addr, waker, wal.led_epoch(), 0));
+        let failover = config.failover.as_ref().map(|f| {
+            let leader_addr = match &announce {
+                Announce::Fixed(a) => a.clone(),
+                Announce::LinkLocal => leader_addr_toward(&f.endpoints, addr),
+            };
+            Failover::start(f, wal.node_id(), leader_addr, waker, wal.led_epoch(), 0)
+        });
         let mut server = Server {
             poll,
             listener,
@@ -611,6 +648,7 @@ impl Server {
             forward_dial_deadline: None,
             forward_deferred: false,
             forward_failures: 0,
+            announce,
         };
         if server.core.protected {
             warn!(
@@ -1024,6 +1062,39 @@ impl Server {
         self.drive_peer(new_key, read_closed);
     }
 
+    /// With [`Announce::LinkLocal`], announce the link's local address (with
+    /// the bound port) in the REGISTER that follows; said in the log when it
+    /// changes.
+    fn announce_link_local(&mut self, local: io::Result<SocketAddr>) {
+        if self.announce != Announce::LinkLocal {
+            return;
+        }
+        let Role::Slave { participant, .. } = &mut self.role else {
+            return;
+        };
+        let local = match local {
+            Ok(local) if !local.ip().is_unspecified() => local,
+            Ok(_) | Err(_) => {
+                warn!(
+                    "bound to {} and the link to the master has no local address: announcing \
+                     {}; set --announce-addr",
+                    self.addr,
+                    participant.client_addr()
+                );
+                return;
+            }
+        };
+        let addr = SocketAddr::new(local.ip(), self.addr.port()).to_string();
+        if participant.client_addr() != addr {
+            info!(
+                "bound to {}: announcing {addr} (this end of the link to the master) to the \
+                 master; --announce-addr sets another",
+                self.addr
+            );
+            participant.set_client_addr(addr);
+        }
+    }
+
     /// Read, decode and hand to the state machine everything a replication link has.
     fn drive_peer(&mut self, key: usize, read_closed: bool) {
         let Some(Link::Peer(link)) = self.links.get_mut(key) else {
@@ -1037,6 +1108,8 @@ impl Server {
                     self.master_dial = None;
                     self.connect_failures = 0;
                     info!("connected to master {}", link.addr);
+                    let local = link.io.stream.local_addr();
+                    self.announce_link_local(local);
                     self.feed(Event::Connected { peer: id });
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {
@@ -1657,6 +1730,53 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, ServerError> {
         .map_err(resolve_err)?
         .next()
         .ok_or_else(|| resolve_err(io::ErrorKind::NotFound.into()))
+}
+
+/// The address to announce before any link tells better: for
+/// [`Announce::LinkLocal`] the bound one, replaced when the link connects.
+fn announced(announce: &Announce, bound: SocketAddr) -> String {
+    match announce {
+        Announce::Fixed(a) => a.clone(),
+        Announce::LinkLocal => bound.to_string(),
+    }
+}
+
+/// The address a node bound to `0.0.0.0`/`::` without `--announce-addr`
+/// records in etcd as leader: its local address on the route to the first
+/// etcd endpoint (the other nodes reach etcd, so most likely this address
+/// too), with the bound port. Found by connecting a UDP socket, which sends
+/// nothing. Falls back to the bound address, with a warning.
+fn leader_addr_toward(endpoints: &[String], bound: SocketAddr) -> String {
+    let route = endpoints.first().and_then(|endpoint| {
+        let hostport = endpoint.strip_prefix("http://")?.split('/').next()?;
+        let target = hostport.to_socket_addrs().ok()?.next()?;
+        let local: SocketAddr = if target.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = std::net::UdpSocket::bind(local).ok()?;
+        socket.connect(target).ok()?;
+        let ip = socket.local_addr().ok()?.ip();
+        (!ip.is_unspecified()).then_some(ip)
+    });
+    match route {
+        Some(ip) => {
+            let addr = SocketAddr::new(ip, bound.port());
+            info!(
+                "bound to {bound}: announcing {addr} (the local address toward etcd) as this \
+                 node's address; --announce-addr sets another"
+            );
+            addr.to_string()
+        }
+        None => {
+            warn!(
+                "bound to {bound} and no route to etcd found: announcing {bound}, which other \
+                 hosts cannot connect to; set --announce-addr"
+            );
+            bound.to_string()
+        }
+    }
 }
 
 /// Bind TCP and/or UDP on `addr`; for port 0, find one port free for both.

@@ -34,6 +34,10 @@ const REDIS_VERSION: &str = "7.0.15";
 const MIN_GROW_BYTES: usize = 16 * 1024;
 /// Default COUNT of SCAN, as Redis.
 const SCAN_DEFAULT_COUNT: u64 = 10;
+/// CONFIG GET requirepass when a password is set: Redis replies the password,
+/// which dkvs does not have (it keeps a keyed hash). Not empty, since empty
+/// means "no password"; with spaces, so no one mistakes it for the password.
+pub(super) const REQUIREPASS_HIDDEN: &str = "<set: dkvs keeps only a keyed hash of it>";
 
 /// The RESP state of one connection.
 #[derive(Debug)]
@@ -1328,21 +1332,28 @@ impl Session<'_> {
         match sub.as_slice() {
             b"GET" if args.len() >= 3 => {
                 let table = self.config_table();
-                let mut found: Vec<&(String, String)> = Vec::new();
-                for pattern in &args[2..] {
-                    let pattern = pattern.to_ascii_lowercase();
-                    for entry in &table {
-                        if glob_match(&pattern, entry.0.as_bytes())
-                            && !found.iter().any(|f| f.0 == entry.0)
+                // (name as replied, index in the table)
+                let mut found: Vec<(&[u8], usize)> = Vec::new();
+                for &pattern in &args[2..] {
+                    let lower = pattern.to_ascii_lowercase();
+                    let is_glob = pattern
+                        .iter()
+                        .any(|b| matches!(b, b'*' | b'?' | b'[' | b'\\'));
+                    for (i, entry) in table.iter().enumerate() {
+                        if glob_match(&lower, entry.0.as_bytes())
+                            && !found.iter().any(|&(_, j)| j == i)
                         {
-                            found.push(entry);
+                            // Redis 7 replies an exact name as the client spelt
+                            // it (`CONFIG GET REQUIREPASS` -> `REQUIREPASS`).
+                            let name = if is_glob { entry.0.as_bytes() } else { pattern };
+                            found.push((name, i));
                         }
                     }
                 }
                 self.enc.map(self.out, found.len());
-                for (name, value) in found {
-                    self.enc.bulk(self.out, name.as_bytes());
-                    self.enc.bulk(self.out, value.as_bytes());
+                for (name, i) in found {
+                    self.enc.bulk(self.out, name);
+                    self.enc.bulk(self.out, table[i].1.as_bytes());
                 }
                 Exec::Done
             }
@@ -1379,8 +1390,28 @@ impl Session<'_> {
             ("databases", "1".into()),
             ("maxmemory", "0".into()),
             ("maxmemory-policy", "noeviction".into()),
-            ("maxclients", "10000".into()),
-            ("timeout", "0".into()),
+            ("maxclients", self.core.reported.max_connections.to_string()),
+            ("timeout", self.core.reported.idle_timeout_s.to_string()),
+            // Redis replies the password itself. dkvs cannot: it keeps only a
+            // keyed hash of it (auth.rs). Empty means none, as in Redis; a
+            // password that is set shows as a fixed text that is not it.
+            (
+                "requirepass",
+                if self.core.password.is_some() {
+                    REQUIREPASS_HIDDEN.into()
+                } else {
+                    String::new()
+                },
+            ),
+            (
+                "protected-mode",
+                if self.core.reported.protected_mode {
+                    "yes"
+                } else {
+                    "no"
+                }
+                .into(),
+            ),
             ("port", self.core.tcp_port.to_string()),
             ("proto-max-bulk-len", self.core.max_value_bytes.to_string()),
             ("replica-read-only", "yes".into()),

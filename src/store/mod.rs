@@ -5,12 +5,13 @@
 //! so the same deterministic code decides NOT_FOUND on every replica.
 
 mod block;
+#[cfg(test)]
+mod proptests;
 pub mod snapshot;
 
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 
-use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as TableEntry;
 
@@ -66,6 +67,15 @@ pub enum Applied {
     NotFound,
 }
 
+/// The hash of client-chosen keys: SipHash-1-3 under a random 128-bit key per
+/// store (std's `RandomState`), a keyed PRF designed for exactly this, so
+/// that a client cannot learn or build keys that collide in the tables
+/// (HashDoS) however long it probes a running server. foldhash, used before,
+/// is faster but its documentation advises against it where an attacker can
+/// probe a long-running process; ahash is keyed but not a PRF. The cost at
+/// 1M keys, measured by `benches/store.rs`, is in docs/SECURITY.md.
+pub type KeyHasher = std::hash::RandomState;
+
 /// Number of shards the map is split into (a power of two). Many small shards
 /// keep the copy a snapshot makes before a write small (about 45 µs per shard
 /// at a million keys), at the same memory as one table.
@@ -73,11 +83,11 @@ pub const SHARDS: usize = 4096;
 
 /// The key-value map with per-key versions.
 ///
-/// Entries are [`Block`]s in `hashbrown` tables keyed by a randomly seeded
-/// foldhash of the key (fast, and not predictable by a client). The map is
+/// Entries are [`Block`]s in `hashbrown` tables keyed by a [`KeyHasher`]
+/// hash of the key (keyed at random: not predictable by a client). The map is
 /// split into [`SHARDS`] tables so that a snapshot can be copied a shard at a
 /// time, between turns of the reactor, instead of in one long pause.
-pub struct Store {
+pub struct Store<S = KeyHasher> {
     shards: Vec<HashTable<Block>>,
     /// Per shard, the keys that have a deadline (it lives in their block, see
     /// [`Block`]): the sweep skips shards where this is 0.
@@ -95,14 +105,14 @@ pub struct Store {
     /// The wall clock (unix ms) reads compare deadlines with; set by the
     /// server each turn, never moved back. 0 (the default) expires nothing.
     now_ms: u64,
-    hasher: RandomState,
+    hasher: S,
     len: usize,
     /// Sum of key and value bytes, for STATS.
     data_bytes: usize,
 }
 
-impl Default for Store {
-    fn default() -> Store {
+impl<S: BuildHasher + Default> Default for Store<S> {
+    fn default() -> Store<S> {
         Store {
             shards: (0..SHARDS).map(|_| HashTable::new()).collect(),
             expiring_per_shard: vec![0; SHARDS],
@@ -110,14 +120,14 @@ impl Default for Store {
             deadlines: BTreeMap::new(),
             expired_held: 0,
             now_ms: 0,
-            hasher: RandomState::default(),
+            hasher: S::default(),
             len: 0,
             data_bytes: 0,
         }
     }
 }
 
-impl std::fmt::Debug for Store {
+impl<S> std::fmt::Debug for Store<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("keys", &self.len)
@@ -131,7 +141,9 @@ impl Store {
     pub fn new() -> Store {
         Store::default()
     }
+}
 
+impl<S: BuildHasher> Store<S> {
     fn hash(&self, key: &[u8]) -> u64 {
         self.hasher.hash_one(key)
     }
@@ -145,7 +157,7 @@ impl Store {
 
     /// The shard `key` lives in.
     pub fn shard_of(&self, key: &[u8]) -> usize {
-        Store::shard_index(self.hash(key))
+        Self::shard_index(self.hash(key))
     }
 
     /// The value and version of `key`; a key whose deadline has passed reads as
@@ -178,7 +190,7 @@ impl Store {
 
     fn block(&self, key: &[u8]) -> Option<&Block> {
         let hash = self.hash(key);
-        self.shards[Store::shard_index(hash)].find(hash, |b| b.key() == key)
+        self.shards[Self::shard_index(hash)].find(hash, |b| b.key() == key)
     }
 
     /// Set the clock reads compare deadlines with (unix ms). It never moves
@@ -264,7 +276,7 @@ impl Store {
     /// A block gains or loses room for a deadline by being allocated anew.
     pub fn set_deadline(&mut self, key: &[u8], deadline_ms: Option<u64>) {
         let hash = self.hash(key);
-        let shard = Store::shard_index(hash);
+        let shard = Self::shard_index(hash);
         let Some(block) = self.shards[shard].find_mut(hash, |b| b.key() == key) else {
             return;
         };
@@ -323,7 +335,7 @@ impl Store {
             }
             Write::Expire { key, deadline_ms } => {
                 let hash = self.hash(key);
-                match self.shards[Store::shard_index(hash)].find_mut(hash, |b| b.key() == key) {
+                match self.shards[Self::shard_index(hash)].find_mut(hash, |b| b.key() == key) {
                     Some(block) => {
                         block.set_version(version);
                         self.set_deadline(key, deadline_ms);
@@ -334,7 +346,7 @@ impl Store {
             }
             Write::Update { key, value } => {
                 let hash = self.hash(key);
-                let shard = Store::shard_index(hash);
+                let shard = Self::shard_index(hash);
                 match self.shards[shard].find_mut(hash, |b| b.key() == key) {
                     Some(block) => {
                         self.data_bytes = self.data_bytes - block.value().len() + value.len();
@@ -351,7 +363,7 @@ impl Store {
             }
             Write::Delete { key } => {
                 let hash = self.hash(key);
-                let shard = Store::shard_index(hash);
+                let shard = Self::shard_index(hash);
                 match self.shards[shard].find_entry(hash, |b| b.key() == key) {
                     Ok(entry) => {
                         let (block, _) = entry.remove();
@@ -374,7 +386,7 @@ impl Store {
     /// Create or replace `key`, leaving it with `deadline` (unix ms; `None`: none).
     pub fn set_until(&mut self, key: &[u8], value: &[u8], version: u64, deadline: Option<u64>) {
         let hash = self.hash(key);
-        let shard = Store::shard_index(hash);
+        let shard = Self::shard_index(hash);
         let hasher = &self.hasher;
         match self.shards[shard].entry(hash, |b| b.key() == key, |b| hasher.hash_one(b.key())) {
             TableEntry::Occupied(mut entry) => {

@@ -1080,6 +1080,47 @@ fn a_slave_of_an_earlier_life_of_the_master_gets_a_snapshot() {
     }));
 }
 
+/// Issue 10 item 12: a master restarted without its data showed a slave of
+/// its earlier life with that life's position as `applied` (and lag 0) until
+/// the new history passed it.
+#[test]
+fn a_slave_of_another_history_shows_no_applied_position_in_ours() {
+    let mut c = Coordinator::new(config(), 0);
+    for i in 0..3 {
+        c.handle(0, writes(10 + i, &["b"]));
+    }
+    c.handle(0, Event::Persisted { lsn: 3 });
+    drain(&mut c);
+    let applied = |c: &Coordinator, peer: u64| c.members().get(PeerId(peer)).map(|s| s.applied_seq);
+    // Replaced by a snapshot, and kept (diverged): neither has applied ours.
+    c.handle(1, register_with(1, 500, 0x1111, true));
+    c.handle(1, register_with(2, 500, 0x1111, false));
+    drain(&mut c);
+    assert_eq!(applied(&c, 1), Some(0));
+    assert_eq!(applied(&c, 2), Some(0));
+    assert_eq!(c.members().get(PeerId(1)).map(|s| s.lag(3)), Some(3));
+    // Once loaded, its heartbeat answers report our positions.
+    c.handle(
+        2,
+        msg(
+            1,
+            PeerMessage::Heartbeat {
+                seq: 3,
+                stamp: 0,
+                lease_ms: 0,
+                poll: false,
+            },
+        ),
+    );
+    assert_eq!(applied(&c, 1), Some(3));
+    // Within our history the slave's own position stands, even ahead of us.
+    c.handle(1, register_with(3, 2, H, false));
+    c.handle(1, register_with(4, 9, H, false));
+    drain(&mut c);
+    assert_eq!(applied(&c, 3), Some(2));
+    assert_eq!(applied(&c, 4), Some(9));
+}
+
 #[test]
 fn a_slave_whose_data_a_snapshot_would_replace_is_diverged_unless_allowed() {
     let mut c = keeping_log();
