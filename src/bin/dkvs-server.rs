@@ -15,12 +15,6 @@ use dkvs::server::{
 use dkvs::wal::FsyncPolicy;
 use log::{error, info};
 
-/// mimalloc rather than glibc's malloc: every write allocates its key and value
-/// and frees them when the replication log lets go, and glibc's allocator
-/// (with its consolidation of freed chunks) took a fifth of a pipelined SET's CPU.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// A replicated key-value store server: one thread, one reactor, TCP and UDP on one port.
 #[derive(Parser, Debug)]
 #[command(name = "dkvs-server", version, about)]
