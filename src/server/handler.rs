@@ -206,8 +206,9 @@ pub struct BatchMark {
 /// batch, or its latest value is in a transaction still in flight.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Latest<'a> {
-    /// The key's latest value (`None`: absent), including writes not yet applied.
-    Known(Option<&'a [u8]>),
+    /// The key's latest value and deadline (`None`: absent), including writes
+    /// not yet applied.
+    Known(Option<(&'a [u8], Option<u64>)>),
     /// A transaction in flight wrote it: wait until it is decided.
     InFlight,
 }
@@ -480,21 +481,34 @@ impl Core {
     /// (Inside EXEC, commands read through `ExecView` instead.)
     pub fn latest(&self, key: &[u8]) -> Latest<'_> {
         if !self.undecided(key) {
-            return Latest::Known(self.store.get(key).map(|(v, _)| v));
+            return Latest::Known(self.store.get_with_deadline(key));
         }
-        // The current batch holds the newest writes; search it newest first.
+        // The current batch holds the newest writes; search it newest first. A
+        // deadline change seen on the way applies to the value found below it.
+        let mut newer_deadline: Option<Option<u64>> = None;
+        let now = self.store.now_ms();
         for write in self.batch.iter().rev() {
-            match write.op.kind {
+            let op = &write.op;
+            let (value, deadline) = match op.kind {
                 OpKind::Clear => return Latest::Known(None),
-                _ if write.op.key != key => {}
-                OpKind::Put => return Latest::Known(Some(&write.op.value)),
-                OpKind::PutExpiring => return Latest::Known(Some(write.op.stored_value())),
+                _ if op.key != key => continue,
+                OpKind::Put => (&op.value[..], None),
+                OpKind::PutExpiring => (op.stored_value(), Some(op.deadline_ms())),
                 OpKind::Delete => return Latest::Known(None),
-                // A deadline change leaves the value as the writes before it made it.
-                OpKind::Expire => {}
+                OpKind::Expire => {
+                    let d = op.deadline_ms();
+                    newer_deadline.get_or_insert((d != 0).then_some(d));
+                    continue;
+                }
                 // Its effect depends on what came before: let it be decided first.
                 OpKind::Update => return Latest::InFlight,
+            };
+            let deadline = newer_deadline.unwrap_or(deadline);
+            // A pending write whose deadline has passed leaves the key absent.
+            if deadline.is_some_and(|d| d <= now) {
+                return Latest::Known(None);
             }
+            return Latest::Known(Some((value, deadline)));
         }
         Latest::InFlight
     }
@@ -962,6 +976,49 @@ mod tests {
             out[3],
             u64::from_be_bytes(out[8..16].try_into().expect("8 bytes")),
         )
+    }
+
+    #[test]
+    fn latest_reads_the_newest_value_and_deadline_of_the_batch() {
+        let mut core = Core::new(1 << 20, Mode::Master);
+        core.store.set_now_ms(1_000);
+        core.store.set(b"k", b"settled", 1);
+        core.store.set_deadline(b"k", Some(9_000));
+        assert_eq!(
+            core.latest(b"k"),
+            Latest::Known(Some((&b"settled"[..], Some(9_000))))
+        );
+        let submit = |core: &mut Core, op: WriteOp| {
+            core.submit([op], TARGET, 0, 0, None);
+        };
+        submit(&mut core, WriteOp::put_expiring(b"k", b"a", 5_000));
+        assert_eq!(
+            core.latest(b"k"),
+            Latest::Known(Some((&b"a"[..], Some(5_000))))
+        );
+        // A deadline change after the write applies to the value it wrote.
+        submit(&mut core, WriteOp::expire(b"k", Some(7_000)));
+        assert_eq!(
+            core.latest(b"k"),
+            Latest::Known(Some((&b"a"[..], Some(7_000))))
+        );
+        submit(&mut core, WriteOp::expire(b"k", None));
+        assert_eq!(core.latest(b"k"), Latest::Known(Some((&b"a"[..], None))));
+        let put = WriteOp {
+            kind: OpKind::Put,
+            key: b"k".to_vec(),
+            value: b"b".to_vec(),
+        };
+        submit(&mut core, put);
+        assert_eq!(core.latest(b"k"), Latest::Known(Some((&b"b"[..], None))));
+        // A pending write whose deadline is already past leaves the key absent.
+        submit(&mut core, WriteOp::put_expiring(b"k", b"c", 500));
+        assert_eq!(core.latest(b"k"), Latest::Known(None));
+        // A deadline change alone says nothing of the value: wait for it.
+        core.take_batch();
+        submit(&mut core, WriteOp::expire(b"k", Some(8_000)));
+        core.take_batch();
+        assert_eq!(core.latest(b"k"), Latest::InFlight);
     }
 
     #[test]

@@ -774,7 +774,7 @@ impl Session<'_> {
     /// counting the writes of the commands before it.
     fn latest(&self, key: &[u8]) -> Latest<'_> {
         match self.exec {
-            Some(view) => Latest::Known(view.get(self.core, key).map(|(v, _)| v)),
+            Some(view) => Latest::Known(view.get(self.core, key)),
             None => self.core.latest(key),
         }
     }
@@ -904,7 +904,7 @@ impl Session<'_> {
             _ => {}
         }
         let old = match self.latest(key) {
-            Latest::Known(old) => old.map(<[u8]>::to_vec),
+            Latest::Known(old) => old.map(|(v, _)| v.to_vec()),
             Latest::InFlight => return Exec::WaitKey,
         };
         let write = match mode {
@@ -934,7 +934,7 @@ impl Session<'_> {
     /// GETDEL: the value, and the key deleted.
     fn getdel(&mut self, key: &[u8]) -> Exec {
         let old = match self.latest(key) {
-            Latest::Known(old) => old.map(<[u8]>::to_vec),
+            Latest::Known(old) => old.map(|(v, _)| v.to_vec()),
             Latest::InFlight => return Exec::WaitKey,
         };
         let Some(old) = old else {
@@ -1093,14 +1093,15 @@ impl Session<'_> {
         )
     }
 
+    /// INCR and friends keep the key's time to live, as Redis does.
     fn incr_by(&mut self, key: &[u8], by: i64) -> Exec {
         if let Some(e) = self.key_error(key) {
             return self.error(e);
         }
-        let current = match self.latest(key) {
-            Latest::Known(None) => 0,
-            Latest::Known(Some(value)) => match parse_i64(value) {
-                Some(n) => n,
+        let (current, deadline) = match self.latest(key) {
+            Latest::Known(None) => (0, None),
+            Latest::Known(Some((value, deadline))) => match parse_i64(value) {
+                Some(n) => (n, deadline),
                 None => return self.error(NOT_AN_INTEGER),
             },
             Latest::InFlight => return Exec::WaitKey,
@@ -1110,17 +1111,18 @@ impl Session<'_> {
         };
         let value = next.to_string();
         self.submit(
-            vec![Session::put(key, value.as_bytes())],
+            vec![Session::put_until(key, value.as_bytes(), deadline)],
             RespWriteReply::Int(next),
         )
     }
 
+    /// APPEND keeps the key's time to live, as Redis does.
     fn append(&mut self, key: &[u8], suffix: &[u8]) -> Exec {
         if let Some(e) = self.key_error(key) {
             return self.error(e);
         }
-        let mut value = match self.latest(key) {
-            Latest::Known(old) => old.map(<[u8]>::to_vec).unwrap_or_default(),
+        let (mut value, deadline) = match self.latest(key) {
+            Latest::Known(old) => old.map_or((Vec::new(), None), |(v, d)| (v.to_vec(), d)),
             Latest::InFlight => return Exec::WaitKey,
         };
         if value.len() + suffix.len() > self.core.max_value_bytes {
@@ -1128,10 +1130,13 @@ impl Session<'_> {
         }
         value.extend_from_slice(suffix);
         let len = value.len() as i64;
-        let put = WriteOp {
-            kind: OpKind::Put,
-            key: key.to_vec(),
-            value,
+        let put = match deadline {
+            Some(at) => WriteOp::put_expiring(key, &value, at),
+            None => WriteOp {
+                kind: OpKind::Put,
+                key: key.to_vec(),
+                value,
+            },
         };
         self.submit(std::iter::once(put), RespWriteReply::Int(len))
     }

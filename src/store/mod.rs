@@ -170,6 +170,16 @@ impl<S: BuildHasher> Store<S> {
         Some((block.value(), block.version()))
     }
 
+    /// The value and deadline of `key`; absent once the deadline has passed.
+    pub fn get_with_deadline(&self, key: &[u8]) -> Option<(&[u8], Option<u64>)> {
+        let block = self.block(key)?;
+        let deadline = block.deadline();
+        if deadline.is_some_and(|d| d <= self.now_ms) {
+            return None;
+        }
+        Some((block.value(), deadline))
+    }
+
     /// The value and version of `key` whether or not its deadline has passed.
     pub fn get_held(&self, key: &[u8]) -> Option<(&[u8], u64)> {
         self.block(key).map(|b| (b.value(), b.version()))
