@@ -176,9 +176,11 @@ def main():
             call(sock, "CONFIG", "RESETSTAT")
             limit = time.time() + 600
             windows = []
+            sweeps = []
             while time.time() < limit:
                 time.sleep(args.sample_ms / 1000)
                 windows.append(stat(timed_port, "longest_turn_us"))
+                sweeps.append(stat(timed_port, "longest_sweep_us"))
                 longest = max(longest, windows[-1])
                 call(sock, "CONFIG", "RESETSTAT")
                 if keys_held(timed_port) == 0:
@@ -193,6 +195,11 @@ def main():
                 f"{longest} us; per {args.sample_ms} ms window ({len(windows)} windows) the "
                 f"longest turn was p50 {percentile(windows, 0.5)} us, p99 "
                 f"{percentile(windows, 0.99)} us, max {max(windows)} us"
+            )
+            print(
+                f"the sweep step alone (STATS longest_sweep_us, without applying its deletions): "
+                f"per window p50 {percentile(sweeps, 0.5)} us, p99 {percentile(sweeps, 0.99)} us, "
+                f"max {max(sweeps)} us"
             )
             print(f"load average: {os.getloadavg()}")
             print("(a turn is wall time between two polls: on a busy 2-core machine it includes preemption)")

@@ -329,6 +329,8 @@ pub struct Core {
     pub tcp_port: u16,
     /// The shard the expiry sweep looks at next.
     pub(super) sweep_cursor: usize,
+    /// Where in that shard it stopped (a step may end inside a shard).
+    pub(super) sweep_pos: usize,
     /// `--requirepass-file`: clients must AUTH before anything but PING.
     pub password: Option<Password>,
     /// Protected mode applies: bound to a non-loopback address, no password,
@@ -398,6 +400,7 @@ impl Core {
             resp_commands: 0,
             tcp_port: 0,
             sweep_cursor: 0,
+            sweep_pos: 0,
             password: None,
             protected: false,
             denied_log: DeniedLog::default(),

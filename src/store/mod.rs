@@ -313,14 +313,12 @@ impl<S: BuildHasher> Store<S> {
             .map(Block::key)
     }
 
-    /// What [`Store::expired_in_shard`] costs: the shard's keys if any has a
-    /// deadline, else 0 (the sweep's bound on work).
-    pub fn sweep_cost(&self, shard: usize) -> usize {
-        if self.expiring_per_shard[shard] == 0 {
-            0
-        } else {
-            self.shards[shard].len()
-        }
+    /// The blocks of `shard` from position `from` of its order on, so that a
+    /// sweep can stop anywhere in a shard and resume there. Positions shift when
+    /// the shard changes in between: a key may then be seen twice, or only on
+    /// the next pass, which a sweep tolerates.
+    pub fn shard_blocks_from(&self, shard: usize, from: usize) -> impl Iterator<Item = &Block> {
+        self.shards[shard].iter().skip(from)
     }
 
     /// Keys with a deadline in one shard.
