@@ -397,6 +397,58 @@ fn connections_beyond_the_cap_are_accepted_and_closed() {
     });
 }
 
+/// A connection that was accepted and served: it answers a PING.
+fn served(server: &ServerProcess) -> TcpStream {
+    let mut stream = tcp(server);
+    stream
+        .write_all(&request(Opcode::Ping, 1, b"", b""))
+        .expect("ping");
+    assert_eq!(read_response(&mut stream).status, Ok(Status::Ok));
+    stream
+}
+
+#[test]
+fn the_server_raises_a_low_descriptor_limit_for_its_connection_cap() {
+    // A soft limit of 256 (1024 is common) with room above it: the server raises
+    // it for --max-connections 600. Before, accept failed with EMFILE near 250
+    // and the later connections waited in the backlog, unanswered.
+    let server =
+        ServerProcess::start_with_descriptor_limit(256, 1024, &["--max-connections", "600"]);
+    let held: Vec<TcpStream> = (0..400).map(|_| served(&server)).collect();
+    assert!(server.stats().num("connections_open") >= 400);
+    assert_eq!(server.stats().num("connections_refused"), 0);
+    drop(held);
+}
+
+#[test]
+fn a_connection_cap_beyond_the_descriptor_limit_is_lowered_to_fit() {
+    // The hard limit is 256 too: the default cap of 10000 cannot be reached, so the
+    // server keeps 128 descriptors for its log and links and serves 128 clients;
+    // the next one is refused as beyond --max-connections, not left in the backlog.
+    let server = ServerProcess::start_with_descriptor_limit(256, 256, &[]);
+    let mut held: Vec<TcpStream> = (0..128).map(|_| served(&server)).collect();
+    let mut extra = tcp(&server);
+    let _ = extra.write_all(&request(Opcode::Ping, 1, b"", b""));
+    assert_closed(
+        &mut extra,
+        "a connection beyond what the descriptor limit allows",
+    );
+    drop(held.pop());
+    wait_until("a slot is free again", Duration::from_secs(20), || {
+        Client::connect(
+            "127.0.0.1",
+            server.port,
+            ClientConfig {
+                timeout: Duration::from_secs(2),
+                ..ClientConfig::default()
+            },
+        )
+        .and_then(|mut c| c.stats())
+        .is_ok_and(|text| Stats::parse(text).num("connections_refused") >= 1)
+    });
+    drop(held);
+}
+
 #[test]
 fn a_frame_that_never_completes_is_closed_after_the_frame_timeout() {
     let server = ServerProcess::start(&["--frame-timeout-ms", "300"]);
