@@ -262,8 +262,12 @@ fn one_udp_source_cannot_flush_the_retry_cache_of_another() {
 
 #[test]
 fn an_ipv6_datagram_over_the_udp_frame_limit_is_told_to_use_tcp() {
+    // Only IPv6 carries datagrams over 65507 bytes; a host without ::1 cannot test it.
+    let Ok(socket) = UdpSocket::bind("[::1]:0") else {
+        eprintln!("skipped: this host has no IPv6 loopback (::1)");
+        return;
+    };
     let server = ServerProcess::start(&["-s", "::1"]);
-    let socket = UdpSocket::bind("[::1]:0").expect("bind ::1");
     socket.connect(("::1", server.port)).expect("connect");
     socket
         .set_read_timeout(Some(Duration::from_secs(10)))
