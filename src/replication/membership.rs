@@ -235,6 +235,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_state_name_is_the_one_protocol_md_gives_for_stats() {
+        // Issue 10 item 12: §4.1 once listed `syncing (log)` where STATS prints
+        // `syncing-log`, and did not say whether `evicted` is ever shown.
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        let row = doc
+            .lines()
+            .find(|l| l.starts_with("| `slave<i>` |"))
+            .expect("PROTOCOL.md §4.1 has the slave<i> row");
+        let states = [
+            SlaveState::Snapshotting { at_seq: 0 },
+            SlaveState::Tailing { marker: 0 },
+            SlaveState::InSync { join_seq: 0 },
+            SlaveState::Probation { until_ms: 0 },
+            SlaveState::Evicted,
+            SlaveState::Diverged,
+        ];
+        for state in states {
+            let name = format!("`{}`", state.name());
+            assert!(row.contains(&name), "§4.1 does not name {name}");
+        }
+        assert!(
+            row.contains("`evicted` exists too, but") && row.contains("STATS does not show it"),
+            "§4.1 says whether STATS shows `evicted`"
+        );
+    }
+
+    #[test]
     fn states_move_and_eviction_sticks() {
         let mut m = Membership::new();
         let p = PeerId(1);

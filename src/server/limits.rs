@@ -164,6 +164,35 @@ pub fn amplification_limit(request_len: usize) -> usize {
     request_len.saturating_mul(UDP_AMPLIFICATION_FACTOR)
 }
 
+/// Descriptors kept back from client connections for everything else the
+/// process opens: the listener, UDP socket, poller and waker, up to
+/// `MAX_PEER_LINKS` (64) replication links, the log's segments, directory and
+/// lock, snapshot files, etcd and forwarding connections, standard streams.
+/// Running out of those would fail a log segment or a slave's link, which is
+/// worse than refusing one more client.
+pub const RESERVED_DESCRIPTORS: u64 = 128;
+
+/// The descriptor limit (`RLIMIT_NOFILE`) a server serving `max_connections`
+/// clients asks for.
+pub fn descriptors_wanted(max_connections: usize) -> u64 {
+    (max_connections as u64).saturating_add(RESERVED_DESCRIPTORS)
+}
+
+/// The soft descriptor limit to set, given the current soft and hard limits:
+/// what `max_connections` wants, within the hard limit, and never below the
+/// current soft limit.
+pub fn descriptor_limit_to_set(max_connections: usize, soft: u64, hard: u64) -> u64 {
+    descriptors_wanted(max_connections).min(hard).max(soft)
+}
+
+/// How many client connections fit in a soft descriptor limit of `soft`:
+/// `max_connections`, or fewer if the limit is too low for it (at least one,
+/// so that a tiny limit still serves someone).
+pub fn connection_cap(max_connections: usize, soft: u64) -> usize {
+    let fit = soft.saturating_sub(RESERVED_DESCRIPTORS).max(1);
+    max_connections.min(usize::try_from(fit).unwrap_or(usize::MAX))
+}
+
 /// One server-wide budget for input-buffer bytes beyond each connection's
 /// resting buffer: the bytes held in partial frames. A connection whose frame
 /// needs more than is left is closed instead of buffered for.
@@ -307,6 +336,27 @@ mod tests {
 
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([10, 0, 0, last])
+    }
+
+    #[test]
+    fn the_descriptor_limit_is_raised_within_the_hard_limit_and_caps_connections() {
+        // Raised to what 10000 connections need when the hard limit allows.
+        assert_eq!(descriptor_limit_to_set(10_000, 1024, 1 << 20), 10_128);
+        assert_eq!(connection_cap(10_000, 10_128), 10_000);
+        // Only to the hard limit otherwise, and the cap shrinks to fit in it.
+        assert_eq!(descriptor_limit_to_set(10_000, 1024, 4096), 4096);
+        assert_eq!(connection_cap(10_000, 4096), 4096 - 128);
+        // Never lowered: a generous limit is left alone.
+        assert_eq!(descriptor_limit_to_set(100, 65_536, 1 << 20), 65_536);
+        assert_eq!(connection_cap(100, 65_536), 100);
+        // A limit below the reserve still serves one client.
+        assert_eq!(connection_cap(10_000, 64), 1);
+        // RLIM_INFINITY (u64::MAX) neither overflows nor truncates.
+        assert_eq!(
+            descriptor_limit_to_set(10_000, u64::MAX, u64::MAX),
+            u64::MAX
+        );
+        assert_eq!(connection_cap(10_000, u64::MAX), 10_000);
     }
 
     #[test]

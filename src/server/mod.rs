@@ -469,9 +469,56 @@ impl Announce {
     }
 }
 
+/// Raise the soft descriptor limit to what `max_connections` clients need
+/// (within the hard limit), as Redis does for `maxclients`, and return the
+/// number of client connections the resulting limit allows. Without this a
+/// common soft limit of 1024 makes the default cap of 10000 unreachable, and
+/// the connections past the limit fail in `accept` instead of being refused
+/// cleanly, while the log and replication links compete for what is left.
+fn raise_descriptor_limit(max_connections: usize) -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through a valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(
+            "cannot read the descriptor limit: {}; serving up to {max_connections} \
+             client connections",
+            io::Error::last_os_error()
+        );
+        return max_connections;
+    }
+    // rlim_t is u64 on Linux (RLIM_INFINITY is u64::MAX), as the limits module counts.
+    let (soft, hard) = (limit.rlim_cur, limit.rlim_max);
+    let mut set = limits::descriptor_limit_to_set(max_connections, soft, hard);
+    if set != soft {
+        limit.rlim_cur = set;
+        // SAFETY: setrlimit reads one rlimit through a valid pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            warn!(
+                "cannot raise the descriptor limit from {soft} to {set}: {}",
+                io::Error::last_os_error()
+            );
+            set = soft;
+        }
+    }
+    let cap = limits::connection_cap(max_connections, set);
+    if cap < max_connections {
+        warn!(
+            "--max-connections {max_connections} needs {} descriptors, but the limit is \
+             {set} (hard limit {hard}): serving at most {cap} client connections; \
+             further ones are accepted and closed",
+            limits::descriptors_wanted(max_connections)
+        );
+    }
+    cap
+}
+
 impl Server {
     /// Bind the sockets named by `config` and register them with a new poller.
     pub fn bind(config: &Config) -> Result<Server, ServerError> {
+        let max_connections = raise_descriptor_limit(config.max_connections);
         let addr = resolve(&config.host, config.port)?;
         let (listener, udp, addr) = bind_sockets(addr, config)?;
         let poll = Poll::new().map_err(ServerError::Poll)?;
@@ -593,7 +640,7 @@ impl Server {
         core.password = config.password.clone();
         core.reported = handler::ReportedConfig {
             protected_mode: config.protected_mode,
-            max_connections: config.max_connections,
+            max_connections,
             idle_timeout_s: config.idle_timeout_ms / 1000,
         };
         core.protected = auth::protected_mode_applies(
@@ -631,7 +678,7 @@ impl Server {
             expiry_wake: None,
             accept_paused: false,
             wal,
-            max_connections: config.max_connections,
+            max_connections,
             timeouts,
             next_sweep_ms: timeouts.sweep_interval_ms(),
             max_peer_output_bytes: peer_output_limit(config),

@@ -7,7 +7,7 @@
 //! docs/SECURITY.md).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
@@ -20,6 +20,7 @@ use crate::protocol::{
     HEADER_LEN, MAGIC, MAX_UDP_FRAME_BYTES, Opcode, ProtocolError, RESPONSE_FLAG, Request, Status,
     decode_datagram, encode_response,
 };
+use crate::store::KeyHasher;
 
 use super::auth;
 use super::handler::{Core, Outcome, ReplyTarget};
@@ -192,6 +193,8 @@ pub struct UdpService {
     scope: UdpLimitScope,
     rate: RateLimiter,
     clock: Instant,
+    /// Keys the fingerprints of cached writes (see [`UdpService::fingerprint`]).
+    fingerprints: KeyHasher,
     /// `MAX_DATAGRAMS_PER_TURN`, smaller in tests.
     datagrams_per_turn: usize,
 }
@@ -208,8 +211,18 @@ impl UdpService {
             scope,
             rate: RateLimiter::new(rate_per_sec),
             clock: Instant::now(),
+            fingerprints: KeyHasher::new(),
             datagrams_per_turn: MAX_DATAGRAMS_PER_TURN,
         }
+    }
+
+    /// A hash of a request datagram, telling a retry from a different write
+    /// with the same id. Keyed at random per server, with the store's keyed
+    /// hash (SipHash-1-3): with an unkeyed hash anyone could compute
+    /// fingerprints offline and build a different write that passes for a
+    /// cached one (its retry answered from the cache, never applied).
+    fn fingerprint(&self, datagram: &[u8]) -> u64 {
+        self.fingerprints.hash_one(datagram)
     }
 
     /// Answer every datagram waiting on the socket (until the write batch is full;
@@ -340,7 +353,7 @@ impl UdpService {
             return;
         }
         let is_write = request.opcode().is_write();
-        let fingerprint = if is_write { fingerprint(bytes) } else { 0 };
+        let fingerprint = if is_write { self.fingerprint(bytes) } else { 0 };
         if is_write && let Some(known) = self.cache.get((from, request_id), fingerprint) {
             core.stats.udp_retries_deduplicated += 1;
             if let Known::Answered(reply) = known {
@@ -378,13 +391,6 @@ fn send(socket: &UdpSocket, reply: &[u8], to: SocketAddr) {
         // A full socket buffer drops the reply as the network could; the client retries.
         Err(e) => debug!("udp reply to {to} dropped: {e}"),
     }
-}
-
-/// A hash of a request datagram, telling a retry from a different write with the same id.
-fn fingerprint(datagram: &[u8]) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    datagram.hash(&mut hasher);
-    hasher.finish()
 }
 
 #[cfg(test)]
@@ -491,6 +497,24 @@ mod tests {
         let mut other = ping.clone();
         other[0] = b'G';
         assert!(!is_request_datagram(&other));
+    }
+
+    #[test]
+    fn write_fingerprints_are_keyed_per_server() {
+        let service = |_| {
+            let socket = UdpSocket::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+            UdpService::new(socket, UdpLimitScope::Auto, 0)
+        };
+        let (a, b) = (service(0), service(1));
+        let mut put = Vec::new();
+        crate::protocol::encode_request(&mut put, Opcode::Put, 7, b"k", b"v");
+        // One server tells a retry by its bytes...
+        assert_eq!(a.fingerprint(&put), a.fingerprint(&put));
+        // ...but no one can predict the fingerprint: it is not std's unkeyed
+        // SipHash (the one used before), and another server's key differs.
+        assert_ne!(a.fingerprint(&put), b.fingerprint(&put));
+        let unkeyed = std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default();
+        assert_ne!(a.fingerprint(&put), unkeyed.hash_one(&put[..]));
     }
 
     #[test]

@@ -21,6 +21,26 @@ pub fn bin(name: &str) -> &'static str {
     }
 }
 
+/// Have `command`'s process start with `RLIMIT_NOFILE` at `soft` / `hard`.
+fn set_descriptor_limit(command: &mut Command, soft: u64, hard: u64) {
+    use std::os::unix::process::CommandExt;
+    let limit = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: runs in the forked child before exec; setrlimit is
+    // async-signal-safe and only reads `limit`, a copy owned by the closure.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 /// A running server; killed when dropped, even if the test fails.
 pub struct ServerProcess {
     child: Child,
@@ -85,6 +105,17 @@ impl ServerProcess {
         ServerProcess::spawn(0, &all, Some(data), &[]).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Start `dkvs-server -p 0 ARGS...` with its descriptor limit
+    /// (`RLIMIT_NOFILE`) set to `soft` and `hard` before it runs.
+    pub fn start_with_descriptor_limit(soft: u64, hard: u64, args: &[&str]) -> ServerProcess {
+        let mut all = vec![format!("@nofile={soft}:{hard}")];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let data = Some(std::sync::Arc::new(
+            tempfile::tempdir().expect("temp data dir"),
+        ));
+        ServerProcess::spawn(0, &all, data, &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// The data directory, when the helper made it.
     pub fn data_dir(&self) -> Option<std::path::PathBuf> {
         self.data.as_ref().map(|d| d.path().to_path_buf())
@@ -130,7 +161,19 @@ impl ServerProcess {
                 ]);
                 (c, &args[1..])
             }
-            None => (Command::new(bin("dkvs-server")), args),
+            None => match args.first().and_then(|a| a.strip_prefix("@nofile=")) {
+                // `@nofile=SOFT:HARD` (see `start_with_descriptor_limit`).
+                Some(limits) => {
+                    let (soft, hard) = limits
+                        .split_once(':')
+                        .and_then(|(s, h)| Some((s.parse().ok()?, h.parse().ok()?)))
+                        .expect("@nofile=SOFT:HARD");
+                    let mut c = Command::new(bin("dkvs-server"));
+                    set_descriptor_limit(&mut c, soft, hard);
+                    (c, &args[1..])
+                }
+                None => (Command::new(bin("dkvs-server")), args),
+            },
         };
         let mut child = command
             .args(["-p", &port.to_string()])
