@@ -17,7 +17,7 @@ use log::info;
 use crate::protocol::MAX_KEY_BYTES;
 use crate::protocol::peer::{OpKind, WriteOp};
 use crate::protocol::resp::{
-    Encoder, RespDecoded, RespVersion, decode_command, glob_match, parse_i64,
+    Encoder, RespFront, RespVersion, decode_command_into, glob_match, parse_i64, recycle_args,
 };
 use crate::store::SHARDS;
 
@@ -48,6 +48,9 @@ pub struct RespConnection {
     name: Option<Vec<u8>>,
     /// Unquoted inline arguments.
     scratch: Vec<u8>,
+    /// The argument vector each command is parsed into, empty between
+    /// commands (see [`recycle_args`]): one allocation per connection, not per command.
+    spare_args: Vec<&'static [u8]>,
     /// CLIENT ID.
     id: u64,
     /// WATCH and MULTI.
@@ -68,6 +71,7 @@ impl RespConnection {
             encoder: Encoder(RespVersion::Two),
             name: None,
             scratch: Vec::new(),
+            spare_args: Vec::new(),
             id,
             multi: MultiState::default(),
         }
@@ -246,12 +250,15 @@ impl Connection {
                 encoder,
                 name,
                 scratch,
+                spare_args,
                 id,
                 multi,
             } = state;
-            let (args, used) = match decode_command(buffered, max_bulk, scratch) {
-                Ok(RespDecoded::Command { args, used }) => (args, used),
-                Ok(RespDecoded::Incomplete { need }) => {
+            let mut args = recycle_args(std::mem::take(spare_args));
+            let used = match decode_command_into(buffered, max_bulk, scratch, &mut args) {
+                Ok(RespFront::Command { used }) => used,
+                Ok(RespFront::Incomplete { need }) => {
+                    *spare_args = recycle_args(args);
                     // Grow with what arrived (at most doubling), never to a declared length.
                     let grow = buffered_len.saturating_mul(2).max(MIN_GROW_BYTES);
                     self.io.need(Some(need.min(grow).max(buffered_len + 1)));
@@ -267,6 +274,7 @@ impl Connection {
                 }
             };
             if args.is_empty() {
+                *spare_args = recycle_args(args);
                 self.io.consume(used);
                 continue;
             }
@@ -289,6 +297,7 @@ impl Connection {
                 }
                 core.stats.auth_required += 1;
                 encoder.error(output, auth::RESP_NOAUTH);
+                *spare_args = recycle_args(args);
                 self.io.consume(used);
                 continue;
             }
@@ -329,6 +338,7 @@ impl Connection {
                 Intercept::Run => {}
                 Intercept::Answered => {
                     core.resp_commands += 1;
+                    *spare_args = recycle_args(args);
                     self.io.consume(used);
                     continue;
                 }
@@ -380,6 +390,7 @@ impl Connection {
                     return Stop::Closing;
                 }
             }
+            *spare_args = recycle_args(args);
             self.io.consume(used);
         }
         Stop::OutputFull
