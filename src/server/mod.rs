@@ -1547,7 +1547,10 @@ impl Server {
             seq > self.core.commit_seq,
             "commits apply in sequence order"
         );
-        self.core.store.warm(ops.iter().map(|op| op.key.as_slice()));
+        let mut hashes = Vec::with_capacity(ops.len());
+        self.core
+            .store
+            .warm(ops.iter().map(|op| op.key.as_slice()), &mut hashes);
         self.core.waiting.warm(replies);
         for (i, op) in ops.iter().enumerate() {
             let Some(write) = crate::wal::replay::store_write(op) else {
@@ -1570,7 +1573,10 @@ impl Server {
                     link.before_write(&self.core.store, &op.key);
                 }
             }
-            let applied = self.core.store.apply(write, seq);
+            let applied = match hashes.get(i) {
+                Some(&hash) => self.core.store.apply_hashed(write, seq, hash),
+                None => self.core.store.apply(write, seq),
+            };
             if let Some(&client) = replies.get(i) {
                 match applied {
                     Applied::Changed(version) => self.reply(client, Status::Ok, version, &[]),
