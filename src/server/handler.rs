@@ -441,10 +441,10 @@ impl Core {
             if write.kind == OpKind::Clear {
                 self.last_clear = Some(client);
             } else {
-                let hash = self.key_hasher.hash_one(&write.key);
+                let hash = self.key_hasher.hash_one(write.key());
                 self.last_write.insert(hash, client);
             }
-            self.batch_bytes += write.key.len() + write.value.len() + BATCH_BYTES_PER_WRITE;
+            self.batch_bytes += write.key().len() + write.value().len() + BATCH_BYTES_PER_WRITE;
             // Every op of a command carries the same handle; its reply waits for all.
             self.batch.push(ClientWrite { client, op: write });
         }
@@ -486,8 +486,8 @@ impl Core {
         for write in self.batch.iter().rev() {
             match write.op.kind {
                 OpKind::Clear => return Latest::Known(None),
-                _ if write.op.key != key => {}
-                OpKind::Put => return Latest::Known(Some(&write.op.value)),
+                _ if write.op.key() != key => {}
+                OpKind::Put => return Latest::Known(Some(write.op.value())),
                 OpKind::PutExpiring => return Latest::Known(Some(write.op.stored_value())),
                 OpKind::Delete => return Latest::Known(None),
                 // A deadline change leaves the value as the writes before it made it.
@@ -736,11 +736,7 @@ impl Core {
         let write = match (kind, deadline) {
             (OpKind::PutExpiring, Some(Some(at))) => WriteOp::put_expiring(key, value, at),
             (OpKind::Expire, Some(at)) => WriteOp::expire(key, at),
-            _ => WriteOp {
-                kind,
-                key: key.to_vec(),
-                value: value.to_vec(),
-            },
+            _ => WriteOp::new(kind, key, value),
         };
         Outcome::Pending(self.submit(std::iter::once(write), target, request_id, op, None))
     }
@@ -829,11 +825,7 @@ impl Core {
             return Outcome::Answered;
         }
         let now = self.store.now_ms();
-        let delete = |key: &[u8]| WriteOp {
-            kind: OpKind::Delete,
-            key: key.to_vec(),
-            value: Vec::new(),
-        };
+        let delete = |key: &[u8]| WriteOp::new(OpKind::Delete, key, b"");
         let mut ops: Vec<WriteOp> = Vec::with_capacity(txn.writes.len());
         for (i, w) in txn.writes.iter().enumerate() {
             let key = w.key();
@@ -849,16 +841,8 @@ impl Core {
             }
             ops.push(match *w {
                 _ if revives => delete(key),
-                TxnWrite::Put { key, value } => WriteOp {
-                    kind: OpKind::Put,
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                },
-                TxnWrite::Update { key, value } => WriteOp {
-                    kind: OpKind::Update,
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                },
+                TxnWrite::Put { key, value } => WriteOp::new(OpKind::Put, key, value),
+                TxnWrite::Update { key, value } => WriteOp::new(OpKind::Update, key, value),
                 TxnWrite::Delete { key } => delete(key),
                 // A deadline already past leaves the key absent: a deletion says
                 // so on every replica (and no later write of the TXN can revive it).
@@ -1070,7 +1054,7 @@ mod tests {
         let batch = core.take_batch();
         assert_eq!(batch.len(), 1);
         assert_eq!(
-            (batch[0].op.kind, &batch[0].op.key[..]),
+            (batch[0].op.kind, batch[0].op.key()),
             (OpKind::Delete, &b"k"[..])
         );
         // ...and, until it is decided, a compare-and-set on the key waits for it.
@@ -1126,7 +1110,7 @@ mod tests {
         let ops: Vec<(OpKind, &[u8], u64)> = core
             .batch
             .iter()
-            .map(|w| (w.op.kind, &w.op.key[..], w.op.deadline_ms()))
+            .map(|w| (w.op.kind, w.op.key(), w.op.deadline_ms()))
             .collect();
         assert_eq!(
             ops,

@@ -1550,7 +1550,7 @@ impl Server {
         let mut hashes = Vec::with_capacity(ops.len());
         self.core
             .store
-            .warm(ops.iter().map(|op| op.key.as_slice()), &mut hashes);
+            .warm(ops.iter().map(|op| op.key()), &mut hashes);
         self.core.waiting.warm(replies);
         for (i, op) in ops.iter().enumerate() {
             let Some(write) = crate::wal::replay::store_write(op) else {
@@ -1567,10 +1567,10 @@ impl Server {
                 continue;
             };
             // A snapshot being streamed or written keeps the key's shard as it was at its start.
-            self.wal.before_write(&self.core.store, &op.key);
+            self.wal.before_write(&self.core.store, op.key());
             for &key in self.peers.values() {
                 if let Some(Link::Peer(link)) = self.links.get_mut(key) {
-                    link.before_write(&self.core.store, &op.key);
+                    link.before_write(&self.core.store, op.key());
                 }
             }
             let applied = match hashes.get(i) {

@@ -521,11 +521,7 @@ impl Session<'_> {
     }
 
     fn put(key: &[u8], value: &[u8]) -> WriteOp {
-        WriteOp {
-            kind: OpKind::Put,
-            key: key.to_vec(),
-            value: value.to_vec(),
-        }
+        WriteOp::new(OpKind::Put, key, value)
     }
 
     /// Send a write to the master (`--forward-writes`): its reply comes in
@@ -639,11 +635,7 @@ impl Session<'_> {
                         Some(view) => view.get(self.core, k).is_some(),
                         None => !self.core.expired_but_held(k),
                     })
-                    .map(|k| WriteOp {
-                        kind: OpKind::Delete,
-                        key: k.to_vec(),
-                        value: Vec::new(),
-                    })
+                    .map(|k| WriteOp::new(OpKind::Delete, k, b""))
                     .collect();
                 if ops.is_empty() {
                     return self.int(0);
@@ -720,11 +712,7 @@ impl Session<'_> {
                 {
                     return self.error(SYNTAX);
                 }
-                let clear = WriteOp {
-                    kind: OpKind::Clear,
-                    key: Vec::new(),
-                    value: Vec::new(),
-                };
+                let clear = WriteOp::new(OpKind::Clear, b"", b"");
                 self.submit(std::iter::once(clear), RespWriteReply::Ok)
             }
             "info" => {
@@ -905,11 +893,7 @@ impl Session<'_> {
                     && !self.core.expired_but_held(key) =>
             {
                 // UPDATE is conditional on every replica alike: no read needed.
-                let update = WriteOp {
-                    kind: OpKind::Update,
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                };
+                let update = WriteOp::new(OpKind::Update, key, value);
                 return self.submit(std::iter::once(update), RespWriteReply::OkOrNull);
             }
             _ => {}
@@ -952,11 +936,7 @@ impl Session<'_> {
             self.enc.null(self.out);
             return Exec::Done;
         };
-        let delete = WriteOp {
-            kind: OpKind::Delete,
-            key: key.to_vec(),
-            value: Vec::new(),
-        };
+        let delete = WriteOp::new(OpKind::Delete, key, b"");
         self.submit(std::iter::once(delete), RespWriteReply::Bulk(Some(old)))
     }
 
@@ -1035,11 +1015,7 @@ impl Session<'_> {
         }
         let op = if at <= self.core.store.now_ms() {
             // A deadline in the past deletes the key, as Redis does.
-            WriteOp {
-                kind: OpKind::Delete,
-                key: key.to_vec(),
-                value: Vec::new(),
-            }
+            WriteOp::new(OpKind::Delete, key, b"")
         } else {
             WriteOp::expire(key, Some(at))
         };
@@ -1139,11 +1115,7 @@ impl Session<'_> {
         }
         value.extend_from_slice(suffix);
         let len = value.len() as i64;
-        let put = WriteOp {
-            kind: OpKind::Put,
-            key: key.to_vec(),
-            value,
-        };
+        let put = WriteOp::new(OpKind::Put, key, value);
         self.submit(std::iter::once(put), RespWriteReply::Int(len))
     }
 
