@@ -165,17 +165,23 @@ fn header_digits(input: &[u8], from: usize, cr: usize) -> &[u8] {
 
 /// A strict decimal integer as Redis's `string2ll` accepts it.
 pub fn parse_i64(digits: &[u8]) -> Option<i64> {
-    // Lengths in headers are short positive numbers: parse them without a detour through str.
-    if !digits.is_empty()
-        && digits.len() <= 18
-        && digits[0] != b'0'
-        && digits.iter().all(u8::is_ascii_digit)
-    {
-        return Some(
-            digits
-                .iter()
-                .fold(0i64, |n, &d| n * 10 + i64::from(d - b'0')),
-        );
+    // Lengths in headers are short positive numbers: parse them without a
+    // detour through str, checking and accumulating in one pass (18 digits
+    // cannot overflow an i64).
+    if !digits.is_empty() && digits.len() <= 18 && digits[0] != b'0' {
+        let mut n = 0i64;
+        let mut all_digits = true;
+        for &d in digits {
+            let v = d.wrapping_sub(b'0');
+            if v > 9 {
+                all_digits = false;
+                break;
+            }
+            n = n * 10 + i64::from(v);
+        }
+        if all_digits {
+            return Some(n);
+        }
     }
     let text = std::str::from_utf8(digits).ok()?;
     if text.is_empty() || text.starts_with('+') || (text.len() > 1 && text.starts_with('0')) {
