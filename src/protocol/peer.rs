@@ -551,13 +551,10 @@ fn decode_ops(r: &mut Reader<'_>) -> Result<Ops, PeerError> {
                 byte: tag,
             });
         }
-        // The key and the value are adjacent on the wire, as in a WriteOp.
-        let bytes = r.take("op key and value", key_len + value_len)?;
-        let op = WriteOp {
-            kind,
-            bytes: bytes.into(),
-            key_len,
-        };
+        // Taken apart, so that a truncation names the field it cut.
+        let key = r.take("op key", key_len)?;
+        let value = r.take("op value", value_len)?;
+        let op = WriteOp::new(kind, key, value);
         if kind == OpKind::PutExpiring && op.deadline_ms() == 0 {
             return Err(PeerError::BadTag {
                 field: "op deadline",
