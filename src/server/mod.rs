@@ -1647,7 +1647,13 @@ impl Server {
                     && connection.conn_id() == conn_id
                 {
                     connection.deliver(client, |out| completion.encode(out));
-                    self.touched.push(key);
+                    // A batch's replies to one connection mostly come one after
+                    // another (its pipelined commands were parsed together): one
+                    // drive after them flushes them all, where a drive per reply
+                    // cost a pass through the connection each.
+                    if self.touched.last() != Some(&key) {
+                        self.touched.push(key);
+                    }
                 }
             }
             ReplyTarget::Nobody => {}
