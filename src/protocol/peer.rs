@@ -930,7 +930,7 @@ mod tests {
         let delete = WriteOp::new(OpKind::Delete, b"k", b"");
         assert_eq!((delete.key(), delete.value()), (&b"k"[..], &b""[..]));
         // Equal ops are equal whatever built them; a different split is a different op.
-        assert_eq!(op, WriteOp::new(OpKind::Put, b"key".to_vec(), "value"));
+        assert_eq!(op, WriteOp::new(OpKind::Put, String::from("key"), "value"));
         assert_ne!(op, WriteOp::new(OpKind::Put, b"keyv", b"alue"));
         let expiring = WriteOp::put_expiring(b"k", b"v", 7);
         assert_eq!(expiring.key(), b"k");
