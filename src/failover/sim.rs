@@ -371,15 +371,15 @@ fn apply_to(store: &mut Store, seq: u64, ops: &[WriteOp]) {
     for op in ops {
         match op.kind {
             OpKind::Put => {
-                store.insert(op.key.clone(), (op.value.clone(), seq));
+                store.insert(op.key().to_vec(), (op.value().to_vec(), seq));
             }
             OpKind::Update => {
-                if let Some(slot) = store.get_mut(&op.key) {
-                    *slot = (op.value.clone(), seq);
+                if let Some(slot) = store.get_mut(op.key()) {
+                    *slot = (op.value().to_vec(), seq);
                 }
             }
             OpKind::Delete => {
-                store.remove(&op.key);
+                store.remove(op.key());
             }
             OpKind::Clear => store.clear(),
             // Its clients write plain keys: deadlines are the data model's
@@ -968,11 +968,7 @@ impl Sim {
                         self.writes.insert(c, (key.clone(), value.clone()));
                         writes.push(ClientWrite {
                             client: ClientRef(c),
-                            op: WriteOp {
-                                kind: OpKind::Put,
-                                key,
-                                value,
-                            },
+                            op: WriteOp::new(OpKind::Put, key, value),
                         });
                     }
                     let life = self.nodes[node].life;
@@ -1429,13 +1425,13 @@ impl Sim {
             ));
         }
         for op in ops.iter() {
-            if self.refused_keys.contains(&op.key) {
+            if self.refused_keys.contains(op.key()) {
                 return Err(format!(
                     "node {node} applied {:?} at seq {seq}, a write answered ABORTED or UNAVAILABLE",
-                    String::from_utf8_lossy(&op.key)
+                    String::from_utf8_lossy(op.key())
                 ));
             }
-            self.applied_ever.insert(op.key.clone());
+            self.applied_ever.insert(op.key().to_vec());
         }
         let n = &mut self.nodes[node];
         apply_to(&mut n.store, seq, ops);

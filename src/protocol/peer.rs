@@ -91,42 +91,69 @@ impl OpKind {
 }
 
 /// One client write as replicated: deterministic, so every replica computes the same result.
+///
+/// The key and the value share one allocation (the key first, as on the
+/// wire): a write costs one `malloc` and one `free` instead of two each, on
+/// the path every SET takes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct WriteOp {
     /// What to do.
     pub kind: OpKind,
-    /// Key (1..=65535 bytes).
-    pub key: Vec<u8>,
-    /// Value (empty for Delete).
-    pub value: Vec<u8>,
+    /// The key (1..=65535 bytes; empty for Clear), then the value (empty for Delete).
+    bytes: Box<[u8]>,
+    /// Where the key ends in `bytes`.
+    key_len: usize,
 }
 
 impl WriteOp {
+    /// A write of `kind` to `key` with `value`.
+    pub fn new(kind: OpKind, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> WriteOp {
+        WriteOp::from_parts(kind, key.as_ref(), &[value.as_ref()])
+    }
+
+    /// A write whose value is the concatenation of `value_parts`.
+    fn from_parts(kind: OpKind, key: &[u8], value_parts: &[&[u8]]) -> WriteOp {
+        let value_len: usize = value_parts.iter().map(|p| p.len()).sum();
+        let mut bytes = Vec::with_capacity(key.len() + value_len);
+        bytes.extend_from_slice(key);
+        for part in value_parts {
+            bytes.extend_from_slice(part);
+        }
+        WriteOp {
+            kind,
+            bytes: bytes.into_boxed_slice(),
+            key_len: key.len(),
+        }
+    }
+
+    /// The key (empty for Clear).
+    pub fn key(&self) -> &[u8] {
+        &self.bytes[..self.key_len]
+    }
+
+    /// The value as replicated (for PutExpiring and Expire, the deadline first).
+    pub fn value(&self) -> &[u8] {
+        &self.bytes[self.key_len..]
+    }
+
     /// A PUT of `key` that expires at `deadline_ms` (unix ms, > 0).
     pub fn put_expiring(key: &[u8], value: &[u8], deadline_ms: u64) -> WriteOp {
         debug_assert!(deadline_ms > 0);
-        let mut bytes = Vec::with_capacity(8 + value.len());
-        bytes.extend_from_slice(&deadline_ms.to_be_bytes());
-        bytes.extend_from_slice(value);
-        WriteOp {
-            kind: OpKind::PutExpiring,
-            key: key.to_vec(),
-            value: bytes,
-        }
+        WriteOp::from_parts(
+            OpKind::PutExpiring,
+            key,
+            &[&deadline_ms.to_be_bytes(), value],
+        )
     }
 
     /// Set the deadline of `key` (`None`: remove it), if the key is present.
     pub fn expire(key: &[u8], deadline_ms: Option<u64>) -> WriteOp {
-        WriteOp {
-            kind: OpKind::Expire,
-            key: key.to_vec(),
-            value: deadline_ms.unwrap_or(0).to_be_bytes().to_vec(),
-        }
+        WriteOp::new(OpKind::Expire, key, deadline_ms.unwrap_or(0).to_be_bytes())
     }
 
     /// For PutExpiring and Expire, the deadline their value starts with (0: none).
     pub fn deadline_ms(&self) -> u64 {
-        match (self.kind, self.value.get(..8)) {
+        match (self.kind, self.value().get(..8)) {
             (OpKind::PutExpiring | OpKind::Expire, Some(bytes)) => {
                 u64::from_be_bytes(bytes.try_into().unwrap_or([0; 8]))
             }
@@ -137,8 +164,8 @@ impl WriteOp {
     /// The value the key takes (a PutExpiring's value after its deadline).
     pub fn stored_value(&self) -> &[u8] {
         match self.kind {
-            OpKind::PutExpiring => self.value.get(8..).unwrap_or(&[]),
-            _ => &self.value,
+            OpKind::PutExpiring => self.value().get(8..).unwrap_or(&[]),
+            _ => self.value(),
         }
     }
 }
@@ -486,13 +513,13 @@ pub(crate) fn encode_ops(out: &mut Vec<u8>, ops: &[WriteOp]) {
     put_u32(out, ops.len() as u32);
     for op in ops {
         debug_assert!(
-            (op.kind == OpKind::Clear) == op.key.is_empty() && op.key.len() <= MAX_KEY_BYTES
+            (op.kind == OpKind::Clear) == op.key().is_empty() && op.key().len() <= MAX_KEY_BYTES
         );
         out.push(op.kind as u8);
-        put_u16(out, op.key.len() as u16);
-        put_u32(out, op.value.len() as u32);
-        out.extend_from_slice(&op.key);
-        out.extend_from_slice(&op.value);
+        put_u16(out, op.key().len() as u16);
+        put_u32(out, op.value().len() as u32);
+        out.extend_from_slice(op.key());
+        out.extend_from_slice(op.value());
     }
 }
 
@@ -524,9 +551,10 @@ fn decode_ops(r: &mut Reader<'_>) -> Result<Ops, PeerError> {
                 byte: tag,
             });
         }
-        let key = r.take("op key", key_len)?.to_vec();
-        let value = r.take("op value", value_len)?.to_vec();
-        let op = WriteOp { kind, key, value };
+        // Taken apart, so that a truncation names the field it cut.
+        let key = r.take("op key", key_len)?;
+        let value = r.take("op value", value_len)?;
+        let op = WriteOp::new(kind, key, value);
         if kind == OpKind::PutExpiring && op.deadline_ms() == 0 {
             return Err(PeerError::BadTag {
                 field: "op deadline",
@@ -891,32 +919,42 @@ pub fn decode_peer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_op_keeps_its_key_and_value_apart_in_one_buffer() {
+        let op = WriteOp::new(OpKind::Put, b"key", b"value");
+        assert_eq!((op.key(), op.value()), (&b"key"[..], &b"value"[..]));
+        assert_eq!(op.stored_value(), b"value");
+        let clear = WriteOp::new(OpKind::Clear, b"", b"");
+        assert_eq!((clear.key(), clear.value()), (&b""[..], &b""[..]));
+        let delete = WriteOp::new(OpKind::Delete, b"k", b"");
+        assert_eq!((delete.key(), delete.value()), (&b"k"[..], &b""[..]));
+        // Equal ops are equal whatever built them; a different split is a different op.
+        assert_eq!(op, WriteOp::new(OpKind::Put, String::from("key"), "value"));
+        assert_ne!(op, WriteOp::new(OpKind::Put, b"keyv", b"alue"));
+        let expiring = WriteOp::put_expiring(b"k", b"v", 7);
+        assert_eq!(expiring.key(), b"k");
+        assert_eq!(expiring.deadline_ms(), 7);
+        assert_eq!(expiring.stored_value(), b"v");
+        assert_eq!(&expiring.value()[..8], &7u64.to_be_bytes());
+        let expire = WriteOp::expire(b"k", None);
+        assert_eq!((expire.key(), expire.deadline_ms()), (&b"k"[..], 0));
+        // Through the wire the split survives.
+        let mut out = Vec::new();
+        let ops = [op.clone(), clear, delete, expiring, expire];
+        encode_ops(&mut out, &ops);
+        assert_eq!(&decode_ops_exact(&out).expect("decodes")[..], &ops[..]);
+    }
     use crate::protocol::{DEFAULT_MAX_VALUE_BYTES, HEADER_LEN};
 
     const MAX: usize = DEFAULT_MAX_VALUE_BYTES;
 
     fn ops() -> Ops {
         vec![
-            WriteOp {
-                kind: OpKind::Put,
-                key: b"k1".to_vec(),
-                value: b"v1".to_vec(),
-            },
-            WriteOp {
-                kind: OpKind::Update,
-                key: b"k2".to_vec(),
-                value: Vec::new(),
-            },
-            WriteOp {
-                kind: OpKind::Delete,
-                key: vec![0xFF; 300],
-                value: Vec::new(),
-            },
-            WriteOp {
-                kind: OpKind::Clear,
-                key: Vec::new(),
-                value: Vec::new(),
-            },
+            WriteOp::new(OpKind::Put, b"k1", b"v1"),
+            WriteOp::new(OpKind::Update, b"k2", b""),
+            WriteOp::new(OpKind::Delete, vec![0xFF; 300], b""),
+            WriteOp::new(OpKind::Clear, b"", b""),
         ]
         .into()
     }
@@ -1345,21 +1383,9 @@ mod expiry_op_tests {
     #[test]
     fn deadline_ops_with_the_wrong_length_or_a_zero_deadline_are_refused() {
         let bad = [
-            WriteOp {
-                kind: OpKind::PutExpiring,
-                key: b"k".to_vec(),
-                value: vec![0; 7],
-            },
-            WriteOp {
-                kind: OpKind::PutExpiring,
-                key: b"k".to_vec(),
-                value: vec![0; 8],
-            },
-            WriteOp {
-                kind: OpKind::Expire,
-                key: b"k".to_vec(),
-                value: vec![0; 9],
-            },
+            WriteOp::new(OpKind::PutExpiring, b"k", vec![0; 7]),
+            WriteOp::new(OpKind::PutExpiring, b"k", vec![0; 8]),
+            WriteOp::new(OpKind::Expire, b"k", vec![0; 9]),
         ];
         for op in bad {
             let bytes = encoded(std::slice::from_ref(&op));

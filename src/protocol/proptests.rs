@@ -159,26 +159,10 @@ fn chunks_at<'a>(stream: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
 
 fn op() -> impl Strategy<Value = WriteOp> {
     prop_oneof![
-        (key(), bytes(40)).prop_map(|(key, value)| WriteOp {
-            kind: OpKind::Put,
-            key,
-            value
-        }),
-        (key(), bytes(40)).prop_map(|(key, value)| WriteOp {
-            kind: OpKind::Update,
-            key,
-            value
-        }),
-        key().prop_map(|key| WriteOp {
-            kind: OpKind::Delete,
-            key,
-            value: Vec::new()
-        }),
-        Just(WriteOp {
-            kind: OpKind::Clear,
-            key: Vec::new(),
-            value: Vec::new()
-        }),
+        (key(), bytes(40)).prop_map(|(key, value)| WriteOp::new(OpKind::Put, key, value)),
+        (key(), bytes(40)).prop_map(|(key, value)| WriteOp::new(OpKind::Update, key, value)),
+        key().prop_map(|key| WriteOp::new(OpKind::Delete, key, b"")),
+        Just(WriteOp::new(OpKind::Clear, b"", b"")),
         (key(), bytes(40), 1..=u64::MAX).prop_map(|(k, v, d)| WriteOp::put_expiring(&k, &v, d)),
         (key(), proptest::option::of(1..=u64::MAX)).prop_map(|(k, d)| WriteOp::expire(&k, d)),
     ]

@@ -80,6 +80,21 @@ pub enum RespDecoded<'a> {
     },
 }
 
+/// What [`decode_command_into`] found at the front of a RESP input buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RespFront {
+    /// A whole command, its arguments in the caller's vector, using the first `used` bytes.
+    Command {
+        /// Bytes consumed.
+        used: usize,
+    },
+    /// The command is not complete; at least `need` bytes in all are needed.
+    Incomplete {
+        /// Total bytes (from the front) known to be needed, always more than buffered.
+        need: usize,
+    },
+}
+
 /// Whether a connection whose first byte is `first` speaks RESP: an array or an inline command.
 pub fn is_resp_start(first: u8) -> bool {
     first == b'*' || first.is_ascii_alphabetic()
@@ -93,11 +108,42 @@ pub fn decode_command<'a>(
     max_bulk_bytes: usize,
     scratch: &'a mut Vec<u8>,
 ) -> Result<RespDecoded<'a>, RespError> {
+    let mut args = Vec::new();
+    Ok(
+        match decode_command_into(input, max_bulk_bytes, scratch, &mut args)? {
+            RespFront::Command { used } => RespDecoded::Command { args, used },
+            RespFront::Incomplete { need } => RespDecoded::Incomplete { need },
+        },
+    )
+}
+
+/// [`decode_command`] into the caller's `args` (cleared first), so that a
+/// connection parsing a pipeline reuses one vector instead of allocating one
+/// per command. On `Incomplete` or an error `args` holds nothing meaningful.
+pub fn decode_command_into<'a>(
+    input: &'a [u8],
+    max_bulk_bytes: usize,
+    scratch: &'a mut Vec<u8>,
+    args: &mut Vec<&'a [u8]>,
+) -> Result<RespFront, RespError> {
+    args.clear();
     match input.first() {
-        None => Ok(RespDecoded::Incomplete { need: 1 }),
-        Some(b'*') => decode_multibulk(input, max_bulk_bytes),
-        Some(_) => decode_inline(input, scratch),
+        None => Ok(RespFront::Incomplete { need: 1 }),
+        Some(b'*') => decode_multibulk(input, max_bulk_bytes, args),
+        Some(_) => decode_inline(input, scratch, args),
     }
+}
+
+/// An empty argument vector with the allocation of `args`, free to borrow
+/// from another buffer: a connection keeps one between commands (it cannot
+/// keep borrows of its input buffer, which moves on) and parses each command
+/// of a pipeline into it.
+pub fn recycle_args<'b>(mut args: Vec<&[u8]>) -> Vec<&'b [u8]> {
+    args.clear();
+    // Collecting a vector's own iterator into elements of the same size reuses
+    // its allocation (std's in-place collection); the vector is empty, so the
+    // map never runs.
+    args.into_iter().map(|_| &[][..]).collect()
 }
 
 /// Find the end of the header line starting at `from`: the index of its `\r`,
@@ -120,17 +166,23 @@ fn header_digits(input: &[u8], from: usize, cr: usize) -> &[u8] {
 
 /// A strict decimal integer as Redis's `string2ll` accepts it.
 pub fn parse_i64(digits: &[u8]) -> Option<i64> {
-    // Lengths in headers are short positive numbers: parse them without a detour through str.
-    if !digits.is_empty()
-        && digits.len() <= 18
-        && digits[0] != b'0'
-        && digits.iter().all(u8::is_ascii_digit)
-    {
-        return Some(
-            digits
-                .iter()
-                .fold(0i64, |n, &d| n * 10 + i64::from(d - b'0')),
-        );
+    // Lengths in headers are short positive numbers: parse them without a
+    // detour through str, checking and accumulating in one pass (18 digits
+    // cannot overflow an i64).
+    if !digits.is_empty() && digits.len() <= 18 && digits[0] != b'0' {
+        let mut n = 0i64;
+        let mut all_digits = true;
+        for &d in digits {
+            let v = d.wrapping_sub(b'0');
+            if v > 9 {
+                all_digits = false;
+                break;
+            }
+            n = n * 10 + i64::from(v);
+        }
+        if all_digits {
+            return Some(n);
+        }
     }
     let text = std::str::from_utf8(digits).ok()?;
     if text.is_empty() || text.starts_with('+') || (text.len() > 1 && text.starts_with('0')) {
@@ -142,12 +194,16 @@ pub fn parse_i64(digits: &[u8]) -> Option<i64> {
     text.parse().ok()
 }
 
-fn decode_multibulk(input: &[u8], max_bulk_bytes: usize) -> Result<RespDecoded<'_>, RespError> {
+fn decode_multibulk<'a>(
+    input: &'a [u8],
+    max_bulk_bytes: usize,
+    args: &mut Vec<&'a [u8]>,
+) -> Result<RespFront, RespError> {
     let Some(end) = line_end(input, 1) else {
         if input.len() > MAX_INLINE_BYTES {
             return Err(RespError::TooBigMultibulkCount);
         }
-        return Ok(RespDecoded::Incomplete {
+        return Ok(RespFront::Incomplete {
             need: input.len() + 1,
         });
     };
@@ -157,16 +213,13 @@ fn decode_multibulk(input: &[u8], max_bulk_bytes: usize) -> Result<RespDecoded<'
     }
     let mut pos = end + 2;
     if count <= 0 {
-        return Ok(RespDecoded::Command {
-            args: Vec::new(),
-            used: pos,
-        });
+        return Ok(RespFront::Command { used: pos });
     }
     // Capacity grows with the arguments that arrived, not with the declared count.
-    let mut args = Vec::with_capacity((count as usize).min(16));
+    args.reserve((count as usize).min(16));
     for _ in 0..count {
         let Some(&marker) = input.get(pos) else {
-            return Ok(RespDecoded::Incomplete { need: pos + 1 });
+            return Ok(RespFront::Incomplete { need: pos + 1 });
         };
         if marker != b'$' {
             return Err(RespError::ExpectedBulk(marker));
@@ -175,7 +228,7 @@ fn decode_multibulk(input: &[u8], max_bulk_bytes: usize) -> Result<RespDecoded<'
             if input.len() - pos > MAX_INLINE_BYTES {
                 return Err(RespError::TooBigBulkCount);
             }
-            return Ok(RespDecoded::Incomplete {
+            return Ok(RespFront::Incomplete {
                 need: input.len() + 1,
             });
         };
@@ -187,7 +240,7 @@ fn decode_multibulk(input: &[u8], max_bulk_bytes: usize) -> Result<RespDecoded<'
         let start = end + 2;
         let stop = start + len as usize;
         if input.len() < stop + 2 {
-            return Ok(RespDecoded::Incomplete { need: stop + 2 });
+            return Ok(RespFront::Incomplete { need: stop + 2 });
         }
         if &input[stop..stop + 2] != b"\r\n" {
             return Err(RespError::MissingCrlf);
@@ -195,18 +248,19 @@ fn decode_multibulk(input: &[u8], max_bulk_bytes: usize) -> Result<RespDecoded<'
         args.push(&input[start..stop]);
         pos = stop + 2;
     }
-    Ok(RespDecoded::Command { args, used: pos })
+    Ok(RespFront::Command { used: pos })
 }
 
 fn decode_inline<'a>(
     input: &'a [u8],
     scratch: &'a mut Vec<u8>,
-) -> Result<RespDecoded<'a>, RespError> {
+    args: &mut Vec<&'a [u8]>,
+) -> Result<RespFront, RespError> {
     let Some(newline) = input.iter().position(|&b| b == b'\n') else {
         if input.len() > MAX_INLINE_BYTES {
             return Err(RespError::TooBigInline);
         }
-        return Ok(RespDecoded::Incomplete {
+        return Ok(RespFront::Incomplete {
             need: input.len() + 1,
         });
     };
@@ -220,16 +274,16 @@ fn decode_inline<'a>(
     }
     if !line.iter().any(|&b| b == b'"' || b == b'\'') {
         // The common case (redis-cli --pipe, telnet): plain words, borrowed.
-        let args = line
-            .split(|b| b.is_ascii_whitespace())
-            .filter(|w| !w.is_empty())
-            .collect();
-        return Ok(RespDecoded::Command { args, used });
+        args.extend(
+            line.split(|b| b.is_ascii_whitespace())
+                .filter(|w| !w.is_empty()),
+        );
+        return Ok(RespFront::Command { used });
     }
     let spans = split_quoted(line, scratch)?;
     let scratch: &'a Vec<u8> = scratch;
-    let args = spans.into_iter().map(|(a, b)| &scratch[a..b]).collect();
-    Ok(RespDecoded::Command { args, used })
+    args.extend(spans.into_iter().map(|(a, b)| &scratch[a..b]));
+    Ok(RespFront::Command { used })
 }
 
 fn hex_value(b: u8) -> Option<u8> {
@@ -556,6 +610,36 @@ mod tests {
             Ok(RespDecoded::Incomplete { need }) => Err(Ok(need)),
             Err(e) => Err(Err(e)),
         }
+    }
+
+    #[test]
+    fn decoding_into_a_recycled_vector_reuses_it() {
+        let input = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\nget k\r\n*2\r\n$3\r\nGET";
+        let mut scratch = Vec::new();
+        let mut spare: Vec<&'static [u8]> = Vec::with_capacity(8);
+        let capacity = spare.capacity();
+        let mut at = 0;
+        let mut seen = Vec::new();
+        loop {
+            let mut args = recycle_args(std::mem::take(&mut spare));
+            assert!(args.is_empty());
+            assert_eq!(args.capacity(), capacity, "the allocation is kept");
+            let front = decode_command_into(&input[at..], MAX, &mut scratch, &mut args);
+            match front {
+                Ok(RespFront::Command { used }) => {
+                    seen.push(args.iter().map(|a| a.to_vec()).collect::<Vec<_>>());
+                    at += used;
+                }
+                Ok(RespFront::Incomplete { need }) => {
+                    assert!(need > input.len() - at);
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+            spare = recycle_args(args);
+        }
+        let words = |w: &[&str]| w.iter().map(|s| s.as_bytes().to_vec()).collect::<Vec<_>>();
+        assert_eq!(seen, vec![words(&["SET", "k", "v"]), words(&["get", "k"])]);
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub const PIN_FULL: u64 = 1000;
 /// Bytes a transaction holds in the log, for the byte bound.
 fn ops_bytes(ops: &Ops) -> usize {
     ops.iter()
-        .map(|op| op.key.len() + op.value.len() + 64)
+        .map(|op| op.key().len() + op.value().len() + 64)
         .sum()
 }
 
@@ -206,10 +206,12 @@ mod tests {
 
     #[test]
     fn byte_bound_forgets_oldest_too() {
-        let op = |len| crate::protocol::peer::WriteOp {
-            kind: crate::protocol::peer::OpKind::Put,
-            key: b"k".to_vec(),
-            value: vec![0; len],
+        let op = |len| {
+            crate::protocol::peer::WriteOp::new(
+                crate::protocol::peer::OpKind::Put,
+                b"k",
+                vec![0; len],
+            )
         };
         let mut log = CommitLog::new(100, 0).with_max_bytes(1000);
         log.push(1, vec![op(400)].into());
@@ -248,10 +250,12 @@ mod tests {
 
     #[test]
     fn a_pin_keeps_a_floor_of_bytes_even_with_a_zero_byte_bound() {
-        let op = |len| crate::protocol::peer::WriteOp {
-            kind: crate::protocol::peer::OpKind::Put,
-            key: b"k".to_vec(),
-            value: vec![0; len],
+        let op = |len| {
+            crate::protocol::peer::WriteOp::new(
+                crate::protocol::peer::OpKind::Put,
+                b"k",
+                vec![0; len],
+            )
         };
         let mut log = CommitLog::new(100, 0).with_max_bytes(0);
         log.pin(Some(0));
@@ -298,10 +302,12 @@ mod tests {
     #[test]
     fn a_pin_keeps_64_mib_however_small_the_byte_bound() {
         // Zeroed values are never touched: no memory is actually used.
-        let op = |len| crate::protocol::peer::WriteOp {
-            kind: crate::protocol::peer::OpKind::Put,
-            key: b"k".to_vec(),
-            value: vec![0; len],
+        let op = |len| {
+            crate::protocol::peer::WriteOp::new(
+                crate::protocol::peer::OpKind::Put,
+                b"k",
+                vec![0; len],
+            )
         };
         let mut log = CommitLog::new(1000, 0).with_max_bytes(1 << 20);
         assert_eq!(log.pin_max_bytes(), PIN_FLOOR_BYTES);

@@ -290,12 +290,12 @@ fn apply_ops(store: &mut Store, seq: u64, ops: &[WriteOp]) -> Vec<bool> {
     ops.iter()
         .map(|op| match op.kind {
             OpKind::Put => {
-                store.insert(op.key.clone(), (op.value.clone(), seq));
+                store.insert(op.key().to_vec(), (op.value().to_vec(), seq));
                 true
             }
-            OpKind::Update => match store.get_mut(&op.key) {
+            OpKind::Update => match store.get_mut(op.key()) {
                 Some(slot) => {
-                    *slot = (op.value.clone(), seq);
+                    *slot = (op.value().to_vec(), seq);
                     true
                 }
                 None => false,
@@ -304,17 +304,17 @@ fn apply_ops(store: &mut Store, seq: u64, ops: &[WriteOp]) -> Vec<bool> {
             // the simulation checks is that every replica applies the same ops
             // to the same state, not what expiry then does.
             OpKind::PutExpiring => {
-                store.insert(op.key.clone(), (op.value.clone(), seq));
+                store.insert(op.key().to_vec(), (op.value().to_vec(), seq));
                 true
             }
-            OpKind::Expire => match store.get_mut(&op.key) {
+            OpKind::Expire => match store.get_mut(op.key()) {
                 Some(slot) => {
                     slot.1 = seq;
                     true
                 }
                 None => false,
             },
-            OpKind::Delete => store.remove(&op.key).is_some(),
+            OpKind::Delete => store.remove(op.key()).is_some(),
             OpKind::Clear => {
                 store.clear();
                 true
@@ -869,14 +869,10 @@ impl Sim {
                     let value = format!("v{}", self.rng.random_range(0..1000u32)).into_bytes();
                     let deadline = self.rng.random_range(0..3u64) * 1000;
                     let op = match kind {
-                        OpKind::Delete => WriteOp {
-                            kind,
-                            key,
-                            value: Vec::new(),
-                        },
+                        OpKind::Delete => WriteOp::new(kind, key, b""),
                         OpKind::PutExpiring => WriteOp::put_expiring(&key, &value, deadline + 1),
                         OpKind::Expire => WriteOp::expire(&key, Some(deadline).filter(|&d| d > 0)),
-                        _ => WriteOp { kind, key, value },
+                        _ => WriteOp::new(kind, key, value),
                     };
                     self.next_client += 1;
                     writes.push(ClientWrite {

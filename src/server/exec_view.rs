@@ -73,12 +73,12 @@ impl ExecView {
                 },
                 OpKind::Delete => Held::Absent,
                 // Only if present, as the store applies them.
-                OpKind::Update if self.get(core, &op.key).is_some() => Held::Present {
+                OpKind::Update if self.get(core, op.key()).is_some() => Held::Present {
                     from: Some(i),
                     deadline: None,
                 },
-                OpKind::Expire if self.get(core, &op.key).is_some() => {
-                    let from = match self.keys.get(op.key.as_slice()) {
+                OpKind::Expire if self.get(core, op.key()).is_some() => {
+                    let from = match self.keys.get(op.key()) {
                         Some(Held::Present { from, .. }) => *from,
                         _ => None,
                     };
@@ -87,7 +87,7 @@ impl ExecView {
                 }
                 OpKind::Update | OpKind::Expire => continue,
             };
-            self.keys.insert(op.key.clone(), held);
+            self.keys.insert(op.key().to_vec(), held);
         }
     }
 
@@ -154,11 +154,7 @@ mod tests {
     use crate::store::Write;
 
     fn op(kind: OpKind, key: &[u8], value: &[u8]) -> WriteOp {
-        WriteOp {
-            kind,
-            key: key.to_vec(),
-            value: value.to_vec(),
-        }
+        WriteOp::new(kind, key, value)
     }
 
     fn core() -> Core {

@@ -139,11 +139,9 @@ impl Core {
     /// Submit the deletion of expired keys as one command nobody waits for.
     fn submit_expired(&mut self, keys: Vec<Vec<u8>>) {
         self.stats.expired_keys += keys.len() as u64;
-        let ops = keys.into_iter().map(|key| WriteOp {
-            kind: OpKind::Delete,
-            key,
-            value: Vec::new(),
-        });
+        let ops = keys
+            .into_iter()
+            .map(|key| WriteOp::new(OpKind::Delete, key, b""));
         self.submit(ops, ReplyTarget::Nobody, 0, Opcode::Delete as u8, None);
     }
 }
@@ -214,7 +212,12 @@ mod tests {
             );
             seq += 1;
             for write in batch {
-                core.store.apply(Write::Delete { key: &write.op.key }, seq);
+                core.store.apply(
+                    Write::Delete {
+                        key: write.op.key(),
+                    },
+                    seq,
+                );
                 core.finish(write.client, Status::Ok, seq, &[]);
             }
             turns.with_apply_cpu.push(thread_cpu() - cpu);

@@ -445,10 +445,10 @@ impl Core {
             if write.kind == OpKind::Clear {
                 self.last_clear = Some(client);
             } else {
-                let hash = self.key_hasher.hash_one(&write.key);
+                let hash = self.key_hasher.hash_one(write.key());
                 self.last_write.insert(hash, client);
             }
-            self.batch_bytes += write.key.len() + write.value.len() + BATCH_BYTES_PER_WRITE;
+            self.batch_bytes += write.key().len() + write.value().len() + BATCH_BYTES_PER_WRITE;
             // Every op of a command carries the same handle; its reply waits for all.
             self.batch.push(ClientWrite { client, op: write });
         }
@@ -494,8 +494,8 @@ impl Core {
             let op = &write.op;
             let (value, deadline) = match op.kind {
                 OpKind::Clear => return Latest::Known(None),
-                _ if op.key != key => continue,
-                OpKind::Put => (&op.value[..], None),
+                _ if op.key() != key => continue,
+                OpKind::Put => (op.value(), None),
                 OpKind::PutExpiring => (op.stored_value(), Some(op.deadline_ms())),
                 OpKind::Delete => return Latest::Known(None),
                 OpKind::Expire => {
@@ -602,7 +602,12 @@ impl Core {
             let waiting = &self.waiting;
             self.last_write.retain(|_, c| waiting.contains(*c));
         }
-        std::mem::take(&mut self.batch)
+        // The next batch starts with room for as many writes as this one had:
+        // grown from empty it would be reallocated (and copied) about a dozen
+        // times per turn under a pipelined load. The length is bounded by
+        // MAX_BATCH_BYTES / BATCH_BYTES_PER_WRITE.
+        let room = self.batch.len();
+        std::mem::replace(&mut self.batch, Vec::with_capacity(room))
     }
 
     /// Execute `request`, appending an immediate reply to `out` or queueing the write.
@@ -748,11 +753,7 @@ impl Core {
         let write = match (kind, deadline) {
             (OpKind::PutExpiring, Some(Some(at))) => WriteOp::put_expiring(key, value, at),
             (OpKind::Expire, Some(at)) => WriteOp::expire(key, at),
-            _ => WriteOp {
-                kind,
-                key: key.to_vec(),
-                value: value.to_vec(),
-            },
+            _ => WriteOp::new(kind, key, value),
         };
         Outcome::Pending(self.submit(std::iter::once(write), target, request_id, op, None))
     }
@@ -841,11 +842,7 @@ impl Core {
             return Outcome::Answered;
         }
         let now = self.store.now_ms();
-        let delete = |key: &[u8]| WriteOp {
-            kind: OpKind::Delete,
-            key: key.to_vec(),
-            value: Vec::new(),
-        };
+        let delete = |key: &[u8]| WriteOp::new(OpKind::Delete, key, b"");
         let mut ops: Vec<WriteOp> = Vec::with_capacity(txn.writes.len());
         for (i, w) in txn.writes.iter().enumerate() {
             let key = w.key();
@@ -861,16 +858,8 @@ impl Core {
             }
             ops.push(match *w {
                 _ if revives => delete(key),
-                TxnWrite::Put { key, value } => WriteOp {
-                    kind: OpKind::Put,
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                },
-                TxnWrite::Update { key, value } => WriteOp {
-                    kind: OpKind::Update,
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                },
+                TxnWrite::Put { key, value } => WriteOp::new(OpKind::Put, key, value),
+                TxnWrite::Update { key, value } => WriteOp::new(OpKind::Update, key, value),
                 TxnWrite::Delete { key } => delete(key),
                 // A deadline already past leaves the key absent: a deletion says
                 // so on every replica (and no later write of the TXN can revive it).
@@ -1007,12 +996,7 @@ mod tests {
         );
         submit(&mut core, WriteOp::expire(b"k", None));
         assert_eq!(core.latest(b"k"), Latest::Known(Some((&b"a"[..], None))));
-        let put = WriteOp {
-            kind: OpKind::Put,
-            key: b"k".to_vec(),
-            value: b"b".to_vec(),
-        };
-        submit(&mut core, put);
+        submit(&mut core, WriteOp::new(OpKind::Put, b"k", b"b"));
         assert_eq!(core.latest(b"k"), Latest::Known(Some((&b"b"[..], None))));
         // A pending write whose deadline is already past leaves the key absent.
         submit(&mut core, WriteOp::put_expiring(b"k", b"c", 500));
@@ -1125,7 +1109,7 @@ mod tests {
         let batch = core.take_batch();
         assert_eq!(batch.len(), 1);
         assert_eq!(
-            (batch[0].op.kind, &batch[0].op.key[..]),
+            (batch[0].op.kind, batch[0].op.key()),
             (OpKind::Delete, &b"k"[..])
         );
         // ...and, until it is decided, a compare-and-set on the key waits for it.
@@ -1181,7 +1165,7 @@ mod tests {
         let ops: Vec<(OpKind, &[u8], u64)> = core
             .batch
             .iter()
-            .map(|w| (w.op.kind, &w.op.key[..], w.op.deadline_ms()))
+            .map(|w| (w.op.kind, w.op.key(), w.op.deadline_ms()))
             .collect();
         assert_eq!(
             ops,

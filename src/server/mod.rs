@@ -1594,7 +1594,10 @@ impl Server {
             seq > self.core.commit_seq,
             "commits apply in sequence order"
         );
-        self.core.store.warm(ops.iter().map(|op| op.key.as_slice()));
+        let mut hashes = Vec::with_capacity(ops.len());
+        self.core
+            .store
+            .warm(ops.iter().map(|op| op.key()), &mut hashes);
         self.core.waiting.warm(replies);
         for (i, op) in ops.iter().enumerate() {
             let Some(write) = crate::wal::replay::store_write(op) else {
@@ -1611,13 +1614,16 @@ impl Server {
                 continue;
             };
             // A snapshot being streamed or written keeps the key's shard as it was at its start.
-            self.wal.before_write(&self.core.store, &op.key);
+            self.wal.before_write(&self.core.store, op.key());
             for &key in self.peers.values() {
                 if let Some(Link::Peer(link)) = self.links.get_mut(key) {
-                    link.before_write(&self.core.store, &op.key);
+                    link.before_write(&self.core.store, op.key());
                 }
             }
-            let applied = self.core.store.apply(write, seq);
+            let applied = match hashes.get(i) {
+                Some(&hash) => self.core.store.apply_hashed(write, seq, hash),
+                None => self.core.store.apply(write, seq),
+            };
             if let Some(&client) = replies.get(i) {
                 match applied {
                     Applied::Changed(version) => self.reply(client, Status::Ok, version, &[]),
@@ -1688,7 +1694,13 @@ impl Server {
                     && connection.conn_id() == conn_id
                 {
                     connection.deliver(client, |out| completion.encode(out));
-                    self.touched.push(key);
+                    // A batch's replies to one connection mostly come one after
+                    // another (its pipelined commands were parsed together): one
+                    // drive after them flushes them all, where a drive per reply
+                    // cost a pass through the connection each.
+                    if self.touched.last() != Some(&key) {
+                        self.touched.push(key);
+                    }
                 }
             }
             ReplyTarget::Nobody => {}

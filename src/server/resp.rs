@@ -17,7 +17,7 @@ use log::info;
 use crate::protocol::MAX_KEY_BYTES;
 use crate::protocol::peer::{OpKind, WriteOp};
 use crate::protocol::resp::{
-    Encoder, RespDecoded, RespVersion, decode_command, glob_match, parse_i64,
+    Encoder, RespFront, RespVersion, decode_command_into, glob_match, parse_i64, recycle_args,
 };
 use crate::store::SHARDS;
 
@@ -48,6 +48,9 @@ pub struct RespConnection {
     name: Option<Vec<u8>>,
     /// Unquoted inline arguments.
     scratch: Vec<u8>,
+    /// The argument vector each command is parsed into, empty between
+    /// commands (see [`recycle_args`]): one allocation per connection, not per command.
+    spare_args: Vec<&'static [u8]>,
     /// CLIENT ID.
     id: u64,
     /// WATCH and MULTI.
@@ -68,6 +71,7 @@ impl RespConnection {
             encoder: Encoder(RespVersion::Two),
             name: None,
             scratch: Vec::new(),
+            spare_args: Vec::new(),
             id,
             multi: MultiState::default(),
         }
@@ -246,12 +250,15 @@ impl Connection {
                 encoder,
                 name,
                 scratch,
+                spare_args,
                 id,
                 multi,
             } = state;
-            let (args, used) = match decode_command(buffered, max_bulk, scratch) {
-                Ok(RespDecoded::Command { args, used }) => (args, used),
-                Ok(RespDecoded::Incomplete { need }) => {
+            let mut args = recycle_args(std::mem::take(spare_args));
+            let used = match decode_command_into(buffered, max_bulk, scratch, &mut args) {
+                Ok(RespFront::Command { used }) => used,
+                Ok(RespFront::Incomplete { need }) => {
+                    *spare_args = recycle_args(args);
                     // Grow with what arrived (at most doubling), never to a declared length.
                     let grow = buffered_len.saturating_mul(2).max(MIN_GROW_BYTES);
                     self.io.need(Some(need.min(grow).max(buffered_len + 1)));
@@ -267,6 +274,7 @@ impl Connection {
                 }
             };
             if args.is_empty() {
+                *spare_args = recycle_args(args);
                 self.io.consume(used);
                 continue;
             }
@@ -289,6 +297,7 @@ impl Connection {
                 }
                 core.stats.auth_required += 1;
                 encoder.error(output, auth::RESP_NOAUTH);
+                *spare_args = recycle_args(args);
                 self.io.consume(used);
                 continue;
             }
@@ -329,6 +338,7 @@ impl Connection {
                 Intercept::Run => {}
                 Intercept::Answered => {
                     core.resp_commands += 1;
+                    *spare_args = recycle_args(args);
                     self.io.consume(used);
                     continue;
                 }
@@ -380,6 +390,7 @@ impl Connection {
                     return Stop::Closing;
                 }
             }
+            *spare_args = recycle_args(args);
             self.io.consume(used);
         }
         Stop::OutputFull
@@ -510,11 +521,7 @@ impl Session<'_> {
     }
 
     fn put(key: &[u8], value: &[u8]) -> WriteOp {
-        WriteOp {
-            kind: OpKind::Put,
-            key: key.to_vec(),
-            value: value.to_vec(),
-        }
+        WriteOp::new(OpKind::Put, key, value)
     }
 
     /// Send a write to the master (`--forward-writes`): its reply comes in
@@ -628,11 +635,7 @@ impl Session<'_> {
                         Some(view) => view.get(self.core, k).is_some(),
                         None => !self.core.expired_but_held(k),
                     })
-                    .map(|k| WriteOp {
-                        kind: OpKind::Delete,
-                        key: k.to_vec(),
-                        value: Vec::new(),
-                    })
+                    .map(|k| WriteOp::new(OpKind::Delete, k, b""))
                     .collect();
                 if ops.is_empty() {
                     return self.int(0);
@@ -709,11 +712,7 @@ impl Session<'_> {
                 {
                     return self.error(SYNTAX);
                 }
-                let clear = WriteOp {
-                    kind: OpKind::Clear,
-                    key: Vec::new(),
-                    value: Vec::new(),
-                };
+                let clear = WriteOp::new(OpKind::Clear, b"", b"");
                 self.submit(std::iter::once(clear), RespWriteReply::Ok)
             }
             "info" => {
@@ -894,11 +893,7 @@ impl Session<'_> {
                     && !self.core.expired_but_held(key) =>
             {
                 // UPDATE is conditional on every replica alike: no read needed.
-                let update = WriteOp {
-                    kind: OpKind::Update,
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                };
+                let update = WriteOp::new(OpKind::Update, key, value);
                 return self.submit(std::iter::once(update), RespWriteReply::OkOrNull);
             }
             _ => {}
@@ -941,11 +936,7 @@ impl Session<'_> {
             self.enc.null(self.out);
             return Exec::Done;
         };
-        let delete = WriteOp {
-            kind: OpKind::Delete,
-            key: key.to_vec(),
-            value: Vec::new(),
-        };
+        let delete = WriteOp::new(OpKind::Delete, key, b"");
         self.submit(std::iter::once(delete), RespWriteReply::Bulk(Some(old)))
     }
 
@@ -1024,11 +1015,7 @@ impl Session<'_> {
         }
         let op = if at <= self.core.store.now_ms() {
             // A deadline in the past deletes the key, as Redis does.
-            WriteOp {
-                kind: OpKind::Delete,
-                key: key.to_vec(),
-                value: Vec::new(),
-            }
+            WriteOp::new(OpKind::Delete, key, b"")
         } else {
             WriteOp::expire(key, Some(at))
         };
@@ -1132,11 +1119,7 @@ impl Session<'_> {
         let len = value.len() as i64;
         let put = match deadline {
             Some(at) => WriteOp::put_expiring(key, &value, at),
-            None => WriteOp {
-                kind: OpKind::Put,
-                key: key.to_vec(),
-                value,
-            },
+            None => WriteOp::new(OpKind::Put, key, &value),
         };
         self.submit(std::iter::once(put), RespWriteReply::Int(len))
     }

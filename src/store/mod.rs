@@ -58,6 +58,19 @@ pub enum Write<'a> {
     },
 }
 
+impl<'a> Write<'a> {
+    /// The key the write changes.
+    pub fn key(&self) -> &'a [u8] {
+        match *self {
+            Write::Put { key, .. }
+            | Write::Update { key, .. }
+            | Write::Delete { key }
+            | Write::PutExpiring { key, .. }
+            | Write::Expire { key, .. } => key,
+        }
+    }
+}
+
 /// What applying a write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -192,14 +205,24 @@ impl<S: BuildHasher> Store<S> {
     /// with the reply path between two writes. Lookups with nothing else between
     /// them are independent, so the processor overlaps their misses, and the
     /// writes that follow find the lines in cache.
-    pub fn warm<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
+    ///
+    /// The keys' hashes are left in `hashes` (cleared first), in order, for
+    /// [`Store::apply_hashed`]: a key is hashed once for both (SipHash of a
+    /// short key is a noticeable part of a write's cost).
+    pub fn warm<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>, hashes: &mut Vec<u64>) {
+        hashes.clear();
         for key in keys {
-            std::hint::black_box(self.block(key).map(|b| b.version()));
+            let hash = self.hash(key);
+            hashes.push(hash);
+            std::hint::black_box(self.block_hashed(key, hash).map(|b| b.version()));
         }
     }
 
     fn block(&self, key: &[u8]) -> Option<&Block> {
-        let hash = self.hash(key);
+        self.block_hashed(key, self.hash(key))
+    }
+
+    fn block_hashed(&self, key: &[u8], hash: u64) -> Option<&Block> {
         self.shards[Self::shard_index(hash)].find(hash, |b| b.key() == key)
     }
 
@@ -328,9 +351,16 @@ impl<S: BuildHasher> Store<S> {
 
     /// Apply one write at `version`; UPDATE and DELETE of an absent key change nothing.
     pub fn apply(&mut self, write: Write<'_>, version: u64) -> Applied {
+        let hash = self.hash(write.key());
+        self.apply_hashed(write, version, hash)
+    }
+
+    /// [`Store::apply`] with the hash of the write's key, as [`Store::warm`] left it.
+    pub fn apply_hashed(&mut self, write: Write<'_>, version: u64, hash: u64) -> Applied {
+        debug_assert_eq!(hash, self.hash(write.key()), "the hash is the key's");
         match write {
             Write::Put { key, value } => {
-                self.set_until(key, value, version, None);
+                self.set_hashed(key, hash, value, version, None);
                 Applied::Changed(version)
             }
             Write::PutExpiring {
@@ -338,11 +368,10 @@ impl<S: BuildHasher> Store<S> {
                 value,
                 deadline_ms,
             } => {
-                self.set_until(key, value, version, Some(deadline_ms));
+                self.set_hashed(key, hash, value, version, Some(deadline_ms));
                 Applied::Changed(version)
             }
             Write::Expire { key, deadline_ms } => {
-                let hash = self.hash(key);
                 match self.shards[Self::shard_index(hash)].find_mut(hash, |b| b.key() == key) {
                     Some(block) => {
                         block.set_version(version);
@@ -353,7 +382,6 @@ impl<S: BuildHasher> Store<S> {
                 }
             }
             Write::Update { key, value } => {
-                let hash = self.hash(key);
                 let shard = Self::shard_index(hash);
                 match self.shards[shard].find_mut(hash, |b| b.key() == key) {
                     Some(block) => {
@@ -370,7 +398,6 @@ impl<S: BuildHasher> Store<S> {
                 }
             }
             Write::Delete { key } => {
-                let hash = self.hash(key);
                 let shard = Self::shard_index(hash);
                 match self.shards[shard].find_entry(hash, |b| b.key() == key) {
                     Ok(entry) => {
@@ -393,7 +420,18 @@ impl<S: BuildHasher> Store<S> {
 
     /// Create or replace `key`, leaving it with `deadline` (unix ms; `None`: none).
     pub fn set_until(&mut self, key: &[u8], value: &[u8], version: u64, deadline: Option<u64>) {
-        let hash = self.hash(key);
+        self.set_hashed(key, self.hash(key), value, version, deadline);
+    }
+
+    /// [`Store::set_until`] with the key's hash.
+    fn set_hashed(
+        &mut self,
+        key: &[u8],
+        hash: u64,
+        value: &[u8],
+        version: u64,
+        deadline: Option<u64>,
+    ) {
         let shard = Self::shard_index(hash);
         let hasher = &self.hasher;
         match self.shards[shard].entry(hash, |b| b.key() == key, |b| hasher.hash_one(b.key())) {
@@ -485,6 +523,55 @@ mod tests {
         assert_eq!(store.get(b"k"), Some((&b"v22"[..], 2)));
         assert_eq!(store.len(), 1);
         assert_eq!(store.data_bytes(), 4);
+    }
+
+    #[test]
+    fn writes_applied_with_the_hashes_warm_left_match_plain_applies() {
+        let writes = [
+            Write::Put {
+                key: b"a",
+                value: b"1",
+            },
+            Write::PutExpiring {
+                key: b"b",
+                value: b"2",
+                deadline_ms: 9,
+            },
+            Write::Update {
+                key: b"a",
+                value: b"3",
+            },
+            Write::Update {
+                key: b"c",
+                value: b"4",
+            },
+            Write::Expire {
+                key: b"b",
+                deadline_ms: None,
+            },
+            Write::Delete { key: b"a" },
+            Write::Delete { key: b"d" },
+        ];
+        let mut plain = Store::new();
+        let mut hashed = Store::new();
+        let mut hashes = vec![0; 3];
+        hashed.warm(writes.iter().map(|w| w.key()), &mut hashes);
+        assert_eq!(hashes.len(), writes.len(), "cleared, then one per key");
+        for (i, (write, &hash)) in writes.iter().zip(&hashes).enumerate() {
+            let version = i as u64 + 1;
+            assert_eq!(hash, hashed.hash(write.key()));
+            assert_eq!(
+                hashed.apply_hashed(*write, version, hash),
+                plain.apply(*write, version),
+                "{write:?}"
+            );
+        }
+        for key in [&b"a"[..], b"b", b"c", b"d"] {
+            assert_eq!(hashed.get(key), plain.get(key));
+            assert_eq!(hashed.deadline(key), plain.deadline(key));
+        }
+        assert_eq!(hashed.len(), plain.len());
+        assert_eq!(hashed.data_bytes(), plain.data_bytes());
     }
 
     #[test]

@@ -195,22 +195,10 @@ mod tests {
 
     fn ops() -> Ops {
         vec![
-            WriteOp {
-                kind: OpKind::Put,
-                key: b"k1".to_vec(),
-                value: b"value".to_vec(),
-            },
-            WriteOp {
-                kind: OpKind::Delete,
-                key: vec![0xFF; 300],
-                value: Vec::new(),
-            },
+            WriteOp::new(OpKind::Put, b"k1", b"value"),
+            WriteOp::new(OpKind::Delete, vec![0xFF; 300], b""),
             // FLUSHDB: the one op with an empty key.
-            WriteOp {
-                kind: OpKind::Clear,
-                key: Vec::new(),
-                value: Vec::new(),
-            },
+            WriteOp::new(OpKind::Clear, b"", b""),
             // Expiry: a PUT with a deadline, an EXPIRE and a PERSIST.
             WriteOp::put_expiring(b"t", b"v", 1_700_000_000_000),
             WriteOp::expire(b"t", Some(1_800_000_000_000)),

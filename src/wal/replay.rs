@@ -115,22 +115,22 @@ impl Replay {
 pub fn store_write(op: &WriteOp) -> Option<Write<'_>> {
     Some(match op.kind {
         OpKind::Put => Write::Put {
-            key: &op.key,
-            value: &op.value,
+            key: op.key(),
+            value: op.value(),
         },
         OpKind::Update => Write::Update {
-            key: &op.key,
-            value: &op.value,
+            key: op.key(),
+            value: op.value(),
         },
-        OpKind::Delete => Write::Delete { key: &op.key },
+        OpKind::Delete => Write::Delete { key: op.key() },
         OpKind::PutExpiring => Write::PutExpiring {
-            key: &op.key,
+            key: op.key(),
             value: op.stored_value(),
             // Decoding refused a zero deadline; a local op never has one.
             deadline_ms: op.deadline_ms().max(1),
         },
         OpKind::Expire => Write::Expire {
-            key: &op.key,
+            key: op.key(),
             deadline_ms: Some(op.deadline_ms()).filter(|&d| d > 0),
         },
         OpKind::Clear => return None,
@@ -155,12 +155,7 @@ mod tests {
     use crate::replication::WriteOp;
 
     fn put(key: &str, value: &str) -> Ops {
-        vec![WriteOp {
-            kind: OpKind::Put,
-            key: key.as_bytes().to_vec(),
-            value: value.as_bytes().to_vec(),
-        }]
-        .into()
+        vec![WriteOp::new(OpKind::Put, key.as_bytes(), value.as_bytes())].into()
     }
 
     #[test]
@@ -228,12 +223,7 @@ mod tests {
             ops: put("a", "1"),
         })
         .expect("apply");
-        let clear: Ops = vec![WriteOp {
-            kind: OpKind::Clear,
-            key: Vec::new(),
-            value: Vec::new(),
-        }]
-        .into();
+        let clear: Ops = vec![WriteOp::new(OpKind::Clear, b"", b"")].into();
         r.apply(&Record::CommitDecision { seq: 2, ops: clear })
             .expect("apply");
         r.apply(&Record::CommitDecision {

@@ -149,12 +149,7 @@ mod tests {
         (1..=4)
             .map(|seq| Record::CommitDecision {
                 seq,
-                ops: vec![WriteOp {
-                    kind: OpKind::Put,
-                    key: format!("key{seq}").into_bytes(),
-                    value: vec![b'v'; 20],
-                }]
-                .into(),
+                ops: vec![WriteOp::new(OpKind::Put, format!("key{seq}"), [b'v'; 20])].into(),
             })
             .collect()
     }

@@ -8,12 +8,7 @@ use crate::replication::Ops;
 use crate::wal::replay::apply_ops;
 
 fn put(key: &str, value: &str) -> Ops {
-    vec![WriteOp {
-        kind: OpKind::Put,
-        key: key.as_bytes().to_vec(),
-        value: value.as_bytes().to_vec(),
-    }]
-    .into()
+    vec![WriteOp::new(OpKind::Put, key.as_bytes(), value.as_bytes())].into()
 }
 
 struct Harness {
@@ -59,7 +54,7 @@ impl Harness {
             },
         );
         for op in ops.iter() {
-            self.wal.before_write(&self.store, &op.key);
+            self.wal.before_write(&self.store, op.key());
         }
         apply_ops(&mut self.store, seq, &ops);
         let mut durable = self.wal.flush().unwrap_or(0);

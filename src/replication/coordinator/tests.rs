@@ -2,11 +2,7 @@ use super::*;
 use crate::replication::{OpKind, WriteOp};
 
 fn put(key: &str) -> WriteOp {
-    WriteOp {
-        kind: OpKind::Put,
-        key: key.as_bytes().to_vec(),
-        value: b"v".to_vec(),
-    }
+    WriteOp::new(OpKind::Put, key.as_bytes(), b"v")
 }
 
 fn writes(first_client: u64, keys: &[&str]) -> Event {

@@ -4,12 +4,7 @@ use crate::replication::{OpKind, SnapshotEntry, WriteOp};
 const M: PeerId = PeerId(5);
 
 fn ops(key: &str) -> Ops {
-    vec![WriteOp {
-        kind: OpKind::Put,
-        key: key.as_bytes().to_vec(),
-        value: b"v".to_vec(),
-    }]
-    .into()
+    vec![WriteOp::new(OpKind::Put, key.as_bytes(), b"v")].into()
 }
 
 fn drain(p: &mut Participant) -> Vec<Action> {
