@@ -77,8 +77,10 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval_ms: u64,
     /// Silence after which a slave is evicted even with no transaction in flight.
     pub peer_timeout_ms: u64,
-    /// Bound on transactions in flight; beyond it writes are refused (the reactor
-    /// should stop reading from clients well before).
+    /// Bound on transactions in flight (`--max-inflight-txns`). The reactor
+    /// stops reading writes from clients while it is reached
+    /// ([`Coordinator::at_inflight_bound`]), so a batch beyond it is never
+    /// submitted; one that is anyway is refused, as a last resort.
     pub max_inflight_txns: usize,
     /// Identity of the history this master's commit sequence numbers belong to,
     /// sent in REGISTERED. A master that restarts without its data starts a new
@@ -486,6 +488,12 @@ impl Coordinator {
     /// Transactions not yet forgotten (preparing, deciding, or awaiting acks).
     pub fn in_flight(&self) -> usize {
         self.txns.len()
+    }
+
+    /// Whether the transactions in flight reached `max_inflight_txns`: the
+    /// reactor holds the next batch and reads no more writes until one ends.
+    pub fn at_inflight_bound(&self) -> bool {
+        self.txns.len() >= self.config.max_inflight_txns
     }
 
     /// State of transaction `seq`, if still in flight.

@@ -123,6 +123,9 @@ pub struct Config {
     pub resync_discard_data: bool,
     /// Client connections open at once; more are accepted and closed at once.
     pub max_connections: usize,
+    /// Master: transactions in flight at once; at the bound client writes are
+    /// no longer read until one ends (`--max-inflight-txns`).
+    pub max_inflight_txns: usize,
     /// Close a client connection idle this long (0 = never).
     pub idle_timeout_ms: u64,
     /// Close a client connection whose frame, once begun, takes longer than this to arrive.
@@ -281,6 +284,11 @@ impl Role {
             Role::Master(c) => c.write_hold(now_ms),
             Role::Slave { .. } | Role::Standby(_) => None,
         }
+    }
+
+    /// A master whose transactions in flight are at their bound.
+    fn at_inflight_bound(&self) -> bool {
+        matches!(self, Role::Master(c) if c.at_inflight_bound())
     }
 
     /// The history the store's position belongs to.
@@ -514,6 +522,7 @@ impl Server {
             max_slave_lag_ms: config.max_slave_lag_ms,
             min_slaves: config.min_slaves,
             log_max_bytes: config.repl_backlog_bytes,
+            max_inflight_txns: config.max_inflight_txns,
             ..CoordinatorConfig::default()
         };
         let announce = Announce::new(config, addr);
@@ -1234,15 +1243,17 @@ impl Server {
                 let now = self.now_ms();
                 self.write_hold_until = self.role.write_hold(now);
             }
-            if !self.core.batch.is_empty() && self.write_hold_until.is_none() {
+            // At the in-flight bound the batch waits (a read that met an
+            // expired key may have added a deletion to it) for a transaction
+            // to end; the decisions that end them come from the links, which
+            // are read whatever this gate says.
+            let at_bound = self.role.at_inflight_bound();
+            if !self.core.batch.is_empty() && self.write_hold_until.is_none() && !at_bound {
                 let writes = self.core.take_batch();
                 self.feed(Event::ClientWrites { writes });
-                let waiters = std::mem::take(&mut self.core.batch_waiters);
-                self.touched.extend(waiters);
-                if std::mem::take(&mut self.core.udp_waiting)
-                    && let Some(udp) = self.udp.as_mut()
-                {
-                    udp.on_readable(&mut self.core);
+                self.update_write_gate();
+                if !self.core.writes_paused {
+                    self.resume_writers();
                 }
             }
             self.run_actions();
@@ -1253,6 +1264,7 @@ impl Server {
                 self.flush_peer(key);
             }
             self.run_actions();
+            self.update_write_gate();
             let touched = std::mem::take(&mut self.touched);
             for key in touched {
                 self.drive_client(key, false, false);
@@ -1261,8 +1273,9 @@ impl Server {
             self.pump_forward();
             // A resumed connection may have become a peer link and fed the role.
             self.run_actions();
-            // A batch held back for a snapshot is no work until the hold ends.
-            let held = self.write_hold_until.is_some();
+            // A batch held back for a snapshot, or for the in-flight bound, is
+            // no work until the hold ends.
+            let held = self.write_hold_until.is_some() || self.role.at_inflight_bound();
             if (self.core.batch.is_empty() || held)
                 && self.touched.is_empty()
                 && self.dirty_peers.is_empty()
@@ -1325,6 +1338,36 @@ impl Server {
             self.core.replication.failover = self.failover.as_ref().map(|f| f.summary());
         }
         work_left
+    }
+
+    /// Pause or resume the intake of client writes as the transactions in
+    /// flight reach or leave their bound (backpressure: a connection stops
+    /// reading at its next write, the UDP socket stops reading; nothing is
+    /// refused). Resuming wakes everyone who stopped.
+    fn update_write_gate(&mut self) {
+        let paused = self.role.at_inflight_bound();
+        if paused == self.core.writes_paused {
+            return;
+        }
+        self.core.writes_paused = paused;
+        if paused {
+            self.core.stats.txn_backpressure_pauses += 1;
+            debug!("transactions in flight at their bound: client writes paused");
+        } else {
+            self.resume_writers();
+        }
+    }
+
+    /// Drive again the connections and the UDP socket that stopped at a full
+    /// batch or paused writes.
+    fn resume_writers(&mut self) {
+        let waiters = std::mem::take(&mut self.core.batch_waiters);
+        self.touched.extend(waiters);
+        if std::mem::take(&mut self.core.udp_waiting)
+            && let Some(udp) = self.udp.as_mut()
+        {
+            udp.on_readable(&mut self.core);
+        }
     }
 
     /// Whether reads may be served: a slave only within the read lease its

@@ -64,6 +64,9 @@ pub struct Stats {
     pub connections_closed_idle: u64,
     /// Connections closed because a frame took longer than the frame timeout to arrive.
     pub connections_closed_slow_frame: u64,
+    /// Times client writes were paused because the transactions in flight
+    /// reached `--max-inflight-txns` (backpressure, not refusal).
+    pub txn_backpressure_pauses: u64,
     /// Bytes held in partial frames, server-wide, against their budget.
     pub input_budget: Rc<InputBudget>,
     /// Replication lines (role, master or slaves), kept current by the reactor.
@@ -98,6 +101,7 @@ impl Default for Stats {
             longest_sweep_us: 0,
             connections_closed_idle: 0,
             connections_closed_slow_frame: 0,
+            txn_backpressure_pauses: 0,
             input_budget: Rc::new(InputBudget::new(DEFAULT_INPUT_BUDGET_BYTES)),
             replication: "role master\n".to_string(),
             wal: String::new(),
@@ -181,6 +185,7 @@ impl Stats {
             "connections_closed_slow_frame",
             &self.connections_closed_slow_frame,
         );
+        line("txn_backpressure_pauses", &self.txn_backpressure_pauses);
         line("partial_frame_bytes", &self.input_budget.used());
         line("partial_frame_refusals", &self.input_budget.refusals());
         text.push_str(&self.wal);

@@ -2025,3 +2025,37 @@ fn a_slave_away_longer_than_a_first_probation_skips_an_escalated_one() {
     ));
     assert_eq!(c.lag_evictions(), 3);
 }
+
+#[test]
+fn the_inflight_bound_is_reached_and_left_as_transactions_end() {
+    let mut c = Coordinator::new(
+        CoordinatorConfig {
+            max_inflight_txns: 2,
+            ..config()
+        },
+        0,
+    );
+    c.handle(0, register(1, 0));
+    c.handle(0, msg(1, PeerMessage::CaughtUp { seq: 0 }));
+    drain(&mut c);
+    assert!(!c.at_inflight_bound());
+    c.handle(1, writes(10, &["a"]));
+    assert!(!c.at_inflight_bound(), "one of two in flight");
+    c.handle(1, writes(20, &["b"]));
+    assert!(
+        c.at_inflight_bound(),
+        "the reactor must hold the next batch now"
+    );
+    drain(&mut c);
+    // The first ends: voted, durable, acknowledged.
+    c.handle(2, yes(1, 1));
+    drain(&mut c);
+    c.handle(3, Event::Persisted { lsn: 1 });
+    drain(&mut c);
+    c.handle(4, msg(1, PeerMessage::Ack { seq: 1 }));
+    assert_eq!(c.in_flight(), 1);
+    assert!(
+        !c.at_inflight_bound(),
+        "below the bound again: writes resume"
+    );
+}
