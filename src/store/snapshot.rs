@@ -77,6 +77,18 @@ pub fn decode_entry(bytes: &[u8]) -> Option<(EntryRef<'_>, usize)> {
     ))
 }
 
+/// Append every entry of `store`'s shard `shard` to `out` with [`encode_entry`];
+/// returns how many.
+pub fn encode_shard(store: &Store, shard: usize, out: &mut Vec<u8>) -> u64 {
+    let mut entries = 0;
+    for block in store.iter_shard(shard) {
+        let deadline = block.deadline().unwrap_or(0);
+        encode_entry(out, block.key(), block.value(), block.version(), deadline);
+        entries += 1;
+    }
+    entries
+}
+
 /// A lazy, exact copy of a store as of the moment it was created.
 ///
 /// Call [`ShardCopy::before_write`] before every write to the store from then
@@ -117,12 +129,7 @@ impl ShardCopy {
             return;
         }
         self.copied[shard] = true;
-        for block in store.iter_shard(shard) {
-            let deadline = block.deadline().unwrap_or(0);
-            let (key, value, version) = (block.key(), block.value(), block.version());
-            encode_entry(&mut self.bytes, key, value, version, deadline);
-            self.entries += 1;
-        }
+        self.entries += encode_shard(store, shard, &mut self.bytes);
     }
 
     /// `key` is about to change in `store`: keep its shard as of the copy.
