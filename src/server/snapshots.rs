@@ -33,9 +33,10 @@
 //! The reactor closes the dropped readers' links (logged); their slaves
 //! register again after their reconnect backoff and get a new snapshot. A
 //! write is never refused or delayed by the cap: the copy its shard needs is
-//! made first, and the memory comes back by dropping a receiver. So the bytes
-//! held exceed the cap by at most one shard's copy, and only until the
-//! reactor's next step.
+//! made first, and the memory comes back by dropping a receiver at once (its
+//! link is closed by the reactor right after). Chunks are staged unchecked
+//! (each at most `max` bytes and a shard), so the bytes held pass the cap by
+//! at most one shard's copy and one staged chunk.
 
 use crate::protocol::peer::{PeerMessage, SnapshotEntry};
 use crate::store::snapshot::{decode_entry, encode_shard};
