@@ -39,7 +39,7 @@
 //! at most one shard's copy and one staged chunk.
 
 use crate::protocol::peer::{PeerMessage, SnapshotEntry};
-use crate::store::snapshot::{decode_entry, encode_shard};
+use crate::store::snapshot::{decode_entry, encode_shard, encoded_shard_len};
 use crate::store::{SHARDS, Store};
 
 /// A reader's name: the replication link's `PeerId` number.
@@ -142,10 +142,11 @@ impl Shared {
     }
 
     fn copy(&mut self, store: &Store, shard: usize) {
-        let mut bytes = Vec::new();
+        // Allocated at its size: counted exactly (what dropping it gives
+        // back), and encoded without growing.
+        let mut bytes = Vec::with_capacity(encoded_shard_len(store, shard));
         let entries = encode_shard(store, shard, &mut bytes);
-        // Counted exactly: what dropping the copy gives back.
-        bytes.shrink_to_fit();
+        debug_assert_eq!(bytes.len(), bytes.capacity());
         self.copied_bytes += bytes.capacity();
         self.copies[shard] = Some((bytes, entries));
     }
