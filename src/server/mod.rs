@@ -1430,8 +1430,8 @@ impl Server {
         }
     }
 
-    /// Once the snapshots' copies shrank by [`TRIM_AFTER_FREED_BYTES`], hand
-    /// the freed pages back to the system. A copy is one allocation per shard
+    /// Once the snapshots' copies shrank by [`TRIM_AFTER_FREED_BYTES`], or the
+    /// last snapshot is gone, hand the freed pages back to the system. A copy is one allocation per shard
     /// (tens of KiB), which glibc's malloc serves from its heap, among the
     /// store's own allocations, and keeps when freed: without this, an
     /// evicted receiver's copy stayed in the master's RSS. `malloc_trim`
@@ -1440,7 +1440,9 @@ impl Server {
     fn give_back_snapshot_memory(&mut self) {
         let held = self.snapshots.held_bytes();
         self.snapshot_held_peak = self.snapshot_held_peak.max(held);
-        if self.snapshot_held_peak - held < TRIM_AFTER_FREED_BYTES {
+        let freed = self.snapshot_held_peak - held;
+        // The last snapshot gone, what is left since the last trim goes back too.
+        if freed < TRIM_AFTER_FREED_BYTES && (held > 0 || freed == 0) {
             return;
         }
         self.snapshot_held_peak = held;
