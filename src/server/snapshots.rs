@@ -438,7 +438,10 @@ mod tests {
         store
     }
 
-    fn contents(store: &Store) -> Vec<(Vec<u8>, Vec<u8>, u64)> {
+    /// A store's entries (key, value, version), sorted.
+    type Contents = Vec<(Vec<u8>, Vec<u8>, u64)>;
+
+    fn contents(store: &Store) -> Contents {
         let mut all: Vec<_> = store
             .iter()
             .map(|b| (b.key().to_vec(), b.value().to_vec(), b.version()))
@@ -640,6 +643,136 @@ mod tests {
         );
         assert!(c.held_bytes <= c.max_bytes);
         assert!(!set.snapshots[0].open, "closed before anyone was dropped");
+    }
+
+    /// A small deterministic generator (xorshift64*): the test replays from its seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+        }
+    }
+
+    /// Readers start, join, read, leave and are dropped at a cap in random
+    /// order while writes (and now and then a clear) go on: every reader that
+    /// finishes has exactly the store as of the seq its chunks carry.
+    #[test]
+    fn random_interleavings_give_every_reader_the_store_as_of_its_seq() {
+        let mut evictions = 0;
+        for seed in 1..=12u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let mut store = Store::new();
+            for i in 0..3_000u64 {
+                store.set(format!("k{i}").as_bytes(), &[b'a'; 40], 1);
+            }
+            let mut seq = 1u64;
+            let cap = if seed % 3 == 0 {
+                120 * 1024
+            } else {
+                usize::MAX
+            };
+            let mut set = SnapshotSet::new(cap);
+            // The store as of each snapshot's seq, recorded when it began.
+            let mut as_of: std::collections::BTreeMap<u64, Contents> = Default::default();
+            let mut active: std::collections::BTreeMap<u64, Receiver> = Default::default();
+            let mut finished = 0;
+            for step in 0..2_000 {
+                match rng.below(10) {
+                    0 if active.len() < 5 => {
+                        let id = 100 + step;
+                        let floor = if rng.below(4) == 0 { seq } else { 1 };
+                        let at = set.start(id, seq, floor);
+                        if at == seq {
+                            as_of.entry(seq).or_insert_with(|| contents(&store));
+                        } else {
+                            assert!(at < seq && at >= floor, "seed {seed}: joined {at}");
+                            assert!(as_of.contains_key(&at), "seed {seed}: joined a known seq");
+                        }
+                        active.insert(id, Receiver::default());
+                    }
+                    1 if !active.is_empty() => {
+                        let nth = rng.below(active.len() as u64) as usize;
+                        let id = *active.keys().nth(nth).unwrap_or(&0);
+                        set.remove(id);
+                        active.remove(&id);
+                    }
+                    2..=5 => {
+                        for _ in 0..1 + rng.below(20) {
+                            seq += 1;
+                            let key = format!("k{}", rng.below(4_000));
+                            if rng.below(200) == 0 {
+                                set.before_clear(&store);
+                                store.clear();
+                                continue;
+                            }
+                            set.before_write(&store, key.as_bytes());
+                            if rng.below(3) == 0 {
+                                store.apply(
+                                    Write::Delete {
+                                        key: key.as_bytes(),
+                                    },
+                                    seq,
+                                );
+                            } else {
+                                store.set(key.as_bytes(), b"w", seq);
+                            }
+                        }
+                    }
+                    _ if !active.is_empty() => {
+                        let nth = rng.below(active.len() as u64) as usize;
+                        let id = *active.keys().nth(nth).unwrap_or(&0);
+                        let Some(r) = active.get_mut(&id) else {
+                            continue;
+                        };
+                        let Some(PeerMessage::SnapshotChunk {
+                            snapshot_seq,
+                            entries,
+                            last,
+                        }) = set.next_chunk(id, &store, 4 * 1024)
+                        else {
+                            panic!("seed {seed}: reader {id} lost without an eviction");
+                        };
+                        assert_eq!(*r.at_seq.get_or_insert(snapshot_seq), snapshot_seq);
+                        for e in entries {
+                            assert!(r.seen.get(&e.key).is_none(), "seed {seed}: sent twice");
+                            r.seen.set(&e.key, &e.value, e.version);
+                        }
+                        if last {
+                            let want = &as_of[&snapshot_seq];
+                            assert_eq!(&contents(&r.seen), want, "seed {seed}: reader {id}");
+                            active.remove(&id);
+                            finished += 1;
+                        }
+                    }
+                    _ => {}
+                }
+                for e in set.take_evicted() {
+                    assert!(
+                        active.remove(&e.reader).is_some(),
+                        "seed {seed}: evicted twice"
+                    );
+                    evictions += 1;
+                }
+                if cap != usize::MAX {
+                    assert!(
+                        set.held_bytes() <= cap + 64 * 1024,
+                        "seed {seed}: {} held",
+                        set.held_bytes()
+                    );
+                }
+                assert_eq!(set.counters().readers, active.len(), "seed {seed}");
+            }
+            for id in active.keys() {
+                set.remove(*id);
+            }
+            assert_eq!(set.held_bytes(), 0, "seed {seed}");
+            assert!(finished > 0, "seed {seed}: some reader finished");
+        }
+        assert!(evictions > 0, "the capped seeds reached the cap");
     }
 
     #[test]
