@@ -93,7 +93,7 @@ struct Args {
     /// copied on write (1 to 1048576). Slaves joining at about the same time
     /// share one snapshot. At the cap the snapshot stops taking late joiners
     /// and then its slowest receiver is disconnected (logged); that slave
-    /// registers again after its reconnect backoff. Writes are never refused.
+    /// registers again after its reconnect backoff. No write is refused for it.
     #[arg(long = "max-snapshot-memory-mb", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     max_snapshot_memory_mb: u64,

@@ -1328,6 +1328,7 @@ impl Server {
             self.close_writers(targets);
         }
         self.core.stats.snapshots = self.snapshots.counters();
+        self.core.stats.disk_snapshot_held_bytes = self.wal.snapshot_held_bytes();
         self.give_back_snapshot_memory();
         self.forget_led_epoch_once_following();
         self.core.read_gate = self.read_gate();

@@ -70,6 +70,8 @@ pub struct Stats {
     pub txn_backpressure_pauses: u64,
     /// The snapshots streamed to slaves, kept current by the reactor.
     pub snapshots: SnapshotCounters,
+    /// Bytes the copy of a disk snapshot in progress holds, kept current by the reactor.
+    pub disk_snapshot_held_bytes: usize,
     /// Bytes held in partial frames, server-wide, against their budget.
     pub input_budget: Rc<InputBudget>,
     /// Replication lines (role, master or slaves), kept current by the reactor.
@@ -106,6 +108,7 @@ impl Default for Stats {
             connections_closed_slow_frame: 0,
             txn_backpressure_pauses: 0,
             snapshots: SnapshotCounters::default(),
+            disk_snapshot_held_bytes: 0,
             input_budget: Rc::new(InputBudget::new(DEFAULT_INPUT_BUDGET_BYTES)),
             replication: "role master\n".to_string(),
             wal: String::new(),
@@ -196,6 +199,7 @@ impl Stats {
         line("snapshot_receivers", &self.snapshots.readers);
         line("snapshot_joins", &self.snapshots.joins);
         line("snapshot_cap_evictions", &self.snapshots.cap_evictions);
+        line("disk_snapshot_held_bytes", &self.disk_snapshot_held_bytes);
         line("partial_frame_bytes", &self.input_budget.used());
         line("partial_frame_refusals", &self.input_budget.refusals());
         text.push_str(&self.wal);
