@@ -83,6 +83,20 @@ struct Args {
     #[arg(long = "repl-backlog-mb", default_value_t = 8,
           value_parser = clap::value_parser!(u64).range(0..=4096))]
     repl_backlog_mb: u64,
+    /// Master: replicated transactions (batches of writes) in flight at once
+    /// (1 to 1000000). At the bound the server stops reading writes from
+    /// clients until one ends (backpressure); no write is refused for it.
+    #[arg(long = "max-inflight-txns", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_inflight_txns: u64,
+    /// Master: MiB that snapshots being streamed to slaves may hold in shards
+    /// copied on write (1 to 1048576). Slaves joining at about the same time
+    /// share one snapshot. At the cap the snapshot stops taking late joiners
+    /// and then its slowest receiver is disconnected (logged); that slave
+    /// registers again after its reconnect backoff. No write is refused for it.
+    #[arg(long = "max-snapshot-memory-mb", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    max_snapshot_memory_mb: u64,
     /// Client connections open at once; more are accepted and closed at once.
     #[arg(long = "max-connections", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
@@ -312,6 +326,8 @@ fn main() -> ExitCode {
         min_slaves: args.min_slaves as usize,
         repl_backlog_bytes: (args.repl_backlog_mb as usize) << 20,
         max_connections: args.max_connections as usize,
+        max_inflight_txns: args.max_inflight_txns as usize,
+        max_snapshot_bytes: (args.max_snapshot_memory_mb as usize) << 20,
         idle_timeout_ms: args.timeout * 1000,
         frame_timeout_ms: args.frame_timeout_ms,
         partial_frame_budget_bytes: (args.partial_frame_budget_mb as usize) << 20,

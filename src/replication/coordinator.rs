@@ -77,8 +77,10 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval_ms: u64,
     /// Silence after which a slave is evicted even with no transaction in flight.
     pub peer_timeout_ms: u64,
-    /// Bound on transactions in flight; beyond it writes are refused (the reactor
-    /// should stop reading from clients well before).
+    /// Bound on transactions in flight (`--max-inflight-txns`). The reactor
+    /// stops reading writes from clients while it is reached
+    /// ([`Coordinator::at_inflight_bound`]), so a batch beyond it is never
+    /// submitted; one that is anyway is refused, as a last resort.
     pub max_inflight_txns: usize,
     /// Identity of the history this master's commit sequence numbers belong to,
     /// sent in REGISTERED. A master that restarts without its data starts a new
@@ -488,6 +490,18 @@ impl Coordinator {
         self.txns.len()
     }
 
+    /// The commit log holds every commit after this seq: a slave may catch
+    /// up from any seq at or above it.
+    pub fn log_floor(&self) -> u64 {
+        self.log.floor()
+    }
+
+    /// Whether the transactions in flight reached `max_inflight_txns`: the
+    /// reactor holds the next batch and reads no more writes until one ends.
+    pub fn at_inflight_bound(&self) -> bool {
+        self.txns.len() >= self.config.max_inflight_txns
+    }
+
     /// State of transaction `seq`, if still in flight.
     pub fn txn_state(&self, seq: u64) -> Option<&TxnState> {
         self.txns.get(&seq).map(|t| &t.state)
@@ -576,6 +590,7 @@ impl Coordinator {
             }
             Event::TimerFired { timer } => self.on_timer(now_ms, timer),
             Event::SnapshotSent { peer, at_seq } => self.on_snapshot_sent(now_ms, peer, at_seq),
+            Event::SnapshotJoined { peer, at_seq } => self.on_snapshot_joined(peer, at_seq),
             Event::SnapshotProgress {
                 peer,
                 at_seq,
@@ -1239,6 +1254,30 @@ impl Coordinator {
         } else {
             self.retry_snapshot_later(now_ms, peer, retry_at_ms);
         }
+    }
+
+    /// The reactor gave `peer` a snapshot already streaming to others, at
+    /// `at_seq`, instead of a new one: the slave is sent the backlog from
+    /// there, and the log is pinned there for it too.
+    fn on_snapshot_joined(&mut self, peer: PeerId, at_seq: u64) {
+        let Some(SlaveState::Snapshotting { at_seq: asked }) =
+            self.members.get(peer).map(|s| s.state)
+        else {
+            return;
+        };
+        if at_seq > asked {
+            debug_assert!(
+                false,
+                "a shared snapshot is never newer than the one asked for"
+            );
+            return;
+        }
+        self.members
+            .set_state(peer, SlaveState::Snapshotting { at_seq });
+        if let Some(track) = self.snapshots.get_mut(&peer) {
+            track.at_seq = at_seq;
+        }
+        self.pin_log();
     }
 
     /// The snapshot to `peer` drained (the reactor reports only then): the

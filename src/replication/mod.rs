@@ -201,6 +201,16 @@ pub enum Event {
         /// The snapshot's sequence number, echoed.
         at_seq: u64,
     },
+    /// Master: the link of `peer` was given, for the [`Action::StartSnapshot`]
+    /// just executed, the snapshot at `at_seq` (older than the one asked
+    /// for) that is already streaming to other slaves: one copy serves them
+    /// all. The slave catches up from `at_seq`, which the commit log covered.
+    SnapshotJoined {
+        /// The link.
+        peer: PeerId,
+        /// The shared snapshot's sequence number.
+        at_seq: u64,
+    },
     /// Master: the link of `peer`, streaming the snapshot started by
     /// [`Action::StartSnapshot`], wrote some of it to its socket, and this far
     /// it has been streamed. A slave sends nothing while it receives a

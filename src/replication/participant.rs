@@ -326,6 +326,7 @@ impl Participant {
             Event::ClientWrites { .. }
             | Event::SnapshotSent { .. }
             | Event::SnapshotProgress { .. }
+            | Event::SnapshotJoined { .. }
             | Event::SyncSetRecorded { .. } => {
                 warn!("participant ignores master-side event {event:?}");
             }

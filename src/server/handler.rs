@@ -289,8 +289,13 @@ pub struct Core {
     /// Writes received in this loop iteration, in arrival order.
     pub batch: Vec<ClientWrite>,
     batch_bytes: usize,
-    /// Connections (slab keys) that stopped reading because the batch was full.
+    /// Connections (slab keys) that stopped reading because the batch was full
+    /// or writes were paused.
     pub batch_waiters: Vec<usize>,
+    /// The master's transactions in flight are at their bound: no write joins
+    /// the batch (the connection stops reading) until one ends. Backpressure,
+    /// where refusing the write would fail a client for the master's being busy.
+    pub writes_paused: bool,
     /// The UDP socket stopped reading because the batch was full.
     pub udp_waiting: bool,
     /// The UDP socket stopped reading after repeated receive errors; read it again soon.
@@ -387,6 +392,7 @@ impl Core {
             batch: Vec::new(),
             batch_bytes: 0,
             batch_waiters: Vec::new(),
+            writes_paused: false,
             udp_waiting: false,
             udp_retry: false,
             waiting: WaitingTable::default(),
@@ -589,9 +595,11 @@ impl Core {
         Some((waiting.target, completion))
     }
 
-    /// Whether the current batch is full; callers stop taking writes until it is submitted.
+    /// Whether the current batch takes no more writes (full, or writes paused
+    /// for the in-flight bound); callers stop taking writes until the reactor
+    /// resumes them (`batch_waiters`, `udp_waiting`).
     pub fn batch_full(&self) -> bool {
-        self.batch_bytes >= MAX_BATCH_BYTES
+        self.batch_bytes >= MAX_BATCH_BYTES || self.writes_paused
     }
 
     /// Take the batch for submission as one transaction.
@@ -1058,6 +1066,16 @@ mod tests {
             Outcome::Answered
         );
         assert_eq!(answer(&out), (Status::Ok as u8, 0));
+    }
+
+    #[test]
+    fn paused_writes_make_the_batch_take_no_more() {
+        let mut core = Core::new(1 << 20, Mode::Master);
+        assert!(!core.batch_full());
+        core.writes_paused = true;
+        assert!(core.batch_full(), "callers stop taking writes while paused");
+        core.writes_paused = false;
+        assert!(!core.batch_full());
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod limits;
 mod multi;
 mod peer;
 mod resp;
+mod snapshots;
 mod stats;
 mod stream;
 mod timers;
@@ -60,6 +61,7 @@ use handler::{Mode, ReadGate, ReplyTarget};
 pub use limits::UdpLimitScope;
 use limits::{InputBudget, Timeouts, Verdict};
 use peer::PeerLink;
+use snapshots::SnapshotSet;
 pub use stats::DEFAULT_INPUT_BUDGET_BYTES;
 use stream::Framed;
 use timers::Timers;
@@ -75,6 +77,9 @@ const FIRST_LINK: usize = 3;
 const PORT_ZERO_ATTEMPTS: usize = 32;
 /// Milliseconds between attempts to accept after running out of descriptors.
 const ACCEPT_RETRY_MS: u64 = 50;
+/// Bytes of snapshot copies freed after which the freed memory is given back
+/// to the system (`Server::give_back_snapshot_memory`).
+const TRIM_AFTER_FREED_BYTES: usize = 16 << 20;
 /// Replication links a master accepts (each may hold a snapshot copy and large buffers).
 const MAX_PEER_LINKS: usize = 64;
 /// A slave's dial to its master that is still unanswered after this is
@@ -123,6 +128,12 @@ pub struct Config {
     pub resync_discard_data: bool,
     /// Client connections open at once; more are accepted and closed at once.
     pub max_connections: usize,
+    /// Master: transactions in flight at once; at the bound client writes are
+    /// no longer read until one ends (`--max-inflight-txns`).
+    pub max_inflight_txns: usize,
+    /// Master: bytes the snapshots streamed to slaves may hold in copied
+    /// shards (`--max-snapshot-memory-mb`).
+    pub max_snapshot_bytes: usize,
     /// Close a client connection idle this long (0 = never).
     pub idle_timeout_ms: u64,
     /// Close a client connection whose frame, once begun, takes longer than this to arrive.
@@ -283,6 +294,11 @@ impl Role {
         }
     }
 
+    /// A master whose transactions in flight are at their bound.
+    fn at_inflight_bound(&self) -> bool {
+        matches!(self, Role::Master(c) if c.at_inflight_bound())
+    }
+
     /// The history the store's position belongs to.
     fn history_id(&self) -> u64 {
         match self {
@@ -393,6 +409,11 @@ pub struct Server {
     touched: Vec<usize>,
     /// Replication links with output queued.
     dirty_peers: Vec<usize>,
+    /// The snapshots streamed to slaves, shared by the links reading them.
+    snapshots: SnapshotSet,
+    /// The most their copies held since memory was last given back to the
+    /// system (`give_back_snapshot_memory`).
+    snapshot_held_peak: usize,
     /// Whether STATS' replication lines need refreshing.
     replication_changed: bool,
     /// Failed attempts to reach the master since the last success.
@@ -561,6 +582,7 @@ impl Server {
             max_slave_lag_ms: config.max_slave_lag_ms,
             min_slaves: config.min_slaves,
             log_max_bytes: config.repl_backlog_bytes,
+            max_inflight_txns: config.max_inflight_txns,
             ..CoordinatorConfig::default()
         };
         let announce = Announce::new(config, addr);
@@ -671,6 +693,8 @@ impl Server {
             completions: VecDeque::new(),
             touched: Vec::new(),
             dirty_peers: Vec::new(),
+            snapshots: SnapshotSet::new(config.max_snapshot_bytes),
+            snapshot_held_peak: 0,
             replication_changed: true,
             connect_failures: 0,
             master_dial: None,
@@ -1207,15 +1231,16 @@ impl Server {
         let id = link.id;
         let streaming = link.streaming_snapshot();
         let written = link.io.bytes_written();
-        let flushed = link.flush(&self.core.store);
+        let flushed = link.flush(&self.core.store, &mut self.snapshots);
         if std::mem::take(&mut link.flush_yielded) && !self.deferred_flushes.contains(&key) {
             self.deferred_flushes.push(key);
         }
         // Reported only when the slave drained something: that is hearing
         // from it (it sends nothing meanwhile), and the write throttle paces
         // writes to the stream's progress.
-        let progress = link
-            .snapshot_progress()
+        let progress = self
+            .snapshots
+            .progress(id.0)
             .filter(|_| streaming && link.io.bytes_written() > written);
         match flushed {
             Ok(Some(at_seq)) => self.feed(Event::SnapshotSent { peer: id, at_seq }),
@@ -1250,6 +1275,8 @@ impl Server {
         };
         let _ = self.poll.registry().deregister(&mut link.io.stream);
         self.peers.remove(&link.id);
+        // Its snapshot's copies go with its last reader.
+        self.snapshots.remove(link.id.0);
         self.replication_changed = true;
         Some(link.id)
     }
@@ -1281,15 +1308,17 @@ impl Server {
                 let now = self.now_ms();
                 self.write_hold_until = self.role.write_hold(now);
             }
-            if !self.core.batch.is_empty() && self.write_hold_until.is_none() {
+            // At the in-flight bound the batch waits (a read that met an
+            // expired key may have added a deletion to it) for a transaction
+            // to end; the decisions that end them come from the links, which
+            // are read whatever this gate says.
+            let at_bound = self.role.at_inflight_bound();
+            if !self.core.batch.is_empty() && self.write_hold_until.is_none() && !at_bound {
                 let writes = self.core.take_batch();
                 self.feed(Event::ClientWrites { writes });
-                let waiters = std::mem::take(&mut self.core.batch_waiters);
-                self.touched.extend(waiters);
-                if std::mem::take(&mut self.core.udp_waiting)
-                    && let Some(udp) = self.udp.as_mut()
-                {
-                    udp.on_readable(&mut self.core);
+                self.update_write_gate();
+                if !self.core.writes_paused {
+                    self.resume_writers();
                 }
             }
             self.run_actions();
@@ -1300,6 +1329,7 @@ impl Server {
                 self.flush_peer(key);
             }
             self.run_actions();
+            self.update_write_gate();
             let touched = std::mem::take(&mut self.touched);
             for key in touched {
                 self.drive_client(key, false, false);
@@ -1308,8 +1338,9 @@ impl Server {
             self.pump_forward();
             // A resumed connection may have become a peer link and fed the role.
             self.run_actions();
-            // A batch held back for a snapshot is no work until the hold ends.
-            let held = self.write_hold_until.is_some();
+            // A batch held back for a snapshot, or for the in-flight bound, is
+            // no work until the hold ends.
+            let held = self.write_hold_until.is_some() || self.role.at_inflight_bound();
             if (self.core.batch.is_empty() || held)
                 && self.touched.is_empty()
                 && self.dirty_peers.is_empty()
@@ -1343,6 +1374,9 @@ impl Server {
             }
             self.close_writers(targets);
         }
+        self.core.stats.snapshots = self.snapshots.counters();
+        self.core.stats.disk_snapshot_held_bytes = self.wal.snapshot_held_bytes();
+        self.give_back_snapshot_memory();
         self.forget_led_epoch_once_following();
         self.core.read_gate = self.read_gate();
         let alone = matches!(&self.role, Role::Master(c) if c.members().in_sync_count() == 0);
@@ -1374,6 +1408,36 @@ impl Server {
         work_left
     }
 
+    /// Pause or resume the intake of client writes as the transactions in
+    /// flight reach or leave their bound (backpressure: a connection stops
+    /// reading at its next write, the UDP socket stops reading; nothing is
+    /// refused). Resuming wakes everyone who stopped.
+    fn update_write_gate(&mut self) {
+        let paused = self.role.at_inflight_bound();
+        if paused == self.core.writes_paused {
+            return;
+        }
+        self.core.writes_paused = paused;
+        if paused {
+            self.core.stats.txn_backpressure_pauses += 1;
+            debug!("transactions in flight at their bound: client writes paused");
+        } else {
+            self.resume_writers();
+        }
+    }
+
+    /// Drive again the connections and the UDP socket that stopped at a full
+    /// batch or paused writes.
+    fn resume_writers(&mut self) {
+        let waiters = std::mem::take(&mut self.core.batch_waiters);
+        self.touched.extend(waiters);
+        if std::mem::take(&mut self.core.udp_waiting)
+            && let Some(udp) = self.udp.as_mut()
+        {
+            udp.on_readable(&mut self.core);
+        }
+    }
+
     /// Whether reads may be served: a slave only within the read lease its
     /// participant holds (unless it serves stale reads by choice).
     fn read_gate(&self) -> ReadGate {
@@ -1400,6 +1464,9 @@ impl Server {
                         self.feed(event);
                         continue;
                     }
+                    if self.drop_snapshot_evictions() {
+                        continue;
+                    }
                     // Everything this round appended goes to the log in one write
                     // (and, under --fsync always, one sync in flight at a time).
                     match self.wal.flush() {
@@ -1409,6 +1476,61 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Once the snapshots' copies shrank by [`TRIM_AFTER_FREED_BYTES`], or the
+    /// last snapshot is gone, hand the freed pages back to the system. A copy
+    /// is one allocation per shard (tens of KiB), which glibc's malloc serves
+    /// from its heap, among the store's own allocations, and keeps when
+    /// freed: without this, an evicted receiver's copy stayed in the master's
+    /// RSS (tests/rejoin.rs). `malloc_trim` releases every free whole page of
+    /// the heap. It walks the heap's free chunks, which costs the turn it runs
+    /// in (26 ms was seen once with a 180 MB heap on the loaded 2-core
+    /// machine), so it runs only after that much was freed, a few times per
+    /// snapshot, never per write.
+    fn give_back_snapshot_memory(&mut self) {
+        let held = self.snapshots.held_bytes();
+        self.snapshot_held_peak = self.snapshot_held_peak.max(held);
+        let freed = self.snapshot_held_peak - held;
+        // The last snapshot gone, what is left since the last trim goes back too.
+        if freed < TRIM_AFTER_FREED_BYTES && (held > 0 || freed == 0) {
+            return;
+        }
+        self.snapshot_held_peak = held;
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            let started = Instant::now();
+            // SAFETY: malloc_trim only releases free memory of the allocator;
+            // it takes no pointer and has no precondition.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+            debug!(
+                "gave freed snapshot memory back to the system in {} us",
+                started.elapsed().as_micros()
+            );
+        }
+    }
+
+    /// Close the links whose snapshot was dropped at the memory cap; returns
+    /// whether there were any (their loss is an event with actions to run).
+    fn drop_snapshot_evictions(&mut self) -> bool {
+        let evicted = self.snapshots.take_evicted();
+        let any = !evicted.is_empty();
+        for e in evicted {
+            let peer = PeerId(e.reader);
+            if let Some(&key) = self.peers.get(&peer) {
+                if let Some(Link::Peer(link)) = self.links.get(key) {
+                    warn!(
+                        "{}: disconnecting a snapshot receiver at the memory cap: {}; it \
+                         registers again after its reconnect backoff",
+                        link.addr, e.reason
+                    );
+                }
+                self.lose_peer(key, "snapshot dropped at the memory cap");
+            }
+        }
+        any
     }
 
     /// The next completion; consecutive `Persisted` ones collapse into the highest.
@@ -1432,7 +1554,7 @@ impl Server {
                     // Flush what was queued (e.g. a refusal) before closing.
                     self.flush_peer(key);
                     if let Some(Link::Peer(link)) = self.links.get(key)
-                        && let Some(summary) = link.snapshot_summary()
+                        && let Some(summary) = link.snapshot_summary(&self.snapshots)
                     {
                         info!("{}: dropping the {summary}", link.addr);
                     }
@@ -1460,12 +1582,31 @@ impl Server {
                 if let Some(&key) = self.peers.get(&peer)
                     && let Some(Link::Peer(link)) = self.links.get_mut(key)
                 {
-                    info!(
-                        "streaming a snapshot of {} keys at seq {at_seq} to {} (copied shard by shard)",
-                        self.core.store.len(),
-                        link.addr
-                    );
-                    link.start_snapshot(at_seq);
+                    // A snapshot already streaming is shared if the log still
+                    // holds what a receiver of it needs after it.
+                    let log_floor = match &self.role {
+                        Role::Master(c) => c.log_floor(),
+                        Role::Slave { .. } | Role::Standby(_) => at_seq,
+                    };
+                    let sent_at = self.snapshots.start(peer.0, at_seq, log_floor);
+                    if sent_at == at_seq {
+                        info!(
+                            "streaming a snapshot of {} keys at seq {at_seq} to {} (copied shard by shard)",
+                            self.core.store.len(),
+                            link.addr
+                        );
+                    } else {
+                        info!(
+                            "streaming to {} the snapshot at seq {sent_at} already streaming to \
+                             others (shared: no copy of its own; it catches up from seq {sent_at})",
+                            link.addr
+                        );
+                        self.completions.push_back(Event::SnapshotJoined {
+                            peer,
+                            at_seq: sent_at,
+                        });
+                    }
+                    link.start_snapshot(sent_at);
                     self.dirty_peers.push(key);
                 }
             }
@@ -1602,11 +1743,7 @@ impl Server {
         for (i, op) in ops.iter().enumerate() {
             let Some(write) = crate::wal::replay::store_write(op) else {
                 self.wal.before_clear(&self.core.store);
-                for &key in self.peers.values() {
-                    if let Some(Link::Peer(link)) = self.links.get_mut(key) {
-                        link.before_clear(&self.core.store);
-                    }
-                }
+                self.snapshots.before_clear(&self.core.store);
                 self.core.store.clear();
                 if let Some(&client) = replies.get(i) {
                     self.reply(client, Status::Ok, seq, &[]);
@@ -1615,11 +1752,7 @@ impl Server {
             };
             // A snapshot being streamed or written keeps the key's shard as it was at its start.
             self.wal.before_write(&self.core.store, op.key());
-            for &key in self.peers.values() {
-                if let Some(Link::Peer(link)) = self.links.get_mut(key) {
-                    link.before_write(&self.core.store, op.key());
-                }
-            }
+            self.snapshots.before_write(&self.core.store, op.key());
             let applied = match hashes.get(i) {
                 Some(&hash) => self.core.store.apply_hashed(write, seq, hash),
                 None => self.core.store.apply(write, seq),

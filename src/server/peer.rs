@@ -5,15 +5,15 @@
 
 use std::net::SocketAddr;
 
-use crate::protocol::peer::{PeerError, PeerMessage, SnapshotEntry, decode_peer, opcode};
+use crate::protocol::peer::{PeerError, PeerMessage, decode_peer, opcode};
 use crate::protocol::peer_auth::{
     AUTH_CHALLENGE, AUTH_HELLO, AUTH_PROOF, AuthError, AuthFrame, PeerAuth,
 };
 use crate::protocol::{HEADER_LEN, Header};
 use crate::replication::PeerId;
 use crate::store::Store;
-use crate::store::snapshot::{ShardCopy, decode_entry};
 
+use super::snapshots::SnapshotSet;
 use super::stream::{Filled, Framed};
 
 /// A snapshot chunk is cut after this many bytes of entries.
@@ -62,6 +62,8 @@ pub enum LinkError {
     WrongDirection(u8),
     /// The peer let too much output pile up.
     NotReading(usize),
+    /// The snapshot being streamed was dropped at the memory cap.
+    SnapshotDropped,
     /// The cluster-secret handshake failed (docs/SECURITY.md).
     Auth(AuthError),
     /// A message of another leadership epoch than the link's: from a master
@@ -86,6 +88,10 @@ impl std::fmt::Display for LinkError {
             LinkError::NotReading(unsent) => {
                 write!(f, "peer is not reading: {unsent} bytes unsent")
             }
+            LinkError::SnapshotDropped => write!(
+                f,
+                "its snapshot was dropped at the memory cap (--max-snapshot-memory-mb)"
+            ),
             LinkError::Auth(e) => write!(f, "authentication failed: {e}"),
             LinkError::Epoch { theirs, ours } => write!(
                 f,
@@ -95,50 +101,13 @@ impl std::fmt::Display for LinkError {
     }
 }
 
-/// A snapshot being sent in chunks: a [`ShardCopy`] of the store as of `at_seq`.
+/// A snapshot being sent in chunks; its entries come from the server's
+/// [`SnapshotSet`], where this link is a reader named by its `PeerId`.
 #[derive(Debug)]
 struct SnapshotStream {
     at_seq: u64,
-    copy: ShardCopy,
     /// The link's `bytes_written` when the stream began.
     written_at_start: u64,
-}
-
-impl SnapshotStream {
-    fn new(at_seq: u64, written_at_start: u64) -> SnapshotStream {
-        SnapshotStream {
-            at_seq,
-            copy: ShardCopy::new(),
-            written_at_start,
-        }
-    }
-
-    /// `key` is about to change: keep its shard's state as of the snapshot.
-    fn before_write(&mut self, store: &Store, key: &[u8]) {
-        self.copy.before_write(store, key);
-    }
-
-    /// The next chunk message; `last` is set on the final one.
-    fn next_chunk(&mut self, store: &Store) -> PeerMessage {
-        self.copy.fill(store, SNAPSHOT_CHUNK_BYTES);
-        let mut entries = Vec::new();
-        let mut bytes = self.copy.take(SNAPSHOT_CHUNK_BYTES);
-        while let Some((e, used)) = decode_entry(bytes) {
-            entries.push(SnapshotEntry {
-                key: e.key.to_vec(),
-                value: e.value.to_vec(),
-                version: e.version,
-                deadline_ms: e.deadline_ms,
-            });
-            bytes = &bytes[used..];
-        }
-        self.copy.compact();
-        PeerMessage::SnapshotChunk {
-            snapshot_seq: self.at_seq,
-            entries,
-            last: self.copy.is_done(),
-        }
-    }
 }
 
 /// One replication link.
@@ -388,11 +357,15 @@ impl PeerLink {
     /// Write queued output; refill it from a snapshot in progress, at most
     /// `SNAPSHOT_CHUNKS_PER_TURN` chunks (then `flush_yielded` is set).
     /// Returns the snapshot's sequence number once its last chunk is queued.
-    pub fn flush(&mut self, store: &Store) -> Result<Option<u64>, LinkError> {
+    pub fn flush(
+        &mut self,
+        store: &Store,
+        snapshots: &mut SnapshotSet,
+    ) -> Result<Option<u64>, LinkError> {
         let mut finished = None;
         for queued in 0.. {
             self.io.flush().map_err(|e| LinkError::Io(e.to_string()))?;
-            let Some(snapshot) = self.snapshot.as_mut() else {
+            let Some(snapshot) = self.snapshot.as_ref() else {
                 break;
             };
             if self.io.pending_output() >= SNAPSHOT_LOW_WATER_BYTES {
@@ -402,11 +375,15 @@ impl PeerLink {
                 self.flush_yielded = true;
                 break;
             }
-            let chunk = snapshot.next_chunk(store);
+            let at_seq = snapshot.at_seq;
+            let Some(chunk) = snapshots.next_chunk(self.id.0, store, SNAPSHOT_CHUNK_BYTES) else {
+                self.snapshot = None;
+                return Err(LinkError::SnapshotDropped);
+            };
             let last = matches!(chunk, PeerMessage::SnapshotChunk { last: true, .. });
             chunk.encode_in_epoch(&mut self.io.output, self.epoch);
             if last {
-                finished = Some(snapshot.at_seq);
+                finished = Some(at_seq);
                 self.snapshot = None;
             }
         }
@@ -416,10 +393,13 @@ impl PeerLink {
         Ok(finished)
     }
 
-    /// Start streaming a copy of the store as it is now (copied lazily: call
-    /// [`PeerLink::before_write`] before every write from here on).
+    /// Start streaming the snapshot at `at_seq` this link reads in the
+    /// server's [`SnapshotSet`] (started there first).
     pub fn start_snapshot(&mut self, at_seq: u64) {
-        self.snapshot = Some(SnapshotStream::new(at_seq, self.io.bytes_written()));
+        self.snapshot = Some(SnapshotStream {
+            at_seq,
+            written_at_start: self.io.bytes_written(),
+        });
     }
 
     /// Whether a snapshot is being streamed (its last chunk not queued yet).
@@ -429,153 +409,22 @@ impl PeerLink {
 
     /// What a snapshot in progress has cost so far, for the log line of a
     /// link dropped while streaming one.
-    pub fn snapshot_summary(&self) -> Option<String> {
+    pub fn snapshot_summary(&self, snapshots: &SnapshotSet) -> Option<String> {
         let snapshot = self.snapshot.as_ref()?;
+        let (entries, held) = snapshots.summary(self.id.0).unwrap_or((0, 0));
         Some(format!(
-            "snapshot at seq {}: {} entries copied, {} bytes sent, {} bytes unsent, \
-             {} bytes of copy released",
+            "snapshot at seq {}: {entries} entries staged, {} bytes sent, {} bytes unsent, \
+             {held} bytes held by the snapshot it shares",
             snapshot.at_seq,
-            snapshot.copy.entries(),
             self.io.bytes_written() - snapshot.written_at_start,
             self.io.pending_output(),
-            snapshot.copy.held_bytes()
         ))
-    }
-
-    /// The snapshot being streamed, if any: its sequence number and the
-    /// thousandths of the store copied into the stream so far.
-    pub fn snapshot_progress(&self) -> Option<(u64, u64)> {
-        let s = self.snapshot.as_ref()?;
-        Some((s.at_seq, s.copy.scanned_per_mille()))
-    }
-
-    /// `key` is about to change in `store`: preserve what the snapshot must send.
-    pub fn before_write(&mut self, store: &Store, key: &[u8]) {
-        if let Some(snapshot) = self.snapshot.as_mut() {
-            snapshot.before_write(store, key);
-        }
-    }
-
-    /// The whole store is about to be cleared: a snapshot being streamed copies
-    /// every shard it has not sent yet, so it stays as of its start.
-    pub fn before_clear(&mut self, store: &Store) {
-        if let Some(snapshot) = self.snapshot.as_mut() {
-            snapshot.copy.before_clear(store);
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn snapshot_chunks_cover_every_entry_once() {
-        let mut store = Store::new();
-        for i in 0..5000u64 {
-            store.set(
-                format!("key{i}").as_bytes(),
-                &vec![b'v'; (i % 300) as usize],
-                i + 1,
-            );
-        }
-        let mut stream = SnapshotStream::new(5000, 0);
-        let mut seen = Store::new();
-        let mut chunks = 0;
-        loop {
-            let PeerMessage::SnapshotChunk {
-                snapshot_seq,
-                entries,
-                last,
-            } = stream.next_chunk(&store)
-            else {
-                panic!("not a chunk");
-            };
-            assert_eq!(snapshot_seq, 5000);
-            chunks += 1;
-            for e in entries {
-                assert!(seen.get(&e.key).is_none(), "entry sent twice");
-                seen.set(&e.key, &e.value, e.version);
-            }
-            if last {
-                break;
-            }
-        }
-        assert!(chunks > 1, "a large store is cut into several chunks");
-        assert_eq!(seen.len(), store.len());
-        for block in store.iter() {
-            assert_eq!(
-                seen.get(block.key()),
-                Some((block.value(), block.version()))
-            );
-        }
-    }
-
-    #[test]
-    fn writes_during_the_stream_do_not_leak_into_it() {
-        let mut store = Store::new();
-        for i in 0..20_000u64 {
-            store.set(format!("key{i}").as_bytes(), &[b'a'; 100], 1);
-        }
-        let expected: Vec<(Vec<u8>, Vec<u8>, u64)> = store
-            .iter()
-            .map(|b| (b.key().to_vec(), b.value().to_vec(), b.version()))
-            .collect();
-        let mut stream = SnapshotStream::new(1, 0);
-        let mut seen = Store::new();
-        let mut round = 0u64;
-        loop {
-            let PeerMessage::SnapshotChunk { entries, last, .. } = stream.next_chunk(&store) else {
-                panic!("not a chunk");
-            };
-            for e in entries {
-                assert!(seen.get(&e.key).is_none(), "entry sent twice");
-                seen.set(&e.key, &e.value, e.version);
-            }
-            if last {
-                break;
-            }
-            // Between chunks, overwrite, delete and add keys, as the reactor
-            // would after calling before_write.
-            round += 1;
-            for j in 0..200u64 {
-                let key = format!("key{}", (round * 997 + j * 31) % 20_000);
-                stream.before_write(&store, key.as_bytes());
-                if j % 3 == 0 {
-                    store.apply(
-                        crate::store::Write::Delete {
-                            key: key.as_bytes(),
-                        },
-                        round + 1,
-                    );
-                } else {
-                    store.set(key.as_bytes(), b"changed", round + 1);
-                }
-                let new_key = format!("new{round}-{j}");
-                stream.before_write(&store, new_key.as_bytes());
-                store.set(new_key.as_bytes(), b"new", round + 1);
-            }
-        }
-        assert!(round > 1, "the stream took several chunks");
-        assert_eq!(seen.len(), expected.len());
-        for (key, value, version) in expected {
-            assert_eq!(seen.get(&key), Some((&value[..], version)));
-        }
-    }
-
-    #[test]
-    fn empty_store_is_one_last_chunk() {
-        let store = Store::new();
-        let mut stream = SnapshotStream::new(7, 0);
-        assert_eq!(
-            stream.next_chunk(&store),
-            PeerMessage::SnapshotChunk {
-                snapshot_seq: 7,
-                entries: Vec::new(),
-                last: true
-            }
-        );
-    }
 
     #[test]
     fn one_flush_queues_a_bounded_part_of_a_large_snapshot() {
@@ -612,11 +461,13 @@ mod tests {
         while link.io.stream.peer_addr().is_err() {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        let mut snapshots = SnapshotSet::new(usize::MAX);
+        snapshots.start(link.id.0, 1, 0);
         link.start_snapshot(1);
         let mut flushes = 0;
         loop {
             flushes += 1;
-            let finished = link.flush(&store).expect("flush");
+            let finished = link.flush(&store, &mut snapshots).expect("flush");
             if finished.is_some() {
                 break;
             }

@@ -8,6 +8,7 @@ use crate::protocol::Opcode;
 use crate::store::Store;
 
 use super::limits::InputBudget;
+use super::snapshots::SnapshotCounters;
 
 /// Counter slots per opcode byte (client opcodes are 0x01..=0x0B).
 const OP_SLOTS: usize = 16;
@@ -64,6 +65,13 @@ pub struct Stats {
     pub connections_closed_idle: u64,
     /// Connections closed because a frame took longer than the frame timeout to arrive.
     pub connections_closed_slow_frame: u64,
+    /// Times client writes were paused because the transactions in flight
+    /// reached `--max-inflight-txns` (backpressure, not refusal).
+    pub txn_backpressure_pauses: u64,
+    /// The snapshots streamed to slaves, kept current by the reactor.
+    pub snapshots: SnapshotCounters,
+    /// Bytes the copy of a disk snapshot in progress holds, kept current by the reactor.
+    pub disk_snapshot_held_bytes: usize,
     /// Bytes held in partial frames, server-wide, against their budget.
     pub input_budget: Rc<InputBudget>,
     /// Replication lines (role, master or slaves), kept current by the reactor.
@@ -98,6 +106,9 @@ impl Default for Stats {
             longest_sweep_us: 0,
             connections_closed_idle: 0,
             connections_closed_slow_frame: 0,
+            txn_backpressure_pauses: 0,
+            snapshots: SnapshotCounters::default(),
+            disk_snapshot_held_bytes: 0,
             input_budget: Rc::new(InputBudget::new(DEFAULT_INPUT_BUDGET_BYTES)),
             replication: "role master\n".to_string(),
             wal: String::new(),
@@ -181,6 +192,14 @@ impl Stats {
             "connections_closed_slow_frame",
             &self.connections_closed_slow_frame,
         );
+        line("txn_backpressure_pauses", &self.txn_backpressure_pauses);
+        line("snapshot_held_bytes", &self.snapshots.held_bytes);
+        line("snapshot_max_bytes", &self.snapshots.max_bytes);
+        line("snapshots_streaming", &self.snapshots.streaming);
+        line("snapshot_receivers", &self.snapshots.readers);
+        line("snapshot_joins", &self.snapshots.joins);
+        line("snapshot_cap_evictions", &self.snapshots.cap_evictions);
+        line("disk_snapshot_held_bytes", &self.disk_snapshot_held_bytes);
         line("partial_frame_bytes", &self.input_budget.used());
         line("partial_frame_refusals", &self.input_budget.refusals());
         text.push_str(&self.wal);

@@ -77,6 +77,34 @@ pub fn decode_entry(bytes: &[u8]) -> Option<(EntryRef<'_>, usize)> {
     ))
 }
 
+/// Append every entry of `store`'s shard `shard` to `out` with [`encode_entry`];
+/// returns how many.
+pub fn encode_shard(store: &Store, shard: usize, out: &mut Vec<u8>) -> u64 {
+    let mut entries = 0;
+    for block in store.iter_shard(shard) {
+        let deadline = block.deadline().unwrap_or(0);
+        encode_entry(out, block.key(), block.value(), block.version(), deadline);
+        entries += 1;
+    }
+    entries
+}
+
+/// Bytes [`encode_shard`] appends for `store`'s shard `shard`, so that a copy
+/// of it is allocated once, at its size.
+pub fn encoded_shard_len(store: &Store, shard: usize) -> usize {
+    store
+        .iter_shard(shard)
+        .map(|block| {
+            let deadline = if block.deadline().unwrap_or(0) > 0 {
+                8
+            } else {
+                0
+            };
+            ENTRY_HEADER_BYTES + deadline + block.key().len() + block.value().len()
+        })
+        .sum()
+}
+
 /// A lazy, exact copy of a store as of the moment it was created.
 ///
 /// Call [`ShardCopy::before_write`] before every write to the store from then
@@ -117,12 +145,7 @@ impl ShardCopy {
             return;
         }
         self.copied[shard] = true;
-        for block in store.iter_shard(shard) {
-            let deadline = block.deadline().unwrap_or(0);
-            let (key, value, version) = (block.key(), block.value(), block.version());
-            encode_entry(&mut self.bytes, key, value, version, deadline);
-            self.entries += 1;
-        }
+        self.entries += encode_shard(store, shard, &mut self.bytes);
     }
 
     /// `key` is about to change in `store`: keep its shard as of the copy.
@@ -252,6 +275,23 @@ mod tests {
         assert_eq!(seen.len(), expected.len());
         for (key, value, version) in expected {
             assert_eq!(seen.get(&key), Some((&value[..], version)));
+        }
+    }
+
+    #[test]
+    fn the_encoded_length_of_a_shard_is_what_encoding_it_appends() {
+        let mut store = Store::new();
+        for i in 0..5_000u64 {
+            let key = format!("key{i}");
+            store.set(key.as_bytes(), &vec![b'v'; (i % 300) as usize], i + 1);
+            if i % 7 == 0 {
+                store.set_deadline(key.as_bytes(), Some(1_000 + i));
+            }
+        }
+        for shard in 0..SHARDS {
+            let mut out = Vec::new();
+            encode_shard(&store, shard, &mut out);
+            assert_eq!(encoded_shard_len(&store, shard), out.len(), "shard {shard}");
         }
     }
 

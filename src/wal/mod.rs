@@ -779,6 +779,12 @@ impl Wal {
         }
     }
 
+    /// Bytes the copy of a disk snapshot in progress holds (0 without one):
+    /// shards copied before a write and not yet handed to the writer thread.
+    pub fn snapshot_held_bytes(&self) -> usize {
+        self.snapshot.as_ref().map_or(0, |s| s.copy.held_bytes())
+    }
+
     /// Copy and hand over one bounded step of a snapshot in progress.
     /// Returns whether more steps can be taken at once.
     pub fn snapshot_step(&mut self, store: &Store) -> bool {

@@ -2021,3 +2021,88 @@ fn a_slave_away_longer_than_a_first_probation_skips_an_escalated_one() {
     ));
     assert_eq!(c.lag_evictions(), 3);
 }
+
+#[test]
+fn the_inflight_bound_is_reached_and_left_as_transactions_end() {
+    let mut c = Coordinator::new(
+        CoordinatorConfig {
+            max_inflight_txns: 2,
+            ..config()
+        },
+        0,
+    );
+    c.handle(0, register(1, 0));
+    c.handle(0, msg(1, PeerMessage::CaughtUp { seq: 0 }));
+    drain(&mut c);
+    assert!(!c.at_inflight_bound());
+    c.handle(1, writes(10, &["a"]));
+    assert!(!c.at_inflight_bound(), "one of two in flight");
+    c.handle(1, writes(20, &["b"]));
+    assert!(
+        c.at_inflight_bound(),
+        "the reactor must hold the next batch now"
+    );
+    drain(&mut c);
+    // The first ends: voted, durable, acknowledged.
+    c.handle(2, yes(1, 1));
+    drain(&mut c);
+    c.handle(3, Event::Persisted { lsn: 1 });
+    drain(&mut c);
+    c.handle(4, msg(1, PeerMessage::Ack { seq: 1 }));
+    assert_eq!(c.in_flight(), 1);
+    assert!(
+        !c.at_inflight_bound(),
+        "below the bound again: writes resume"
+    );
+}
+
+#[test]
+fn a_slave_that_joined_a_shared_snapshot_catches_up_from_its_seq() {
+    let mut c = with_slaves(&[]);
+    for i in 0..6 {
+        c.handle(0, writes(10 + i, &["a"]));
+    }
+    c.handle(0, Event::Persisted { lsn: 6 });
+    drain(&mut c);
+    c.handle(1, register(7, 0)); // log holds 3..=6 only
+    assert_eq!(starts_snapshot(&drain(&mut c)), Some(6));
+    // Two commits later a second slave needs one; the reactor gives it the
+    // snapshot at 6 already streaming to the first.
+    c.handle(2, writes(20, &["b"]));
+    c.handle(2, writes(21, &["c"]));
+    c.handle(2, Event::Persisted { lsn: 8 });
+    drain(&mut c);
+    c.handle(3, register(8, 0));
+    assert_eq!(starts_snapshot(&drain(&mut c)), Some(8));
+    assert!(c.log_floor() <= 6, "the pin keeps the log from 6");
+    c.handle(
+        3,
+        Event::SnapshotJoined {
+            peer: PeerId(8),
+            at_seq: 6,
+        },
+    );
+    assert_eq!(
+        c.members().get(PeerId(8)).map(|s| s.state),
+        Some(SlaveState::Snapshotting { at_seq: 6 })
+    );
+    c.handle(
+        4,
+        Event::SnapshotSent {
+            peer: PeerId(8),
+            at_seq: 6,
+        },
+    );
+    let sent = sends_to(&drain(&mut c), 8);
+    assert!(
+        matches!(
+            sent[..],
+            [
+                PeerMessage::LogEntry { seq: 7, .. },
+                PeerMessage::LogEntry { seq: 8, .. },
+                PeerMessage::CaughtUp { seq: 8 }
+            ]
+        ),
+        "{sent:?}"
+    );
+}
