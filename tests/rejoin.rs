@@ -8,13 +8,10 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{FirewallRule, PARTITIONED_UID, ServerProcess, read_response, wait_until};
+use common::{FirewallRule, PARTITIONED_UID, ServerProcess, put_pipelined, wait_until};
 use dkvs::client::Transport;
-use dkvs::protocol::{Opcode, Status, encode_request};
 
 /// What issue 9 asks of a rejoin: in sync again this soon after the heal.
 const REJOIN_LIMIT: Duration = Duration::from_millis(1_500);
@@ -40,40 +37,6 @@ fn time_until_in_sync(master: &ServerProcess, addr: &str, limit: Duration) -> Du
     panic!("the slave {addr} was not in sync within {limit:?}");
 }
 
-/// PUT the keys `{prefix}{i}` for every `i` of `keys`, with `value`, over one raw TCP connection,
-/// a thousand requests written before their replies are read.
-fn put_pipelined(
-    server: &ServerProcess,
-    prefix: &str,
-    keys: impl Iterator<Item = u64>,
-    value: &[u8],
-) {
-    let mut stream = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let keys: Vec<u64> = keys.collect();
-    for chunk in keys.chunks(1_000) {
-        let mut bytes = Vec::new();
-        for (id, i) in chunk.iter().enumerate() {
-            let key = format!("{prefix}{i}");
-            encode_request(
-                &mut bytes,
-                Opcode::Put,
-                id as u32 + 1,
-                key.as_bytes(),
-                value,
-            );
-        }
-        stream.write_all(&bytes).expect("write batch");
-        for id in 1..=chunk.len() {
-            let reply = read_response(&mut stream);
-            assert_eq!(reply.request_id, id as u32, "replies come in request order");
-            assert_eq!(reply.status, Ok(Status::Ok), "{}", reply.message());
-        }
-    }
-}
-
 /// A master and a slave of it running as [`PARTITIONED_UID`], in sync, with a
 /// few keys written.
 fn partitionable_pair() -> (ServerProcess, ServerProcess) {
@@ -81,7 +44,7 @@ fn partitionable_pair() -> (ServerProcess, ServerProcess) {
     let port = master.port.to_string();
     let slave = ServerProcess::start_as_user(PARTITIONED_UID, &["-m", "127.0.0.1", "-q", &port]);
     time_until_in_sync(&master, &slave.addr(), Duration::from_secs(20));
-    put_pipelined(&master, "before", 0..100, b"v");
+    put_pipelined(master.port, "before", 0..100, b"v");
     (master, slave)
 }
 
@@ -104,7 +67,7 @@ fn cut_heal_and_time(
             || slave_state(master, &addr).as_deref() != Some("in-sync"),
         );
         // Written while the slave is away: it catches up on them after the heal.
-        put_pipelined(master, "during", 0..100, b"cut");
+        put_pipelined(master.port, "during", 0..100, b"cut");
         std::thread::sleep(cut.saturating_sub(cut_at.elapsed()));
     }
     let took = time_until_in_sync(master, &addr, Duration::from_secs(30));
@@ -176,7 +139,7 @@ fn a_slave_stopped_during_its_snapshot_is_evicted_and_rejoins_after_cont() {
     const KEYS: u64 = 250_000;
     let master = ServerProcess::start(&["--fsync", "never"]);
     let value = vec![b's'; 400];
-    put_pipelined(&master, "bulk", 0..KEYS, &value);
+    put_pipelined(master.port, "bulk", 0..KEYS, &value);
     let rss_loaded = master.rss_kib();
     let mut slave = ServerProcess::start_slave(&master, &[]);
     let addr = slave.addr();
@@ -192,7 +155,7 @@ fn a_slave_stopped_during_its_snapshot_is_evicted_and_rejoins_after_cont() {
     let stopped_at = Instant::now();
     // Overwrite keys all over the store: every shard the stream has not reached
     // yet is copied for the snapshot before it changes.
-    put_pipelined(&master, "bulk", (0..KEYS).step_by(25), b"changed");
+    put_pipelined(master.port, "bulk", (0..KEYS).step_by(25), b"changed");
     let rss_stalled = master.rss_kib();
     let state = slave_state(&master, &addr);
     let took = wait_until(

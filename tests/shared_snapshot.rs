@@ -8,49 +8,16 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{ServerProcess, read_response, wait_until};
+use common::{ServerProcess, put_pipelined, wait_until};
 use dkvs::client::Transport;
-use dkvs::protocol::{Opcode, Status, encode_request};
 
 /// Keys loaded before the slaves join: a snapshot of them takes a while to
 /// stream to a debug build, so that the slaves join it while it streams.
 const KEYS: u64 = 200_000;
-
-/// PUT `{prefix}{i}` = `value` for every `i` of `keys` over one raw TCP
-/// connection, a thousand requests written before their replies are read;
-/// every reply must be OK.
-fn put_pipelined(port: u16, prefix: &str, keys: impl Iterator<Item = u64>, value: &[u8]) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    let keys: Vec<u64> = keys.collect();
-    for chunk in keys.chunks(1_000) {
-        let mut bytes = Vec::new();
-        for (id, i) in chunk.iter().enumerate() {
-            let key = format!("{prefix}{i}");
-            encode_request(
-                &mut bytes,
-                Opcode::Put,
-                id as u32 + 1,
-                key.as_bytes(),
-                value,
-            );
-        }
-        stream.write_all(&bytes).expect("write batch");
-        for id in 1..=chunk.len() {
-            let reply = read_response(&mut stream);
-            assert_eq!(reply.request_id, id as u32);
-            assert_eq!(reply.status, Ok(Status::Ok), "{}", reply.message());
-        }
-    }
-}
 
 /// Overwrite keys all over the store, round after round, until `stop`:
 /// every shard a snapshot still needs is copied before it changes.

@@ -575,3 +575,35 @@ impl Drop for FirewallRule {
             .status();
     }
 }
+
+/// PUT `{prefix}{i}` = `value` for every `i` of `keys` over one raw TCP
+/// connection to `port`, a thousand requests written before their replies are
+/// read; every reply must be OK, in request order.
+pub fn put_pipelined(port: u16, prefix: &str, keys: impl Iterator<Item = u64>, value: &[u8]) {
+    use dkvs::protocol::{Opcode, Status, encode_request};
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let keys: Vec<u64> = keys.collect();
+    for chunk in keys.chunks(1_000) {
+        let mut bytes = Vec::new();
+        for (id, i) in chunk.iter().enumerate() {
+            let key = format!("{prefix}{i}");
+            encode_request(
+                &mut bytes,
+                Opcode::Put,
+                id as u32 + 1,
+                key.as_bytes(),
+                value,
+            );
+        }
+        stream.write_all(&bytes).expect("write batch");
+        for id in 1..=chunk.len() {
+            let reply = read_response(&mut stream);
+            assert_eq!(reply.request_id, id as u32, "replies come in request order");
+            assert_eq!(reply.status, Ok(Status::Ok), "{}", reply.message());
+        }
+    }
+}
