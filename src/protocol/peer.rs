@@ -734,6 +734,36 @@ impl PeerMessage {
         );
     }
 
+    /// Append a SNAPSHOT_CHUNK frame whose `count` entries are already
+    /// encoded in `entries`, in `store::snapshot`'s entry encoding, which is
+    /// this message's byte for byte: a master streams staged shard bytes
+    /// without decoding every entry into owned buffers and encoding it again.
+    /// The bytes are those of the equivalent [`PeerMessage::SnapshotChunk`].
+    pub fn encode_snapshot_chunk(
+        out: &mut Vec<u8>,
+        epoch: u32,
+        snapshot_seq: u64,
+        last: bool,
+        count: u32,
+        entries: &[u8],
+    ) {
+        let payload_len = 1 + 4 + entries.len();
+        debug_assert!(payload_len <= u32::MAX as usize);
+        out.reserve(frame::HEADER_LEN + payload_len);
+        frame::Header {
+            opcode: opcode::SNAPSHOT_CHUNK,
+            status: 0,
+            request_id: epoch,
+            version: snapshot_seq,
+            key_len: 0,
+            value_len: payload_len as u32,
+        }
+        .write(out);
+        out.push(u8::from(last));
+        put_u32(out, count);
+        out.extend_from_slice(entries);
+    }
+
     /// Parse a complete frame as a peer message.
     pub fn from_frame(frame: &Frame<'_>) -> Result<PeerMessage, PeerError> {
         let op = frame.header.opcode;
@@ -919,6 +949,50 @@ pub fn decode_peer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_chunk_from_staged_entry_bytes_is_the_message_byte_for_byte() {
+        let entries = vec![
+            SnapshotEntry {
+                key: b"a".to_vec(),
+                value: b"one".to_vec(),
+                version: 7,
+                deadline_ms: 0,
+            },
+            SnapshotEntry {
+                key: b"bb".to_vec(),
+                value: Vec::new(),
+                version: 9,
+                deadline_ms: 1_700_000_000_123,
+            },
+        ];
+        let mut staged = Vec::new();
+        for e in &entries {
+            crate::store::snapshot::encode_entry(
+                &mut staged,
+                &e.key,
+                &e.value,
+                e.version,
+                e.deadline_ms,
+            );
+        }
+        for last in [false, true] {
+            let message = PeerMessage::SnapshotChunk {
+                snapshot_seq: 42,
+                entries: entries.clone(),
+                last,
+            };
+            let mut want = Vec::new();
+            message.encode_in_epoch(&mut want, 3);
+            let mut got = Vec::new();
+            PeerMessage::encode_snapshot_chunk(&mut got, 3, 42, last, 2, &staged);
+            assert_eq!(got, want);
+            let (decoded, used) = decode_peer(&got, usize::MAX)
+                .expect("decodes")
+                .expect("whole");
+            assert_eq!((decoded, used), (message, got.len()));
+        }
+    }
 
     #[test]
     fn a_write_op_keeps_its_key_and_value_apart_in_one_buffer() {

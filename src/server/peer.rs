@@ -378,12 +378,21 @@ impl PeerLink {
                 break;
             }
             let at_seq = snapshot.at_seq;
-            let Some(chunk) = snapshots.next_chunk(self.id.0, store, SNAPSHOT_CHUNK_BYTES) else {
+            let output = &mut self.io.output;
+            let epoch = self.epoch;
+            let emitted = snapshots.next_chunk_with(
+                self.id.0,
+                store,
+                SNAPSHOT_CHUNK_BYTES,
+                |seq, last, count, entries| {
+                    PeerMessage::encode_snapshot_chunk(output, epoch, seq, last, count, entries);
+                    last
+                },
+            );
+            let Some(last) = emitted else {
                 self.snapshot = None;
                 return Err(LinkError::SnapshotDropped);
             };
-            let last = matches!(chunk, PeerMessage::SnapshotChunk { last: true, .. });
-            chunk.encode_in_epoch(&mut self.io.output, self.epoch);
             if last {
                 finished = Some(at_seq);
                 self.snapshot = None;

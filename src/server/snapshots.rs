@@ -38,7 +38,6 @@
 //! (each at most `max` bytes and a shard), so the bytes held pass the cap by
 //! at most one shard's copy and one staged chunk.
 
-use crate::protocol::peer::{PeerMessage, SnapshotEntry};
 use crate::store::snapshot::{decode_entry, encode_shard, encoded_shard_len};
 use crate::store::{SHARDS, Store};
 
@@ -278,15 +277,18 @@ impl SnapshotSet {
     }
 
     /// The next chunk for `reader`: whole entries, about `max` bytes of them
-    /// (at least one if any is left), `last` set on the final one, after which
-    /// the reader is forgotten. `None` if it is not reading a snapshot (never
-    /// started, or dropped at the cap).
-    pub fn next_chunk(
+    /// (at least one if any is left), handed to `emit` as (snapshot seq, last,
+    /// entry count, the entries in `store::snapshot`'s encoding), `last` set on
+    /// the final one, after which the reader is forgotten. Returns `emit`'s
+    /// result, or `None` if it is not reading a snapshot (never started, or
+    /// dropped at the cap).
+    pub fn next_chunk_with<T>(
         &mut self,
         reader: ReaderId,
         store: &Store,
         max: usize,
-    ) -> Option<PeerMessage> {
+        emit: impl FnOnce(u64, bool, u32, &[u8]) -> T,
+    ) -> Option<T> {
         let index = self
             .snapshots
             .iter()
@@ -305,26 +307,25 @@ impl SnapshotSet {
             };
             r.cursor += 1;
         }
-        let mut entries = Vec::new();
+        // Whole entries up to about `max` bytes: only their lengths are read.
         let start = r.taken;
-        while let Some((e, used)) = decode_entry(&r.staged[r.taken..]) {
-            if r.taken > start && r.taken - start >= max {
+        let mut end = start;
+        let mut count = 0u32;
+        while let Some((_, used)) = decode_entry(&r.staged[end..]) {
+            if end > start && end - start >= max {
                 break;
             }
-            entries.push(SnapshotEntry {
-                key: e.key.to_vec(),
-                value: e.value.to_vec(),
-                version: e.version,
-                deadline_ms: e.deadline_ms,
-            });
-            r.taken += used;
+            end += used;
+            count += 1;
         }
+        r.taken = end;
+        let last = r.cursor == SHARDS && r.pending() == 0;
+        let result = emit(at_seq, last, count, &r.staged[start..end]);
         // Forget taken bytes once they are the larger part (amortised O(1) moves).
         if 2 * r.taken >= r.staged.len() {
             r.staged.drain(..r.taken);
             r.taken = 0;
         }
-        let last = r.cursor == SHARDS && r.pending() == 0;
         if last {
             // The first reader done closes the snapshot to joiners.
             s.close();
@@ -332,10 +333,35 @@ impl SnapshotSet {
         } else if moved {
             s.release();
         }
-        Some(PeerMessage::SnapshotChunk {
-            snapshot_seq: at_seq,
-            entries,
-            last,
+        Some(result)
+    }
+
+    /// [`SnapshotSet::next_chunk_with`] as a decoded message, for tests.
+    #[cfg(test)]
+    pub fn next_chunk(
+        &mut self,
+        reader: ReaderId,
+        store: &Store,
+        max: usize,
+    ) -> Option<crate::protocol::peer::PeerMessage> {
+        use crate::protocol::peer::{PeerMessage, SnapshotEntry};
+        self.next_chunk_with(reader, store, max, |snapshot_seq, last, _, bytes| {
+            let mut entries = Vec::new();
+            let mut at = 0;
+            while let Some((e, used)) = decode_entry(&bytes[at..]) {
+                entries.push(SnapshotEntry {
+                    key: e.key.to_vec(),
+                    value: e.value.to_vec(),
+                    version: e.version,
+                    deadline_ms: e.deadline_ms,
+                });
+                at += used;
+            }
+            PeerMessage::SnapshotChunk {
+                snapshot_seq,
+                entries,
+                last,
+            }
         })
     }
 
@@ -426,6 +452,7 @@ impl SnapshotSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::peer::PeerMessage;
     use crate::store::Write;
 
     const CHUNK: usize = 64 * 1024;
