@@ -675,6 +675,7 @@ impl Participant {
             seq,
             ops,
             replies: Vec::new(),
+            key_hashes: Vec::new(),
         });
     }
 
