@@ -7,10 +7,10 @@
 mod block;
 #[cfg(test)]
 mod proptests;
+mod siphash;
 pub mod snapshot;
 
 use std::collections::BTreeMap;
-use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as TableEntry;
@@ -80,14 +80,14 @@ pub enum Applied {
     NotFound,
 }
 
-/// The hash of client-chosen keys: SipHash-1-3 under a random 128-bit key per
-/// store (std's `RandomState`), a keyed PRF designed for exactly this, so
-/// that a client cannot learn or build keys that collide in the tables
-/// (HashDoS) however long it probes a running server. foldhash, used before,
-/// is faster but its documentation advises against it where an attacker can
-/// probe a long-running process; ahash is keyed but not a PRF. The cost at
-/// 1M keys, measured by `benches/store.rs`, is in docs/SECURITY.md.
-pub type KeyHasher = std::hash::RandomState;
+// The hash of client-chosen keys: SipHash-1-3 under a random 128-bit key per
+// store, a keyed PRF designed for exactly this, so that a client cannot learn
+// or build keys that collide in the tables (HashDoS) however long it probes a
+// running server. foldhash, used before, is faster but its documentation
+// advises against it where an attacker can probe a long-running process;
+// ahash is keyed but not a PRF. The cost at 1M keys, measured by
+// `benches/store.rs`, is in docs/SECURITY.md.
+pub use siphash::{KeyHash, KeyHasher};
 
 /// Number of shards the map is split into (a power of two). Many small shards
 /// keep the copy a snapshot makes before a write small (about 45 µs per shard
@@ -124,7 +124,7 @@ pub struct Store<S = KeyHasher> {
     data_bytes: usize,
 }
 
-impl<S: BuildHasher + Default> Default for Store<S> {
+impl<S: KeyHash + Default> Default for Store<S> {
     fn default() -> Store<S> {
         Store {
             shards: (0..SHARDS).map(|_| HashTable::new()).collect(),
@@ -156,7 +156,7 @@ impl Store {
     }
 }
 
-impl<S: BuildHasher + Clone + Default> Store<S> {
+impl<S: KeyHash + Clone + Default> Store<S> {
     /// An empty store that hashes keys as this one does, to replace it (a
     /// snapshot install, a resync). The master hashes a write's key once, when
     /// the write is submitted, and applies it with that hash
@@ -172,9 +172,9 @@ impl<S: BuildHasher + Clone + Default> Store<S> {
     }
 }
 
-impl<S: BuildHasher> Store<S> {
+impl<S: KeyHash> Store<S> {
     fn hash(&self, key: &[u8]) -> u64 {
-        self.hasher.hash_one(key)
+        self.hasher.hash_key(key)
     }
 
     /// The hash the store files `key` under, for [`Store::warm`] and
@@ -455,7 +455,7 @@ impl<S: BuildHasher> Store<S> {
     ) {
         let shard = Self::shard_index(hash);
         let hasher = &self.hasher;
-        match self.shards[shard].entry(hash, |b| b.key() == key, |b| hasher.hash_one(b.key())) {
+        match self.shards[shard].entry(hash, |b| b.key() == key, |b| hasher.hash_key(b.key())) {
             TableEntry::Occupied(mut entry) => {
                 let block = entry.get_mut();
                 self.data_bytes = self.data_bytes - block.value().len() + value.len();
