@@ -968,6 +968,7 @@ impl Sim {
                         self.writes.insert(c, (key.clone(), value.clone()));
                         writes.push(ClientWrite {
                             client: ClientRef(c),
+                            key_hash: crate::replication::test_key_hash(&key),
                             op: WriteOp::new(OpKind::Put, key, value),
                         });
                     }
@@ -1538,7 +1539,13 @@ impl Sim {
                 self.schedule(at, Ev::ConnectDone { link });
             }
             Action::Persist { lsn, record } => self.wal_append(node, lsn, record),
-            Action::Apply { seq, ops, replies } => {
+            Action::Apply {
+                seq,
+                ops,
+                replies,
+                key_hashes,
+            } => {
+                crate::replication::check_key_hashes(seq, &ops, &key_hashes)?;
                 self.apply(node, seq, &ops)?;
                 if !replies.is_empty() && replies.len() != ops.len() {
                     return Err(format!("commit {seq}: replies do not match ops"));

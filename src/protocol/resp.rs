@@ -164,6 +164,30 @@ fn header_digits(input: &[u8], from: usize, cr: usize) -> &[u8] {
     }
 }
 
+/// The header line at `from` when it is what clients send, a positive number
+/// of at most 18 digits without a leading zero then CRLF, all here: its value
+/// and the index of its `\r`, read in one pass. Anything else is `None`, and
+/// `line_end`, `header_digits` and `parse_i64` decide it (the same value when
+/// this gives one; an error, a wait for more bytes, or a negative count).
+#[inline]
+fn plain_header(input: &[u8], from: usize) -> Option<(i64, usize)> {
+    let digits = input.get(from..)?;
+    if !matches!(digits.first(), Some(b'1'..=b'9')) {
+        return None;
+    }
+    let mut n = 0i64;
+    for (i, &d) in digits.iter().enumerate() {
+        let v = d.wrapping_sub(b'0');
+        // 18 digits cannot overflow an i64; a 19th is left to `parse_i64`.
+        if v <= 9 && i < 18 {
+            n = n * 10 + i64::from(v);
+            continue;
+        }
+        return (d == b'\r' && digits.get(i + 1) == Some(&b'\n')).then_some((n, from + i));
+    }
+    None
+}
+
 /// A strict decimal integer as Redis's `string2ll` accepts it.
 pub fn parse_i64(digits: &[u8]) -> Option<i64> {
     // Lengths in headers are short positive numbers: parse them without a
@@ -199,15 +223,22 @@ fn decode_multibulk<'a>(
     max_bulk_bytes: usize,
     args: &mut Vec<&'a [u8]>,
 ) -> Result<RespFront, RespError> {
-    let Some(end) = line_end(input, 1) else {
-        if input.len() > MAX_INLINE_BYTES {
-            return Err(RespError::TooBigMultibulkCount);
+    let (count, end) = match plain_header(input, 1) {
+        Some(header) => header,
+        None => {
+            let Some(end) = line_end(input, 1) else {
+                if input.len() > MAX_INLINE_BYTES {
+                    return Err(RespError::TooBigMultibulkCount);
+                }
+                return Ok(RespFront::Incomplete {
+                    need: input.len() + 1,
+                });
+            };
+            let digits = header_digits(input, 1, end);
+            let count = parse_i64(digits).ok_or(RespError::InvalidMultibulkLength)?;
+            (count, end)
         }
-        return Ok(RespFront::Incomplete {
-            need: input.len() + 1,
-        });
     };
-    let count = parse_i64(header_digits(input, 1, end)).ok_or(RespError::InvalidMultibulkLength)?;
     if count > MAX_MULTIBULK_ARGS as i64 {
         return Err(RespError::InvalidMultibulkLength);
     }
@@ -224,16 +255,22 @@ fn decode_multibulk<'a>(
         if marker != b'$' {
             return Err(RespError::ExpectedBulk(marker));
         }
-        let Some(end) = line_end(input, pos + 1) else {
-            if input.len() - pos > MAX_INLINE_BYTES {
-                return Err(RespError::TooBigBulkCount);
+        let (len, end) = match plain_header(input, pos + 1) {
+            Some(header) => header,
+            None => {
+                let Some(end) = line_end(input, pos + 1) else {
+                    if input.len() - pos > MAX_INLINE_BYTES {
+                        return Err(RespError::TooBigBulkCount);
+                    }
+                    return Ok(RespFront::Incomplete {
+                        need: input.len() + 1,
+                    });
+                };
+                let digits = header_digits(input, pos + 1, end);
+                let len = parse_i64(digits).ok_or(RespError::InvalidBulkLength)?;
+                (len, end)
             }
-            return Ok(RespFront::Incomplete {
-                need: input.len() + 1,
-            });
         };
-        let len =
-            parse_i64(header_digits(input, pos + 1, end)).ok_or(RespError::InvalidBulkLength)?;
         if len < 0 || len as u64 > max_bulk_bytes as u64 {
             return Err(RespError::InvalidBulkLength);
         }
@@ -610,6 +647,47 @@ mod tests {
             Ok(RespDecoded::Incomplete { need }) => Err(Ok(need)),
             Err(e) => Err(Err(e)),
         }
+    }
+
+    #[test]
+    fn a_plain_header_reads_as_the_general_path_reads_it() {
+        // The general path: the line, its digits, the number (or nothing).
+        let general = |input: &[u8]| {
+            let end = line_end(input, 0)?;
+            Some((parse_i64(header_digits(input, 0, end))?, end))
+        };
+        let cases: &[&[u8]] = &[
+            b"3\r\n",
+            b"16\r\nkey",
+            b"100\r\n",
+            b"999999999999999999\r\n",
+            b"1000000000000000000\r\n",
+            b"9999999999999999999\r\n",
+            b"0\r\n",
+            b"01\r\n",
+            b"-1\r\n",
+            b"+1\r\n",
+            b"1\r",
+            b"1\rx",
+            b"1\n",
+            b"12",
+            b"1x\r\n",
+            b"\r\n",
+            b"",
+        ];
+        for &input in cases {
+            match plain_header(input, 0) {
+                Some(header) => assert_eq!(Some(header), general(input), "{input:?}"),
+                // Left to the general path, which decides it alone.
+                None => assert!(
+                    !matches!(input.first(), Some(b'1'..=b'9'))
+                        || general(input).is_none_or(|(n, _)| n.to_string().len() > 18),
+                    "{input:?} is plain"
+                ),
+            }
+        }
+        assert_eq!(plain_header(b"*3\r\n", 1), Some((3, 2)));
+        assert_eq!(plain_header(b"*3", 5), None, "past the end");
     }
 
     #[test]

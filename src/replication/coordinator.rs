@@ -305,6 +305,8 @@ impl TxnState {
 struct Txn {
     ops: Ops,
     replies: Vec<ClientRef>,
+    /// The writes' [`ClientWrite::key_hash`]es, for [`Action::Apply`].
+    key_hashes: Vec<u64>,
     /// In-sync slaves at creation, minus those evicted since.
     participants: BTreeSet<PeerId>,
     state: TxnState,
@@ -647,8 +649,16 @@ impl Coordinator {
         let seq = self.next_seq;
         self.next_seq += 1;
         debug_assert!(seq > self.decided_seq && seq > self.released_seq);
-        let (replies, ops): (Vec<ClientRef>, Vec<_>) =
-            writes.into_iter().map(|w| (w.client, w.op)).unzip();
+        let mut replies = Vec::with_capacity(writes.len());
+        let mut key_hashes = Vec::with_capacity(writes.len());
+        let ops: Vec<_> = writes
+            .into_iter()
+            .map(|w| {
+                replies.push(w.client);
+                key_hashes.push(w.key_hash);
+                w.op
+            })
+            .collect();
         let ops: Ops = ops.into();
         let participants: BTreeSet<PeerId> = self.members.in_sync().collect();
         for &peer in &participants {
@@ -676,6 +686,7 @@ impl Coordinator {
             Txn {
                 ops,
                 replies,
+                key_hashes,
                 participants,
                 state,
                 deadline_ms,
@@ -769,6 +780,7 @@ impl Coordinator {
                         seq,
                         ops: txn.ops.clone(),
                         replies: std::mem::take(&mut txn.replies),
+                        key_hashes: std::mem::take(&mut txn.key_hashes),
                     });
                     if self.keep_log {
                         self.log.push(seq, txn.ops.clone());

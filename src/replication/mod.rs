@@ -77,6 +77,50 @@ pub struct ClientWrite {
     pub client: ClientRef,
     /// The write.
     pub op: WriteOp,
+    /// The master's store hash of the write's key (`Store::key_hash`), made
+    /// once when the write was submitted and handed back with
+    /// [`Action::Apply`], so the key is not hashed again to apply it. Opaque
+    /// to replication; never sent to a slave, which hashes what it receives.
+    pub key_hash: u64,
+}
+
+/// A deterministic stand-in for the store's key hash in the simulations and
+/// tests: any function of the key shows whether a hash travels with its op.
+#[cfg(test)]
+pub(crate) fn test_key_hash(key: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+        .hash_one(key)
+}
+
+/// Check the key hashes of an [`Action::Apply`] made with [`test_key_hash`]:
+/// none, or one per op, each its op's.
+#[cfg(test)]
+pub(crate) fn check_key_hashes(
+    seq: u64,
+    ops: &[WriteOp],
+    key_hashes: &[u64],
+) -> Result<(), String> {
+    if key_hashes.is_empty() {
+        return Ok(());
+    }
+    if key_hashes.len() != ops.len() {
+        return Err(format!(
+            "commit {seq}: {} key hashes for {} ops",
+            key_hashes.len(),
+            ops.len()
+        ));
+    }
+    match ops
+        .iter()
+        .zip(key_hashes)
+        .position(|(op, &h)| h != test_key_hash(op.key()))
+    {
+        Some(i) => Err(format!(
+            "commit {seq}: op {i} applies with another op's key hash"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A record the write-ahead log must make durable (completion: [`Event::Persisted`]).
@@ -264,6 +308,10 @@ pub enum Action {
         ops: Ops,
         /// Reply handles, one per op; empty on a slave.
         replies: Vec<ClientRef>,
+        /// The [`ClientWrite::key_hash`]es, one per op, when the writes came
+        /// from this master's clients; empty otherwise (a slave, or writes a
+        /// promoted master recovered): then the store hashes the keys.
+        key_hashes: Vec<u64>,
     },
     /// Tell a client its write failed.
     Reply {

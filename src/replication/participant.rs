@@ -676,6 +676,7 @@ impl Participant {
             seq,
             ops,
             replies: Vec::new(),
+            key_hashes: Vec::new(),
         });
     }
 

@@ -877,6 +877,7 @@ impl Sim {
                     self.next_client += 1;
                     writes.push(ClientWrite {
                         client: ClientRef(self.next_client),
+                        key_hash: super::test_key_hash(op.key()),
                         op,
                     });
                 }
@@ -1178,7 +1179,18 @@ impl Sim {
                         },
                     );
                 }
-                Action::Apply { seq, ops, replies } => {
+                Action::Apply {
+                    seq,
+                    ops,
+                    replies,
+                    key_hashes,
+                } => {
+                    super::check_key_hashes(seq, &ops, &key_hashes)?;
+                    if key_hashes.len() != replies.len() {
+                        return Err(format!(
+                            "commit {seq}: client writes without their key hashes"
+                        ));
+                    }
                     self.master_apply(seq, ops, replies)?;
                 }
                 Action::RecordSyncSet { version, members } => {
@@ -1412,9 +1424,14 @@ impl Sim {
                         },
                     );
                 }
-                Action::Apply { seq, ops, replies } => {
-                    if !replies.is_empty() {
-                        return Err("slave apply with client replies".into());
+                Action::Apply {
+                    seq,
+                    ops,
+                    replies,
+                    key_hashes,
+                } => {
+                    if !replies.is_empty() || !key_hashes.is_empty() {
+                        return Err("slave apply with client replies or key hashes".into());
                     }
                     let life = self.life_of(slave)?;
                     if self.committed[life].get(&seq) != Some(&ops) {

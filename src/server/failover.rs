@@ -20,7 +20,6 @@ use crate::replication::{
     ClientRef, CommitLog, Coordinator, CoordinatorConfig, Event, Ops, Participant,
     ParticipantConfig, Record,
 };
-use crate::store::Store;
 
 /// How a server takes part in failover (`--etcd`, `--cluster`, `--lease-ttl-ms`).
 #[derive(Debug, Clone)]
@@ -252,7 +251,7 @@ impl Server {
                     ops: ops.clone(),
                 },
             );
-            self.apply(seq, &ops, &[]);
+            self.apply(seq, &ops, &[], Vec::new());
             // Slaves that held it only prepared catch up by log from below it.
             commits.push((seq, ops));
             committed += 1;
@@ -354,7 +353,8 @@ impl Server {
                 leader.epoch, leader.addr
             );
             self.wal.before_clear(&self.core.store);
-            self.core.store = Store::new();
+            // Keeps the hash key: see `Store::empty_like`.
+            self.core.store = self.core.store.empty_like();
             self.core.commit_seq = 0;
             history_id = 0;
             in_doubt.clear();

@@ -6,7 +6,6 @@
 //! Shared by the TCP and UDP paths so both behave identically.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -318,13 +317,13 @@ pub struct Core {
     pub replication: ReplicationInfo,
     /// Key hash -> the last write to it handed out and maybe not yet applied (it is
     /// applied once its handle left `waiting`). Read-modify-write commands (INCR, ...)
-    /// compute on the master against the store plus these pending writes.
+    /// compute on the master against the store plus these pending writes. The
+    /// hash is the store's [`Store::key_hash`], a keyed PRF: two keys that
+    /// collided here would share one entry, and nobody can build such keys.
+    /// The same hash applies the write ([`ClientWrite::key_hash`]).
     last_write: HashMap<u64, ClientRef, foldhash::fast::RandomState>,
     /// The last FLUSHDB handed out and maybe not yet applied.
     last_clear: Option<ClientRef>,
-    /// Hashes client keys for `last_write`: the store's keyed hash, since two
-    /// keys that collide here would share one pending-write entry.
-    key_hasher: crate::store::KeyHasher,
     /// Connections waiting for a transaction in flight to be decided before a
     /// read-modify-write command can read its key; resumed on the next reply.
     pub key_waiters: Vec<usize>,
@@ -401,7 +400,6 @@ impl Core {
             replication: ReplicationInfo::default(),
             last_write: HashMap::default(),
             last_clear: None,
-            key_hasher: crate::store::KeyHasher::default(),
             key_waiters: Vec::new(),
             resp_commands: 0,
             tcp_port: 0,
@@ -448,15 +446,20 @@ impl Core {
         let mut count = 0u32;
         for write in ops {
             count += 1;
+            // Hashed once here, for `last_write` and to apply the write.
+            let key_hash = self.store.key_hash(write.key());
             if write.kind == OpKind::Clear {
                 self.last_clear = Some(client);
             } else {
-                let hash = self.key_hasher.hash_one(write.key());
-                self.last_write.insert(hash, client);
+                self.last_write.insert(key_hash, client);
             }
             self.batch_bytes += write.key().len() + write.value().len() + BATCH_BYTES_PER_WRITE;
             // Every op of a command carries the same handle; its reply waits for all.
-            self.batch.push(ClientWrite { client, op: write });
+            self.batch.push(ClientWrite {
+                client,
+                op: write,
+                key_hash,
+            });
         }
         if let Some(waiting) = self.waiting.get_mut(client) {
             waiting.remaining = count;
@@ -477,7 +480,7 @@ impl Core {
 
     /// Whether a write of `key` (or a FLUSHDB) handed out is not applied yet.
     fn undecided(&self, key: &[u8]) -> bool {
-        let hash = self.key_hasher.hash_one(key);
+        let hash = self.store.key_hash(key);
         let pending_key = self
             .last_write
             .get(&hash)

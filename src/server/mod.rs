@@ -1566,7 +1566,12 @@ impl Server {
             }
             Action::Connect => self.connect_to_master(),
             Action::Persist { lsn, record } => self.wal.append(lsn, &record),
-            Action::Apply { seq, ops, replies } => self.apply(seq, &ops, &replies),
+            Action::Apply {
+                seq,
+                ops,
+                replies,
+                key_hashes,
+            } => self.apply(seq, &ops, &replies, key_hashes),
             Action::Reply { client, error } => {
                 self.core.stats.writes_failed += 1;
                 let message = error.to_string();
@@ -1730,15 +1735,31 @@ impl Server {
         self.feed(Event::ConnectFailed);
     }
 
-    fn apply(&mut self, seq: u64, ops: &[crate::protocol::peer::WriteOp], replies: &[ClientRef]) {
+    /// Apply committed transaction `seq`. `key_hashes` are the keys' store
+    /// hashes when the writes came from this master's clients (hashed once, at
+    /// submission); writes from elsewhere (a slave's, a promoted master's
+    /// recovered ones) come without, and are hashed here: a hash is never
+    /// taken from the network.
+    fn apply(
+        &mut self,
+        seq: u64,
+        ops: &[crate::protocol::peer::WriteOp],
+        replies: &[ClientRef],
+        key_hashes: Vec<u64>,
+    ) {
         debug_assert!(
             seq > self.core.commit_seq,
             "commits apply in sequence order"
         );
-        let mut hashes = Vec::with_capacity(ops.len());
-        self.core
-            .store
-            .warm(ops.iter().map(|op| op.key()), &mut hashes);
+        debug_assert!(key_hashes.is_empty() || key_hashes.len() == ops.len());
+        let hashes = if key_hashes.len() == ops.len() {
+            key_hashes
+        } else {
+            let store = &self.core.store;
+            ops.iter().map(|op| store.key_hash(op.key())).collect()
+        };
+        let keys = ops.iter().map(|op| op.key());
+        self.core.store.warm(keys.zip(hashes.iter().copied()));
         self.core.waiting.warm(replies);
         for (i, op) in ops.iter().enumerate() {
             let Some(write) = crate::wal::replay::store_write(op) else {
@@ -1778,7 +1799,8 @@ impl Server {
             return;
         };
         if begin {
-            *staging = Some(Store::new());
+            // Keeps the hash key: see `Store::empty_like`.
+            *staging = Some(self.core.store.empty_like());
         }
         let Some(store) = staging.as_mut() else {
             warn!("snapshot chunk without a beginning; ignored");

@@ -7,7 +7,6 @@
 //! docs/SECURITY.md).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::hash::BuildHasher;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
@@ -20,7 +19,7 @@ use crate::protocol::{
     HEADER_LEN, MAGIC, MAX_UDP_FRAME_BYTES, Opcode, ProtocolError, RESPONSE_FLAG, Request, Status,
     decode_datagram, encode_response,
 };
-use crate::store::KeyHasher;
+use crate::store::{KeyHash, KeyHasher};
 
 use super::auth;
 use super::handler::{Core, Outcome, ReplyTarget};
@@ -222,7 +221,7 @@ impl UdpService {
     /// fingerprints offline and build a different write that passes for a
     /// cached one (its retry answered from the cache, never applied).
     fn fingerprint(&self, datagram: &[u8]) -> u64 {
-        self.fingerprints.hash_one(datagram)
+        self.fingerprints.hash_key(datagram)
     }
 
     /// Answer every datagram waiting on the socket (until the write batch is full;
@@ -513,6 +512,7 @@ mod tests {
         // ...but no one can predict the fingerprint: it is not std's unkeyed
         // SipHash (the one used before), and another server's key differs.
         assert_ne!(a.fingerprint(&put), b.fingerprint(&put));
+        use std::hash::BuildHasher;
         let unkeyed = std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default();
         assert_ne!(a.fingerprint(&put), unkeyed.hash_one(&put[..]));
     }

@@ -7,10 +7,10 @@
 mod block;
 #[cfg(test)]
 mod proptests;
+mod siphash;
 pub mod snapshot;
 
 use std::collections::BTreeMap;
-use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as TableEntry;
@@ -80,14 +80,14 @@ pub enum Applied {
     NotFound,
 }
 
-/// The hash of client-chosen keys: SipHash-1-3 under a random 128-bit key per
-/// store (std's `RandomState`), a keyed PRF designed for exactly this, so
-/// that a client cannot learn or build keys that collide in the tables
-/// (HashDoS) however long it probes a running server. foldhash, used before,
-/// is faster but its documentation advises against it where an attacker can
-/// probe a long-running process; ahash is keyed but not a PRF. The cost at
-/// 1M keys, measured by `benches/store.rs`, is in docs/SECURITY.md.
-pub type KeyHasher = std::hash::RandomState;
+// The hash of client-chosen keys: SipHash-1-3 under a random 128-bit key per
+// store, a keyed PRF designed for exactly this, so that a client cannot learn
+// or build keys that collide in the tables (HashDoS) however long it probes a
+// running server. foldhash, used before, is faster but its documentation
+// advises against it where an attacker can probe a long-running process;
+// ahash is keyed but not a PRF. The cost at 1M keys, measured by
+// `benches/store.rs`, is in docs/SECURITY.md.
+pub use siphash::{KeyHash, KeyHasher};
 
 /// Number of shards the map is split into (a power of two). Many small shards
 /// keep the copy a snapshot makes before a write small (about 45 µs per shard
@@ -124,7 +124,7 @@ pub struct Store<S = KeyHasher> {
     data_bytes: usize,
 }
 
-impl<S: BuildHasher + Default> Default for Store<S> {
+impl<S: KeyHash + Default> Default for Store<S> {
     fn default() -> Store<S> {
         Store {
             shards: (0..SHARDS).map(|_| HashTable::new()).collect(),
@@ -156,9 +156,32 @@ impl Store {
     }
 }
 
-impl<S: BuildHasher> Store<S> {
+impl<S: KeyHash + Clone + Default> Store<S> {
+    /// An empty store that hashes keys as this one does, to replace it (a
+    /// snapshot install, a resync). The master hashes a write's key once, when
+    /// the write is submitted, and applies it with that hash
+    /// ([`Store::apply_hashed`]) after its transaction commits; keeping the
+    /// hash key across replacements keeps every such hash valid whatever
+    /// replaced the store in between. The key stays as secret as before: it
+    /// is random per process and never leaves it.
+    pub fn empty_like(&self) -> Store<S> {
+        Store {
+            hasher: self.hasher.clone(),
+            ..Store::default()
+        }
+    }
+}
+
+impl<S: KeyHash> Store<S> {
     fn hash(&self, key: &[u8]) -> u64 {
-        self.hasher.hash_one(key)
+        self.hasher.hash_key(key)
+    }
+
+    /// The hash the store files `key` under, for [`Store::warm`] and
+    /// [`Store::apply_hashed`]; also a keyed hash for maps of pending writes,
+    /// so that one computation serves both.
+    pub fn key_hash(&self, key: &[u8]) -> u64 {
+        self.hash(key)
     }
 
     /// The shard of a hash. Bits 32.. are used because hashbrown takes the
@@ -198,7 +221,7 @@ impl<S: BuildHasher> Store<S> {
         self.block(key).map(|b| (b.value(), b.version()))
     }
 
-    /// Look up `keys` ahead of writing them, so that their cache misses overlap.
+    /// Look up keys ahead of writing them, so that their cache misses overlap.
     ///
     /// A batch of writes applied one by one waits for each key's block in turn (a
     /// write to a large store misses the cache for its table group and its block),
@@ -206,14 +229,12 @@ impl<S: BuildHasher> Store<S> {
     /// them are independent, so the processor overlaps their misses, and the
     /// writes that follow find the lines in cache.
     ///
-    /// The keys' hashes are left in `hashes` (cleared first), in order, for
-    /// [`Store::apply_hashed`]: a key is hashed once for both (SipHash of a
-    /// short key is a noticeable part of a write's cost).
-    pub fn warm<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>, hashes: &mut Vec<u64>) {
-        hashes.clear();
-        for key in keys {
-            let hash = self.hash(key);
-            hashes.push(hash);
+    /// Each key comes with its [`Store::key_hash`], which the writes are then
+    /// applied with ([`Store::apply_hashed`]): SipHash of a short key is a
+    /// noticeable part of a write's cost, so a key is hashed once for all.
+    pub fn warm<'k>(&self, keys: impl IntoIterator<Item = (&'k [u8], u64)>) {
+        for (key, hash) in keys {
+            debug_assert_eq!(hash, self.hash(key), "the hash is the key's");
             std::hint::black_box(self.block_hashed(key, hash).map(|b| b.version()));
         }
     }
@@ -355,7 +376,7 @@ impl<S: BuildHasher> Store<S> {
         self.apply_hashed(write, version, hash)
     }
 
-    /// [`Store::apply`] with the hash of the write's key, as [`Store::warm`] left it.
+    /// [`Store::apply`] with the [`Store::key_hash`] of the write's key.
     pub fn apply_hashed(&mut self, write: Write<'_>, version: u64, hash: u64) -> Applied {
         debug_assert_eq!(hash, self.hash(write.key()), "the hash is the key's");
         match write {
@@ -434,7 +455,7 @@ impl<S: BuildHasher> Store<S> {
     ) {
         let shard = Self::shard_index(hash);
         let hasher = &self.hasher;
-        match self.shards[shard].entry(hash, |b| b.key() == key, |b| hasher.hash_one(b.key())) {
+        match self.shards[shard].entry(hash, |b| b.key() == key, |b| hasher.hash_key(b.key())) {
             TableEntry::Occupied(mut entry) => {
                 let block = entry.get_mut();
                 self.data_bytes = self.data_bytes - block.value().len() + value.len();
@@ -526,7 +547,7 @@ mod tests {
     }
 
     #[test]
-    fn writes_applied_with_the_hashes_warm_left_match_plain_applies() {
+    fn writes_applied_with_their_key_hashes_match_plain_applies() {
         let writes = [
             Write::Put {
                 key: b"a",
@@ -553,10 +574,11 @@ mod tests {
             Write::Delete { key: b"d" },
         ];
         let mut plain = Store::new();
-        let mut hashed = Store::new();
-        let mut hashes = vec![0; 3];
-        hashed.warm(writes.iter().map(|w| w.key()), &mut hashes);
-        assert_eq!(hashes.len(), writes.len(), "cleared, then one per key");
+        // Hashed by a store this one replaced: hashes outlive a replacement.
+        let replaced = Store::new();
+        let hashes: Vec<u64> = writes.iter().map(|w| replaced.key_hash(w.key())).collect();
+        let mut hashed = replaced.empty_like();
+        hashed.warm(writes.iter().map(|w| w.key()).zip(hashes.iter().copied()));
         for (i, (write, &hash)) in writes.iter().zip(&hashes).enumerate() {
             let version = i as u64 + 1;
             assert_eq!(hash, hashed.hash(write.key()));
@@ -572,6 +594,18 @@ mod tests {
         }
         assert_eq!(hashed.len(), plain.len());
         assert_eq!(hashed.data_bytes(), plain.data_bytes());
+    }
+
+    #[test]
+    fn a_store_made_to_replace_another_keeps_its_hash_key() {
+        let mut store = Store::new();
+        store.set(b"k", b"v", 1);
+        let hash = store.key_hash(b"k");
+        let fresh = store.empty_like();
+        assert!(fresh.is_empty());
+        assert_eq!(fresh.key_hash(b"k"), hash);
+        // Any other store has its own random key.
+        assert_ne!(Store::new().key_hash(b"k"), hash);
     }
 
     #[test]

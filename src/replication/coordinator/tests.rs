@@ -13,6 +13,7 @@ fn writes(first_client: u64, keys: &[&str]) -> Event {
             .map(|(i, k)| ClientWrite {
                 client: ClientRef(first_client + i as u64),
                 op: put(k),
+                key_hash: crate::replication::test_key_hash(k.as_bytes()),
             })
             .collect(),
     }
@@ -182,6 +183,10 @@ fn without_slaves_a_write_commits_after_its_decision_is_durable() {
             seq: 1,
             ops: vec![put("a"), put("b")].into(),
             replies: vec![ClientRef(10), ClientRef(11)],
+            key_hashes: vec![
+                crate::replication::test_key_hash(b"a"),
+                crate::replication::test_key_hash(b"b")
+            ],
         }]
     );
     assert_eq!(c.commit_seq(), 1);
