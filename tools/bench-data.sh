@@ -27,13 +27,6 @@ done
 
 # shellcheck source=tools/bench-lib.sh
 source tools/bench-lib.sh
-ready_port() { # the port in a dkvs ready line, once it is there
-    for _ in $(seq 100); do
-        grep -q ready "$1" 2>/dev/null && break
-        sleep 0.1
-    done
-    grep -o '[0-9]*$' "$1" | head -1
-}
 
 redis_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >"$work/redis.log" 2>&1 &

@@ -27,13 +27,6 @@ done
 source tools/bench-lib.sh
 bin=target/release
 
-ready_port() { # the port in a dkvs ready line, once it is there
-    for _ in $(seq 100); do
-        grep -q ready "$1" 2>/dev/null && break
-        sleep 0.1
-    done
-    grep -o '[0-9]*$' "$1" | head -1
-}
 stat() { "$bin/dkvs-client" -p "$port" stats | awk -v k="$1" '$1==k{print $2}'; }
 load() { # load SECS OUT: 50 connections, 90% GET, in the background
     ${rt[@]+"${rt[@]}"} "$bin/dkvs-load" --port "$port" -c 50 -P 1 --get-ratio 0.9 --keyspace "$keys" \
