@@ -1761,7 +1761,7 @@ impl Server {
         let keys = ops.iter().map(|op| op.key());
         self.core.store.warm(keys.zip(hashes.iter().copied()));
         self.core.waiting.warm(replies);
-        for (i, op) in ops.iter().enumerate() {
+        for (i, (op, &hash)) in ops.iter().zip(&hashes).enumerate() {
             let Some(write) = crate::wal::replay::store_write(op) else {
                 self.wal.before_clear(&self.core.store);
                 self.snapshots.before_clear(&self.core.store);
@@ -1771,13 +1771,12 @@ impl Server {
                 }
                 continue;
             };
-            // A snapshot being streamed or written keeps the key's shard as it was at its start.
-            self.wal.before_write(&self.core.store, op.key());
-            self.snapshots.before_write(&self.core.store, op.key());
-            let applied = match hashes.get(i) {
-                Some(&hash) => self.core.store.apply_hashed(write, seq, hash),
-                None => self.core.store.apply(write, seq),
-            };
+            // A snapshot being streamed or written keeps the key's shard as it
+            // was at its start (found from the hash at hand, not hashed again).
+            let shard = self.core.store.shard_of_hash(hash);
+            self.wal.before_shard_write(&self.core.store, shard);
+            self.snapshots.before_shard_write(&self.core.store, shard);
+            let applied = self.core.store.apply_hashed(write, seq, hash);
             if let Some(&client) = replies.get(i) {
                 match applied {
                     Applied::Changed(version) => self.reply(client, Status::Ok, version, &[]),

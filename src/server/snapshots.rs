@@ -246,12 +246,18 @@ impl SnapshotSet {
     }
 
     /// `key` is about to change in `store`: keep its shard for every snapshot
-    /// that still needs it as it is.
+    /// that still needs it as it is (the reactor, which has the key's hash,
+    /// calls [`SnapshotSet::before_shard_write`]).
+    #[cfg(test)]
     pub fn before_write(&mut self, store: &Store, key: &[u8]) {
-        if self.snapshots.is_empty() {
-            return;
+        if !self.snapshots.is_empty() {
+            self.before_shard_write(store, store.shard_of(key));
         }
-        let shard = store.shard_of(key);
+    }
+
+    /// A key of `shard` is about to change: keep the shard for every snapshot
+    /// that still needs it as it is.
+    pub fn before_shard_write(&mut self, store: &Store, shard: usize) {
         let mut copied = false;
         for s in &mut self.snapshots {
             if s.needs_copy(shard) {

@@ -196,6 +196,11 @@ impl<S: KeyHash> Store<S> {
         Self::shard_index(self.hash(key))
     }
 
+    /// The shard of the key whose [`Store::key_hash`] is `hash`.
+    pub fn shard_of_hash(&self, hash: u64) -> usize {
+        Self::shard_index(hash)
+    }
+
     /// The value and version of `key`; a key whose deadline has passed reads as
     /// absent (it is still held until the master replicates its deletion).
     pub fn get(&self, key: &[u8]) -> Option<(&[u8], u64)> {

@@ -153,6 +153,12 @@ impl ShardCopy {
         self.copy_shard(store, store.shard_of(key));
     }
 
+    /// A key of `shard` is about to change: [`ShardCopy::before_write`] for a
+    /// caller that has the key's hash already.
+    pub fn before_shard_write(&mut self, store: &Store, shard: usize) {
+        self.copy_shard(store, shard);
+    }
+
     /// The whole store is about to be cleared: copy every shard not copied yet.
     pub fn before_clear(&mut self, store: &Store) {
         for shard in 0..SHARDS {

@@ -772,6 +772,14 @@ impl Wal {
         }
     }
 
+    /// A key of `shard` is about to change: [`Wal::before_write`] for a caller
+    /// that has the key's hash already.
+    pub fn before_shard_write(&mut self, store: &Store, shard: usize) {
+        if let Some(s) = self.snapshot.as_mut() {
+            s.copy.before_shard_write(store, shard);
+        }
+    }
+
     /// The store is about to be cleared: a snapshot in progress copies every shard it still needs.
     pub fn before_clear(&mut self, store: &Store) {
         if let Some(s) = self.snapshot.as_mut() {
