@@ -512,8 +512,9 @@ fn a_participant_joining_with_older_txns_in_flight_gets_them_as_log_entries_in_o
     );
 }
 
-#[test]
-fn an_uncovered_slave_gets_a_snapshot_and_nothing_overtakes_it() {
+/// A lone master that committed six writes, whose log holds only 3..=6, and a
+/// slave (link 1) that registered at 0: it needs a snapshot.
+fn with_a_slave_the_log_does_not_cover() -> Coordinator {
     let mut c = with_slaves(&[]);
     for i in 0..6 {
         c.handle(0, writes(10 + i, &["a"]));
@@ -521,6 +522,12 @@ fn an_uncovered_slave_gets_a_snapshot_and_nothing_overtakes_it() {
     c.handle(0, Event::Persisted { lsn: 6 });
     drain(&mut c);
     c.handle(1, register(7, 0)); // log holds 3..=6 only
+    c
+}
+
+#[test]
+fn an_uncovered_slave_gets_a_snapshot_and_nothing_overtakes_it() {
+    let mut c = with_a_slave_the_log_does_not_cover();
     let actions = drain(&mut c);
     assert!(actions.contains(&Action::StartSnapshot {
         peer: PeerId(7),
@@ -2063,13 +2070,7 @@ fn the_inflight_bound_is_reached_and_left_as_transactions_end() {
 
 #[test]
 fn a_slave_that_joined_a_shared_snapshot_catches_up_from_its_seq() {
-    let mut c = with_slaves(&[]);
-    for i in 0..6 {
-        c.handle(0, writes(10 + i, &["a"]));
-    }
-    c.handle(0, Event::Persisted { lsn: 6 });
-    drain(&mut c);
-    c.handle(1, register(7, 0)); // log holds 3..=6 only
+    let mut c = with_a_slave_the_log_does_not_cover();
     assert_eq!(starts_snapshot(&drain(&mut c)), Some(6));
     // Two commits later a second slave needs one; the reactor gives it the
     // snapshot at 6 already streaming to the first.
