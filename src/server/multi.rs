@@ -102,8 +102,16 @@ pub fn intercept(
     args: &[&[u8]],
     spec: Option<&'static Spec>,
 ) -> Intercept {
-    // Every command passes here: lower-case its name on the stack, not the heap
-    // (a longer name is none of these).
+    let in_multi = state.queued.is_some();
+    // Every command passes here: outside MULTI, a known command that is none
+    // of MULTI's own (the lookup already matched its name) runs at once, without
+    // lower-casing and matching the name again.
+    let plain =
+        spec.is_some_and(|s| !matches!(s.name, "multi" | "discard" | "exec" | "watch" | "unwatch"));
+    if plain && !in_multi {
+        return Intercept::Run;
+    }
+    // Lower-case the name on the stack, not the heap (a longer name is none of these).
     let mut buf = [0u8; 8];
     let name = match buf.get_mut(..args[0].len()) {
         Some(lower) => {
@@ -113,7 +121,6 @@ pub fn intercept(
         }
         None => b"",
     };
-    let in_multi = state.queued.is_some();
     match name {
         b"multi" if args.len() != 1 => {
             conn.error("ERR wrong number of arguments for 'multi' command")
