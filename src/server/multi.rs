@@ -103,47 +103,33 @@ pub fn intercept(
     spec: Option<&'static Spec>,
 ) -> Intercept {
     let in_multi = state.queued.is_some();
-    // Every command passes here: outside MULTI, a known command that is none
-    // of MULTI's own (the lookup already matched its name) runs at once, without
-    // lower-casing and matching the name again.
-    let plain =
-        spec.is_some_and(|s| !matches!(s.name, "multi" | "discard" | "exec" | "watch" | "unwatch"));
-    if plain && !in_multi {
-        return Intercept::Run;
-    }
-    // Lower-case the name on the stack, not the heap (a longer name is none of these).
-    let mut buf = [0u8; 8];
-    let name = match buf.get_mut(..args[0].len()) {
-        Some(lower) => {
-            lower.copy_from_slice(args[0]);
-            lower.make_ascii_lowercase();
-            &*lower
-        }
-        None => b"",
-    };
+    // Every command passes here. The lookup already matched its name without
+    // regard to case, and MULTI's own commands all have a spec: the spec's
+    // lower-case name is all there is to match (an unknown command is none).
+    let name = spec.map_or("", |s| s.name);
     match name {
-        b"multi" if args.len() != 1 => {
+        "multi" if args.len() != 1 => {
             conn.error("ERR wrong number of arguments for 'multi' command")
         }
-        b"multi" if in_multi => conn.error("ERR MULTI calls can not be nested"),
-        b"multi" => {
+        "multi" if in_multi => conn.error("ERR MULTI calls can not be nested"),
+        "multi" => {
             state.queued = Some(Vec::new());
             state.queued_bytes = 0;
             state.refused = false;
             conn.answer(|enc, out| enc.ok(out));
         }
-        b"discard" if !in_multi => conn.error("ERR DISCARD without MULTI"),
-        b"discard" => {
+        "discard" if !in_multi => conn.error("ERR DISCARD without MULTI"),
+        "discard" => {
             *state = MultiState::default();
             conn.answer(|enc, out| enc.ok(out));
         }
-        b"exec" if !in_multi => conn.error("ERR EXEC without MULTI"),
-        b"exec" => return exec(state, conn),
-        b"watch" if in_multi => conn.error("ERR WATCH inside MULTI is not allowed"),
-        b"watch" if args.len() < 2 => {
+        "exec" if !in_multi => conn.error("ERR EXEC without MULTI"),
+        "exec" => return exec(state, conn),
+        "watch" if in_multi => conn.error("ERR WATCH inside MULTI is not allowed"),
+        "watch" if args.len() < 2 => {
             conn.error("ERR wrong number of arguments for 'watch' command")
         }
-        b"watch" => {
+        "watch" => {
             // A version read while a write of the key is undecided would be stale.
             if args[1..]
                 .iter()
@@ -158,7 +144,7 @@ pub fn intercept(
             }
             conn.answer(|enc, out| enc.ok(out));
         }
-        b"unwatch" => {
+        "unwatch" => {
             state.watched.clear();
             conn.answer(|enc, out| enc.ok(out));
         }
