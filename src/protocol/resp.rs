@@ -188,6 +188,73 @@ fn plain_header(input: &[u8], from: usize) -> Option<(i64, usize)> {
     None
 }
 
+/// A command name of at most [`NameKey::MAX`] bytes folded to ASCII lower
+/// case and packed into two words, so that finding a command compares three
+/// integers per table entry instead of a byte-by-byte case-insensitive compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameKey {
+    len: usize,
+    words: [u64; 2],
+}
+
+impl NameKey {
+    /// The longest name a key holds; longer names have none.
+    pub const MAX: usize = 16;
+
+    /// The key of a lower-case name known at compile time (a command table's entry).
+    pub const fn of_lower(name: &str) -> NameKey {
+        let bytes = name.as_bytes();
+        assert!(
+            bytes.len() <= NameKey::MAX,
+            "command name too long for a NameKey"
+        );
+        let mut words = [0u64; 2];
+        let mut i = 0;
+        while i < bytes.len() {
+            words[i / 8] |= (bytes[i].to_ascii_lowercase() as u64) << (8 * (i % 8));
+            i += 1;
+        }
+        NameKey {
+            len: bytes.len(),
+            words,
+        }
+    }
+
+    /// The key of a name as a client sent it, in any case; `None` if longer than [`NameKey::MAX`].
+    #[inline]
+    pub fn of(name: &[u8]) -> Option<NameKey> {
+        if name.len() > NameKey::MAX {
+            return None;
+        }
+        // Byte by byte: names are a few bytes long, and a copy of a variable
+        // length would be a call to memcpy.
+        let mut words = [0u64; 2];
+        for (i, &b) in name.iter().enumerate() {
+            words[i / 8] |= u64::from(b) << (8 * (i % 8));
+        }
+        Some(NameKey {
+            len: name.len(),
+            words: words.map(lower_ascii_word),
+        })
+    }
+}
+
+/// Eight bytes with every `A`..=`Z` turned into `a`..=`z` and every other
+/// byte (non-ASCII included) left as it is, all at once.
+#[inline]
+fn lower_ascii_word(x: u64) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let h = x & LOW7;
+    // Per byte h <= 0x7f, so these sums never carry into the next byte: the
+    // high bit says h >= b'A' (0x80 - 0x41 = 0x3f) and h > b'Z' (0x80 - 0x5b = 0x25).
+    let at_least_a = h + 0x3f3f_3f3f_3f3f_3f3f;
+    let above_z = h + 0x2525_2525_2525_2525;
+    let upper = at_least_a & !above_z & !x & HIGH;
+    // 0x80 >> 2 is 0x20, the case bit.
+    x | (upper >> 2)
+}
+
 /// A strict decimal integer as Redis's `string2ll` accepts it.
 pub fn parse_i64(digits: &[u8]) -> Option<i64> {
     // Lengths in headers are short positive numbers: parse them without a
@@ -426,6 +493,19 @@ pub struct Encoder(pub RespVersion);
 
 impl Encoder {
     fn header(out: &mut Vec<u8>, marker: u8, n: i64) {
+        // Every reply has one, so it is built on the stack and appended in one
+        // copy; lengths and counts are small, and four digits cover a 9,999-byte value.
+        if let Ok(small @ 0..=9999) = u16::try_from(n) {
+            let mut line = [marker, 0, 0, 0, 0, b'\r', b'\n', 0];
+            let digits = small_decimal(small, &mut line[1..5]);
+            line.copy_within(5 - digits..7, 1);
+            // A copy of a fixed eight bytes is one store where a copy of
+            // `digits + 3` would be a call to memcpy; the surplus is cut off.
+            let start = out.len();
+            out.extend_from_slice(&line);
+            out.truncate(start + digits + 3);
+            return;
+        }
         out.push(marker);
         push_decimal(out, n);
         out.extend_from_slice(b"\r\n");
@@ -460,6 +540,8 @@ impl Encoder {
 
     /// `$len` and the bytes.
     pub fn bulk(&self, out: &mut Vec<u8>, bytes: &[u8]) {
+        // One reservation for the header, the bytes and the CRLF.
+        out.reserve(bytes.len() + 24);
         Encoder::header(out, b'$', bytes.len() as i64);
         out.extend_from_slice(bytes);
         out.extend_from_slice(b"\r\n");
@@ -514,6 +596,26 @@ impl Encoder {
                 out.extend_from_slice(b"\r\n");
             }
         }
+    }
+}
+
+/// Write `n` (at most 9,999) right-aligned into the four bytes of `to` and
+/// say how many digits it has; two digits at a time from a table, as itoa does.
+#[inline]
+fn small_decimal(n: u16, to: &mut [u8]) -> usize {
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839\
+        4041424344454647484950515253545556575859\
+        6061626364656667686970717273747576777879\
+        8081828384858687888990919293949596979899";
+    let (high, low) = (usize::from(n / 100), usize::from(n % 100));
+    to[2..4].copy_from_slice(&PAIRS[2 * low..2 * low + 2]);
+    to[0..2].copy_from_slice(&PAIRS[2 * high..2 * high + 2]);
+    match n {
+        0..=9 => 1,
+        10..=99 => 2,
+        100..=999 => 3,
+        _ => 4,
     }
 }
 
@@ -982,6 +1084,46 @@ mod tests {
     }
 
     #[test]
+    fn name_keys_fold_exactly_what_ascii_case_folding_folds() {
+        // Every byte value at every position of a name: two names have equal
+        // keys exactly when they are equal ignoring ASCII case.
+        let base = *b"abcdefghijklmnop";
+        for len in [1, 3, 7, 8, 9, 15, 16] {
+            for pos in 0..len {
+                for b in 0..=255u8 {
+                    let mut name = base;
+                    name[pos] = b;
+                    let name = &name[..len];
+                    let lower = String::from_utf8(base[..len].to_vec()).unwrap();
+                    let want = name.eq_ignore_ascii_case(&base[..len]);
+                    assert_eq!(
+                        NameKey::of(name) == Some(NameKey::of_lower(&lower)),
+                        want,
+                        "{name:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(NameKey::of(b"GeT"), Some(NameKey::of_lower("get")));
+        assert_ne!(NameKey::of(b"get\0"), Some(NameKey::of_lower("get")));
+        assert_eq!(NameKey::of(&[b'a'; 17]), None);
+        assert_eq!(NameKey::of(b""), Some(NameKey::of_lower("")));
+    }
+
+    #[test]
+    fn word_lower_casing_matches_the_bytewise_one() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..100_000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let bytes = rng.to_le_bytes();
+            let want = u64::from_le_bytes(bytes.map(|b| b.to_ascii_lowercase()));
+            assert_eq!(lower_ascii_word(rng), want, "{bytes:?}");
+        }
+    }
+
+    #[test]
     fn integers_are_strict() {
         assert_eq!(parse_i64(b"0"), Some(0));
         assert_eq!(parse_i64(b"-12"), Some(-12));
@@ -1019,6 +1161,26 @@ mod tests {
             b"$-1\r\n_\r\n*4\r\n%2\r\n:-5\r\n$4\r\na\r\nb\r\n-ERR bad  thing\r\n=5\r\ntxt:x\r\n$1\r\nx\r\n"
                 .to_vec()
         );
+    }
+
+    #[test]
+    fn integer_headers_print_as_format_prints_them() {
+        let enc = Encoder(RespVersion::Two);
+        let edges = [
+            i64::MIN,
+            i64::MIN + 1,
+            -10_000,
+            -1,
+            0,
+            9_999,
+            10_000,
+            i64::MAX,
+        ];
+        for n in (-1100..=11_000).chain(edges) {
+            let mut out = Vec::new();
+            enc.int(&mut out, n);
+            assert_eq!(out, format!(":{n}\r\n").into_bytes(), "{n}");
+        }
     }
 
     #[test]

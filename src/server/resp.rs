@@ -17,7 +17,8 @@ use log::info;
 use crate::protocol::MAX_KEY_BYTES;
 use crate::protocol::peer::{OpKind, WriteOp};
 use crate::protocol::resp::{
-    Encoder, RespFront, RespVersion, decode_command_into, glob_match, parse_i64, recycle_args,
+    Encoder, NameKey, RespFront, RespVersion, decode_command_into, glob_match, parse_i64,
+    recycle_args,
 };
 use crate::store::SHARDS;
 
@@ -107,6 +108,8 @@ impl Spec {
 pub(super) struct Spec {
     /// Lower-case name, as Redis prints it in errors.
     pub(super) name: &'static str,
+    /// `name` packed for [`lookup`].
+    key: NameKey,
     /// Redis arity: N exactly N arguments (with the name), -N at least N.
     pub(super) arity: i64,
     class: Class,
@@ -202,6 +205,7 @@ const fn spec(
 ) -> Spec {
     Spec {
         name,
+        key: NameKey::of_lower(name),
         arity,
         class,
         flags,
@@ -209,10 +213,12 @@ const fn spec(
     }
 }
 
+/// The command `name` (any case) names.
 pub(super) fn lookup(name: &[u8]) -> Option<&'static Spec> {
-    COMMANDS
-        .iter()
-        .find(|s| s.name.as_bytes().eq_ignore_ascii_case(name))
+    // Every name fits a key (`NameKey::of_lower` fails the build otherwise),
+    // so a name without one names no command.
+    let key = NameKey::of(name)?;
+    COMMANDS.iter().find(|s| s.key == key)
 }
 
 /// What executing a command did.
@@ -1785,4 +1791,39 @@ fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_command_is_found_in_any_case_and_nothing_else_is() {
+        for spec in COMMANDS {
+            let upper = spec.name.to_ascii_uppercase();
+            let mixed: String = spec
+                .name
+                .chars()
+                .enumerate()
+                .map(|(i, c)| {
+                    if i % 2 == 0 {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            for name in [spec.name, upper.as_str(), mixed.as_str()] {
+                assert_eq!(lookup(name.as_bytes()).map(|s| s.name), Some(spec.name));
+            }
+            // One byte more, one less, or one changed names nothing (or another command).
+            let longer = format!("{}x", spec.name);
+            assert_ne!(lookup(longer.as_bytes()).map(|s| s.name), Some(spec.name));
+            let shorter = &spec.name[..spec.name.len() - 1];
+            assert_ne!(lookup(shorter.as_bytes()).map(|s| s.name), Some(spec.name));
+        }
+        assert!(lookup(b"").is_none());
+        assert!(lookup(b"g\x05t").is_none());
+        assert!(lookup(b"nosuchcommandatall").is_none());
+    }
 }
