@@ -40,6 +40,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.environ.get("DKVS_SERVER", os.path.join(ROOT, "target/release/dkvs-server"))
 LOAD = os.path.join(ROOT, "target/release/dkvs-load")
+CLIENT = os.path.join(ROOT, "target/release/dkvs-client")
 PROCS = []
 
 
@@ -116,6 +117,16 @@ def load(port, protocol, extra, duration, preload=True, keyspace=100000):
     return json.loads(out.splitlines()[0])
 
 
+def dkvs_stat(port, name):
+    """One figure of dkvs's STATS (preload and run together), or "n/a"."""
+    out = subprocess.run([CLIENT, "-s", "127.0.0.1", "-p", str(port), "stats"],
+                         capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if line.split(" ", 1)[0] == name:
+            return line.split(" ", 1)[1].strip()
+    return "n/a"
+
+
 def ratio(a, b):
     return f"{a / b:.2f}×" if b else "n/a"
 
@@ -135,11 +146,13 @@ def fsync_set_50(tmp, args):
     w = ["--connections", "50", "--get-ratio", "0"]
     r = load(rport, "resp", w, args.duration)
     d = load(dport, "dkvs", w, args.duration)
+    fsync_p50 = dkvs_stat(dport, "wal_fsync_p50_us")
     table("SET, 50 connections, durable (Redis appendfsync always vs dkvs --fsync always)",
           [[f"{r['ops_per_sec']:,.0f}", f"{d['ops_per_sec']:,.0f}",
             ratio(d["ops_per_sec"], r["ops_per_sec"]), ratio(d["p50_us"], r["p50_us"]),
-            ratio(d["p99_us"], r["p99_us"])]],
-          ["Redis ops/s", "dkvs ops/s", "ops/s", "p50", "p99"])
+            ratio(d["p99_us"], r["p99_us"]), fsync_p50, f"{os.getloadavg()[0]:.2f}"]],
+          ["Redis ops/s", "dkvs ops/s", "ops/s", "p50", "p99", "dkvs fdatasync p50 µs",
+           "load avg"])
     kill(rp)
     kill(dp)
 

@@ -12,8 +12,9 @@
 //! `encode_record`) to exactly its bytes; every prefix of a record is
 //! truncated. The scan's records are consecutive from the header on, a clean
 //! segment is used to its last byte, a bad tail starts where the valid records
-//! end, and cutting a segment at a torn tail (the repair) leaves a clean
-//! segment with the same records.
+//! end, a zero tail is zeros to the end and a torn one is not, and cutting a
+//! segment at either (the repair, or the cut of the preallocated space) leaves
+//! a clean segment with the same records.
 
 #![no_main]
 
@@ -79,9 +80,19 @@ fn check_segment(body: &[u8]) {
     }
     match &s.tail {
         Tail::Clean => assert_eq!(at, bytes.len()),
+        Tail::Zeros { offset } => {
+            assert_eq!(*offset, at);
+            assert!(at < bytes.len());
+            assert!(bytes[at..].iter().all(|&b| b == 0));
+            let repaired = scan(&bytes[..*offset], SEGMENT_ID);
+            assert_eq!(repaired.tail, Tail::Clean);
+            assert_eq!(repaired.records, s.records);
+        }
         Tail::Torn { offset, .. } => {
             assert_eq!(*offset, at);
             assert!(at < bytes.len());
+            // Never only zeros: those are the preallocated end (`Tail::Zeros`).
+            assert!(bytes[at..].iter().any(|&b| b != 0));
             // The repair cuts the file at the torn tail: what is left is clean.
             let repaired = scan(&bytes[..*offset], SEGMENT_ID);
             assert_eq!(repaired.tail, Tail::Clean);

@@ -6,7 +6,8 @@
 //! ```text
 //! LOCK                 held (flock) while a server runs on the directory
 //! node_id              this node's id, created once (16 hex digits)
-//! wal-<id>.log         segments, appended in id order (segment.rs)
+//! wal-<id>.log         segments in id order, preallocated and overwritten (segment.rs)
+//! wal-<id>.log.tmp     the next segment being preallocated (deleted at recovery)
 //! snap-<id>.dat        snapshots; the newest names the first segment after it (snapshot.rs)
 //! *.torn-<t>, *.discarded-<t>, *.corrupt-<t>   bytes recovery cut off, kept for the operator
 //! ```
@@ -29,8 +30,10 @@ mod sync;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
@@ -43,9 +46,9 @@ use crate::store::snapshot::ShardCopy;
 
 use record::{encode_record, record_seq};
 use replay::{Replay, Step};
-use segment::{Tail, parse_segment_name, scan, segment_header, segment_name};
+use segment::{SEGMENT_BYTES, Tail, parse_segment_name, scan, segment_header, segment_name};
 use snapshot::{SnapshotHeader, parse_snapshot_name, snapshot_name};
-use sync::{Done, Helpers, SnapshotJob, SyncRequest, sync_dir};
+use sync::{Done, Helpers, SnapshotJob, SyncRequest, preallocate, prepared_path, sync_dir};
 
 /// When a record counts as durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +163,14 @@ fn io_err(what: &str, path: &Path) -> impl FnOnce(io::Error) -> WalError {
     move |source| WalError::Io { what, path, source }
 }
 
+/// A preallocated segment waiting to become the active one.
+#[derive(Debug)]
+struct Prepared {
+    id: u64,
+    file: File,
+    tmp: PathBuf,
+}
+
 /// A segment on disk.
 #[derive(Debug)]
 struct Segment {
@@ -206,7 +217,19 @@ pub struct Wal {
     helpers: Helpers,
     segments: Vec<Segment>,
     active: Arc<File>,
-    /// Rotated segments with bytes not yet covered by a sync.
+    /// Bytes written to the active segment, header included: where the next write goes.
+    active_len: u64,
+    /// Size the active segment was preallocated to (0: it was not, and grows
+    /// as it is written).
+    active_capacity: u64,
+    /// The next segment, preallocated and synced, under its temporary name.
+    next: Option<Prepared>,
+    /// The thread preallocating the next segment, and that segment's id.
+    preparing: Option<(u64, JoinHandle<()>)>,
+    /// A segment whose preallocation failed: not retried for it (a full disk
+    /// would fail every attempt), and it grows as it is written.
+    unprepared: Option<u64>,
+    /// Rotated segments (cut to their records) not yet covered by a sync.
     unsynced: Vec<Arc<File>>,
     dir_dirty: bool,
     buffer: Vec<u8>,
@@ -236,6 +259,16 @@ pub struct Wal {
     snapshots_written: u64,
     bytes_since_snapshot: u64,
     fsync_us: Histogram<u64>,
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        // A preallocation still writing must not outlive the directory's lock:
+        // the next server on the directory deletes and recreates the same file.
+        if let Some((_, thread)) = self.preparing.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl fmt::Debug for Wal {
@@ -353,7 +386,24 @@ impl Wal {
             .max()
             .unwrap_or(0)
             + 1;
-        let active = create_segment(&dir, next_id)?;
+        // Preallocated here, before the reactor runs; later segments are
+        // prepared ahead of time off the reactor thread.
+        let (active, active_capacity) = match preallocate(&prepared_path(&dir, next_id), next_id) {
+            Ok(file) => {
+                let tmp = prepared_path(&dir, next_id);
+                let path = dir.join(segment_name(next_id));
+                std::fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
+                (file, SEGMENT_BYTES)
+            }
+            Err(e) => {
+                warn!(
+                    "cannot preallocate the log segment in {} ({e}); it grows as it is written",
+                    dir.display()
+                );
+                let _ = std::fs::remove_file(prepared_path(&dir, next_id));
+                (create_segment(&dir, next_id)?, 0)
+            }
+        };
         sync_dir(&dir).map_err(io_err("fsync the directory", &dir))?;
         let helpers = Helpers::start(waker, config.fsync == FsyncPolicy::Batch)
             .map_err(io_err("start the log threads for", &dir))?;
@@ -372,6 +422,11 @@ impl Wal {
             helpers,
             segments,
             active: Arc::new(active),
+            active_len: segment::SEGMENT_HEADER_BYTES as u64,
+            active_capacity,
+            next: None,
+            preparing: None,
+            unprepared: None,
             unsynced: Vec::new(),
             dir_dirty: false,
             buffer: Vec::new(),
@@ -478,10 +533,11 @@ impl Wal {
         let mut bytes = Vec::new();
         encode_record(&mut bytes, &Record::History { history_id });
         let path = self.segment_path(self.active_id());
-        (&*self.active)
-            .write_all(&bytes)
+        self.active
+            .write_all_at(&bytes, self.active_len)
             .map_err(io_err("write", &path))?;
         self.active.sync_data().map_err(io_err("fsync", &path))?;
+        self.active_len += bytes.len() as u64;
         if let Some(s) = self.segments.last_mut() {
             s.bytes += bytes.len() as u64;
         }
@@ -535,10 +591,81 @@ impl Wal {
         let before = self.buffer.len();
         encode_record(&mut self.buffer, record);
         let added = (self.buffer.len() - before) as u64;
+        if self.rotation_due(added) {
+            // The record goes to the next segment, whole: the bytes before it
+            // fill this one (rotate writes them), and no write passes the
+            // preallocated end.
+            let encoded = self.buffer.split_off(before);
+            self.rotate();
+            if self.failed.is_some() {
+                return;
+            }
+            self.buffer.extend_from_slice(&encoded);
+        }
         self.bytes_since_snapshot += added;
         if let Some(s) = self.segments.last_mut() {
             s.max_seq = s.max_seq.max(record_seq(record));
             s.bytes += added;
+        }
+        self.prepare_next();
+    }
+
+    /// Whether a record of `added` bytes should start the next segment: one
+    /// is ready, and this one was not preallocated or has no room left.
+    fn rotation_due(&self, added: u64) -> bool {
+        let Some(s) = self.segments.last() else {
+            return false;
+        };
+        self.next.is_some()
+            && (self.active_capacity == 0
+                || (s.bytes > segment::SEGMENT_HEADER_BYTES as u64
+                    && s.bytes + added > self.active_capacity))
+    }
+
+    /// Start preallocating the next segment once the active one is half full
+    /// (most servers in tests never get there) or was not preallocated.
+    fn prepare_next(&mut self) {
+        if self.next.is_some() || self.preparing.is_some() || self.failed.is_some() {
+            return;
+        }
+        let used = self.segments.last().map_or(0, |s| s.bytes);
+        if self.active_capacity != 0 && used < self.active_capacity / 2 {
+            return;
+        }
+        let id = self.active_id() + 1;
+        if self.unprepared == Some(id) {
+            return;
+        }
+        match self.helpers.prepare(self.config.dir.clone(), id) {
+            Ok(thread) => self.preparing = Some((id, thread)),
+            // Not fatal: the active segment grows past its preallocated end.
+            Err(e) => {
+                warn!("cannot start preallocating the next log segment: {e}");
+                self.unprepared = Some(id);
+            }
+        }
+    }
+
+    /// A preallocation finished: keep it for the next rotation if it is still
+    /// the next segment's, else delete it.
+    fn prepared(&mut self, id: u64, result: Result<(File, PathBuf), String>) {
+        if let Some((_, thread)) = self.preparing.take_if(|(pid, _)| *pid == id) {
+            let _ = thread.join(); // it has sent its report: ends at once
+        }
+        match result {
+            Ok((file, tmp)) if id == self.active_id() + 1 && self.failed.is_none() => {
+                self.next = Some(Prepared { id, file, tmp });
+            }
+            Ok((_, tmp)) => {
+                // A rotation could not wait for it and created the segment itself.
+                if let Err(e) = std::fs::remove_file(&tmp) {
+                    warn!("cannot delete {}: {e}", tmp.display());
+                }
+            }
+            Err(why) => {
+                warn!("{why}; the log segment after this one grows as it is written");
+                self.unprepared = Some(id);
+            }
         }
     }
 
@@ -549,10 +676,43 @@ impl Wal {
             return;
         }
         let id = self.active_id() + 1;
-        match create_segment(&self.config.dir, id) {
-            Ok(file) => {
+        // Cut the preallocated zeros off first, here and not on the sync
+        // thread: recovery reads zeros in a segment that is not the newest as
+        // a torn tail and discards what follows, so the cut must precede the
+        // next segment's name even if the process dies right after (a crash
+        // of the process, not the machine, loses nothing under every policy).
+        // The sync thread fsyncs the cut before it covers any record after it.
+        if self.active_capacity > self.active_len
+            && let Err(e) = self.active.set_len(self.active_len)
+        {
+            let path = self.segment_path(id - 1);
+            self.fail(format!("cannot truncate {}: {e}", path.display()));
+            return;
+        }
+        let opened = match self.next.take() {
+            Some(p) if p.id == id => {
+                let path = self.segment_path(id);
+                std::fs::rename(&p.tmp, &path)
+                    .map(|()| (p.file, SEGMENT_BYTES))
+                    .map_err(|e| format!("cannot rename {}: {e}", p.tmp.display()))
+            }
+            // None ready (a snapshot or a resync rotates whenever it starts):
+            // a segment that grows as it is written, left once the next is ready.
+            other => {
+                if let Some(p) = other {
+                    let _ = std::fs::remove_file(&p.tmp);
+                }
+                create_segment(&self.config.dir, id)
+                    .map(|file| (file, 0))
+                    .map_err(|e| e.to_string())
+            }
+        };
+        match opened {
+            Ok((file, capacity)) => {
                 let old = std::mem::replace(&mut self.active, Arc::new(file));
                 self.unsynced.push(old);
+                self.active_len = segment::SEGMENT_HEADER_BYTES as u64;
+                self.active_capacity = capacity;
                 self.dir_dirty = true;
                 self.segments.push(Segment {
                     id,
@@ -560,7 +720,7 @@ impl Wal {
                     bytes: segment::SEGMENT_HEADER_BYTES as u64,
                 });
             }
-            Err(e) => self.fail(e.to_string()),
+            Err(why) => self.fail(why),
         }
     }
 
@@ -577,17 +737,19 @@ impl Wal {
             return;
         }
         let path = self.segment_path(self.active_id());
+        let at = self.active_len;
         let result = match fault::write_fault() {
-            None => (&*self.active).write_all(&self.buffer),
+            None => self.active.write_all_at(&self.buffer, at),
             Some((fault::WriteFault::Fail, e)) => Err(e),
             Some((fault::WriteFault::Short, e)) => {
                 let half = self.buffer.len() / 2;
-                let _ = (&*self.active).write_all(&self.buffer[..half]);
+                let _ = self.active.write_all_at(&self.buffer[..half], at);
                 Err(e)
             }
         };
         match result {
             Ok(()) => {
+                self.active_len += self.buffer.len() as u64;
                 self.written_bytes += self.buffer.len() as u64;
                 self.buffer.clear();
                 self.written_lsn = self.appended_lsn;
@@ -642,10 +804,11 @@ impl Wal {
         if !needed && !self.dir_dirty {
             return;
         }
-        let mut files = std::mem::take(&mut self.unsynced);
-        files.push(self.active.clone());
+        let rotated = std::mem::take(&mut self.unsynced);
+        let files = vec![self.active.clone()];
         let dir = std::mem::take(&mut self.dir_dirty).then(|| self.config.dir.clone());
         let request = SyncRequest {
+            rotated,
             lsn: self.written_lsn,
             written_bytes: self.written_bytes,
             seen_syncs: self.syncs_seen,
@@ -687,6 +850,7 @@ impl Wal {
                     synced = true;
                 }
                 Done::SyncFailed(why) => self.fail(why),
+                Done::Prepared { id, result } => self.prepared(id, result),
                 Done::BlockWritten => self.snapshot_queued = self.snapshot_queued.saturating_sub(1),
                 Done::SnapshotWritten { id, bytes } => self.snapshot_done(id, bytes),
                 Done::SnapshotFailed { id, why } => self.snapshot_failed(id, why),
@@ -980,6 +1144,7 @@ fn recover(dir: &Path, repair: bool) -> Result<(Replay, Vec<Segment>, RecoveryRe
     ids.sort_unstable();
     let mut segments = Vec::new();
     let mut stop = false;
+    let newest = ids.last().copied();
     for id in ids {
         let path = dir.join(segment_name(id));
         if id < first_segment {
@@ -1035,6 +1200,28 @@ fn recover(dir: &Path, repair: bool) -> Result<(Replay, Vec<Segment>, RecoveryRe
         report.segments += 1;
         match scanned.tail {
             Tail::Clean => {}
+            Tail::Zeros { offset } if Some(id) == newest => {
+                // The unused preallocated space of the segment written last:
+                // cut, so that it reads as a finished segment once the next
+                // one is created.
+                truncate(&path, offset)?;
+                valid_end = offset;
+            }
+            Tail::Zeros { offset } => {
+                // Rotation cuts a segment before the next one is created, and
+                // fsyncs the cut before anything after it is reported durable:
+                // zeros here are a crash before that (or written bytes the
+                // crash lost), and nothing after them was acknowledged.
+                cut_tail(&path, &bytes, offset, "torn", &mut report)?;
+                warn!(
+                    "{}: {} zero bytes at byte {offset} in a segment that is not the newest; \
+                     cut and kept beside it",
+                    path.display(),
+                    bytes.len() - offset
+                );
+                valid_end = offset;
+                stop = true;
+            }
             Tail::Torn { offset, why } => {
                 cut_tail(&path, &bytes, offset, "torn", &mut report)?;
                 warn!(
@@ -1068,6 +1255,16 @@ fn recover(dir: &Path, repair: bool) -> Result<(Replay, Vec<Segment>, RecoveryRe
     Ok((replay, segments, report))
 }
 
+/// Truncate the segment at `path` to `len` bytes, durably.
+fn truncate(path: &Path, len: usize) -> Result<(), WalError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err("open", path))?;
+    file.set_len(len as u64).map_err(io_err("truncate", path))?;
+    file.sync_all().map_err(io_err("fsync", path))
+}
+
 /// Keep `bytes[offset..]` in a side file and truncate the segment to `offset`.
 fn cut_tail(
     path: &Path,
@@ -1078,13 +1275,7 @@ fn cut_tail(
 ) -> Result<(), WalError> {
     let side = PathBuf::from(format!("{}.{why}-{}", path.display(), now_tag()));
     std::fs::write(&side, &bytes[offset..]).map_err(io_err("write", &side))?;
-    let file = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(io_err("open", path))?;
-    file.set_len(offset as u64)
-        .map_err(io_err("truncate", path))?;
-    file.sync_all().map_err(io_err("fsync", path))?;
+    truncate(path, offset)?;
     report.repairs.push(format!(
         "cut {} bytes off {} at byte {offset} ({why}); kept in {}",
         bytes.len() - offset,

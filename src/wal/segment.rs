@@ -1,8 +1,17 @@
-//! Segment files: a header, then records, appended until the next rotation.
+//! Segment files: a header, then records, written one after the other until
+//! the next rotation, then zeros up to the preallocated size.
 //!
 //! ```text
-//! magic "DKVSWAL1" (8 bytes) | segment id u64 BE | records...
+//! magic "DKVSWAL1" (8 bytes) | segment id u64 BE | records... | zeros...
 //! ```
+//!
+//! A segment is created [`SEGMENT_BYTES`] long, filled with zeros and synced
+//! before it is used, and records overwrite the zeros: an fdatasync after an
+//! overwrite does not have to commit a new file size (a journal commit), which
+//! an append needs every time. A segment is rotated out before a record would
+//! go past its end, and cut to the bytes written when it is. The zeros after
+//! the last record are the clean end of the newest segment; no record starts
+//! with them, since every record's length is at least 1.
 //!
 //! Scanning tells a torn tail (a write the crash cut short, which was never
 //! reported durable) from corruption in the middle of the log (a record that
@@ -16,6 +25,11 @@ use crate::replication::Record;
 pub const SEGMENT_MAGIC: &[u8; 8] = b"DKVSWAL1";
 /// Magic and segment id.
 pub const SEGMENT_HEADER_BYTES: usize = 16;
+/// Size a segment is preallocated to. 8 MiB of zeros take tens of
+/// milliseconds to write and sync on the helper thread, and at 50 writers
+/// (about 5 MB/s of log) a segment lasts a second or two, so a rotation (a
+/// rename, a truncate and one more fsync) is rare.
+pub const SEGMENT_BYTES: u64 = 8 << 20;
 
 /// The file name of segment `id`.
 pub fn segment_name(id: u64) -> String {
@@ -44,6 +58,15 @@ pub fn segment_header(id: u64) -> [u8; SEGMENT_HEADER_BYTES] {
 pub enum Tail {
     /// Every byte is part of a valid record.
     Clean,
+    /// Every byte from `offset` on is zero: the unused preallocated space of
+    /// the segment being written when the server stopped, or a write the
+    /// crash lost before any of its bytes reached the disk. The clean end of
+    /// the newest segment; in an older one (which rotation cut to its
+    /// records) a torn tail.
+    Zeros {
+        /// Where the valid records end.
+        offset: usize,
+    },
     /// The bytes from `offset` on are a write cut short by a crash: truncate them.
     Torn {
         /// Where the valid records end.
@@ -98,6 +121,14 @@ pub fn scan(bytes: &[u8], id: u64) -> Scanned {
                 at += used;
                 records.push((record, at));
             }
+            Err(_) if bytes[at..].iter().all(|&b| b == 0) => {
+                // A record's length is never 0, so no record starts in a run
+                // of zeros that reaches the end of the file.
+                return Scanned {
+                    records,
+                    tail: Tail::Zeros { offset: at },
+                };
+            }
             Err(e) => {
                 let tail = classify(&bytes[at..], at, &e);
                 return Scanned { records, tail };
@@ -113,7 +144,7 @@ pub fn scan(bytes: &[u8], id: u64) -> Scanned {
 /// A bad record at `offset` with `rest` from it to the end of the file.
 fn classify(rest: &[u8], offset: usize, err: &RecordError) -> Tail {
     let why = err.to_string();
-    if matches!(err, RecordError::Truncated { .. }) || rest.iter().all(|&b| b == 0) {
+    if matches!(err, RecordError::Truncated { .. }) {
         return Tail::Torn { offset, why };
     }
     // The record is complete but damaged. If a valid record follows where its
@@ -178,14 +209,16 @@ mod tests {
         for cut in last_start + 1..bytes.len() {
             let s = scan(&bytes[..cut], 3);
             assert_eq!(s.records.len(), 3, "cut at {cut}");
-            assert_eq!(
-                s.tail,
+            let expected = if bytes[last_start..cut].iter().all(|&b| b == 0) {
+                // Only the zero high bytes of its length made it: nothing to keep.
+                Tail::Zeros { offset: last_start }
+            } else {
                 Tail::Torn {
                     offset: last_start,
-                    why: s_why(&s.tail)
-                },
-                "cut at {cut}"
-            );
+                    why: s_why(&s.tail),
+                }
+            };
+            assert_eq!(s.tail, expected, "cut at {cut}");
         }
         // Cut exactly at a record boundary: clean.
         assert_eq!(scan(&bytes[..last_start], 3).tail, Tail::Clean);
@@ -194,17 +227,71 @@ mod tests {
     fn s_why(tail: &Tail) -> String {
         match tail {
             Tail::Torn { why, .. } | Tail::Corrupt { why, .. } => why.clone(),
-            Tail::Clean => String::new(),
+            Tail::Clean | Tail::Zeros { .. } => String::new(),
         }
     }
 
     #[test]
-    fn a_zeroed_tail_is_torn() {
+    fn zeros_after_the_last_record_are_the_preallocated_end() {
         let (mut bytes, ends) = segment(&records());
-        bytes.extend_from_slice(&[0; 4096]);
+        bytes.resize(64 << 10, 0);
         let s = scan(&bytes, 3);
         assert_eq!(s.records.len(), 4);
-        assert!(matches!(s.tail, Tail::Torn { offset, .. } if offset == ends[3]));
+        assert_eq!(s.tail, Tail::Zeros { offset: ends[3] });
+        // A segment preallocated and never written to.
+        let mut empty = segment_header(3).to_vec();
+        empty.resize(64 << 10, 0);
+        let s = scan(&empty, 3);
+        assert!(s.records.is_empty());
+        assert_eq!(
+            s.tail,
+            Tail::Zeros {
+                offset: SEGMENT_HEADER_BYTES
+            }
+        );
+    }
+
+    #[test]
+    fn records_that_start_with_zero_bytes_are_not_taken_for_the_zero_tail() {
+        // Every record here is shorter than 16 MiB: its length starts with a zero byte.
+        let (mut bytes, ends) = segment(&records());
+        assert_eq!(bytes[SEGMENT_HEADER_BYTES], 0);
+        bytes.resize(bytes.len() + 100, 0);
+        let s = scan(&bytes, 3);
+        assert_eq!(s.records.len(), 4, "no record swallowed");
+        assert_eq!(s.tail, Tail::Zeros { offset: ends[3] });
+    }
+
+    #[test]
+    fn bytes_after_zeros_make_a_torn_tail_not_a_clean_end() {
+        let (mut bytes, ends) = segment(&records());
+        bytes.resize(bytes.len() + 4096, 0);
+        bytes.extend_from_slice(&[0, 0, 0, 40, 0xAB, 0xCD]);
+        bytes.resize(bytes.len() + 4096, 0);
+        let s = scan(&bytes, 3);
+        assert_eq!(s.records.len(), 4);
+        assert!(
+            matches!(s.tail, Tail::Torn { offset, .. } if offset == ends[3]),
+            "{:?}",
+            s.tail
+        );
+    }
+
+    #[test]
+    fn a_torn_record_followed_by_zeros_is_torn() {
+        let (bytes, ends) = segment(&records());
+        // The last record's second half never reached the disk: zeros there
+        // and in the preallocated space after it.
+        let start = ends[2];
+        let mut torn = bytes[..start + (ends[3] - start) / 2].to_vec();
+        torn.resize(64 << 10, 0);
+        let s = scan(&torn, 3);
+        assert_eq!(s.records.len(), 3);
+        assert!(
+            matches!(&s.tail, Tail::Torn { offset, why } if *offset == start && why.contains("checksum")),
+            "{:?}",
+            s.tail
+        );
     }
 
     #[test]

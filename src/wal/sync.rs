@@ -50,7 +50,10 @@ pub struct SyncRequest {
     /// (a slave's commit records, whose acks can wait) the sync waits up to
     /// [`LAZY_DELAY`] for one that has, and covers both.
     pub urgent: bool,
-    /// Files to sync, oldest first (a rotated segment before the active one).
+    /// Segments rotated out and cut to their records since the last request:
+    /// synced (`fsync`, the new length included) before `files`.
+    pub rotated: Vec<Arc<File>>,
+    /// Files to sync (the active segment).
     pub files: Vec<Arc<File>>,
     /// Also sync the directory (a segment was created since the last sync).
     pub dir: Option<PathBuf>,
@@ -99,6 +102,13 @@ pub enum Done {
     },
     /// A sync failed: nothing after the last success may be reported durable.
     SyncFailed(String),
+    /// The next segment is preallocated and synced under its temporary name.
+    Prepared {
+        /// Its segment id.
+        id: u64,
+        /// The file and its temporary path, or why it could not be made.
+        result: Result<(File, PathBuf), String>,
+    },
     /// The snapshot thread took a block (room for another).
     BlockWritten,
     /// Snapshot `id` is durable under its final name (`bytes` long).
@@ -124,8 +134,10 @@ pub struct Helpers {
     pub sync: Sender<SyncRequest>,
     /// Jobs for the snapshot thread (bounded: the reactor waits for room).
     pub snapshot: SyncSender<SnapshotJob>,
-    /// Completions from both.
+    /// Completions from both (and from segment preparations).
     pub done: Receiver<Done>,
+    done_tx: Sender<Done>,
+    waker: Arc<Waker>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -140,6 +152,7 @@ impl Helpers {
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::new();
         let (done, sync_waker) = (done_tx.clone(), waker.clone());
+        let (prepare_tx, prepare_waker) = (done_tx.clone(), waker.clone());
         threads.push(
             std::thread::Builder::new()
                 .name("dkvs-wal-sync".into())
@@ -154,8 +167,30 @@ impl Helpers {
             sync: sync_tx,
             snapshot: snap_tx,
             done: done_rx,
+            done_tx: prepare_tx,
+            waker: prepare_waker,
             threads,
         })
+    }
+
+    /// Preallocate segment `id` of `dir` on a thread of its own, reported as
+    /// [`Done::Prepared`]. Neither helper thread does it: zeroing and syncing
+    /// megabytes would hold a log sync (a client's reply) or a snapshot
+    /// block queued behind it for tens of milliseconds. One runs at a time,
+    /// about once per segment, so a short-lived thread costs nothing.
+    pub fn prepare(&self, dir: PathBuf, id: u64) -> io::Result<JoinHandle<()>> {
+        let (done, waker) = (self.done_tx.clone(), self.waker.clone());
+        std::thread::Builder::new()
+            .name("dkvs-wal-prealloc".into())
+            .spawn(move || {
+                let tmp = prepared_path(&dir, id);
+                let result = preallocate(&tmp, id)
+                    .map(|file| (file, tmp.clone()))
+                    .map_err(|e| format!("cannot preallocate {}: {e}", tmp.display()));
+                if done.send(Done::Prepared { id, result }).is_ok() {
+                    let _ = waker.wake();
+                }
+            })
     }
 
     /// Number of threads started (for tests).
@@ -164,8 +199,48 @@ impl Helpers {
     }
 }
 
+/// Where segment `id` is prepared before it is renamed to its name: recovery
+/// deletes `*.tmp` files, so one a crash left behind is never taken for a segment.
+pub fn prepared_path(dir: &std::path::Path, id: u64) -> PathBuf {
+    dir.join(format!("{}.tmp", super::segment::segment_name(id)))
+}
+
+/// Create `path` as segment `id`: its header, zeros up to
+/// [`SEGMENT_BYTES`](super::segment::SEGMENT_BYTES), synced. Zeros and not
+/// `fallocate`: ext4 and XFS keep fallocated space as unwritten extents, and
+/// the first write into each block converts it, a metadata change that
+/// fdatasync must commit, the cost preallocating is meant to remove.
+pub fn preallocate(path: &std::path::Path, id: u64) -> io::Result<File> {
+    use super::segment::{SEGMENT_BYTES, segment_header};
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)?;
+    let chunk = vec![0u8; 1 << 20];
+    file.write_all(&segment_header(id))?;
+    let mut left = SEGMENT_BYTES - super::segment::SEGMENT_HEADER_BYTES as u64;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        file.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    file.sync_all()?;
+    Ok(file)
+}
+
 /// Merge `newer` into `request`: one fsync covers both.
 fn merge(request: &mut SyncRequest, newer: SyncRequest) {
+    for file in newer.rotated {
+        if !request.rotated.iter().any(|f| Arc::ptr_eq(f, &file)) {
+            request.rotated.push(file);
+        }
+    }
     // Every request names the active segment: keep each file once, so a second
     // of batch-mode requests (one per reactor turn) stays a list of one or two.
     for file in newer.files {
@@ -272,8 +347,21 @@ fn sync_loop(requests: &Receiver<SyncRequest>, done: &Sender<Done>, waker: &Wake
 }
 
 fn sync_files(request: &SyncRequest) -> Result<(), String> {
+    // A rotated segment was cut to its records (see `Wal::rotate`): fsync, so
+    // its new length is durable before any record of the next segment is
+    // reported durable.
+    for file in &request.rotated {
+        if let Some(e) = fault::inject(Point::Fsync) {
+            return Err(format!("fsync of the log failed: {e}"));
+        }
+        file.sync_all()
+            .map_err(|e| format!("fsync of the log failed: {e}"))?;
+    }
     // `merge` keeps each file once.
     for file in &request.files {
+        if request.rotated.iter().any(|r| Arc::ptr_eq(r, file)) {
+            continue; // synced above
+        }
         if let Some(e) = fault::inject(Point::Fsync) {
             return Err(format!("fsync of the log failed: {e}"));
         }

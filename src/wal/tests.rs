@@ -188,3 +188,176 @@ fn a_resync_checkpoint_counts_only_once_its_snapshot_is_durable() {
     assert_eq!(replay.store.get(b"snap"), Some((&b"shot"[..], 40)));
     assert_eq!(replay.store.get(b"after"), Some((&b"checkpoint"[..], 41)));
 }
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).expect("metadata").len()
+}
+
+fn side_files(dir: &Path, kind: &str) -> Vec<String> {
+    list_dir(dir)
+        .expect("list")
+        .into_iter()
+        .filter(|n| n.contains(kind))
+        .collect()
+}
+
+impl Harness {
+    /// Wait until a preallocation in flight has reported.
+    fn wait_prepared(&mut self) {
+        let mut events = Events::with_capacity(4);
+        while self.wal.preparing.is_some() {
+            self.poll
+                .poll(&mut events, Some(Duration::from_millis(50)))
+                .expect("poll");
+            self.wal.on_wake();
+        }
+    }
+
+    /// Preallocate the next segment now, whatever the active one holds.
+    fn prepare_now(&mut self) {
+        let id = self.wal.active_id() + 1;
+        let thread = self
+            .wal
+            .helpers
+            .prepare(self.wal.config.dir.clone(), id)
+            .expect("spawn");
+        self.wal.preparing = Some((id, thread));
+        self.wait_prepared();
+        assert!(self.wal.next.is_some(), "segment {id} prepared");
+    }
+}
+
+#[test]
+fn a_crash_in_the_middle_of_a_preallocated_segment_loses_nothing_and_leaves_no_side_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logical;
+    let first;
+    {
+        let (mut h, _) = open(dir.path(), FsyncPolicy::Always, 1 << 30);
+        h.wal.start_history(3).expect("history");
+        for seq in 1..=40 {
+            h.commit(seq, put(&format!("k{seq}"), "value"));
+        }
+        first = h.wal.segment_path(h.wal.active_id());
+        assert_eq!(file_len(&first), SEGMENT_BYTES, "written over the zeros");
+        logical = h.wal.active_len;
+        assert!(
+            h.wal
+                .stats()
+                .contains(&format!("wal_log_bytes {logical}\n")),
+            "STATS counts written bytes, not the preallocated size: {}",
+            h.wal.stats()
+        );
+        // Dropped without anything a clean stop would do: a crash.
+    }
+    let (h, replay) = open(dir.path(), FsyncPolicy::Always, 1 << 30);
+    assert_eq!((replay.seq, replay.history_id), (40, 3));
+    assert_eq!(replay.store.len(), 40);
+    assert_eq!(file_len(&first), logical, "the zeros are cut at recovery");
+    assert!(side_files(dir.path(), ".torn-").is_empty());
+    assert!(side_files(dir.path(), ".discarded-").is_empty());
+    let active = h.wal.segment_path(h.wal.active_id());
+    assert_ne!(active, first);
+    assert_eq!(file_len(&active), SEGMENT_BYTES);
+    drop(h);
+    // Recovered twice: the first segment, no longer the newest, ends clean.
+    let (_, replay) = open(dir.path(), FsyncPolicy::Always, 1 << 30);
+    assert_eq!(replay.seq, 40);
+    assert!(side_files(dir.path(), ".torn-").is_empty());
+}
+
+#[test]
+fn rotation_cuts_the_segment_to_its_records_and_uses_the_prepared_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut h, _) = open(dir.path(), FsyncPolicy::Always, 1 << 30);
+    h.wal.start_history(1).expect("history");
+    h.commit(1, put("a", "1"));
+    let old = h.wal.segment_path(h.wal.active_id());
+    let written = h.wal.active_len;
+    // Nothing prepared: the new segment grows as it is written.
+    h.wal.rotate();
+    assert_eq!(file_len(&old), written);
+    assert_eq!(h.wal.active_capacity, 0);
+    h.commit(2, put("b", "2"));
+    h.wait_prepared();
+    // A prepared segment is taken at the next record, since this one was not preallocated.
+    h.commit(3, put("c", "3"));
+    assert_eq!(h.wal.active_capacity, SEGMENT_BYTES);
+    let prepared = h.wal.segment_path(h.wal.active_id());
+    assert_eq!(file_len(&prepared), SEGMENT_BYTES);
+    assert!(!prepared_path(dir.path(), h.wal.active_id()).exists());
+    // A snapshot's rotation into a prepared segment cuts the preallocated one.
+    h.prepare_now();
+    let written = h.wal.active_len;
+    h.wal.rotate();
+    assert_eq!(file_len(&prepared), written);
+    assert_eq!(h.wal.active_capacity, SEGMENT_BYTES);
+    h.commit(4, put("d", "4"));
+    drop(h);
+    let (_, replay) = open(dir.path(), FsyncPolicy::Always, 1 << 30);
+    assert_eq!(replay.seq, 4);
+    assert_eq!(replay.store.len(), 4);
+    assert!(side_files(dir.path(), ".torn-").is_empty());
+}
+
+#[test]
+fn a_full_segment_rotates_before_a_record_would_pass_its_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let value = "v".repeat(64 << 10);
+    let first;
+    {
+        let (mut h, _) = open(dir.path(), FsyncPolicy::Never, 1 << 30);
+        h.wal.start_history(1).expect("history");
+        first = h.wal.segment_path(h.wal.active_id());
+        let mut seq = 0;
+        while h.wal.segments.len() < 2 {
+            seq += 1;
+            h.commit(seq, put(&format!("k{seq}"), &value));
+            h.wait_prepared();
+            assert!(seq < 1000, "never rotated");
+        }
+        assert!(h.wal.active_len < SEGMENT_BYTES);
+        for _ in 0..3 {
+            seq += 1;
+            h.commit(seq, put(&format!("k{seq}"), &value));
+        }
+    }
+    let len = file_len(&first);
+    assert!(
+        len <= SEGMENT_BYTES && len > SEGMENT_BYTES - (65 << 10),
+        "filled to its end and cut to its records: {len}"
+    );
+    let (_, replay) = open(dir.path(), FsyncPolicy::Never, 1 << 30);
+    assert!(replay.seq > 100);
+    assert_eq!(replay.store.len() as u64, replay.seq);
+    assert!(side_files(dir.path(), ".torn-").is_empty());
+}
+
+#[test]
+fn zeros_in_a_segment_that_is_not_the_newest_are_a_torn_tail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id;
+    {
+        let (mut h, _) = open(dir.path(), FsyncPolicy::Always, 1 << 30);
+        h.wal.start_history(1).expect("history");
+        h.commit(1, put("a", "1"));
+        h.commit(2, put("b", "2"));
+        id = h.wal.active_id();
+    }
+    // A newer segment beside the preallocated one: as if the machine crashed
+    // after the rotation's new name was durable and before its cut was.
+    let mut newer = segment_header(id + 1).to_vec();
+    encode_record(
+        &mut newer,
+        &Record::CommitDecision {
+            seq: 3,
+            ops: put("c", "3"),
+        },
+    );
+    std::fs::write(dir.path().join(segment_name(id + 1)), &newer).expect("write");
+    let (_, replay) = open(dir.path(), FsyncPolicy::Always, 1 << 30);
+    assert_eq!(replay.seq, 2, "nothing after the zeros is replayed");
+    assert_eq!(replay.store.get(b"c"), None);
+    assert_eq!(side_files(dir.path(), ".torn-").len(), 1);
+    assert_eq!(side_files(dir.path(), ".discarded-").len(), 1);
+}
