@@ -1274,13 +1274,23 @@ fn cut_tail(
     report: &mut RecoveryReport,
 ) -> Result<(), WalError> {
     let side = PathBuf::from(format!("{}.{why}-{}", path.display(), now_tag()));
-    std::fs::write(&side, &bytes[offset..]).map_err(io_err("write", &side))?;
+    // The zeros after the last non-zero byte are the segment's unused
+    // preallocated space (up to SEGMENT_BYTES of it), not data: not kept.
+    let kept_end = bytes[offset..]
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(offset, |last| offset + last + 1);
+    std::fs::write(&side, &bytes[offset..kept_end]).map_err(io_err("write", &side))?;
     truncate(path, offset)?;
     report.repairs.push(format!(
-        "cut {} bytes off {} at byte {offset} ({why}); kept in {}",
+        "cut {} bytes off {} at byte {offset} ({why}); kept in {}{}",
         bytes.len() - offset,
         path.display(),
-        side.display()
+        side.display(),
+        match bytes.len() - kept_end {
+            0 => String::new(),
+            zeros => format!(" but for the {zeros} zero bytes at the end"),
+        }
     ));
     Ok(())
 }

@@ -358,6 +358,10 @@ fn zeros_in_a_segment_that_is_not_the_newest_are_a_torn_tail() {
     let (_, replay) = open(dir.path(), FsyncPolicy::Always, 1 << 30);
     assert_eq!(replay.seq, 2, "nothing after the zeros is replayed");
     assert_eq!(replay.store.get(b"c"), None);
-    assert_eq!(side_files(dir.path(), ".torn-").len(), 1);
+    let torn = side_files(dir.path(), ".torn-");
+    assert_eq!(torn.len(), 1);
+    // Nothing but zeros was cut: the side file keeps none of them.
+    let kept = std::fs::metadata(dir.path().join(&torn[0])).expect("side file");
+    assert_eq!(kept.len(), 0);
     assert_eq!(side_files(dir.path(), ".discarded-").len(), 1);
 }
