@@ -648,7 +648,21 @@ fn a_slave_with_a_smaller_value_limit_follows_a_master_with_larger_values() {
                 .is_some_and(|got| got.value == value)
         },
     );
-    assert_eq!(master.stats().num("slaves_in_sync"), 1);
+    // A slave that fell behind the 20 MiB prepare on a loaded machine may
+    // serve the value from a snapshot before the master counts it in sync
+    // again: what must hold is that it gets there and stays, not an endless
+    // resync.
+    wait_until(
+        "the slave is in sync again",
+        Duration::from_secs(30),
+        || master.stats().num("slaves_in_sync") == 1,
+    );
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(100));
+        let stats = master.stats();
+        assert_eq!(stats.num("slaves_in_sync"), 1, "stays in sync");
+        assert_eq!(stats.num("snapshot_receivers"), 0, "no resync");
+    }
 }
 
 #[test]
