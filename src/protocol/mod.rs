@@ -4,6 +4,7 @@
 
 mod error;
 mod frame;
+mod op_bytes;
 pub mod peer;
 pub mod peer_auth;
 mod request;
