@@ -1102,9 +1102,11 @@ impl Session<'_> {
         let Some(next) = current.checked_add(by) else {
             return self.error("ERR increment or decrement would overflow");
         };
-        let value = next.to_string();
+        // Formatted on the stack: INCR allocates nothing but its write's buffer.
+        let mut digits = itoa::Buffer::new();
+        let value = digits.format(next);
         self.submit(
-            vec![Session::put_until(key, value.as_bytes(), deadline)],
+            std::iter::once(Session::put_until(key, value.as_bytes(), deadline)),
             RespWriteReply::Int(next),
         )
     }
