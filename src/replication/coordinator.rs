@@ -1068,7 +1068,8 @@ impl Coordinator {
         }
         if protocol_version != PEER_PROTOCOL_VERSION {
             warn!(
-                "slave {client_addr} speaks peer protocol {protocol_version}, we speak {PEER_PROTOCOL_VERSION}"
+                "slave {client_addr} speaks peer protocol {protocol_version}, we speak \
+                 {PEER_PROTOCOL_VERSION}: refusing it (master and slaves must run the same version)"
             );
             self.actions.push_back(Action::Disconnect { peer });
             return;

@@ -2338,3 +2338,28 @@ fn without_a_commit_delay_the_commit_goes_at_its_release() {
         }
     )));
 }
+
+#[test]
+fn a_slave_of_another_peer_protocol_version_is_refused_at_register() {
+    let mut c = with_slaves(&[]);
+    for version in [PEER_PROTOCOL_VERSION - 1, PEER_PROTOCOL_VERSION + 1] {
+        c.handle(
+            0,
+            msg(
+                3,
+                PeerMessage::Register {
+                    client_addr: "old".into(),
+                    last_applied_seq: 0,
+                    history_id: H,
+                    protocol_version: version,
+                    node_id: 0,
+                    may_discard_data: false,
+                    epoch: 0,
+                },
+            ),
+        );
+        let actions = drain(&mut c);
+        assert_eq!(actions, vec![Action::Disconnect { peer: PeerId(3) }]);
+        assert!(c.members().get(PeerId(3)).is_none());
+    }
+}
