@@ -584,6 +584,8 @@ impl Coordinator {
             clients.extend(txn.replies);
         }
         self.unsent_commits.clear();
+        // Its timer may have been dropped with the actions: arm a new one next time.
+        self.commit_flush_armed = false;
         self.actions.clear();
         clients
     }

@@ -2363,3 +2363,29 @@ fn a_slave_of_another_peer_protocol_version_is_refused_at_register() {
         assert!(c.members().get(PeerId(3)).is_none());
     }
 }
+
+#[test]
+fn after_abandon_a_new_commit_arms_the_flush_again() {
+    let mut c = with_a_commit_unsent();
+    c.abandon();
+    c.handle(5, writes(20, &["b"]));
+    let actions = drain(&mut c);
+    assert!(
+        matches!(
+            sends_to(&actions, 1)[..],
+            [PeerMessage::Prepare {
+                seq: 2,
+                commit_through: 0,
+                ..
+            }]
+        ),
+        "the abandoned commit is not carried: {actions:?}"
+    );
+    c.handle(6, yes(1, 2));
+    c.handle(6, yes(2, 2));
+    c.handle(6, Event::Persisted { lsn: 2 });
+    assert!(drain(&mut c).contains(&Action::SetTimer {
+        timer: TimerId::CommitFlush,
+        at_ms: 8
+    }));
+}
