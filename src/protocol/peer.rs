@@ -21,8 +21,9 @@ use crate::store::snapshot::DEADLINE_FLAG;
 /// Version of the peer protocol spoken by this build (sent in REGISTER).
 ///
 /// Version 2 added the history id to REGISTER and REGISTERED; 3 the node id
-/// and flags; 4 the leadership epoch; 5 the read lease in HEARTBEAT.
-pub const PEER_PROTOCOL_VERSION: u16 = 5;
+/// and flags; 4 the leadership epoch; 5 the read lease in HEARTBEAT; 6 the
+/// commit carried on PREPARE, the ack carried on VOTE, and cumulative COMMIT.
+pub const PEER_PROTOCOL_VERSION: u16 = 6;
 /// First opcode reserved for peer messages.
 pub const PEER_OPCODE_FIRST: u8 = 0x40;
 /// Last opcode reserved for peer messages.
@@ -279,6 +280,11 @@ pub enum PeerMessage {
     Prepare {
         /// Commit sequence number (also the transaction id).
         seq: u64,
+        /// A COMMIT carried along (0: none): every transaction through this
+        /// seq that the slave holds prepared has committed. The slave carries
+        /// it out before it takes the PREPARE, exactly as a COMMIT sent just
+        /// before it.
+        commit_through: u64,
         /// The writes.
         ops: Ops,
     },
@@ -288,10 +294,13 @@ pub enum PeerMessage {
         seq: u64,
         /// The vote.
         vote: Vote,
+        /// An ACK carried along (0: none): the outcome of everything through
+        /// this seq is durable here, exactly as an ACK sent just before it.
+        ack_through: u64,
     },
-    /// Phase two: apply transaction `seq`.
+    /// Phase two: apply every transaction held prepared through `seq` (cumulative).
     Commit {
-        /// Transaction to commit.
+        /// Highest transaction to commit; the slave holds it prepared.
         seq: u64,
     },
     /// Phase two: forget transaction `seq`.
@@ -668,13 +677,25 @@ impl PeerMessage {
                 }
                 put_u64(out, *epoch);
             }
-            PeerMessage::Prepare { ops, .. } | PeerMessage::LogEntry { ops, .. } => {
+            PeerMessage::Prepare {
+                commit_through,
+                ops,
+                ..
+            } => {
+                put_u64(out, *commit_through);
                 encode_ops(out, ops)
             }
-            PeerMessage::Vote { vote, .. } => match vote {
-                Vote::Yes => out.push(1),
+            PeerMessage::LogEntry { ops, .. } => encode_ops(out, ops),
+            PeerMessage::Vote {
+                vote, ack_through, ..
+            } => match vote {
+                Vote::Yes => {
+                    out.push(1);
+                    put_u64(out, *ack_through);
+                }
                 Vote::No(reason) => {
                     out.push(0);
+                    put_u64(out, *ack_through);
                     put_str(out, reason);
                 }
             },
@@ -824,26 +845,37 @@ impl PeerMessage {
                     epoch,
                 }
             }
-            opcode::PREPARE => PeerMessage::Prepare {
-                seq,
-                ops: decode_ops(&mut r)?,
-            },
+            opcode::PREPARE => {
+                let commit_through = r.u64("commit through")?;
+                PeerMessage::Prepare {
+                    seq,
+                    commit_through,
+                    ops: decode_ops(&mut r)?,
+                }
+            }
             opcode::LOG_ENTRY => PeerMessage::LogEntry {
                 seq,
                 ops: decode_ops(&mut r)?,
             },
             opcode::VOTE => {
-                let vote = match r.u8("vote")? {
-                    1 => Vote::Yes,
-                    0 => Vote::No(r.string("vote reason")?),
-                    byte => {
-                        return Err(PeerError::BadTag {
-                            field: "vote",
-                            byte,
-                        });
-                    }
+                let tag = r.u8("vote")?;
+                if tag > 1 {
+                    return Err(PeerError::BadTag {
+                        field: "vote",
+                        byte: tag,
+                    });
+                }
+                let ack_through = r.u64("ack through")?;
+                let vote = if tag == 1 {
+                    Vote::Yes
+                } else {
+                    Vote::No(r.string("vote reason")?)
                 };
-                PeerMessage::Vote { seq, vote }
+                PeerMessage::Vote {
+                    seq,
+                    vote,
+                    ack_through,
+                }
             }
             opcode::COMMIT => PeerMessage::Commit { seq },
             opcode::ABORT => PeerMessage::Abort { seq },
@@ -1067,18 +1099,30 @@ mod tests {
                 catch_up: CatchUp::Snapshot { at_seq: 49 },
                 epoch: 0,
             },
-            PeerMessage::Prepare { seq: 7, ops: ops() },
+            PeerMessage::Prepare {
+                seq: 7,
+                commit_through: 0,
+                ops: ops(),
+            },
             PeerMessage::Prepare {
                 seq: 8,
+                commit_through: 6,
                 ops: Vec::new().into(),
             },
             PeerMessage::Vote {
                 seq: 7,
                 vote: Vote::Yes,
+                ack_through: 0,
+            },
+            PeerMessage::Vote {
+                seq: 8,
+                vote: Vote::Yes,
+                ack_through: 6,
             },
             PeerMessage::Vote {
                 seq: 7,
                 vote: Vote::No("disk full".into()),
+                ack_through: 5,
             },
             PeerMessage::Commit { seq: 7 },
             PeerMessage::Abort { seq: 8 },
@@ -1213,6 +1257,7 @@ mod tests {
     #[test]
     fn counts_beyond_the_payload_are_rejected_before_allocating() {
         let mut payload = Vec::new();
+        put_u64(&mut payload, 0); // commit through
         put_u32(&mut payload, u32::MAX); // four billion ops announced, none present
         let mut bytes = Vec::new();
         frame::encode(&mut bytes, opcode::PREPARE, 0, 0, 1, &[], &payload);
@@ -1283,6 +1328,7 @@ mod tests {
         ));
 
         let mut payload = Vec::new();
+        put_u64(&mut payload, 0);
         put_u32(&mut payload, 1);
         payload.extend_from_slice(&[9, 0, 1, 0, 0, 0, 0, b'k']);
         let mut bytes = Vec::new();
@@ -1307,6 +1353,7 @@ mod tests {
         assert_eq!(decode_peer(&bytes, MAX), Err(PeerError::UnexpectedKey(3)));
 
         let mut payload = Vec::new();
+        put_u64(&mut payload, 0);
         put_u32(&mut payload, 1);
         payload.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, b'x']);
         let mut bytes = Vec::new();
@@ -1367,6 +1414,38 @@ mod tests {
         assert_eq!(registered, want);
     }
 
+    /// The example bytes of docs/PROTOCOL.md §9.12.
+    #[test]
+    fn prepare_and_vote_carry_commit_and_ack_as_documented() {
+        let hex = |s: &str| -> Vec<u8> {
+            s.split_whitespace()
+                .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+                .collect()
+        };
+        let prepare = PeerMessage::Prepare {
+            seq: 7,
+            commit_through: 6,
+            ops: vec![WriteOp::new(OpKind::Put, b"foo", b"bar")].into(),
+        };
+        let want = hex(
+            "DB 01 42 00 00 00 00 00 00 00 00 00 00 00 00 07 00 00 00 00 00 00 00 19 \
+             00 00 00 00 00 00 00 06 00 00 00 01 01 00 03 00 00 00 03 66 6F 6F 62 61 72",
+        );
+        assert_eq!(encoded(&prepare), want);
+        assert_eq!(decode_peer(&want, MAX), Ok(Some((prepare, want.len()))));
+        let vote = PeerMessage::Vote {
+            seq: 7,
+            vote: Vote::Yes,
+            ack_through: 6,
+        };
+        let want = hex(
+            "DB 01 43 00 00 00 00 00 00 00 00 00 00 00 00 07 00 00 00 00 00 00 00 09 \
+             01 00 00 00 00 00 00 00 06",
+        );
+        assert_eq!(encoded(&vote), want);
+        assert_eq!(decode_peer(&want, MAX), Ok(Some((vote, want.len()))));
+    }
+
     #[test]
     fn a_cut_history_id_is_a_truncation_error() {
         // REGISTER: version, then only 5 of the history id's 8 bytes.
@@ -1405,7 +1484,11 @@ mod tests {
             decode_peer(&bytes, MAX),
             Err(PeerError::Frame(ProtocolError::BadMagic(0)))
         ));
-        let bytes = encoded(&PeerMessage::Prepare { seq: 1, ops: ops() });
+        let bytes = encoded(&PeerMessage::Prepare {
+            seq: 1,
+            commit_through: 0,
+            ops: ops(),
+        });
         assert!(matches!(
             decode_peer(&bytes, 4),
             Err(PeerError::Frame(ProtocolError::ValueTooLarge { .. }))

@@ -238,13 +238,24 @@ fn peer_message() -> impl Strategy<Value = PeerMessage> {
                 epoch,
             }
         ),
-        (any::<u64>(), ops()).prop_map(|(seq, ops)| PeerMessage::Prepare { seq, ops }),
+        (any::<u64>(), any::<u64>(), ops()).prop_map(|(seq, commit_through, ops)| {
+            PeerMessage::Prepare {
+                seq,
+                commit_through,
+                ops,
+            }
+        }),
         (any::<u64>(), ops()).prop_map(|(seq, ops)| PeerMessage::LogEntry { seq, ops }),
         (
             any::<u64>(),
-            prop_oneof![Just(Vote::Yes), text().prop_map(Vote::No)]
+            prop_oneof![Just(Vote::Yes), text().prop_map(Vote::No)],
+            any::<u64>()
         )
-            .prop_map(|(seq, vote)| PeerMessage::Vote { seq, vote }),
+            .prop_map(|(seq, vote, ack_through)| PeerMessage::Vote {
+                seq,
+                vote,
+                ack_through
+            }),
         any::<u64>().prop_map(|seq| PeerMessage::Commit { seq }),
         any::<u64>().prop_map(|seq| PeerMessage::Abort { seq }),
         any::<u64>().prop_map(|seq| PeerMessage::Ack { seq }),

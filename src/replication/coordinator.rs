@@ -110,6 +110,10 @@ pub struct CoordinatorConfig {
     pub snapshot_retry_min_ms: u64,
     /// Longest backoff between restarts of a slave's snapshot.
     pub snapshot_retry_max_ms: u64,
+    /// How long a released commit may wait for the next PREPARE to a
+    /// participant to carry it, before it is sent alone (0: always at once).
+    /// Every other message to that slave takes it along first.
+    pub commit_delay_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -131,6 +135,9 @@ impl Default for CoordinatorConfig {
             write_hold_max_ms: 50,
             snapshot_retry_min_ms: 500,
             snapshot_retry_max_ms: 8_000,
+            // Clock ticks are whole ms and a timer set at tick t + 1 may be
+            // due at once: 2 gives the next write at least a millisecond.
+            commit_delay_ms: 2,
         }
     }
 }
@@ -388,6 +395,13 @@ pub struct Coordinator {
     write_throttle_ms: u64,
     /// Snapshots the log outran and that had to be sent again.
     snapshot_restarts: u64,
+    /// Per participant, the newest commit released and not sent to it yet,
+    /// and since when (see `CoordinatorConfig::commit_delay_ms`): it goes
+    /// on the next PREPARE, ahead of any other message, or alone when
+    /// `TimerId::CommitFlush` finds it due.
+    unsent_commits: BTreeMap<PeerId, (u64, u64)>,
+    /// Whether `TimerId::CommitFlush` is armed.
+    commit_flush_armed: bool,
     actions: VecDeque<Action>,
 }
 
@@ -438,6 +452,8 @@ impl Coordinator {
             hold_since_ms: None,
             write_throttle_ms: 0,
             snapshot_restarts: 0,
+            unsent_commits: BTreeMap::new(),
+            commit_flush_armed: false,
             actions: VecDeque::new(),
             config,
         };
@@ -567,6 +583,9 @@ impl Coordinator {
         for (_, txn) in std::mem::take(&mut self.txns) {
             clients.extend(txn.replies);
         }
+        self.unsent_commits.clear();
+        // Its timer may have been dropped with the actions: arm a new one next time.
+        self.commit_flush_armed = false;
         self.actions.clear();
         clients
     }
@@ -613,8 +632,68 @@ impl Coordinator {
         }
     }
 
-    fn send(&mut self, peer: PeerId, msg: PeerMessage) {
+    /// Queue `msg` to `peer`, with the commit it has not been sent yet
+    /// ahead of it: on a PREPARE, in it; before anything else, alone. The
+    /// link is FIFO, so the slave sees the commit before whatever follows,
+    /// exactly as if it had been sent at its release (docs/PROTOCOL.md §9.7).
+    fn send(&mut self, peer: PeerId, mut msg: PeerMessage) {
+        if let Some((seq, _)) = self.unsent_commits.remove(&peer) {
+            match &mut msg {
+                PeerMessage::Prepare { commit_through, .. } => *commit_through = seq,
+                _ => self.actions.push_back(Action::Send {
+                    peer,
+                    msg: PeerMessage::Commit { seq },
+                }),
+            }
+        }
         self.actions.push_back(Action::Send { peer, msg });
+    }
+
+    /// Commit `seq`, released, to participant `peer`: at once, or held for
+    /// the next PREPARE to carry it (`CoordinatorConfig::commit_delay_ms`).
+    fn send_commit(&mut self, now_ms: u64, peer: PeerId, seq: u64) {
+        if self.config.commit_delay_ms == 0 {
+            self.send(peer, PeerMessage::Commit { seq });
+            return;
+        }
+        // Commits are cumulative: a newer one covers the one it replaces, and
+        // the older one's wait is what bounds the delay.
+        let since = self.unsent_commits.get(&peer).map_or(now_ms, |&(_, t)| t);
+        self.unsent_commits.insert(peer, (seq, since));
+        if !self.commit_flush_armed {
+            self.commit_flush_armed = true;
+            self.actions.push_back(Action::SetTimer {
+                timer: TimerId::CommitFlush,
+                at_ms: since + self.config.commit_delay_ms,
+            });
+        }
+    }
+
+    /// `TimerId::CommitFlush`: send alone every commit that waited its
+    /// delay for a PREPARE; come back for the others.
+    fn flush_commits(&mut self, now_ms: u64) {
+        self.commit_flush_armed = false;
+        let delay = self.config.commit_delay_ms;
+        let due: Vec<(PeerId, u64)> = self
+            .unsent_commits
+            .iter()
+            .filter(|(_, (_, since))| since + delay <= now_ms)
+            .map(|(&peer, &(seq, _))| (peer, seq))
+            .collect();
+        for (peer, seq) in due {
+            self.unsent_commits.remove(&peer);
+            self.actions.push_back(Action::Send {
+                peer,
+                msg: PeerMessage::Commit { seq },
+            });
+        }
+        if let Some(since) = self.unsent_commits.values().map(|&(_, t)| t).min() {
+            self.commit_flush_armed = true;
+            self.actions.push_back(Action::SetTimer {
+                timer: TimerId::CommitFlush,
+                at_ms: since + delay,
+            });
+        }
     }
 
     fn on_client_writes(&mut self, now_ms: u64, writes: Vec<ClientWrite>) {
@@ -666,6 +745,7 @@ impl Coordinator {
                 peer,
                 PeerMessage::Prepare {
                     seq,
+                    commit_through: 0,
                     ops: ops.clone(),
                 },
             );
@@ -787,25 +867,39 @@ impl Coordinator {
                     } else {
                         self.log.forget_through(seq);
                     }
+                    let mut commits = Vec::new();
+                    let mut entries = Vec::new();
                     for (peer, info) in self.members.iter() {
                         if !info.state.receives_commits() {
                             continue;
                         }
-                        let msg = if txn.participants.contains(&peer) {
-                            PeerMessage::Commit { seq }
+                        if txn.participants.contains(&peer) {
+                            commits.push(peer);
                         } else {
                             debug_assert!(
                                 !matches!(info.state, SlaveState::InSync { join_seq } if join_seq <= seq),
                                 "in-sync slave {peer:?} missing from transaction {seq}"
                             );
+                            entries.push(peer);
+                        }
+                    }
+                    let ops = txn.ops.clone();
+                    let finished = txn.state.is_finished();
+                    for peer in commits {
+                        self.send_commit(now_ms, peer, seq);
+                    }
+                    for peer in entries {
+                        self.send(
+                            peer,
                             PeerMessage::LogEntry {
                                 seq,
-                                ops: txn.ops.clone(),
-                            }
-                        };
-                        self.actions.push_back(Action::Send { peer, msg });
+                                ops: ops.clone(),
+                            },
+                        );
                     }
-                    if !txn.state.is_finished() {
+                    if finished {
+                        self.txns.remove(&seq);
+                    } else if let Some(txn) = self.txns.get_mut(&seq) {
                         let at_ms = now_ms + self.config.tpc_timeout_ms;
                         txn.deadline_ms = Some(at_ms);
                         self.actions.push_back(Action::SetTimer {
@@ -815,13 +909,16 @@ impl Coordinator {
                     }
                 }
                 Decision::Abort(_) => {
-                    for &peer in &txn.participants {
-                        self.actions.push_back(Action::Send {
-                            peer,
-                            msg: PeerMessage::Abort { seq },
-                        });
+                    let participants: Vec<PeerId> = txn.participants.iter().copied().collect();
+                    // Ahead of it go the commits before it (`send`): a slave
+                    // commits what it holds prepared through a COMMIT's seq,
+                    // so it must have dropped this one by then.
+                    for &peer in &participants {
+                        self.send(peer, PeerMessage::Abort { seq });
                     }
-                    if !txn.participants.is_empty() {
+                    if !participants.is_empty()
+                        && let Some(txn) = self.txns.get_mut(&seq)
+                    {
                         let at_ms = now_ms + self.config.tpc_timeout_ms;
                         txn.deadline_ms = Some(at_ms);
                         self.actions.push_back(Action::SetTimer {
@@ -830,11 +927,7 @@ impl Coordinator {
                         });
                     }
                     // Released by the `Aborting` arm: now if no one must ack.
-                    continue;
                 }
-            }
-            if txn.state.is_finished() {
-                self.txns.remove(&seq);
             }
         }
     }
@@ -862,7 +955,17 @@ impl Coordinator {
         }
         self.members.heard_from(peer, now_ms);
         match msg {
-            PeerMessage::Vote { seq, vote } => self.on_vote(now_ms, peer, seq, vote),
+            PeerMessage::Vote {
+                seq,
+                vote,
+                ack_through,
+            } => {
+                // The ack went out before the vote (it was durable by then).
+                if ack_through > 0 {
+                    self.on_ack(now_ms, peer, ack_through);
+                }
+                self.on_vote(now_ms, peer, seq, vote);
+            }
             PeerMessage::Ack { seq } => self.on_ack(now_ms, peer, seq),
             PeerMessage::CaughtUp { seq } => {
                 if self.members.get(peer).map(|s| s.state)
@@ -967,7 +1070,8 @@ impl Coordinator {
         }
         if protocol_version != PEER_PROTOCOL_VERSION {
             warn!(
-                "slave {client_addr} speaks peer protocol {protocol_version}, we speak {PEER_PROTOCOL_VERSION}"
+                "slave {client_addr} speaks peer protocol {protocol_version}, we speak \
+                 {PEER_PROTOCOL_VERSION}: refusing it (master and slaves must run the same version)"
             );
             self.actions.push_back(Action::Disconnect { peer });
             return;
@@ -1148,14 +1252,13 @@ impl Coordinator {
     /// From here on each release forwards the commit to this slave too.
     fn send_backlog(&mut self, peer: PeerId, after: u64) {
         let through = self.released_seq;
-        for (seq, ops) in self.log.range(after, through) {
-            self.actions.push_back(Action::Send {
-                peer,
-                msg: PeerMessage::LogEntry {
-                    seq: *seq,
-                    ops: ops.clone(),
-                },
-            });
+        let entries: Vec<(u64, Ops)> = self
+            .log
+            .range(after, through)
+            .map(|(seq, ops)| (*seq, ops.clone()))
+            .collect();
+        for (seq, ops) in entries {
+            self.send(peer, PeerMessage::LogEntry { seq, ops });
         }
         self.send(peer, PeerMessage::CaughtUp { seq: through });
         self.members
@@ -1381,6 +1484,7 @@ impl Coordinator {
         if !self.members.evict(peer, reason) {
             return;
         }
+        self.unsent_commits.remove(&peer);
         self.fence_reads(now_ms, lease_until);
         warn!("evicting slave {peer:?}: {reason}");
         self.actions.push_back(Action::Disconnect { peer });
@@ -1388,6 +1492,7 @@ impl Coordinator {
     }
 
     fn on_peer_lost(&mut self, now_ms: u64, peer: PeerId) {
+        self.unsent_commits.remove(&peer);
         if let Some(info) = self.members.remove(peer)
             && info.evicted_because.is_none()
         {
@@ -1657,6 +1762,7 @@ impl Coordinator {
             }
             TimerId::ReadFence => self.release(now_ms),
             TimerId::SnapshotRetry(peer) => self.on_snapshot_retry(now_ms, peer),
+            TimerId::CommitFlush => self.flush_commits(now_ms),
             TimerId::Reconnect | TimerId::OutcomeCheck | TimerId::MasterSilence => {}
         }
     }

@@ -12,7 +12,9 @@
 //! in-sync slave over FIFO links, and each slave makes the PREPARE durable
 //! before voting YES. The master decides strictly in sequence order, makes the
 //! decision durable, then applies, replies to the clients and sends
-//! COMMIT/ABORT. Writes are deterministic (an UPDATE of an absent key is
+//! COMMIT/ABORT (a COMMIT rides on the next PREPARE to that slave if one
+//! follows within `CoordinatorConfig::commit_delay_ms`, and its ACK on the
+//! slave's next vote). Writes are deterministic (an UPDATE of an absent key is
 //! NOT_FOUND on every replica), so preparing needs no locks and the master's
 //! apply result is the client's answer. A slave that does not vote or ack in
 //! time, or whose link drops, is evicted and rejoins by catching up (log
@@ -68,6 +70,8 @@ pub enum TimerId {
     /// Master: a slave's snapshot was outrun by the log; send it a new one
     /// once the backoff is over (heartbeating it meanwhile).
     SnapshotRetry(PeerId),
+    /// Master: send, alone, the COMMITs no PREPARE carried in time.
+    CommitFlush,
 }
 
 /// One client write handed to the coordinator, with the handle its reply goes to.

@@ -553,7 +553,15 @@ impl Participant {
                     .push_back((self.last_lsn, peer, AfterPersist::CaughtUp(seq)));
                 self.on_persisted(now_ms, self.durable_lsn);
             }
-            PeerMessage::Prepare { seq, ops } => {
+            PeerMessage::Prepare {
+                seq,
+                commit_through,
+                ops,
+            } => {
+                // The commit it carries comes first, as if sent just before it.
+                if commit_through > 0 && !self.commit_through(now_ms, peer, commit_through) {
+                    return;
+                }
                 let newest = self.prepared.keys().next_back().copied().unwrap_or(0);
                 if !following || seq <= self.position || seq <= newest {
                     // Cannot take part; the master evicts us and we resync.
@@ -565,6 +573,7 @@ impl Participant {
                                 "prepare {seq} out of order (position {}, newest prepared {newest})",
                                 self.position
                             )),
+                            ack_through: 0,
                         },
                     );
                     return;
@@ -584,18 +593,7 @@ impl Participant {
                     .push_back((lsn, peer, AfterPersist::Vote(seq)));
             }
             PeerMessage::Commit { seq } => {
-                let oldest = self.prepared.keys().next().copied();
-                if oldest != Some(seq) || seq <= self.position {
-                    return self.violation(now_ms, peer, "commit of a transaction not next");
-                }
-                let Some(txn) = self.prepared.remove(&seq) else {
-                    return;
-                };
-                debug_assert!(txn.voted_at_ms.is_some(), "commit before our yes vote");
-                self.apply(seq, txn.ops);
-                let lsn = self.persist(Record::Committed { seq });
-                self.after_persist
-                    .push_back((lsn, peer, AfterPersist::Ack(seq)));
+                self.commit_through(now_ms, peer, seq);
             }
             PeerMessage::Abort { seq } => {
                 if self.prepared.remove(&seq).is_some() {
@@ -667,6 +665,29 @@ impl Participant {
         }
     }
 
+    /// COMMIT(`seq`), alone or carried by a PREPARE: every transaction held
+    /// prepared through `seq` committed (the master sent the ABORT of any
+    /// that did not before it). Applies and logs each in order; the ACK
+    /// follows once they are durable. Returns false on a violation: `seq`
+    /// is not held prepared (the link is then closed).
+    fn commit_through(&mut self, now_ms: u64, peer: PeerId, seq: u64) -> bool {
+        if seq <= self.position || !self.prepared.contains_key(&seq) {
+            self.violation(now_ms, peer, "commit of a transaction not held prepared");
+            return false;
+        }
+        let later = self.prepared.split_off(&(seq + 1));
+        let committed = std::mem::replace(&mut self.prepared, later);
+        let mut lsn = self.last_lsn;
+        for (s, txn) in committed {
+            debug_assert!(txn.voted_at_ms.is_some(), "commit before our yes vote");
+            self.apply(s, txn.ops);
+            lsn = self.persist(Record::Committed { seq: s });
+        }
+        self.after_persist
+            .push_back((lsn, peer, AfterPersist::Ack(seq)));
+        true
+    }
+
     fn apply(&mut self, seq: u64, ops: Ops) {
         debug_assert!(seq > self.position, "commit order must increase");
         // Everything numbered up to a commit is decided.
@@ -684,7 +705,7 @@ impl Participant {
         debug_assert!(lsn <= self.last_lsn, "persisted lsn {lsn} never issued");
         self.durable_lsn = self.durable_lsn.max(lsn);
         let current = self.link.peer();
-        let mut ack = None;
+        let mut due = Vec::new();
         while let Some(&(lsn, peer, what)) = self.after_persist.front() {
             if lsn > self.durable_lsn {
                 break;
@@ -693,15 +714,32 @@ impl Participant {
             if Some(peer) != current {
                 continue; // answers belong to a link that is gone
             }
+            due.push((peer, what));
+        }
+        // Acks are cumulative: one per batch of durable outcomes is enough,
+        // and it rides the batch's first YES vote if there is one.
+        let mut ack = due.iter().rev().find_map(|&(peer, what)| match what {
+            AfterPersist::Ack(seq) => Some((peer, seq)),
+            _ => None,
+        });
+        for (peer, what) in due {
             match what {
                 AfterPersist::Vote(seq) => {
                     if let Some(p) = self.prepared.get_mut(&seq) {
                         p.voted_at_ms = Some(now_ms);
+                        let ack_through = match ack {
+                            Some((p, acked)) if p == peer => {
+                                ack = None;
+                                acked
+                            }
+                            _ => 0,
+                        };
                         self.send(
                             peer,
                             PeerMessage::Vote {
                                 seq,
                                 vote: Vote::Yes,
+                                ack_through,
                             },
                         );
                         if !self.outcome_timer_armed {
@@ -713,14 +751,13 @@ impl Participant {
                         }
                     }
                 }
-                AfterPersist::Ack(seq) => ack = Some((peer, seq)),
+                AfterPersist::Ack(_) => {}
                 AfterPersist::CaughtUp(seq) => {
                     self.caught_up_durably = true;
                     self.send(peer, PeerMessage::CaughtUp { seq });
                 }
             }
         }
-        // Acks are cumulative: one per batch of durable commits is enough.
         if let Some((peer, seq)) = ack {
             self.send(peer, PeerMessage::Ack { seq });
         }
@@ -779,7 +816,8 @@ impl Participant {
             TimerId::Txn(_)
             | TimerId::Heartbeat
             | TimerId::ReadFence
-            | TimerId::SnapshotRetry(_) => {}
+            | TimerId::SnapshotRetry(_)
+            | TimerId::CommitFlush => {}
         }
     }
 }

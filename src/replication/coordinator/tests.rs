@@ -99,12 +99,24 @@ fn persist_lsns(actions: &[Action]) -> Vec<u64> {
         .collect()
 }
 
+/// Fire `TimerId::CommitFlush` at `now` and return what it did.
+fn flush_commits(c: &mut Coordinator, now: u64) -> Vec<Action> {
+    c.handle(
+        now,
+        Event::TimerFired {
+            timer: TimerId::CommitFlush,
+        },
+    );
+    drain(c)
+}
+
 fn yes(peer: u64, seq: u64) -> Event {
     msg(
         peer,
         PeerMessage::Vote {
             seq,
             vote: Vote::Yes,
+            ack_through: 0,
         },
     )
 }
@@ -221,6 +233,13 @@ fn commit_waits_for_every_vote_then_sends_commit_to_participants() {
     c.handle(4, Event::Persisted { lsn: 1 });
     let actions = drain(&mut c);
     assert!(matches!(actions[0], Action::Apply { seq: 1, .. }));
+    // The COMMIT waits for a PREPARE to carry it; none comes, so it goes alone.
+    assert_eq!(sends_to(&actions, 1), vec![]);
+    assert!(actions.contains(&Action::SetTimer {
+        timer: TimerId::CommitFlush,
+        at_ms: 6
+    }));
+    let actions = flush_commits(&mut c, 6);
     assert_eq!(sends_to(&actions, 1), vec![PeerMessage::Commit { seq: 1 }]);
     assert_eq!(sends_to(&actions, 2), vec![PeerMessage::Commit { seq: 1 }]);
     assert!(matches!(c.txn_state(1), Some(TxnState::Committed { .. })));
@@ -279,6 +298,8 @@ fn a_silent_voter_is_evicted_at_the_timeout_and_the_txn_commits_without_it() {
         vec![],
         "nothing more for an evicted slave"
     );
+    let actions = flush_commits(&mut c, 103);
+    assert_eq!(sends_to(&actions, 2), vec![]);
     assert_eq!(sends_to(&actions, 1), vec![PeerMessage::Commit { seq: 1 }]);
     // Its late vote and link loss change nothing.
     c.handle(102, yes(2, 1));
@@ -330,6 +351,7 @@ fn a_no_vote_aborts_replies_and_evicts_the_voter() {
             PeerMessage::Vote {
                 seq: 1,
                 vote: Vote::No("confused".into()),
+                ack_through: 0,
             },
         ),
     );
@@ -499,7 +521,8 @@ fn a_participant_joining_with_older_txns_in_flight_gets_them_as_log_entries_in_o
     c.handle(1, yes(1, 2));
     c.handle(1, yes(2, 2));
     c.handle(2, Event::Persisted { lsn: 2 });
-    let sent = sends_to(&drain(&mut c), 2);
+    let mut sent = sends_to(&drain(&mut c), 2);
+    sent.extend(sends_to(&flush_commits(&mut c, 4), 2));
     assert!(
         matches!(
             sent[..],
@@ -1587,6 +1610,7 @@ fn releases_wait_for_the_lease_of_a_slave_that_left() {
             PeerMessage::Vote {
                 seq: 1,
                 vote: Vote::No("disk full".into()),
+                ack_through: 0,
             },
         ),
     );
@@ -2111,4 +2135,257 @@ fn a_slave_that_joined_a_shared_snapshot_catches_up_from_its_seq() {
         ),
         "{sent:?}"
     );
+}
+
+/// Two slaves in sync and transaction 1 committed and released at time 4,
+/// its COMMIT not sent yet.
+fn with_a_commit_unsent() -> Coordinator {
+    let mut c = with_slaves(&[1, 2]);
+    c.handle(1, writes(10, &["a"]));
+    c.handle(2, yes(1, 1));
+    c.handle(3, yes(2, 1));
+    drain(&mut c);
+    c.handle(4, Event::Persisted { lsn: 1 });
+    let actions = drain(&mut c);
+    assert!(matches!(actions[0], Action::Apply { seq: 1, .. }));
+    assert_eq!(sends_to(&actions, 1), vec![]);
+    c
+}
+
+#[test]
+fn the_next_prepare_carries_the_commit_and_the_flush_then_sends_nothing() {
+    let mut c = with_a_commit_unsent();
+    c.handle(5, writes(20, &["b"]));
+    let actions = drain(&mut c);
+    for peer in [1, 2] {
+        assert_eq!(
+            sends_to(&actions, peer),
+            vec![PeerMessage::Prepare {
+                seq: 2,
+                commit_through: 1,
+                ops: vec![put("b")].into(),
+            }]
+        );
+    }
+    assert_eq!(sends_to(&flush_commits(&mut c, 6), 1), vec![]);
+    // The next PREPARE carries no commit: it was delivered.
+    c.handle(7, writes(30, &["c"]));
+    assert!(matches!(
+        sends_to(&drain(&mut c), 1)[..],
+        [PeerMessage::Prepare {
+            seq: 3,
+            commit_through: 0,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn any_other_message_to_the_slave_takes_the_unsent_commit_ahead_of_it() {
+    // A heartbeat poll.
+    let mut c = with_a_commit_unsent();
+    c.handle(
+        5,
+        Event::TimerFired {
+            timer: TimerId::Heartbeat,
+        },
+    );
+    assert_eq!(
+        sends_to(&drain(&mut c), 1),
+        vec![PeerMessage::Commit { seq: 1 }, PeerMessage::poll(1)]
+    );
+    // A read lease grant: the slave must hold every commit released before it.
+    let mut c = with_a_commit_unsent();
+    c.handle(
+        5,
+        msg(
+            1,
+            PeerMessage::Heartbeat {
+                seq: 0,
+                stamp: 5,
+                lease_ms: 50,
+                poll: false,
+            },
+        ),
+    );
+    assert_eq!(
+        sends_to(&drain(&mut c), 1),
+        vec![
+            PeerMessage::Commit { seq: 1 },
+            PeerMessage::Heartbeat {
+                seq: 1,
+                stamp: 5,
+                lease_ms: 50,
+                poll: false,
+            }
+        ]
+    );
+    // Slave 2's commit still waits for its own PREPARE or the flush.
+    assert_eq!(
+        sends_to(&flush_commits(&mut c, 6), 2),
+        vec![PeerMessage::Commit { seq: 1 }]
+    );
+}
+
+#[test]
+fn the_flush_sends_only_commits_that_waited_their_delay_and_comes_back_for_the_rest() {
+    let mut c = with_a_commit_unsent(); // commit 1 unsent since 4: due at 6
+    c.handle(5, writes(20, &["b"])); // carries it
+    c.handle(5, yes(1, 2));
+    c.handle(5, yes(2, 2));
+    c.handle(5, Event::Persisted { lsn: 2 }); // commit 2 unsent since 5: due at 7
+    drain(&mut c);
+    let actions = flush_commits(&mut c, 6);
+    assert_eq!(sends_to(&actions, 1), vec![]);
+    assert!(actions.contains(&Action::SetTimer {
+        timer: TimerId::CommitFlush,
+        at_ms: 7
+    }));
+    assert_eq!(
+        sends_to(&flush_commits(&mut c, 7), 1),
+        vec![PeerMessage::Commit { seq: 2 }]
+    );
+}
+
+#[test]
+fn unsent_commits_are_cumulative_and_the_oldest_sets_the_deadline() {
+    let mut c = with_slaves(&[1]);
+    c.handle(1, writes(10, &["a"]));
+    c.handle(1, writes(20, &["b"]));
+    c.handle(2, yes(1, 1));
+    c.handle(2, Event::Persisted { lsn: 1 }); // commit 1 released at 2
+    c.handle(3, yes(1, 2));
+    c.handle(3, Event::Persisted { lsn: 2 }); // commit 2 released at 3
+    let actions = drain(&mut c);
+    assert_eq!(sends_to(&actions, 1).len(), 2, "the two PREPAREs only");
+    assert_eq!(
+        sends_to(&flush_commits(&mut c, 4), 1),
+        vec![PeerMessage::Commit { seq: 2 }],
+        "one COMMIT for both, due 2 ms after the first"
+    );
+    // One ACK covers both.
+    c.handle(5, msg(1, PeerMessage::Ack { seq: 2 }));
+    assert_eq!(c.in_flight(), 0);
+}
+
+#[test]
+fn an_ack_carried_by_a_vote_counts_before_the_vote() {
+    let mut c = with_a_commit_unsent();
+    c.handle(5, writes(20, &["b"]));
+    drain(&mut c);
+    c.handle(
+        6,
+        msg(
+            1,
+            PeerMessage::Vote {
+                seq: 2,
+                vote: Vote::Yes,
+                ack_through: 1,
+            },
+        ),
+    );
+    assert!(
+        matches!(c.txn_state(1), Some(TxnState::Committed { awaiting_acks }) if *awaiting_acks == [PeerId(2)].into())
+    );
+    c.handle(
+        6,
+        msg(
+            2,
+            PeerMessage::Vote {
+                seq: 2,
+                vote: Vote::Yes,
+                ack_through: 1,
+            },
+        ),
+    );
+    assert!(c.txn_state(1).is_none(), "forgotten once both acked");
+    assert_eq!(persist_lsns(&drain(&mut c)), vec![2], "and 2 is decided");
+}
+
+#[test]
+fn an_evicted_slave_is_sent_no_unsent_commit() {
+    let mut c = with_a_commit_unsent();
+    c.handle(5, Event::PeerLost { peer: PeerId(1) });
+    let actions = flush_commits(&mut c, 6);
+    assert_eq!(sends_to(&actions, 1), vec![]);
+    assert_eq!(sends_to(&actions, 2), vec![PeerMessage::Commit { seq: 1 }]);
+}
+
+#[test]
+fn without_a_commit_delay_the_commit_goes_at_its_release() {
+    let mut c = Coordinator::new(
+        CoordinatorConfig {
+            commit_delay_ms: 0,
+            ..config()
+        },
+        0,
+    );
+    c.handle(0, register(1, 0));
+    c.handle(0, msg(1, PeerMessage::CaughtUp { seq: 0 }));
+    c.handle(1, writes(10, &["a"]));
+    c.handle(2, yes(1, 1));
+    c.handle(3, Event::Persisted { lsn: 1 });
+    let actions = drain(&mut c);
+    assert_eq!(
+        sends_to(&actions, 1).last(),
+        Some(&PeerMessage::Commit { seq: 1 })
+    );
+    assert!(!actions.iter().any(|a| matches!(
+        a,
+        Action::SetTimer {
+            timer: TimerId::CommitFlush,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn a_slave_of_another_peer_protocol_version_is_refused_at_register() {
+    let mut c = with_slaves(&[]);
+    for version in [PEER_PROTOCOL_VERSION - 1, PEER_PROTOCOL_VERSION + 1] {
+        c.handle(
+            0,
+            msg(
+                3,
+                PeerMessage::Register {
+                    client_addr: "old".into(),
+                    last_applied_seq: 0,
+                    history_id: H,
+                    protocol_version: version,
+                    node_id: 0,
+                    may_discard_data: false,
+                    epoch: 0,
+                },
+            ),
+        );
+        let actions = drain(&mut c);
+        assert_eq!(actions, vec![Action::Disconnect { peer: PeerId(3) }]);
+        assert!(c.members().get(PeerId(3)).is_none());
+    }
+}
+
+#[test]
+fn after_abandon_a_new_commit_arms_the_flush_again() {
+    let mut c = with_a_commit_unsent();
+    c.abandon();
+    c.handle(5, writes(20, &["b"]));
+    let actions = drain(&mut c);
+    assert!(
+        matches!(
+            sends_to(&actions, 1)[..],
+            [PeerMessage::Prepare {
+                seq: 2,
+                commit_through: 0,
+                ..
+            }]
+        ),
+        "the abandoned commit is not carried: {actions:?}"
+    );
+    c.handle(6, yes(1, 2));
+    c.handle(6, yes(2, 2));
+    c.handle(6, Event::Persisted { lsn: 2 });
+    assert!(drain(&mut c).contains(&Action::SetTimer {
+        timer: TimerId::CommitFlush,
+        at_ms: 8
+    }));
 }

@@ -159,6 +159,7 @@ fn votes_only_after_the_prepare_is_durable_then_commits_and_acks() {
         1,
         from_master(PeerMessage::Prepare {
             seq: 1,
+            commit_through: 0,
             ops: ops("a"),
         }),
     );
@@ -179,7 +180,8 @@ fn votes_only_after_the_prepare_is_durable_then_commits_and_acks() {
         sends(&actions),
         vec![PeerMessage::Vote {
             seq: 1,
-            vote: Vote::Yes
+            vote: Vote::Yes,
+            ack_through: 0,
         }]
     );
     assert_eq!(p.in_doubt(), 1);
@@ -204,7 +206,14 @@ fn votes_only_after_the_prepare_is_durable_then_commits_and_acks() {
 fn acks_are_batched_per_durability_report() {
     let mut p = following(0);
     for seq in 1..=3 {
-        p.handle(0, from_master(PeerMessage::Prepare { seq, ops: ops("a") }));
+        p.handle(
+            0,
+            from_master(PeerMessage::Prepare {
+                seq,
+                commit_through: 0,
+                ops: ops("a"),
+            }),
+        );
     }
     p.handle(0, Event::Persisted { lsn: 3 });
     for seq in 1..=3 {
@@ -222,6 +231,7 @@ fn abort_drops_the_prepared_txn_durably_acks_it_and_keeps_the_position() {
         0,
         from_master(PeerMessage::Prepare {
             seq: 1,
+            commit_through: 0,
             ops: ops("a"),
         }),
     );
@@ -254,7 +264,14 @@ fn abort_drops_the_prepared_txn_durably_acks_it_and_keeps_the_position() {
 fn prepares_of_an_earlier_link_stay_in_doubt_for_a_promotion_until_decided() {
     let mut p = following(0);
     for (seq, key) in [(1, "a"), (2, "b")] {
-        p.handle(0, from_master(PeerMessage::Prepare { seq, ops: ops(key) }));
+        p.handle(
+            0,
+            from_master(PeerMessage::Prepare {
+                seq,
+                commit_through: 0,
+                ops: ops(key),
+            }),
+        );
     }
     p.handle(0, Event::Persisted { lsn: 2 });
     drain(&mut p);
@@ -283,6 +300,7 @@ fn prepares_of_an_earlier_link_stay_in_doubt_for_a_promotion_until_decided() {
         0,
         from_master(PeerMessage::Prepare {
             seq: 1,
+            commit_through: 0,
             ops: ops("a"),
         }),
     );
@@ -320,6 +338,7 @@ fn prepares_of_an_earlier_link_stay_in_doubt_for_a_promotion_until_decided() {
         0,
         from_master(PeerMessage::Prepare {
             seq: 1,
+            commit_through: 0,
             ops: ops("old"),
         }),
     );
@@ -342,6 +361,7 @@ fn prepares_of_an_earlier_link_stay_in_doubt_for_a_promotion_until_decided() {
         PeerMessage::CaughtUp { seq: 0 },
         PeerMessage::Prepare {
             seq: 1,
+            commit_through: 0,
             ops: ops("new"),
         },
     ] {
@@ -357,6 +377,7 @@ fn out_of_order_prepare_gets_a_no_vote() {
         0,
         from_master(PeerMessage::Prepare {
             seq: 5,
+            commit_through: 0,
             ops: ops("a"),
         }),
     );
@@ -364,7 +385,8 @@ fn out_of_order_prepare_gets_a_no_vote() {
         sends(&drain(&mut p))[..],
         [PeerMessage::Vote {
             seq: 5,
-            vote: Vote::No(_)
+            vote: Vote::No(_),
+            ack_through: 0,
         }]
     ));
 }
@@ -506,6 +528,7 @@ fn losing_the_master_reconnects_with_backoff_and_drops_in_doubt_txns_on_register
         0,
         from_master(PeerMessage::Prepare {
             seq: 1,
+            commit_through: 0,
             ops: ops("a"),
         }),
     );
@@ -554,6 +577,7 @@ fn a_long_doubt_triggers_an_outcome_query() {
         0,
         from_master(PeerMessage::Prepare {
             seq: 1,
+            commit_through: 0,
             ops: ops("a"),
         }),
     );
@@ -601,6 +625,7 @@ fn registers_with_the_history_of_the_master_it_last_caught_up_from() {
         1,
         from_master(PeerMessage::Prepare {
             seq: 8,
+            commit_through: 0,
             ops: ops("a"),
         }),
     );
@@ -1029,4 +1054,145 @@ fn a_catch_up_resets_the_redial_delay() {
     p.handle(now, Event::PeerLost { peer });
     let delay = reconnect_at(&drain(&mut p)).expect("a reconnect timer") - now;
     assert!(delay <= config().reconnect_min_ms, "{delay}");
+}
+
+/// A slave following at 0 that voted YES on transactions `1..=n`.
+fn voted_through(n: u64) -> Participant {
+    let mut p = following(0);
+    for seq in 1..=n {
+        p.handle(
+            0,
+            from_master(PeerMessage::Prepare {
+                seq,
+                commit_through: 0,
+                ops: ops(&format!("k{seq}")),
+            }),
+        );
+    }
+    p.handle(0, Event::Persisted { lsn: n });
+    drain(&mut p);
+    p
+}
+
+#[test]
+fn a_prepare_carrying_a_commit_commits_first_and_its_vote_carries_the_ack() {
+    let mut p = voted_through(1);
+    p.handle(
+        1,
+        from_master(PeerMessage::Prepare {
+            seq: 2,
+            commit_through: 1,
+            ops: ops("b"),
+        }),
+    );
+    let actions = drain(&mut p);
+    assert!(
+        matches!(
+            &actions[..],
+            [
+                Action::Apply { seq: 1, .. },
+                Action::Persist {
+                    lsn: 2,
+                    record: Record::Committed { seq: 1 }
+                },
+                Action::Persist {
+                    lsn: 3,
+                    record: Record::Prepared { seq: 2, .. }
+                }
+            ]
+        ),
+        "{actions:?}"
+    );
+    assert_eq!((p.position(), p.in_doubt()), (1, 1));
+    // Both records durable at once: one message answers both.
+    p.handle(2, Event::Persisted { lsn: 3 });
+    assert_eq!(
+        sends(&drain(&mut p)),
+        vec![PeerMessage::Vote {
+            seq: 2,
+            vote: Vote::Yes,
+            ack_through: 1,
+        }]
+    );
+}
+
+#[test]
+fn a_commit_durable_before_the_next_vote_is_acked_alone() {
+    let mut p = voted_through(1);
+    p.handle(
+        1,
+        from_master(PeerMessage::Prepare {
+            seq: 2,
+            commit_through: 1,
+            ops: ops("b"),
+        }),
+    );
+    drain(&mut p);
+    p.handle(2, Event::Persisted { lsn: 2 });
+    assert_eq!(sends(&drain(&mut p)), vec![PeerMessage::Ack { seq: 1 }]);
+    p.handle(3, Event::Persisted { lsn: 3 });
+    assert_eq!(
+        sends(&drain(&mut p)),
+        vec![PeerMessage::Vote {
+            seq: 2,
+            vote: Vote::Yes,
+            ack_through: 0,
+        }]
+    );
+}
+
+#[test]
+fn a_commit_covers_every_transaction_held_prepared_through_its_seq() {
+    let mut p = voted_through(3);
+    p.handle(1, from_master(PeerMessage::Commit { seq: 2 }));
+    let actions = drain(&mut p);
+    assert!(
+        matches!(
+            &actions[..],
+            [
+                Action::Apply { seq: 1, .. },
+                Action::Persist {
+                    lsn: 4,
+                    record: Record::Committed { seq: 1 }
+                },
+                Action::Apply { seq: 2, .. },
+                Action::Persist {
+                    lsn: 5,
+                    record: Record::Committed { seq: 2 }
+                }
+            ]
+        ),
+        "{actions:?}"
+    );
+    assert_eq!((p.position(), p.in_doubt()), (2, 1));
+    p.handle(2, Event::Persisted { lsn: 5 });
+    assert_eq!(sends(&drain(&mut p)), vec![PeerMessage::Ack { seq: 2 }]);
+}
+
+#[test]
+fn a_commit_of_a_transaction_not_held_prepared_is_a_violation() {
+    // Alone: nothing prepared at 4.
+    let mut p = voted_through(2);
+    p.handle(1, from_master(PeerMessage::Commit { seq: 4 }));
+    assert!(drain(&mut p).contains(&Action::Disconnect { peer: M }));
+    assert_eq!((p.position(), p.protocol_violations()), (0, 1));
+    // Carried by a PREPARE: neither is taken.
+    let mut p = voted_through(2);
+    p.handle(
+        1,
+        from_master(PeerMessage::Prepare {
+            seq: 3,
+            commit_through: 4,
+            ops: ops("c"),
+        }),
+    );
+    let actions = drain(&mut p);
+    assert!(actions.contains(&Action::Disconnect { peer: M }));
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::Persist { .. } | Action::Apply { .. })),
+        "{actions:?}"
+    );
+    assert_eq!(p.protocol_violations(), 1);
 }
