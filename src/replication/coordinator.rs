@@ -409,11 +409,26 @@ impl Coordinator {
     /// A master with an empty store.
     pub fn new(config: CoordinatorConfig, now_ms: u64) -> Coordinator {
         let log = CommitLog::new(config.log_capacity, 0).with_max_bytes(config.log_max_bytes);
-        Coordinator::recover(config, now_ms, 0, log)
+        let mut c = Coordinator::recover(config, now_ms, 0, log);
+        // A new history has no earlier life whose read leases could still run.
+        c.read_fence_ms = 0;
+        c.actions.retain(|a| {
+            !matches!(
+                a,
+                Action::SetTimer {
+                    timer: TimerId::ReadFence,
+                    ..
+                }
+            )
+        });
+        c
     }
 
     /// A master restarted from its log: `released_seq` is the last durable
-    /// decision, `log` holds recent commits. Presumed abort: any transaction
+    /// decision, a commit or an abort (an abort is released only once durable,
+    /// and slaves were told positions through it: numbering must go on after
+    /// it, or a new commit would reuse a number a slave has already passed),
+    /// `log` holds recent commits. Presumed abort: any transaction
     /// above `released_seq` (prepared but never durably decided) is aborted;
     /// slaves that prepared it drop it when they re-register, and an
     /// OUTCOME_QUERY about it is answered ABORTED.
@@ -440,12 +455,10 @@ impl Coordinator {
             lease_valid: true,
             // A previous life of this master may have granted read leases
             // that have not run out yet (a quick restart): they end within
-            // the longest lease it grants.
-            read_fence_ms: if released_seq > 0 {
-                now_ms + config.tpc_timeout_ms
-            } else {
-                0
-            },
+            // the longest lease it grants. Before its first commit too: the
+            // heartbeats of an idle master grant leases at seq 0, and a slave
+            // that has not come back serves reads under one of them.
+            read_fence_ms: now_ms + config.tpc_timeout_ms,
             lag_records: BTreeMap::new(),
             lag_evictions: 0,
             snapshots: BTreeMap::new(),

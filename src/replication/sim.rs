@@ -1034,6 +1034,8 @@ impl Sim {
         let last_applied = self.digests[life].keys().next_back().copied().unwrap_or(0);
         let mut applied_state = None;
         let mut recovered_commits = Vec::new();
+        // Numbering resumes after every decision, aborts included (see `Coordinator::recover`).
+        let mut decided = 0;
         for record in &self.master_durable {
             match record {
                 Record::CommitDecision { seq: s, ops } => {
@@ -1047,7 +1049,7 @@ impl Sim {
                         recovered_commits.push((*s, ops.clone(), digest(&store)));
                     }
                 }
-                Record::AbortDecision { .. } => {}
+                Record::AbortDecision { seq: s } => decided = decided.max(*s),
                 other => return Err(format!("master persisted a slave record {other:?}")),
             }
         }
@@ -1074,7 +1076,7 @@ impl Sim {
             history_id: self.histories[life],
             ..self.coord_config.clone()
         };
-        self.coord = Coordinator::recover(config, self.master_down_until, seq, log);
+        self.coord = Coordinator::recover(config, self.master_down_until, seq.max(decided), log);
         self.run_master_actions()
     }
 

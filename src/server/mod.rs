@@ -621,7 +621,15 @@ impl Server {
                 for (seq, ops) in &replay.commits {
                     log.push(*seq, ops.clone());
                 }
-                let coordinator = Coordinator::recover(coordinator_config, 0, replay.seq, log);
+                let coordinator = if replay.history_id == 0 {
+                    // An empty data directory: no earlier life granted leases.
+                    Coordinator::new(coordinator_config, 0)
+                } else {
+                    // Numbering goes on after the last decision, an abort
+                    // included: never again a number slaves have passed.
+                    let decided = replay.seq.max(replay.max_seq);
+                    Coordinator::recover(coordinator_config, 0, decided, log)
+                };
                 (Role::Master(Box::new(coordinator)), Mode::Master)
             }
             Some((host, port)) => {

@@ -1672,6 +1672,58 @@ fn a_lost_slave_fences_releases_too_and_a_restarted_master_waits_out_old_leases(
     assert_eq!(applied_seqs(&drain(&mut r)), vec![10]);
 }
 
+#[test]
+fn a_master_restarted_before_its_first_commit_still_waits_out_old_leases() {
+    // An idle master's heartbeats grant leases at seq 0: a restart with
+    // nothing committed must fence reads as well (simulation seed 11648).
+    let mut r = Coordinator::recover(config(), 500, 0, CommitLog::new(4, 0));
+    assert!(drain(&mut r).contains(&Action::SetTimer {
+        timer: TimerId::ReadFence,
+        at_ms: 600
+    }));
+    r.handle(510, writes(1, &["a"]));
+    r.handle(511, Event::Persisted { lsn: 1 });
+    assert!(applied_seqs(&drain(&mut r)).is_empty());
+    r.handle(
+        600,
+        Event::TimerFired {
+            timer: TimerId::ReadFence,
+        },
+    );
+    assert_eq!(applied_seqs(&drain(&mut r)), vec![1]);
+    // A new history has no earlier life: nothing to wait for.
+    let mut n = Coordinator::new(config(), 500);
+    assert!(!drain(&mut n).iter().any(|a| matches!(
+        a,
+        Action::SetTimer {
+            timer: TimerId::ReadFence,
+            ..
+        }
+    )));
+    n.handle(510, writes(1, &["a"]));
+    n.handle(511, Event::Persisted { lsn: 1 });
+    assert_eq!(applied_seqs(&drain(&mut n)), vec![1]);
+}
+
+#[test]
+fn a_master_recovered_after_an_abort_numbers_after_it() {
+    // Recovery passes the last decision, abort included (the server takes it
+    // from the log's highest number): slaves were told positions through
+    // that abort, so a new commit must not reuse its number (seed 19622).
+    let mut r = Coordinator::recover(config(), 0, 12, CommitLog::new(4, 9));
+    drain(&mut r);
+    r.handle(
+        100,
+        Event::TimerFired {
+            timer: TimerId::ReadFence,
+        },
+    );
+    r.handle(101, writes(1, &["a"]));
+    r.handle(102, Event::Persisted { lsn: 1 });
+    assert_eq!(applied_seqs(&drain(&mut r)), vec![13]);
+    assert_eq!(r.commit_seq(), 13);
+}
+
 fn lag_config() -> CoordinatorConfig {
     CoordinatorConfig {
         tpc_timeout_ms: 1_000,
