@@ -1759,8 +1759,7 @@ impl Server {
             // A snapshot being streamed or written keeps the key (or its
             // shard) as it was at its start (found from the hash at hand,
             // not hashed again).
-            let shard = self.core.store.shard_of_hash(hash);
-            self.wal.before_shard_write(&self.core.store, shard);
+            self.wal.before_key_write(&self.core.store, op.key(), hash);
             self.snapshots
                 .before_key_write(&self.core.store, op.key(), hash);
             let applied = self.core.store.apply_hashed(write, seq, hash);

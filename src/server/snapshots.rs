@@ -56,19 +56,8 @@
 //! images (at most about a quarter of its copy) go the same way; those under
 //! a page only back to the allocator.
 
-use crate::store::snapshot::{
-    ENTRY_HEADER_BYTES, decode_entry, encode_entry, encode_shard, encoded_shard_len,
-};
+use crate::store::snapshot::{KeyImages, decode_entry, encode_shard, encoded_shard_len};
 use crate::store::{SHARDS, Store};
-
-/// A shard of which more than one in this many keys were written since a
-/// snapshot began is copied whole instead of kept key by key (before-images).
-/// A shard's copy costs about 45 µs at a million keys (245 keys), a key's
-/// image a key's worth: a copy made only after a quarter of its keys' worth
-/// of images costs at most 4 entries' encoding per write, however the
-/// writes of one turn spread over the shards, and images never hold more
-/// than about a quarter of what copies of their shards would.
-const KEYS_PER_IMAGE: usize = 4;
 
 /// A reader's name: the replication link's `PeerId` number.
 pub type ReaderId = u64;
@@ -200,98 +189,6 @@ enum Kept {
     Copy(Vec<u8>, u64),
 }
 
-/// The keys of a shard written since a snapshot began, each with its entry
-/// as it was then (its before-image), if it existed.
-#[derive(Debug, Default)]
-struct KeyImages {
-    /// Each key's [`Store::key_hash`] and the offset of its `[len u16][key]`
-    /// in `keys`, sorted by hash.
-    index: Vec<(u64, u32)>,
-    keys: Vec<u8>,
-    /// The before-images of the keys that existed, encoded with `encode_entry`.
-    before: Vec<u8>,
-    /// Entries in `before`.
-    entries: u64,
-}
-
-impl KeyImages {
-    fn contains(&self, key: &[u8], hash: u64) -> bool {
-        let from = self.index.partition_point(|&(h, _)| h < hash);
-        self.index[from..]
-            .iter()
-            .take_while(|&&(h, _)| h == hash)
-            .any(|&(_, at)| {
-                let at = at as usize;
-                let len = u16::from_be_bytes([self.keys[at], self.keys[at + 1]]) as usize;
-                &self.keys[at + 2..at + 2 + len] == key
-            })
-    }
-
-    /// Record `key`, about to change, as it is in `store` now, unless it
-    /// already was (the first image is the one as of `at_seq`).
-    fn record(&mut self, store: &Store, key: &[u8], hash: u64) {
-        if self.contains(key, hash) {
-            return;
-        }
-        let at = self.index.partition_point(|&(h, _)| h <= hash);
-        self.index.insert(at, (hash, self.keys.len() as u32));
-        // Keys are at most u16::MAX bytes (the store's limit).
-        self.keys
-            .extend_from_slice(&(key.len() as u16).to_be_bytes());
-        self.keys.extend_from_slice(key);
-        if let Some(block) = store.held_block_hashed(key, hash) {
-            let deadline = block.deadline().unwrap_or(0);
-            encode_entry(
-                &mut self.before,
-                key,
-                block.value(),
-                block.version(),
-                deadline,
-            );
-            self.entries += 1;
-        }
-    }
-
-    fn held_bytes(&self) -> usize {
-        self.index.capacity() * std::mem::size_of::<(u64, u32)>()
-            + self.keys.capacity()
-            + self.before.capacity()
-    }
-
-    /// Append the shard as of `at_seq` to `out`: the store's entries for the
-    /// keys not written since, then the before-images; returns the entries.
-    fn encode(&self, store: &Store, shard: usize, out: &mut Vec<u8>) -> u64 {
-        let mut entries = self.entries;
-        for block in store.iter_shard(shard) {
-            if !self.contains(block.key(), store.key_hash(block.key())) {
-                let deadline = block.deadline().unwrap_or(0);
-                encode_entry(out, block.key(), block.value(), block.version(), deadline);
-                entries += 1;
-            }
-        }
-        out.extend_from_slice(&self.before);
-        entries
-    }
-
-    /// Bytes [`KeyImages::encode`] appends.
-    fn encoded_len(&self, store: &Store, shard: usize) -> usize {
-        let unchanged: usize = store
-            .iter_shard(shard)
-            .filter(|b| !self.contains(b.key(), store.key_hash(b.key())))
-            .map(|b| {
-                let deadline = if b.deadline().unwrap_or(0) > 0 { 8 } else { 0 };
-                ENTRY_HEADER_BYTES + deadline + b.key().len() + b.value().len()
-            })
-            .sum();
-        unchanged + self.before.len()
-    }
-
-    fn let_go(self, releasing: &mut Releasing) {
-        releasing.push(self.keys);
-        releasing.push(self.before);
-    }
-}
-
 impl Kept {
     /// Append `shard`, which this is kept of, as of `at_seq` to `out`;
     /// returns its entries.
@@ -317,7 +214,11 @@ impl Kept {
     fn let_go(self, releasing: &mut Releasing) {
         match self {
             Kept::Nothing => {}
-            Kept::Keys(images) => images.let_go(releasing),
+            Kept::Keys(images) => {
+                for buffer in images.into_buffers() {
+                    releasing.push(buffer);
+                }
+            }
             Kept::Copy(bytes, _) => releasing.push(bytes),
         }
     }
@@ -384,7 +285,7 @@ impl Shared {
     }
 
     /// `key` is about to change: keep its before-image, or the whole shard
-    /// once a quarter of its keys were written ([`KEYS_PER_IMAGE`]).
+    /// once a quarter of its keys were written ([`KeyImages::too_many`]).
     fn keep_key(&mut self, store: &Store, key: &[u8], hash: u64, releasing: &mut Releasing) {
         let shard = store.shard_of_hash(hash);
         let before = self.kept[shard].held_bytes();
@@ -400,10 +301,9 @@ impl Shared {
             }
         };
         images.record(store, key, hash);
-        let written = images.index.len();
         let after = images.held_bytes();
         self.copied_bytes = self.copied_bytes - before + after;
-        if written * KEYS_PER_IMAGE > store.shard_len(shard) {
+        if images.too_many(store, shard) {
             self.copy(store, shard, releasing);
         }
     }
