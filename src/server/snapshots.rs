@@ -51,7 +51,7 @@
 //! it per turn. Each is handed back to the system as it is freed (its whole
 //! pages are `madvise`d away first, see [`give_back`]), so the master's RSS
 //! falls by what the copies held without `malloc_trim`, whose walk of the
-//! whole heap took one turn 7.8 ms at a million keys. The cost is the pages
+//! whole heap took 8 to 11 ms of one turn at a million keys. The cost is the pages
 //! released, about 0.3 µs each: the budget bounds the turn. A shard's key
 //! images (at most about a quarter of its copy) go the same way; those under
 //! a page only back to the allocator.
