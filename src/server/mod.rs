@@ -77,9 +77,10 @@ const FIRST_LINK: usize = 3;
 const PORT_ZERO_ATTEMPTS: usize = 32;
 /// Milliseconds between attempts to accept after running out of descriptors.
 const ACCEPT_RETRY_MS: u64 = 50;
-/// Bytes of snapshot copies freed after which the freed memory is given back
-/// to the system (`Server::give_back_snapshot_memory`).
-const TRIM_AFTER_FREED_BYTES: usize = 16 << 20;
+/// Bytes of snapshot copies freed, their pages given back to the system, per
+/// turn (`Server::give_back_snapshot_memory`): about 1 ms of CPU on the loaded
+/// 2-core test machine, and 130 MB (a million keys' copies) in about 30 turns.
+const RELEASE_PER_TURN: usize = 4 << 20;
 /// Replication links a master accepts (each may hold a snapshot copy and large buffers).
 const MAX_PEER_LINKS: usize = 64;
 /// A slave's dial to its master that is still unanswered after this is
@@ -411,9 +412,6 @@ pub struct Server {
     dirty_peers: Vec<usize>,
     /// The snapshots streamed to slaves, shared by the links reading them.
     snapshots: SnapshotSet,
-    /// The most their copies held since memory was last given back to the
-    /// system (`give_back_snapshot_memory`).
-    snapshot_held_peak: usize,
     /// Whether STATS' replication lines need refreshing.
     replication_changed: bool,
     /// Failed attempts to reach the master since the last success.
@@ -702,7 +700,6 @@ impl Server {
             touched: Vec::new(),
             dirty_peers: Vec::new(),
             snapshots: SnapshotSet::new(config.max_snapshot_bytes),
-            snapshot_held_peak: 0,
             replication_changed: true,
             connect_failures: 0,
             master_dial: None,
@@ -834,7 +831,14 @@ impl Server {
                 // Keys with deadlines: the sweep runs at least this often.
                 timeout = Some(timeout.map_or(wake, |t| t.min(wake)));
             }
-            if self.work_left || self.core.udp_retry || deferred || self.forward_deferred {
+            // Snapshot copies let go are freed a budget per turn, until all are.
+            let releasing = self.snapshots.releasing_bytes() > 0;
+            if self.work_left
+                || self.core.udp_retry
+                || deferred
+                || self.forward_deferred
+                || releasing
+            {
                 // Left-over work goes on at once.
                 timeout = Some(Duration::ZERO);
             } else if self.accept_paused {
@@ -1486,38 +1490,19 @@ impl Server {
         }
     }
 
-    /// Once the snapshots' copies shrank by [`TRIM_AFTER_FREED_BYTES`], or the
-    /// last snapshot is gone, hand the freed pages back to the system. A copy
-    /// is one allocation per shard (tens of KiB), which glibc's malloc serves
-    /// from its heap, among the store's own allocations, and keeps when
-    /// freed: without this, an evicted receiver's copy stayed in the master's
-    /// RSS (tests/rejoin.rs). `malloc_trim` releases every free whole page of
-    /// the heap. It walks the heap's free chunks, which costs the turn it runs
-    /// in (26 ms was seen once with a 180 MB heap on the loaded 2-core
-    /// machine), so it runs only after that much was freed, a few times per
-    /// snapshot, never per write.
+    /// Free [`RELEASE_PER_TURN`] of the snapshot copies let go, their pages
+    /// given back to the system as they are freed (`SnapshotSet::release_some`):
+    /// an evicted receiver's copy leaves the master's RSS (tests/rejoin.rs)
+    /// over a few turns instead of in one long one.
     fn give_back_snapshot_memory(&mut self) {
-        let held = self.snapshots.held_bytes();
-        self.snapshot_held_peak = self.snapshot_held_peak.max(held);
-        let freed = self.snapshot_held_peak - held;
-        // The last snapshot gone, what is left since the last trim goes back too.
-        if freed < TRIM_AFTER_FREED_BYTES && (held > 0 || freed == 0) {
+        if self.snapshots.releasing_bytes() == 0 {
             return;
         }
-        self.snapshot_held_peak = held;
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        {
-            let started = Instant::now();
-            // SAFETY: malloc_trim only releases free memory of the allocator;
-            // it takes no pointer and has no precondition.
-            unsafe {
-                libc::malloc_trim(0);
-            }
-            debug!(
-                "gave freed snapshot memory back to the system in {} us",
-                started.elapsed().as_micros()
-            );
-        }
+        let freed = self.snapshots.release_some(RELEASE_PER_TURN);
+        debug!(
+            "gave {freed} bytes of snapshot copies back to the system, {} to go",
+            self.snapshots.releasing_bytes()
+        );
     }
 
     /// Close the links whose snapshot was dropped at the memory cap; returns
@@ -1779,11 +1764,12 @@ impl Server {
                 }
                 continue;
             };
-            // A snapshot being streamed or written keeps the key's shard as it
-            // was at its start (found from the hash at hand, not hashed again).
-            let shard = self.core.store.shard_of_hash(hash);
-            self.wal.before_shard_write(&self.core.store, shard);
-            self.snapshots.before_shard_write(&self.core.store, shard);
+            // A snapshot being streamed or written keeps the key (or its
+            // shard) as it was at its start (found from the hash at hand,
+            // not hashed again).
+            self.wal.before_key_write(&self.core.store, op.key(), hash);
+            self.snapshots
+                .before_key_write(&self.core.store, op.key(), hash);
             let applied = self.core.store.apply_hashed(write, seq, hash);
             if let Some(&client) = replies.get(i) {
                 match applied {

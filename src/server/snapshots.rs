@@ -4,9 +4,16 @@
 //! here; each replication link receiving it is a reader holding a cursor (the
 //! next shard to send). A shard is sent from the copy kept of it if there is
 //! one, or else encoded from the store itself, which is unchanged since
-//! `at_seq` because every write first calls [`SnapshotSet::before_write`] and
-//! a shard some reader still needs is copied before it changes (copy-on-write
-//! at shard granularity, as `store::snapshot::ShardCopy` does for one reader).
+//! `at_seq` but for the keys written since, whose entries as of `at_seq`
+//! (before-images) are kept: every write first calls
+//! [`SnapshotSet::before_key_write`], which keeps the key's image for every
+//! snapshot whose readers still need its shard. Once more than a quarter of
+//! a shard's keys were written it is copied whole instead (copy-on-write at
+//! shard granularity, as `store::snapshot::ShardCopy` does for one reader),
+//! so images never hold much more than copies would, and a write costs a
+//! key's image, plus at most a few entries' share of a copy: one batch of
+//! writes spread over the store no longer copies a shard per key in one turn
+//! (354 shards, 20 ms of CPU, at a million keys with 50 clients pipelining 16).
 //!
 //! Sharing. A receiver that needs a snapshot while one is streaming joins it,
 //! from the first shard, if that snapshot is still *open* and the commit log
@@ -37,8 +44,19 @@
 //! link is closed by the reactor right after). Chunks are staged unchecked
 //! (each at most `max` bytes and a shard), so the bytes held pass the cap by
 //! at most one shard's copy and one staged chunk.
+//!
+//! Release. Copies no snapshot needs any more (a snapshot sent or dropped, a
+//! shard every reader passed) are not freed where they are let go: they join
+//! a queue, and the reactor frees [`SnapshotSet::release_some`]'s budget of
+//! it per turn. Each is handed back to the system as it is freed (its whole
+//! pages are `madvise`d away first, see [`give_back`]), so the master's RSS
+//! falls by what the copies held without `malloc_trim`, whose walk of the
+//! whole heap took 8 to 11 ms of one turn at a million keys. The cost is the pages
+//! released, about 0.3 µs each: the budget bounds the turn. A shard's key
+//! images (at most about a quarter of its copy) go the same way; those under
+//! a page only back to the allocator.
 
-use crate::store::snapshot::{decode_entry, encode_shard, encoded_shard_len};
+use crate::store::snapshot::{KeyImages, decode_entry, encode_shard, encoded_shard_len};
 use crate::store::{SHARDS, Store};
 
 /// A reader's name: the replication link's `PeerId` number.
@@ -78,15 +96,141 @@ pub struct SnapshotSet {
     evicted: Vec<Evicted>,
     joins: u64,
     cap_evictions: u64,
+    /// Copies let go and not yet freed.
+    releasing: Releasing,
+}
+
+/// Buffers no snapshot needs any more, freed a budget at a time.
+#[derive(Debug, Default)]
+struct Releasing {
+    buffers: Vec<Vec<u8>>,
+    /// Their capacity, in bytes.
+    bytes: usize,
+}
+
+impl Releasing {
+    fn push(&mut self, buffer: Vec<u8>) {
+        if buffer.capacity() > 0 {
+            self.bytes += buffer.capacity();
+            self.buffers.push(buffer);
+        }
+    }
+
+    /// Free buffers until about `budget` bytes were (at least one if any is
+    /// queued); returns the bytes freed.
+    fn free(&mut self, budget: usize) -> usize {
+        let mut freed = 0;
+        while freed < budget.max(1) {
+            let Some(mut buffer) = self.buffers.pop() else {
+                break;
+            };
+            freed += buffer.capacity();
+            give_back(&mut buffer);
+        }
+        self.bytes -= freed;
+        freed
+    }
+}
+
+/// Free `buffer`, first releasing the whole pages inside it to the system.
+///
+/// glibc's malloc keeps a freed chunk of tens of KiB (a shard's copy at a
+/// million keys) in its heap, its pages resident, until `malloc_trim`; telling
+/// the kernel the pages are not needed before the free returns them at a cost
+/// in proportion to them alone. The allocator writes its bookkeeping at the
+/// chunk's edges, outside the whole pages, or faults a page back in if not.
+fn give_back(buffer: &mut Vec<u8>) {
+    release_pages(buffer);
+    drop(std::mem::take(buffer));
+}
+
+/// Hand the whole pages inside `buffer`'s allocation (its capacity) back to
+/// the system: they read as zeros afterwards, and are resident again only
+/// once written.
+fn release_pages(buffer: &mut Vec<u8>) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sysconf has no precondition.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(0);
+        let start = buffer.as_mut_ptr() as usize;
+        let end = start + buffer.capacity();
+        if page.is_power_of_two() {
+            let first = start.next_multiple_of(page);
+            let last = end & !(page - 1);
+            if last > first {
+                // SAFETY: [first, last) lies inside the allocation `buffer`
+                // owns, borrowed mutably; MADV_DONTNEED on private anonymous
+                // memory (what the heap is) only makes those bytes read as
+                // zero, as if written, initialised or not.
+                unsafe {
+                    libc::madvise(
+                        first as *mut libc::c_void,
+                        last - first,
+                        libc::MADV_DONTNEED,
+                    );
+                }
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buffer;
+}
+
+/// What a snapshot keeps of one shard, so that it can send it as of `at_seq`.
+#[derive(Debug, Default)]
+enum Kept {
+    /// Unchanged since `at_seq`: encoded from the store when sent.
+    #[default]
+    Nothing,
+    /// The keys written since `at_seq` and what they were then; the rest
+    /// of the shard is unchanged in the store.
+    Keys(KeyImages),
+    /// The whole shard as of `at_seq`, encoded, with its entry count.
+    Copy(Vec<u8>, u64),
+}
+
+impl Kept {
+    /// Append `shard`, which this is kept of, as of `at_seq` to `out`;
+    /// returns its entries.
+    fn encode(&self, store: &Store, shard: usize, out: &mut Vec<u8>) -> u64 {
+        match self {
+            Kept::Nothing => encode_shard(store, shard, out),
+            Kept::Keys(images) => images.encode(store, shard, out),
+            Kept::Copy(bytes, entries) => {
+                out.extend_from_slice(bytes);
+                *entries
+            }
+        }
+    }
+
+    fn held_bytes(&self) -> usize {
+        match self {
+            Kept::Nothing => 0,
+            Kept::Keys(images) => images.held_bytes(),
+            Kept::Copy(bytes, _) => bytes.capacity(),
+        }
+    }
+
+    fn let_go(self, releasing: &mut Releasing) {
+        match self {
+            Kept::Nothing => {}
+            Kept::Keys(images) => {
+                for buffer in images.into_buffers() {
+                    releasing.push(buffer);
+                }
+            }
+            Kept::Copy(bytes, _) => releasing.push(bytes),
+        }
+    }
 }
 
 /// One snapshot and its readers.
 #[derive(Debug)]
 struct Shared {
     at_seq: u64,
-    /// The copy of each shard taken before it changed, with its entry count.
-    copies: Vec<Option<(Vec<u8>, u64)>>,
-    /// Capacity of the copies, in bytes.
+    /// What is kept of each shard written since `at_seq`.
+    kept: Vec<Kept>,
+    /// Bytes `kept` holds (capacities).
     copied_bytes: usize,
     readers: Vec<Reader>,
     /// Takes joiners, and so keeps every shard written since `at_seq`.
@@ -118,7 +262,7 @@ impl Shared {
     fn new(at_seq: u64) -> Shared {
         Shared {
             at_seq,
-            copies: (0..SHARDS).map(|_| None).collect(),
+            kept: (0..SHARDS).map(|_| Kept::Nothing).collect(),
             copied_bytes: 0,
             readers: Vec::new(),
             open: true,
@@ -135,24 +279,76 @@ impl Shared {
                 .sum::<usize>()
     }
 
-    /// Whether a write to `shard` must be preceded by a copy of it.
-    fn needs_copy(&self, shard: usize) -> bool {
-        self.copies[shard].is_none() && (self.open || shard >= self.low)
+    /// Whether a write to `shard` must be preceded by keeping what it changes.
+    fn needs_keeping(&self, shard: usize) -> bool {
+        !matches!(self.kept[shard], Kept::Copy(..)) && (self.open || shard >= self.low)
     }
 
-    fn copy(&mut self, store: &Store, shard: usize) {
+    /// `key` is about to change: keep its before-image, or the whole shard
+    /// once a quarter of its keys were written ([`KeyImages::too_many`]).
+    fn keep_key(&mut self, store: &Store, key: &[u8], hash: u64, releasing: &mut Releasing) {
+        let shard = store.shard_of_hash(hash);
+        let before = self.kept[shard].held_bytes();
+        let images = match &mut self.kept[shard] {
+            Kept::Copy(..) => return,
+            Kept::Keys(images) => images,
+            slot @ Kept::Nothing => {
+                *slot = Kept::Keys(KeyImages::default());
+                let Kept::Keys(images) = slot else {
+                    unreachable!("just set")
+                };
+                images
+            }
+        };
+        images.record(store, key, hash);
+        let after = images.held_bytes();
+        self.copied_bytes = self.copied_bytes - before + after;
+        if images.too_many(store, shard) {
+            self.copy(store, shard, releasing);
+        }
+    }
+
+    /// Keep the whole of `shard` as of `at_seq` (before a clear, or once
+    /// many of its keys were written).
+    fn copy(&mut self, store: &Store, shard: usize, releasing: &mut Releasing) {
+        if matches!(self.kept[shard], Kept::Copy(..)) {
+            return;
+        }
+        let old = std::mem::take(&mut self.kept[shard]);
+        self.copied_bytes -= old.held_bytes();
         // Allocated at its size: counted exactly (what dropping it gives
         // back), and encoded without growing.
-        let mut bytes = Vec::with_capacity(encoded_shard_len(store, shard));
-        let entries = encode_shard(store, shard, &mut bytes);
+        let (bytes, entries) = match &old {
+            Kept::Copy(..) => unreachable!("returned above"),
+            Kept::Nothing => {
+                let mut bytes = Vec::with_capacity(encoded_shard_len(store, shard));
+                let entries = encode_shard(store, shard, &mut bytes);
+                (bytes, entries)
+            }
+            Kept::Keys(images) => {
+                let mut bytes = Vec::with_capacity(images.encoded_len(store, shard));
+                let entries = images.encode(store, shard, &mut bytes);
+                (bytes, entries)
+            }
+        };
         debug_assert_eq!(bytes.len(), bytes.capacity());
+        old.let_go(releasing);
         self.copied_bytes += bytes.capacity();
-        self.copies[shard] = Some((bytes, entries));
+        self.kept[shard] = Kept::Copy(bytes, entries);
+    }
+
+    /// Let go of what is kept of the shards in `range`.
+    fn let_go(&mut self, range: std::ops::Range<usize>, releasing: &mut Releasing) {
+        for slot in &mut self.kept[range] {
+            let old = std::mem::take(slot);
+            self.copied_bytes -= old.held_bytes();
+            old.let_go(releasing);
+        }
     }
 
     /// Recompute the lowest cursor and free the copies no reader needs any
     /// more (an open snapshot keeps them for joiners).
-    fn release(&mut self) {
+    fn release(&mut self, releasing: &mut Releasing) {
         let low = self
             .readers
             .iter()
@@ -164,23 +360,24 @@ impl Shared {
             self.low = low;
             return;
         }
-        for slot in &mut self.copies[self.low.min(low)..low] {
-            if let Some((bytes, _)) = slot.take() {
-                self.copied_bytes -= bytes.capacity();
-            }
-        }
+        self.let_go(self.low.min(low)..low, releasing);
         self.low = low;
     }
 
-    fn close(&mut self) {
+    /// Let go of every copy and staged chunk (the snapshot is dropped).
+    fn release_all(self, releasing: &mut Releasing) {
+        for kept in self.kept {
+            kept.let_go(releasing);
+        }
+        for r in self.readers {
+            releasing.push(r.staged);
+        }
+    }
+
+    fn close(&mut self, releasing: &mut Releasing) {
         self.open = false;
         // Everything below `low` was kept for joiners only.
-        let low = self.low;
-        for slot in &mut self.copies[..low] {
-            if let Some((bytes, _)) = slot.take() {
-                self.copied_bytes -= bytes.capacity();
-            }
-        }
+        self.let_go(0..self.low, releasing);
     }
 }
 
@@ -193,6 +390,7 @@ impl SnapshotSet {
             evicted: Vec::new(),
             joins: 0,
             cap_evictions: 0,
+            releasing: Releasing::default(),
         }
     }
 
@@ -205,7 +403,7 @@ impl SnapshotSet {
         for s in &mut self.snapshots {
             if s.open && s.at_seq < log_floor {
                 // Nobody can join it any more: stop keeping what only joiners need.
-                s.close();
+                s.close(&mut self.releasing);
             }
         }
         let fresh = Reader {
@@ -222,7 +420,7 @@ impl SnapshotSet {
             .max_by_key(|s| s.at_seq);
         if let Some(s) = joinable {
             s.readers.push(fresh);
-            s.release();
+            s.release(&mut self.releasing);
             self.joins += 1;
             return s.at_seq;
         }
@@ -236,36 +434,62 @@ impl SnapshotSet {
     /// snapshot without readers is dropped with its copies.
     pub fn remove(&mut self, reader: ReaderId) {
         for s in &mut self.snapshots {
-            let before = s.readers.len();
-            s.readers.retain(|r| r.id != reader);
-            if s.readers.len() != before {
-                s.release();
+            if let Some(i) = s.readers.iter().position(|r| r.id == reader) {
+                let gone = s.readers.remove(i);
+                self.releasing.push(gone.staged);
+                s.release(&mut self.releasing);
             }
         }
-        self.snapshots.retain(|s| !s.readers.is_empty());
+        let (kept, dropped) = std::mem::take(&mut self.snapshots)
+            .into_iter()
+            .partition(|s| !s.readers.is_empty());
+        self.snapshots = kept;
+        for s in dropped {
+            s.release_all(&mut self.releasing);
+        }
     }
 
-    /// `key` is about to change in `store`: keep its shard for every snapshot
-    /// that still needs it as it is (the reactor, which has the key's hash,
-    /// calls [`SnapshotSet::before_shard_write`]).
+    /// Free about `budget` bytes of the copies let go (at least one copy if
+    /// any is waiting), giving their pages back to the system; returns the
+    /// bytes freed. The reactor calls it once per turn, so that freeing a
+    /// whole snapshot's copies is spread over turns.
+    pub fn release_some(&mut self, budget: usize) -> usize {
+        self.releasing.free(budget)
+    }
+
+    /// Bytes of copies let go and not yet freed (not counted in
+    /// [`SnapshotSet::held_bytes`] or against the cap: they are on their way out).
+    pub fn releasing_bytes(&self) -> usize {
+        self.releasing.bytes
+    }
+
+    /// `key` is about to change in `store`: keep it as it is for every
+    /// snapshot that still needs it (the reactor, which has the key's hash,
+    /// calls [`SnapshotSet::before_key_write`]).
     #[cfg(test)]
     pub fn before_write(&mut self, store: &Store, key: &[u8]) {
-        if !self.snapshots.is_empty() {
-            self.before_shard_write(store, store.shard_of(key));
-        }
+        self.before_key_write(store, key, store.key_hash(key));
     }
 
-    /// A key of `shard` is about to change: keep the shard for every snapshot
-    /// that still needs it as it is.
-    pub fn before_shard_write(&mut self, store: &Store, shard: usize) {
-        let mut copied = false;
+    /// `key`, whose [`Store::key_hash`] is `hash`, is about to change: keep
+    /// its entry as it is now for every snapshot that still needs its shard
+    /// as of the snapshot's start (a before-image of the key, or a copy of
+    /// the whole shard once a quarter of its keys were written). The cost is
+    /// the key's, not its shard's: a batch spread over the store copies few
+    /// shards in one turn.
+    pub fn before_key_write(&mut self, store: &Store, key: &[u8], hash: u64) {
+        if self.snapshots.is_empty() {
+            return;
+        }
+        let shard = store.shard_of_hash(hash);
+        let mut kept = false;
         for s in &mut self.snapshots {
-            if s.needs_copy(shard) {
-                s.copy(store, shard);
-                copied = true;
+            if s.needs_keeping(shard) {
+                s.keep_key(store, key, hash, &mut self.releasing);
+                kept = true;
             }
         }
-        if copied {
+        if kept {
             self.enforce_cap();
         }
     }
@@ -274,8 +498,8 @@ impl SnapshotSet {
     pub fn before_clear(&mut self, store: &Store) {
         for s in &mut self.snapshots {
             for shard in 0..SHARDS {
-                if s.needs_copy(shard) {
-                    s.copy(store, shard);
+                if s.needs_keeping(shard) {
+                    s.copy(store, shard, &mut self.releasing);
                 }
             }
         }
@@ -304,13 +528,7 @@ impl SnapshotSet {
         let r = s.readers.iter_mut().find(|r| r.id == reader)?;
         let moved = r.pending() < max && r.cursor < SHARDS;
         while r.pending() < max && r.cursor < SHARDS {
-            r.entries += match &s.copies[r.cursor] {
-                Some((bytes, entries)) => {
-                    r.staged.extend_from_slice(bytes);
-                    *entries
-                }
-                None => encode_shard(store, r.cursor, &mut r.staged),
-            };
+            r.entries += s.kept[r.cursor].encode(store, r.cursor, &mut r.staged);
             r.cursor += 1;
         }
         // Whole entries up to about `max` bytes: only their lengths are read.
@@ -334,10 +552,10 @@ impl SnapshotSet {
         }
         if last {
             // The first reader done closes the snapshot to joiners.
-            s.close();
+            s.close(&mut self.releasing);
             self.remove(reader);
         } else if moved {
-            s.release();
+            s.release(&mut self.releasing);
         }
         Some(result)
     }
@@ -428,7 +646,7 @@ impl SnapshotSet {
                     .map(|(i, _)| i)
             };
             if let Some(i) = biggest(true) {
-                self.snapshots[i].close();
+                self.snapshots[i].close(&mut self.releasing);
                 continue;
             }
             let Some(i) = biggest(false) else {
@@ -569,6 +787,174 @@ mod tests {
         }
         assert_eq!(set.held_bytes(), 0, "freed with its last reader");
         assert_eq!(set.counters().streaming, 0);
+    }
+
+    /// Every entry of the snapshot `reader` is sent, with deadlines, sorted.
+    fn drain_with_deadlines(
+        set: &mut SnapshotSet,
+        reader: ReaderId,
+        store: &Store,
+    ) -> Vec<(Vec<u8>, Vec<u8>, u64, u64)> {
+        let mut all = Vec::new();
+        loop {
+            let Some(PeerMessage::SnapshotChunk { entries, last, .. }) =
+                set.next_chunk(reader, store, CHUNK)
+            else {
+                panic!("reader {reader} is not reading");
+            };
+            all.extend(
+                entries
+                    .into_iter()
+                    .map(|e| (e.key, e.value, e.version, e.deadline_ms)),
+            );
+            if last {
+                all.sort();
+                return all;
+            }
+        }
+    }
+
+    #[test]
+    fn one_batch_over_every_shard_keeps_key_images_not_shard_copies() {
+        let mut store = loaded(200_000);
+        for i in (0..200_000u64).step_by(7) {
+            store.set_deadline(format!("key{i}").as_bytes(), Some(5_000_000 + i));
+        }
+        let mut expected: Vec<_> = store
+            .iter()
+            .map(|b| {
+                let deadline = b.deadline().unwrap_or(0);
+                (b.key().to_vec(), b.value().to_vec(), b.version(), deadline)
+            })
+            .collect();
+        expected.sort();
+        let mut set = SnapshotSet::new(usize::MAX);
+        set.start(1, 1, 0);
+        set.start(2, 1, 0);
+        let shard_bytes: usize = (0..SHARDS).map(|i| encoded_shard_len(&store, i)).sum();
+        // One batch: a key of every shard overwritten, deleted, given a
+        // deadline or created, as the reactor applies a commit.
+        let mut first_of = vec![None; SHARDS];
+        for i in 0..200_000u64 {
+            let key = format!("key{i}");
+            first_of[store.shard_of(key.as_bytes())].get_or_insert(key);
+        }
+        for (shard, key) in first_of.iter().enumerate() {
+            let key = key
+                .as_ref()
+                .expect("200,000 keys fill every shard")
+                .as_bytes();
+            set.before_write(&store, key);
+            match shard % 4 {
+                0 => store.set(key, b"changed", 2),
+                1 => {
+                    store.apply(Write::Delete { key }, 2);
+                }
+                2 => store.set_deadline(key, Some(9_000_000)),
+                _ => {
+                    let new_key = [key, b"-new"].concat();
+                    set.before_write(&store, &new_key);
+                    store.set(&new_key, b"new", 2);
+                }
+            }
+            // Written twice: the image kept is the first.
+            set.before_write(&store, key);
+            store.set(key, b"again", 3);
+        }
+        let copies = |set: &SnapshotSet| {
+            set.snapshots[0]
+                .kept
+                .iter()
+                .filter(|k| matches!(k, Kept::Copy(..)))
+                .count()
+        };
+        assert_eq!(copies(&set), 0, "no shard copied for one key each");
+        assert!(
+            set.held_bytes() < shard_bytes / 4,
+            "{} held for a store of {shard_bytes}",
+            set.held_bytes()
+        );
+        // Many keys of one shard: that shard is copied whole, once.
+        let busy = store.shard_of(b"key0");
+        let mut written = 0;
+        for i in 0..1_000_000u64 {
+            let key = format!("busy{i}");
+            if written < 40 && store.shard_of(key.as_bytes()) == busy {
+                set.before_write(&store, key.as_bytes());
+                store.set(key.as_bytes(), b"busy", 4);
+                written += 1;
+            }
+        }
+        assert_eq!(written, 40, "more than a quarter of the shard's ~50 keys");
+        assert_eq!(copies(&set), 1, "the busy shard is copied");
+        assert_eq!(drain_with_deadlines(&mut set, 1, &store), expected);
+        // More writes everywhere while the second reader is sent it.
+        write_round(&mut set, &mut store, 5, 200_000);
+        assert_eq!(drain_with_deadlines(&mut set, 2, &store), expected);
+        assert_eq!(set.held_bytes(), 0);
+    }
+
+    #[test]
+    fn copies_let_go_are_freed_a_budget_at_a_time() {
+        let mut store = loaded(20_000);
+        let mut set = SnapshotSet::new(usize::MAX);
+        set.start(1, 1, 0);
+        let mut first = Receiver::default();
+        first.pull(&mut set, 1, &store);
+        // Writes all over the store: nearly every shard is copied.
+        for round in 1..=40 {
+            write_round(&mut set, &mut store, round, 20_000);
+        }
+        let held = set.held_bytes();
+        assert!(held > 1 << 20, "copies held: {held}");
+        set.remove(1);
+        assert_eq!(
+            set.held_bytes(),
+            0,
+            "no longer held, nor counted at the cap"
+        );
+        let releasing = set.releasing_bytes();
+        // All but the key images' indexes, freed at once.
+        assert!(releasing > held / 2, "{releasing} queued of {held}");
+        let budget = 256 << 10;
+        // The largest buffer (a staged chunk, or a shard's copy), far below the budget.
+        let largest = set.releasing.buffers.iter().map(Vec::capacity).max();
+        let largest = largest.expect("buffers queued");
+        assert!(largest < budget);
+        let mut turns = 0;
+        while set.releasing_bytes() > 0 {
+            let before = set.releasing_bytes();
+            let freed = set.release_some(budget);
+            assert_eq!(set.releasing_bytes(), before - freed);
+            assert!(freed > 0 && freed < budget + largest, "{freed} in one turn");
+            turns += 1;
+        }
+        assert!(turns >= releasing / (budget + largest), "{turns} turns");
+        assert_eq!(set.release_some(budget), 0, "nothing left");
+    }
+
+    #[test]
+    fn a_released_buffer_gives_its_whole_pages_back() {
+        let mut buffer = vec![7u8; 1 << 20];
+        release_pages(&mut buffer);
+        if cfg!(target_os = "linux") {
+            // SAFETY: sysconf has no precondition.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+            let start = buffer.as_ptr() as usize;
+            let first = start.next_multiple_of(page) - start;
+            let last = (start + buffer.len()) / page * page - start;
+            assert!(
+                buffer[..first].iter().all(|&b| b == 7),
+                "the head is the allocator's"
+            );
+            assert!(
+                buffer[first..last].iter().all(|&b| b == 0),
+                "the pages went back"
+            );
+            assert!(buffer[last..].iter().all(|&b| b == 7), "so is the tail");
+        }
+        give_back(&mut buffer);
+        assert_eq!(buffer.capacity(), 0);
     }
 
     #[test]

@@ -244,6 +244,17 @@ impl<S: KeyHash> Store<S> {
         }
     }
 
+    /// The entry held for the key whose [`Store::key_hash`] is `hash`, past
+    /// its deadline or not (snapshots keep it as it was).
+    pub fn held_block_hashed(&self, key: &[u8], hash: u64) -> Option<&Block> {
+        self.block_hashed(key, hash)
+    }
+
+    /// Entries held in one shard.
+    pub fn shard_len(&self, shard: usize) -> usize {
+        self.shards[shard].len()
+    }
+
     fn block(&self, key: &[u8]) -> Option<&Block> {
         self.block_hashed(key, self.hash(key))
     }

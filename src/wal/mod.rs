@@ -936,11 +936,11 @@ impl Wal {
         }
     }
 
-    /// A key of `shard` is about to change: [`Wal::before_write`] for a caller
-    /// that has the key's hash already.
-    pub fn before_shard_write(&mut self, store: &Store, shard: usize) {
+    /// `key`, whose [`Store::key_hash`] is `hash`, is about to change:
+    /// [`Wal::before_write`] for a caller that has the hash already.
+    pub fn before_key_write(&mut self, store: &Store, key: &[u8], hash: u64) {
         if let Some(s) = self.snapshot.as_mut() {
-            s.copy.before_shard_write(store, shard);
+            s.copy.before_key_write(store, key, hash);
         }
     }
 
