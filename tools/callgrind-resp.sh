@@ -29,6 +29,14 @@ done
 # shellcheck source=tools/bench-lib.sh
 source tools/bench-lib.sh
 
+# Wait until a RESP server answers PING on port $1 (valgrind starts slowly).
+wait_ping() {
+    for _ in $(seq 300); do
+        redis-cli -p "$1" ping >/dev/null 2>&1 && return
+        sleep 0.2
+    done
+}
+
 bench() {
     redis-benchmark -p "$1" -t "$2" -c 50 -n "$3" -P "$4" -r 100000 -d 100 -q >/dev/null 2>&1
 }
@@ -52,10 +60,7 @@ server_cost() {
     fi
     pid=$!
     pids+=("$pid")
-    for _ in $(seq 300); do
-        redis-cli -p "$port" ping >/dev/null 2>&1 && break
-        sleep 0.2
-    done
+    wait_ping "$port"
     bench "$port" set 200000 16
     callgrind_control -z "$pid" >/dev/null 2>&1
     bench "$port" "$test" "$requests" "$pipeline"
@@ -72,10 +77,7 @@ client_cost() {
     target/release/dkvs-server -p "$port" -l error -d "$work/client-$test" --fsync never >/dev/null 2>&1 &
     pid=$!
     pids+=("$pid")
-    for _ in $(seq 100); do
-        redis-cli -p "$port" ping >/dev/null 2>&1 && break
-        sleep 0.1
-    done
+    wait_ping "$port"
     bench "$port" set 200000 16
     valgrind --tool=callgrind --callgrind-out-file="$work/client-$test.cg" \
         redis-benchmark -p "$port" -t "$test" -c 50 -n "$requests" -P "$pipeline" -r 100000 -d 100 -q >/dev/null 2>&1
