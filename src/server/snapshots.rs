@@ -150,8 +150,7 @@ fn give_back(buffer: &mut Vec<u8>) {
 fn release_pages(buffer: &mut Vec<u8>) {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: sysconf has no precondition.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(0);
+        let page = page_size();
         let start = buffer.as_mut_ptr() as usize;
         let end = start + buffer.capacity();
         if page.is_power_of_two() {
@@ -174,6 +173,13 @@ fn release_pages(buffer: &mut Vec<u8>) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = buffer;
+}
+
+/// The system's page size, or 0 if it cannot tell (then nothing is released).
+#[cfg(target_os = "linux")]
+fn page_size() -> usize {
+    // SAFETY: sysconf has no precondition.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(0)
 }
 
 /// What a snapshot keeps of one shard, so that it can send it as of `at_seq`.
@@ -937,9 +943,9 @@ mod tests {
     fn a_released_buffer_gives_its_whole_pages_back() {
         let mut buffer = vec![7u8; 1 << 20];
         release_pages(&mut buffer);
-        if cfg!(target_os = "linux") {
-            // SAFETY: sysconf has no precondition.
-            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        #[cfg(target_os = "linux")]
+        {
+            let page = page_size();
             let start = buffer.as_ptr() as usize;
             let first = start.next_multiple_of(page) - start;
             let last = (start + buffer.len()) / page * page - start;

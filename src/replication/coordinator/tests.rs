@@ -1655,7 +1655,13 @@ fn a_lost_slave_fences_releases_too_and_a_restarted_master_waits_out_old_leases(
         at_ms: 70
     }));
     // A master restarted from its log may have granted leases in its last life.
-    let mut r = Coordinator::recover(config(), 500, 9, CommitLog::new(4, 9));
+    recovered_master_releases_only_after_the_fence(9, CommitLog::new(4, 9));
+}
+
+/// Recovers a master at 500 ms (fence 100 ms) after `last_seq`, and checks
+/// that its first commit is held until the fence fires at 600.
+fn recovered_master_releases_only_after_the_fence(last_seq: u64, log: CommitLog) {
+    let mut r = Coordinator::recover(config(), 500, last_seq, log);
     assert!(drain(&mut r).contains(&Action::SetTimer {
         timer: TimerId::ReadFence,
         at_ms: 600
@@ -1669,28 +1675,14 @@ fn a_lost_slave_fences_releases_too_and_a_restarted_master_waits_out_old_leases(
             timer: TimerId::ReadFence,
         },
     );
-    assert_eq!(applied_seqs(&drain(&mut r)), vec![10]);
+    assert_eq!(applied_seqs(&drain(&mut r)), vec![last_seq + 1]);
 }
 
 #[test]
 fn a_master_restarted_before_its_first_commit_still_waits_out_old_leases() {
     // An idle master's heartbeats grant leases at seq 0: a restart with
     // nothing committed must fence reads as well (simulation seed 11648).
-    let mut r = Coordinator::recover(config(), 500, 0, CommitLog::new(4, 0));
-    assert!(drain(&mut r).contains(&Action::SetTimer {
-        timer: TimerId::ReadFence,
-        at_ms: 600
-    }));
-    r.handle(510, writes(1, &["a"]));
-    r.handle(511, Event::Persisted { lsn: 1 });
-    assert!(applied_seqs(&drain(&mut r)).is_empty());
-    r.handle(
-        600,
-        Event::TimerFired {
-            timer: TimerId::ReadFence,
-        },
-    );
-    assert_eq!(applied_seqs(&drain(&mut r)), vec![1]);
+    recovered_master_releases_only_after_the_fence(0, CommitLog::new(4, 0));
     // A new history has no earlier life: nothing to wait for.
     let mut n = Coordinator::new(config(), 500);
     assert!(!drain(&mut n).iter().any(|a| matches!(
@@ -1732,6 +1724,23 @@ fn lag_config() -> CoordinatorConfig {
         max_probation_ms: 1_000,
         ..config()
     }
+}
+
+/// Round `round` at `t`: transaction `round + 1` (client 10 + 10 × round)
+/// waits 50 ms on slave link `link` after slave 2 voted, and that lagging
+/// link is evicted and closed before the transaction is durable.
+fn lag_out(c: &mut Coordinator, t: u64, round: u64, link: u64) {
+    let seq = round + 1;
+    c.handle(t, writes(10 + round * 10, &["a"]));
+    c.handle(t + 1, yes(2, seq));
+    c.handle(
+        t + 51,
+        Event::TimerFired {
+            timer: TimerId::Txn(seq),
+        },
+    );
+    c.handle(t + 52, Event::PeerLost { peer: PeerId(link) });
+    c.handle(t + 53, Event::Persisted { lsn: seq });
 }
 
 /// Slave `as_peer` registering again on link `peer` (the same address).
@@ -1839,16 +1848,7 @@ fn a_second_lag_eviction_doubles_the_probation() {
     for (round, link) in [(0u64, 1u64), (1, 3)] {
         let t = round * 1_000;
         let seq = round + 1;
-        c.handle(t, writes(10 + round * 10, &["a"]));
-        c.handle(t + 1, yes(2, seq));
-        c.handle(
-            t + 51,
-            Event::TimerFired {
-                timer: TimerId::Txn(seq),
-            },
-        );
-        c.handle(t + 52, Event::PeerLost { peer: PeerId(link) });
-        c.handle(t + 53, Event::Persisted { lsn: seq });
+        lag_out(&mut c, t, round, link);
         c.handle(t + 60, reregister(link + 2, 1));
         c.handle(t + 60, msg(link + 2, PeerMessage::CaughtUp { seq }));
         drain(&mut c);
@@ -1893,16 +1893,7 @@ fn a_slave_back_after_its_probation_would_have_ended_rejoins_in_sync_and_is_forg
     for (round, link) in [(0u64, 1u64), (1, 3)] {
         let t = round * 5_000;
         let seq = round + 1;
-        c.handle(t, writes(10 + round * 10, &["a"]));
-        c.handle(t + 1, yes(2, seq));
-        c.handle(
-            t + 51,
-            Event::TimerFired {
-                timer: TimerId::Txn(seq),
-            },
-        );
-        c.handle(t + 52, Event::PeerLost { peer: PeerId(link) });
-        c.handle(t + 53, Event::Persisted { lsn: seq });
+        lag_out(&mut c, t, round, link);
         // Cut off for 2 s, longer than the 400 ms probation: back in sync at once.
         c.handle(t + 2_051, reregister(link + 2, 1));
         c.handle(t + 2_051, msg(link + 2, PeerMessage::CaughtUp { seq }));
@@ -2068,16 +2059,7 @@ fn a_slave_away_longer_than_a_first_probation_skips_an_escalated_one() {
     for (round, link) in [(0u64, 1u64), (1, 3)] {
         let t = round * 1_000;
         let seq = round + 1;
-        c.handle(t, writes(10 + round * 10, &["a"]));
-        c.handle(t + 1, yes(2, seq));
-        c.handle(
-            t + 51,
-            Event::TimerFired {
-                timer: TimerId::Txn(seq),
-            },
-        );
-        c.handle(t + 52, Event::PeerLost { peer: PeerId(link) });
-        c.handle(t + 53, Event::Persisted { lsn: seq });
+        lag_out(&mut c, t, round, link);
         c.handle(t + 60, reregister(link + 2, 1));
         c.handle(t + 60, msg(link + 2, PeerMessage::CaughtUp { seq }));
         c.handle(

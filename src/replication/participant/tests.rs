@@ -646,10 +646,10 @@ fn registers_with_the_history_of_the_master_it_last_caught_up_from() {
     );
 }
 
-#[test]
-fn a_snapshot_from_a_master_of_another_history_adopts_its_id_once_installed() {
+/// A slave at seq 7 of history H, re-registered with `new_master` (history H2),
+/// told to take a snapshot at 3 and given its first, not last, chunk.
+fn amid_a_snapshot_of_another_history(new_master: PeerId) -> Participant {
     let mut p = following(7);
-    let new_master = PeerId(6);
     assert!(matches!(
         reregister(&mut p, 1, new_master),
         PeerMessage::Register {
@@ -658,27 +658,34 @@ fn a_snapshot_from_a_master_of_another_history_adopts_its_id_once_installed() {
             ..
         }
     ));
-    let on_new = |msg| Event::Message {
-        peer: new_master,
-        msg,
-    };
-    p.handle(
-        20_000,
-        on_new(PeerMessage::Registered {
+    for msg in [
+        PeerMessage::Registered {
             master_seq: 3,
             history_id: H2,
             catch_up: CatchUp::Snapshot { at_seq: 3 },
             epoch: 0,
-        }),
-    );
-    p.handle(
-        20_000,
-        on_new(PeerMessage::SnapshotChunk {
+        },
+        PeerMessage::SnapshotChunk {
             snapshot_seq: 3,
             entries: Vec::new(),
             last: false,
-        }),
-    );
+        },
+    ] {
+        p.handle(
+            20_000,
+            Event::Message {
+                peer: new_master,
+                msg,
+            },
+        );
+    }
+    p
+}
+
+#[test]
+fn a_snapshot_from_a_master_of_another_history_adopts_its_id_once_installed() {
+    let new_master = PeerId(6);
+    let mut p = amid_a_snapshot_of_another_history(new_master);
     assert_eq!(
         (p.position(), p.history_id()),
         (7, H),
@@ -686,34 +693,19 @@ fn a_snapshot_from_a_master_of_another_history_adopts_its_id_once_installed() {
     );
     p.handle(
         20_000,
-        on_new(PeerMessage::SnapshotChunk {
-            snapshot_seq: 3,
-            entries: Vec::new(),
-            last: true,
-        }),
+        Event::Message {
+            peer: new_master,
+            msg: PeerMessage::SnapshotChunk {
+                snapshot_seq: 3,
+                entries: Vec::new(),
+                last: true,
+            },
+        },
     );
     assert_eq!((p.position(), p.history_id()), (3, H2));
     assert_eq!(p.protocol_violations(), 0);
     // A link lost before the snapshot completes leaves the old history in place.
-    let mut p = following(7);
-    reregister(&mut p, 1, new_master);
-    p.handle(
-        20_000,
-        on_new(PeerMessage::Registered {
-            master_seq: 3,
-            history_id: H2,
-            catch_up: CatchUp::Snapshot { at_seq: 3 },
-            epoch: 0,
-        }),
-    );
-    p.handle(
-        20_000,
-        on_new(PeerMessage::SnapshotChunk {
-            snapshot_seq: 3,
-            entries: Vec::new(),
-            last: false,
-        }),
-    );
+    let mut p = amid_a_snapshot_of_another_history(new_master);
     p.handle(20_001, Event::PeerLost { peer: new_master });
     assert_eq!((p.position(), p.history_id()), (7, H));
 }
