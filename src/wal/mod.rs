@@ -44,7 +44,7 @@ use crate::replication::Record;
 use crate::store::Store;
 use crate::store::snapshot::ShardCopy;
 
-use record::{encode_record, record_seq};
+use record::{SEGMENT_END_BYTES, encode_record, encode_segment_end, record_seq};
 use replay::{Replay, Step};
 use segment::{SEGMENT_BYTES, Tail, parse_segment_name, scan, segment_header, segment_name};
 use snapshot::{SnapshotHeader, parse_snapshot_name, snapshot_name};
@@ -616,10 +616,11 @@ impl Wal {
         let Some(s) = self.segments.last() else {
             return false;
         };
+        // Room is kept for the marker that closes the segment.
         self.next.is_some()
             && (self.active_capacity == 0
                 || (s.bytes > segment::SEGMENT_HEADER_BYTES as u64
-                    && s.bytes + added > self.active_capacity))
+                    && s.bytes + added + SEGMENT_END_BYTES as u64 > self.active_capacity))
     }
 
     /// Start preallocating the next segment once the active one is half full
@@ -676,15 +677,33 @@ impl Wal {
             return;
         }
         let id = self.active_id() + 1;
-        // Cut the preallocated zeros off first, here and not on the sync
-        // thread: recovery reads zeros in a segment that is not the newest as
-        // a torn tail and discards what follows, so the cut must precede the
-        // next segment's name even if the process dies right after (a crash
-        // of the process, not the machine, loses nothing under every policy).
-        // The sync thread fsyncs the cut before it covers any record after it.
-        if self.active_capacity > self.active_len
+        // Close the segment with its end marker first: recovery reads zeros
+        // in a segment that is not the newest as a torn tail and discards what
+        // follows, unless a marker says they are unused space. The marker must
+        // precede the next segment's name even if the process dies right
+        // after (a crash of the process, not the machine, loses nothing under
+        // every policy), and the sync thread fsyncs it before it covers any
+        // record after it. A marker is a write into the page cache; cutting
+        // the zeros off instead (ftruncate) held the reactor 0.3–12 ms while
+        // the sync thread's fsync of the same file ran.
+        if self.active_capacity >= self.active_len + SEGMENT_END_BYTES as u64 {
+            let mut marker = Vec::with_capacity(SEGMENT_END_BYTES);
+            encode_segment_end(&mut marker, id - 1);
+            if let Err(e) = self.active.write_all_at(&marker, self.active_len) {
+                let path = self.segment_path(id - 1);
+                self.fail(format!("cannot write {}: {e}", path.display()));
+                return;
+            }
+            self.active_len += marker.len() as u64;
+            if let Some(s) = self.segments.last_mut() {
+                s.bytes += marker.len() as u64;
+            }
+        } else if self.active_capacity > self.active_len
             && let Err(e) = self.active.set_len(self.active_len)
         {
+            // Fewer zeros left than a marker needs: not after a rotation
+            // (which keeps room for it), only if a segment without a prepared
+            // successor filled up to its last bytes. Cut them.
             let path = self.segment_path(id - 1);
             self.fail(format!("cannot truncate {}: {e}", path.display()));
             return;
@@ -1200,6 +1219,8 @@ fn recover(dir: &Path, repair: bool) -> Result<(Replay, Vec<Segment>, RecoveryRe
         report.segments += 1;
         match scanned.tail {
             Tail::Clean => {}
+            // Closed by rotation; the zeros after the marker are unused space.
+            Tail::Closed { offset } => valid_end = offset,
             Tail::Zeros { offset } if Some(id) == newest => {
                 // The unused preallocated space of the segment written last:
                 // cut, so that it reads as a finished segment once the next

@@ -4,9 +4,12 @@
 //! length u32 BE   bytes of type + payload (1 ..= MAX_RECORD_BYTES)
 //! crc32c u32 BE   CRC32C (Castagnoli) of type + payload
 //! type   u8       1 commit decision, 2 abort decision, 3 prepared, 4 committed,
-//!                 5 committed txn, 6 checkpoint, 7 history
+//!                 5 committed txn, 6 checkpoint, 7 history, 8 segment end
 //! payload         seq u64 BE, then the writes (the peer protocol's encoding) or a history id
 //! ```
+//!
+//! A segment end (the segment's id in the seq field) is not a replication
+//! record: [`decode_segment_end`] reads it, [`decode_record`] refuses it.
 
 use std::fmt;
 
@@ -28,6 +31,10 @@ const COMMITTED: u8 = 4;
 const COMMITTED_TXN: u8 = 5;
 const CHECKPOINT: u8 = 6;
 const HISTORY: u8 = 7;
+const SEGMENT_END: u8 = 8;
+
+/// Bytes of a segment-end marker: header, type and the segment id.
+pub const SEGMENT_END_BYTES: usize = RECORD_HEADER_BYTES + 1 + 8;
 
 /// Why bytes in a log are not a record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +110,26 @@ pub fn encode_record(out: &mut Vec<u8>, record: &Record) {
     let crc = crc32c::crc32c(body);
     BigEndian::write_u32(&mut out[start..start + 4], len);
     BigEndian::write_u32(&mut out[start + 4..start + 8], crc);
+}
+
+/// Append the marker that closes segment `id`: what follows it is unused space.
+pub fn encode_segment_end(out: &mut Vec<u8>, id: u64) {
+    let mut body = [0u8; 9];
+    body[0] = SEGMENT_END;
+    body[1..].copy_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
+    out.extend_from_slice(&body);
+}
+
+/// The segment id of a valid segment-end marker at the start of `bytes`, if one is there.
+pub fn decode_segment_end(bytes: &[u8]) -> Option<u64> {
+    let frame = bytes.get(..SEGMENT_END_BYTES)?;
+    let body = &frame[RECORD_HEADER_BYTES..];
+    let well_formed = BigEndian::read_u32(&frame[0..4]) == 9
+        && body[0] == SEGMENT_END
+        && BigEndian::read_u32(&frame[4..8]) == crc32c::crc32c(body);
+    well_formed.then(|| BigEndian::read_u64(&body[1..]))
 }
 
 /// Decode the record at the start of `bytes`: the record and the bytes it took.
@@ -276,6 +303,30 @@ mod tests {
         assert_eq!(decode_record(&bytes), Err(RecordError::BadLength(u32::MAX)));
         bytes[..4].copy_from_slice(&0u32.to_be_bytes());
         assert_eq!(decode_record(&bytes), Err(RecordError::BadLength(0)));
+    }
+
+    #[test]
+    fn a_segment_end_round_trips_and_is_no_replication_record() {
+        let mut bytes = Vec::new();
+        encode_segment_end(&mut bytes, 0x2a);
+        assert_eq!(bytes.len(), SEGMENT_END_BYTES);
+        assert_eq!(decode_segment_end(&bytes), Some(0x2a));
+        assert_eq!(decode_record(&bytes), Err(RecordError::UnknownType(8)));
+        for cut in 0..bytes.len() {
+            assert_eq!(decode_segment_end(&bytes[..cut]), None, "cut at {cut}");
+        }
+        for bit in 0..bytes.len() * 8 {
+            let mut flipped = bytes.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert_eq!(decode_segment_end(&flipped), None, "bit {bit}");
+        }
+        let mut record = Vec::new();
+        encode_record(&mut record, &Record::AbortDecision { seq: 0x2a });
+        assert_eq!(
+            decode_segment_end(&record),
+            None,
+            "a record of another type"
+        );
     }
 
     #[test]

@@ -9,16 +9,19 @@
 //! before it is used, and records overwrite the zeros: an fdatasync after an
 //! overwrite does not have to commit a new file size (a journal commit), which
 //! an append needs every time. A segment is rotated out before a record would
-//! go past its end, and cut to the bytes written when it is. The zeros after
-//! the last record are the clean end of the newest segment; no record starts
-//! with them, since every record's length is at least 1.
+//! go past its end, and closed by a segment-end marker after its last record
+//! when zeros remain. The zeros after the last record are the clean end of the
+//! newest segment, or of any segment after its marker; no record starts with
+//! them, since every record's length is at least 1.
 //!
 //! Scanning tells a torn tail (a write the crash cut short, which was never
 //! reported durable) from corruption in the middle of the log (a record that
 //! was complete and has been damaged since): only the first is repaired on
 //! its own.
 
-use super::record::{RECORD_HEADER_BYTES, RecordError, decode_record};
+use super::record::{
+    RECORD_HEADER_BYTES, RecordError, SEGMENT_END_BYTES, decode_record, decode_segment_end,
+};
 use crate::replication::Record;
 
 /// The first bytes of every segment.
@@ -28,7 +31,7 @@ pub const SEGMENT_HEADER_BYTES: usize = 16;
 /// Size a segment is preallocated to. 8 MiB of zeros take tens of
 /// milliseconds to write and sync on the helper thread, and at 50 writers
 /// (about 5 MB/s of log) a segment lasts a second or two, so a rotation (a
-/// rename, a truncate and one more fsync) is rare.
+/// rename, a marker and one more fsync) is rare.
 pub const SEGMENT_BYTES: u64 = 8 << 20;
 
 /// The file name of segment `id`.
@@ -58,11 +61,17 @@ pub fn segment_header(id: u64) -> [u8; SEGMENT_HEADER_BYTES] {
 pub enum Tail {
     /// Every byte is part of a valid record.
     Clean,
+    /// The segment-end marker ends at `offset` and only zeros follow it: a
+    /// segment rotation closed, its unused preallocated space after the marker.
+    Closed {
+        /// Where the marker ends.
+        offset: usize,
+    },
     /// Every byte from `offset` on is zero: the unused preallocated space of
     /// the segment being written when the server stopped, or a write the
     /// crash lost before any of its bytes reached the disk. The clean end of
-    /// the newest segment; in an older one (which rotation cut to its
-    /// records) a torn tail.
+    /// the newest segment; in an older one (which rotation closed with a
+    /// marker or cut to its records) a torn tail.
     Zeros {
         /// Where the valid records end.
         offset: usize,
@@ -116,6 +125,19 @@ pub fn scan(bytes: &[u8], id: u64) -> Scanned {
     let mut records = Vec::new();
     let mut at = SEGMENT_HEADER_BYTES;
     while at < bytes.len() {
+        if decode_segment_end(&bytes[at..]) == Some(id) {
+            let end = at + SEGMENT_END_BYTES;
+            let tail = if bytes[end..].iter().all(|&b| b == 0) {
+                Tail::Closed { offset: end }
+            } else {
+                // Nothing is ever written after a segment's marker.
+                Tail::Corrupt {
+                    offset: end,
+                    why: "bytes after the segment's end marker".into(),
+                }
+            };
+            return Scanned { records, tail };
+        }
         match decode_record(&bytes[at..]) {
             Ok((record, used)) => {
                 at += used;
@@ -227,8 +249,44 @@ mod tests {
     fn s_why(tail: &Tail) -> String {
         match tail {
             Tail::Torn { why, .. } | Tail::Corrupt { why, .. } => why.clone(),
-            Tail::Clean | Tail::Zeros { .. } => String::new(),
+            Tail::Clean | Tail::Closed { .. } | Tail::Zeros { .. } => String::new(),
         }
+    }
+
+    #[test]
+    fn a_marker_closes_a_segment_and_only_zeros_may_follow_it() {
+        let (mut bytes, ends) = segment(&records());
+        crate::wal::record::encode_segment_end(&mut bytes, 3);
+        let closed_at = bytes.len();
+        assert_eq!(closed_at, ends[3] + SEGMENT_END_BYTES);
+        assert_eq!(scan(&bytes, 3).tail, Tail::Closed { offset: closed_at });
+        bytes.resize(64 << 10, 0);
+        let s = scan(&bytes, 3);
+        assert_eq!(s.records.len(), 4);
+        assert_eq!(s.tail, Tail::Closed { offset: closed_at });
+        // Another segment's marker (a copied file) closes nothing.
+        let mut foreign = segment(&records()).0;
+        crate::wal::record::encode_segment_end(&mut foreign, 4);
+        assert!(
+            matches!(scan(&foreign, 3).tail, Tail::Torn { offset, .. } if offset == ends[3]),
+            "{:?}",
+            scan(&foreign, 3).tail
+        );
+        // Bytes after the marker were never written by the log.
+        bytes[closed_at + 100] = 1;
+        assert!(matches!(
+            scan(&bytes, 3).tail,
+            Tail::Corrupt { offset, .. } if offset == closed_at
+        ));
+        // A marker cut short (its write torn) is a torn tail like any record.
+        let (mut torn, _) = segment(&records());
+        crate::wal::record::encode_segment_end(&mut torn, 3);
+        torn.truncate(closed_at - 5);
+        torn.resize(64 << 10, 0);
+        assert!(matches!(
+            scan(&torn, 3).tail,
+            Tail::Torn { offset, .. } if offset == ends[3]
+        ));
     }
 
     #[test]

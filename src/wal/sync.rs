@@ -347,9 +347,9 @@ fn sync_loop(requests: &Receiver<SyncRequest>, done: &Sender<Done>, waker: &Wake
 }
 
 fn sync_files(request: &SyncRequest) -> Result<(), String> {
-    // A rotated segment was cut to its records (see `Wal::rotate`): fsync, so
-    // its new length is durable before any record of the next segment is
-    // reported durable.
+    // A rotated segment was closed by its end marker, or cut to its records
+    // (see `Wal::rotate`): fsync, so that is durable before any record of the
+    // next segment is reported durable.
     for file in &request.rotated {
         if let Some(e) = fault::inject(Point::Fsync) {
             return Err(format!("fsync of the log failed: {e}"));

@@ -266,17 +266,36 @@ fn a_crash_in_the_middle_of_a_preallocated_segment_loses_nothing_and_leaves_no_s
     assert!(side_files(dir.path(), ".torn-").is_empty());
 }
 
+/// Segment `id` at `path` keeps its preallocated size, its records end at
+/// `written`, and its end marker follows them, then zeros only.
+fn assert_closed(path: &Path, written: u64, id: u64) {
+    assert_eq!(
+        file_len(path),
+        SEGMENT_BYTES,
+        "not cut: closed by its marker"
+    );
+    let bytes = std::fs::read(path).expect("read segment");
+    let at = usize::try_from(written).expect("offset");
+    assert_eq!(record::decode_segment_end(&bytes[at..]), Some(id));
+    assert!(
+        bytes[at + record::SEGMENT_END_BYTES..]
+            .iter()
+            .all(|&b| b == 0)
+    );
+}
+
 #[test]
-fn rotation_cuts_the_segment_to_its_records_and_uses_the_prepared_one() {
+fn rotation_closes_the_segment_with_a_marker_and_uses_the_prepared_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut h, _) = open(dir.path(), FsyncPolicy::Always, 1 << 30);
     h.wal.start_history(1).expect("history");
     h.commit(1, put("a", "1"));
-    let old = h.wal.segment_path(h.wal.active_id());
+    let old_id = h.wal.active_id();
+    let old = h.wal.segment_path(old_id);
     let written = h.wal.active_len;
     // Nothing prepared: the new segment grows as it is written.
     h.wal.rotate();
-    assert_eq!(file_len(&old), written);
+    assert_closed(&old, written, old_id);
     assert_eq!(h.wal.active_capacity, 0);
     h.commit(2, put("b", "2"));
     h.wait_prepared();
@@ -286,11 +305,12 @@ fn rotation_cuts_the_segment_to_its_records_and_uses_the_prepared_one() {
     let prepared = h.wal.segment_path(h.wal.active_id());
     assert_eq!(file_len(&prepared), SEGMENT_BYTES);
     assert!(!prepared_path(dir.path(), h.wal.active_id()).exists());
-    // A snapshot's rotation into a prepared segment cuts the preallocated one.
+    // A snapshot's rotation into a prepared segment closes the preallocated one.
     h.prepare_now();
     let written = h.wal.active_len;
+    let prepared_id = h.wal.active_id();
     h.wal.rotate();
-    assert_eq!(file_len(&prepared), written);
+    assert_closed(&prepared, written, prepared_id);
     assert_eq!(h.wal.active_capacity, SEGMENT_BYTES);
     h.commit(4, put("d", "4"));
     drop(h);
