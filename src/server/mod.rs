@@ -254,7 +254,9 @@ struct ForwardLink {
     connecting: bool,
 }
 
-/// The replication state machine this server runs.
+/// The replication state machine this server runs: the one source of truth
+/// for this server's role. The request handler sees it as a [`Mode`] derived
+/// by [`Role::mode`]; [`Server::set_role`] changes both.
 enum Role {
     /// Coordinates every write.
     Master(Box<Coordinator>),
@@ -264,12 +266,27 @@ enum Role {
     Slave {
         participant: Box<Participant>,
         master_addr: SocketAddr,
+        /// The master's client address as given (`-m host:port`) or as etcd
+        /// records the leader: what INFO, ROLE and STATS show, and where
+        /// clients are redirected.
+        master: String,
         /// A snapshot being installed; swapped in whole when its last chunk arrives.
         staging: Option<Store>,
     },
 }
 
 impl Role {
+    /// The request handler's view of this role ([`Core::mode`]).
+    fn mode(&self) -> Mode {
+        match self {
+            Role::Master(_) => Mode::Master,
+            Role::Standby(_) => Mode::Slave { master: None },
+            Role::Slave { master, .. } => Mode::Slave {
+                master: Some(master.clone()),
+            },
+        }
+    }
+
     fn handle(&mut self, now_ms: u64, event: Event) {
         match self {
             Role::Master(c) => c.handle(now_ms, event),
@@ -310,7 +327,7 @@ impl Role {
     }
 
     /// The replication lines of STATS.
-    fn describe(&self, master_text: &str, now_ms: u64) -> String {
+    fn describe(&self, now_ms: u64) -> String {
         let mut text = String::new();
         match self {
             Role::Master(c) => {
@@ -337,7 +354,11 @@ impl Role {
                     ));
                 }
             }
-            Role::Slave { participant, .. } => {
+            Role::Slave {
+                participant,
+                master,
+                ..
+            } => {
                 let link = match participant.link() {
                     LinkState::Down => "down",
                     LinkState::Connecting => "connecting",
@@ -346,7 +367,7 @@ impl Role {
                     LinkState::Diverged(_) => "diverged",
                 };
                 text.push_str("role slave\n");
-                text.push_str(&format!("master {master_text}\n"));
+                text.push_str(&format!("master {master}\n"));
                 text.push_str(&format!("master_link {link}\n"));
                 text.push_str(&format!("applied_seq {}\n", participant.position()));
                 text.push_str(&format!("in_doubt {}\n", participant.in_doubt()));
@@ -397,6 +418,7 @@ pub struct Server {
     links: Slab<Link>,
     core: Core,
     addr: SocketAddr,
+    /// Changed only by [`Server::set_role`], which keeps `core.mode` in step.
     role: Role,
     timers: Timers,
     clock: Instant,
@@ -584,7 +606,7 @@ impl Server {
             ..CoordinatorConfig::default()
         };
         let announce = Announce::new(config, addr);
-        let (role, mode) = match &config.master {
+        let role = match &config.master {
             _ if config.failover.is_some() => {
                 // The election decides: lead, or follow whom etcd names.
                 let standby = Standby {
@@ -594,10 +616,7 @@ impl Server {
                     floor: replay.floor,
                     seen: replay.max_seq,
                 };
-                let mode = Mode::Slave {
-                    master: String::new(),
-                };
-                (Role::Standby(Box::new(standby)), mode)
+                Role::Standby(Box::new(standby))
             }
             None => {
                 // A master continues the history its data belongs to; an empty
@@ -628,7 +647,7 @@ impl Server {
                     let decided = replay.seq.max(replay.max_seq);
                     Coordinator::recover(coordinator_config, 0, decided, log)
                 };
-                (Role::Master(Box::new(coordinator)), Mode::Master)
+                Role::Master(Box::new(coordinator))
             }
             Some((host, port)) => {
                 let master_addr = resolve(host, *port)?;
@@ -645,15 +664,15 @@ impl Server {
                     replay.seq,
                     replay.history_id,
                 );
-                let role = Role::Slave {
+                Role::Slave {
                     participant: Box::new(participant),
                     master_addr,
+                    master: format!("{host}:{port}"),
                     staging: None,
-                };
-                let master = format!("{host}:{port}");
-                (role, Mode::Slave { master })
+                }
             }
         };
+        let mode = role.mode();
         let mut core = Core::recovered(config.max_value_bytes, mode, replay.store, replay.seq);
         core.stats.input_budget = Rc::new(InputBudget::new(config.partial_frame_budget_bytes));
         let timeouts = Timeouts {
@@ -764,16 +783,28 @@ impl Server {
                 self.addr
             );
         }
-        match &self.core.mode {
-            Mode::Master => format!(
+        match &self.role {
+            Role::Master(_) => format!(
                 "dkvs-server ready: master serving {transports} on {}",
                 self.addr
             ),
-            Mode::Slave { master } => format!(
+            Role::Slave { master, .. } => format!(
                 "dkvs-server ready: slave of {master} serving {transports} on {}",
                 self.addr
             ),
+            // Only failover makes a standby, answered above.
+            Role::Standby(_) => format!(
+                "dkvs-server ready: standby serving {transports} on {}",
+                self.addr
+            ),
         }
+    }
+
+    /// Change this server's role, and with it the request handler's view of
+    /// it ([`Core::mode`]): the one place either is set after [`Server::bind`].
+    fn set_role(&mut self, role: Role) {
+        self.core.mode = role.mode();
+        self.role = role;
     }
 
     /// Largest payload accepted on a replication link, by direction (checked
@@ -1391,6 +1422,11 @@ impl Server {
         self.give_back_snapshot_memory();
         self.forget_led_epoch_once_following();
         self.core.read_gate = self.read_gate();
+        debug_assert_eq!(
+            self.core.mode,
+            self.role.mode(),
+            "the role changes only through set_role"
+        );
         let alone = matches!(&self.role, Role::Master(c) if c.members().in_sync_count() == 0);
         self.wal.set_group_window(alone);
         if self.wal.snapshot_due() {
@@ -1404,12 +1440,8 @@ impl Server {
         if self.replication_changed {
             self.replication_changed = false;
             self.core.stats.wal = self.wal.stats();
-            let master = match &self.core.mode {
-                Mode::Master => String::new(),
-                Mode::Slave { master } => master.clone(),
-            };
             let now = self.now_ms();
-            self.core.stats.replication = self.role.describe(&master, now);
+            self.core.stats.replication = self.role.describe(now);
             if let Some(f) = &self.failover {
                 let now = self.now_ms();
                 self.core.stats.replication.push_str(&f.describe(now));
@@ -2027,5 +2059,30 @@ fn bind_sockets(
             }
             Err(e) => return Err(bind_err("UDP", bound, e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handler_sees_the_role_it_is_derived_from() {
+        let master = Role::Master(Box::new(Coordinator::new(CoordinatorConfig::default(), 0)));
+        assert_eq!(master.mode(), Mode::Master);
+        let standby = Role::Standby(Box::new(failover::empty_standby()));
+        assert_eq!(standby.mode(), Mode::Slave { master: None });
+        let slave = Role::Slave {
+            participant: Box::new(Participant::recover(ParticipantConfig::default(), 0, 0)),
+            master_addr: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            master: "m:7000".into(),
+            staging: None,
+        };
+        assert_eq!(
+            slave.mode(),
+            Mode::Slave {
+                master: Some("m:7000".into())
+            }
+        );
     }
 }
