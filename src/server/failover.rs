@@ -11,7 +11,7 @@ use std::time::Duration;
 use log::{error, info, warn};
 use mio::Waker;
 
-use super::handler::{Mode, ReplyTarget};
+use super::handler::ReplyTarget;
 use super::{Role, Server};
 use crate::failover::agent::Agent;
 use crate::failover::{self, Election, ElectionConfig, LeaderRecord};
@@ -297,8 +297,7 @@ impl Server {
             "leading epoch {epoch} at seq {} of history {history_id:#018x} ({committed} in-doubt transactions committed)",
             self.core.commit_seq
         );
-        self.role = Role::Master(Box::new(coordinator));
-        self.core.mode = Mode::Master;
+        self.set_role(Role::Master(Box::new(coordinator)));
         if let Some(f) = self.failover.as_mut() {
             f.epoch = epoch;
             f.led_epoch = Some(epoch);
@@ -396,14 +395,12 @@ impl Server {
         // picks to hold them (an acknowledged write among them must survive).
         participant.keep_in_doubt(in_doubt);
         info!("following {} in epoch {}", leader.addr, leader.epoch);
-        self.role = Role::Slave {
+        self.set_role(Role::Slave {
             participant: Box::new(participant),
             master_addr,
-            staging: None,
-        };
-        self.core.mode = Mode::Slave {
             master: leader.addr.clone(),
-        };
+            staging: None,
+        });
         self.core.read_refusal = None;
         if let Some(f) = self.failover.as_mut() {
             f.epoch = leader.epoch;
@@ -437,16 +434,13 @@ impl Server {
             .collect();
         self.close_writers(targets);
         self.drop_all_peers();
-        self.role = Role::Standby(Box::new(Standby {
+        self.set_role(Role::Standby(Box::new(Standby {
             history_id,
             prepared: decided,
             commits: Vec::new(),
             floor: self.core.commit_seq,
             seen,
-        }));
-        self.core.mode = Mode::Slave {
-            master: String::new(),
-        };
+        })));
         if let Some(f) = self.failover.as_mut() {
             f.leader = None;
         }
@@ -481,7 +475,8 @@ impl Server {
     }
 }
 
-fn empty_standby() -> Standby {
+/// A standby holding nothing: what `lead` leaves in the role it moves out.
+pub(super) fn empty_standby() -> Standby {
     Standby {
         history_id: 0,
         prepared: BTreeMap::new(),

@@ -13,7 +13,6 @@ use mio::net::TcpStream;
 use crate::protocol::resp_reply::reply_len;
 
 use super::forward::{CONNECT_TIMEOUT_MS, REPLY_TIMEOUT_MS};
-use super::handler::Mode;
 use super::stream::{Filled, Framed};
 use super::{ForwardLink, Link, MAX_VALUE_BYTES_LIMIT, Role, Server, register_link};
 
@@ -38,11 +37,13 @@ impl Server {
             return;
         }
         let now = Instant::now();
-        let target = match (&self.role, &self.core.mode) {
-            (Role::Slave { master_addr, .. }, Mode::Slave { master }) if !master.is_empty() => {
-                Some((*master_addr, master))
-            }
-            _ => None,
+        let target = match &self.role {
+            Role::Slave {
+                master_addr,
+                master,
+                ..
+            } => Some((*master_addr, master)),
+            Role::Master(_) | Role::Standby(_) => None,
         };
         self.core
             .forward

@@ -260,15 +260,24 @@ impl ReadGate {
     }
 }
 
-/// This server's place in replication.
+/// What a request needs to know of this server's place in replication:
+/// whether it takes writes, and where a slave sends the clients it cannot serve.
+///
+/// The server's role (`Role` in the reactor: master, standby or slave) is the
+/// one source of truth; this is only its view for the request handler.
+/// `Role::mode` derives it, and `Server::set_role` alone stores it in
+/// [`Core::mode`], together with the role itself: a role change (a
+/// promotion, a step-down, following a new master) cannot update one and
+/// forget the other. Debug builds check every turn that the two agree.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
     /// Takes writes and coordinates them.
     Master,
-    /// Serves reads; redirects writes to the master at this `host:port`.
+    /// Serves reads; redirects writes to its master.
     Slave {
-        /// The master's client address.
-        master: String,
+        /// The master's client address (`host:port`); `None` for a standby,
+        /// which waits for the election (failover through etcd) to name one.
+        master: Option<String>,
     },
 }
 
@@ -782,7 +791,9 @@ impl Core {
         }
         self.stats.reads_refused += 1;
         match &self.mode {
-            Mode::Slave { master } if !master.is_empty() => {
+            Mode::Slave {
+                master: Some(master),
+            } => {
                 self.stats.redirects += 1;
                 encode_response(out, op, Status::Redirect, request_id, 0, master.as_bytes());
             }
@@ -797,14 +808,15 @@ impl Core {
 
     /// Answer a write this server cannot take (a slave, a standby, or a failed log); say whether it did.
     fn refuse_write(&mut self, op: u8, request_id: u32, out: &mut Vec<u8>) -> bool {
-        if let Mode::Slave { master } = &self.mode
-            && master.is_empty()
-        {
+        if let Mode::Slave { master: None } = &self.mode {
             let why = "no master is elected yet (failover through etcd in progress)";
             encode_response(out, op, Status::Unavailable, request_id, 0, why.as_bytes());
             return true;
         }
-        if let Mode::Slave { master } = &self.mode {
+        if let Mode::Slave {
+            master: Some(master),
+        } = &self.mode
+        {
             self.stats.redirects += 1;
             encode_response(out, op, Status::Redirect, request_id, 0, master.as_bytes());
             return true;
@@ -1218,7 +1230,7 @@ mod tests {
         let mut core = Core::new(
             1 << 20,
             Mode::Slave {
-                master: "m:1".into(),
+                master: Some("m:1".into()),
             },
         );
         let mut out = Vec::new();

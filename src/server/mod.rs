@@ -5,11 +5,19 @@
 //! [`Participant`] on a slave) does no I/O: the reactor feeds it events and
 //! executes the actions it returns. All client writes that arrive in one loop
 //! iteration become one transaction (group commit).
+//!
+//! Here: the configuration, the [`Server`] and its role. The rest of the
+//! reactor, by job: `bind.rs` (from a [`Config`] to bound sockets, a
+//! recovered store and a role), `reactor.rs` (the loop: poll, accept, drive
+//! links, timers, settle each turn) and `execute.rs` (the actions of the
+//! state machine carried out, their completions fed back).
 
 pub mod announce;
 pub mod auth;
+mod bind;
 mod connection;
 mod exec_view;
+mod execute;
 mod expiry;
 mod failover;
 mod forward;
@@ -18,6 +26,7 @@ mod handler;
 mod limits;
 mod multi;
 mod peer;
+mod reactor;
 mod resp;
 mod snapshots;
 mod stats;
@@ -32,34 +41,29 @@ pub use peer::MAX_SLAVE_FRAME_PAYLOAD;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, error, info, warn};
-use mio::net::{TcpListener, TcpStream, UdpSocket};
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::protocol::Status;
-use crate::protocol::peer::PeerMessage;
-use crate::protocol::peer_auth::PeerAuth;
 use crate::replication::{
-    Action, ClientRef, CommitLog, Coordinator, CoordinatorConfig, Event, LinkState, Participant,
-    ParticipantConfig, PeerId, WriteError,
+    Action, Coordinator, CoordinatorConfig, Event, LinkState, Participant, PeerId,
 };
-use crate::store::{Applied, Store};
+use crate::store::Store;
 use crate::wal::{FsyncPolicy, Wal, WalConfig, WalError};
 
-use connection::{Connection, Liveness};
+use bind::{Announce, announced};
+use connection::Connection;
 pub use failover::FailoverConfig;
 use failover::{Failover, Standby};
 pub use handler::Core;
-use handler::{Mode, ReadGate, ReplyTarget};
+use handler::Mode;
+use limits::Timeouts;
 pub use limits::UdpLimitScope;
-use limits::{InputBudget, Timeouts, Verdict};
 use peer::PeerLink;
 use snapshots::SnapshotSet;
 pub use stats::DEFAULT_INPUT_BUDGET_BYTES;
@@ -73,16 +77,6 @@ const UDP: Token = Token(1);
 const WAKER: Token = Token(2);
 /// Link tokens are slab keys shifted past the fixed tokens.
 const FIRST_LINK: usize = 3;
-/// Attempts at finding a port free for both TCP and UDP when asked for port 0.
-const PORT_ZERO_ATTEMPTS: usize = 32;
-/// Milliseconds between attempts to accept after running out of descriptors.
-const ACCEPT_RETRY_MS: u64 = 50;
-/// Bytes of snapshot copies freed, their pages given back to the system, per
-/// turn (`Server::give_back_snapshot_memory`): about 1 ms of CPU on the loaded
-/// 2-core test machine, and 130 MB (a million keys' copies) in about 30 turns.
-const RELEASE_PER_TURN: usize = 4 << 20;
-/// Replication links a master accepts (each may hold a snapshot copy and large buffers).
-const MAX_PEER_LINKS: usize = 64;
 /// A slave's dial to its master that is still unanswered after this is
 /// abandoned and reported failed, and the participant redials after its
 /// backoff. Without it a SYN dropped by a partition waits for the kernel's
@@ -90,10 +84,6 @@ const MAX_PEER_LINKS: usize = 64;
 /// heal; a fresh SYN every ~second finds a healed path at once. A TCP
 /// handshake needs one round trip: 500 ms is far beyond any LAN or region.
 const MASTER_CONNECT_TIMEOUT_MS: u64 = 500;
-/// Rounds of "submit writes, deliver replies, resume clients" per loop
-/// iteration; each round consumes client input, this only bounds the loop.
-const MAX_SETTLE_ROUNDS: usize = 1024;
-
 /// How a server is set up (the `dkvs-server` flags).
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -254,7 +244,9 @@ struct ForwardLink {
     connecting: bool,
 }
 
-/// The replication state machine this server runs.
+/// The replication state machine this server runs: the one source of truth
+/// for this server's role. The request handler sees it as a [`Mode`] derived
+/// by [`Role::mode`]; [`Server::set_role`] changes both.
 enum Role {
     /// Coordinates every write.
     Master(Box<Coordinator>),
@@ -264,12 +256,27 @@ enum Role {
     Slave {
         participant: Box<Participant>,
         master_addr: SocketAddr,
+        /// The master's client address as given (`-m host:port`) or as etcd
+        /// records the leader: what INFO, ROLE and STATS show, and where
+        /// clients are redirected.
+        master: String,
         /// A snapshot being installed; swapped in whole when its last chunk arrives.
         staging: Option<Store>,
     },
 }
 
 impl Role {
+    /// The request handler's view of this role ([`Core::mode`]).
+    fn mode(&self) -> Mode {
+        match self {
+            Role::Master(_) => Mode::Master,
+            Role::Standby(_) => Mode::Slave { master: None },
+            Role::Slave { master, .. } => Mode::Slave {
+                master: Some(master.clone()),
+            },
+        }
+    }
+
     fn handle(&mut self, now_ms: u64, event: Event) {
         match self {
             Role::Master(c) => c.handle(now_ms, event),
@@ -310,7 +317,7 @@ impl Role {
     }
 
     /// The replication lines of STATS.
-    fn describe(&self, master_text: &str, now_ms: u64) -> String {
+    fn describe(&self, now_ms: u64) -> String {
         let mut text = String::new();
         match self {
             Role::Master(c) => {
@@ -337,7 +344,11 @@ impl Role {
                     ));
                 }
             }
-            Role::Slave { participant, .. } => {
+            Role::Slave {
+                participant,
+                master,
+                ..
+            } => {
                 let link = match participant.link() {
                     LinkState::Down => "down",
                     LinkState::Connecting => "connecting",
@@ -346,7 +357,7 @@ impl Role {
                     LinkState::Diverged(_) => "diverged",
                 };
                 text.push_str("role slave\n");
-                text.push_str(&format!("master {master_text}\n"));
+                text.push_str(&format!("master {master}\n"));
                 text.push_str(&format!("master_link {link}\n"));
                 text.push_str(&format!("applied_seq {}\n", participant.position()));
                 text.push_str(&format!("in_doubt {}\n", participant.in_doubt()));
@@ -397,6 +408,7 @@ pub struct Server {
     links: Slab<Link>,
     core: Core,
     addr: SocketAddr,
+    /// Changed only by [`Server::set_role`], which keeps `core.mode` in step.
     role: Role,
     timers: Timers,
     clock: Instant,
@@ -466,286 +478,7 @@ pub struct Server {
     announce: Announce,
 }
 
-/// What this node tells others to connect to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Announce {
-    /// `--announce-addr`, or the bound address when it names one host.
-    Fixed(String),
-    /// Bound to `0.0.0.0` or `::` without `--announce-addr`: the local address
-    /// of the link to the master, with the bound port, learnt when the link
-    /// connects. It is the address the master's host already reaches this one
-    /// by, where the bound address would tell it nothing.
-    LinkLocal,
-}
-
-impl Announce {
-    fn new(config: &Config, bound: SocketAddr) -> Announce {
-        match &config.announce_addr {
-            Some(addr) => Announce::Fixed(addr.to_string()),
-            None if bound.ip().is_unspecified() => Announce::LinkLocal,
-            None => Announce::Fixed(bound.to_string()),
-        }
-    }
-}
-
-/// Raise the soft descriptor limit to what `max_connections` clients need
-/// (within the hard limit), as Redis does for `maxclients`, and return the
-/// number of client connections the resulting limit allows. Without this a
-/// common soft limit of 1024 makes the default cap of 10000 unreachable, and
-/// the connections past the limit fail in `accept` instead of being refused
-/// cleanly, while the log and replication links compete for what is left.
-fn raise_descriptor_limit(max_connections: usize) -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit through a valid pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        warn!(
-            "cannot read the descriptor limit: {}; serving up to {max_connections} \
-             client connections",
-            io::Error::last_os_error()
-        );
-        return max_connections;
-    }
-    // rlim_t is u64 on Linux (RLIM_INFINITY is u64::MAX), as the limits module counts.
-    let (soft, hard) = (limit.rlim_cur, limit.rlim_max);
-    let mut set = limits::descriptor_limit_to_set(max_connections, soft, hard);
-    if set != soft {
-        limit.rlim_cur = set;
-        // SAFETY: setrlimit reads one rlimit through a valid pointer.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-            warn!(
-                "cannot raise the descriptor limit from {soft} to {set}: {}",
-                io::Error::last_os_error()
-            );
-            set = soft;
-        }
-    }
-    let cap = limits::connection_cap(max_connections, set);
-    if cap < max_connections {
-        warn!(
-            "--max-connections {max_connections} needs {} descriptors, but the limit is \
-             {set} (hard limit {hard}): serving at most {cap} client connections; \
-             further ones are accepted and closed",
-            limits::descriptors_wanted(max_connections)
-        );
-    }
-    cap
-}
-
 impl Server {
-    /// Bind the sockets named by `config` and register them with a new poller.
-    pub fn bind(config: &Config) -> Result<Server, ServerError> {
-        let max_connections = raise_descriptor_limit(config.max_connections);
-        let addr = resolve(&config.host, config.port)?;
-        let (listener, udp, addr) = bind_sockets(addr, config)?;
-        let poll = Poll::new().map_err(ServerError::Poll)?;
-        let mut listener = listener;
-        if let Some(l) = listener.as_mut() {
-            poll.registry()
-                .register(l, LISTENER, Interest::READABLE)
-                .map_err(ServerError::Poll)?;
-        }
-        let mut udp =
-            udp.map(|socket| UdpService::new(socket, config.udp_limits, config.udp_rate_per_sec));
-        if let Some(u) = udp.as_mut() {
-            poll.registry()
-                .register(&mut u.socket, UDP, Interest::READABLE)
-                .map_err(ServerError::Poll)?;
-        }
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(ServerError::Poll)?);
-        let (mut wal, replay, report) =
-            Wal::open(config.wal_config(false), Arc::clone(&waker)).map_err(ServerError::Wal)?;
-        info!(
-            "recovered {} keys at seq {} of history {:#018x} from {} ({} records in {} segments{}){}",
-            replay.store.len(),
-            replay.seq,
-            replay.history_id,
-            config.data_dir.display(),
-            report.records,
-            report.segments,
-            match &report.snapshot {
-                Some((path, seq)) => format!(", snapshot {} at {seq}", path.display()),
-                None => String::new(),
-            },
-            if report.repairs.is_empty() {
-                String::new()
-            } else {
-                format!("; repairs: {}", report.repairs.join("; "))
-            }
-        );
-        let coordinator_config = CoordinatorConfig {
-            tpc_timeout_ms: config.tpc_timeout_ms,
-            max_slave_lag_ms: config.max_slave_lag_ms,
-            min_slaves: config.min_slaves,
-            log_max_bytes: config.repl_backlog_bytes,
-            max_inflight_txns: config.max_inflight_txns,
-            ..CoordinatorConfig::default()
-        };
-        let announce = Announce::new(config, addr);
-        let (role, mode) = match &config.master {
-            _ if config.failover.is_some() => {
-                // The election decides: lead, or follow whom etcd names.
-                let standby = Standby {
-                    history_id: replay.history_id,
-                    prepared: replay.prepared.clone(),
-                    commits: replay.commits.clone(),
-                    floor: replay.floor,
-                    seen: replay.max_seq,
-                };
-                let mode = Mode::Slave {
-                    master: String::new(),
-                };
-                (Role::Standby(Box::new(standby)), mode)
-            }
-            None => {
-                // A master continues the history its data belongs to; an empty
-                // data directory starts a new one (0 means none).
-                let history_id = if replay.history_id != 0 {
-                    replay.history_id
-                } else {
-                    let id = rand::random::<u64>().max(1);
-                    wal.start_history(id).map_err(ServerError::Wal)?;
-                    info!("new history {id:#018x}");
-                    id
-                };
-                let coordinator_config = CoordinatorConfig {
-                    history_id,
-                    ..coordinator_config.clone()
-                };
-                let mut log = CommitLog::new(coordinator_config.log_capacity, replay.floor)
-                    .with_max_bytes(coordinator_config.log_max_bytes);
-                for (seq, ops) in &replay.commits {
-                    log.push(*seq, ops.clone());
-                }
-                let coordinator = if replay.history_id == 0 {
-                    // An empty data directory: no earlier life granted leases.
-                    Coordinator::new(coordinator_config, 0)
-                } else {
-                    // Numbering goes on after the last decision, an abort
-                    // included: never again a number slaves have passed.
-                    let decided = replay.seq.max(replay.max_seq);
-                    Coordinator::recover(coordinator_config, 0, decided, log)
-                };
-                (Role::Master(Box::new(coordinator)), Mode::Master)
-            }
-            Some((host, port)) => {
-                let master_addr = resolve(host, *port)?;
-                let participant = Participant::recover(
-                    ParticipantConfig {
-                        client_addr: announced(&announce, addr),
-                        node_id: wal.node_id(),
-                        may_discard_data: config.resync_discard_data,
-                        read_lease_ms: config.slave_read_lease_ms,
-                        // Slaves that lost their master together redial apart.
-                        jitter_seed: rand::random(),
-                        ..ParticipantConfig::default()
-                    },
-                    replay.seq,
-                    replay.history_id,
-                );
-                let role = Role::Slave {
-                    participant: Box::new(participant),
-                    master_addr,
-                    staging: None,
-                };
-                let master = format!("{host}:{port}");
-                (role, Mode::Slave { master })
-            }
-        };
-        let mut core = Core::recovered(config.max_value_bytes, mode, replay.store, replay.seq);
-        core.stats.input_budget = Rc::new(InputBudget::new(config.partial_frame_budget_bytes));
-        let timeouts = Timeouts {
-            frame_ms: config.frame_timeout_ms,
-            idle_ms: config.idle_timeout_ms,
-        };
-        core.resp_enabled = config.resp;
-        core.forward =
-            forward::Forwarder::new(config.forward_writes, config.master_password.clone());
-        core.fsync_policy = config.fsync.name();
-        core.tcp_port = addr.port();
-        core.password = config.password.clone();
-        core.reported = handler::ReportedConfig {
-            protected_mode: config.protected_mode,
-            max_connections,
-            idle_timeout_s: config.idle_timeout_ms / 1000,
-        };
-        core.protected = auth::protected_mode_applies(
-            config.protected_mode,
-            addr.ip(),
-            config.password.is_some(),
-        );
-        let failover = config.failover.as_ref().map(|f| {
-            let leader_addr = match &announce {
-                Announce::Fixed(a) => a.clone(),
-                Announce::LinkLocal => leader_addr_toward(&f.endpoints, addr),
-            };
-            Failover::start(f, wal.node_id(), leader_addr, waker, wal.led_epoch(), 0)
-        });
-        let mut server = Server {
-            poll,
-            listener,
-            udp,
-            links: Slab::new(),
-            core,
-            addr,
-            role,
-            timers: Timers::default(),
-            clock: Instant::now(),
-            peers: HashMap::new(),
-            next_peer_id: 1,
-            next_conn_id: 1,
-            completions: VecDeque::new(),
-            touched: Vec::new(),
-            dirty_peers: Vec::new(),
-            snapshots: SnapshotSet::new(config.max_snapshot_bytes),
-            replication_changed: true,
-            connect_failures: 0,
-            master_dial: None,
-            work_left: false,
-            expiry_wake: None,
-            accept_paused: false,
-            wal,
-            max_connections,
-            timeouts,
-            next_sweep_ms: timeouts.sweep_interval_ms(),
-            max_peer_output_bytes: peer_output_limit(config),
-            deferred_clients: Vec::new(),
-            deferred_reads: Vec::new(),
-            deferred_flushes: Vec::new(),
-            write_hold_until: None,
-            failover,
-            coordinator_config,
-            resync_discard_data: config.resync_discard_data,
-            read_lease_ms: config.slave_read_lease_ms,
-            cluster_secret: config.cluster_secret.clone(),
-            forward_link: None,
-            forward_dial_deadline: None,
-            forward_deferred: false,
-            forward_failures: 0,
-            announce,
-        };
-        if server.core.protected {
-            warn!(
-                "protected mode: bound to {} without --requirepass-file; clients from \
-                 non-loopback addresses are refused (--protected-mode no turns this off)",
-                server.addr.ip()
-            );
-        }
-        if server.cluster_secret.is_none() && !server.addr.ip().is_loopback() {
-            warn!(
-                "no --cluster-secret-file: replication links are accepted from loopback \
-                 addresses only"
-            );
-        }
-        // The state machines may have work from the start (a slave dials its
-        // master, the election reads etcd).
-        server.election_tick(0);
-        server.work_left = server.settle();
-        Ok(server)
-    }
-
     /// The bound address (the port is the real one when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
@@ -764,16 +497,28 @@ impl Server {
                 self.addr
             );
         }
-        match &self.core.mode {
-            Mode::Master => format!(
+        match &self.role {
+            Role::Master(_) => format!(
                 "dkvs-server ready: master serving {transports} on {}",
                 self.addr
             ),
-            Mode::Slave { master } => format!(
+            Role::Slave { master, .. } => format!(
                 "dkvs-server ready: slave of {master} serving {transports} on {}",
                 self.addr
             ),
+            // Only failover makes a standby, answered above.
+            Role::Standby(_) => format!(
+                "dkvs-server ready: standby serving {transports} on {}",
+                self.addr
+            ),
         }
+    }
+
+    /// Change this server's role, and with it the request handler's view of
+    /// it ([`Core::mode`]): the one place either is set after [`Server::bind`].
+    fn set_role(&mut self, role: Role) {
+        self.core.mode = role.mode();
+        self.role = role;
     }
 
     /// Largest payload accepted on a replication link, by direction (checked
@@ -794,505 +539,6 @@ impl Server {
         self.clock.elapsed().as_millis() as u64
     }
 
-    /// Serve until the poller fails.
-    pub fn run(&mut self) -> Result<(), ServerError> {
-        let mut events = Events::with_capacity(1024);
-        let mut turn_started: Option<Instant> = None;
-        loop {
-            let mut next = self.timers.next_deadline();
-            if let Some(at) = self.election_deadline() {
-                next = Some(next.map_or(at, |t| t.min(at)));
-            }
-            if !self.links.is_empty() {
-                next = Some(next.map_or(self.next_sweep_ms, |t| t.min(self.next_sweep_ms)));
-            }
-            if let Some((_, at)) = self.master_dial {
-                next = Some(next.map_or(at, |t| t.min(at)));
-            }
-            if let Some(at) = self.write_hold_until {
-                next = Some(next.map_or(at, |t| t.min(at)));
-            }
-            let mut timeout = next.map(|at| {
-                // Round up so a timer is never polled for just before it is due.
-                Duration::from_millis(at.saturating_sub(self.now_ms()) + 1)
-            });
-            let forward_due = [
-                self.forward_dial_deadline,
-                self.core.forward.next_deadline(),
-            ];
-            for at in forward_due.into_iter().flatten() {
-                let wait = at.saturating_duration_since(Instant::now()) + Duration::from_millis(1);
-                timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
-            }
-            let deferred = !self.deferred_clients.is_empty()
-                || !self.deferred_reads.is_empty()
-                || !self.deferred_flushes.is_empty();
-            if let Some(wake) = self.expiry_wake {
-                // Keys with deadlines: the sweep runs at least this often.
-                timeout = Some(timeout.map_or(wake, |t| t.min(wake)));
-            }
-            // Snapshot copies let go are freed a budget per turn, until all are.
-            let releasing = self.snapshots.releasing_bytes() > 0;
-            if self.work_left
-                || self.core.udp_retry
-                || deferred
-                || self.forward_deferred
-                || releasing
-            {
-                // Left-over work goes on at once.
-                timeout = Some(Duration::ZERO);
-            } else if self.accept_paused {
-                // A paused listener is retried soon (or at the next timer, if sooner).
-                let retry = Duration::from_millis(ACCEPT_RETRY_MS);
-                timeout = Some(timeout.map_or(retry, |t| t.min(retry)));
-            }
-            if let Some(started) = turn_started.take() {
-                let micros = started.elapsed().as_micros() as u64;
-                self.core.stats.longest_turn_us = self.core.stats.longest_turn_us.max(micros);
-            }
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(ServerError::Poll(e));
-            }
-            // A turn is the work between two polls: what other clients wait behind.
-            turn_started = Some(Instant::now());
-            // Before any client input is served: a master whose lease ran out
-            // while it was not running (paused, descheduled) must know it
-            // before it could acknowledge anything.
-            let now = self.now_ms();
-            self.election_tick(now);
-            // Deadlines are compared with the clock of this turn, not of the last
-            // one: an idle slave may have slept through a deadline, and must not
-            // show (or count) the key after it.
-            self.core.store.set_now_ms(expiry::unix_ms());
-            for event in events.iter() {
-                match event.token() {
-                    LISTENER => self.accept(),
-                    UDP => {
-                        if let Some(udp) = self.udp.as_mut() {
-                            udp.on_readable(&mut self.core);
-                        }
-                    }
-                    WAKER => {
-                        if let Some(lsn) = self.wal.on_wake() {
-                            self.feed(Event::Persisted { lsn });
-                        }
-                        self.on_etcd_wake();
-                    }
-                    Token(t) => self.link_ready(t - FIRST_LINK, event.is_read_closed()),
-                }
-            }
-            if self.accept_paused {
-                self.accept();
-            }
-            // Work cut short by a budget in the last iteration goes on now, after
-            // everyone with new events had a turn (each only once per iteration).
-            for key in std::mem::take(&mut self.deferred_clients) {
-                self.drive_client(key, false, false);
-            }
-            for key in std::mem::take(&mut self.deferred_reads) {
-                self.drive_peer(key, false);
-            }
-            for key in std::mem::take(&mut self.deferred_flushes) {
-                self.flush_peer(key);
-            }
-            if std::mem::take(&mut self.forward_deferred)
-                && let Some(key) = self.forward_link
-            {
-                self.drive_forward(key);
-            }
-            if std::mem::take(&mut self.core.udp_retry)
-                && let Some(udp) = self.udp.as_mut()
-            {
-                udp.on_readable(&mut self.core);
-            }
-            let now = self.now_ms();
-            // After this turn's events: a dial answered meanwhile counts as answered.
-            self.give_up_slow_dial(now);
-            while let Some(timer) = self.timers.pop_expired(now) {
-                self.role.handle(now, Event::TimerFired { timer });
-                self.replication_changed = true;
-            }
-            if now >= self.next_sweep_ms {
-                self.sweep(now);
-            }
-            self.expiry_wake = self.core.expiry_turn();
-            self.work_left = self.settle();
-        }
-    }
-
-    /// Close client connections past their frame or idle timeout. Runs every
-    /// `Timeouts::sweep_interval_ms` (at most a second): O(connections), no
-    /// per-connection timer to keep current on every read.
-    fn sweep(&mut self, now: u64) {
-        self.next_sweep_ms = now + self.timeouts.sweep_interval_ms();
-        let mut expired = Vec::new();
-        let mut stalled_peers = Vec::new();
-        for (key, link) in self.links.iter_mut() {
-            match link {
-                Link::Client(connection) => {
-                    let activity = connection.io.activity(connection.owes_replies());
-                    match connection.io.watch.check(now, activity, self.timeouts) {
-                        Verdict::Keep => {}
-                        verdict => expired.push((key, verdict)),
-                    }
-                }
-                // A slave's frames are small (at most 65564 bytes of payload): one
-                // that does not arrive within the frame timeout holds a link slot
-                // for nothing. (The master's frames to a slave may be large; the
-                // slave's silence timer covers a stalled master.)
-                Link::Peer(link) if !link.to_master() => {
-                    let timeouts = Timeouts {
-                        idle_ms: 0,
-                        ..self.timeouts
-                    };
-                    let activity = link.io.activity(false);
-                    if link.io.watch.check(now, activity, timeouts) == Verdict::SlowFrame {
-                        stalled_peers.push(key);
-                    }
-                }
-                Link::Peer(_) | Link::Forward(_) => {}
-            }
-        }
-        for key in stalled_peers {
-            self.lose_peer(key, "a frame took longer than the frame timeout to arrive");
-        }
-        for (key, verdict) in expired {
-            if let Some(Link::Client(connection)) = self.links.get(key) {
-                info!(
-                    "{}: closing connection: {}",
-                    connection.peer(),
-                    match verdict {
-                        Verdict::Idle => "idle timeout",
-                        _ => "a frame took longer than the frame timeout to arrive",
-                    }
-                );
-            }
-            match verdict {
-                Verdict::Idle => self.core.stats.connections_closed_idle += 1,
-                _ => self.core.stats.connections_closed_slow_frame += 1,
-            }
-            self.close_client(key);
-        }
-    }
-
-    fn accept(&mut self) {
-        let Some(listener) = self.listener.as_ref() else {
-            return;
-        };
-        let was_paused = std::mem::take(&mut self.accept_paused);
-        loop {
-            let (mut stream, peer) = match listener.accept() {
-                Ok(accepted) => accepted,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                    ) =>
-                {
-                    continue;
-                }
-                Err(e) => {
-                    // Out of descriptors, usually: retry shortly, whatever the poller says.
-                    if !was_paused {
-                        error!("accept failed: {e}; retrying");
-                    }
-                    self.accept_paused = true;
-                    return;
-                }
-            };
-            if self.core.stats.connections_open as usize >= self.max_connections {
-                // Accepted and closed at once: the client sees the close, not a
-                // connection left waiting in the backlog.
-                self.core.stats.connections_refused += 1;
-                if self.core.stats.connections_refused % 1000 == 1 {
-                    warn!(
-                        "{peer}: {} connections open (--max-connections); refusing \
-                         (refused so far: {})",
-                        self.max_connections, self.core.stats.connections_refused
-                    );
-                }
-                drop(stream);
-                continue;
-            }
-            // Replies are written whole, one write per batch; Nagle would only delay them.
-            if let Err(e) = stream.set_nodelay(true) {
-                debug!("{peer}: cannot set TCP_NODELAY: {e}");
-            }
-            let entry = self.links.vacant_entry();
-            let key = entry.key();
-            if let Err(e) = register_link(&self.poll, &mut stream, key) {
-                error!("{peer}: cannot register connection: {e}");
-                continue;
-            }
-            debug!("{peer}: connected");
-            let conn_id = self.next_conn_id;
-            self.next_conn_id += 1;
-            let mut connection = Connection::new(stream, peer, key, conn_id);
-            if self.core.protected_mode_refuses(peer.ip()) {
-                // Answered DENIED on its first request, then closed. A peer
-                // handshake is still handed to replication, which has its own rule.
-                connection.denied = true;
-                self.core.stats.protected_mode_refusals += 1;
-                if self.core.denied_log.should_log(peer.ip(), self.clock) {
-                    warn!("protected mode: refused a client from {}", peer.ip());
-                }
-            }
-            connection
-                .io
-                .set_budget(Rc::clone(&self.core.stats.input_budget));
-            entry.insert(Link::Client(connection));
-            self.core.stats.connections_accepted += 1;
-            self.core.stats.connections_open += 1;
-        }
-    }
-
-    fn link_ready(&mut self, key: usize, read_closed: bool) {
-        match self.links.get(key) {
-            Some(Link::Client(_)) => self.drive_client(key, true, read_closed),
-            Some(Link::Peer(_)) => self.drive_peer(key, read_closed),
-            Some(Link::Forward(_)) => self.drive_forward(key),
-            None => {}
-        }
-    }
-
-    /// Serve a client connection: on readiness (`event`), or to resume it after replies.
-    fn drive_client(&mut self, key: usize, event: bool, read_closed: bool) {
-        let Some(Link::Client(connection)) = self.links.get_mut(key) else {
-            return;
-        };
-        let liveness = connection.on_ready(&mut self.core, event, read_closed);
-        // A key may be queued twice in one iteration (an event and a resumption):
-        // a second drive is harmless, and the list is drained every iteration.
-        if connection.take_yielded() {
-            self.deferred_clients.push(key);
-        }
-        match liveness {
-            Liveness::Open => {}
-            Liveness::Closed => self.close_client(key),
-            Liveness::BecomePeer => self.become_peer(key),
-        }
-    }
-
-    fn close_client(&mut self, key: usize) {
-        if let Link::Client(mut connection) = self.links.remove(key) {
-            debug!("{}: disconnected", connection.peer());
-            if let Err(e) = self.poll.registry().deregister(&mut connection.io.stream) {
-                debug!("{}: deregister failed: {e}", connection.peer());
-            }
-            self.core.stats.connections_open -= 1;
-        }
-    }
-
-    /// A client connection sent a peer frame: on a master it becomes a replication link.
-    fn become_peer(&mut self, key: usize) {
-        if !matches!(self.links.get(key), Some(Link::Client(_))) {
-            return;
-        }
-        let Some(Link::Client(connection)) = self.links.try_remove(key) else {
-            return;
-        };
-        self.core.stats.connections_open -= 1;
-        let addr = connection.peer();
-        let (mut io, read_closed) = connection.into_io();
-        if !matches!(self.role, Role::Master(_)) {
-            warn!("{addr}: replication handshake sent to a server that is not the master; closing");
-            let _ = self.poll.registry().deregister(&mut io.stream);
-            return;
-        }
-        if self.cluster_secret.is_none() && !addr.ip().is_loopback() {
-            // Anyone who reaches the port could otherwise join as a slave.
-            warn!(
-                "{addr}: replication handshake from a non-loopback address refused: \
-                 start the servers with --cluster-secret-file to replicate across hosts"
-            );
-            let _ = self.poll.registry().deregister(&mut io.stream);
-            return;
-        }
-        if self.peers.len() >= MAX_PEER_LINKS {
-            // Each link may cost a snapshot copy and large buffers: bound them.
-            warn!("{addr}: already {MAX_PEER_LINKS} replication links; refusing another");
-            let _ = self.poll.registry().deregister(&mut io.stream);
-            return;
-        }
-        let id = PeerId(self.next_peer_id);
-        self.next_peer_id += 1;
-        info!("{addr}: replication link {} opened", id.0);
-        let limit = self.peer_frame_limit(false);
-        let max_output = self.max_peer_output_bytes;
-        let entry = self.links.vacant_entry();
-        let new_key = entry.key();
-        if new_key != key
-            && let Err(e) = self.poll.registry().reregister(
-                &mut io.stream,
-                Token(new_key + FIRST_LINK),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-        {
-            error!("{addr}: cannot register replication link: {e}");
-            return;
-        }
-        let epoch = self.failover.as_ref().map_or(0, |f| f.epoch);
-        let mut link = PeerLink::new(io, id, addr, false, limit, max_output).in_epoch(epoch);
-        if let Some(secret) = &self.cluster_secret {
-            link = link.with_auth(PeerAuth::master(secret.clone()), None);
-        }
-        entry.insert(Link::Peer(link));
-        self.peers.insert(id, new_key);
-        self.drive_peer(new_key, read_closed);
-    }
-
-    /// With [`Announce::LinkLocal`], announce the link's local address (with
-    /// the bound port) in the REGISTER that follows; said in the log when it
-    /// changes.
-    fn announce_link_local(&mut self, local: io::Result<SocketAddr>) {
-        if self.announce != Announce::LinkLocal {
-            return;
-        }
-        let Role::Slave { participant, .. } = &mut self.role else {
-            return;
-        };
-        let local = match local {
-            Ok(local) if !local.ip().is_unspecified() => local,
-            Ok(_) | Err(_) => {
-                warn!(
-                    "bound to {} and the link to the master has no local address: announcing \
-                     {}; set --announce-addr",
-                    self.addr,
-                    participant.client_addr()
-                );
-                return;
-            }
-        };
-        let addr = SocketAddr::new(local.ip(), self.addr.port()).to_string();
-        if participant.client_addr() != addr {
-            info!(
-                "bound to {}: announcing {addr} (this end of the link to the master) to the \
-                 master; --announce-addr sets another",
-                self.addr
-            );
-            participant.set_client_addr(addr);
-        }
-    }
-
-    /// Read, decode and hand to the state machine everything a replication link has.
-    fn drive_peer(&mut self, key: usize, read_closed: bool) {
-        let Some(Link::Peer(link)) = self.links.get_mut(key) else {
-            return;
-        };
-        let id = link.id;
-        if link.connecting {
-            match link.io.stream.peer_addr() {
-                Ok(_) => {
-                    link.connecting = false;
-                    self.master_dial = None;
-                    self.connect_failures = 0;
-                    info!("connected to master {}", link.addr);
-                    let local = link.io.stream.local_addr();
-                    self.announce_link_local(local);
-                    self.feed(Event::Connected { peer: id });
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                    let reason = link.io.stream.take_error().ok().flatten();
-                    if let Some(e) = reason {
-                        let addr = link.addr;
-                        self.master_unreachable(addr, &e);
-                        self.drop_peer(key);
-                        self.feed(Event::ConnectFailed);
-                    }
-                    return;
-                }
-                Err(e) => {
-                    let addr = link.addr;
-                    self.master_unreachable(addr, &e);
-                    self.drop_peer(key);
-                    self.feed(Event::ConnectFailed);
-                    return;
-                }
-            }
-        }
-        let Some(Link::Peer(link)) = self.links.get_mut(key) else {
-            return;
-        };
-        let mut messages = Vec::new();
-        let result = link.receive(&mut messages, read_closed);
-        if std::mem::take(&mut link.read_yielded) && !self.deferred_reads.contains(&key) {
-            self.deferred_reads.push(key);
-        }
-        for msg in messages {
-            self.feed(Event::Message { peer: id, msg });
-        }
-        if let Err(e) = result {
-            self.lose_peer(key, &e.to_string());
-            return;
-        }
-        self.flush_peer(key);
-    }
-
-    /// Write a link's queued output; report a finished snapshot; drop a failed link.
-    fn flush_peer(&mut self, key: usize) {
-        let Some(Link::Peer(link)) = self.links.get_mut(key) else {
-            return;
-        };
-        if link.connecting {
-            return;
-        }
-        let id = link.id;
-        let streaming = link.streaming_snapshot();
-        let written = link.io.bytes_written();
-        let flushed = link.flush(&self.core.store, &mut self.snapshots);
-        if std::mem::take(&mut link.flush_yielded) && !self.deferred_flushes.contains(&key) {
-            self.deferred_flushes.push(key);
-        }
-        // Reported only when the slave drained something: that is hearing
-        // from it (it sends nothing meanwhile), and the write throttle paces
-        // writes to the stream's progress.
-        let progress = self
-            .snapshots
-            .progress(id.0)
-            .filter(|_| streaming && link.io.bytes_written() > written);
-        match flushed {
-            Ok(Some(at_seq)) => self.feed(Event::SnapshotSent { peer: id, at_seq }),
-            Ok(None) => {
-                if let Some((at_seq, done_per_mille)) = progress {
-                    self.feed(Event::SnapshotProgress {
-                        peer: id,
-                        at_seq,
-                        done_per_mille,
-                    });
-                }
-            }
-            Err(e) => self.lose_peer(key, &e.to_string()),
-        }
-    }
-
-    /// A link failed: close it and tell the state machine.
-    fn lose_peer(&mut self, key: usize, why: &str) {
-        if let Some(id) = self.drop_peer(key) {
-            info!("replication link {} closed: {why}", id.0);
-            self.feed(Event::PeerLost { peer: id });
-        }
-    }
-
-    /// Close a link without telling the state machine (it asked for it, or never knew it).
-    fn drop_peer(&mut self, key: usize) -> Option<PeerId> {
-        if !matches!(self.links.get(key), Some(Link::Peer(_))) {
-            return None;
-        }
-        let Link::Peer(mut link) = self.links.remove(key) else {
-            return None;
-        };
-        let _ = self.poll.registry().deregister(&mut link.io.stream);
-        self.peers.remove(&link.id);
-        // Its snapshot's copies go with its last reader.
-        self.snapshots.remove(link.id.0);
-        self.replication_changed = true;
-        Some(link.id)
-    }
-
     fn feed(&mut self, event: Event) {
         // Writes and their durability do not change who is in sync; refreshing
         // the STATS lines for them would format text on every write. Messages,
@@ -1305,567 +551,6 @@ impl Server {
         }
         let now = self.now_ms();
         self.role.handle(now, event);
-    }
-
-    /// Submit this iteration's writes, execute every action, resume the clients
-    /// whose replies came, and repeat while that produces more writes.
-    ///
-    /// Returns whether work is left (the round bound was hit): the caller
-    /// then polls without blocking.
-    fn settle(&mut self) -> bool {
-        let mut work_left = true;
-        for _ in 0..MAX_SETTLE_ROUNDS {
-            self.write_hold_until = None;
-            if !self.core.batch.is_empty() {
-                let now = self.now_ms();
-                self.write_hold_until = self.role.write_hold(now);
-            }
-            // At the in-flight bound the batch waits (a read that met an
-            // expired key may have added a deletion to it) for a transaction
-            // to end; the decisions that end them come from the links, which
-            // are read whatever this gate says.
-            let at_bound = self.role.at_inflight_bound();
-            if !self.core.batch.is_empty() && self.write_hold_until.is_none() && !at_bound {
-                let writes = self.core.take_batch();
-                self.feed(Event::ClientWrites { writes });
-                self.update_write_gate();
-                if !self.core.writes_paused {
-                    self.resume_writers();
-                }
-            }
-            self.run_actions();
-            // Flushing can finish a snapshot or find a link dead: both are events
-            // whose actions run before the clients are resumed.
-            let dirty = std::mem::take(&mut self.dirty_peers);
-            for key in dirty {
-                self.flush_peer(key);
-            }
-            self.run_actions();
-            self.update_write_gate();
-            let touched = std::mem::take(&mut self.touched);
-            for key in touched {
-                self.drive_client(key, false, false);
-            }
-            // Writes the clients forwarded go out; replies now applied come back.
-            self.pump_forward();
-            // A resumed connection may have become a peer link and fed the role.
-            self.run_actions();
-            // A batch held back for a snapshot, or for the in-flight bound, is
-            // no work until the hold ends.
-            let held = self.write_hold_until.is_some() || self.role.at_inflight_bound();
-            if (self.core.batch.is_empty() || held)
-                && self.touched.is_empty()
-                && self.dirty_peers.is_empty()
-                && self.completions.is_empty()
-                && (!self.core.udp_waiting || held)
-            {
-                work_left = false;
-                break;
-            }
-        }
-        if let Some(why) = self.wal.failed()
-            && self.core.write_refusal.is_none()
-        {
-            self.core.write_refusal = Some(format!("write-ahead log failed: {why}"));
-            self.replication_changed = true;
-            // The writes in flight wait for a sync that will never come, and
-            // whether their records reached the disk is unknown: close their
-            // connections, as if this server had died, rather than let them hang.
-            let targets: Vec<ReplyTarget> = self
-                .core
-                .waiting
-                .take_all()
-                .into_iter()
-                .map(|w| w.target)
-                .collect();
-            if !targets.is_empty() {
-                warn!(
-                    "closing the connections of {} writes in flight: their outcome is unknown",
-                    targets.len()
-                );
-            }
-            self.close_writers(targets);
-        }
-        self.core.stats.snapshots = self.snapshots.counters();
-        self.core.stats.disk_snapshot_held_bytes = self.wal.snapshot_held_bytes();
-        self.give_back_snapshot_memory();
-        self.forget_led_epoch_once_following();
-        self.core.read_gate = self.read_gate();
-        let alone = matches!(&self.role, Role::Master(c) if c.members().in_sync_count() == 0);
-        self.wal.set_group_window(alone);
-        if self.wal.snapshot_due() {
-            let seq = self.core.commit_seq;
-            let history_id = self.role.history_id();
-            self.wal.start_snapshot(seq, history_id);
-        }
-        // One bounded step per turn: a snapshot never holds the loop for long.
-        self.wal.snapshot_step(&self.core.store);
-        work_left |= self.wal.snapshot_pending();
-        if self.replication_changed {
-            self.replication_changed = false;
-            self.core.stats.wal = self.wal.stats();
-            let master = match &self.core.mode {
-                Mode::Master => String::new(),
-                Mode::Slave { master } => master.clone(),
-            };
-            let now = self.now_ms();
-            self.core.stats.replication = self.role.describe(&master, now);
-            if let Some(f) = &self.failover {
-                let now = self.now_ms();
-                self.core.stats.replication.push_str(&f.describe(now));
-            }
-            self.core.replication = self.role.info();
-            self.core.replication.failover = self.failover.as_ref().map(|f| f.summary());
-        }
-        work_left
-    }
-
-    /// Pause or resume the intake of client writes as the transactions in
-    /// flight reach or leave their bound (backpressure: a connection stops
-    /// reading at its next write, the UDP socket stops reading; nothing is
-    /// refused). Resuming wakes everyone who stopped.
-    fn update_write_gate(&mut self) {
-        let paused = self.role.at_inflight_bound();
-        if paused == self.core.writes_paused {
-            return;
-        }
-        self.core.writes_paused = paused;
-        if paused {
-            self.core.stats.txn_backpressure_pauses += 1;
-            debug!("transactions in flight at their bound: client writes paused");
-        } else {
-            self.resume_writers();
-        }
-    }
-
-    /// Drive again the connections and the UDP socket that stopped at a full
-    /// batch or paused writes.
-    fn resume_writers(&mut self) {
-        let waiters = std::mem::take(&mut self.core.batch_waiters);
-        self.touched.extend(waiters);
-        if std::mem::take(&mut self.core.udp_waiting)
-            && let Some(udp) = self.udp.as_mut()
-        {
-            udp.on_readable(&mut self.core);
-        }
-    }
-
-    /// Whether reads may be served: a slave only within the read lease its
-    /// participant holds (unless it serves stale reads by choice).
-    fn read_gate(&self) -> ReadGate {
-        if self.read_lease_ms == 0 {
-            return ReadGate::Open;
-        }
-        match &self.role {
-            Role::Master(_) => ReadGate::Open,
-            Role::Slave { participant, .. } => match participant.read_lease_until() {
-                Some(ms) => ReadGate::Until(self.clock + Duration::from_millis(ms)),
-                None => ReadGate::Closed,
-            },
-            Role::Standby(_) => ReadGate::Closed,
-        }
-    }
-
-    /// Execute actions until the state machine and the completions are quiet.
-    fn run_actions(&mut self) {
-        loop {
-            match self.role.poll_action() {
-                Some(action) => self.execute(action),
-                None => {
-                    if let Some(event) = self.next_completion() {
-                        self.feed(event);
-                        continue;
-                    }
-                    if self.drop_snapshot_evictions() {
-                        continue;
-                    }
-                    // Everything this round appended goes to the log in one write
-                    // (and, under --fsync always, one sync in flight at a time).
-                    match self.wal.flush() {
-                        Some(lsn) => self.feed(Event::Persisted { lsn }),
-                        None => return,
-                    }
-                }
-            }
-        }
-    }
-
-    /// Free [`RELEASE_PER_TURN`] of the snapshot copies let go, their pages
-    /// given back to the system as they are freed (`SnapshotSet::release_some`):
-    /// an evicted receiver's copy leaves the master's RSS (tests/rejoin.rs)
-    /// over a few turns instead of in one long one.
-    fn give_back_snapshot_memory(&mut self) {
-        if self.snapshots.releasing_bytes() == 0 {
-            return;
-        }
-        let freed = self.snapshots.release_some(RELEASE_PER_TURN);
-        debug!(
-            "gave {freed} bytes of snapshot copies back to the system, {} to go",
-            self.snapshots.releasing_bytes()
-        );
-    }
-
-    /// Close the links whose snapshot was dropped at the memory cap; returns
-    /// whether there were any (their loss is an event with actions to run).
-    fn drop_snapshot_evictions(&mut self) -> bool {
-        let evicted = self.snapshots.take_evicted();
-        let any = !evicted.is_empty();
-        for e in evicted {
-            let peer = PeerId(e.reader);
-            if let Some(&key) = self.peers.get(&peer) {
-                if let Some(Link::Peer(link)) = self.links.get(key) {
-                    warn!(
-                        "{}: disconnecting a snapshot receiver at the memory cap: {}; it \
-                         registers again after its reconnect backoff",
-                        link.addr, e.reason
-                    );
-                }
-                self.lose_peer(key, "snapshot dropped at the memory cap");
-            }
-        }
-        any
-    }
-
-    /// The next completion; consecutive `Persisted` ones collapse into the highest.
-    fn next_completion(&mut self) -> Option<Event> {
-        let mut event = self.completions.pop_front()?;
-        while let (Event::Persisted { lsn }, Some(Event::Persisted { lsn: next })) =
-            (&event, self.completions.front())
-        {
-            debug_assert!(next > lsn);
-            event = Event::Persisted { lsn: *next };
-            self.completions.pop_front();
-        }
-        Some(event)
-    }
-
-    fn execute(&mut self, action: Action) {
-        match action {
-            Action::Send { peer, msg } => self.send_peer(peer, &msg),
-            Action::Disconnect { peer } => {
-                if let Some(&key) = self.peers.get(&peer) {
-                    // Flush what was queued (e.g. a refusal) before closing.
-                    self.flush_peer(key);
-                    if let Some(Link::Peer(link)) = self.links.get(key)
-                        && let Some(summary) = link.snapshot_summary(&self.snapshots)
-                    {
-                        info!("{}: dropping the {summary}", link.addr);
-                    }
-                    self.drop_peer(key);
-                    info!("replication link {} closed by replication", peer.0);
-                    // The link is gone for the state machine too: it forgets the slave.
-                    self.completions.push_back(Event::PeerLost { peer });
-                }
-            }
-            Action::Connect => self.connect_to_master(),
-            Action::Persist { lsn, record } => self.wal.append(lsn, &record),
-            Action::Apply {
-                seq,
-                ops,
-                replies,
-                key_hashes,
-            } => self.apply(seq, &ops, &replies, key_hashes),
-            Action::Reply { client, error } => {
-                self.core.stats.writes_failed += 1;
-                let message = error.to_string();
-                let status = match error {
-                    WriteError::Unavailable(_) => Status::Unavailable,
-                    WriteError::Aborted(_) => Status::Aborted,
-                };
-                self.reply(client, status, 0, message.as_bytes());
-            }
-            Action::SetTimer { timer, at_ms } => self.timers.set(timer, at_ms),
-            Action::CancelTimer { timer } => self.timers.cancel(timer),
-            Action::StartSnapshot { peer, at_seq } => {
-                if let Some(&key) = self.peers.get(&peer)
-                    && let Some(Link::Peer(link)) = self.links.get_mut(key)
-                {
-                    // A snapshot already streaming is shared if the log still
-                    // holds what a receiver of it needs after it.
-                    let log_floor = match &self.role {
-                        Role::Master(c) => c.log_floor(),
-                        Role::Slave { .. } | Role::Standby(_) => at_seq,
-                    };
-                    let sent_at = self.snapshots.start(peer.0, at_seq, log_floor);
-                    if sent_at == at_seq {
-                        info!(
-                            "streaming a snapshot of {} keys at seq {at_seq} to {} (copied shard by shard)",
-                            self.core.store.len(),
-                            link.addr
-                        );
-                    } else {
-                        info!(
-                            "streaming to {} the snapshot at seq {sent_at} already streaming to \
-                             others (shared: no copy of its own; it catches up from seq {sent_at})",
-                            link.addr
-                        );
-                        self.completions.push_back(Event::SnapshotJoined {
-                            peer,
-                            at_seq: sent_at,
-                        });
-                    }
-                    link.start_snapshot(sent_at);
-                    self.dirty_peers.push(key);
-                }
-            }
-            Action::InstallSnapshot {
-                at_seq,
-                entries,
-                begin,
-                end,
-            } => self.install_snapshot(at_seq, entries, begin, end),
-            Action::RecordSyncSet { version, members } => self.record_sync_set(version, members),
-        }
-    }
-
-    fn send_peer(&mut self, peer: PeerId, msg: &PeerMessage) {
-        if let Some(&key) = self.peers.get(&peer)
-            && let Some(Link::Peer(link)) = self.links.get_mut(key)
-        {
-            link.send(msg);
-            self.dirty_peers.push(key);
-        }
-    }
-
-    /// Log a failed attempt to reach the master: the first of a streak and
-    /// then every 50th at warning level, so a down master does not flood the log.
-    fn master_unreachable(&mut self, addr: SocketAddr, e: &io::Error) {
-        self.connect_failures += 1;
-        if self.connect_failures % 50 == 1 {
-            warn!(
-                "cannot reach master {addr} over TCP: {e} (attempt {}; retrying with backoff; \
-                 replication needs the master to serve TCP, i.e. not -u)",
-                self.connect_failures
-            );
-        } else {
-            debug!("cannot reach master {addr}: {e}");
-        }
-    }
-
-    fn connect_to_master(&mut self) {
-        let Role::Slave {
-            master_addr,
-            staging,
-            ..
-        } = &mut self.role
-        else {
-            return;
-        };
-        // A snapshot half-received on the old link is never finished: free it.
-        *staging = None;
-        let master_addr = *master_addr;
-        let mut stream = match TcpStream::connect(master_addr) {
-            Ok(stream) => stream,
-            Err(e) => {
-                self.master_unreachable(master_addr, &e);
-                self.completions.push_back(Event::ConnectFailed);
-                return;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let limit = self.peer_frame_limit(true);
-        let max_output = self.max_peer_output_bytes;
-        let entry = self.links.vacant_entry();
-        let key = entry.key();
-        if let Err(e) = register_link(&self.poll, &mut stream, key) {
-            error!("cannot register link to master: {e}");
-            self.completions.push_back(Event::ConnectFailed);
-            return;
-        }
-        let id = PeerId(self.next_peer_id);
-        self.next_peer_id += 1;
-        let epoch = self.failover.as_ref().map_or(0, |f| f.epoch);
-        let mut link = PeerLink::new(
-            Framed::new(stream),
-            id,
-            master_addr,
-            true,
-            limit,
-            max_output,
-        )
-        .in_epoch(epoch);
-        if let Some(secret) = &self.cluster_secret {
-            match PeerAuth::slave(secret.clone()) {
-                Ok((auth, hello)) => link = link.with_auth(auth, Some(hello)),
-                Err(e) => {
-                    error!("cannot authenticate to the master: {e}");
-                    self.completions.push_back(Event::ConnectFailed);
-                    return;
-                }
-            }
-        }
-        entry.insert(Link::Peer(link));
-        self.peers.insert(id, key);
-        self.master_dial = Some((id, self.now_ms() + MASTER_CONNECT_TIMEOUT_MS));
-    }
-
-    /// Abandon the dial to the master if it is still unanswered past its
-    /// deadline, and report it failed: the participant redials after its backoff.
-    fn give_up_slow_dial(&mut self, now: u64) {
-        let Some((id, deadline)) = self.master_dial else {
-            return;
-        };
-        if now < deadline {
-            return;
-        }
-        self.master_dial = None;
-        let Some(&key) = self.peers.get(&id) else {
-            return; // failed or closed already
-        };
-        let Some(Link::Peer(link)) = self.links.get(key) else {
-            return;
-        };
-        if !link.connecting {
-            return;
-        }
-        let addr = link.addr;
-        let e = io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no answer within {MASTER_CONNECT_TIMEOUT_MS} ms"),
-        );
-        self.master_unreachable(addr, &e);
-        self.drop_peer(key);
-        self.feed(Event::ConnectFailed);
-    }
-
-    /// Apply committed transaction `seq`. `key_hashes` are the keys' store
-    /// hashes when the writes came from this master's clients (hashed once, at
-    /// submission); writes from elsewhere (a slave's, a promoted master's
-    /// recovered ones) come without, and are hashed here: a hash is never
-    /// taken from the network.
-    fn apply(
-        &mut self,
-        seq: u64,
-        ops: &[crate::protocol::peer::WriteOp],
-        replies: &[ClientRef],
-        key_hashes: Vec<u64>,
-    ) {
-        debug_assert!(
-            seq > self.core.commit_seq,
-            "commits apply in sequence order"
-        );
-        debug_assert!(key_hashes.is_empty() || key_hashes.len() == ops.len());
-        let hashes = if key_hashes.len() == ops.len() {
-            key_hashes
-        } else {
-            let store = &self.core.store;
-            ops.iter().map(|op| store.key_hash(op.key())).collect()
-        };
-        let keys = ops.iter().map(|op| op.key());
-        self.core.store.warm(keys.zip(hashes.iter().copied()));
-        self.core.waiting.warm(replies);
-        for (i, (op, &hash)) in ops.iter().zip(&hashes).enumerate() {
-            let Some(write) = crate::wal::replay::store_write(op) else {
-                self.wal.before_clear(&self.core.store);
-                self.snapshots.before_clear(&self.core.store);
-                self.core.store.clear();
-                if let Some(&client) = replies.get(i) {
-                    self.reply(client, Status::Ok, seq, &[]);
-                }
-                continue;
-            };
-            // A snapshot being streamed or written keeps the key (or its
-            // shard) as it was at its start (found from the hash at hand,
-            // not hashed again).
-            self.wal.before_key_write(&self.core.store, op.key(), hash);
-            self.snapshots
-                .before_key_write(&self.core.store, op.key(), hash);
-            let applied = self.core.store.apply_hashed(write, seq, hash);
-            if let Some(&client) = replies.get(i) {
-                match applied {
-                    Applied::Changed(version) => self.reply(client, Status::Ok, version, &[]),
-                    Applied::NotFound => self.reply(client, Status::NotFound, 0, &[]),
-                }
-            }
-        }
-        self.core.commit_seq = seq;
-    }
-
-    fn install_snapshot(
-        &mut self,
-        at_seq: u64,
-        entries: Vec<crate::protocol::peer::SnapshotEntry>,
-        begin: bool,
-        end: bool,
-    ) {
-        let Role::Slave { staging, .. } = &mut self.role else {
-            return;
-        };
-        if begin {
-            // Keeps the hash key: see `Store::empty_like`.
-            *staging = Some(self.core.store.empty_like());
-        }
-        let Some(store) = staging.as_mut() else {
-            warn!("snapshot chunk without a beginning; ignored");
-            return;
-        };
-        for e in entries {
-            store.set(&e.key, &e.value, e.version);
-            if e.deadline_ms > 0 {
-                store.set_deadline(&e.key, Some(e.deadline_ms));
-            }
-        }
-        if end && let Some(store) = staging.take() {
-            info!(
-                "installed a snapshot of {} keys at seq {at_seq}",
-                store.len()
-            );
-            self.core.store = store;
-            self.core.commit_seq = at_seq;
-        }
-    }
-
-    /// Close the TCP connections of writes whose outcome this server cannot
-    /// tell (no status says "unknown": UNAVAILABLE means "not applied"). A
-    /// UDP client hears nothing and retries.
-    fn close_writers(&mut self, targets: impl IntoIterator<Item = ReplyTarget>) {
-        for target in targets {
-            if let ReplyTarget::Tcp { key, conn_id } = target
-                && let Some(Link::Client(connection)) = self.links.get(key)
-                && connection.conn_id() == conn_id
-            {
-                self.close_client(key);
-            }
-        }
-    }
-
-    /// Send the reply of a write that waited for its transaction.
-    fn reply(&mut self, client: ClientRef, status: Status, version: u64, message: &[u8]) {
-        let Some((target, completion)) = self.core.finish(client, status, version, message) else {
-            return;
-        };
-        // A write was decided: commands waiting to read a key in flight may go on.
-        self.touched.append(&mut self.core.key_waiters);
-        match target {
-            ReplyTarget::Tcp { key, conn_id } => {
-                if let Some(Link::Client(connection)) = self.links.get_mut(key)
-                    && connection.conn_id() == conn_id
-                {
-                    connection.deliver(client, |out| completion.encode(out));
-                    // A batch's replies to one connection mostly come one after
-                    // another (its pipelined commands were parsed together): one
-                    // drive after them flushes them all, where a drive per reply
-                    // cost a pass through the connection each.
-                    if self.touched.last() != Some(&key) {
-                        self.touched.push(key);
-                    }
-                }
-            }
-            ReplyTarget::Nobody => {}
-            ReplyTarget::Udp { from, fingerprint } => {
-                if let Some(udp) = self.udp.as_mut() {
-                    let mut bytes = Vec::with_capacity(crate::protocol::HEADER_LEN + message.len());
-                    completion.encode(&mut bytes);
-                    udp.deliver(
-                        &mut self.core,
-                        from,
-                        completion.request_id(),
-                        fingerprint,
-                        &bytes,
-                    );
-                }
-            }
-        }
     }
 }
 
@@ -1900,23 +585,6 @@ pub fn repair(config: &Config) -> Result<String, ServerError> {
 pub const MAX_MASTER_FRAME_PAYLOAD: usize =
     handler::MAX_BATCH_BYTES + 2 * MAX_VALUE_BYTES_LIMIT + (8 << 20);
 
-/// Largest unsent output a replication link may hold before it is dropped.
-/// The largest legitimate burst is the backlog a slave is sent at once after a
-/// snapshot: what the pinned commit log holds, up to 4 times
-/// `--repl-backlog-mb` and at least 64 MiB of keys and values, counted twice
-/// for the encoding of small writes, plus a snapshot window and two largest
-/// frames (a PREPARE queued behind a LOG_ENTRY).
-fn peer_output_limit(config: &Config) -> usize {
-    let largest_frame = handler::MAX_BATCH_BYTES + 2 * config.max_value_bytes + (8 << 20);
-    config
-        .repl_backlog_bytes
-        .saturating_mul(crate::replication::PIN_SLACK)
-        .max(crate::replication::PIN_FLOOR_BYTES)
-        .saturating_mul(2)
-        .saturating_add(2 * largest_frame)
-        .saturating_add(peer::SNAPSHOT_LOW_WATER_BYTES)
-}
-
 /// Register a stream living at slab `key` for both directions, once: with
 /// edge-triggered readiness no re-registration is ever needed.
 fn register_link(poll: &Poll, stream: &mut TcpStream, key: usize) -> io::Result<()> {
@@ -1927,105 +595,28 @@ fn register_link(poll: &Poll, stream: &mut TcpStream, key: usize) -> io::Result<
     )
 }
 
-fn resolve(host: &str, port: u16) -> Result<SocketAddr, ServerError> {
-    let resolve_err = |source| ServerError::Resolve {
-        host: host.to_string(),
-        source,
-    };
-    (host, port)
-        .to_socket_addrs()
-        .map_err(resolve_err)?
-        .next()
-        .ok_or_else(|| resolve_err(io::ErrorKind::NotFound.into()))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::ParticipantConfig;
 
-/// The address to announce before any link tells better: for
-/// [`Announce::LinkLocal`] the bound one, replaced when the link connects.
-fn announced(announce: &Announce, bound: SocketAddr) -> String {
-    match announce {
-        Announce::Fixed(a) => a.clone(),
-        Announce::LinkLocal => bound.to_string(),
-    }
-}
-
-/// The address a node bound to `0.0.0.0`/`::` without `--announce-addr`
-/// records in etcd as leader: its local address on the route to the first
-/// etcd endpoint (the other nodes reach etcd, so most likely this address
-/// too), with the bound port. Found by connecting a UDP socket, which sends
-/// nothing. Falls back to the bound address, with a warning.
-fn leader_addr_toward(endpoints: &[String], bound: SocketAddr) -> String {
-    let route = endpoints.first().and_then(|endpoint| {
-        let hostport = endpoint.strip_prefix("http://")?.split('/').next()?;
-        let target = hostport.to_socket_addrs().ok()?.next()?;
-        let local: SocketAddr = if target.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    #[test]
+    fn the_handler_sees_the_role_it_is_derived_from() {
+        let master = Role::Master(Box::new(Coordinator::new(CoordinatorConfig::default(), 0)));
+        assert_eq!(master.mode(), Mode::Master);
+        let standby = Role::Standby(Box::new(failover::empty_standby()));
+        assert_eq!(standby.mode(), Mode::Slave { master: None });
+        let slave = Role::Slave {
+            participant: Box::new(Participant::recover(ParticipantConfig::default(), 0, 0)),
+            master_addr: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            master: "m:7000".into(),
+            staging: None,
         };
-        let socket = std::net::UdpSocket::bind(local).ok()?;
-        socket.connect(target).ok()?;
-        let ip = socket.local_addr().ok()?.ip();
-        (!ip.is_unspecified()).then_some(ip)
-    });
-    match route {
-        Some(ip) => {
-            let addr = SocketAddr::new(ip, bound.port());
-            info!(
-                "bound to {bound}: announcing {addr} (the local address toward etcd) as this \
-                 node's address; --announce-addr sets another"
-            );
-            addr.to_string()
-        }
-        None => {
-            warn!(
-                "bound to {bound} and no route to etcd found: announcing {bound}, which other \
-                 hosts cannot connect to; set --announce-addr"
-            );
-            bound.to_string()
-        }
-    }
-}
-
-/// Bind TCP and/or UDP on `addr`; for port 0, find one port free for both.
-fn bind_sockets(
-    addr: SocketAddr,
-    config: &Config,
-) -> Result<(Option<TcpListener>, Option<UdpSocket>, SocketAddr), ServerError> {
-    let bind_err = |transport, addr, source| ServerError::Bind {
-        transport,
-        addr,
-        source,
-    };
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let listener = if config.tcp {
-            Some(TcpListener::bind(addr).map_err(|e| bind_err("TCP", addr, e))?)
-        } else {
-            None
-        };
-        let mut bound = addr;
-        if let Some(l) = &listener {
-            bound = l.local_addr().map_err(|e| bind_err("TCP", addr, e))?;
-        }
-        if !config.udp {
-            return Ok((listener, None, bound));
-        }
-        match UdpSocket::bind(bound) {
-            Ok(socket) => {
-                let bound = socket.local_addr().map_err(|e| bind_err("UDP", addr, e))?;
-                return Ok((listener, Some(socket), bound));
+        assert_eq!(
+            slave.mode(),
+            Mode::Slave {
+                master: Some("m:7000".into())
             }
-            // The port TCP got by chance may be taken for UDP: try another.
-            Err(e)
-                if addr.port() == 0
-                    && listener.is_some()
-                    && e.kind() == io::ErrorKind::AddrInUse
-                    && attempt < PORT_ZERO_ATTEMPTS =>
-            {
-                info!("port {} is taken for UDP, trying another", bound.port());
-            }
-            Err(e) => return Err(bind_err("UDP", bound, e)),
-        }
+        );
     }
 }

@@ -1305,7 +1305,7 @@ impl Session<'_> {
                 }
             }
             Mode::Slave { master } => {
-                let (host, port) = split_addr(master);
+                let (host, port) = split_addr(master.as_deref().unwrap_or(""));
                 let port: i64 = port.parse().unwrap_or(0);
                 let state = if self.core.replication.master_link_up {
                     "connected"
@@ -1713,7 +1713,7 @@ impl Session<'_> {
                             line("master_repl_offset", &core.commit_seq);
                         }
                         Mode::Slave { master } => {
-                            let (host, port) = split_addr(master);
+                            let (host, port) = split_addr(master.as_deref().unwrap_or(""));
                             let up = core.replication.master_link_up;
                             line("role", &"slave");
                             line("master_host", &host);
