@@ -7,7 +7,7 @@
 //! LOCK                 held (flock) while a server runs on the directory
 //! node_id              this node's id, created once (16 hex digits)
 //! wal-<id>.log         segments in id order, preallocated and overwritten (segment.rs)
-//! wal-<id>.log.tmp     the next segment being preallocated (deleted at recovery)
+//! wal-<id>.log.tmp     the next segment, preallocated; in use until the sync thread renames it
 //! snap-<id>.dat        snapshots; the newest names the first segment after it (snapshot.rs)
 //! *.torn-<t>, *.discarded-<t>, *.corrupt-<t>   bytes recovery cut off, kept for the operator
 //! ```
@@ -231,6 +231,8 @@ pub struct Wal {
     unprepared: Option<u64>,
     /// Rotated segments (cut to their records) not yet covered by a sync.
     unsynced: Vec<Arc<File>>,
+    /// Prepared segments in use whose rename the sync thread has not been asked for.
+    renames: Vec<(PathBuf, PathBuf)>,
     dir_dirty: bool,
     buffer: Vec<u8>,
     appended_lsn: u64,
@@ -428,6 +430,7 @@ impl Wal {
             preparing: None,
             unprepared: None,
             unsynced: Vec::new(),
+            renames: Vec::new(),
             dir_dirty: false,
             buffer: Vec::new(),
             appended_lsn: 0,
@@ -679,41 +682,31 @@ impl Wal {
         let id = self.active_id() + 1;
         // Close the segment with its end marker first: recovery reads zeros
         // in a segment that is not the newest as a torn tail and discards what
-        // follows, unless a marker says they are unused space. The marker must
-        // precede the next segment's name even if the process dies right
-        // after (a crash of the process, not the machine, loses nothing under
-        // every policy), and the sync thread fsyncs it before it covers any
-        // record after it. A marker is a write into the page cache; cutting
-        // the zeros off instead (ftruncate) held the reactor 0.3–12 ms while
-        // the sync thread's fsync of the same file ran.
-        if self.active_capacity >= self.active_len + SEGMENT_END_BYTES as u64 {
-            let mut marker = Vec::with_capacity(SEGMENT_END_BYTES);
-            encode_segment_end(&mut marker, id - 1);
-            if let Err(e) = self.active.write_all_at(&marker, self.active_len) {
-                let path = self.segment_path(id - 1);
-                self.fail(format!("cannot write {}: {e}", path.display()));
-                return;
-            }
-            self.active_len += marker.len() as u64;
-            if let Some(s) = self.segments.last_mut() {
-                s.bytes += marker.len() as u64;
-            }
-        } else if self.active_capacity > self.active_len
-            && let Err(e) = self.active.set_len(self.active_len)
-        {
-            // Fewer zeros left than a marker needs: not after a rotation
-            // (which keeps room for it), only if a segment without a prepared
-            // successor filled up to its last bytes. Cut them.
+        // follows, unless a marker says they are unused space, and takes a
+        // prepared segment still under its temporary name only after a closed
+        // one (see `adopt_prepared`). The marker must precede any record of the
+        // next segment even if the process dies right after (a crash of the
+        // process, not the machine, loses nothing under every policy), and the
+        // sync thread fsyncs it before it covers any record after it. A marker
+        // is a write into the page cache; cutting the zeros off instead
+        // (ftruncate) held the reactor 0.3–12 ms beside the sync thread's
+        // fsync of the same file.
+        let mut marker = Vec::with_capacity(SEGMENT_END_BYTES);
+        encode_segment_end(&mut marker, id - 1);
+        if let Err(e) = self.active.write_all_at(&marker, self.active_len) {
             let path = self.segment_path(id - 1);
-            self.fail(format!("cannot truncate {}: {e}", path.display()));
+            self.fail(format!("cannot write {}: {e}", path.display()));
             return;
+        }
+        self.active_len += marker.len() as u64;
+        if let Some(s) = self.segments.last_mut() {
+            s.bytes += marker.len() as u64;
         }
         let opened = match self.next.take() {
             Some(p) if p.id == id => {
-                let path = self.segment_path(id);
-                std::fs::rename(&p.tmp, &path)
-                    .map(|()| (p.file, SEGMENT_BYTES))
-                    .map_err(|e| format!("cannot rename {}: {e}", p.tmp.display()))
+                // Renamed by the sync thread, before anything in it is synced.
+                self.renames.push((p.tmp, self.segment_path(id)));
+                Ok((p.file, SEGMENT_BYTES))
             }
             // None ready (a snapshot or a resync rotates whenever it starts):
             // a segment that grows as it is written, left once the next is ready.
@@ -824,9 +817,11 @@ impl Wal {
             return;
         }
         let rotated = std::mem::take(&mut self.unsynced);
+        let renames = std::mem::take(&mut self.renames);
         let files = vec![self.active.clone()];
         let dir = std::mem::take(&mut self.dir_dirty).then(|| self.config.dir.clone());
         let request = SyncRequest {
+            renames,
             rotated,
             lsn: self.written_lsn,
             written_bytes: self.written_bytes,
@@ -1110,9 +1105,76 @@ fn create_segment(dir: &Path, id: u64) -> Result<File, WalError> {
     Ok(file)
 }
 
+/// Give their names to prepared segments the log had moved on to before the
+/// sync thread renamed them (the process stopped in between): the segment after
+/// the newest named one, when that one was closed by its end marker or this one
+/// holds a record; with no named segment left (a snapshot deleted the ones it
+/// covers first), the oldest one that holds a record. A prepared segment never
+/// written to is left to be deleted as before.
+fn adopt_prepared(
+    dir: &Path,
+    names: &[String],
+    report: &mut RecoveryReport,
+) -> Result<(), WalError> {
+    let prepared: Vec<u64> = names
+        .iter()
+        .filter_map(|n| n.strip_suffix(".tmp").and_then(parse_segment_name))
+        .collect();
+    if prepared.is_empty() {
+        return Ok(());
+    }
+    let mut newest = names.iter().filter_map(|n| parse_segment_name(n)).max();
+    let mut adopted = false;
+    loop {
+        let candidate = match newest {
+            Some(id) => id + 1,
+            None => match prepared.iter().min() {
+                Some(&id) => id,
+                None => break,
+            },
+        };
+        if !prepared.contains(&candidate) {
+            break;
+        }
+        let tmp = prepared_path(dir, candidate);
+        let bytes = std::fs::read(&tmp).map_err(io_err("read", &tmp))?;
+        let holds_records = !segment::scan(&bytes, candidate).records.is_empty();
+        let after_closed = match newest {
+            Some(id) => {
+                let path = dir.join(segment_name(id));
+                let prev = std::fs::read(&path).map_err(io_err("read", &path))?;
+                matches!(segment::scan(&prev, id).tail, Tail::Closed { .. })
+            }
+            None => false,
+        };
+        if !(holds_records || after_closed) {
+            break;
+        }
+        let path = dir.join(segment_name(candidate));
+        std::fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
+        info!(
+            "{} was in use under its temporary name; renamed to {}",
+            tmp.display(),
+            path.display()
+        );
+        report.repairs.push(format!(
+            "renamed {} to {} (in use, not yet renamed when the server stopped)",
+            tmp.display(),
+            path.display()
+        ));
+        newest = Some(candidate);
+        adopted = true;
+    }
+    if adopted {
+        sync_dir(dir).map_err(io_err("fsync", dir))?;
+    }
+    Ok(())
+}
+
 /// Rebuild the store from the newest snapshot and the segments after it.
 fn recover(dir: &Path, repair: bool) -> Result<(Replay, Vec<Segment>, RecoveryReport), WalError> {
     let mut report = RecoveryReport::default();
+    adopt_prepared(dir, &list_dir(dir)?, &mut report)?;
     let names = list_dir(dir)?;
     for name in names.iter().filter(|n| n.ends_with(".tmp")) {
         // An unfinished snapshot or node id: never renamed, so never used.

@@ -50,8 +50,13 @@ pub struct SyncRequest {
     /// (a slave's commit records, whose acks can wait) the sync waits up to
     /// [`LAZY_DELAY`] for one that has, and covers both.
     pub urgent: bool,
-    /// Segments rotated out and cut to their records since the last request:
-    /// synced (`fsync`, the new length included) before `files`.
+    /// Prepared segments the log moved on to since the last request, in
+    /// order: each renamed from its temporary name to its own before anything
+    /// is synced. Here and not on the reactor, where a rename waited 3–8 ms
+    /// for the file system's journal beside a running fsync.
+    pub renames: Vec<(PathBuf, PathBuf)>,
+    /// Segments rotated out and closed by their end marker since the last
+    /// request: synced before `files`.
     pub rotated: Vec<Arc<File>>,
     /// Files to sync (the active segment).
     pub files: Vec<Arc<File>>,
@@ -236,6 +241,7 @@ pub fn preallocate(path: &std::path::Path, id: u64) -> io::Result<File> {
 
 /// Merge `newer` into `request`: one fsync covers both.
 fn merge(request: &mut SyncRequest, newer: SyncRequest) {
+    request.renames.extend(newer.renames);
     for file in newer.rotated {
         if !request.rotated.iter().any(|f| Arc::ptr_eq(f, &file)) {
             request.rotated.push(file);
@@ -347,6 +353,13 @@ fn sync_loop(requests: &Receiver<SyncRequest>, done: &Sender<Done>, waker: &Wake
 }
 
 fn sync_files(request: &SyncRequest) -> Result<(), String> {
+    // Recovery finds a segment still under its temporary name too (see
+    // `adopt_prepared`); the rename, and the directory's fsync below, only
+    // make it findable the ordinary way before anything in it counts as durable.
+    for (tmp, path) in &request.renames {
+        std::fs::rename(tmp, path)
+            .map_err(|e| format!("cannot rename {} to {}: {e}", tmp.display(), path.display()))?;
+    }
     // A rotated segment was closed by its end marker, or cut to its records
     // (see `Wal::rotate`): fsync, so that is durable before any record of the
     // next segment is reported durable.

@@ -385,3 +385,59 @@ fn zeros_in_a_segment_that_is_not_the_newest_are_a_torn_tail() {
     assert_eq!(kept.len(), 0);
     assert_eq!(side_files(dir.path(), ".discarded-").len(), 1);
 }
+
+#[test]
+fn a_segment_in_use_under_its_temporary_name_is_adopted_at_recovery() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let second;
+    {
+        let (mut h, _) = open(dir.path(), FsyncPolicy::Always, 1 << 30);
+        h.wal.start_history(1).expect("history");
+        h.commit(1, put("a", "1"));
+        h.prepare_now();
+        h.wal.rotate();
+        second = h.wal.active_id();
+        assert_eq!(h.wal.renames.len(), 1, "left to the sync thread");
+        h.commit(2, put("b", "2"));
+        assert!(
+            h.wal.segment_path(second).exists(),
+            "renamed before durable"
+        );
+    }
+    // The process stopped after the rotation, before the sync thread renamed it.
+    let named = dir.path().join(segment_name(second));
+    std::fs::rename(&named, prepared_path(dir.path(), second)).expect("unrename");
+    let (h, replay) = open(dir.path(), FsyncPolicy::Always, 1 << 30);
+    assert_eq!((replay.seq, replay.store.len()), (2, 2));
+    assert!(named.exists());
+    assert!(side_files(dir.path(), ".torn-").is_empty());
+    assert!(side_files(dir.path(), ".discarded-").is_empty());
+    drop(h);
+    // Once more: it reads as an ordinary closed segment now.
+    let (_, replay) = open(dir.path(), FsyncPolicy::Always, 1 << 30);
+    assert_eq!(replay.seq, 2);
+    assert!(side_files(dir.path(), ".torn-").is_empty());
+}
+
+#[test]
+fn a_prepared_segment_never_written_to_is_not_adopted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let next;
+    {
+        let (mut h, _) = open(dir.path(), FsyncPolicy::Always, 1 << 30);
+        h.wal.start_history(1).expect("history");
+        h.commit(1, put("a", "1"));
+        h.prepare_now();
+        next = h.wal.active_id() + 1;
+        assert!(prepared_path(dir.path(), next).exists());
+    }
+    let (h, replay) = open(dir.path(), FsyncPolicy::Always, 1 << 30);
+    assert_eq!(replay.seq, 1);
+    assert!(
+        side_files(dir.path(), ".torn-").is_empty(),
+        "the newest named segment's zeros are its clean end"
+    );
+    // Recovery deleted it; the log opened a segment of that id afresh.
+    assert_eq!(h.wal.active_id(), next);
+    assert!(!prepared_path(dir.path(), next).exists());
+}
