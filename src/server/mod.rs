@@ -47,8 +47,8 @@ use crate::protocol::Status;
 use crate::protocol::peer::PeerMessage;
 use crate::protocol::peer_auth::PeerAuth;
 use crate::replication::{
-    Action, ClientRef, CommitLog, Coordinator, CoordinatorConfig, Event, LinkState, Participant,
-    ParticipantConfig, PeerId, WriteError,
+    Action, BACKLOG_LOW_WATER_BYTES, ClientRef, CommitLog, Coordinator, CoordinatorConfig, Event,
+    LinkState, Participant, ParticipantConfig, PeerId, WriteError,
 };
 use crate::store::{Applied, Store};
 use crate::wal::{FsyncPolicy, Wal, WalConfig, WalError};
@@ -838,6 +838,7 @@ impl Server {
                 || deferred
                 || self.forward_deferred
                 || releasing
+                || !self.drained_backlogs().is_empty()
             {
                 // Left-over work goes on at once.
                 timeout = Some(Duration::ZERO);
@@ -897,6 +898,11 @@ impl Server {
             }
             for key in std::mem::take(&mut self.deferred_flushes) {
                 self.flush_peer(key);
+            }
+            // A slave being sent its backlog gets the next step once its link
+            // drained: one step a turn, so a large backlog never fills one.
+            for peer in self.drained_backlogs() {
+                self.feed(Event::PeerDrained { peer });
             }
             if std::mem::take(&mut self.forward_deferred)
                 && let Some(key) = self.forward_link
@@ -1267,6 +1273,24 @@ impl Server {
             }
             Err(e) => self.lose_peer(key, &e.to_string()),
         }
+    }
+
+    /// The slaves being sent a backlog (`Coordinator::backlog_peers`) whose
+    /// link streams no snapshot and has less than `BACKLOG_LOW_WATER_BYTES`
+    /// queued: each is owed its next step (`Event::PeerDrained`).
+    fn drained_backlogs(&self) -> Vec<PeerId> {
+        let Role::Master(c) = &self.role else {
+            return Vec::new();
+        };
+        c.backlog_peers()
+            .filter(|peer| {
+                matches!(
+                    self.peers.get(peer).and_then(|&key| self.links.get(key)),
+                    Some(Link::Peer(link)) if !link.streaming_snapshot()
+                        && link.io.pending_output() < BACKLOG_LOW_WATER_BYTES
+                )
+            })
+            .collect()
     }
 
     /// A link failed: close it and tell the state machine.
@@ -1900,12 +1924,12 @@ pub fn repair(config: &Config) -> Result<String, ServerError> {
 pub const MAX_MASTER_FRAME_PAYLOAD: usize =
     handler::MAX_BATCH_BYTES + 2 * MAX_VALUE_BYTES_LIMIT + (8 << 20);
 
-/// Largest unsent output a replication link may hold before it is dropped.
-/// The largest legitimate burst is the backlog a slave is sent at once after a
-/// snapshot: what the pinned commit log holds, up to 4 times
+/// Largest unsent output a replication link may hold before it is dropped:
+/// room for what the pinned commit log holds, up to 4 times
 /// `--repl-backlog-mb` and at least 64 MiB of keys and values, counted twice
 /// for the encoding of small writes, plus a snapshot window and two largest
-/// frames (a PREPARE queued behind a LOG_ENTRY).
+/// frames (a PREPARE queued behind a LOG_ENTRY), although a backlog is queued
+/// only a step at a time, while the link has drained (`Event::PeerDrained`).
 fn peer_output_limit(config: &Config) -> usize {
     let largest_frame = handler::MAX_BATCH_BYTES + 2 * config.max_value_bytes + (8 << 20);
     config
