@@ -78,6 +78,10 @@ enum Ev {
     SnapshotStep {
         link: usize,
     },
+    /// The master's end of `link`, being sent a backlog, has drained.
+    Drain {
+        link: usize,
+    },
     /// A role timer.
     Timer {
         node: usize,
@@ -173,7 +177,7 @@ impl Ev {
             Ev::Deliver { link, dir } => Some(links[*link].ends[*dir]),
             Ev::LinkLost { link, end } => Some(links[*link].ends[*end]),
             Ev::ConnectDone { link } => Some(links[*link].ends[0]),
-            Ev::SnapshotStep { link } => Some(links[*link].ends[1]),
+            Ev::SnapshotStep { link } | Ev::Drain { link } => Some(links[*link].ends[1]),
             Ev::Timer { node, .. }
             | Ev::Wake { node, .. }
             | Ev::PersistDone { node, .. }
@@ -197,6 +201,8 @@ struct Link {
     last_at: [u64; 2],
     /// A snapshot streaming: its seq, the chunks left, and how many there were.
     snapshot: Option<(u64, VecDeque<Vec<SnapshotEntry>>, usize)>,
+    /// An `Ev::Drain` is scheduled for it.
+    drain_due: bool,
 }
 
 /// A record as the disk holds it; a checkpoint carries the store it persists.
@@ -446,6 +452,17 @@ impl Sim {
             peer_timeout_ms: 200 + tpc_timeout_ms,
             max_inflight_txns: 64,
             record_sync_set: true,
+            // Drawn apart, so that a seed draws the same faults as before this
+            // knob existed: mostly a commit or a few per step of a backlog,
+            // so that catch-ups span drains; sometimes the server's default.
+            backlog_step_bytes: {
+                let mut knobs = StdRng::seed_from_u64(seed ^ 0xBAC4_1065);
+                if knobs.random_bool(0.2) {
+                    CoordinatorConfig::default().backlog_step_bytes
+                } else {
+                    knobs.random_range(0..=600)
+                }
+            },
             ..CoordinatorConfig::default()
         };
         // The server's defaults, scaled to the simulated lease.
@@ -836,6 +853,24 @@ impl Sim {
                     let next = self.now + self.rng.random_range(0..=3);
                     self.schedule(next, Ev::SnapshotStep { link });
                 }
+                self.settle(node)?;
+            }
+            Ev::Drain { link } => {
+                self.links[link].drain_due = false;
+                let node = self.links[link].ends[1];
+                if self.links[link].broken
+                    || !self.nodes[node].peers.contains(&link)
+                    || !matches!(self.nodes[node].role, Role::Master(_))
+                {
+                    return Ok(());
+                }
+                self.turn(node);
+                self.feed(
+                    node,
+                    Event::PeerDrained {
+                        peer: PeerId(link as u64),
+                    },
+                );
                 self.settle(node)?;
             }
             Ev::Timer {
@@ -1322,6 +1357,24 @@ impl Sim {
         }
     }
 
+    /// As the reactor does each turn: a slave being sent its backlog gets a
+    /// drain report once the link drained, a turn or a few later.
+    fn schedule_drains(&mut self, node: usize) {
+        let Role::Master(c) = &self.nodes[node].role else {
+            return;
+        };
+        let links: Vec<usize> = c.backlog_peers().map(|p| p.0 as usize).collect();
+        for link in links {
+            let l = &self.links[link];
+            if l.broken || l.drain_due || !self.nodes[node].peers.contains(&link) {
+                continue;
+            }
+            self.links[link].drain_due = true;
+            let at = self.now + self.net_delay();
+            self.schedule(at, Ev::Drain { link });
+        }
+    }
+
     /// Run the election's and the role's actions until both are quiet.
     fn settle(&mut self, node: usize) -> Result<(), String> {
         for _ in 0..10_000 {
@@ -1346,6 +1399,7 @@ impl Sim {
                 self.feed(node, event);
             }
             if !busy {
+                self.schedule_drains(node);
                 self.forget_led_epoch_once_following(node);
                 self.agent_next(node);
                 let at = self.nodes[node]
@@ -1533,6 +1587,7 @@ impl Sim {
                     queue: [VecDeque::new(), VecDeque::new()],
                     last_at: [self.now; 2],
                     snapshot: None,
+                    drain_due: false,
                 });
                 self.nodes[node].peers.insert(link);
                 let at = self.now + self.rng.random_range(1..=5);

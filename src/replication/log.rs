@@ -42,7 +42,7 @@ pub const PIN_FLOOR_BYTES: usize = 64 << 20;
 pub const PIN_FULL: u64 = 1000;
 
 /// Bytes a transaction holds in the log, for the byte bound.
-fn ops_bytes(ops: &Ops) -> usize {
+pub(super) fn ops_bytes(ops: &Ops) -> usize {
     ops.iter()
         .map(|op| op.key().len() + op.value().len() + 64)
         .sum()

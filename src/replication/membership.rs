@@ -13,6 +13,14 @@ pub enum SlaveState {
         /// Sequence number of the snapshot being streamed.
         at_seq: u64,
     },
+    /// Being sent the commits after its position from the commit log, a
+    /// bounded step at a time as its link drains: every commit through `sent`
+    /// is queued. Commits released meanwhile are not forwarded: the cursor
+    /// reaches them in the log, which is pinned at `sent`.
+    Backlog {
+        /// The last commit queued to it (or its position, before the first).
+        sent: u64,
+    },
     /// The backlog through `marker` has been sent, followed by a CAUGHT_UP marker;
     /// every later commit is forwarded as a LOG_ENTRY. Waiting for the marker's echo.
     Tailing {
@@ -44,7 +52,7 @@ impl SlaveState {
     pub fn name(&self) -> &'static str {
         match self {
             SlaveState::Snapshotting { .. } => "syncing-snapshot",
-            SlaveState::Tailing { .. } => "syncing-log",
+            SlaveState::Backlog { .. } | SlaveState::Tailing { .. } => "syncing-log",
             SlaveState::InSync { .. } => "in-sync",
             SlaveState::Probation { .. } => "probation",
             SlaveState::Evicted => "evicted",
@@ -245,6 +253,7 @@ mod tests {
             .expect("PROTOCOL.md §4.1 has the slave<i> row");
         let states = [
             SlaveState::Snapshotting { at_seq: 0 },
+            SlaveState::Backlog { sent: 0 },
             SlaveState::Tailing { marker: 0 },
             SlaveState::InSync { join_seq: 0 },
             SlaveState::Probation { until_ms: 0 },

@@ -29,7 +29,7 @@ mod sync_set;
 #[cfg(test)]
 mod sim;
 
-pub use coordinator::{Coordinator, CoordinatorConfig, TxnState};
+pub use coordinator::{BACKLOG_LOW_WATER_BYTES, Coordinator, CoordinatorConfig, TxnState};
 pub use log::{CommitLog, PIN_FLOOR_BYTES, PIN_SLACK};
 pub use membership::{Membership, SlaveInfo, SlaveState};
 pub use participant::{LinkState, Participant, ParticipantConfig};
@@ -248,6 +248,14 @@ pub enum Event {
         peer: PeerId,
         /// The snapshot's sequence number, echoed.
         at_seq: u64,
+    },
+    /// Master: the link of `peer` has less than [`BACKLOG_LOW_WATER_BYTES`]
+    /// queued and streams no snapshot. Reported at most once per reactor turn,
+    /// and only for the slaves [`Coordinator::backlog_peers`] names: each
+    /// report gets the next bounded step of that slave's backlog queued.
+    PeerDrained {
+        /// The link.
+        peer: PeerId,
     },
     /// Master: the link of `peer` was given, for the [`Action::StartSnapshot`]
     /// just executed, the snapshot at `at_seq` (older than the one asked

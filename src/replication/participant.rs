@@ -327,6 +327,7 @@ impl Participant {
             | Event::SnapshotSent { .. }
             | Event::SnapshotProgress { .. }
             | Event::SnapshotJoined { .. }
+            | Event::PeerDrained { .. }
             | Event::SyncSetRecorded { .. } => {
                 warn!("participant ignores master-side event {event:?}");
             }

@@ -93,6 +93,11 @@ enum Ev {
     SnapshotStep {
         link: usize,
     },
+    /// The master's end of a link being sent a backlog has drained (the
+    /// reactor reports it at most once a turn): feed `PeerDrained`.
+    Drain {
+        link: usize,
+    },
     /// The coordination store recorded in-sync set `version` (asked by master life `life`).
     SyncRecorded {
         version: u64,
@@ -158,7 +163,13 @@ struct Link {
     /// Snapshot chunks still to stream, and the snapshot's sequence number.
     /// A snapshot being streamed: its seq, the chunks left, and how many it had.
     snapshot: Option<(u64, VecDeque<Vec<SnapshotEntry>>, usize)>,
+    /// An `Ev::Drain` is scheduled for it.
+    drain_due: bool,
 }
+
+/// Messages in flight to a slave beyond which its link counts as not
+/// drained: a stalled slave reads nothing, and its backlog waits.
+const DRAINED_BELOW: usize = 8;
 
 impl Link {
     fn peer(index: usize) -> PeerId {
@@ -261,6 +272,8 @@ struct RunStats {
     worst_staleness_ms: u64,
     /// Client batches the write throttle held back for a snapshot.
     held_batches: u64,
+    /// Backlog steps fed by a drained link (`Event::PeerDrained`).
+    backlog_steps: u64,
 }
 
 impl RunStats {
@@ -276,6 +289,7 @@ impl RunStats {
         self.lease_checks += s.lease_checks;
         self.worst_staleness_ms = self.worst_staleness_ms.max(s.worst_staleness_ms);
         self.held_batches += s.held_batches;
+        self.backlog_steps += s.backlog_steps;
     }
 }
 
@@ -376,6 +390,14 @@ impl Sim {
         } else {
             knobs.random_range(1..=5)
         };
+        // Mostly a few of the simulated commits per step of a backlog (0: one
+        // per step), so that backlogs span many drains; sometimes the
+        // server's default, where every backlog goes in one step.
+        let backlog_step_bytes = if knobs.random_bool(0.2) {
+            CoordinatorConfig::default().backlog_step_bytes
+        } else {
+            knobs.random_range(0..=600)
+        };
         let config = CoordinatorConfig {
             tpc_timeout_ms,
             min_slaves: if rng.random_bool(0.2) {
@@ -412,6 +434,7 @@ impl Sim {
             snapshot_retry_min_ms: rng.random_range(1..=40),
             snapshot_retry_max_ms: rng.random_range(40..=300),
             commit_delay_ms,
+            backlog_step_bytes,
         };
         // Sometimes longer than the master grants (it caps a lease at the 2PC timeout).
         let read_lease_ms = rng.random_range(5..=300);
@@ -776,6 +799,7 @@ impl Sim {
                         last_at: [self.now; 2],
                         queue: [VecDeque::new(), VecDeque::new()],
                         snapshot: None,
+                        drain_due: false,
                     });
                     self.slaves[slave].link = Some(link);
                     self.log(|| format!("slave {slave} connects on link {link}"));
@@ -833,6 +857,27 @@ impl Sim {
                     let next = self.now + self.rng.random_range(0..=3);
                     self.schedule(next, Ev::SnapshotStep { link });
                 }
+            }
+            Ev::Drain { link } => {
+                self.links[link].drain_due = false;
+                if self.links[link].broken {
+                    return Ok(());
+                }
+                if self.links[link].queue[TO_SLAVE].len() >= DRAINED_BELOW {
+                    // Not drained yet (a stalled slave reads nothing): look again later.
+                    self.links[link].drain_due = true;
+                    let next = self.now + self.rng.random_range(1..=5);
+                    self.schedule(next, Ev::Drain { link });
+                    return Ok(());
+                }
+                self.stats.backlog_steps += 1;
+                self.coord.handle(
+                    self.now,
+                    Event::PeerDrained {
+                        peer: Link::peer(link),
+                    },
+                );
+                self.run_master_actions()?;
             }
             Ev::SyncRecorded {
                 version,
@@ -1286,6 +1331,28 @@ impl Sim {
                     return Err(format!("master emitted a slave action {action:?}"));
                 }
             }
+        }
+        self.schedule_drains()
+    }
+
+    /// As the reactor does each turn: a slave being sent its backlog gets a
+    /// drain report once its link drained, a turn or a few later.
+    fn schedule_drains(&mut self) -> Result<(), String> {
+        let peers: Vec<PeerId> = self.coord.backlog_peers().collect();
+        for peer in peers {
+            let link = (peer.0 - 1) as usize;
+            let Some(l) = self.links.get(link) else {
+                return Err(format!("backlog for {peer:?}, which has no link"));
+            };
+            if l.snapshot.is_some() {
+                return Err(format!("backlog for {peer:?} while its snapshot streams"));
+            }
+            if l.broken || l.drain_due {
+                continue;
+            }
+            self.links[link].drain_due = true;
+            let at = self.now + self.net_delay();
+            self.schedule(at, Ev::Drain { link });
         }
         Ok(())
     }

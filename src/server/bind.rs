@@ -342,12 +342,12 @@ impl Server {
     }
 }
 
-/// Largest unsent output a replication link may hold before it is dropped.
-/// The largest legitimate burst is the backlog a slave is sent at once after a
-/// snapshot: what the pinned commit log holds, up to 4 times
+/// Largest unsent output a replication link may hold before it is dropped:
+/// room for what the pinned commit log holds, up to 4 times
 /// `--repl-backlog-mb` and at least 64 MiB of keys and values, counted twice
 /// for the encoding of small writes, plus a snapshot window and two largest
-/// frames (a PREPARE queued behind a LOG_ENTRY).
+/// frames (a PREPARE queued behind a LOG_ENTRY), although a backlog is queued
+/// only a step at a time, while the link has drained (`Event::PeerDrained`).
 fn peer_output_limit(config: &Config) -> usize {
     let largest_frame = handler::MAX_BATCH_BYTES + 2 * config.max_value_bytes + (8 << 20);
     config

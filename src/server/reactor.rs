@@ -10,7 +10,7 @@ use log::{debug, error, info, warn};
 use mio::{Events, Interest, Token};
 
 use crate::protocol::peer_auth::PeerAuth;
-use crate::replication::{Event, PeerId};
+use crate::replication::{BACKLOG_LOW_WATER_BYTES, Event, PeerId};
 
 use super::connection::{Connection, Liveness};
 use super::handler::{ReadGate, ReplyTarget};
@@ -78,6 +78,7 @@ impl Server {
                 || deferred
                 || self.forward_deferred
                 || releasing
+                || !self.drained_backlogs().is_empty()
             {
                 // Left-over work goes on at once.
                 timeout = Some(Duration::ZERO);
@@ -137,6 +138,11 @@ impl Server {
             }
             for key in std::mem::take(&mut self.deferred_flushes) {
                 self.flush_peer(key);
+            }
+            // A slave being sent its backlog gets the next step once its link
+            // drained: one step a turn, so a large backlog never fills one.
+            for peer in self.drained_backlogs() {
+                self.feed(Event::PeerDrained { peer });
             }
             if std::mem::take(&mut self.forward_deferred)
                 && let Some(key) = self.forward_link
@@ -474,6 +480,24 @@ impl Server {
             }
             Err(e) => self.lose_peer(key, &e.to_string()),
         }
+    }
+
+    /// The slaves being sent a backlog (`Coordinator::backlog_peers`) whose
+    /// link streams no snapshot and has less than `BACKLOG_LOW_WATER_BYTES`
+    /// queued: each is owed its next step (`Event::PeerDrained`).
+    fn drained_backlogs(&self) -> Vec<PeerId> {
+        let Role::Master(c) = &self.role else {
+            return Vec::new();
+        };
+        c.backlog_peers()
+            .filter(|peer| {
+                matches!(
+                    self.peers.get(peer).and_then(|&key| self.links.get(key)),
+                    Some(Link::Peer(link)) if !link.streaming_snapshot()
+                        && link.io.pending_output() < BACKLOG_LOW_WATER_BYTES
+                )
+            })
+            .collect()
     }
 
     /// A link failed: close it and tell the state machine.

@@ -2423,3 +2423,254 @@ fn after_abandon_a_new_commit_arms_the_flush_again() {
         at_ms: 8
     }));
 }
+
+// ---- a backlog sent a bounded step per drain of the link ------------------
+
+/// Two of the tests' one-write commits (66 bytes each as the log counts
+/// them) make a step.
+const TWO_COMMITS: usize = 100;
+
+/// A master whose log holds commits 1..=7 (capacity 4: pinned, 16), with
+/// backlog steps of two commits, and slave 7 registered at 1: its backlog
+/// is 2..=7, of which the first step sent 2 and 3.
+fn sending_backlog() -> (Coordinator, Vec<Action>) {
+    let mut c = Coordinator::new(
+        CoordinatorConfig {
+            log_capacity: 16,
+            backlog_step_bytes: TWO_COMMITS,
+            ..config()
+        },
+        0,
+    );
+    c.handle(0, register(99, 0));
+    c.handle(0, Event::PeerLost { peer: PeerId(99) });
+    commit_writes(&mut c, 0, 7);
+    c.handle(1, register(7, 1));
+    let actions = drain(&mut c);
+    (c, actions)
+}
+
+fn drained(c: &mut Coordinator, now: u64, peer: u64) -> Vec<PeerMessage> {
+    c.handle(now, Event::PeerDrained { peer: PeerId(peer) });
+    sends_to(&drain(c), peer)
+}
+
+fn entry_seqs(sent: &[PeerMessage]) -> Vec<u64> {
+    sent.iter()
+        .filter_map(|m| match m {
+            PeerMessage::LogEntry { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect()
+}
+
+fn state_of(c: &Coordinator, peer: u64) -> Option<SlaveState> {
+    c.members().get(PeerId(peer)).map(|s| s.state)
+}
+
+#[test]
+fn a_backlog_goes_a_bounded_step_per_drain_then_the_marker() {
+    let (mut c, actions) = sending_backlog();
+    let sent = sends_to(&actions, 7);
+    assert!(matches!(
+        sent[0],
+        PeerMessage::Registered {
+            catch_up: CatchUp::Log { from_seq: 1 },
+            ..
+        }
+    ));
+    assert_eq!(entry_seqs(&sent), vec![2, 3], "the first step at once");
+    assert_eq!(sent.len(), 3, "no marker yet: {sent:?}");
+    assert_eq!(state_of(&c, 7), Some(SlaveState::Backlog { sent: 3 }));
+    assert_eq!(c.backlog_peers().collect::<Vec<_>>(), vec![PeerId(7)]);
+    assert_eq!(entry_seqs(&drained(&mut c, 2, 7)), vec![4, 5]);
+    assert_eq!(state_of(&c, 7), Some(SlaveState::Backlog { sent: 5 }));
+    // The last step ends with the marker: the slave is tailing.
+    let sent = drained(&mut c, 3, 7);
+    assert_eq!(entry_seqs(&sent), vec![6, 7]);
+    assert_eq!(sent.last(), Some(&PeerMessage::CaughtUp { seq: 7 }));
+    assert_eq!(state_of(&c, 7), Some(SlaveState::Tailing { marker: 7 }));
+    assert_eq!(c.backlog_peers().count(), 0);
+    // A drain reported once it is over sends nothing (nor for an in-sync slave).
+    assert!(drained(&mut c, 4, 7).is_empty());
+    c.handle(5, msg(7, PeerMessage::CaughtUp { seq: 7 }));
+    assert_eq!(state_of(&c, 7), Some(SlaveState::InSync { join_seq: 8 }));
+    assert!(drained(&mut c, 6, 7).is_empty());
+}
+
+#[test]
+fn a_step_sends_at_least_one_commit_however_small_its_budget() {
+    let mut c = Coordinator::new(
+        CoordinatorConfig {
+            log_capacity: 16,
+            backlog_step_bytes: 0,
+            ..config()
+        },
+        0,
+    );
+    c.handle(0, register(99, 0));
+    c.handle(0, Event::PeerLost { peer: PeerId(99) });
+    commit_writes(&mut c, 0, 3);
+    c.handle(1, register(7, 0));
+    assert_eq!(entry_seqs(&sends_to(&drain(&mut c), 7)), vec![1]);
+    assert_eq!(entry_seqs(&drained(&mut c, 2, 7)), vec![2]);
+    let sent = drained(&mut c, 3, 7);
+    assert_eq!(entry_seqs(&sent), vec![3]);
+    assert_eq!(sent.last(), Some(&PeerMessage::CaughtUp { seq: 3 }));
+}
+
+#[test]
+fn releases_during_a_backlog_are_sent_by_its_cursor_once_and_in_order() {
+    let (mut c, _) = sending_backlog();
+    // Released while the cursor is at 3: not forwarded live.
+    commit_writes(&mut c, 2, 2);
+    assert_eq!(c.commit_seq(), 9);
+    assert_eq!(state_of(&c, 7), Some(SlaveState::Backlog { sent: 3 }));
+    let mut seqs = Vec::new();
+    let mut last = Vec::new();
+    for t in 3..10 {
+        last = drained(&mut c, t, 7);
+        seqs.extend(entry_seqs(&last));
+        // One more release while the cursor runs.
+        if t == 3 {
+            commit_writes(&mut c, t, 1);
+        }
+    }
+    assert_eq!(
+        seqs,
+        (4..=10).collect::<Vec<_>>(),
+        "none twice, none skipped"
+    );
+    assert_eq!(last, vec![], "over after the marker");
+    assert_eq!(state_of(&c, 7), Some(SlaveState::Tailing { marker: 10 }));
+    // Tailing: from now on releases are forwarded at once.
+    c.handle(20, writes(50, &["z"]));
+    let lsn = c.last_lsn;
+    c.handle(20, Event::Persisted { lsn });
+    assert_eq!(entry_seqs(&sends_to(&drain(&mut c), 7)), vec![11]);
+}
+
+#[test]
+fn the_log_stays_pinned_at_the_cursor_and_a_wrap_evicts_the_slave() {
+    let mut c = Coordinator::new(
+        CoordinatorConfig {
+            log_capacity: 4,
+            backlog_step_bytes: TWO_COMMITS,
+            ..config()
+        },
+        0,
+    );
+    c.handle(0, register(99, 0));
+    c.handle(0, Event::PeerLost { peer: PeerId(99) });
+    commit_writes(&mut c, 0, 4);
+    c.handle(1, register(7, 0));
+    assert_eq!(entry_seqs(&sends_to(&drain(&mut c), 7)), vec![1, 2]);
+    // Past the log's capacity of 4, within its pinned slack of 16.
+    commit_writes(&mut c, 2, 10);
+    assert_eq!(
+        c.log_floor(),
+        2,
+        "pinned at the cursor: only what was sent goes"
+    );
+    assert_eq!(entry_seqs(&drained(&mut c, 3, 7)), vec![3, 4]);
+    // The pin moved with the cursor.
+    commit_writes(&mut c, 4, 1);
+    assert_eq!(c.log_floor(), 4);
+    // Past the slack the pin gives way, and the next drain finds the gap.
+    commit_writes(&mut c, 5, 20);
+    assert!(c.log_floor() > 4);
+    c.handle(6, Event::PeerDrained { peer: PeerId(7) });
+    let actions = drain(&mut c);
+    assert!(sends_to(&actions, 7).is_empty(), "{actions:?}");
+    assert!(actions.contains(&Action::Disconnect { peer: PeerId(7) }));
+    let info = c
+        .members()
+        .get(PeerId(7))
+        .expect("listed until its link is gone");
+    assert_eq!(info.state, SlaveState::Evicted);
+    assert!(
+        info.evicted_because
+            .as_deref()
+            .is_some_and(|r| r.contains("no longer holds its backlog after seq 4")),
+        "{:?}",
+        info.evicted_because
+    );
+    // It registers again at 4 on a new link: a snapshot.
+    c.handle(7, Event::PeerLost { peer: PeerId(7) });
+    c.handle(8, register(8, 4));
+    assert!(starts_snapshot(&drain(&mut c)).is_some());
+}
+
+#[test]
+fn a_slave_lost_mid_backlog_unpins_the_log_and_its_drains_do_nothing() {
+    let (mut c, _) = sending_backlog();
+    c.handle(2, Event::PeerLost { peer: PeerId(7) });
+    drain(&mut c);
+    assert!(c.members().get(PeerId(7)).is_none());
+    assert_eq!(c.backlog_peers().count(), 0);
+    assert!(drained(&mut c, 3, 7).is_empty());
+    // Unpinned: the log keeps its capacity of 16, no more.
+    commit_writes(&mut c, 4, 30);
+    assert_eq!(c.log_floor(), 37 - 16);
+}
+
+#[test]
+fn a_backlog_receiver_that_drains_nothing_for_the_peer_timeout_is_evicted() {
+    let (mut c, _) = sending_backlog();
+    let timeout = config().peer_timeout_ms;
+    // Each step allows for what is queued ahead of the slave's next answer:
+    // a drained window (1 MiB) and the step: 2 x 250 ms.
+    let grace = 500;
+    assert_eq!(
+        c.members().get(PeerId(7)).map(|s| s.last_heard_ms),
+        Some(1 + grace)
+    );
+    drained(&mut c, 100, 7);
+    let actions = heartbeat_timer(&mut c, 100 + grace + timeout);
+    assert!(!actions.contains(&Action::Disconnect { peer: PeerId(7) }));
+    assert!(
+        sends_to(&actions, 7).is_empty(),
+        "no heartbeat amid the backlog"
+    );
+    let actions = heartbeat_timer(&mut c, 100 + grace + timeout + 1);
+    assert!(actions.contains(&Action::Disconnect { peer: PeerId(7) }));
+    let reason = c
+        .members()
+        .get(PeerId(7))
+        .and_then(|s| s.evicted_because.clone())
+        .unwrap_or_default();
+    assert!(reason.contains("the backlog at seq 5"), "{reason}");
+}
+
+#[test]
+fn after_a_snapshot_the_backlog_goes_in_steps_too() {
+    let mut c = Coordinator::new(
+        CoordinatorConfig {
+            backlog_step_bytes: TWO_COMMITS,
+            ..config()
+        },
+        0,
+    );
+    c.handle(0, writes(1, &["a"]));
+    c.handle(0, Event::Persisted { lsn: 1 });
+    c.handle(0, register(7, 5)); // ahead of the master: snapshot at 1
+    assert_eq!(starts_snapshot(&drain(&mut c)), Some(1));
+    commit_writes(&mut c, 1, 5);
+    assert!(
+        drained(&mut c, 2, 7).is_empty(),
+        "nothing overtakes the chunks"
+    );
+    c.handle(
+        3,
+        Event::SnapshotSent {
+            peer: PeerId(7),
+            at_seq: 1,
+        },
+    );
+    assert_eq!(entry_seqs(&sends_to(&drain(&mut c), 7)), vec![2, 3]);
+    assert_eq!(state_of(&c, 7), Some(SlaveState::Backlog { sent: 3 }));
+    assert_eq!(entry_seqs(&drained(&mut c, 4, 7)), vec![4, 5]);
+    let sent = drained(&mut c, 5, 7);
+    assert_eq!(entry_seqs(&sent), vec![6]);
+    assert_eq!(sent.last(), Some(&PeerMessage::CaughtUp { seq: 6 }));
+}
