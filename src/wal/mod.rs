@@ -270,6 +270,8 @@ impl Drop for Wal {
         if let Some((_, thread)) = self.preparing.take() {
             let _ = thread.join();
         }
+        // Nor may a rename of a segment the log moved on to (see `rotate`).
+        self.helpers.stop_sync();
     }
 }
 

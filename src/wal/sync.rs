@@ -178,6 +178,16 @@ impl Helpers {
         })
     }
 
+    /// Let the sync thread finish the requests it has and wait for it: it
+    /// renames segments in the directory, which it must not do once the
+    /// directory's lock is let go. Requests sent after this are dropped.
+    pub fn stop_sync(&mut self) {
+        drop(std::mem::replace(&mut self.sync, std::sync::mpsc::channel().0));
+        if !self.threads.is_empty() {
+            let _ = self.threads.remove(0).join();
+        }
+    }
+
     /// Preallocate segment `id` of `dir` on a thread of its own, reported as
     /// [`Done::Prepared`]. Neither helper thread does it: zeroing and syncing
     /// megabytes would hold a log sync (a client's reply) or a snapshot
