@@ -243,8 +243,17 @@ pub struct Wal {
     requested_lsn: u64,
     /// Bytes written to the segments since the log was opened.
     written_bytes: u64,
+    /// When the last bytes were written (see `sync::Gather`).
+    written_at: Instant,
     /// `written_bytes` covered by the last completed sync.
     synced_bytes: u64,
+    /// Records covered by completed syncs (STATS: records per fsync).
+    synced_records: u64,
+    /// Client writes (ops) in the records appended, and in those covered by completed syncs.
+    appended_writes: u64,
+    synced_writes: u64,
+    /// The group-commit window's measured return time of the writers, µs.
+    gather_back_us: Option<u64>,
     /// Syncs completed.
     syncs_seen: u64,
     /// The group-commit target after the last completed sync (see `sync::sync_loop`).
@@ -441,6 +450,11 @@ impl Wal {
             reported_lsn: 0,
             requested_lsn: 0,
             written_bytes: 0,
+            written_at: Instant::now(),
+            synced_records: 0,
+            appended_writes: 0,
+            synced_writes: 0,
+            gather_back_us: None,
             synced_bytes: 0,
             syncs_seen: 0,
             start_at_bytes: 0,
@@ -593,6 +607,12 @@ impl Wal {
             record,
             Record::Committed { .. } | Record::CommittedTxn { .. } | Record::History { .. }
         );
+        if let Record::CommitDecision { ops, .. }
+        | Record::Prepared { ops, .. }
+        | Record::CommittedTxn { ops, .. } = record
+        {
+            self.appended_writes += ops.len() as u64;
+        }
         let before = self.buffer.len();
         encode_record(&mut self.buffer, record);
         let added = (self.buffer.len() - before) as u64;
@@ -765,6 +785,7 @@ impl Wal {
             Ok(()) => {
                 self.active_len += self.buffer.len() as u64;
                 self.written_bytes += self.buffer.len() as u64;
+                self.written_at = Instant::now();
                 self.buffer.clear();
                 self.written_lsn = self.appended_lsn;
             }
@@ -827,6 +848,9 @@ impl Wal {
             rotated,
             lsn: self.written_lsn,
             written_bytes: self.written_bytes,
+            written_at: self.written_at,
+            // Everything appended is written by now (`write_buffer` ran first).
+            written_writes: self.appended_writes,
             seen_syncs: self.syncs_seen,
             start_at_bytes: self.start_at_bytes,
             urgent: std::mem::take(&mut self.urgent_pending),
@@ -850,8 +874,14 @@ impl Wal {
                     lsn,
                     micros,
                     written_bytes,
+                    written_writes,
+                    gather_back_us,
                 } => {
+                    self.synced_writes = self.synced_writes.max(written_writes);
+                    // lsns number records one by one.
+                    self.synced_records += lsn.saturating_sub(self.synced_lsn);
                     self.synced_lsn = self.synced_lsn.max(lsn);
+                    self.gather_back_us = gather_back_us;
                     let _ = self.fsync_us.record(micros.max(1));
                     // The writers this sync covered are answered now and will be
                     // back: gather them with those already waiting into one sync.
@@ -1064,15 +1094,18 @@ impl Wal {
         let log_bytes: u64 = self.segments.iter().map(|s| s.bytes).sum();
         let mut text = format!(
             "wal_dir {}\nwal_fsync {}\nwal_log_bytes {log_bytes}\nwal_segments {}\n\
-             wal_fsyncs {}\nwal_fsync_p50_us {}\nwal_fsync_p99_us {}\nwal_fsync_max_us {}\n\
-             snapshots_written {}\n",
+             wal_fsyncs {}\nwal_fsync_records {}\nwal_fsync_writes {}\nwal_fsync_p50_us {}\nwal_fsync_p99_us {}\n\
+             wal_fsync_max_us {}\nwal_gather_back_us {}\nsnapshots_written {}\n",
             self.config.dir.display(),
             self.config.fsync.name(),
             self.segments.len(),
             self.fsync_us.len(),
+            self.synced_records,
+            self.synced_writes,
             self.fsync_us.value_at_quantile(0.5),
             self.fsync_us.value_at_quantile(0.99),
             self.fsync_us.max(),
+            self.gather_back_us.unwrap_or(0),
             self.snapshots_written,
         );
         if let Some(last) = &self.last_snapshot {

@@ -93,6 +93,14 @@ fn group_commit_syncs_and_recovery_replays_the_log() {
         }
         assert!(h.wal.stats().contains("wal_fsync always"));
         assert!(!h.wal.fsync_us.is_empty(), "syncs were timed");
+        // One record per commit, each waited for: every one covered by a sync.
+        // (The history record was synced on the reactor thread, not counted.)
+        assert!(
+            h.wal.stats().contains("\nwal_fsync_records 50\n"),
+            "{}",
+            h.wal.stats()
+        );
+        assert_eq!((h.wal.synced_records, h.wal.synced_writes), (50, 50));
     }
     let (h, replay) = open(dir.path(), FsyncPolicy::Always, 1 << 30);
     assert_eq!((replay.seq, replay.history_id), (50, 77));
