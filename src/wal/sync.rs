@@ -194,7 +194,10 @@ impl Helpers {
     /// renames segments in the directory, which it must not do once the
     /// directory's lock is let go. Requests sent after this are dropped.
     pub fn stop_sync(&mut self) {
-        drop(std::mem::replace(&mut self.sync, std::sync::mpsc::channel().0));
+        drop(std::mem::replace(
+            &mut self.sync,
+            std::sync::mpsc::channel().0,
+        ));
         if !self.threads.is_empty() {
             let _ = self.threads.remove(0).join();
         }
@@ -660,6 +663,7 @@ mod tests {
             seen_syncs,
             start_at_bytes: start_at,
             urgent: true,
+            renames: Vec::new(),
             rotated: Vec::new(),
             files: Vec::new(),
             dir: None,
