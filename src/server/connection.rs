@@ -501,15 +501,41 @@ mod tests {
         assert_eq!(replies.len(), 1);
         assert_eq!(replies[0].status, Ok(Status::InvalidArgument));
         assert_eq!(replies[0].request_id, 7);
-        // The grown buffer is given back when the connection next reads.
+        // The grown buffer is given back at once: the read that completed the
+        // frame filled it exactly, so the connection read again and found it empty.
+        assert_eq!(conn.io.input_len(), RESTING);
+        assert_eq!(budget.used(), 0);
         assert_eq!(
             arrive(&mut conn, &mut core, &request(Opcode::Ping, 8, b"", b"")),
             Liveness::Open
         );
-        assert_eq!(conn.io.input_len(), RESTING);
-        assert_eq!(budget.used(), 0);
         let replies = responses(&conn.io.stream.take_written());
         assert_eq!(replies[0].status, Ok(Status::Ok));
+    }
+
+    /// The read that completes a large frame fills the grown buffer exactly
+    /// (growth stops at the frame's length), so the connection reads once
+    /// more, finds the buffer empty and gives it back.
+    #[test]
+    fn a_large_write_waiting_for_replication_holds_no_input_buffer() {
+        let mut core = core();
+        let budget = Rc::new(InputBudget::new(usize::MAX));
+        let put = request(Opcode::Put, 1, b"k", &vec![b'v'; 1 << 20]);
+        let mut set = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1048576\r\n".to_vec();
+        set.extend(vec![b'v'; 1 << 20]);
+        set.extend(b"\r\n");
+        for bytes in [put, set] {
+            let mut conn = connection();
+            conn.io.set_budget(Rc::clone(&budget));
+            for chunk in bytes.chunks(64 << 10) {
+                assert_eq!(arrive(&mut conn, &mut core, chunk), Liveness::Open);
+            }
+            assert!(conn.owes_replies(), "the write waits for its outcome");
+            assert!(budget.refusals() == 0 && conn.io.bytes_read() == bytes.len() as u64);
+            assert_eq!(conn.io.input_len(), RESTING);
+            assert_eq!(budget.used(), 0);
+        }
+        assert_eq!(core.batch.len(), 2);
     }
 
     #[test]
@@ -595,43 +621,50 @@ mod tests {
 
     #[test]
     fn a_client_that_does_not_read_its_replies_is_not_read_from() {
-        let mut core = core();
-        let mut conn = connection();
-        conn.io.stream.write_capacity = 0;
-        let count = 40_000u32;
-        let mut bytes = Vec::new();
-        for id in 0..count {
-            bytes.extend(request(Opcode::Get, id, b"absent", b""));
-        }
-        conn.io.stream.send(&bytes);
-        assert_eq!(conn.on_ready(&mut core, true, false), Liveness::Open);
-        run_until_settled(&mut conn, &mut core);
-        let pending = conn.io.pending_output();
-        let read = conn.io.bytes_read();
-        assert!(
-            pending >= OUTPUT_HIGH_WATER_BYTES,
-            "{pending} bytes of replies queued"
-        );
-        assert!(
-            conn.io.stream.unread() > 0,
-            "the rest is left in the socket"
-        );
-        // Readiness without room to write changes nothing.
-        for _ in 0..10 {
+        let count = 80_000;
+        let binary: Vec<u8> = (0..count)
+            .flat_map(|id| request(Opcode::Get, id, b"absent", b""))
+            .collect();
+        let resp = b"*2\r\n$3\r\nGET\r\n$6\r\nabsent\r\n".repeat(count as usize);
+        for bytes in [binary, resp] {
+            let mut core = core();
+            let mut conn = connection();
+            conn.io.stream.write_capacity = 0;
+            conn.io.stream.send(&bytes);
             assert_eq!(conn.on_ready(&mut core, true, false), Liveness::Open);
-            assert!(!conn.take_yielded());
+            run_until_settled(&mut conn, &mut core);
+            let pending = conn.io.pending_output();
+            let read = conn.io.bytes_read();
+            assert!(
+                pending >= OUTPUT_HIGH_WATER_BYTES,
+                "{pending} bytes of replies queued"
+            );
+            assert!(
+                conn.io.stream.unread() > 0,
+                "the rest is left in the socket"
+            );
+            // Readiness without room to write changes nothing.
+            for _ in 0..10 {
+                assert_eq!(conn.on_ready(&mut core, true, false), Liveness::Open);
+                assert!(!conn.take_yielded());
+            }
+            assert_eq!(conn.io.bytes_read(), read);
+            assert_eq!(conn.io.pending_output(), pending);
+            // The client reads: the server writes, then reads and answers the rest.
+            conn.io.stream.write_capacity = usize::MAX;
+            assert_eq!(conn.on_ready(&mut core, true, false), Liveness::Open);
+            run_until_settled(&mut conn, &mut core);
+            assert_eq!(conn.io.stream.unread(), 0);
+            assert_eq!(conn.io.pending_output(), 0);
+            let written = &conn.io.stream.written;
+            if conn.resp.is_some() {
+                assert_eq!(*written, b"$-1\r\n".repeat(count as usize));
+            } else {
+                let replies = responses(written);
+                assert_eq!(replies.len(), count as usize);
+                assert!(replies.iter().all(|r| r.status == Ok(Status::NotFound)));
+            }
         }
-        assert_eq!(conn.io.bytes_read(), read);
-        assert_eq!(conn.io.pending_output(), pending);
-        // The client reads: the server writes, then reads and answers the rest.
-        conn.io.stream.write_capacity = usize::MAX;
-        assert_eq!(conn.on_ready(&mut core, true, false), Liveness::Open);
-        run_until_settled(&mut conn, &mut core);
-        assert_eq!(conn.io.stream.unread(), 0);
-        assert_eq!(conn.io.pending_output(), 0);
-        let replies = responses(&conn.io.stream.written);
-        assert_eq!(replies.len(), count as usize);
-        assert!(replies.iter().all(|r| r.status == Ok(Status::NotFound)));
     }
 
     #[test]

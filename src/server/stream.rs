@@ -5,8 +5,9 @@
 //! The byte transport is a type parameter, a registered `mio` `TcpStream` by
 //! default: the reactor keeps registering and deregistering the socket, and
 //! unit tests put the real buffers, budgets and limits over an in-memory
-//! transport (`testing::MemTransport`, test builds only) with no socket and no timing. One
-//! type is compiled per transport, so the socket path pays nothing for it.
+//! transport (`testing::MemTransport`, test builds only) with no socket and
+//! no timing. One type is compiled per transport, so the socket path pays
+//! nothing for it.
 
 use std::io::{self, Read, Write};
 use std::rc::Rc;
