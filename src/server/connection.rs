@@ -172,6 +172,9 @@ impl<S: Read + Write> Connection<S> {
                 }
             }
         }
+        // Where the loop stopped before its next read (replies backed up), a
+        // frame consumed last may have left the buffer empty but grown.
+        self.io.settle();
         if self.closing && self.io.pending_output() == 0 && self.pending.is_empty() {
             Liveness::Closed
         } else {
@@ -536,6 +539,40 @@ mod tests {
             assert_eq!(budget.used(), 0);
         }
         assert_eq!(core.batch.len(), 2);
+    }
+
+    /// A client that stops reading once the reply to a large frame takes its
+    /// replies over the high-water mark: the server stops before its next
+    /// read, the frame is consumed and none is partial, so neither timeout
+    /// applies (it owes replies); the grown buffer must not stay charged.
+    #[test]
+    fn a_large_frame_answered_into_a_full_output_leaves_no_grown_buffer() {
+        let one_reply = |bytes: &[u8]| {
+            let mut conn = connection();
+            assert_eq!(arrive(&mut conn, &mut core(), bytes), Liveness::Open);
+            conn.io.stream.written.len()
+        };
+        let small = request(Opcode::Get, 1, b"absent", b"");
+        let big = request(Opcode::Get, 2, b"k", &vec![b'v'; 1 << 20]);
+        let (small_reply, big_reply) = (one_reply(&small), one_reply(&big));
+        // The small replies stay under the mark; the big frame's takes them over it.
+        let before = (OUTPUT_HIGH_WATER_BYTES - 1) / small_reply;
+        assert!(before * small_reply + big_reply >= OUTPUT_HIGH_WATER_BYTES);
+        let mut bytes = small.repeat(before);
+        bytes.extend(&big);
+        let mut core = core();
+        let budget = Rc::new(InputBudget::new(usize::MAX));
+        let mut conn = connection();
+        conn.io.set_budget(Rc::clone(&budget));
+        conn.io.stream.write_capacity = 0;
+        assert_eq!(arrive(&mut conn, &mut core, &bytes), Liveness::Open);
+        run_until_settled(&mut conn, &mut core);
+        assert_eq!(conn.io.stream.unread(), 0);
+        assert!(conn.io.buffered().is_empty(), "every frame is consumed");
+        assert!(conn.io.pending_output() >= OUTPUT_HIGH_WATER_BYTES);
+        assert!(!conn.io.activity(conn.owes_replies()).partial_frame);
+        assert_eq!(conn.io.input_len(), RESTING);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

@@ -145,6 +145,27 @@ impl<S> Framed<S> {
         self.output.len() - self.out_start
     }
 
+    /// Once every buffered byte is consumed, start the buffer over, and give a
+    /// grown one back to the allocator and its charge to the budget. Called
+    /// before each read and at the end of each wake-up: a connection whose
+    /// replies back up stops before its next read, and must not hold a grown
+    /// buffer (no timeout applies to it: it holds no partial frame).
+    pub fn settle(&mut self) {
+        if self.in_start != self.in_end {
+            return;
+        }
+        self.in_start = 0;
+        self.in_end = 0;
+        if self.input.len() > INPUT_BUFFER_BYTES && self.frame_need <= INPUT_BUFFER_BYTES {
+            if let Some(budget) = &self.budget {
+                budget.release(self.charged);
+            }
+            self.charged = 0;
+            self.input.truncate(INPUT_BUFFER_BYTES);
+            self.input.shrink_to_fit();
+        }
+    }
+
     /// Bytes the input buffer holds room for (allocated, whether used or not).
     #[cfg(test)]
     pub fn input_len(&self) -> usize {
@@ -162,14 +183,7 @@ impl<S: Read + Write> Framed<S> {
     /// until the bytes come. Growth beyond the resting size is charged to the
     /// server-wide budget; when that is spent the read fails and the stream closes.
     pub fn fill(&mut self) -> io::Result<Filled> {
-        if self.in_start == self.in_end {
-            self.in_start = 0;
-            self.in_end = 0;
-            if self.input.len() > INPUT_BUFFER_BYTES && self.frame_need <= INPUT_BUFFER_BYTES {
-                self.resize_input(INPUT_BUFFER_BYTES)?;
-                self.input.shrink_to_fit();
-            }
-        }
+        self.settle();
         let room_needed = self.frame_need.max(HEADER_LEN);
         if self.input.len() - self.in_start < room_needed || self.in_end == self.input.len() {
             self.input.copy_within(self.in_start..self.in_end, 0);
