@@ -3,7 +3,10 @@
 //! streamed is fed into the link as its output drains, so the reactor never
 //! stalls on it.
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
+
+use mio::net::TcpStream;
 
 use crate::protocol::peer::{PeerError, PeerMessage, decode_peer, opcode};
 use crate::protocol::peer_auth::{
@@ -112,11 +115,11 @@ struct SnapshotStream {
     written_at_start: u64,
 }
 
-/// One replication link.
+/// One replication link, over transport `S` (a socket but in unit tests).
 #[derive(Debug)]
-pub struct PeerLink {
+pub struct PeerLink<S = TcpStream> {
     /// The stream and its buffers.
-    pub io: Framed,
+    pub io: Framed<S>,
     /// The state machines' name for this link.
     pub id: PeerId,
     /// The other end.
@@ -146,17 +149,17 @@ pub struct PeerLink {
     held: Vec<u8>,
 }
 
-impl PeerLink {
+impl<S: Read + Write> PeerLink<S> {
     /// Wrap a stream (possibly with frames already buffered). `connecting` is
     /// set on a slave's own link to its master, which is still being set up.
     pub fn new(
-        io: Framed,
+        io: Framed<S>,
         id: PeerId,
         addr: SocketAddr,
         connecting: bool,
         max_frame_bytes: usize,
         max_output_bytes: usize,
-    ) -> PeerLink {
+    ) -> PeerLink<S> {
         PeerLink {
             io,
             id,
@@ -177,7 +180,7 @@ impl PeerLink {
 
     /// Authenticate the link with the cluster secret before any peer message
     /// passes; `first` is a slave's HELLO, sent at once.
-    pub fn with_auth(mut self, auth: PeerAuth, first: Option<AuthFrame>) -> PeerLink {
+    pub fn with_auth(mut self, auth: PeerAuth, first: Option<AuthFrame>) -> PeerLink<S> {
         if let Some(frame) = first {
             self.send_auth_frame(&frame);
         }
@@ -196,7 +199,7 @@ impl PeerLink {
     /// The link belongs to leadership epoch `epoch` (failover through etcd):
     /// every message sent carries it, and every message received is checked
     /// against it.
-    pub fn in_epoch(mut self, epoch: u64) -> PeerLink {
+    pub fn in_epoch(mut self, epoch: u64) -> PeerLink<S> {
         // Epochs count promotions; 2^32 of them is beyond any deployment.
         self.epoch = u32::try_from(epoch).unwrap_or(u32::MAX);
         self
@@ -503,21 +506,17 @@ mod tests {
 
 #[cfg(test)]
 mod epoch_tests {
-    use std::io::Write;
-
     use super::*;
+    use crate::server::stream::testing::MemTransport;
 
     /// A link of `epoch` (a slave's when `to_master`) fed `bytes` by the other end.
     fn receive(to_master: bool, epoch: u64, bytes: &[u8]) -> Result<Vec<PeerMessage>, LinkError> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let stream = mio::net::TcpStream::connect(addr).expect("connect");
-        let (mut other, _) = listener.accept().expect("accept");
-        other.write_all(bytes).expect("write");
+        let mut transport = MemTransport::new(usize::MAX);
+        transport.send(bytes);
         let mut link = PeerLink::new(
-            Framed::new(stream),
+            Framed::new(transport),
             PeerId(1),
-            addr,
+            "127.0.0.1:1".parse().expect("an address"),
             to_master,
             MAX_SLAVE_FRAME_PAYLOAD,
             1 << 20,
@@ -525,14 +524,7 @@ mod epoch_tests {
         .in_epoch(epoch);
         link.connecting = false;
         let mut out = Vec::new();
-        // The bytes were written before the read: a few tries at most.
-        for _ in 0..1000 {
-            link.receive(&mut out, false)?;
-            if !out.is_empty() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        link.receive(&mut out, false)?;
         Ok(out)
     }
 
@@ -546,6 +538,62 @@ mod epoch_tests {
         }
         .encode_in_epoch(&mut bytes, epoch);
         bytes
+    }
+
+    #[test]
+    fn a_link_reads_a_bounded_number_of_bytes_per_wake_up() {
+        let mut bytes = Vec::new();
+        while bytes.len() < 3 * READ_BYTES_PER_TURN as usize {
+            bytes.extend(heartbeat(0));
+        }
+        let count = bytes.len() / heartbeat(0).len();
+        let mut transport = MemTransport::new(usize::MAX);
+        transport.send(&bytes);
+        let mut link = PeerLink::new(
+            Framed::new(transport),
+            PeerId(1),
+            "127.0.0.1:1".parse().expect("an address"),
+            true,
+            MAX_SLAVE_FRAME_PAYLOAD,
+            1 << 20,
+        );
+        link.connecting = false;
+        let mut out = Vec::new();
+        let mut turns = 0;
+        loop {
+            turns += 1;
+            let before = link.io.bytes_read();
+            link.receive(&mut out, false).expect("heartbeats");
+            let read = link.io.bytes_read() - before;
+            // One read past the budget at most: the 4 KiB resting buffer.
+            assert!(
+                read < READ_BYTES_PER_TURN + 4096,
+                "{read} bytes in one turn"
+            );
+            if !std::mem::take(&mut link.read_yielded) {
+                break;
+            }
+        }
+        assert!(turns >= 3, "{turns} turns for 3 MiB");
+        assert_eq!(out.len(), count);
+    }
+
+    #[test]
+    fn a_master_refuses_a_frame_over_the_slave_limit_from_its_header() {
+        let mut header = heartbeat(3)[..HEADER_LEN].to_vec();
+        header[2] = opcode::REGISTER;
+        let len = MAX_SLAVE_FRAME_PAYLOAD as u32 + 1;
+        header[20..24].copy_from_slice(&len.to_be_bytes());
+        assert!(matches!(
+            receive(false, 3, &header),
+            Err(LinkError::Protocol(_))
+        ));
+        // A slave's link to its master takes nothing a slave sends.
+        header[20..24].copy_from_slice(&8u32.to_be_bytes());
+        assert!(matches!(
+            receive(true, 3, &header),
+            Err(LinkError::WrongDirection(opcode::REGISTER))
+        ));
     }
 
     #[test]

@@ -234,7 +234,7 @@ pub(super) enum Exec {
     Close,
 }
 
-impl Connection {
+impl<S: std::io::Read + std::io::Write> Connection<S> {
     /// Answer complete RESP commands in order until the input runs out,
     /// replies back up, or a command must wait; say which.
     pub(super) fn answer_resp(&mut self, core: &mut Core) -> Stop {

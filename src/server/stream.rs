@@ -1,6 +1,13 @@
 //! A non-blocking TCP stream with an input buffer that frames are parsed from
 //! and an output buffer that is flushed with as few system calls as possible.
 //! Client connections and peer links both sit on it.
+//!
+//! The byte transport is a type parameter, a registered `mio` `TcpStream` by
+//! default: the reactor keeps registering and deregistering the socket, and
+//! unit tests put the real buffers, budgets and limits over an in-memory
+//! transport (`testing::MemTransport`, test builds only) with no socket and
+//! no timing. One type is compiled per transport, so the socket path pays
+//! nothing for it.
 
 use std::io::{self, Read, Write};
 use std::rc::Rc;
@@ -31,11 +38,11 @@ pub enum Filled {
     WouldBlock,
 }
 
-/// A stream with its buffers.
+/// A stream with its buffers, over transport `S` (a socket but in unit tests).
 #[derive(Debug)]
-pub struct Framed {
+pub struct Framed<S = TcpStream> {
     /// The socket, registered with the reactor.
-    pub stream: TcpStream,
+    pub stream: S,
     input: Vec<u8>,
     /// Unparsed bytes are `input[in_start..in_end]`.
     in_start: usize,
@@ -59,9 +66,9 @@ pub struct Framed {
     pub watch: Watch,
 }
 
-impl Framed {
+impl<S> Framed<S> {
     /// Wrap a connected stream.
-    pub fn new(stream: TcpStream) -> Framed {
+    pub fn new(stream: S) -> Framed<S> {
         Framed {
             stream,
             input: vec![0; INPUT_BUFFER_BYTES],
@@ -138,6 +145,35 @@ impl Framed {
         self.output.len() - self.out_start
     }
 
+    /// Once every buffered byte is consumed, start the buffer over, and give a
+    /// grown one back to the allocator and its charge to the budget. Called
+    /// before each read and at the end of each wake-up: a connection whose
+    /// replies back up stops before its next read, and must not hold a grown
+    /// buffer (no timeout applies to it: it holds no partial frame).
+    pub fn settle(&mut self) {
+        if self.in_start != self.in_end {
+            return;
+        }
+        self.in_start = 0;
+        self.in_end = 0;
+        if self.input.len() > INPUT_BUFFER_BYTES && self.frame_need <= INPUT_BUFFER_BYTES {
+            if let Some(budget) = &self.budget {
+                budget.release(self.charged);
+            }
+            self.charged = 0;
+            self.input.truncate(INPUT_BUFFER_BYTES);
+            self.input.shrink_to_fit();
+        }
+    }
+
+    /// Bytes the input buffer holds room for (allocated, whether used or not).
+    #[cfg(test)]
+    pub fn input_len(&self) -> usize {
+        self.input.len()
+    }
+}
+
+impl<S: Read + Write> Framed<S> {
     /// One `read` into the free end of the input buffer, making room first.
     ///
     /// The buffer grows only when it is full of bytes that arrived, by half its
@@ -147,14 +183,7 @@ impl Framed {
     /// until the bytes come. Growth beyond the resting size is charged to the
     /// server-wide budget; when that is spent the read fails and the stream closes.
     pub fn fill(&mut self) -> io::Result<Filled> {
-        if self.in_start == self.in_end {
-            self.in_start = 0;
-            self.in_end = 0;
-            if self.input.len() > INPUT_BUFFER_BYTES && self.frame_need <= INPUT_BUFFER_BYTES {
-                self.resize_input(INPUT_BUFFER_BYTES)?;
-                self.input.shrink_to_fit();
-            }
-        }
+        self.settle();
         let room_needed = self.frame_need.max(HEADER_LEN);
         if self.input.len() - self.in_start < room_needed || self.in_end == self.input.len() {
             self.input.copy_within(self.in_start..self.in_end, 0);
@@ -245,10 +274,103 @@ impl Framed {
     }
 }
 
-impl Drop for Framed {
+impl<S> Drop for Framed<S> {
     fn drop(&mut self) {
         if let Some(budget) = &self.budget {
             budget.release(self.charged);
+        }
+    }
+}
+
+/// An in-memory transport for unit tests of what sits on [`Framed`].
+#[cfg(test)]
+pub(super) mod testing {
+    use std::collections::VecDeque;
+    use std::io::{self, Read, Write};
+
+    /// Bytes in, bytes out, no socket: reads return the queued bytes at most
+    /// `read_chunk` at a time and `WouldBlock` when none are queued (EOF once
+    /// `eof` is set and they are all read); writes take at most
+    /// `write_capacity` more bytes, then `WouldBlock`, and keep what they took.
+    #[derive(Debug)]
+    pub struct MemTransport {
+        incoming: VecDeque<u8>,
+        /// Largest number of bytes one `read` returns.
+        pub read_chunk: usize,
+        /// The other end closed: a `read` of an empty queue returns 0.
+        pub eof: bool,
+        /// Bytes `write` still accepts before `WouldBlock`.
+        pub write_capacity: usize,
+        /// Every byte written.
+        pub written: Vec<u8>,
+        /// `read` calls, whatever they returned.
+        pub reads: usize,
+        /// `write` calls, whatever they returned.
+        pub writes: usize,
+    }
+
+    impl MemTransport {
+        /// An empty transport that reads in chunks of `read_chunk` and never fills up.
+        pub fn new(read_chunk: usize) -> MemTransport {
+            MemTransport {
+                incoming: VecDeque::new(),
+                read_chunk,
+                eof: false,
+                write_capacity: usize::MAX,
+                written: Vec::new(),
+                reads: 0,
+                writes: 0,
+            }
+        }
+
+        /// Queue `bytes` for reading, as if the other end sent them.
+        pub fn send(&mut self, bytes: &[u8]) {
+            self.incoming.extend(bytes);
+        }
+
+        /// Bytes queued and not read yet.
+        pub fn unread(&self) -> usize {
+            self.incoming.len()
+        }
+
+        /// Take what was written, as if the other end read it.
+        pub fn take_written(&mut self) -> Vec<u8> {
+            std::mem::take(&mut self.written)
+        }
+    }
+
+    impl Read for MemTransport {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.reads += 1;
+            if self.incoming.is_empty() {
+                return if self.eof {
+                    Ok(0)
+                } else {
+                    Err(io::ErrorKind::WouldBlock.into())
+                };
+            }
+            let n = buf.len().min(self.read_chunk).min(self.incoming.len());
+            for (slot, byte) in buf.iter_mut().zip(self.incoming.drain(..n)) {
+                *slot = byte;
+            }
+            Ok(n)
+        }
+    }
+
+    impl Write for MemTransport {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.writes += 1;
+            if self.write_capacity == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.write_capacity);
+            self.write_capacity -= n;
+            self.written.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
         }
     }
 }
