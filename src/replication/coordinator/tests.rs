@@ -2434,9 +2434,18 @@ const TWO_COMMITS: usize = 100;
 /// backlog steps of two commits, and slave 7 registered at 1: its backlog
 /// is 2..=7, of which the first step sent 2 and 3.
 fn sending_backlog() -> (Coordinator, Vec<Action>) {
+    let mut c = backlog_master(16, 7, 1);
+    let actions = drain(&mut c);
+    (c, actions)
+}
+
+/// A master with a log of `log_capacity`, backlog steps of two commits and
+/// commits 1..=`commits` made while its only slave was away, and slave 7
+/// registering at `from`.
+fn backlog_master(log_capacity: usize, commits: u64, from: u64) -> Coordinator {
     let mut c = Coordinator::new(
         CoordinatorConfig {
-            log_capacity: 16,
+            log_capacity,
             backlog_step_bytes: TWO_COMMITS,
             ..config()
         },
@@ -2444,10 +2453,9 @@ fn sending_backlog() -> (Coordinator, Vec<Action>) {
     );
     c.handle(0, register(99, 0));
     c.handle(0, Event::PeerLost { peer: PeerId(99) });
-    commit_writes(&mut c, 0, 7);
-    c.handle(1, register(7, 1));
-    let actions = drain(&mut c);
-    (c, actions)
+    commit_writes(&mut c, 0, commits);
+    c.handle(1, register(7, from));
+    c
 }
 
 fn drained(c: &mut Coordinator, now: u64, peer: u64) -> Vec<PeerMessage> {
@@ -2552,18 +2560,7 @@ fn releases_during_a_backlog_are_sent_by_its_cursor_once_and_in_order() {
 
 #[test]
 fn the_log_stays_pinned_at_the_cursor_and_a_wrap_evicts_the_slave() {
-    let mut c = Coordinator::new(
-        CoordinatorConfig {
-            log_capacity: 4,
-            backlog_step_bytes: TWO_COMMITS,
-            ..config()
-        },
-        0,
-    );
-    c.handle(0, register(99, 0));
-    c.handle(0, Event::PeerLost { peer: PeerId(99) });
-    commit_writes(&mut c, 0, 4);
-    c.handle(1, register(7, 0));
+    let mut c = backlog_master(4, 4, 0);
     assert_eq!(entry_seqs(&sends_to(&drain(&mut c), 7)), vec![1, 2]);
     // Past the log's capacity of 4, within its pinned slack of 16.
     commit_writes(&mut c, 2, 10);
