@@ -420,7 +420,6 @@ impl Wal {
         sync_dir(&dir).map_err(io_err("fsync the directory", &dir))?;
         let helpers = Helpers::start(waker, config.fsync == FsyncPolicy::Batch)
             .map_err(io_err("start the log threads for", &dir))?;
-        debug_assert_eq!(helpers.threads(), 2);
         let bytes_since_snapshot = segments.iter().map(|s| s.bytes).sum();
         let mut segments = segments;
         segments.push(Segment {
@@ -1212,7 +1211,8 @@ fn recover(dir: &Path, repair: bool) -> Result<(Replay, Vec<Segment>, RecoveryRe
     adopt_prepared(dir, &list_dir(dir)?, &mut report)?;
     let names = list_dir(dir)?;
     for name in names.iter().filter(|n| n.ends_with(".tmp")) {
-        // An unfinished snapshot or node id: never renamed, so never used.
+        // An unfinished snapshot or node id, or a prepared segment the log
+        // never moved on to (`adopt_prepared` took those it did): unused.
         let path = dir.join(name);
         std::fs::remove_file(&path).map_err(io_err("delete", &path))?;
     }

@@ -155,7 +155,10 @@ pub struct Helpers {
     pub done: Receiver<Done>,
     done_tx: Sender<Done>,
     waker: Arc<Waker>,
-    threads: Vec<JoinHandle<()>>,
+    /// The sync thread, joined by [`Helpers::stop_sync`].
+    sync_thread: Option<JoinHandle<()>>,
+    /// The snapshot thread (detached: it ends when its queue closes).
+    _snapshot_thread: JoinHandle<()>,
 }
 
 /// Snapshot jobs queued at most: bounds the snapshot bytes held in memory.
@@ -167,26 +170,22 @@ impl Helpers {
         let (sync_tx, sync_rx) = std::sync::mpsc::channel();
         let (snap_tx, snap_rx) = std::sync::mpsc::sync_channel(SNAPSHOT_QUEUE);
         let (done_tx, done_rx) = std::sync::mpsc::channel();
-        let mut threads = Vec::new();
         let (done, sync_waker) = (done_tx.clone(), waker.clone());
         let (prepare_tx, prepare_waker) = (done_tx.clone(), waker.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name("dkvs-wal-sync".into())
-                .spawn(move || sync_loop(&sync_rx, &done, &sync_waker, batch))?,
-        );
-        threads.push(
-            std::thread::Builder::new()
-                .name("dkvs-wal-snapshot".into())
-                .spawn(move || snapshot_loop(snap_rx, done_tx, waker))?,
-        );
+        let sync_thread = std::thread::Builder::new()
+            .name("dkvs-wal-sync".into())
+            .spawn(move || sync_loop(&sync_rx, &done, &sync_waker, batch))?;
+        let snapshot_thread = std::thread::Builder::new()
+            .name("dkvs-wal-snapshot".into())
+            .spawn(move || snapshot_loop(snap_rx, done_tx, waker))?;
         Ok(Helpers {
             sync: sync_tx,
             snapshot: snap_tx,
             done: done_rx,
             done_tx: prepare_tx,
             waker: prepare_waker,
-            threads,
+            sync_thread: Some(sync_thread),
+            _snapshot_thread: snapshot_thread,
         })
     }
 
@@ -198,8 +197,8 @@ impl Helpers {
             &mut self.sync,
             std::sync::mpsc::channel().0,
         ));
-        if !self.threads.is_empty() {
-            let _ = self.threads.remove(0).join();
+        if let Some(thread) = self.sync_thread.take() {
+            let _ = thread.join();
         }
     }
 
@@ -222,15 +221,11 @@ impl Helpers {
                 }
             })
     }
-
-    /// Number of threads started (for tests).
-    pub fn threads(&self) -> usize {
-        self.threads.len()
-    }
 }
 
 /// Where segment `id` is prepared before it is renamed to its name: recovery
-/// deletes `*.tmp` files, so one a crash left behind is never taken for a segment.
+/// deletes one a crash left behind unless the log had moved on to it
+/// (`adopt_prepared`).
 pub fn prepared_path(dir: &std::path::Path, id: u64) -> PathBuf {
     dir.join(format!("{}.tmp", super::segment::segment_name(id)))
 }
