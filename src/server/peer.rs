@@ -509,8 +509,8 @@ mod epoch_tests {
     use super::*;
     use crate::server::stream::testing::MemTransport;
 
-    /// A link of `epoch` (a slave's when `to_master`) fed `bytes` by the other end.
-    fn receive(to_master: bool, epoch: u64, bytes: &[u8]) -> Result<Vec<PeerMessage>, LinkError> {
+    /// A connected link (a slave's when `to_master`) whose other end sent `bytes`.
+    fn link_fed(to_master: bool, bytes: &[u8]) -> PeerLink<MemTransport> {
         let mut transport = MemTransport::new(usize::MAX);
         transport.send(bytes);
         let mut link = PeerLink::new(
@@ -520,9 +520,14 @@ mod epoch_tests {
             to_master,
             MAX_SLAVE_FRAME_PAYLOAD,
             1 << 20,
-        )
-        .in_epoch(epoch);
+        );
         link.connecting = false;
+        link
+    }
+
+    /// A link of `epoch` (a slave's when `to_master`) fed `bytes` by the other end.
+    fn receive(to_master: bool, epoch: u64, bytes: &[u8]) -> Result<Vec<PeerMessage>, LinkError> {
+        let mut link = link_fed(to_master, bytes).in_epoch(epoch);
         let mut out = Vec::new();
         link.receive(&mut out, false)?;
         Ok(out)
@@ -547,17 +552,7 @@ mod epoch_tests {
             bytes.extend(heartbeat(0));
         }
         let count = bytes.len() / heartbeat(0).len();
-        let mut transport = MemTransport::new(usize::MAX);
-        transport.send(&bytes);
-        let mut link = PeerLink::new(
-            Framed::new(transport),
-            PeerId(1),
-            "127.0.0.1:1".parse().expect("an address"),
-            true,
-            MAX_SLAVE_FRAME_PAYLOAD,
-            1 << 20,
-        );
-        link.connecting = false;
+        let mut link = link_fed(true, &bytes);
         let mut out = Vec::new();
         let mut turns = 0;
         loop {

@@ -196,6 +196,16 @@ impl<S: KeyHash> Store<S> {
         Self::shard_index(self.hash(key))
     }
 
+    /// `n` keys named `busy<i>` that fall in `shard` (tests that write one shard hard).
+    #[cfg(test)]
+    pub(crate) fn keys_in_shard(&self, shard: usize, n: usize) -> Vec<String> {
+        (0u64..)
+            .map(|i| format!("busy{i}"))
+            .filter(|key| self.shard_of(key.as_bytes()) == shard)
+            .take(n)
+            .collect()
+    }
+
     /// The shard of the key whose [`Store::key_hash`] is `hash`.
     pub fn shard_of_hash(&self, hash: u64) -> usize {
         Self::shard_index(hash)

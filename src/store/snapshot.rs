@@ -459,14 +459,9 @@ mod tests {
         assert!(copy.held_bytes() < shards / 4, "{} held", copy.held_bytes());
         // Many keys of one shard: it is copied at once, whole.
         let busy = store.shard_of(b"key0");
-        let mut written = 0;
-        for i in 0..2_000_000u64 {
-            let key = format!("busy{i}");
-            if written < 40 && store.shard_of(key.as_bytes()) == busy {
-                copy.before_write(&store, key.as_bytes());
-                store.set(key.as_bytes(), b"busy", 3);
-                written += 1;
-            }
+        for key in store.keys_in_shard(busy, 40) {
+            copy.before_write(&store, key.as_bytes());
+            store.set(key.as_bytes(), b"busy", 3);
         }
         assert!(copy.pending() > pending, "the busy shard was copied");
         let mut seen = Vec::new();
